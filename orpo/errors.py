@@ -1,0 +1,26 @@
+"""Errors a user can act on, and the reasons a preference pair is dropped.
+
+Every error the CLI reports is an `OrpoError`: its message is one line naming the file, the
+row and the problem, and the CLI prints it without a traceback.
+"""
+
+
+class OrpoError(Exception):
+    """A problem with the user's input or setup, reported as one line (no traceback)."""
+
+
+class DroppedPair(Exception):
+    """Raised for a pair that cannot be trained on; `reason` is one of `DROP_REASONS`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in DROP_REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+TOO_LONG = "too long"
+SAME_RESPONSES = "chosen == rejected"
+EMPTY_RESPONSE = "empty response"
+WRONG_TYPES = "wrong types"
+DROP_REASONS = (TOO_LONG, SAME_RESPONSES, EMPTY_RESPONSE, WRONG_TYPES)
