@@ -61,6 +61,4 @@ def token_logprobs(
     targets: [N] int64 token ids.
     Returns [N] float32 log-probs. No weight gradient is computed when `weight` is frozen.
     """
-    if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
     return _ChunkedTokenLogprobs.apply(hidden, weight, targets, chunk_size)

@@ -6,7 +6,6 @@ same gradients for hidden AND weight, for every chunk size, while saving no [N �
 """
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from orpo.logprobs import token_logprobs
@@ -14,8 +13,22 @@ from orpo.logprobs import token_logprobs
 N, H, V = 7, 16, 40  # V ≠ H so a [.., V] tensor is never confused with a [.., H] one
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: intra-op threads only add contention (100x slower on a loaded 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def naive(hidden, weight, targets):
     return torch.log_softmax((hidden @ weight.T).float(), -1).gather(1, targets[:, None]).squeeze(1)
+
+
+def exact(hidden, weight, targets):
+    """float64 throughout (call with float64 inputs)."""
+    return torch.log_softmax(hidden @ weight.T, -1).gather(1, targets[:, None]).squeeze(1)
 
 
 def make(dtype, n=N, h=H, v=V, seed=0):
@@ -56,7 +69,7 @@ def test_bf16_matches_naive_value_and_gradients(chunk_size):
     hidden, weight, targets, up = make(torch.bfloat16)
     out, gh, gw = run(token_logprobs, hidden, weight, targets, up, chunk_size=chunk_size)
     ref, rh, rw = run(naive, hidden, weight, targets, up)
-    ex, eh, ew = run(naive, hidden.double(), weight.double(), targets, up.double())
+    ex, eh, ew = run(exact, hidden.double(), weight.double(), targets, up.double())
     assert out.dtype == torch.float32 and gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(gh.float(), rh.float(), rtol=1.6e-2, atol=2e-2)
@@ -73,7 +86,7 @@ def test_bf16_weight_grad_is_accumulated_in_fp32():
     hidden, weight, targets, up = make(torch.bfloat16, n=257, seed=3)
     _, _, gw = run(token_logprobs, hidden, weight, targets, up, chunk_size=16)
     _, _, rw = run(naive, hidden, weight, targets, up)
-    _, _, ew = run(naive, hidden.double(), weight.double(), targets, up.double())
+    _, _, ew = run(exact, hidden.double(), weight.double(), targets, up.double())
     err_chunked = (gw.double() - ew).abs().max().item()
     err_naive = (rw.double() - ew).abs().max().item()
     assert err_chunked <= err_naive * 1.01 + 1e-6, (err_chunked, err_naive)
@@ -89,8 +102,6 @@ def test_zero_targets_returns_empty_fp32():
     assert out.sum().item() == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="token_logprobs returns a fresh zeros(0) tensor for empty input, detached "
-                                       "from hidden/weight: backward through it raises instead of giving zero grads")
 def test_zero_targets_stays_in_the_graph_like_naive():
     hidden = torch.randn(0, H, requires_grad=True)
     weight = torch.randn(V, H, requires_grad=True)
@@ -103,14 +114,19 @@ def test_zero_targets_stays_in_the_graph_like_naive():
     assert torch.equal(weight.grad, torch.zeros(V, H))
 
 
-class _RecordCalls(TorchFunctionMode):
+class _WeightShapedResults(TorchDispatchMode):
+    """Records every aten op (forward or backward) that produces a new, non-view [V × H] tensor."""
+
     def __init__(self):
         super().__init__()
         self.names = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.names.append(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and tuple(t.shape) == (V, H) and not t._is_view():
+                self.names.append(str(func))
+        return out
 
 
 @pytest.mark.parametrize("chunk_size", [2, N])
@@ -119,19 +135,19 @@ def test_frozen_weight_no_weight_grad_computed(chunk_size):
     h = hidden.clone().requires_grad_(True)
     out = token_logprobs(h, weight, targets, chunk_size=chunk_size)  # weight.requires_grad is False
     assert not weight.requires_grad
-    with _RecordCalls() as rec:
+    with _WeightShapedResults() as rec:
         (out * up).sum().backward()
     assert weight.grad is None
-    assert "addmm_" not in rec.names  # the weight-gradient accumulation never ran
+    assert rec.names == []  # no weight-shaped gradient buffer was ever produced
     _, rh, _ = run(naive, hidden, weight, targets, up)
     torch.testing.assert_close(h.grad, rh, rtol=0, atol=1e-5)
 
     # control: with a trainable weight the accumulation does run (so the check above can fail)
     w = weight.clone().requires_grad_(True)
     out = token_logprobs(hidden.clone().requires_grad_(True), w, targets, chunk_size=chunk_size)
-    with _RecordCalls() as rec:
+    with _WeightShapedResults() as rec:
         (out * up).sum().backward()
-    assert "addmm_" in rec.names
+    assert len(rec.names) > 0 and w.grad is not None
 
 
 def test_frozen_hidden_only_weight_grad():
@@ -154,6 +170,7 @@ class _TinyTied(torch.nn.Module):
         with torch.no_grad():
             self.embed.weight.copy_(torch.randn(V, H, generator=g) * 0.5)
             self.mix.weight.copy_(torch.randn(H, H, generator=g) * 0.3)
+            self.mix.bias.copy_(torch.randn(H, generator=g) * 0.1)
 
     def forward(self, ids, targets, head):
         hidden = torch.tanh(self.mix(self.embed(ids)))

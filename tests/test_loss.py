@@ -25,6 +25,15 @@ import torch.nn.functional as F
 from orpo.loss import MAX_LOGP, log1mexp, log_odds_ratio, orpo_loss
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: intra-op threads only add contention (100x slower on a loaded 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # naive reference, straight from the paper's equations, float64
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +128,8 @@ def _parity(dtype, n, seed, beta):
 def test_matches_naive_reference_fp32(n, seed, beta):
     got, ref = _parity(torch.float32, n, seed, beta)
     for name, g, r in zip(("loss", "or_loss", "log_odds", "grad_w", "grad_l", "grad_nll"), got, ref):
-        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-7, msg=name)
+        # log_odds is a difference of two O(10) fp32 log-odds: allow its cancellation error (~1e-6) near 0
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=2e-6 if name == "log_odds" else 1e-7, msg=name)
 
 
 @pytest.mark.parametrize("n,seed", [(1, 3), (7, 4), (64, 5)])
@@ -128,7 +138,7 @@ def test_matches_naive_reference_bf16(n, seed):
     (8 significant bits, relative error ≤ 2^-8 ≈ 3.9e-3)."""
     got, ref = _parity(torch.bfloat16, n, seed, beta=0.1)
     for name, g, r in zip(("loss", "or_loss", "log_odds"), got[:3], ref[:3]):
-        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=2e-6 if name == "log_odds" else 1e-7, msg=name)
     for name, g, r in zip(("grad_w", "grad_l", "grad_nll"), got[3:], ref[3:]):
         torch.testing.assert_close(g.double(), r, rtol=4e-3, atol=1e-9, msg=name)
 
