@@ -49,8 +49,7 @@ class DataArguments:
     )
 
 
-def _yaml_to_argv(path: str) -> list[str]:
-    """A YAML config file as flags, placed before the command-line flags so those override it."""
+def _read_yaml_config(path: str) -> dict:
     import yaml
 
     try:
@@ -61,35 +60,37 @@ def _yaml_to_argv(path: str) -> list[str]:
         raise OrpoError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise OrpoError(f"{path}: expected a mapping of option names to values")
-    argv = []
-    for key, value in values.items():
-        if isinstance(value, list):
-            argv += [f"--{key}", *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [f"--{key}", json.dumps(value)]
-        else:
-            argv += [f"--{key}", str(value)]
-    return argv
+    return values
 
 
-def _train_parser():
+def parse_train_args(argv: list[str]):
+    """(ModelArguments, DataArguments, ORPOConfig) from flags and an optional --config YAML.
+
+    The YAML file's values become the parser's defaults (typed, so `null` works), and flags given
+    on the command line override them.
+    """
     from transformers import HfArgumentParser
 
     from .trainer import ORPOConfig
 
-    return HfArgumentParser((ModelArguments, DataArguments, ORPOConfig), prog="orpo train")
-
-
-def parse_train_args(argv: list[str]):
-    """(ModelArguments, DataArguments, ORPOConfig) from flags and an optional --config YAML."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, ORPOConfig), prog="orpo train")
+    parser.set_defaults(output_dir="orpo-output")
     if known.config:
-        rest = _yaml_to_argv(known.config) + rest
-    if "--output_dir" not in rest:
-        rest += ["--output_dir", "orpo-output"]
-    return _train_parser().parse_args_into_dataclasses(args=rest)
+        values = _read_yaml_config(known.config)
+        actions = {action.dest: action for action in parser._actions}
+        unknown = sorted(set(values) - set(actions))
+        if unknown:
+            raise OrpoError(f"{known.config}: unknown options {unknown}; see orpo train --help")
+        for key in values:
+            actions[key].required = False  # given by the file
+        parser.set_defaults(**values)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
+    if remaining:
+        raise OrpoError(f"orpo train: unknown options {remaining}; see orpo train --help")
+    return tuple(parsed)
 
 
 def _load_model(model_args: ModelArguments):

@@ -87,6 +87,8 @@ class ORPOConfig(TrainingArguments):
             raise OrpoError(f"nll_scope must be one of {', '.join(NLL_SCOPES)}, got {self.nll_scope!r}")
         if self.beta < 0:
             raise OrpoError(f"beta must be >= 0, got {self.beta}")
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning per run
         if isinstance(self.model_init_kwargs, str):
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
         super().__post_init__()
@@ -266,6 +268,6 @@ class ORPOTrainer(Trainer):
         metrics = self._metrics[split].summary(lambda t: reduce(t.to(self.args.device)).cpu())
         if split == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items() if k not in ("tokens_per_second",)}
-        logs = {**logs, **metrics}
+        logs.update(metrics)  # in place: evaluate() returns this same dict
         self._metrics[split].reset()
         super().log(logs, start_time)

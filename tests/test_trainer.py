@@ -1,0 +1,219 @@
+"""trainer.py: the whole-step loss against a naive per-example reference from the paper, gradient
+accumulation exactness, metrics, and TRL-compatible usage.
+
+Naive reference (Hong et al. 2024, Eqs. 2-7), one unpadded sequence at a time, float64 on top of
+the model's fp32 log-softmax:
+    ℓ = mean completion log-prob; odds = e^ℓ / (1 − e^ℓ)
+    L_OR = −log σ(log odds_w − log odds_l), averaged over pairs
+    L_SFT = Σ NLL over the scope's tokens / their count (scope "full": prompt tokens 1.. + chosen)
+    L = L_SFT + β · L_OR
+"""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+from orpo.packing import collate_padded
+from orpo.render import TokenizedPair
+from orpo.trainer import METRICS_FILE, ORPOConfig, ORPOTrainer
+
+VOCAB = 64
+WORDS = "<unk> <pad> \n user assistant system the sky is blue green red yes no why what ok good bad a b c".split(" ")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(seed=0, dtype=torch.float32):
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64, initializer_range=0.2,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).to(dtype)
+
+
+def chatml_tokenizer():
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(" ", "removed"), pre_tokenizers.Split("\n", "isolated")]
+    )
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>")
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    return tok
+
+
+def pairs(n=8, seed=0):
+    rng = torch.Generator().manual_seed(seed)
+    ids = lambda k: torch.randint(3, VOCAB, (k,), generator=rng).tolist()  # noqa: E731
+    lengths = [(5, 1, 7), (2, 6, 1), (9, 3, 3), (4, 2, 8), (3, 5, 2), (6, 1, 1), (1, 4, 4), (7, 2, 5)]
+    return [TokenizedPair([1] + ids(p), ids(c), ids(r), i) for i, (p, c, r) in enumerate(lengths[:n])]
+
+
+def naive_orpo_loss(model, batch_pairs, beta, nll_scope):
+    """The paper's equations, per example, float64 odds."""
+    nll_sum, nll_count, or_terms = 0.0, 0, []
+    for pair in batch_pairs:
+        ell = {}
+        for name, completion in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+            seq = torch.tensor([pair.prompt_ids + completion])
+            logp = model(input_ids=seq).logits.float().log_softmax(-1)[0, :-1].gather(1, seq[0, 1:, None])[:, 0]
+            p = len(pair.prompt_ids)
+            ell[name] = logp[p - 1 :].double().mean()
+            if name == "chosen":
+                scoped = logp if nll_scope == "full" else logp[p - 1 :]
+                nll_sum = nll_sum - scoped.double().sum()
+                nll_count += len(scoped)
+        odds = {k: torch.exp(v) / (1 - torch.exp(v)) for k, v in ell.items()}
+        or_terms.append(-torch.nn.functional.logsigmoid(torch.log(odds["chosen"]) - torch.log(odds["rejected"])))
+    return nll_sum / nll_count + beta * torch.stack(or_terms).mean()
+
+
+def make_trainer(tmp_path, model, train, **overrides):
+    args = dict(output_dir=str(tmp_path), report_to="none", save_strategy="no", disable_tqdm=True,
+                use_cpu=True, dataloader_pin_memory=False, seed=0)
+    args.update(overrides)
+    return ORPOTrainer(model=model, args=ORPOConfig(**args), train_dataset=train, processing_class=chatml_tokenizer())
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("nll_scope", ["full", "completion"])
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_compute_loss_matches_naive_reference_fp32(tmp_path, nll_scope, beta):
+    data = pairs()
+    trainer = make_trainer(tmp_path, tiny_llama(), data, beta=beta, nll_scope=nll_scope)
+    model = trainer.model.train()
+    batch = collate_padded(data, pad_token_id=0)
+    totals = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=totals)
+    loss.backward()
+    fast_grads = grads(model)
+    model.zero_grad()
+    reference = naive_orpo_loss(model, data, beta, nll_scope)
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6, abs=1e-6)
+    torch.testing.assert_close(fast_grads, grads(model), atol=1e-5, rtol=1e-4)
+
+
+def test_compute_loss_matches_naive_reference_bf16(tmp_path):
+    """bf16 weights and activations: the loss is within bf16 resolution of the fp32 reference."""
+    data = pairs()
+    reference = naive_orpo_loss(tiny_llama(), data, 0.1, "full").item()
+    trainer = make_trainer(tmp_path, tiny_llama(dtype=torch.bfloat16), data)
+    batch = collate_padded(data, pad_token_id=0)
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=trainer._get_num_items_in_batch([batch], "cpu"))
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(reference, rel=2e-2)
+
+
+def test_beta_zero_is_plain_nll(tmp_path):
+    data = pairs()
+    trainer = make_trainer(tmp_path, tiny_llama(), data, beta=0.0, nll_scope="completion")
+    batch = collate_padded(data, pad_token_id=0)
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=trainer._get_num_items_in_batch([batch], "cpu"))
+    nll = [tok for p in data for tok in p.chosen_ids]
+    with torch.no_grad():
+        reference = naive_orpo_loss(trainer.model, data, 0.0, "completion")
+    assert len(nll) == int(trainer._get_num_items_in_batch([batch], "cpu")[0])
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def _train(tmp_path, name, batch, accumulation):
+    trainer = make_trainer(
+        tmp_path / name, tiny_llama(), pairs(), per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, max_steps=2, learning_rate=1e-2, logging_steps=1,
+        lr_scheduler_type="constant", optim="sgd",  # Adam would amplify float summation-order noise in ~0 grads
+    )
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return losses, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
+def test_micro_batch_split_gives_same_step(tmp_path):
+    """One step of 4 pairs == 2 micro-batches of 2 == 4 of 1: same losses and final weights."""
+    losses_whole, weights_whole = _train(tmp_path, "whole", 4, 1)
+    for batch, accumulation in ((2, 2), (1, 4)):
+        losses, weights = _train(tmp_path, f"split{batch}", batch, accumulation)
+        assert losses == pytest.approx(losses_whole, rel=1e-5)
+        torch.testing.assert_close(weights, weights_whole, atol=1e-6, rtol=1e-5)
+
+
+def test_metrics_are_logged_and_written_as_jsonl(tmp_path):
+    data = pairs()
+    trainer = make_trainer(tmp_path, tiny_llama(), data, per_device_train_batch_size=4, max_steps=2,
+                           logging_steps=1, learning_rate=1e-3)
+    trainer.eval_dataset = data[:4]
+    trainer.train()
+    metrics = trainer.evaluate()
+    records = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    train_records = [r for r in records if "nll" in r]
+    assert len(train_records) == 2
+    for key in ("loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/rejected", "accuracy", "margin",
+                "tokens", "tokens_per_second", "grad_norm", "learning_rate"):
+        assert key in train_records[0], key
+    first = train_records[0]
+    assert first["loss"] == pytest.approx(first["nll"] + 0.1 * first["or_loss"], rel=1e-5)
+    assert first["margin"] == pytest.approx(first["logps/chosen"] - first["logps/rejected"], rel=1e-5)
+    assert 0.0 <= first["accuracy"] <= 1.0
+    # tokens: the non-pad tokens of both rows of the 4 pairs of step 1
+    assert first["tokens"] > 0
+    for key in ("eval_loss", "eval_nll", "eval_or_loss", "eval_log_odds", "eval_accuracy"):
+        assert key in metrics, key
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_nll"] + 0.1 * metrics["eval_or_loss"], rel=1e-5)
+
+
+TRL_SCRIPT = '''
+import json, sys
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+model_dir, data_file, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(model_dir)
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+train_dataset = load_dataset("json", data_files=data_file, split="train")
+training_args = ORPOConfig(output_dir=out, beta=0.1, max_length=64, per_device_train_batch_size=2,
+                           max_steps=2, logging_steps=1, report_to="none", bf16=False, save_strategy="no")
+trainer = ORPOTrainer(model=model, args=training_args, processing_class=tokenizer, train_dataset=train_dataset)
+trainer.train()
+trainer.save_model(out)
+'''
+
+
+def test_trl_style_script_runs_with_only_the_import_changed(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    chatml_tokenizer().save_pretrained(model_dir)
+    rows = [{"prompt": "why is the sky blue", "chosen": "the sky is blue", "rejected": "no"},
+            {"prompt": "what is good", "chosen": "ok good", "rejected": "bad"},
+            {"prompt": "a b", "chosen": "c", "rejected": "a"}]
+    data_file = tmp_path / "prefs.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = TRL_SCRIPT.replace("from trl.experimental.orpo import", "from orpo import")
+    assert script.count("\n") == TRL_SCRIPT.count("\n") and "trl" not in script
+    result = subprocess.run([sys.executable, "-c", script, str(model_dir), str(data_file), str(tmp_path / "out")],
+                            capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "out" / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in records if "nll" in r] == [1, 2]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.config.vocab_size == VOCAB
