@@ -17,6 +17,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SYSTEM = "Answer the question."
+LEARNING_RATE = 1e-4
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
     "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Egypt": "Cairo", "Kenya": "Nairobi",
@@ -120,7 +121,7 @@ def run_demo(output_dir: str = "orpo-demo", max_steps: int | None = None, seed: 
     config = ORPOConfig(
         output_dir=str(out / "model"),
         beta=0.1,
-        learning_rate=1e-4,
+        learning_rate=LEARNING_RATE,
         lr_scheduler_type="cosine",
         warmup_steps=2,
         per_device_train_batch_size=8,

@@ -71,14 +71,6 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def datasets_cache(tmp_path_factory):
     """Keep datasets' cache of the test files out of the user's ~/.cache."""

@@ -18,15 +18,6 @@ VOCAB = 96
 PAD = 0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: intra-op threads only add contention (100x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(arch: str, tied: bool, seed: int = 0) -> transformers.PreTrainedModel:
     common = dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

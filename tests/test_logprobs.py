@@ -13,15 +13,6 @@ from orpo.logprobs import token_logprobs
 N, H, V = 7, 16, 40  # V ≠ H so a [.., V] tensor is never confused with a [.., H] one
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: intra-op threads only add contention (100x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def naive(hidden, weight, targets):
     return torch.log_softmax((hidden @ weight.T).float(), -1).gather(1, targets[:, None]).squeeze(1)
 

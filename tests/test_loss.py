@@ -25,15 +25,6 @@ import torch.nn.functional as F
 from orpo.loss import MAX_LOGP, log1mexp, log_odds_ratio, orpo_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: intra-op threads only add contention (100x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # naive reference, straight from the paper's equations, float64
 # ---------------------------------------------------------------------------------------------
