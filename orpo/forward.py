@@ -13,7 +13,8 @@ import torch
 
 from . import logprobs
 from .errors import OrpoError
-from .packing import CHOSEN, PROMPT, REJECTED, segment_sums
+from .packing import CHOSEN, PROMPT, REJECTED, collate_padded, collate_prefix_shared, segment_sums
+from .render import TokenizedPair
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -106,3 +107,36 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
         rejected_tokens=counts[REJECTED],
         prompt_targets=counts[PROMPT],
     )
+
+
+def check_prefix_sharing(model: torch.nn.Module) -> None:
+    """Fail clearly if `model` does not honour the prefix-shared layout's 4D mask and position ids.
+
+    A three-branch toy pair is scored in the prefix-shared layout and in the padded layout; a model
+    family that ignores the custom mask (rejected would see chosen) or the position ids disagrees.
+    Checked on Llama, Qwen2, Qwen3, Mistral and Gemma (transformers 5, SDPA and eager attention).
+    """
+    lm = causal_lm(model)
+    vocab = lm.config.vocab_size
+    pair = TokenizedPair([1 % vocab, 7 % vocab, 11 % vocab], [13 % vocab, 17 % vocab], [19 % vocab, 23 % vocab, 29 % vocab])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = pair_logps(model, collate_prefix_shared([pair], pad_token_id=0), chunk_size=64)
+            padded = pair_logps(model, collate_padded([pair], pad_token_id=0), chunk_size=64)
+    except Exception as err:  # a model that rejects a 4D mask or position ids
+        raise OrpoError(
+            f"{type(lm).__name__} cannot run the prefix-shared layout ({type(err).__name__}: {str(err)[:120]}); "
+            "use --packing false"
+        ) from None
+    finally:
+        model.train(was_training)
+    tolerance = 1e-3 if lm.dtype == torch.float32 else 5e-2
+    for name in ("chosen_sum", "rejected_sum"):
+        a, b = getattr(packed, name).item(), getattr(padded, name).item()
+        if abs(a - b) > tolerance * max(1.0, abs(b)):
+            raise OrpoError(
+                f"{type(lm).__name__} ignores the custom attention mask or position ids of the prefix-shared "
+                f"layout ({name}: {a:.4f} packed vs {b:.4f} unpacked); use --packing false"
+            )

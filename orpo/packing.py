@@ -2,12 +2,22 @@
 
 The layout decides which rows and positions hold which tokens; everything downstream only sees
 the *target spec*: for each target token, its id, the flat index (row·T + position) of the
-hidden state that predicts it, its pair and its kind (prompt / chosen / rejected). Changing the
-layout (padded rows today, prefix-shared [prompt | chosen | rejected] rows next) does not touch
-the head, the loss or the trainer.
+hidden state that predicts it, its pair and its kind (prompt / chosen / rejected). The head, the
+loss and the trainer do not depend on the layout.
 
-Padded layout: pair i gives row 2i = prompt+chosen and row 2i+1 = prompt+rejected, right-padded.
-Prompt targets (prompt tokens 1..p−1, for nll_scope="full") come from the chosen row only.
+Prefix-shared layout (the default, ARCHITECTURE.md): each pair is laid out once as
+[prompt | chosen | rejected], several pairs per row, block-diagonal across pairs:
+- position ids: prompt 0..p−1, chosen p..p+c−1, rejected p..p+r−1 (restarting where chosen did);
+- attention (`attention_mask`, a boolean [rows, 1, T, T], True = may attend): causal within a pair;
+  chosen sees the prompt and earlier chosen tokens, rejected sees the prompt and earlier rejected
+  tokens, never chosen; nothing crosses pairs; a padding token sees only itself (no empty rows);
+- chosen token j is predicted by the hidden state at p−1+j; rejected token 0 by p−1 (the last
+  prompt token, shared), rejected token j>0 by the hidden state of rejected token j−1.
+The prompt is computed once, not twice, and padding is only the tail of each row.
+
+Padded layout (`packing=False`, for debugging): pair i gives row 2i = prompt+chosen and row 2i+1 =
+prompt+rejected, right-padded, with a 2D padding mask. Prompt targets (prompt tokens 1..p−1, for
+nll_scope="full") come from the chosen row only.
 """
 from __future__ import annotations
 
@@ -57,6 +67,107 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, t
         "target_kind": torch.tensor(kind_of, dtype=torch.long),
         "num_pairs": torch.tensor(len(pairs)),
     }
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices of `lengths` grouped into rows of at most `capacity` tokens
+    (an item longer than `capacity` gets a row of its own). Deterministic; rows in first-use order."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def choose_rows(lengths: list[int], attention_width: int) -> list[list[int]]:
+    """Group pairs into rows with the least estimated compute.
+
+    Linear layers cost ∝ rows·T (padding included) and attention ∝ rows·T² (a dense mask computes
+    every query/key pair of a row), so the estimate is rows·T·(1 + T / attention_width), where
+    `attention_width` is the row width at which attention costs as much as the linear layers
+    (about 3 × hidden size for Llama-like models). Candidate row capacities: 1, 1.5, 2, 3 and 4
+    times the longest pair, and everything in one row.
+    """
+    longest = max(lengths)
+    best = None
+    for capacity in sorted({int(longest * f) for f in (1, 1.5, 2, 3, 4)} | {sum(lengths)}):
+        rows = pack_rows(lengths, capacity)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        cost = len(rows) * width * (1 + width / attention_width)
+        if best is None or cost < best[0]:
+            best = (cost, rows)
+    return best[1]
+
+
+def collate_prefix_shared(
+    pairs: list[TokenizedPair], pad_token_id: int, attention_width: int = 2048
+) -> dict[str, torch.Tensor]:
+    """Build a prefix-shared batch (layout in the module docstring); rows chosen by `choose_rows`.
+
+    Returns the same keys as `collate_padded`, with attention_mask a bool [rows, 1, T, T].
+    """
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    rows = choose_rows(lengths, attention_width)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    # per token: which pair of the row it belongs to (−1 = padding) and its branch (PROMPT/CHOSEN/REJECTED)
+    owner = torch.full((len(rows), width), -1, dtype=torch.long)
+    branch = torch.zeros((len(rows), width), dtype=torch.long)
+    ids, source, pair_of, kind_of = [], [], [], []
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            pair = pairs[i]
+            p, c, n = len(pair.prompt_ids), len(pair.chosen_ids), lengths[i]
+            base = r * width + offset
+            input_ids[r, offset : offset + n] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
+            position_ids[r, offset : offset + n] = torch.cat([torch.arange(p + c), torch.arange(p, n - c)])
+            owner[r, offset : offset + n] = i
+            branch[r, offset + p : offset + p + c] = CHOSEN
+            branch[r, offset + p + c : offset + n] = REJECTED
+            r_len = len(pair.rejected_ids)
+            ids += pair.prompt_ids[1:] + pair.chosen_ids + pair.rejected_ids
+            source += (
+                list(range(base, base + p - 1))  # prompt token t ← hidden state t − 1
+                + list(range(base + p - 1, base + p - 1 + c))  # chosen token j ← p − 1 + j
+                + [base + p - 1]  # rejected token 0 ← the last prompt token, shared with chosen
+                + list(range(base + p + c, base + p + c + r_len - 1))  # rejected j > 0 ← rejected j − 1
+            )
+            kind_of += [PROMPT] * (p - 1) + [CHOSEN] * c + [REJECTED] * r_len
+            pair_of += [i] * (n - 1)
+            offset += n
+    return {
+        "input_ids": input_ids,
+        "attention_mask": prefix_shared_mask(owner, branch),
+        "position_ids": position_ids,
+        "target_ids": torch.tensor(ids, dtype=torch.long),
+        "target_source": torch.tensor(source, dtype=torch.long),
+        "target_pair": torch.tensor(pair_of, dtype=torch.long),
+        "target_kind": torch.tensor(kind_of, dtype=torch.long),
+        "num_pairs": torch.tensor(len(pairs)),
+    }
+
+
+def prefix_shared_mask(owner: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """Boolean [rows, 1, T, T] SDPA mask from per-token pair ids (−1 = padding) and branches [rows, T].
+
+    query q may attend key k iff k ≤ q, same pair, and k is a prompt token or in q's branch;
+    a padding query attends only to itself, so no row of the mask is empty (SDPA would give NaN).
+    """
+    width = owner.shape[1]
+    q, k = torch.arange(width)[:, None], torch.arange(width)[None, :]
+    same_pair = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0)
+    visible_branch = (branch[:, None, :] == PROMPT) | (branch[:, None, :] == branch[:, :, None])
+    mask = same_pair & visible_branch & (k <= q)
+    mask |= torch.eye(width, dtype=torch.bool)  # padding sees itself; real tokens already do
+    return mask[:, None]
 
 
 def segment_sums(

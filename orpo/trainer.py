@@ -22,10 +22,10 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .errors import OrpoError
-from .forward import check_supported, pair_logps
+from .forward import causal_lm, check_prefix_sharing, check_supported, pair_logps
 from .loss import orpo_loss
 from .models import load_model, load_tokenizer
-from .packing import collate_padded, nll_token_count
+from .packing import collate_padded, collate_prefix_shared, nll_token_count
 from .prepare import tokenize_rows
 from .render import TokenizedPair, ensure_chat_template
 
@@ -72,6 +72,13 @@ class ORPOConfig(TrainingArguments):
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the model."})
     padding_value: int | None = field(
         default=None, metadata={"help": "Pad token id for batches; None uses the tokenizer's pad token."}
+    )
+    packing: bool = field(
+        default=True,
+        metadata={
+            "help": "Prefix-shared packing: each pair as one [prompt | chosen | rejected] sequence, several pairs "
+            "per row (the fast path). False: prompt+chosen and prompt+rejected as separate padded rows (debugging)."
+        },
     )
     logprob_chunk_size: int = field(
         default=1024, metadata={"help": "Target tokens per chunk of the output head (memory vs. speed)."}
@@ -187,15 +194,23 @@ class ORPOTrainer(Trainer):
         if args.disable_dropout:
             disable_dropout(model)
         check_supported(model)
+        if args.packing:
+            check_prefix_sharing(model)
 
         self.prepared = {}
         train_pairs = self._prepare(train_dataset, processing_class, args, "train")
         eval_pairs = self._prepare(eval_dataset, processing_class, args, "eval")
         pad_id = args.padding_value if args.padding_value is not None else processing_class.pad_token_id
+        if args.packing:
+            # attention costs as much as the linear layers at a row width of about 3 × hidden size
+            width = 3 * causal_lm(model).config.hidden_size
+            collator = partial(collate_prefix_shared, pad_token_id=pad_id, attention_width=width)
+        else:
+            collator = partial(collate_padded, pad_token_id=pad_id)
         super().__init__(
             model=model,
             args=args,
-            data_collator=partial(collate_padded, pad_token_id=pad_id),
+            data_collator=collator,
             train_dataset=train_pairs,
             eval_dataset=eval_pairs,
             processing_class=processing_class,
@@ -218,6 +233,15 @@ class ORPOTrainer(Trainer):
         logger.info("%s data: %s", split, prepared.report())
         self.prepared[split] = prepared
         return prepared.pairs
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy == "group_by_length":
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in dataset]
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths)
+        return super()._get_train_sampler(train_dataset)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
         """[NLL tokens, pairs] of the whole optimizer step, summed over micro-batches and ranks."""

@@ -9,9 +9,9 @@ import torch
 import transformers
 
 from orpo.errors import OrpoError
-from orpo.forward import causal_lm, check_supported, pair_logps
+from orpo.forward import causal_lm, check_prefix_sharing, check_supported, pair_logps
 from orpo.loss import orpo_loss
-from orpo.packing import collate_padded
+from orpo.packing import collate_padded, collate_prefix_shared
 from orpo.render import TokenizedPair
 
 VOCAB = 96
@@ -78,15 +78,30 @@ def scalar_objective(chosen_sum, rejected_sum, prompt_sum, chosen_tokens, reject
 
 
 MODELS = [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)]
+# the layouts: padded rows; prefix-shared with one pair per row (attention_width 1: short rows win);
+# prefix-shared with all pairs in one row (attention free: fewest padded tokens win)
+LAYOUTS = {
+    "padded": lambda pairs: collate_padded(pairs, PAD),
+    "shared-row-per-pair": lambda pairs: collate_prefix_shared(pairs, PAD, attention_width=1),
+    "shared-one-row": lambda pairs: collate_prefix_shared(pairs, PAD, attention_width=10**9),
+}
 
 
+def test_layouts_really_differ():
+    pairs = make_pairs()
+    assert LAYOUTS["padded"](pairs)["input_ids"].shape[0] == 8
+    assert LAYOUTS["shared-row-per-pair"](pairs)["input_ids"].shape[0] == 4
+    assert LAYOUTS["shared-one-row"](pairs)["input_ids"].shape[0] == 1
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("arch,tied", MODELS)
 @pytest.mark.parametrize("chunk_size", [5, 1024])
-def test_pair_logps_matches_naive_values(arch, tied, chunk_size):
+def test_pair_logps_matches_naive_values(arch, tied, chunk_size, layout):
     model = tiny_model(arch, tied)
     pairs = make_pairs()
     with torch.no_grad():
-        got = pair_logps(model, collate_padded(pairs, PAD), chunk_size=chunk_size)
+        got = pair_logps(model, LAYOUTS[layout](pairs), chunk_size=chunk_size)
         ref = naive_sums(model, pairs)
     assert got.chosen_tokens.tolist() == [1, 9, 4, 3] == ref["chosen_tokens"].tolist()
     assert got.rejected_tokens.tolist() == [13, 1, 2, 3] == ref["rejected_tokens"].tolist()
@@ -104,13 +119,14 @@ def test_pair_logps_matches_naive_values(arch, tied, chunk_size):
     torch.testing.assert_close(got.nll_sum("completion"), -ref["chosen_sum"].sum(), rtol=0, atol=5e-5)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("arch,tied", MODELS)
-def test_pair_logps_matches_naive_gradients(arch, tied):
+def test_pair_logps_matches_naive_gradients(arch, tied, layout):
     model = tiny_model(arch, tied, seed=1)
     pairs = make_pairs(seed=1)
     nll_tokens = sum(len(p.prompt_ids) - 1 + len(p.chosen_ids) for p in pairs)
 
-    got = pair_logps(model, collate_padded(pairs, PAD), chunk_size=7)
+    got = pair_logps(model, LAYOUTS[layout](pairs), chunk_size=7)
     value = scalar_objective(got.chosen_sum, got.rejected_sum, got.prompt_sum, got.chosen_tokens,
                              got.rejected_tokens, nll_tokens)
     grads = torch.autograd.grad(value, list(model.parameters()))
@@ -225,3 +241,22 @@ def test_pair_logps_on_lora_model(tied):
     with torch.no_grad(), lora.disable_adapter():
         base = pair_logps(lora, collate_padded(pairs, PAD), chunk_size=4)
     assert (base.chosen_sum - got.chosen_sum.detach()).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_check_prefix_sharing_accepts_models_that_honour_the_mask(arch):
+    check_prefix_sharing(tiny_model(arch, True))
+
+
+def test_check_prefix_sharing_rejects_a_model_that_ignores_the_mask():
+    model = tiny_model("llama", True)
+    original = model.forward
+
+    def forward_without_custom_mask(**kwargs):
+        kwargs.pop("attention_mask", None)
+        kwargs.pop("position_ids", None)
+        return original(**kwargs)
+
+    model.forward = forward_without_custom_mask
+    with pytest.raises(OrpoError, match=r"^LlamaForCausalLM ignores the custom attention mask .*use --packing false$"):
+        check_prefix_sharing(model)

@@ -130,3 +130,77 @@ def test_nll_token_count(batch):
     assert nll_token_count(kinds, "full").item() == 8  # prompt 3 + 1, chosen 3 + 1
     assert nll_token_count(kinds, "completion").item() == 4  # chosen 3 + 1
     assert nll_token_count(torch.tensor([R, R]), "full").item() == 0
+
+
+# ---- prefix-shared layout -------------------------------------------------------------------------
+"""The same two pairs, prefix-shared. Lengths p+c+r: pair 0 = 9, pair 1 = 8; with a free attention
+(huge attention_width) the fewest padded tokens win, so both share one row of T = 17:
+
+    index:    0 1 2 3 | 4 5 6 | 7  8 || 9 10 | 11 | 12 13 14 15 16
+    ids:      1 5 6 7 | 8 9 2 | 10 2 || 1 3  | 4  | 11 12 13 14 2
+    position: 0 1 2 3 | 4 5 6 | 4  5 || 0 1  | 2  | 2  3  4  5  6
+    branch:   P P P P | C C C | R  R || P P  | C  | R  R  R  R  R
+
+Chosen token j is predicted by p−1+j; rejected token 0 by p−1 (shared), rejected j>0 by its
+predecessor: pair 0 targets 5 6 7 | 8 9 2 | 10 2 from 0 1 2 | 3 4 5 | 3 7; pair 1 (base 9):
+3 | 4 | 11 12 13 14 2 from 9 | 10 | 10 12 13 14 15.
+"""
+from orpo.packing import choose_rows, collate_prefix_shared, pack_rows, prefix_shared_mask  # noqa: E402
+
+
+def test_prefix_shared_one_row():
+    batch = collate_prefix_shared(PAIRS, pad_token_id=0, attention_width=10**9)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 8, 9, 2, 10, 2, 1, 3, 4, 11, 12, 13, 14, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 4, 5, 0, 1, 2, 2, 3, 4, 5, 6]]
+    assert batch["target_ids"].tolist() == [5, 6, 7, 8, 9, 2, 10, 2, 3, 4, 11, 12, 13, 14, 2]
+    assert batch["target_source"].tolist() == [0, 1, 2, 3, 4, 5, 3, 7, 9, 10, 10, 12, 13, 14, 15]
+    assert batch["target_kind"].tolist() == [P, P, P, C, C, C, R, R, P, C, R, R, R, R, R]
+    assert batch["target_pair"].tolist() == [0] * 8 + [1] * 7
+    assert batch["num_pairs"].item() == 2
+
+
+def test_prefix_shared_mask_visibility():
+    mask = collate_prefix_shared(PAIRS, pad_token_id=0, attention_width=10**9)["attention_mask"]
+    assert mask.shape == (1, 1, 17, 17) and mask.dtype == torch.bool
+    sees = lambda q: torch.nonzero(mask[0, 0, q]).flatten().tolist()  # noqa: E731
+    assert sees(3) == [0, 1, 2, 3]  # last prompt token: causal prompt
+    assert sees(6) == [0, 1, 2, 3, 4, 5, 6]  # chosen: prompt + earlier chosen
+    assert sees(7) == [0, 1, 2, 3, 7]  # first rejected token: prompt, never chosen
+    assert sees(8) == [0, 1, 2, 3, 7, 8]
+    assert sees(9) == [9]  # the next pair starts afresh
+    assert sees(12) == [9, 10, 12]
+    assert sees(16) == [9, 10, 12, 13, 14, 15, 16]
+
+
+def test_padding_sees_only_itself_and_rows_are_tail_padded():
+    batch = collate_prefix_shared(PAIRS, pad_token_id=0, attention_width=1)  # attention dear: a row per pair
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 8, 9, 2, 10, 2], [1, 3, 4, 11, 12, 13, 14, 2, 0]]
+    mask = batch["attention_mask"][1, 0]
+    assert torch.nonzero(mask[8]).flatten().tolist() == [8]
+    assert not mask[:8, 8].any()  # no real token sees the padding
+    assert batch["target_source"].tolist()[8:] == [9, 10, 10, 12, 13, 14, 15]
+
+
+def test_prefix_shared_mask_from_owner_and_branch():
+    owner = torch.tensor([[0, 0, 0, -1]])
+    branch = torch.tensor([[P, C, R, P]])
+    assert prefix_shared_mask(owner, branch)[0, 0].int().tolist() == [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [1, 0, 1, 0],
+        [0, 0, 0, 1],
+    ]
+
+
+def test_pack_rows_first_fit_decreasing():
+    assert pack_rows([5, 9, 4, 3], capacity=9) == [[1], [0, 2], [3]]
+    assert pack_rows([12, 3], capacity=9) == [[0], [1]]  # too long for the capacity: a row of its own
+
+
+def test_choose_rows_trades_padding_against_attention():
+    """lengths 10, 6, 6; cost = rows · T · (1 + T/w). Capacities and their rows:
+    10 → [10] [6] [6], T 10: 30·(1 + 10/w);  15 → [10] [6 6], T 12: 24·(1 + 12/w);
+    20 → [10 6] [6], T 16: 32·(1 + 16/w);    22 → [10 6 6], T 22: 22·(1 + 22/w).
+    w = 10⁹: 30, 24, 32, 22 → one row.  w = 10: 60, 52.8, 83.2, 70.4 → [10] [6 6]."""
+    assert choose_rows([10, 6, 6], attention_width=10**9) == [[0, 1, 2]]
+    assert choose_rows([10, 6, 6], attention_width=10) == [[0], [1, 2]]

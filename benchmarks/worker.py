@@ -1,0 +1,178 @@
+"""One measured ORPO training run (orpo or TRL) in this process; prints ONE JSON line to stdout.
+
+Started by bench_orpo.py in a fresh subprocess per run; see README.md for the definitions.
+"""
+import argparse
+import gzip
+import json
+import os
+import tempfile
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+# The venv's editable-install finder resolves `orpo` as a namespace package when the script's
+# directory (not the repo root) is sys.path[0], which hides orpo.ORPOConfig; put the repo first.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from orpo.data import dataset_to_pairs, load_rows  # noqa: E402
+from orpo.models import fetch_smollm2  # noqa: E402
+from orpo.prepare import tokenize_rows  # noqa: E402
+from orpo.render import ensure_chat_template  # noqa: E402
+
+DATA = "/work/shared/data"
+ULTRAFEEDBACK = f"{DATA}/ultrafeedback_1k_train.jsonl"
+HH = f"{DATA}/hh_rlhf_harmless_test.jsonl.gz"
+# Measured dense matmul peak of this machine (2 cores), GFLOP/s; see README.md.
+PEAK_GFLOPS = {"fp32": 210.0, "bf16": 900.0}
+CONTEXT_COMPLETION_TOKENS = 100  # completion length of the synthetic long-context pairs
+CONTEXT_MARGIN = 128  # prompt fills about max_length - CONTEXT_MARGIN tokens
+
+
+def read_jsonl(path):
+    with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def conversation(prompt_messages, chosen, rejected):
+    return {"prompt": prompt_messages,
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def ultrafeedback_candidates():
+    for r in read_jsonl(ULTRAFEEDBACK):
+        if r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]:
+            yield conversation([{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"])
+
+
+def hh_candidates():
+    pairs, _, _ = dataset_to_pairs(load_rows(HH))  # implicit prompt -> explicit message lists
+    for p in pairs:
+        yield {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+
+
+def context_candidates(tokenizer, length):
+    """Synthetic pairs: UltraFeedback prompts concatenated into one user message of about
+    length - CONTEXT_MARGIN tokens (template included), completions cut to ~100 tokens."""
+    rows = read_jsonl(ULTRAFEEDBACK)
+    empty = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False, add_generation_prompt=True)
+    budget = length - CONTEXT_MARGIN - len(tokenizer(empty, add_special_tokens=False)["input_ids"])
+
+    def cut(text, n):
+        return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:n])
+
+    for i in range(len(rows)):
+        parts, j, n = [], i, 0
+        while n < budget:
+            parts.append(rows[j % len(rows)]["prompt"])
+            n += len(tokenizer(parts[-1], add_special_tokens=False)["input_ids"]) + 2
+            j += 1
+        chosen, rejected = (cut(rows[i][k], CONTEXT_COMPLETION_TOKENS) for k in ("chosen", "rejected"))
+        if chosen.strip() and rejected.strip() and chosen != rejected:
+            yield conversation([{"role": "user", "content": cut("\n\n".join(parts), budget)}], chosen, rejected)
+
+
+def select_rows(candidates, tokenizer, n, max_length):
+    """The first n candidate rows that orpo keeps at this max_length with no prompt limit (TRL 1.16
+    has none), and orpo's tokenization of them (for the real-token count)."""
+    rows, pairs = [], []
+    for row in candidates:
+        try:
+            pair = tokenize_rows([row], tokenizer, max_length, None, None).pairs[0]
+        except Exception:  # dropped (too long, ...): not a usable pair
+            continue
+        rows.append(row)
+        pairs.append(pair)
+        if len(rows) == n:
+            break
+    if len(rows) < n:
+        raise SystemExit(f"only {len(rows)} usable pairs for max_length={max_length}, wanted {n}")
+    return rows, pairs
+
+
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def peak_rss_gb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB -> GiB
+    return None
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--trainer", choices=["orpo", "trl"], required=True)
+    p.add_argument("--workload", choices=["ultrafeedback", "hh", "context"], required=True)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--pairs", type=int, default=24)
+    p.add_argument("--max_length", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--orpo_args", default="{}", help="extra ORPOConfig kwargs as JSON (orpo runs only)")
+    a = p.parse_args()
+
+    model_dir = str(fetch_smollm2())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ensure_chat_template(tokenizer)  # no-op for SmolLM2; same tokenizer state for both trainers
+    candidates = {"ultrafeedback": ultrafeedback_candidates, "hh": hh_candidates,
+                  "context": lambda: context_candidates(tokenizer, a.max_length)}[a.workload]()
+    rows, pairs = select_rows(candidates, tokenizer, a.pairs, a.max_length)
+    real_tokens = sum(2 * len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in pairs)
+    dataset = Dataset.from_list(rows)
+
+    # Same for both: fp32 weights; --dtype bf16 = bf16 autocast mixed precision (TrainingArguments bf16=True).
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    n_params = model.num_parameters()  # tied embeddings counted once
+    steps = -(-len(rows) // a.batch)
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix=f"bench-{a.trainer}-"), per_device_train_batch_size=a.batch,
+        gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=1e-6, max_length=a.max_length,
+        bf16=a.dtype == "bf16",  # explicit: TRL's configs default to bf16=True
+        report_to="none", save_strategy="no", logging_strategy="steps", logging_steps=steps,  # one log, at the end
+        seed=0, use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False,
+    )
+    if a.trainer == "orpo":
+        from orpo import ORPOConfig, ORPOTrainer
+        extra = {"max_prompt_length": None, **json.loads(a.orpo_args)}  # no prompt limit, as TRL 1.16
+        config = ORPOConfig(**common, **extra)
+    else:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+        config = ORPOConfig(**common)  # max_completion_length None, no prompt limit field in 1.16
+    trainer = ORPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+
+    trained = len(trainer.train_dataset)
+    gflops = 6 * n_params * real_tokens / seconds / 1e9
+    loss = next((log["loss"] for log in reversed(trainer.state.log_history) if "loss" in log), None)
+    print(json.dumps({
+        "status": "ok", "trainer": a.trainer, "dtype": a.dtype, "workload": a.workload,
+        "max_length": a.max_length, "batch": a.batch, "steps": trainer.state.global_step,
+        "pairs": trained, "train_seconds": round(seconds, 3), "pairs_per_second": trained / seconds,
+        "real_tokens": real_tokens, "real_tokens_per_second": real_tokens / seconds,
+        "n_params": n_params, "model_gflops": gflops, "share_of_peak": gflops / PEAK_GFLOPS[a.dtype],
+        "peak_rss_gb": round(peak_rss_gb(), 3), "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+        "loss_logged": loss, "orpo_args": a.orpo_args if a.trainer == "orpo" else None,
+        "versions": {k: version(k) for k in ("torch", "transformers", "trl", "orpo")},
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
