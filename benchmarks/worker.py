@@ -6,8 +6,9 @@ import argparse
 import gzip
 import json
 import os
-import tempfile
+import shutil
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -144,7 +145,7 @@ def main():
         gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=1e-6, max_length=a.max_length,
         bf16=a.dtype == "bf16",  # explicit: TRL's configs default to bf16=True
         report_to="none", save_strategy="no", logging_strategy="steps", logging_steps=steps,  # one log, at the end
-        seed=0, use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False,
+        seed=0, use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False, remove_unused_columns=False,
     )
     if a.trainer == "orpo":
         from orpo import ORPOConfig, ORPOTrainer
@@ -159,6 +160,7 @@ def main():
     trainer.train()
     seconds = time.perf_counter() - start
 
+    shutil.rmtree(config.output_dir, ignore_errors=True)  # orpo writes metrics.jsonl there
     trained = len(trainer.train_dataset)
     gflops = 6 * n_params * real_tokens / seconds / 1e9
     loss = next((log["loss"] for log in reversed(trainer.state.log_history) if "loss" in log), None)

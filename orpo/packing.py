@@ -35,7 +35,7 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, t
     Returns a dict of tensors:
       input_ids, attention_mask, position_ids: [2·B, T] (T = longest prompt+completion)
       target_ids, target_source, target_pair, target_kind: [N] (int64), one entry per target token
-      num_pairs: [] (B)
+      num_pairs: [] (B); num_tokens: [] the non-padding tokens the model processes
     """
     sequences, ids, source, pair_of, kind_of = [], [], [], [], []
     width = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
@@ -66,6 +66,7 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, t
         "target_pair": torch.tensor(pair_of, dtype=torch.long),
         "target_kind": torch.tensor(kind_of, dtype=torch.long),
         "num_pairs": torch.tensor(len(pairs)),
+        "num_tokens": attention_mask.sum(),
     }
 
 
@@ -152,6 +153,7 @@ def collate_prefix_shared(
         "target_pair": torch.tensor(pair_of, dtype=torch.long),
         "target_kind": torch.tensor(kind_of, dtype=torch.long),
         "num_pairs": torch.tensor(len(pairs)),
+        "num_tokens": torch.tensor(sum(lengths)),
     }
 
 

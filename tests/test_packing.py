@@ -68,6 +68,7 @@ def test_targets(batch):
     assert batch["target_pair"].tolist() == [0] * 8 + [1] * 7
     assert batch["target_kind"].tolist() == [P, P, P, C, C, C, R, R, P, C, R, R, R, R, R]
     assert batch["num_pairs"].item() == 2
+    assert batch["num_tokens"].item() == 7 + 6 + 3 + 7
     for key in ("target_ids", "target_source", "target_pair", "target_kind"):
         assert batch[key].dtype == torch.long, key
 
@@ -157,6 +158,7 @@ def test_prefix_shared_one_row():
     assert batch["target_kind"].tolist() == [P, P, P, C, C, C, R, R, P, C, R, R, R, R, R]
     assert batch["target_pair"].tolist() == [0] * 8 + [1] * 7
     assert batch["num_pairs"].item() == 2
+    assert batch["num_tokens"].item() == 17
 
 
 def test_prefix_shared_mask_visibility():
