@@ -114,7 +114,7 @@ def check_prefix_sharing(model: torch.nn.Module) -> None:
 
     A three-branch toy pair is scored in the prefix-shared layout and in the padded layout; a model
     family that ignores the custom mask (rejected would see chosen) or the position ids disagrees.
-    Checked on Llama, Qwen2, Qwen3, Mistral and Gemma (transformers 5, SDPA and eager attention).
+    Confirmed on Llama, Qwen2, Qwen3, Mistral and Gemma (transformers 5, SDPA attention; tests/test_forward.py).
     """
     lm = causal_lm(model)
     vocab = lm.config.vocab_size

@@ -61,13 +61,15 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, t
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
-        "target_ids": torch.tensor(ids, dtype=torch.long),
-        "target_source": torch.tensor(source, dtype=torch.long),
-        "target_pair": torch.tensor(pair_of, dtype=torch.long),
-        "target_kind": torch.tensor(kind_of, dtype=torch.long),
+        **_target_spec(ids, source, pair_of, kind_of),
         "num_pairs": torch.tensor(len(pairs)),
         "num_tokens": attention_mask.sum(),
     }
+
+
+def _target_spec(ids: list[int], source: list[int], pair_of: list[int], kind_of: list[int]) -> dict:
+    names = ("target_ids", "target_source", "target_pair", "target_kind")
+    return {name: torch.tensor(values, dtype=torch.long) for name, values in zip(names, (ids, source, pair_of, kind_of))}
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -113,7 +115,7 @@ def collate_prefix_shared(
 
     Returns the same keys as `collate_padded`, with attention_mask a bool [rows, 1, T, T].
     """
-    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    lengths = [pair.shared_length for pair in pairs]
     rows = choose_rows(lengths, attention_width)
     width = max(sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -148,10 +150,7 @@ def collate_prefix_shared(
         "input_ids": input_ids,
         "attention_mask": prefix_shared_mask(owner, branch),
         "position_ids": position_ids,
-        "target_ids": torch.tensor(ids, dtype=torch.long),
-        "target_source": torch.tensor(source, dtype=torch.long),
-        "target_pair": torch.tensor(pair_of, dtype=torch.long),
-        "target_kind": torch.tensor(kind_of, dtype=torch.long),
+        **_target_spec(ids, source, pair_of, kind_of),
         "num_pairs": torch.tensor(len(pairs)),
         "num_tokens": torch.tensor(sum(lengths)),
     }

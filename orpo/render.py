@@ -49,6 +49,11 @@ class TokenizedPair:
     rejected_ids: list[int]
     index: int = 0
 
+    @property
+    def shared_length(self) -> int:
+        """Tokens of the pair in the prefix-shared layout: prompt + chosen + rejected."""
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
 
 def ensure_chat_template(tokenizer) -> list[str]:
     """Give `tokenizer` a chat template and a pad token if it lacks them; return the warnings to log."""

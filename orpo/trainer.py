@@ -243,7 +243,7 @@ class ORPOTrainer(Trainer):
             from transformers.trainer_pt_utils import LengthGroupedSampler
 
             dataset = train_dataset if train_dataset is not None else self.train_dataset
-            lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in dataset]
+            lengths = [pair.shared_length for pair in dataset]
             return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths)
         return super()._get_train_sampler(train_dataset)
 

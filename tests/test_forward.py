@@ -243,9 +243,26 @@ def test_pair_logps_on_lora_model(tied):
     assert (base.chosen_sum - got.chosen_sum.detach()).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_check_prefix_sharing_accepts_models_that_honour_the_mask(arch):
-    check_prefix_sharing(tiny_model(arch, True))
+FAMILIES = {
+    "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+    "mistral": transformers.MistralConfig, "gemma": transformers.GemmaConfig,
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_check_prefix_sharing_accepts_families_that_honour_the_mask(family):
+    """The families confirmed to take the custom 4D mask and position ids (transformers 5, SDPA)."""
+    config = FAMILIES[family](vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                              pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    check_prefix_sharing(model)
+    pairs = make_pairs()
+    with torch.no_grad():
+        packed = pair_logps(model.eval(), collate_prefix_shared(pairs, PAD), chunk_size=16)
+        ref = naive_sums(model, pairs)
+    torch.testing.assert_close(packed.rejected_sum, ref["rejected_sum"], rtol=0, atol=1e-5)
 
 
 def test_check_prefix_sharing_rejects_a_model_that_ignores_the_mask():

@@ -17,7 +17,7 @@ from orpo.evaluate import evaluate_pairs
 from orpo.forward import pair_logps
 from orpo.loss import log_odds_ratio
 from orpo.models import fetch_smollm2, load_model, load_tokenizer, smollm2_gguf
-from orpo.packing import collate_padded
+from orpo.packing import collate_padded, collate_prefix_shared
 from orpo.prepare import tokenize_rows
 
 ULTRAFEEDBACK = "/work/shared/data/ultrafeedback_1k_train.jsonl"
@@ -94,12 +94,13 @@ def test_eval_agrees_with_plain_unpacked_forward(model, first_pairs, eval_record
         assert record["chosen_logp_mean"] == pytest.approx(means[0].item(), abs=1e-4)
 
 
-def test_training_path_agrees_with_eval(model, first_pairs, eval_records):
+@pytest.mark.parametrize("collate", [collate_prefix_shared, collate_padded])
+def test_training_path_agrees_with_eval(model, first_pairs, eval_records, collate):
     """Batch layout + chunked head (the training path) == `orpo eval` within 1e-4 in log_odds."""
     tokenizer, pairs = first_pairs
     records = eval_records
     with torch.no_grad():
-        logps = pair_logps(model, collate_padded(pairs, tokenizer.pad_token_id), chunk_size=256)
+        logps = pair_logps(model, collate(pairs, tokenizer.pad_token_id), chunk_size=256)
     fast = log_odds_ratio(logps.logps_chosen, logps.logps_rejected)
     reference = torch.tensor([r["log_odds"] for r in records])
     assert (fast - reference).abs().max().item() < 1e-4
