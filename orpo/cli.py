@@ -117,7 +117,7 @@ def cmd_train(argv: list[str]) -> int:
     from .trainer import ORPOTrainer
 
     tokenizer = _load_tokenizer(model_args.model, model_args.trust_remote_code)
-    columns = {k: getattr(data_args, k) for k in ("prompt_column", "chosen_column", "rejected_column")}
+    columns = _columns(data_args)
     train = _prepare(data_args.dataset, data_args.dataset_split, tokenizer, config, columns)
     logger.info("train data: %s", train.report())
     eval_pairs = None
