@@ -258,9 +258,9 @@ class ORPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logps = pair_logps(model, inputs, self.args.logprob_chunk_size)
+        batch_nll_tokens = nll_token_count(inputs["target_kind"], self.args.nll_scope)
         if num_items_in_batch is None:  # evaluation: normalise over this batch alone
-            nll_tokens = nll_token_count(inputs["target_kind"], self.args.nll_scope)
-            pairs = inputs["num_pairs"]
+            nll_tokens, pairs = batch_nll_tokens, inputs["num_pairs"]
         else:
             nll_tokens, pairs = num_items_in_batch[0], num_items_in_batch[1]
         nll_sum = logps.nll_sum(self.args.nll_scope)
@@ -270,7 +270,7 @@ class ORPOTrainer(Trainer):
         with torch.no_grad():
             self._metrics["train" if model.training else "eval"].add(
                 nll_sum=nll_sum,
-                nll_tokens=nll_token_count(inputs["target_kind"], self.args.nll_scope),
+                nll_tokens=batch_nll_tokens,
                 or_sum=or_loss.sum(),
                 log_odds_sum=log_odds.sum(),
                 logps_chosen_sum=logps.logps_chosen.sum(),

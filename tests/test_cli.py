@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from orpo.cli import main, parse_train_args
 from orpo.errors import OrpoError
+from tiny import word_level_tokenizer
 
 ORPO = Path(sys.executable).parent / "orpo"
 
@@ -52,18 +52,8 @@ METRIC_KEYS = {"loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/reje
 
 def chatml_tokenizer():
     """WordLevel over WORDS, split on spaces/punctuation, "\\n" its own token; ChatML special tokens."""
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(WORDS))}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(" ", "removed"),
-        pre_tokenizers.Split("\n", "isolated"),
-        pre_tokenizers.Punctuation("isolated"),
-    ])
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|im_end|>", unk_token="<unk>")
-    tok.chat_template = CHATML
-    return tok
+    return word_level_tokenizer(WORDS, ["<|im_start|>", "<|im_end|>"], CHATML, bos="<|im_start|>",
+                                eos="<|im_end|>", pad_token="<|im_end|>", unk_token="<unk>")
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -4,12 +4,11 @@ The tokenizers are built offline: a WordLevel model over a tiny vocabulary that 
 punctuation and keeps "\\n" as its own token, so a stray template newline would show up in the ids.
 """
 import pytest
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
 
 from orpo.errors import TOO_LONG, DroppedPair, OrpoError
 from orpo.formats import PreferencePair
 from orpo.render import DEFAULT_CHAT_TEMPLATE, ensure_chat_template, render_pair, truncate
+from tiny import word_level_tokenizer
 
 WORDS = ("<unk> \n user assistant system Hi there Hello Go away ! , . you are kind be brief "
          "What is 2 + ? 4 5 : < | > im _ start end").split(" ") + ["\n"]
@@ -47,22 +46,8 @@ PLAIN = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n\n' }}{%
         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
 
 
-def make_tokenizer(special, template, bos=None, eos=None, add_bos=False, plain_added=(), **kw):
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(WORDS))}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(" ", "removed"),
-        pre_tokenizers.Split("\n", "isolated"),
-        pre_tokenizers.Punctuation("isolated"),
-    ])
-    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain_added])
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    if add_bos:
-        tk.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tk.token_to_id(bos))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos, **kw)
-    tok.chat_template = template
-    return tok
+def make_tokenizer(special, template, **kw):
+    return word_level_tokenizer(WORDS, special, template, **kw)
 
 
 def chatml():  # like SmolLM2: bos_token is <|im_start|> but the tokenizer adds no BOS

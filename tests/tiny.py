@@ -1,7 +1,7 @@
 """Tiny offline models and tokenizers shared by the tests (no hub access)."""
 import torch
 import transformers
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 
 VOCAB = 64
 WORDS = "<unk> <pad> \n user assistant system the sky is blue green red yes no why what ok good bad a b c".split(" ")
@@ -17,16 +17,31 @@ def tiny_llama(seed=0, dtype=torch.float32):
     return transformers.LlamaForCausalLM(config).to(dtype)
 
 
-def chatml_tokenizer():
-    vocab = {w: i for i, w in enumerate(WORDS)}
+def word_level_tokenizer(words, special, template, bos=None, eos=None, add_bos=False, plain_added=(), **kw):
+    """A WordLevel tokenizer over `words` that splits on spaces and punctuation and keeps "\\n" as its
+    own token (so a stray template newline shows up in the ids); `special` tokens are added as special,
+    `plain_added` as plain added tokens; `add_bos` makes it prepend `bos` like Llama's post-processor."""
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(" ", "removed"), pre_tokenizers.Split("\n", "isolated")]
-    )
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>")
-    tok.chat_template = (
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(" ", "removed"),
+        pre_tokenizers.Split("\n", "isolated"),
+        pre_tokenizers.Punctuation("isolated"),
+    ])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain_added])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    if add_bos:
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tk.token_to_id(bos))])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos, **kw)
+    tok.chat_template = template
     return tok
+
+
+def chatml_tokenizer():
+    return word_level_tokenizer(
+        WORDS, ["<|im_start|>", "<|im_end|>"],
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+        eos="<|im_end|>", pad_token="<pad>",
+    )
