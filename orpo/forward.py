@@ -51,17 +51,26 @@ def final_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     handle = decoder.register_forward_hook(hook)
+    inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, logits_to_keep=1)
+    if "attention_mask" in batch:
+        inputs["attention_mask"] = batch["attention_mask"]
+    else:  # span attention (attention.py) reads the layout from pair_spans
+        inputs["pair_spans"] = batch["pair_spans"].tolist()
+        inputs["attention_mask"] = no_mask_placeholder(batch["input_ids"])
     try:
-        model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        model(**inputs)
     finally:
         handle.remove()
     return captured["hidden"]
+
+
+def no_mask_placeholder(input_ids: torch.Tensor) -> torch.Tensor:
+    """A [rows, 1, T, T] all-False boolean view without memory, passed as `attention_mask` with
+    span attention: a 4D mask makes transformers skip building a dense mask of its own, and an
+    attention that used it anyway (pair_spans dropped on the way) attends to nothing, so its
+    scores are far off and `check_prefix_sharing` stops the run."""
+    rows, width = input_ids.shape
+    return torch.zeros((), dtype=torch.bool, device=input_ids.device).expand(rows, 1, width, width)
 
 
 @dataclass
@@ -109,23 +118,30 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     )
 
 
-def check_prefix_sharing(model: torch.nn.Module) -> None:
-    """Fail clearly if `model` does not honour the prefix-shared layout's 4D mask and position ids.
+def check_prefix_sharing(model: torch.nn.Module, attention: str = "spans") -> None:
+    """Fail clearly if `model` does not honour the prefix-shared layout (its position ids, and the
+    4D mask or the span attention, per `attention`).
 
-    A three-branch toy pair is scored in the prefix-shared layout and in the padded layout; a model
-    family that ignores the custom mask (rejected would see chosen) or the position ids disagrees.
-    Confirmed on Llama, Qwen2, Qwen3, Mistral and Gemma (transformers 5, SDPA attention; tests/test_forward.py).
+    Two small pairs are scored in one prefix-shared row and in the padded layout; a model family
+    that ignores the mask, the spans (then it gets an all-False placeholder mask) or the position
+    ids disagrees. Confirmed on Llama, Qwen2, Qwen3, Mistral and Gemma (transformers 5,
+    SDPA attention; tests/test_forward.py).
     """
     lm = causal_lm(model)
     vocab = lm.config.vocab_size
-    pair = TokenizedPair([1 % vocab, 7 % vocab, 11 % vocab], [13 % vocab, 17 % vocab], [19 % vocab, 23 % vocab, 29 % vocab])
+    pairs = [
+        TokenizedPair([1 % vocab, 7 % vocab, 11 % vocab], [13 % vocab, 17 % vocab], [19 % vocab, 23 % vocab, 29 % vocab]),
+        TokenizedPair([31 % vocab, 37 % vocab], [41 % vocab, 43 % vocab, 47 % vocab], [53 % vocab]),
+    ]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            packed = pair_logps(model, collate_prefix_shared([pair], pad_token_id=0), chunk_size=64)
-            padded = pair_logps(model, collate_padded([pair], pad_token_id=0), chunk_size=64)
-    except Exception as err:  # a model that rejects a 4D mask or position ids
+            packed = pair_logps(model, collate_prefix_shared(pairs, pad_token_id=0, attention=attention), chunk_size=64)
+            padded = pair_logps(model, collate_padded(pairs, pad_token_id=0), chunk_size=64)
+    except OrpoError:
+        raise
+    except Exception as err:  # a model that rejects a 4D mask, the spans or position ids
         raise OrpoError(
             f"{type(lm).__name__} cannot run the prefix-shared layout ({type(err).__name__}: {str(err)[:120]}); "
             "use --packing false"
@@ -134,9 +150,9 @@ def check_prefix_sharing(model: torch.nn.Module) -> None:
         model.train(was_training)
     tolerance = 1e-3 if lm.dtype == torch.float32 else 5e-2
     for name in ("chosen_sum", "rejected_sum"):
-        a, b = getattr(packed, name).item(), getattr(padded, name).item()
-        if abs(a - b) > tolerance * max(1.0, abs(b)):
+        a, b = getattr(packed, name), getattr(padded, name)
+        if not torch.isfinite(a).all() or ((a - b).abs() > tolerance * b.abs().clamp(min=1.0)).any():
             raise OrpoError(
-                f"{type(lm).__name__} ignores the custom attention mask or position ids of the prefix-shared "
-                f"layout ({name}: {a:.4f} packed vs {b:.4f} unpacked); use --packing false"
+                f"{type(lm).__name__} ignores the attention layout or position ids of the prefix-shared layout "
+                f"({name}: {a.tolist()} packed vs {b.tolist()} unpacked); use --packing false"
             )

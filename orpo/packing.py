@@ -27,6 +27,7 @@ from .render import TokenizedPair
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 KINDS = 3
+PACKED_ATTENTION = ("spans", "mask")  # how the prefix-shared layout's attention is computed
 
 
 def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -109,26 +110,33 @@ def choose_rows(lengths: list[int], attention_width: int) -> list[list[int]]:
 
 
 def collate_prefix_shared(
-    pairs: list[TokenizedPair], pad_token_id: int, attention_width: int = 2048
+    pairs: list[TokenizedPair], pad_token_id: int, attention: str = "spans", attention_width: int = 2048
 ) -> dict[str, torch.Tensor]:
-    """Build a prefix-shared batch (layout in the module docstring); rows chosen by `choose_rows`.
+    """Build a prefix-shared batch (layout in the module docstring).
 
-    Returns the same keys as `collate_padded`, with attention_mask a bool [rows, 1, T, T].
+    attention="spans": all pairs in one row, no padding; the attention is computed per pair from
+    `pair_spans` (attention.py), so there is no attention_mask. attention="mask": rows chosen by
+    `choose_rows`, attention_mask a dense bool [rows, 1, T, T] for any mask-honouring attention.
+    Returns the keys of `collate_padded`, plus pair_spans [B, 5] int64: row, offset and the
+    prompt, chosen and rejected lengths of each pair, pairs of a row in offset order.
     """
+    if attention not in PACKED_ATTENTION:
+        raise ValueError(f"attention must be one of {PACKED_ATTENTION}, got {attention!r}")
     lengths = [pair.shared_length for pair in pairs]
-    rows = choose_rows(lengths, attention_width)
+    rows = [list(range(len(pairs)))] if attention == "spans" else choose_rows(lengths, attention_width)
     width = max(sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     # per token: which pair of the row it belongs to (−1 = padding) and its branch (PROMPT/CHOSEN/REJECTED)
     owner = torch.full((len(rows), width), -1, dtype=torch.long)
     branch = torch.zeros((len(rows), width), dtype=torch.long)
-    ids, source, pair_of, kind_of = [], [], [], []
+    ids, source, pair_of, kind_of, spans = [], [], [], [], []
     for r, row in enumerate(rows):
         offset = 0
         for i in row:
             pair = pairs[i]
             p, c, n = len(pair.prompt_ids), len(pair.chosen_ids), lengths[i]
+            spans.append([r, offset, p, c, len(pair.rejected_ids)])
             base = r * width + offset
             input_ids[r, offset : offset + n] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
             position_ids[r, offset : offset + n] = torch.cat([torch.arange(p + c), torch.arange(p, n - c)])
@@ -146,14 +154,17 @@ def collate_prefix_shared(
             kind_of += [PROMPT] * (p - 1) + [CHOSEN] * c + [REJECTED] * r_len
             pair_of += [i] * (n - 1)
             offset += n
-    return {
+    batch = {
         "input_ids": input_ids,
-        "attention_mask": prefix_shared_mask(owner, branch),
         "position_ids": position_ids,
         **_target_spec(ids, source, pair_of, kind_of),
+        "pair_spans": torch.tensor(spans, dtype=torch.long).view(-1, 5),
         "num_pairs": torch.tensor(len(pairs)),
         "num_tokens": torch.tensor(sum(lengths)),
     }
+    if attention == "mask":
+        batch["attention_mask"] = prefix_shared_mask(owner, branch)
+    return batch
 
 
 def prefix_shared_mask(owner: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:

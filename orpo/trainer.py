@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .attention import use_span_attention
 from .errors import OrpoError
 from .forward import causal_lm, check_prefix_sharing, check_supported, pair_logps
 from .loss import orpo_loss
 from .models import load_model, load_tokenizer
-from .packing import collate_padded, collate_prefix_shared, nll_token_count
+from .packing import PACKED_ATTENTION, collate_padded, collate_prefix_shared, nll_token_count
 from .prepare import tokenize_rows
 from .render import TokenizedPair, ensure_chat_template
 
@@ -84,6 +85,15 @@ class ORPOConfig(TrainingArguments):
             "per row (the fast path). False: prompt+chosen and prompt+rejected as separate padded rows (debugging)."
         },
     )
+    packed_attention: str = field(
+        default="spans",
+        metadata={
+            "help": "Attention of the packed layout: 'spans' = per-pair SDPA calls, all pairs of a micro-batch in "
+            "one row, no dense mask (fast; needs attn_implementation 'sdpa', the default); 'mask' = one SDPA "
+            "call per layer with a dense [rows, 1, T, T] mask (any attention that honours 4D masks).",
+            "choices": list(PACKED_ATTENTION),
+        },
+    )
     logprob_chunk_size: int = field(
         default=1024, metadata={"help": "Target tokens per chunk of the output head (memory vs. speed)."}
     )
@@ -96,6 +106,8 @@ class ORPOConfig(TrainingArguments):
     def __post_init__(self):
         if self.nll_scope not in NLL_SCOPES:
             raise OrpoError(f"nll_scope must be one of {', '.join(NLL_SCOPES)}, got {self.nll_scope!r}")
+        if self.packed_attention not in PACKED_ATTENTION:
+            raise OrpoError(f"packed_attention must be one of {', '.join(PACKED_ATTENTION)}, got {self.packed_attention!r}")
         if self.beta < 0:
             raise OrpoError(f"beta must be >= 0, got {self.beta}")
         if not torch.cuda.is_available():
@@ -199,7 +211,9 @@ class ORPOTrainer(Trainer):
             disable_dropout(model)
         check_supported(model)
         if args.packing:
-            check_prefix_sharing(model)
+            if args.packed_attention == "spans":
+                use_span_attention(causal_lm(model))
+            check_prefix_sharing(model, args.packed_attention)
 
         self.prepared = {}
         train_pairs = self._prepare(train_dataset, processing_class, args, "train")
@@ -208,7 +222,9 @@ class ORPOTrainer(Trainer):
         if args.packing:
             # attention costs as much as the linear layers at a row width of about 3 × hidden size
             width = 3 * causal_lm(model).config.hidden_size
-            collator = partial(collate_prefix_shared, pad_token_id=pad_id, attention_width=width)
+            collator = partial(
+                collate_prefix_shared, pad_token_id=pad_id, attention=args.packed_attention, attention_width=width
+            )
         else:
             collator = partial(collate_padded, pad_token_id=pad_id)
         super().__init__(

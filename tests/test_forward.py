@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+from orpo.attention import ATTENTION, use_span_attention
 from orpo.errors import OrpoError
 from orpo.forward import causal_lm, check_prefix_sharing, check_supported, pair_logps
 from orpo.loss import orpo_loss
@@ -29,6 +30,7 @@ def tiny_model(arch: str, tied: bool, seed: int = 0) -> transformers.PreTrainedM
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
+    use_span_attention(model)  # SDPA unless a batch carries pair_spans: every layout runs on this model
     return model
 
 
@@ -78,20 +80,25 @@ def scalar_objective(chosen_sum, rejected_sum, prompt_sum, chosen_tokens, reject
 
 
 MODELS = [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)]
-# the layouts: padded rows; prefix-shared with one pair per row (attention_width 1: short rows win);
-# prefix-shared with all pairs in one row (attention free: fewest padded tokens win)
+# the layouts: padded rows; prefix-shared with span attention (all pairs in one row, per-pair SDPA
+# calls); prefix-shared with a dense mask and one pair per row (attention_width 1: short rows win)
+# or all pairs in one row (attention free: fewest padded tokens win)
 LAYOUTS = {
     "padded": lambda pairs: collate_padded(pairs, PAD),
-    "shared-row-per-pair": lambda pairs: collate_prefix_shared(pairs, PAD, attention_width=1),
-    "shared-one-row": lambda pairs: collate_prefix_shared(pairs, PAD, attention_width=10**9),
+    "spans": lambda pairs: collate_prefix_shared(pairs, PAD, attention="spans"),
+    "mask-row-per-pair": lambda pairs: collate_prefix_shared(pairs, PAD, attention="mask", attention_width=1),
+    "mask-one-row": lambda pairs: collate_prefix_shared(pairs, PAD, attention="mask", attention_width=10**9),
 }
 
 
 def test_layouts_really_differ():
     pairs = make_pairs()
     assert LAYOUTS["padded"](pairs)["input_ids"].shape[0] == 8
-    assert LAYOUTS["shared-row-per-pair"](pairs)["input_ids"].shape[0] == 4
-    assert LAYOUTS["shared-one-row"](pairs)["input_ids"].shape[0] == 1
+    assert LAYOUTS["spans"](pairs)["input_ids"].shape == (1, sum(p.shared_length for p in pairs))
+    assert "attention_mask" not in LAYOUTS["spans"](pairs)
+    assert LAYOUTS["mask-row-per-pair"](pairs)["input_ids"].shape[0] == 4
+    assert LAYOUTS["mask-one-row"](pairs)["input_ids"].shape[0] == 1
+    assert tiny_model("llama", True).config._attn_implementation == ATTENTION
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -249,31 +256,57 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_check_prefix_sharing_accepts_families_that_honour_the_mask(family):
-    """The families confirmed to take the custom 4D mask and position ids (transformers 5, SDPA)."""
+def family_model(family):
     config = FAMILIES[family](vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
                               pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    check_prefix_sharing(model)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("attention", ["spans", "mask"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_check_prefix_sharing_accepts_families_that_honour_the_layout(family, attention):
+    """The families confirmed to take the layout's position ids and the 4D mask or the span
+    attention's pair_spans (transformers 5, SDPA)."""
+    model = family_model(family)
+    if attention == "spans":
+        use_span_attention(model)
+    check_prefix_sharing(model, attention)
     pairs = make_pairs()
     with torch.no_grad():
-        packed = pair_logps(model.eval(), collate_prefix_shared(pairs, PAD), chunk_size=16)
+        packed = pair_logps(model.eval(), collate_prefix_shared(pairs, PAD, attention=attention), chunk_size=16)
         ref = naive_sums(model, pairs)
     torch.testing.assert_close(packed.rejected_sum, ref["rejected_sum"], rtol=0, atol=1e-5)
 
 
-def test_check_prefix_sharing_rejects_a_model_that_ignores_the_mask():
-    model = tiny_model("llama", True)
+def _drop_inputs(model, *names):
     original = model.forward
 
-    def forward_without_custom_mask(**kwargs):
-        kwargs.pop("attention_mask", None)
-        kwargs.pop("position_ids", None)
+    def forward_without(**kwargs):
+        for name in names:
+            kwargs.pop(name, None)
         return original(**kwargs)
 
-    model.forward = forward_without_custom_mask
-    with pytest.raises(OrpoError, match=r"^LlamaForCausalLM ignores the custom attention mask .*use --packing false$"):
-        check_prefix_sharing(model)
+    model.forward = forward_without
+    return model
+
+
+def test_check_prefix_sharing_rejects_a_model_that_ignores_the_mask():
+    model = _drop_inputs(tiny_model("llama", True), "attention_mask", "position_ids")
+    with pytest.raises(OrpoError, match=r"^LlamaForCausalLM ignores the attention layout .*use --packing false$"):
+        check_prefix_sharing(model, "mask")
+
+
+def test_check_prefix_sharing_rejects_a_model_that_drops_the_spans():
+    """Without pair_spans the span attention is SDPA with the all-False placeholder mask: caught."""
+    model = _drop_inputs(tiny_model("llama", True), "pair_spans")
+    with pytest.raises(OrpoError, match=r"^LlamaForCausalLM ignores the attention layout .*use --packing false$"):
+        check_prefix_sharing(model, "spans")
+
+
+def test_check_prefix_sharing_rejects_spans_without_span_attention():
+    """A model left on plain SDPA ignores pair_spans and gets the all-False placeholder mask: caught."""
+    model = family_model("llama")
+    with pytest.raises(OrpoError, match=r"ignores the attention layout"):
+        check_prefix_sharing(model, "spans")

@@ -17,6 +17,7 @@ from orpo.evaluate import evaluate_pairs
 from orpo.forward import pair_logps
 from orpo.loss import log_odds_ratio
 from orpo.models import fetch_smollm2, load_model, load_tokenizer, smollm2_gguf
+from orpo.attention import use_span_attention
 from orpo.packing import collate_padded, collate_prefix_shared
 from orpo.prepare import tokenize_rows
 
@@ -94,13 +95,22 @@ def test_eval_agrees_with_plain_unpacked_forward(model, first_pairs, eval_record
         assert record["chosen_logp_mean"] == pytest.approx(means[0].item(), abs=1e-4)
 
 
-@pytest.mark.parametrize("collate", [collate_prefix_shared, collate_padded])
-def test_training_path_agrees_with_eval(model, first_pairs, eval_records, collate):
+@pytest.mark.parametrize("layout", ["spans", "mask", "padded"])
+def test_training_path_agrees_with_eval(model, first_pairs, eval_records, layout):
     """Batch layout + chunked head (the training path) == `orpo eval` within 1e-4 in log_odds."""
     tokenizer, pairs = first_pairs
     records = eval_records
-    with torch.no_grad():
-        logps = pair_logps(model, collate(pairs, tokenizer.pad_token_id), chunk_size=256)
+    if layout == "padded":
+        batch = collate_padded(pairs, tokenizer.pad_token_id)
+    else:
+        batch = collate_prefix_shared(pairs, tokenizer.pad_token_id, attention=layout)
+    try:
+        if layout == "spans":
+            use_span_attention(model)
+        with torch.no_grad():
+            logps = pair_logps(model, batch, chunk_size=256)
+    finally:
+        model.set_attn_implementation("sdpa")
     fast = log_odds_ratio(logps.logps_chosen, logps.logps_rejected)
     reference = torch.tensor([r["log_odds"] for r in records])
     assert (fast - reference).abs().max().item() < 1e-4

@@ -149,8 +149,10 @@ predecessor: pair 0 targets 5 6 7 | 8 9 2 | 10 2 from 0 1 2 | 3 4 5 | 3 7; pair 
 from orpo.packing import choose_rows, collate_prefix_shared, pack_rows, prefix_shared_mask  # noqa: E402
 
 
-def test_prefix_shared_one_row():
-    batch = collate_prefix_shared(PAIRS, pad_token_id=0, attention_width=10**9)
+@pytest.mark.parametrize("attention", ["spans", "mask"])
+def test_prefix_shared_one_row(attention):
+    """spans: always one row; mask: one row when attention is free (attention_width 10⁹)."""
+    batch = collate_prefix_shared(PAIRS, pad_token_id=0, attention=attention, attention_width=10**9)
     assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 8, 9, 2, 10, 2, 1, 3, 4, 11, 12, 13, 14, 2]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 4, 5, 0, 1, 2, 2, 3, 4, 5, 6]]
     assert batch["target_ids"].tolist() == [5, 6, 7, 8, 9, 2, 10, 2, 3, 4, 11, 12, 13, 14, 2]
@@ -159,10 +161,24 @@ def test_prefix_shared_one_row():
     assert batch["target_pair"].tolist() == [0] * 8 + [1] * 7
     assert batch["num_pairs"].item() == 2
     assert batch["num_tokens"].item() == 17
+    # (row, offset, prompt, chosen, rejected) per pair
+    assert batch["pair_spans"].tolist() == [[0, 0, 4, 3, 2], [0, 9, 2, 1, 5]]
+    assert ("attention_mask" in batch) == (attention == "mask")
+
+
+def test_spans_ignore_the_attention_cost():
+    """With span attention a row costs no quadratic mask: all pairs share one row, no padding."""
+    batch = collate_prefix_shared(PAIRS, pad_token_id=0, attention="spans", attention_width=1)
+    assert batch["input_ids"].shape == (1, 17)
+
+
+def test_unknown_packed_attention_is_rejected():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        collate_prefix_shared(PAIRS, pad_token_id=0, attention="flex")
 
 
 def test_prefix_shared_mask_visibility():
-    mask = collate_prefix_shared(PAIRS, pad_token_id=0, attention_width=10**9)["attention_mask"]
+    mask = collate_prefix_shared(PAIRS, pad_token_id=0, attention="mask", attention_width=10**9)["attention_mask"]
     assert mask.shape == (1, 1, 17, 17) and mask.dtype == torch.bool
     sees = lambda q: torch.nonzero(mask[0, 0, q]).flatten().tolist()  # noqa: E731
     assert sees(3) == [0, 1, 2, 3]  # last prompt token: causal prompt
@@ -175,8 +191,9 @@ def test_prefix_shared_mask_visibility():
 
 
 def test_padding_sees_only_itself_and_rows_are_tail_padded():
-    batch = collate_prefix_shared(PAIRS, pad_token_id=0, attention_width=1)  # attention dear: a row per pair
+    batch = collate_prefix_shared(PAIRS, pad_token_id=0, attention="mask", attention_width=1)  # a row per pair
     assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 8, 9, 2, 10, 2], [1, 3, 4, 11, 12, 13, 14, 2, 0]]
+    assert batch["pair_spans"].tolist() == [[0, 0, 4, 3, 2], [1, 0, 2, 1, 5]]
     mask = batch["attention_mask"][1, 0]
     assert torch.nonzero(mask[8]).flatten().tolist() == [8]
     assert not mask[:8, 8].any()  # no real token sees the padding

@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 
+from orpo.errors import OrpoError
 from orpo.packing import collate_padded
 from orpo.render import TokenizedPair
 from orpo.trainer import METRICS_FILE, ORPOConfig, ORPOTrainer
@@ -58,13 +59,23 @@ def grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+LAYOUTS = {
+    "spans": dict(packing=True, packed_attention="spans"),
+    "mask": dict(packing=True, packed_attention="mask"),
+    "padded": dict(packing=False),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("nll_scope", ["full", "completion"])
 @pytest.mark.parametrize("beta", [0.1, 1.0])
-def test_compute_loss_matches_naive_reference_fp32(tmp_path, nll_scope, beta):
+def test_compute_loss_matches_naive_reference_fp32(tmp_path, nll_scope, beta, layout):
     data = pairs()
-    trainer = make_trainer(tmp_path, tiny_llama(), data, beta=beta, nll_scope=nll_scope)
+    trainer = make_trainer(tmp_path, tiny_llama(), data, beta=beta, nll_scope=nll_scope, **LAYOUTS[layout])
     model = trainer.model.train()
-    batch = collate_padded(data, pad_token_id=0)
+    batch = trainer.data_collator(data)
+    assert ("pair_spans" in batch, "attention_mask" in batch) == {
+        "spans": (True, False), "mask": (True, True), "padded": (False, True)}[layout]
     totals = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
     loss = trainer.compute_loss(model, batch, num_items_in_batch=totals)
     loss.backward()
@@ -99,12 +110,14 @@ def test_beta_zero_is_plain_nll(tmp_path):
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
 
 
-def _train(tmp_path, name, batch, accumulation):
+def _train(tmp_path, name, batch, accumulation, **overrides):
     trainer = make_trainer(
         tmp_path / name, tiny_llama(), pairs(), per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation, max_steps=2, learning_rate=1e-2, logging_steps=1,
         lr_scheduler_type="constant", optim="sgd",  # Adam would amplify float summation-order noise in ~0 grads
+        **overrides,
     )
+    assert trainer.args.gradient_checkpointing  # the default: the recomputed forward must see the same layout
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return losses, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
@@ -179,3 +192,22 @@ def test_trl_style_script_runs_with_only_the_import_changed(tmp_path):
     assert [r["step"] for r in records if "nll" in r] == [1, 2]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert reloaded.config.vocab_size == VOCAB
+
+
+def test_layouts_train_the_same_weights(tmp_path):
+    """Span attention, the dense mask and padded rows: same losses and weights after 2 steps
+    (with gradient checkpointing, so the recomputed forward uses the layout too)."""
+    losses_spans, weights_spans = _train(tmp_path, "spans", 4, 1)
+    for layout in ("mask", "padded"):
+        losses, weights = _train(tmp_path, layout, 4, 1, **LAYOUTS[layout])
+        assert losses == pytest.approx(losses_spans, rel=1e-5)
+        torch.testing.assert_close(weights, weights_spans, atol=1e-6, rtol=1e-5)
+
+
+def test_packed_attention_spans_switches_the_model_and_mask_leaves_it(tmp_path):
+    spans = make_trainer(tmp_path / "a", tiny_llama(), pairs())
+    assert spans.model.config._attn_implementation == "orpo_span_sdpa"
+    mask = make_trainer(tmp_path / "b", tiny_llama(), pairs(), packed_attention="mask")
+    assert mask.model.config._attn_implementation == "sdpa"
+    with pytest.raises(OrpoError, match="packed_attention must be one of spans, mask, got 'flex'"):
+        ORPOConfig(output_dir=str(tmp_path), packed_attention="flex")
