@@ -120,6 +120,7 @@ def run_demo(output_dir: str = "orpo-demo", max_steps: int | None = None, seed: 
     model = load_model(str(model_dir))
     config = ORPOConfig(
         output_dir=str(out / "model"),
+        overwrite_output_dir=True,  # the demo's own directory: a second run replaces the first
         beta=0.1,
         learning_rate=LEARNING_RATE,
         lr_scheduler_type="cosine",

@@ -36,6 +36,7 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, t
     Returns a dict of tensors:
       input_ids, attention_mask, position_ids: [2·B, T] (T = longest prompt+completion)
       target_ids, target_source, target_pair, target_kind: [N] (int64), one entry per target token
+      pair_index: [B] each pair's TokenizedPair.index (its row in the dataset, for error messages)
       num_pairs: [] (B); num_tokens: [] the non-padding tokens the model processes
     """
     sequences, ids, source, pair_of, kind_of = [], [], [], [], []
@@ -63,6 +64,7 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, t
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         **_target_spec(ids, source, pair_of, kind_of),
+        "pair_index": _pair_index(pairs),
         "num_pairs": torch.tensor(len(pairs)),
         "num_tokens": attention_mask.sum(),
     }
@@ -71,6 +73,10 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, t
 def _target_spec(ids: list[int], source: list[int], pair_of: list[int], kind_of: list[int]) -> dict:
     names = ("target_ids", "target_source", "target_pair", "target_kind")
     return {name: torch.tensor(values, dtype=torch.long) for name, values in zip(names, (ids, source, pair_of, kind_of))}
+
+
+def _pair_index(pairs: list[TokenizedPair]) -> torch.Tensor:
+    return torch.tensor([pair.index for pair in pairs], dtype=torch.long)
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -159,6 +165,7 @@ def collate_prefix_shared(
         "position_ids": position_ids,
         **_target_spec(ids, source, pair_of, kind_of),
         "pair_spans": torch.tensor(spans, dtype=torch.long).view(-1, 5),
+        "pair_index": _pair_index(pairs),
         "num_pairs": torch.tensor(len(pairs)),
         "num_tokens": torch.tensor(sum(lengths)),
     }

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .attention import use_span_attention
+from .checkpoints import mark_complete, resolve_resume
 from .errors import OrpoError
 from .forward import causal_lm, check_prefix_sharing, check_supported, pair_logps
 from .loss import orpo_loss
@@ -33,6 +35,7 @@ from .render import TokenizedPair, ensure_chat_template
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+ON_NONFINITE = ("skip", "stop")
 NLL_SCOPES = ("full", "completion")
 
 
@@ -98,6 +101,18 @@ class ORPOConfig(TrainingArguments):
         default=1024, metadata={"help": "Target tokens per chunk of the output head (memory vs. speed)."}
     )
     strict: bool = field(default=False, metadata={"help": "Make any dropped pair an error."})
+    on_nonfinite: str = field(
+        default="skip",
+        metadata={
+            "help": "A step whose loss or gradient is NaN/inf: 'skip' = no optimizer update (counted in the "
+            "logs as nonfinite_skipped, warned with the step and rows); 'stop' = stop with an error naming them.",
+            "choices": list(ON_NONFINITE),
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an output_dir that already has files (without it, orpo refuses)."},
+    )
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained when the model is a string."},
@@ -108,6 +123,8 @@ class ORPOConfig(TrainingArguments):
             raise OrpoError(f"nll_scope must be one of {', '.join(NLL_SCOPES)}, got {self.nll_scope!r}")
         if self.packed_attention not in PACKED_ATTENTION:
             raise OrpoError(f"packed_attention must be one of {', '.join(PACKED_ATTENTION)}, got {self.packed_attention!r}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise OrpoError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got {self.on_nonfinite!r}")
         if self.beta < 0:
             raise OrpoError(f"beta must be >= 0, got {self.beta}")
         if not torch.cuda.is_available():
@@ -162,6 +179,29 @@ class MetricsJsonlCallback(TrainerCallback):
         record = {"step": state.global_step, "epoch": state.epoch, **logs}
         with open(os.path.join(args.output_dir, METRICS_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Before each optimizer step: if the (clipped, all-reduced) gradient has a NaN or inf, skip
+    the update or stop, per `on_nonfinite`, naming the step and the dataset rows of its pairs.
+    Skipping drops every gradient, so the optimizer leaves the weights and its state untouched."""
+
+    def __init__(self, trainer: "ORPOTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        trainer = self.trainer
+        rows, trainer._step_rows = trainer._step_rows, []
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            return
+        where = f"step {state.global_step + 1}: non-finite loss or gradient; dataset rows {sorted(set(rows))}"
+        if args.on_nonfinite == "stop":
+            raise OrpoError(f"{where} (--on_nonfinite skip skips such steps)")
+        logger.warning("%s: optimizer step skipped", where)
+        trainer.nonfinite_skipped += 1
+        for p in model.parameters():
+            p.grad = None
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -239,7 +279,36 @@ class ORPOTrainer(Trainer):
             **kwargs,
         )
         self.add_callback(MetricsJsonlCallback())
+        self.add_callback(NonFiniteGuard(self))
         self._metrics = {"train": MetricTotals(), "eval": MetricTotals()}
+        self._step_rows: list[int] = []  # dataset rows of the current optimizer step (error messages)
+        self.nonfinite_skipped = 0
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """Trainer.train, plus: `resume_from_checkpoint` True or "latest" = the newest *complete*
+        checkpoint in output_dir (none: start fresh); half-written checkpoints are deleted; an
+        output_dir with files is refused unless resuming or `overwrite_output_dir`."""
+        resume = resolve_resume(
+            self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir,
+            self.is_world_process_zero(), os.path.join(self.args.output_dir, METRICS_FILE),
+        )
+        self.accelerator.wait_for_everyone()  # the main process may have deleted incomplete checkpoints
+        self._step_rows = []
+        return super().train(resume_from_checkpoint=resume, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer's save, then the completion marker (checkpoints.py); rotation only after it, so a
+        kill at any point leaves the previous complete checkpoint in place."""
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = self._get_output_dir(trial=trial)
+        self.accelerator.wait_for_everyone()  # every rank has written its part (rng state)
+        if self.args.should_save:
+            mark_complete(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"), self.state.global_step)
+            rotate_checkpoints(run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
 
     def _prepare(self, dataset, tokenizer, args: ORPOConfig, split: str) -> list[TokenizedPair] | None:
         if dataset is None:
@@ -273,6 +342,8 @@ class ORPOTrainer(Trainer):
         return totals
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self._step_rows += inputs["pair_index"].tolist()
         logps = pair_logps(model, inputs, self.args.logprob_chunk_size)
         batch_nll_tokens = nll_token_count(inputs["target_kind"], self.args.nll_scope)
         if num_items_in_batch is None:  # evaluation: normalise over this batch alone
@@ -312,6 +383,8 @@ class ORPOTrainer(Trainer):
         metrics = self._metrics[split].summary(lambda t: reduce(t.to(self.args.device)).cpu())
         if split == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items() if k not in ("tokens_per_second",)}
+        if split == "train" and self.nonfinite_skipped:
+            metrics["nonfinite_skipped"] = self.nonfinite_skipped  # steps skipped so far
         logs.update(metrics)  # in place: evaluate() returns this same dict
         self._metrics[split].reset()
         super().log(logs, start_time)

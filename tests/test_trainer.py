@@ -22,9 +22,9 @@ from orpo.render import TokenizedPair
 from orpo.trainer import METRICS_FILE, ORPOConfig, ORPOTrainer
 from tiny import VOCAB, chatml_tokenizer, tiny_llama
 
-def pairs(n=8, seed=0):
+def pairs(n=8, seed=0, high=VOCAB):
     rng = torch.Generator().manual_seed(seed)
-    ids = lambda k: torch.randint(3, VOCAB, (k,), generator=rng).tolist()  # noqa: E731
+    ids = lambda k: torch.randint(3, high, (k,), generator=rng).tolist()  # noqa: E731
     lengths = [(5, 1, 7), (2, 6, 1), (9, 3, 3), (4, 2, 8), (3, 5, 2), (6, 1, 1), (1, 4, 4), (7, 2, 5)]
     return [TokenizedPair([1] + ids(p), ids(c), ids(r), i) for i, (p, c, r) in enumerate(lengths[:n])]
 
@@ -211,3 +211,48 @@ def test_packed_attention_spans_switches_the_model_and_mask_leaves_it(tmp_path):
     assert mask.model.config._attn_implementation == "sdpa"
     with pytest.raises(OrpoError, match="packed_attention must be one of spans, mask, got 'flex'"):
         ORPOConfig(output_dir=str(tmp_path), packed_attention="flex")
+
+
+POISON = VOCAB - 1  # a token id the embedding hook below turns into NaN
+
+
+def _poisoned_trainer(tmp_path, on_nonfinite):
+    """8 pairs, 2 per step, SGD; pair 5 (step 3 in file order, no shuffling) contains POISON, whose
+    embedding the hook makes NaN: that step's loss and gradients are NaN."""
+    data = pairs(high=POISON)
+    data[5] = TokenizedPair(data[5].prompt_ids, data[5].chosen_ids + [POISON], data[5].rejected_ids, 5)
+    model = tiny_llama()
+
+    def poison(module, args, output):
+        return output.masked_fill((args[0] == POISON)[..., None], float("nan"))
+
+    model.get_input_embeddings().register_forward_hook(poison)
+    trainer = make_trainer(tmp_path, model, data, per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
+                           optim="sgd", logging_steps=1, on_nonfinite=on_nonfinite, train_sampling_strategy="sequential")
+    weights = []
+
+    class RecordWeights(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            weights.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+
+    trainer.add_callback(RecordWeights())
+    return trainer, weights
+
+
+def test_nonfinite_step_is_skipped_counted_and_never_applied(tmp_path, caplog):
+    trainer, weights = _poisoned_trainer(tmp_path, "skip")
+    with caplog.at_level("WARNING", logger="orpo.trainer"):
+        trainer.train()
+    assert len(weights) == 4 and all(torch.isfinite(w).all() for w in weights)
+    assert torch.equal(weights[2], weights[1])  # step 3 (pairs 4 and 5) changed nothing
+    assert not torch.equal(weights[3], weights[2]) and not torch.equal(weights[1], weights[0])
+    assert "step 3: non-finite loss or gradient; dataset rows [4, 5]: optimizer step skipped" in caplog.text
+    skipped = [r.get("nonfinite_skipped", 0) for r in trainer.state.log_history if "loss" in r]
+    assert skipped == [0, 0, 1, 1]
+
+
+def test_nonfinite_step_stops_with_the_step_and_rows(tmp_path):
+    trainer, weights = _poisoned_trainer(tmp_path, "stop")
+    with pytest.raises(OrpoError, match=r"^step 3: non-finite loss or gradient; dataset rows \[4, 5\] \(--on_nonfinite skip"):
+        trainer.train()
+    assert len(weights) == 2
