@@ -47,6 +47,9 @@ class DataArguments:
     rejected_column: str | None = field(
         default=None, metadata={"help": "Column holding the rejected answer (default: rejected)."}
     )
+    skip_bad_rows: bool = field(
+        default=False, metadata={"help": "Skip (and count) JSON lines that cannot be read instead of stopping."}
+    )
 
 
 def _read_yaml_config(path: str) -> dict:
@@ -118,11 +121,13 @@ def cmd_train(argv: list[str]) -> int:
 
     tokenizer = _load_tokenizer(model_args.model, model_args.trust_remote_code)
     columns = _columns(data_args)
-    train = _prepare(data_args.dataset, data_args.dataset_split, tokenizer, config, columns)
+    train = _prepare(data_args.dataset, data_args.dataset_split, tokenizer, config, columns, data_args.skip_bad_rows)
     logger.info("train data: %s", train.report())
     eval_pairs = None
     if data_args.eval_dataset:
-        prepared_eval = _prepare(data_args.eval_dataset, data_args.eval_split, tokenizer, config, columns)
+        prepared_eval = _prepare(
+            data_args.eval_dataset, data_args.eval_split, tokenizer, config, columns, data_args.skip_bad_rows
+        )
         logger.info("eval data: %s", prepared_eval.report())
         eval_pairs = prepared_eval.pairs
     model = _load_model(model_args)
@@ -153,11 +158,11 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def _prepare(source: str, split: str, tokenizer, args, columns: dict):
+def _prepare(source: str, split: str, tokenizer, args, columns: dict, skip_bad_rows: bool):
     from .data import load_rows
     from .prepare import tokenize_rows
 
-    rows = load_rows(source, split)
+    rows = load_rows(source, split, skip_bad_rows)
     return tokenize_rows(
         rows, tokenizer, args.max_length, args.max_prompt_length, args.max_completion_length,
         strict=args.strict, source=source, **columns,
@@ -175,6 +180,7 @@ def _common_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_prompt_length", type=int, default=512)
     parser.add_argument("--max_completion_length", type=int, default=None)
     parser.add_argument("--strict", action="store_true", help="make any dropped pair an error")
+    parser.add_argument("--skip_bad_rows", action="store_true", help="skip and count unreadable JSON lines")
 
 
 def _columns(args) -> dict:
@@ -185,7 +191,7 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate_pairs, summarize
 
     tokenizer = _load_tokenizer(args.model)
-    prepared = _prepare(args.dataset, args.split, tokenizer, args, _columns(args))
+    prepared = _prepare(args.dataset, args.split, tokenizer, args, _columns(args), args.skip_bad_rows)
     logger.info("%s", prepared.report())
     pairs = prepared.pairs[: args.limit] if args.limit else prepared.pairs
     model = _load_model(ModelArguments(model=args.model, dtype=args.dtype))
@@ -202,7 +208,7 @@ def cmd_eval(args) -> int:
 
 def cmd_inspect(args) -> int:
     tokenizer = _load_tokenizer(args.model)
-    prepared = _prepare(args.dataset, args.split, tokenizer, args, _columns(args))
+    prepared = _prepare(args.dataset, args.split, tokenizer, args, _columns(args), args.skip_bad_rows)
     mark = ("\033[1;32m", "\033[0m") if sys.stdout.isatty() else ("[[", "]]")
     for pair in prepared.pairs[: args.n]:
         print(f"=== row {pair.index}: prompt {len(pair.prompt_ids)} tokens, chosen {len(pair.chosen_ids)}, "

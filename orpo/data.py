@@ -73,41 +73,76 @@ def _is_blank(path: Path, gz: bool) -> bool:
     return True
 
 
-def _json_rows(path: Path, gz: bool) -> list[dict]:
-    """Read a JSON-lines (or JSON list) file ourselves, reporting the first bad line."""
-    with _open(path, gz, "rt") as f:
-        text_head = f.read(1 << 16).lstrip()
-    if text_head.startswith("["):  # a whole-file JSON list, not JSON lines
+def _json_type(value) -> str:
+    return _JSON_NAMES.get(type(value).__name__, "value")
+
+
+def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
+    """(row, None) or (None, what is wrong with this line)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, "JSON nested too deeply"
+    if not isinstance(row, dict):
+        return None, f"a JSON {_json_type(row)} where an object was expected"
+    return row, None
+
+
+def _json_list(path: Path, gz: bool) -> list[dict]:
+    """A whole-file JSON list of objects."""
+    try:
         with _open(path, gz, "rt") as f:
-            try:
-                items = json.load(f)
-            except json.JSONDecodeError as e:
-                raise OrpoError(f"{path}, line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}); "
-                                "expected a JSON list of objects or one JSON object per line") from None
-        for i, item in enumerate(items):
-            if not isinstance(item, dict):
-                raise OrpoError(f"{path}: item {i} of the JSON list is a JSON "
-                                f"{_JSON_NAMES.get(type(item).__name__, 'value')}, expected an object")
-        return items
-    rows = []
-    with _open(path, gz, "rt") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
+            items = json.load(f)
+    except json.JSONDecodeError as e:
+        raise OrpoError(f"{path}, line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                        "expected a JSON list of objects or one JSON object per line") from None
+    except RecursionError:
+        raise OrpoError(f"{path}: JSON nested too deeply") from None
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise OrpoError(f"{path}: item {i} of the JSON list is a JSON {_json_type(item)}, expected an object")
+    return items
+
+
+def _json_rows(path: Path, gz: bool, skip_bad_rows: bool) -> list[dict]:
+    """Read a JSON-lines (or JSON list) file ourselves: each bad line is an error naming it, or,
+    with `skip_bad_rows`, skipped and counted in one warning."""
+    with _open(path, gz, "rb") as f:
+        if f.read(1 << 16).lstrip().startswith(b"["):  # a whole-file JSON list, not JSON lines
+            return _json_list(path, gz)
+    rows, bad = [], []
+    with _open(path, gz, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise OrpoError(f"{path}, line {n}: invalid JSON ({e.msg} at column {e.colno}); "
-                                "expected one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise OrpoError(f"{path}, line {n}: a JSON {_JSON_NAMES.get(type(row).__name__, 'value')} "
-                                "where an object was expected; expected one JSON object per line")
-            rows.append(row)
+            row, problem = _parse_line(raw)
+            if problem is None:
+                rows.append(row)
+            elif skip_bad_rows:
+                bad.append(f"line {n}: {problem}")
+            else:
+                raise OrpoError(f"{path}, line {n}: {problem}; expected one JSON object per line "
+                                "(--skip_bad_rows skips bad lines)")
+    if bad:
+        logger.warning("%s: skipped %d bad line%s (first: %s)", path, len(bad), "s" * (len(bad) > 1), bad[0])
     return rows
 
 
-def _load_local(path: Path, ext: str, gz: bool) -> datasets.Dataset:
+def _load_local(path: Path, ext: str, gz: bool, skip_bad_rows: bool):
     builder = _BUILDERS[ext]
+    if builder == "json":
+        # Read ourselves: line numbers in errors, per-line UTF-8 checks, bad lines skippable.
+        rows = _json_rows(path, gz, skip_bad_rows)
+        try:
+            return datasets.Dataset.from_list(rows)
+        except Exception:  # a field with different types in different rows: rows are checked one by one later
+            return rows
     if builder == "parquet" and gz:  # datasets does not decompress parquet itself
         import pyarrow.parquet as pq
 
@@ -117,7 +152,7 @@ def _load_local(path: Path, ext: str, gz: bool) -> datasets.Dataset:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
 
 
-def _load_file(path: Path) -> datasets.Dataset:
+def _load_file(path: Path, skip_bad_rows: bool):
     ext, gz = _file_type(path)
     if not path.is_file():
         raise OrpoError(f"{path}: not a file; expected a .jsonl, .json, .parquet or .csv file")
@@ -127,43 +162,33 @@ def _load_file(path: Path) -> datasets.Dataset:
     try:
         if _is_blank(path, gz):
             raise OrpoError(f"{path}: no rows")
-        rows = _load_local(path, ext, gz)
+        rows = _load_local(path, ext, gz, skip_bad_rows)
     except OrpoError:
         raise
     except UnicodeDecodeError:
         raise OrpoError(f"{path}: not UTF-8 text") from None
+    except (OSError, EOFError) as e:  # e.g. a truncated or corrupt gzip file
+        raise OrpoError(f"{path}: could not read it ({_reason(e)})") from None
     except Exception as e:
         if "corresponds to no data" in _reason(e):  # datasets' words for an empty split (e.g. a bare csv header)
             raise OrpoError(f"{path}: no rows") from None
-        if _BUILDERS[ext] != "json":
-            raise OrpoError(f"{path}: could not read it as {ext[1:]} ({_reason(e)})") from e
-        # datasets failed on JSON: find the first bad line ourselves; if every line is a JSON
-        # object, the rows' types are the problem (pyarrow wants one type per column).
-        try:
-            items = _json_rows(path, gz)
-        except (UnicodeDecodeError, OSError, EOFError) as e2:
-            raise OrpoError(f"{path}: could not read it ({_reason(e2)})") from None
-        if not items:
-            raise OrpoError(f"{path}: no rows") from None
-        try:
-            rows = datasets.Dataset.from_list(items)
-        except Exception as e2:
-            raise OrpoError(f"{path}: could not build a table from the rows ({_reason(e2)}); "
-                            "a field probably has different types in different rows") from None
+        raise OrpoError(f"{path}: could not read it as {ext[1:]} ({_reason(e)})") from e
     if len(rows) == 0:
         raise OrpoError(f"{path}: no rows")
     return rows
 
 
-def load_rows(source: str, split: str = "train") -> datasets.Dataset:
+def load_rows(source: str, split: str = "train", skip_bad_rows: bool = False) -> datasets.Dataset | list[dict]:
     """Rows from a local .jsonl/.json/.parquet/.csv file (optionally .gz) or a hub dataset id.
 
     The hub is only tried when `source` is not an existing path and does not look like one.
-    Raises `OrpoError` (one line) for every problem with the input.
+    Raises `OrpoError` (one line) for every problem with the input; with `skip_bad_rows`, JSON
+    lines that cannot be read are skipped and counted instead. JSON rows whose fields change type
+    from row to row come back as a list of dicts (the bad rows are then dropped as "wrong types").
     """
     path = Path(source).expanduser()
     if path.exists():
-        return _load_file(path)
+        return _load_file(path, skip_bad_rows)
     if _looks_like_path(source):
         raise OrpoError(f"{source}: no such file")
     try:

@@ -11,11 +11,12 @@ Rules (the subtle part of preference training, and where other trainers go wrong
 * Prompt and completions are tokenised separately with `add_special_tokens=False` (special tokens in
   the template text are still parsed as such). BOS appears once: prepended only if the tokenizer
   normally adds one and the template did not already write it.
-* Truncation (TRL's names) is in `truncate`.
+* Truncation (TRL's names) is in `truncate`. Before rendering, message texts far longer than the
+  limits could use are cut (`clip_pair`), so a 50 MB answer costs no more than a long one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from orpo.errors import EMPTY_RESPONSE, TOO_LONG, DroppedPair, OrpoError
 from orpo.formats import PreferencePair
@@ -141,9 +142,39 @@ def truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length
     return prompt, chosen, rejected
 
 
+MAX_CHARS_PER_TOKEN = 256
+"""No token of a real vocabulary spans more characters than this (BPE merges top out at a few
+dozen), so `limit × MAX_CHARS_PER_TOKEN` characters always hold more than `limit` tokens."""
+
+
+def _clip(messages: list[dict], max_chars: int, keep_end: bool) -> list[dict]:
+    def cut(text):
+        if not isinstance(text, str) or len(text) <= max_chars:
+            return text
+        return text[-max_chars:] if keep_end else text[:max_chars]
+
+    return [{**m, "content": cut(m.get("content"))} for m in messages]
+
+
+def clip_pair(pair: PreferencePair, max_length: int | None, max_prompt_length: int | None,
+              max_completion_length: int | None) -> PreferencePair:
+    """Cut message texts longer than the token limits could ever keep: prompt messages keep their
+    end (the prompt is truncated from the left), answer messages their start. With at most
+    MAX_CHARS_PER_TOKEN characters per token the kept tokens are the same as without the cut."""
+    prompt_limit = min((n for n in (max_prompt_length, max_length) if n is not None), default=None)
+    answer_limit = min((n for n in (max_completion_length, max_length) if n is not None), default=None)
+    return replace(
+        pair,
+        prompt=pair.prompt if prompt_limit is None else _clip(pair.prompt, prompt_limit * MAX_CHARS_PER_TOKEN, True),
+        chosen=pair.chosen if answer_limit is None else _clip(pair.chosen, answer_limit * MAX_CHARS_PER_TOKEN, False),
+        rejected=pair.rejected if answer_limit is None else _clip(pair.rejected, answer_limit * MAX_CHARS_PER_TOKEN, False),
+    )
+
+
 def render_pair(pair: PreferencePair, tokenizer, max_length: int | None,
                 max_prompt_length: int | None, max_completion_length: int | None) -> TokenizedPair:
     """Render `pair` through the tokenizer's chat template and tokenize it (rules in the module doc)."""
+    pair = clip_pair(pair, max_length, max_prompt_length, max_completion_length)
     prompt_text = tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id

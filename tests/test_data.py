@@ -1,6 +1,7 @@
 """Tests for orpo.data: loading every file type, one-line errors, pairs + drop counts, the drop report."""
 import gzip
 import json
+import re
 from collections import Counter
 
 import datasets
@@ -55,20 +56,18 @@ def test_load_rows_mixed_types_across_rows(tmp_path):
     assert drops == Counter()
 
 
-def test_load_rows_falls_back_to_reading_jsonl_itself(tmp_path, monkeypatch):
+def test_jsonl_is_read_without_the_datasets_json_builder(tmp_path, monkeypatch):
+    """JSON lines are read line by line by orpo (line numbers, UTF-8 checks, skippable lines)."""
     path = write_jsonl(tmp_path / "rows.jsonl", [json.dumps(r) for r in ROWS])
 
     def failing(*args, **kwargs):
-        raise datasets.exceptions.DatasetGenerationError("An error occurred") from ValueError("arrow says no")
+        raise AssertionError("datasets.load_dataset must not be used for JSON files")
 
     monkeypatch.setattr(data.datasets, "load_dataset", failing)
     assert list(load_rows(str(path))) == ROWS
-    # ...and when pyarrow cannot build the table either, a one-line error names the file.
+    # a field whose type changes from row to row: plain dicts, checked row by row later
     bad = write_jsonl(tmp_path / "bad_types.jsonl", ['{"a": 1}', '{"a": "x"}'])
-    with pytest.raises(OrpoError) as info:
-        load_rows(str(bad))
-    assert str(info.value).startswith(f"{bad}: could not build a table from the rows (")
-    assert str(info.value).endswith("); a field probably has different types in different rows")
+    assert load_rows(str(bad)) == [{"a": 1}, {"a": "x"}]
 
 
 # --- load_rows: errors ---------------------------------------------------------------------------
@@ -78,7 +77,7 @@ def test_malformed_line_reported_with_its_number(tmp_path):
     with pytest.raises(OrpoError) as info:
         load_rows(str(path))
     assert str(info.value) == (f"{path}, line 3: invalid JSON (Expecting value at column 27); "
-                               "expected one JSON object per line")
+                               "expected one JSON object per line (--skip_bad_rows skips bad lines)")
 
 
 def test_malformed_line_in_gzipped_jsonl(tmp_path):
@@ -86,14 +85,16 @@ def test_malformed_line_in_gzipped_jsonl(tmp_path):
     path.write_bytes(gzip.compress(b'{"a": 1}\n{"a": 2}\n{"a" 3}\n'))
     with pytest.raises(OrpoError) as info:
         load_rows(str(path))
-    assert str(info.value) == f"{path}, line 3: invalid JSON (Expecting ':' delimiter at column 6); expected one JSON object per line"
+    assert str(info.value) == (f"{path}, line 3: invalid JSON (Expecting ':' delimiter at column 6); "
+                               "expected one JSON object per line (--skip_bad_rows skips bad lines)")
 
 
 def test_line_that_is_not_an_object(tmp_path):
     path = write_jsonl(tmp_path / "list.jsonl", [json.dumps(ROWS[0]), "[1, 2]"])
     with pytest.raises(OrpoError) as info:
         load_rows(str(path))
-    assert str(info.value) == f"{path}, line 2: a JSON array where an object was expected; expected one JSON object per line"
+    assert str(info.value) == (f"{path}, line 2: a JSON array where an object was expected; "
+                               "expected one JSON object per line (--skip_bad_rows skips bad lines)")
 
 
 def test_missing_file_unknown_extension_empty_file(tmp_path):
@@ -200,3 +201,67 @@ def test_real_hh_rlhf():
     assert pairs[0].prompt[0] == {"role": "user", "content": "what are some pranks with a pen i can do?"}
     assert pairs[0].chosen == [{"role": "assistant", "content": "No, sorry!  All of these involve a pen, the point "
                                 "is that you can get funny results by doing pranks with pens."}]
+
+
+# --- a hostile input corpus: every file gets one clear line or a counted skip ---------------------
+
+GOOD = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
+
+
+def _lines(*middle: bytes) -> bytes:
+    """Two good rows, the hostile bytes, two more good rows: the bad line is line 3."""
+    good = [json.dumps(r).encode() + b"\n" for r in GOOD]
+    return b"".join(good[:2] + [m + b"\n" for m in middle] + good[2:])
+
+
+def _row(**fields) -> bytes:
+    return json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", **fields}).encode()
+
+
+# name → (file bytes, the error when the file is fatal, or (pairs kept, the drop reason) when usable)
+CORPUS = {
+    "truncated.jsonl.gz": (gzip.compress(_lines() * 40)[:150], r"could not read it \(Compressed file ended before"),
+    "invalid_utf8.jsonl": (_lines(b'{"prompt": "x\xff", "chosen": "a", "rejected": "b"}'),
+                           r", line 3: not UTF-8 text \(byte 0xff at column 14\)"),
+    "deeply_nested.jsonl": (_lines(b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+                            r", line 3: JSON nested too deeply"),
+    "one_bad_line.jsonl": (_lines(b'{"prompt": "x", "chosen": '), r", line 3: invalid JSON \(Expecting value"),
+    "empty.jsonl": (b"", r": no rows$"),
+    "nested_list.json": (b"[" * 100_000 + b"]" * 100_000, r": JSON nested too deeply$"),
+    "null_fields.jsonl": (_lines(_row(prompt=None), _row(chosen=None)), (4, WRONG_TYPES)),
+    "numbers_for_text.jsonl": (_lines(_row(prompt=5, chosen=1.5)), (4, WRONG_TYPES)),
+    "unknown_role.jsonl": (_lines(_row(prompt=[{"role": "wizard", "content": "hi"}])), (4, WRONG_TYPES)),
+    "prompt_only_row.jsonl": (_lines(b'{"prompt": "only a prompt"}'), (4, WRONG_TYPES)),
+}
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_hostile_input(tmp_path, name):
+    content, expected = CORPUS[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    if isinstance(expected, str):
+        with pytest.raises(OrpoError) as info:
+            dataset_to_pairs(load_rows(str(path)))
+        assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+        assert re.search(expected, str(info.value)), str(info.value)
+    else:
+        kept, reason = expected
+        pairs, drops, first_rows = dataset_to_pairs(load_rows(str(path)))
+        assert len(pairs) == kept and set(drops) == {reason} and first_rows[reason] == 2
+
+
+@pytest.mark.parametrize("name", ["invalid_utf8.jsonl", "deeply_nested.jsonl", "one_bad_line.jsonl"])
+def test_skip_bad_rows_skips_and_counts_the_bad_line(tmp_path, name, caplog):
+    path = tmp_path / name
+    path.write_bytes(CORPUS[name][0])
+    with caplog.at_level("WARNING", logger="orpo.data"):
+        rows = load_rows(str(path), skip_bad_rows=True)
+    assert list(rows) == GOOD
+    assert f"{path}: skipped 1 bad line (first: line 3: " in caplog.text
+
+
+def test_prompt_only_file_is_one_line():
+    """Rows that never have answers: the missing column is named (tested in detail in test_formats)."""
+    with pytest.raises(OrpoError, match=r"missing column 'chosen'; columns found: \['prompt'\]"):
+        dataset_to_pairs([{"prompt": "p"}, {"prompt": "q"}], source="prompts.jsonl")

@@ -7,6 +7,7 @@ import pytest
 
 from orpo.errors import TOO_LONG, DroppedPair, OrpoError
 from orpo.formats import PreferencePair
+from orpo import render
 from orpo.render import DEFAULT_CHAT_TEMPLATE, ensure_chat_template, render_pair, truncate
 from tiny import word_level_tokenizer
 
@@ -224,3 +225,24 @@ def test_render_pair_truncation_end_to_end():
     assert c == ["Hello", "there", "!"] and r == ["Go", "away", "</s>"]
     with pytest.raises(DroppedPair, match="prompt of 5 tokens leaves no room"):
         render_pair(pair(), tok, 5, 5, None)
+
+
+def test_clip_pair_keeps_exactly_the_tokens_truncation_keeps(monkeypatch):
+    """A 30k-character prompt and answer: cut to limit × MAX_CHARS_PER_TOKEN characters before
+    rendering, the ids are the same as rendering everything and truncating the tokens."""
+    long_prompt = [{"role": "user", "content": " ".join(["Hi"] * 9000) + " there"}]
+    big = pair(prompt=long_prompt, chosen=" ".join(["Hello", "there"] * 3000))
+    clipped = render.clip_pair(big, 64, 16, None)
+    assert len(clipped.prompt[0]["content"]) == 16 * render.MAX_CHARS_PER_TOKEN
+    assert clipped.prompt[0]["content"].endswith("Hi there")  # the prompt keeps its end
+    assert clipped.chosen[0]["content"] == big.chosen[0]["content"][: 64 * render.MAX_CHARS_PER_TOKEN]
+    assert clipped.rejected == big.rejected  # short texts are untouched
+    fast = render_pair(big, chatml(), 64, 16, None)
+    monkeypatch.setattr(render, "MAX_CHARS_PER_TOKEN", 10**9)  # no clipping
+    assert render_pair(big, chatml(), 64, 16, None) == fast
+    assert len(fast.prompt_ids) == 16 and len(fast.chosen_ids) == 64 - 16
+
+
+def test_no_limits_no_clipping():
+    big = pair(chosen="Hello " * 100_000)
+    assert render.clip_pair(big, None, None, None) == big
