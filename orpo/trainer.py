@@ -48,9 +48,12 @@ class ORPOConfig(TrainingArguments):
     # TrainingArguments fields whose defaults differ (TRL's ORPO defaults)
     learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate for AdamW."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps."})
-    gradient_checkpointing: bool = field(
-        default=True,
-        metadata={"help": "Recompute activations in backward: far less memory for about a third more compute (TRL's default)."},
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute activations in backward: far less memory for about a fifth more time. None (default) "
+            "= on, as in TRL, unless the deprecated alias gradient_checkpointing says otherwise."
+        },
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: orpo reads the preference columns itself."}
@@ -129,6 +132,12 @@ class ORPOConfig(TrainingArguments):
             raise OrpoError(f"beta must be >= 0, got {self.beta}")
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning per run
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            # Launched by torchrun/accelerate on a machine without GPUs: TrainingArguments only sets up
+            # (gloo) data parallelism with use_cpu, and would otherwise train WORLD_SIZE unrelated copies.
+            self.use_cpu = True
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default; the alias keeps its meaning when set
         if isinstance(self.model_init_kwargs, str):
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
         super().__post_init__()

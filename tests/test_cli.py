@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from orpo.cli import main, parse_train_args
 from orpo.errors import OrpoError
+from orpo.models import load_model
 from tiny import word_level_tokenizer
 
 ORPO = Path(sys.executable).parent / "orpo"
@@ -135,7 +136,7 @@ def expected_errors(data_dir):
         "missing file": (d / "nope.jsonl", f"{d / 'nope.jsonl'}: no such file"),
         "bad json": (d / "bad_json.jsonl",
                      f"{d / 'bad_json.jsonl'}, line 3: invalid JSON (Expecting property name enclosed in double "
-                     "quotes at column 2); expected one JSON object per line"),
+                     "quotes at column 2); expected one JSON object per line (--skip_bad_rows skips bad lines)"),
         "columns": (d / "renamed.jsonl",
                     f"{d / 'renamed.jsonl'}: missing column 'chosen'; columns found: ['question', 'good', 'bad']; "
                     f"accepted shapes: {shapes}"),
@@ -319,6 +320,14 @@ def test_train_end_to_end_subprocess(model_dir, data_dir, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
+
+    again = run_orpo(["train", "--model", model_dir, "--dataset", data_dir / "prefs.jsonl", "--output_dir", out,
+                      "--max_steps", "1", "--report_to", "none"], tmp_path)
+    assert again.returncode == 2
+    assert error_line(again.stderr).startswith(f"orpo: error: output_dir {out} already has files (chat_template")
+    assert error_line(again.stderr).endswith("; pass --overwrite_output_dir to train into it, "
+                                             "or --resume_from_checkpoint latest to continue its run")
+    assert load_file(out / "model.safetensors").keys() == trained.keys()  # untouched
     for r in steps:
         assert METRIC_KEYS <= set(r), METRIC_KEYS - set(r)
         assert r["loss"] == pytest.approx(r["nll"] + 0.1 * r["or_loss"], rel=1e-4)
@@ -378,3 +387,18 @@ def test_config_yaml_null_means_none(tmp_path):
     config.write_text("max_length: null\n")
     _, _, args = parse_train_args(["--config", str(config), "--model", "m", "--dataset", "d.jsonl"])
     assert args.max_length is None
+
+
+def test_remote_code_is_off_unless_asked(monkeypatch, tmp_path):
+    model_args, _, _ = parse_train_args(["--model", "m", "--dataset", "d.jsonl"])
+    assert model_args.trust_remote_code is False
+    seen = {}
+
+    def from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(OrpoError, match="cannot load a causal LM: stop here"):
+        load_model(str(tmp_path))
+    assert seen["trust_remote_code"] is False

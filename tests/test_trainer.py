@@ -9,8 +9,10 @@ the model's fp32 log-softmax:
     L = L_SFT + β · L_OR
 """
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +258,71 @@ def test_nonfinite_step_stops_with_the_step_and_rows(tmp_path):
     with pytest.raises(OrpoError, match=r"^step 3: non-finite loss or gradient; dataset rows \[4, 5\] \(--on_nonfinite skip"):
         trainer.train()
     assert len(weights) == 2
+
+
+DISTRIBUTED_RUN = r'''
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import torch
+from safetensors.torch import save_file
+from orpo import ORPOConfig, ORPOTrainer
+from orpo.render import TokenizedPair
+from tiny import VOCAB, chatml_tokenizer, tiny_llama
+
+out, batch, accumulation = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()
+pairs = [TokenizedPair([1] + ids(2 + i % 5), ids(1 + i % 3), ids(1 + (i * 7) % 4), i) for i in range(12)]
+args = ORPOConfig(output_dir=out, max_steps=3, per_device_train_batch_size=batch,
+                  gradient_accumulation_steps=accumulation, learning_rate=1e-2, logging_steps=1, save_strategy="no",
+                  report_to="none", disable_tqdm=True, seed=0)  # no use_cpu: orpo sets it under torchrun without GPUs
+assert args.world_size == int(os.environ.get("WORLD_SIZE", "1"))
+trainer = ORPOTrainer(model=tiny_llama(), args=args, train_dataset=pairs, processing_class=chatml_tokenizer())
+trainer.train()
+if trainer.is_world_process_zero():
+    save_file({{k: p.detach().contiguous() for k, p in trainer.model.named_parameters()}}, os.path.join(out, "final.safetensors"))
+'''
+
+
+def _distributed_run(tmp_path, name, processes, batch, accumulation):
+    from safetensors.torch import load_file
+
+    script = tmp_path / "run.py"
+    script.write_text(DISTRIBUTED_RUN.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / name
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29731"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launch + [str(script), str(out), str(batch), str(accumulation)], capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    steps = [r for r in records if "nll" in r]
+    return steps, load_file(str(out / "final.safetensors"))
+
+
+def test_two_ranks_equal_one_process_and_gradient_accumulation(tmp_path):
+    """torchrun with 2 CPU (gloo) ranks × 2 pairs == 1 process × 4 pairs == 1 process × 2 pairs ×
+    2 accumulation steps: same per-step losses and metrics, same final weights (AdamW, fp32)."""
+    reference, weights = _distributed_run(tmp_path, "single", 1, 4, 1)
+    assert [r["step"] for r in reference] == [1, 2, 3]
+    for name, processes, batch, accumulation in (("ddp", 2, 2, 1), ("ga2", 1, 2, 2)):
+        steps, final = _distributed_run(tmp_path, name, processes, batch, accumulation)
+        for key in ("loss", "nll", "or_loss", "log_odds", "accuracy", "tokens"):
+            assert [r[key] for r in steps] == pytest.approx([r[key] for r in reference], abs=1e-5), (name, key)
+        for param in weights:
+            torch.testing.assert_close(final[param], weights[param], rtol=0, atol=1e-5, msg=f"{name}: {param}")
+
+
+def test_activation_checkpointing_is_on_by_default_and_the_old_name_still_works(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the default itself must not warn
+        assert ORPOConfig(output_dir=str(tmp_path)).activation_checkpointing is True
+    with pytest.warns(FutureWarning, match="gradient_checkpointing"):
+        off = ORPOConfig(output_dir=str(tmp_path), gradient_checkpointing=False)
+    assert off.activation_checkpointing is False and off.gradient_checkpointing is False
+    assert ORPOConfig(output_dir=str(tmp_path), activation_checkpointing=False).gradient_checkpointing is False
