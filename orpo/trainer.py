@@ -31,10 +31,10 @@ from .models import load_model, load_tokenizer
 from .packing import PACKED_ATTENTION, collate_padded, collate_prefix_shared, nll_token_count
 from .prepare import tokenize_rows
 from .render import TokenizedPair, ensure_chat_template
+from .report import METRICS_FILE, write_report
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 ON_NONFINITE = ("skip", "stop")
 NLL_SCOPES = ("full", "completion")
 
@@ -112,6 +112,10 @@ class ORPOConfig(TrainingArguments):
             "choices": list(ON_NONFINITE),
         },
     )
+    report: bool = field(
+        default=True,
+        metadata={"help": "At the end of training, write report.html and PNG plots of metrics.jsonl into output_dir."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Train into an output_dir that already has files (without it, orpo refuses)."},
@@ -188,6 +192,18 @@ class MetricsJsonlCallback(TrainerCallback):
         record = {"step": state.global_step, "epoch": state.epoch, **logs}
         with open(os.path.join(args.output_dir, METRICS_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class ReportCallback(TrainerCallback):
+    """At the end of training, the main process writes report.html + PNGs (report.py) if `report`."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not (args.report and state.is_world_process_zero):
+            return
+        try:
+            logger.info("training report: %s", write_report(args.output_dir))
+        except OrpoError as err:  # e.g. nothing was logged: the run itself is fine
+            logger.warning("no training report: %s", err)
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -289,6 +305,7 @@ class ORPOTrainer(Trainer):
         )
         self.add_callback(MetricsJsonlCallback())
         self.add_callback(NonFiniteGuard(self))
+        self.add_callback(ReportCallback())
         self._metrics = {"train": MetricTotals(), "eval": MetricTotals()}
         self._step_rows: list[int] = []  # dataset rows of the current optimizer step (error messages)
         self.nonfinite_skipped = 0

@@ -142,6 +142,7 @@ def test_metrics_are_logged_and_written_as_jsonl(tmp_path):
     trainer.train()
     metrics = trainer.evaluate()
     records = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "logps.png").is_file()  # written at the end
     train_records = [r for r in records if "nll" in r]
     assert len(train_records) == 2
     for key in ("loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/rejected", "accuracy", "margin",
