@@ -247,6 +247,28 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from .generate import generate_answers, read_prompts, write_side_by_side
+
+    prompts = read_prompts(args.prompts)[: args.limit]
+    models = [args.model] + ([args.compare] if args.compare else [])
+    answers = {}
+    for name in models:
+        tokenizer = _load_tokenizer(name)
+        model = _load_model(ModelArguments(model=name))
+        logger.info("generating %d answers with %s", len(prompts), name)
+        answers[name] = generate_answers(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
+                                         args.seed, args.batch_size)
+    records = [
+        {"id": p["id"], "prompt": p["messages"][-1]["content"], "answers": {m: answers[m][i] for m in models}}
+        for i, p in enumerate(prompts)
+    ]
+    html_path = str(Path(args.output).with_suffix(".html"))
+    write_side_by_side(records, models, args.output, html_path)
+    print(f"{args.output}\n{html_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orpo", description="Exact, fast ORPO training for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,6 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max_steps", type=int, default=None)
     demo.add_argument("--seed", type=int, default=0)
 
+    gen = sub.add_parser("generate", help="answers of a model (and a second one with --compare) to prompts, side by side")
+    gen.add_argument("--model", required=True, help="hub id, local directory or .gguf file")
+    gen.add_argument("--compare", help="a second model, e.g. the one before training")
+    gen.add_argument("--prompts", required=True, help="jsonl: {'prompt': ...} or MT-Bench {'turns': [...]} rows")
+    gen.add_argument("--output", default="generations.jsonl", help="jsonl path; the HTML goes next to it")
+    gen.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    gen.add_argument("--max_new_tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch_size", type=int, default=4)
+
     report = sub.add_parser("report", help="report.html and PNG plots from a training run's metrics.jsonl")
     report.add_argument("output_dir", help="the output_dir of an orpo train run")
 
@@ -288,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(argv[1:])
         args = build_parser().parse_args(argv)
         handler = {"eval": cmd_eval, "data": cmd_inspect, "demo": cmd_demo, "fetch-model": cmd_fetch_model,
-                   "report": cmd_report}
+                   "report": cmd_report, "generate": cmd_generate}
         return handler[args.command](args)
     except OrpoError as err:
         print(f"orpo: error: {err}", file=sys.stderr)
