@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .attention import use_span_attention
@@ -30,6 +31,7 @@ from .loss import orpo_loss
 from .models import load_model, load_tokenizer
 from .packing import PACKED_ATTENTION, collate_padded, collate_prefix_shared, nll_token_count
 from .prepare import tokenize_rows
+from .progress import ProgressReporter
 from .render import TokenizedPair, ensure_chat_template
 from .report import METRICS_FILE, write_report
 
@@ -304,6 +306,9 @@ class ORPOTrainer(Trainer):
             **kwargs,
         )
         self.add_callback(MetricsJsonlCallback())
+        for default in (ProgressCallback, PrinterCallback):  # replaced by one bar / one line per log
+            self.remove_callback(default)
+        self.add_callback(ProgressReporter())
         self.add_callback(NonFiniteGuard(self))
         self.add_callback(ReportCallback())
         self._metrics = {"train": MetricTotals(), "eval": MetricTotals()}

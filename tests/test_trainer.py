@@ -134,13 +134,16 @@ def test_micro_batch_split_gives_same_step(tmp_path):
         torch.testing.assert_close(weights, weights_whole, atol=1e-6, rtol=1e-5)
 
 
-def test_metrics_are_logged_and_written_as_jsonl(tmp_path):
+def test_metrics_are_logged_and_written_as_jsonl(tmp_path, capsys):
     data = pairs()
     trainer = make_trainer(tmp_path, tiny_llama(), data, per_device_train_batch_size=4, max_steps=2,
                            logging_steps=1, learning_rate=1e-3)
     trainer.eval_dataset = data[:4]
     trainer.train()
     metrics = trainer.evaluate()
+    printed = capsys.readouterr().out.splitlines()  # not a terminal: one plain line per log, no bar
+    assert [line.split("  ")[0] for line in printed] == ["step 1/2", "step 2/2", "eval step 2"], printed
+    assert "log_odds" in printed[0] and "eta" in printed[0] and "\r" not in "".join(printed)
     records = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     assert (tmp_path / "report.html").is_file() and (tmp_path / "logps.png").is_file()  # written at the end
     train_records = [r for r in records if "nll" in r]
