@@ -128,12 +128,10 @@ class ORPOConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.nll_scope not in NLL_SCOPES:
-            raise OrpoError(f"nll_scope must be one of {', '.join(NLL_SCOPES)}, got {self.nll_scope!r}")
-        if self.packed_attention not in PACKED_ATTENTION:
-            raise OrpoError(f"packed_attention must be one of {', '.join(PACKED_ATTENTION)}, got {self.packed_attention!r}")
-        if self.on_nonfinite not in ON_NONFINITE:
-            raise OrpoError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got {self.on_nonfinite!r}")
+        for name, choices in (("nll_scope", NLL_SCOPES), ("packed_attention", PACKED_ATTENTION),
+                              ("on_nonfinite", ON_NONFINITE)):
+            if getattr(self, name) not in choices:
+                raise OrpoError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.beta < 0:
             raise OrpoError(f"beta must be >= 0, got {self.beta}")
         if not torch.cuda.is_available():
