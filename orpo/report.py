@@ -12,12 +12,7 @@ import html
 import json
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .errors import OrpoError  # noqa: E402
+from .errors import OrpoError
 
 METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.html"
@@ -57,28 +52,37 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def _draw(axis, records: list[dict], evals: list[dict], metrics: list[tuple[str, str]], styles: tuple[str, str],
+          mark_points: bool = False, **style) -> None:
+    """One line per metric for the training records (styles[0]) and the eval records (styles[1]);
+    `mark_points` marks the points of series shorter than 30."""
+    for key, label in metrics:
+        for data, line, suffix in ((records, styles[0], ""), (evals, styles[1], " (eval)")):
+            x, y = _series(data, key)
+            if x:
+                marks = dict(marker="o", markersize=3) if mark_points and len(x) < 30 else {}
+                axis.plot(x, y, line, label=label + suffix, **marks, **style)
+
+
 def plot(records: list[dict], evals: list[dict], name: str, path: str) -> bool:
     """Write one PNG of PLOTS[name]; False (nothing written) if no record has its metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display; imported here: pyplot costs ~1 s at start-up
+    import matplotlib.pyplot as plt
+
     title, left, ylabel, right = PLOTS[name]
     if not any(_series(records, key)[0] for key, _ in left + right):
         return False
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for key, label in left:
-        for data, style, suffix in ((records, "-", ""), (evals, "--", " (eval)")):
-            x, y = _series(data, key)
-            if x:
-                ax.plot(x, y, style, marker="o" if len(x) < 30 else None, markersize=3, label=label + suffix)
+    _draw(ax, records, evals, left, ("-", "--"), mark_points=True)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if right:
         twin = ax.twinx()
-        for key, label in right:
-            for data, style, suffix in ((records, ":", ""), (evals, "-.", " (eval)")):
-                x, y = _series(data, key)
-                if x:
-                    twin.plot(x, y, style, color="tab:red", label=label + suffix)
+        _draw(twin, records, evals, right, (":", "-."), color="tab:red")
         twin.set_ylabel(", ".join(label for _, label in right))
         twin.set_ylim(-0.05, 1.05)
         more = twin.get_legend_handles_labels()
