@@ -1,4 +1,4 @@
-"""`orpo` command line: train, eval, data inspect, demo, fetch-model.
+"""`orpo` command line: train, eval, data inspect, generate, chat, report, demo, fetch-model.
 
 `orpo train` exposes every ORPOConfig / TrainingArguments field as a flag (HfArgumentParser);
 `--config file.yaml` supplies defaults that flags override. Problems with the user's input end
@@ -269,6 +269,35 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _typed_lines(prompt: str):
+    """Lines from the terminal (with line editing) or from piped stdin, until end of input."""
+    if not sys.stdin.isatty():
+        yield from sys.stdin
+        return
+    import readline  # noqa: F401  (arrow keys and history for input())
+
+    from .chat import HELP
+
+    print(HELP)
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            print()
+            return
+
+
+def cmd_chat(args) -> int:
+    from .chat import chat_loop
+
+    tokenizer = _load_tokenizer(args.model)
+    model = _load_model(ModelArguments(model=args.model, dtype=args.dtype))
+    chat_loop(model, tokenizer, _typed_lines("you> "), sys.stdout, system=args.system,
+              max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+              echo=not sys.stdin.isatty())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orpo", description="Exact, fast ORPO training for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch_size", type=int, default=4)
 
+    chat = sub.add_parser("chat", help="talk to a model through its chat template (/reset, /system TEXT, /exit)")
+    chat.add_argument("model", help="hub id, local directory or .gguf file, e.g. the output_dir of orpo train")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max_new_tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+
     report = sub.add_parser("report", help="report.html and PNG plots from a training run's metrics.jsonl")
     report.add_argument("output_dir", help="the output_dir of an orpo train run")
 
@@ -321,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(argv[1:])
         args = build_parser().parse_args(argv)
         handler = {"eval": cmd_eval, "data": cmd_inspect, "demo": cmd_demo, "fetch-model": cmd_fetch_model,
-                   "report": cmd_report, "generate": cmd_generate}
+                   "report": cmd_report, "generate": cmd_generate, "chat": cmd_chat}
         return handler[args.command](args)
     except OrpoError as err:
         print(f"orpo: error: {err}", file=sys.stderr)

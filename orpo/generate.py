@@ -44,6 +44,17 @@ def read_prompts(path: str) -> list[dict]:
     return prompts
 
 
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Prompt ids of `messages` through the chat template, ending with the generation prompt."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def sampling_kwargs(temperature: float) -> dict:
+    """`generate` arguments: greedy at temperature 0, sampling above."""
+    return dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int, temperature: float,
                      seed: int, batch_size: int) -> list[str]:
@@ -53,12 +64,10 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
     model.eval()
     answers = []
     for start in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template(p["messages"], tokenize=False, add_generation_prompt=True)
-                 for p in prompts[start : start + batch_size]]
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+        batch = [{"input_ids": encode_prompt(tokenizer, p["messages"])} for p in prompts[start : start + batch_size]]
+        inputs = tokenizer.pad(batch, return_tensors="pt")
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                **sampling)
+                                **sampling_kwargs(temperature))
         new = output[:, inputs["input_ids"].shape[1] :]
         answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return answers
