@@ -330,3 +330,77 @@ def test_activation_checkpointing_is_on_by_default_and_the_old_name_still_works(
         off = ORPOConfig(output_dir=str(tmp_path), gradient_checkpointing=False)
     assert off.activation_checkpointing is False and off.gradient_checkpointing is False
     assert ORPOConfig(output_dir=str(tmp_path), activation_checkpointing=False).gradient_checkpointing is False
+
+
+def _tensorboard_scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb")).Reload()
+    return [(e.step, e.value) for e in events.Scalars(f"train/{tag}")]
+
+
+def _mlflow_scalars(run_dir, tag):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, tag), key=lambda m: m.step)]
+
+
+def _spy_on_wandb_log(monkeypatch, run_dir):
+    """wandb 0.31 keeps an offline run in a binary file only its server reads back, so record what the
+    Trainer's WandbCallback hands to the run's log (which still writes the offline run) in wandb-log.jsonl."""
+    from wandb.sdk.wandb_run import Run
+
+    log = Run.log
+
+    def recording_log(run, data, *args, **kwargs):
+        with open(run_dir / "wandb-log.jsonl", "a") as f:
+            f.write(json.dumps(data) + "\n")
+        return log(run, data, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "log", recording_log)  # wandb.init binds wandb.log to the run's log
+
+
+def _wandb_scalars(run_dir, tag):
+    logs = [json.loads(line) for line in (run_dir / "wandb-log.jsonl").read_text().splitlines()]
+    assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))  # the offline run was written
+    return [(log["train/global_step"], log[f"train/{tag}"]) for log in logs if f"train/{tag}" in log]
+
+
+def _trackio_scalars(run_dir, tag):
+    from trackio.sqlite_storage import SQLiteStorage
+
+    (run,) = SQLiteStorage.get_runs("orpo-test")
+    return [(log["train/global_step"], log[f"train/{tag}"]) for log in SQLiteStorage.get_logs("orpo-test", run)
+            if f"train/{tag}" in log]
+
+
+INTEGRATIONS = {  # report_to name: (environment that keeps it offline and in tmp_path, reader)
+    "tensorboard": ({"TENSORBOARD_LOGGING_DIR": "{run_dir}/tb"}, _tensorboard_scalars),
+    "mlflow": ({"MLFLOW_TRACKING_URI": "sqlite:///{run_dir}/mlflow.db"}, _mlflow_scalars),
+    "wandb": ({"WANDB_MODE": "offline", "WANDB_DIR": "{run_dir}", "WANDB_SILENT": "true"}, _wandb_scalars),
+    "trackio": ({"TRACKIO_DIR": "{run_dir}/trackio"}, _trackio_scalars),
+}
+
+
+@pytest.mark.parametrize("backend", list(INTEGRATIONS))
+def test_report_to_integrations_get_the_orpo_metrics_offline(tmp_path, monkeypatch, backend):
+    """report_to goes through the Trainer's callbacks: each backend records orpo's metrics with the values of
+    metrics.jsonl. tensorboard is a test dependency; the others run where installed (pip install wandb ...)."""
+    environment, read = INTEGRATIONS[backend]
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value.format(run_dir=tmp_path))
+    pytest.importorskip(backend)  # after the environment: trackio reads TRACKIO_DIR when imported
+    if backend == "wandb":
+        _spy_on_wandb_log(monkeypatch, tmp_path)
+    trainer = make_trainer(tmp_path, tiny_llama(), pairs(), per_device_train_batch_size=4, max_steps=3,
+                           logging_steps=1, learning_rate=1e-3, report_to=[backend],
+                           project="orpo-test", report=False)
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    for tag in ("loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/rejected", "accuracy"):
+        expected = [(r["step"], r[tag]) for r in records if tag in r]
+        logged = read(tmp_path, tag)
+        assert [step for step, _ in logged] == [step for step, _ in expected], tag
+        assert [value for _, value in logged] == pytest.approx([value for _, value in expected], rel=1e-6), tag
