@@ -47,6 +47,12 @@ def is_complete(checkpoint_dir: str) -> bool:
     return os.path.isfile(os.path.join(checkpoint_dir, COMPLETE_MARKER))
 
 
+def completed_step(checkpoint_dir: str) -> int:
+    """The optimizer step a complete checkpoint was saved at (from its marker)."""
+    with open(os.path.join(checkpoint_dir, COMPLETE_MARKER)) as f:
+        return json.load(f)["step"]
+
+
 def checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """(step, path) of every checkpoint-N directory in `output_dir`, oldest first."""
     if not os.path.isdir(output_dir):

@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
 from .attention import use_span_attention
-from .checkpoints import mark_complete, resolve_resume
+from .checkpoints import completed_step, mark_complete, resolve_resume
 from .errors import OrpoError
 from .forward import causal_lm, check_prefix_sharing, check_supported, pair_logps
 from .loss import orpo_loss
@@ -54,7 +55,8 @@ class ORPOConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Recompute activations in backward: far less memory for about a fifth more time. None (default) "
-            "= on, as in TRL, unless the deprecated alias gradient_checkpointing says otherwise."
+            "= on, as in TRL, unless the deprecated alias gradient_checkpointing says otherwise. "
+            "--activation_checkpointing_kwargs '{\"every_n_layers\": 2}' keeps every other layer's activations."
         },
     )
     remove_unused_columns: bool = field(
@@ -68,7 +70,7 @@ class ORPOConfig(TrainingArguments):
     nll_scope: str = field(
         default="full",
         metadata={
-            "help": "Tokens of the NLL term: 'full' = prompt + chosen completion (official code, TRL); "
+            "help": "Tokens of the NLL term: 'full' = prompt + chosen completion (official code after release, TRL); "
             "'completion' = chosen completion only (paper Eq. 2).",
             "choices": list(NLL_SCOPES),
         },
@@ -323,6 +325,13 @@ class ORPOTrainer(Trainer):
         )
         self.accelerator.wait_for_everyone()  # the main process may have deleted incomplete checkpoints
         self._step_rows = []
+        if resume and 0 < self.args.max_steps <= completed_step(resume):
+            # The run is finished; transformers' loop would still train one step past max_steps.
+            logger.info("%s is at step %d, max_steps is %d: nothing to train", resume, completed_step(resume),
+                        self.args.max_steps)
+            self._load_from_checkpoint(resume)
+            self.state = TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME))
+            return TrainOutput(self.state.global_step, 0.0, {})
         return super().train(resume_from_checkpoint=resume, **kwargs)
 
     def _save_checkpoint(self, model, trial):

@@ -1,22 +1,11 @@
 """chat.py / `orpo chat`: the interactive loop answers like `orpo generate`, keeps and trims the history."""
 import io
 
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from orpo.chat import chat_loop, fit_history
 from orpo.cli import main
 from orpo.generate import encode_prompt, generate_answers
-from tiny import chatml_tokenizer, word_level_tokenizer, WORDS
-
-
-def _tiny_chat_model(tokenizer, context=2048, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return LlamaForCausalLM(config)
+from tiny import WORDS, chatml_tokenizer, save_tiny_chat_model, tiny_chat_model, word_level_tokenizer
 
 
 def _user(text):
@@ -25,7 +14,7 @@ def _user(text):
 
 def test_answers_equal_generate_and_history_is_kept():
     tok = chatml_tokenizer()
-    model = _tiny_chat_model(tok)
+    model = tiny_chat_model(tok)
     out = io.StringIO()
     history = chat_loop(model, tok, ["the sky is", "", "why"], out, max_new_tokens=8)
     first = generate_answers(model, tok, [{"messages": [_user("the sky is")]}], 8, 0.0, 0, 1)[0]
@@ -39,7 +28,7 @@ def test_answers_equal_generate_and_history_is_kept():
 
 def test_commands_reset_system_exit_and_echo():
     tok = chatml_tokenizer()
-    model = _tiny_chat_model(tok)
+    model = tiny_chat_model(tok)
     out = io.StringIO()
     lines = ["why", "/reset", "/system be good", "what", "/nope", "/exit", "never read"]
     history = chat_loop(model, tok, lines, out, max_new_tokens=4, echo=True)
@@ -70,7 +59,7 @@ def test_fit_history_drops_oldest_exchanges_keeps_system():
 
 def test_loop_trims_to_the_context_and_refuses_a_message_too_long():
     tok = chatml_tokenizer()
-    model = _tiny_chat_model(tok, context=40)
+    model = tiny_chat_model(tok, context=40)
     out = io.StringIO()
     lines = ["what is the sky", "why", "why"]
     history = chat_loop(model, tok, lines, out, max_new_tokens=16)
@@ -89,7 +78,7 @@ def test_template_refusing_a_system_message_is_one_line():
         "{% endif %}{{ m['role'] + ' ' + m['content'] + '</s>' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'assistant ' }}{% endif %}",
         eos="</s>", pad_token="<pad>")
-    model = _tiny_chat_model(tok)
+    model = tiny_chat_model(tok)
     out = io.StringIO()
     history = chat_loop(model, tok, ["why", "/reset", "what"], out, system="be good", max_new_tokens=2)
     assert "(the chat template refused the conversation: System role not supported; try /reset or /system)" \
@@ -98,9 +87,7 @@ def test_template_refusing_a_system_message_is_one_line():
 
 
 def test_cli_chat_reads_piped_stdin(tmp_path, monkeypatch, capsys):
-    tok = chatml_tokenizer()
-    _tiny_chat_model(tok).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    save_tiny_chat_model(tmp_path)
     monkeypatch.setattr("sys.stdin", io.StringIO("the sky is\n/exit\n"))
     assert main(["chat", str(tmp_path), "--max_new_tokens", "4", "--system", "be good"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -90,11 +90,11 @@ from orpo import ORPOConfig, ORPOTrainer
 from orpo.render import TokenizedPair
 from tiny import VOCAB, chatml_tokenizer, tiny_llama
 
-out, kill, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
+out, kill, resume, n_pairs = sys.argv[1], sys.argv[2], sys.argv[3] == "resume", int(sys.argv[4])
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
 ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()
-pairs = [TokenizedPair([1] + ids(2 + i % 5), ids(1 + i % 3), ids(1 + (i * 7) % 4), i) for i in range(16)]
+pairs = [TokenizedPair([1] + ids(2 + i % 5), ids(1 + i % 3), ids(1 + (i * 7) % 4), i) for i in range(n_pairs)]
 args = ORPOConfig(output_dir=out, max_steps=8, per_device_train_batch_size=2, learning_rate=1e-2,
                   logging_steps=1, save_strategy="steps", save_steps=2, save_total_limit=2, report_to="none",
                   disable_tqdm=True, use_cpu=True, seed=0)
@@ -119,11 +119,11 @@ save_file({{k: p.detach().contiguous() for k, p in trainer.model.named_parameter
 '''
 
 
-def _run(tmp_path, out, kill, resume):
+def _run(tmp_path, out, kill, resume, pairs=16):
     script = tmp_path / "run.py"
     script.write_text(RUN.format(tests=str(TESTS)))
     env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
-    return subprocess.run([sys.executable, str(script), str(out), kill, resume], capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(script), str(out), kill, resume, str(pairs)], capture_output=True, text=True,
                           env=env, timeout=300)
 
 
@@ -162,3 +162,19 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted
     # save_total_limit 2 kept the two newest, all complete
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
     assert all(is_complete(str(p)) for p in out.glob("checkpoint-*"))
+
+
+def test_resuming_a_finished_run_trains_nothing(tmp_path):
+    """Resuming at max_steps (8, mid-epoch: 24 pairs are 12 steps): transformers' loop alone would train a
+    9th step before it checks max_steps; orpo loads the last checkpoint and trains nothing."""
+    out = tmp_path / "out"
+    for resume in ("fresh", "resume"):
+        result = _run(tmp_path, out, "none", resume, pairs=24)
+        assert result.returncode == 0, result.stderr[-2000:]
+        if resume == "fresh":
+            losses, weights = _losses(out), load_file(str(out / "final.safetensors"))
+    assert _losses(out) == losses and [step for step, _ in losses] == list(range(1, 9))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+    final = load_file(str(out / "final.safetensors"))
+    for name in weights:
+        torch.testing.assert_close(final[name], weights[name], rtol=0, atol=0, msg=name)

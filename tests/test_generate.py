@@ -2,13 +2,11 @@
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from orpo.cli import main
 from orpo.errors import OrpoError
 from orpo.generate import read_prompts
-from tiny import chatml_tokenizer
+from tiny import save_tiny_chat_model
 
 MT_BENCH = "/work/shared/data/mt_bench_questions.jsonl"
 
@@ -32,19 +30,8 @@ def test_prompt_rows_and_bad_rows(tmp_path):
         read_prompts(str(path))
 
 
-def _tiny_model_dir(path, seed):
-    tok = chatml_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def test_generate_compare_writes_jsonl_and_html(tmp_path, capsys):
-    a, b = _tiny_model_dir(tmp_path / "a", 0), _tiny_model_dir(tmp_path / "b", 1)
+    a, b = save_tiny_chat_model(tmp_path / "a", 0), save_tiny_chat_model(tmp_path / "b", 1)
     out = tmp_path / "gen.jsonl"
     args = ["generate", "--model", a, "--compare", b, "--prompts", MT_BENCH, "--limit", "3",
             "--max_new_tokens", "6", "--output", str(out)]

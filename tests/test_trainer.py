@@ -162,44 +162,6 @@ def test_metrics_are_logged_and_written_as_jsonl(tmp_path, capsys):
     assert metrics["eval_loss"] == pytest.approx(metrics["eval_nll"] + 0.1 * metrics["eval_or_loss"], rel=1e-5)
 
 
-TRL_SCRIPT = '''
-import json, sys
-from datasets import load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
-model_dir, data_file, out = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(model_dir)
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
-train_dataset = load_dataset("json", data_files=data_file, split="train")
-training_args = ORPOConfig(output_dir=out, beta=0.1, max_length=64, per_device_train_batch_size=2,
-                           max_steps=2, logging_steps=1, report_to="none", bf16=False, save_strategy="no")
-trainer = ORPOTrainer(model=model, args=training_args, processing_class=tokenizer, train_dataset=train_dataset)
-trainer.train()
-trainer.save_model(out)
-'''
-
-
-def test_trl_style_script_runs_with_only_the_import_changed(tmp_path):
-    model_dir = tmp_path / "model"
-    tiny_llama().save_pretrained(model_dir)
-    chatml_tokenizer().save_pretrained(model_dir)
-    rows = [{"prompt": "why is the sky blue", "chosen": "the sky is blue", "rejected": "no"},
-            {"prompt": "what is good", "chosen": "ok good", "rejected": "bad"},
-            {"prompt": "a b", "chosen": "c", "rejected": "a"}]
-    data_file = tmp_path / "prefs.jsonl"
-    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    script = TRL_SCRIPT.replace("from trl.experimental.orpo import", "from orpo import")
-    assert script.count("\n") == TRL_SCRIPT.count("\n") and "trl" not in script
-    result = subprocess.run([sys.executable, "-c", script, str(model_dir), str(data_file), str(tmp_path / "out")],
-                            capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    records = [json.loads(line) for line in (tmp_path / "out" / METRICS_FILE).read_text().splitlines()]
-    assert [r["step"] for r in records if "nll" in r] == [1, 2]
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert reloaded.config.vocab_size == VOCAB
-
-
 def test_layouts_train_the_same_weights(tmp_path):
     """Span attention, the dense mask and padded rows: same losses and weights after 2 steps
     (with gradient checkpointing, so the recomputed forward uses the layout too)."""

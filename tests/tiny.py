@@ -45,3 +45,22 @@ def chatml_tokenizer():
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
         eos="<|im_end|>", pad_token="<pad>",
     )
+
+
+def tiny_chat_model(tokenizer, context=2048, seed=0):
+    """A random tiny Llama sized for `tokenizer`, with its pad/eos ids (for generation and chat)."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=context, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def save_tiny_chat_model(path, seed=0):
+    """tiny_chat_model with the ChatML tokenizer, saved as a Hugging Face directory; returns the path."""
+    tok = chatml_tokenizer()
+    tiny_chat_model(tok, seed=seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

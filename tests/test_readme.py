@@ -1,0 +1,94 @@
+"""README.md: its examples run. Every ```bash block runs, in order, in one shell (on a tiny model instead of
+SmolLM2, with the real data files); the TRL migration diff runs with orpo after its one changed line; and
+every `orpo` command appears in a block that runs (`orpo demo` is `make demo`)."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from orpo.cli import build_parser
+from tiny import save_tiny_chat_model
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+SHARED = Path("/work/shared")  # ../shared of the repository on this machine and on CI
+
+
+def code_blocks(text: str, language: str) -> list[tuple[int, str]]:
+    """(line number, code) of every fenced block whose info string is `language`."""
+    return [(text[: m.start()].count("\n") + 2, m.group(1))
+            for m in re.finditer(rf"^ *```{language}\n(.*?)^ *```$", text, flags=re.M | re.S)]
+
+
+def _workdir(tmp_path) -> tuple[Path, str]:
+    """A repository-like directory whose ../shared is the real data, and a tiny model saved beside it."""
+    (tmp_path / "shared").symlink_to(SHARED)
+    (tmp_path / "repo").mkdir()
+    return tmp_path / "repo", save_tiny_chat_model(tmp_path / "tiny")
+
+
+def _run(command: list[str], cwd: Path, timeout: int, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, **kwargs)
+
+
+def test_every_command_is_shown_in_a_block_that_runs():
+    shown = {m.group(1) for _, code in code_blocks(README.read_text(), "bash")
+             for m in re.finditer(r"\borpo(?:\.cli)? ([a-z][\w-]*)", code)}
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(subparsers.choices) - {"demo"} <= shown, set(subparsers.choices) - shown
+    assert "orpo demo" in README.read_text() and "make demo" in README.read_text()
+
+
+def test_bash_blocks_run(tmp_path):
+    """The blocks as a reader runs them; only `M=` (the model) points at the tiny model, and the venv
+    activation line is skipped (this Python's environment is already the one)."""
+    work, tiny = _workdir(tmp_path)
+    script = ["set -euo pipefail"]
+    for line_number, code in code_blocks(README.read_text(), "bash"):
+        script.append(f"echo '=== README.md line {line_number}' >&2")
+        for line in code.splitlines():
+            if line.strip() == ". .venv/bin/activate":
+                continue
+            script.append(f"M={tiny}" if line.startswith("M=") else line)
+    result = _run(["bash", "-c", "\n".join(script)], work, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = work / "runs"
+    # quick start: trained model, report with plots, before/after evaluations and generations, a chat answer
+    for name in ("model.safetensors", "report.html", "logps.png", "generations.html", "eval_before.jsonl"):
+        assert (runs / "uf" / name).is_file(), name
+    assert json.loads((runs / "uf" / "eval_after.jsonl").read_text().splitlines()[-1])["summary"]["pairs"] == 50
+    generations = [json.loads(line) for line in (runs / "uf" / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 5 and all(len(g["answers"]) == 2 for g in generations)
+    assert "you> Give me three tips for writing a good prompt." in result.stdout
+    # the other sections: YAML config, tensorboard, a resumed run, two launchers
+    assert json.loads((runs / "uf-yaml" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    assert list((runs / "tb" / "runs").glob("*/events.out.tfevents.*"))
+    assert (runs / "long" / "checkpoint-4" / "orpo_checkpoint_complete.json").is_file()
+    assert not (runs / "long" / "checkpoint-2").exists()  # save_total_limit 1
+    for name in ("ddp", "ddp-accelerate"):
+        assert (runs / name / "model.safetensors").is_file(), name
+
+
+def test_trl_migration_diff_runs_with_only_the_import_changed(tmp_path):
+    ((_, diff),) = code_blocks(README.read_text(), "diff")
+    lines = diff.splitlines()
+    before = [line[1:] for line in lines if line[:1] in (" ", "-", "")]
+    after = [line[1:] for line in lines if line[:1] in (" ", "+", "")]
+    changed = [(b, a) for b, a in zip(before, after) if b != a]
+    assert len(before) == len(after) and changed == [
+        ("from trl.experimental.orpo import ORPOConfig, ORPOTrainer", "from orpo import ORPOConfig, ORPOTrainer")]
+    work, tiny = _workdir(tmp_path)
+    script = "\n".join(after)
+    for text, replacement in (('"~/.cache/orpo/SmolLM2-135M-Instruct"', repr(tiny)), ("max_steps=10", "max_steps=2")):
+        assert text in script
+        script = script.replace(text, replacement)
+    result = _run([sys.executable, "-c", script], work, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = work / "runs" / "from-trl"
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "nll" in line] == [1, 2]
+    assert (out / "model.safetensors").is_file()
