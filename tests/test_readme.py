@@ -69,7 +69,7 @@ def test_bash_blocks_run(tmp_path):
     assert list((runs / "tb" / "runs").glob("*/events.out.tfevents.*"))
     assert (runs / "long" / "checkpoint-4" / "orpo_checkpoint_complete.json").is_file()
     assert not (runs / "long" / "checkpoint-2").exists()  # save_total_limit 1
-    for name in ("ddp", "ddp-accelerate"):
+    for name in ("ddp", "ddp-accelerate", "lora"):
         assert (runs / name / "model.safetensors").is_file(), name
 
 
