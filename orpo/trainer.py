@@ -325,10 +325,9 @@ class ORPOTrainer(Trainer):
         )
         self.accelerator.wait_for_everyone()  # the main process may have deleted incomplete checkpoints
         self._step_rows = []
-        if resume and 0 < self.args.max_steps <= completed_step(resume):
+        if resume and 0 < self.args.max_steps <= (step := completed_step(resume)):
             # The run is finished; transformers' loop would still train one step past max_steps.
-            logger.info("%s is at step %d, max_steps is %d: nothing to train", resume, completed_step(resume),
-                        self.args.max_steps)
+            logger.info("%s is at step %d, max_steps is %d: nothing to train", resume, step, self.args.max_steps)
             self._load_from_checkpoint(resume)
             self.state = TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME))
             return TrainOutput(self.state.global_step, 0.0, {})
