@@ -5,6 +5,7 @@ Plots (x = optimizer step; eval records, when there are any, as a second series)
   logps.png     mean log-prob per completion token of chosen and rejected: ORPO's picture, do they separate?
   log_odds.png  log_odds and accuracy (two axes)
   speed.png     tokens/s
+Training series of SMOOTH_FROM or more logs are drawn faintly with a trailing mean on top.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 from .errors import OrpoError
 
 METRICS_FILE = "metrics.jsonl"
+SMOOTH_FROM = 20  # logged training points from which plots add a trailing mean
 REPORT_FILE = "report.html"
 # file → (title, [(metric, label)], y-label, [(metric, label)] on a second axis)
 PLOTS = {
@@ -52,16 +54,38 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the up to `window − 1` values before it (the first ones average fewer)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def smoothing_window(points: int) -> int:
+    """1 (no smoothing) below SMOOTH_FROM logged points, else a tenth of them: per-batch metrics are noisy."""
+    return 1 if points < SMOOTH_FROM else points // 10
+
+
 def _draw(axis, records: list[dict], evals: list[dict], metrics: list[tuple[str, str]], styles: tuple[str, str],
           mark_points: bool = False, **style) -> None:
     """One line per metric for the training records (styles[0]) and the eval records (styles[1]);
-    `mark_points` marks the points of series shorter than 30."""
+    `mark_points` marks the points of series shorter than 30. A long training series is drawn faintly,
+    with its trailing mean over smoothing_window(points) logs on top."""
     for key, label in metrics:
         for data, line, suffix in ((records, styles[0], ""), (evals, styles[1], " (eval)")):
             x, y = _series(data, key)
-            if x:
-                marks = dict(marker="o", markersize=3) if mark_points and len(x) < 30 else {}
-                axis.plot(x, y, line, label=label + suffix, **marks, **style)
+            if not x:
+                continue
+            window = smoothing_window(len(x)) if data is records else 1
+            if window > 1:
+                (raw,) = axis.plot(x, y, line, alpha=0.25, linewidth=0.8, **style)
+                axis.plot(x, trailing_mean(y, window), line, color=raw.get_color(),
+                          label=f"{label} (mean of {window} logs)")
+                continue
+            marks = dict(marker="o", markersize=3) if mark_points and len(x) < 30 else {}
+            axis.plot(x, y, line, label=label + suffix, **marks, **style)
 
 
 def plot(records: list[dict], evals: list[dict], name: str, path: str) -> bool:

@@ -5,7 +5,7 @@ import pytest
 
 from orpo.cli import main
 from orpo.errors import OrpoError
-from orpo.report import PLOTS, read_metrics, write_report
+from orpo.report import PLOTS, _draw, read_metrics, smoothing_window, trailing_mean, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -58,3 +58,30 @@ def test_cli_report(tmp_path, capsys):
     _write(tmp_path, with_eval=False)
     assert main(["report", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "report.html")
+
+
+def test_trailing_mean_by_hand():
+    # window 2: 1, (1+2)/2, (2+3)/2, ...; window 3: 1, 1.5, (1+2+3)/3, (2+3+4)/3, (3+4+5)/3
+    assert trailing_mean([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
+    assert trailing_mean([1.0, 2.0, 3.0, 4.0, 5.0], 3) == [1.0, 1.5, 2.0, 3.0, 4.0]
+    assert trailing_mean([4.0, 2.0], 1) == [4.0, 2.0]
+    assert [smoothing_window(n) for n in (5, 19, 20, 45, 1000)] == [1, 1, 2, 4, 100]
+
+
+def test_long_training_series_get_a_trailing_mean_eval_series_do_not():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [_train_record(s) for s in range(1, 41)]
+    evals = [{"step": s, "logps/chosen": -1.0, "logps/rejected": -2.0} for s in range(10, 41, 10)]
+    fig, ax = plt.subplots()
+    _draw(ax, records, evals, PLOTS["logps.png"][1], ("-", "--"))
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["chosen (mean of 4 logs)", "chosen (eval)", "rejected (mean of 4 logs)", "rejected (eval)"]
+    raw, mean = ax.lines[0], ax.lines[1]  # the faint raw chosen series, then its mean in the same colour
+    assert raw.get_alpha() == 0.25 and raw.get_color() == mean.get_color()
+    chosen = [r["logps/chosen"] for r in records]
+    assert list(mean.get_ydata()) == pytest.approx(trailing_mean(chosen, 4))
+    plt.close(fig)
