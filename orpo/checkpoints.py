@@ -50,7 +50,7 @@ def is_complete(checkpoint_dir: str) -> bool:
 def completed_step(checkpoint_dir: str) -> int:
     """The optimizer step a complete checkpoint was saved at (from its marker)."""
     with open(os.path.join(checkpoint_dir, COMPLETE_MARKER)) as f:
-        return json.load(f)["step"]
+        return int(json.load(f)["step"])
 
 
 def checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -116,13 +116,8 @@ def resolve_resume(
             )
         path = None
     if is_main:
-        _keep_metrics_until(metrics_file, _step_of(path) if path else 0)
+        _keep_metrics_until(metrics_file, completed_step(path) if path else 0)
     return path
-
-
-def _step_of(checkpoint_dir: str) -> int:
-    with open(os.path.join(checkpoint_dir, COMPLETE_MARKER)) as f:
-        return int(json.load(f)["step"])
 
 
 def _keep_metrics_until(metrics_file: str, step: int) -> None:

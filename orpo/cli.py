@@ -17,6 +17,7 @@ from pathlib import Path
 from .errors import OrpoError
 
 logger = logging.getLogger("orpo")
+DTYPES = ("float32", "bfloat16", "float16", "auto")  # --dtype: weights dtype to load a model in
 
 
 @dataclass
@@ -24,7 +25,7 @@ class ModelArguments:
     model: str = field(metadata={"help": "Hub id, local Hugging Face directory, or local .gguf file."})
     dtype: str = field(
         default="float32",
-        metadata={"help": "Weights dtype to load the model in.", "choices": ["float32", "bfloat16", "float16", "auto"]},
+        metadata={"help": "Weights dtype to load the model in.", "choices": list(DTYPES)},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model repo."})
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
@@ -310,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--beta", type=float, default=0.1)
     ev.add_argument("--nll_scope", choices=["full", "completion"], default="full")
     ev.add_argument("--batch_size", type=int, default=4)
-    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    ev.add_argument("--dtype", default="float32", choices=DTYPES)
 
     data = sub.add_parser("data", help="look at preference data as the trainer sees it")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -340,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max_new_tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     chat.add_argument("--seed", type=int, default=0)
-    chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    chat.add_argument("--dtype", default="float32", choices=DTYPES)
 
     report = sub.add_parser("report", help="report.html and PNG plots from a training run's metrics.jsonl")
     report.add_argument("output_dir", help="the output_dir of an orpo train run")
