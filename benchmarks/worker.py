@@ -25,10 +25,10 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from orpo.data import dataset_to_pairs, load_rows  # noqa: E402
-from orpo.models import fetch_smollm2  # noqa: E402
-from orpo.prepare import tokenize_rows  # noqa: E402
-from orpo.render import ensure_chat_template  # noqa: E402
+from orpo.data.load import dataset_to_pairs, load_rows  # noqa: E402
+from orpo.train.models import fetch_smollm2  # noqa: E402
+from orpo.data.prepare import tokenize_rows  # noqa: E402
+from orpo.data.render import ensure_chat_template  # noqa: E402
 
 DATA = "/work/shared/data"
 ULTRAFEEDBACK = f"{DATA}/ultrafeedback_1k_train.jsonl"

@@ -5,10 +5,14 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # ORPOConfig/ORPOTrainer import transformers; keep `import orpo` (and the CLI's --help) fast.
-    if name in ("ORPOConfig", "ORPOTrainer"):
-        from . import trainer
+    if name == "ORPOConfig":
+        from orpo.train.config import ORPOConfig
 
-        return getattr(trainer, name)
+        return ORPOConfig
+    if name == "ORPOTrainer":
+        from orpo.train.trainer import ORPOTrainer
+
+        return ORPOTrainer
     raise AttributeError(name)
 
 

@@ -21,6 +21,15 @@ class DroppedPair(Exception):
 
 TOO_LONG = "too long"
 SAME_RESPONSES = "chosen == rejected"
+SAME_AFTER_TRUNCATION = "chosen == rejected after truncation"
 EMPTY_RESPONSE = "empty response"
 WRONG_TYPES = "wrong types"
-DROP_REASONS = (TOO_LONG, SAME_RESPONSES, EMPTY_RESPONSE, WRONG_TYPES)
+UNKNOWN_ROLE = "unknown role"
+NON_TEXT = "non-text content"
+TEMPLATE_ERROR = "chat template error"
+LABEL_TIE = "tie"
+LABEL_MISSING = "missing label"
+LABEL_UNMAPPED = "unmapped label"
+TIED_RATINGS = "tied ratings"
+DROP_REASONS = (TOO_LONG, SAME_RESPONSES, SAME_AFTER_TRUNCATION, EMPTY_RESPONSE, WRONG_TYPES, UNKNOWN_ROLE,
+                NON_TEXT, TEMPLATE_ERROR, LABEL_TIE, LABEL_MISSING, LABEL_UNMAPPED, TIED_RATINGS)

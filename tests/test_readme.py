@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orpo.cli import build_parser
+from orpo.commands.cli import build_parser
 from tiny import save_tiny_chat_model
 
 REPO = Path(__file__).resolve().parents[1]

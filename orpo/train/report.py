@@ -1,0 +1,151 @@
+"""OUTPUT_DIR/metrics.jsonl → PNG plots and report.html (`orpo report OUTPUT_DIR`, and at the end of training).
+
+Plots (x = optimizer step; eval records, when there are any, as a second series):
+  loss.png      loss, nll and or_loss
+  logps.png     mean log-prob per completion token of chosen and rejected: ORPO's picture, do they separate?
+  log_odds.png  log_odds and accuracy (two axes)
+  speed.png     tokens/s
+Training series of SMOOTH_FROM or more logs are drawn faintly with a trailing mean on top.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+
+from orpo.errors import OrpoError
+
+METRICS_FILE = "metrics.jsonl"
+SMOOTH_FROM = 20  # logged training points from which plots add a trailing mean
+REPORT_FILE = "report.html"
+# file → (title, [(metric, label)], y-label, [(metric, label)] on a second axis)
+PLOTS = {
+    "loss.png": ("Loss", [("loss", "loss"), ("nll", "nll"), ("or_loss", "or_loss")], "loss", []),
+    "logps.png": ("Completion log-probs per token",
+                  [("logps/chosen", "chosen"), ("logps/rejected", "rejected")], "mean log p", []),
+    "log_odds.png": ("Log odds ratio and accuracy", [("log_odds", "log_odds")], "log odds",
+                     [("accuracy", "accuracy")]),
+    "speed.png": ("Throughput", [("tokens_per_second", "tokens/s")], "tokens per second", []),
+}
+
+
+def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a metrics.jsonl; eval keys lose their `eval_` prefix."""
+    if not os.path.isfile(path):
+        raise OrpoError(f"{path}: no such file; `orpo report` needs the output_dir of an orpo training run")
+    train, evals = [], []
+    with open(path) as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise OrpoError(f"{path}, line {n}: invalid JSON") from None
+            if any(key.startswith("eval_") for key in record):
+                evals.append({k.removeprefix("eval_"): v for k, v in record.items()})
+            elif "nll" in record:
+                train.append(record)
+    return train, evals
+
+
+def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the up to `window − 1` values before it (the first ones average fewer)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def smoothing_window(points: int) -> int:
+    """1 (no smoothing) below SMOOTH_FROM logged points, else a tenth of them: per-batch metrics are noisy."""
+    return 1 if points < SMOOTH_FROM else points // 10
+
+
+def _draw(axis, records: list[dict], evals: list[dict], metrics: list[tuple[str, str]], styles: tuple[str, str],
+          mark_points: bool = False, **style) -> None:
+    """One line per metric for the training records (styles[0]) and the eval records (styles[1]);
+    `mark_points` marks the points of series shorter than 30. A long training series is drawn faintly,
+    with its trailing mean over smoothing_window(points) logs on top."""
+    for key, label in metrics:
+        for data, line, suffix in ((records, styles[0], ""), (evals, styles[1], " (eval)")):
+            x, y = _series(data, key)
+            if not x:
+                continue
+            window = smoothing_window(len(x)) if data is records else 1
+            if window > 1:
+                (raw,) = axis.plot(x, y, line, alpha=0.25, linewidth=0.8, **style)
+                axis.plot(x, trailing_mean(y, window), line, color=raw.get_color(),
+                          label=f"{label} (mean of {window} logs)")
+                continue
+            marks = dict(marker="o", markersize=3) if mark_points and len(x) < 30 else {}
+            axis.plot(x, y, line, label=label + suffix, **marks, **style)
+
+
+def plot(records: list[dict], evals: list[dict], name: str, path: str) -> bool:
+    """Write one PNG of PLOTS[name]; False (nothing written) if no record has its metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display; imported here: pyplot costs ~1 s at start-up
+    import matplotlib.pyplot as plt
+
+    title, left, ylabel, right = PLOTS[name]
+    if not any(_series(records, key)[0] for key, _ in left + right):
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    _draw(ax, records, evals, left, ("-", "--"), mark_points=True)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if right:
+        twin = ax.twinx()
+        _draw(twin, records, evals, right, (":", "-."), color="tab:red")
+        twin.set_ylabel(", ".join(label for _, label in right))
+        twin.set_ylim(-0.05, 1.05)
+        more = twin.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, loc="best", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _summary_rows(records: list[dict]) -> list[tuple[str, str, str]]:
+    keys = ("loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/rejected", "accuracy", "tokens_per_second")
+    first, last = records[0], records[-1]
+    return [(k, f"{first[k]:.4g}", f"{last[k]:.4g}") for k in keys if k in first and k in last]
+
+
+def write_report(output_dir: str) -> str:
+    """Write the PNGs and report.html into `output_dir` from its metrics.jsonl; return the HTML path."""
+    train, evals = read_metrics(os.path.join(output_dir, METRICS_FILE))
+    if not train:
+        raise OrpoError(f"{os.path.join(output_dir, METRICS_FILE)}: no training records to plot")
+    images = [name for name in PLOTS if plot(train, evals, name, os.path.join(output_dir, name))]
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{a}</td><td>{b}</td></tr>" for k, a, b in _summary_rows(train))
+    figures = "".join(f'<figure><img src="{name}" alt="{html.escape(PLOTS[name][0])}"></figure>' for name in images)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>orpo report: {html.escape(output_dir)}</title>
+<style>body{{font-family:sans-serif;max-width:1500px;margin:2em auto}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 10px;text-align:right}} figure{{display:inline-block;margin:8px}}</style>
+</head><body>
+<h1>orpo training report</h1>
+<p>{html.escape(output_dir)}: {len(train)} logged training steps (last: step {train[-1]["step"]}),
+{len(evals)} evaluations. ORPO is working when chosen and rejected log-probs separate and log_odds rises.</p>
+<table><tr><th>metric</th><th>first log</th><th>last log</th></tr>{rows}</table>
+{figures}
+</body></html>
+"""
+    path = os.path.join(output_dir, REPORT_FILE)
+    with open(path, "w") as f:
+        f.write(page)
+    return path

@@ -1,0 +1,226 @@
+"""`ORPOTrainer`: ORPO on top of `transformers.Trainer` (wiring only).
+
+Checkpoints, resume, schedulers, `report_to`, gradient checkpointing, DeepSpeed and FSDP come
+from the Trainer. What this module adds: data preparation (prepare.py), the batch layout
+(packing.py), one model call per micro-batch (forward.py), the loss (loss.py), and metrics.
+
+Normalisation (ARCHITECTURE.md): the NLL is a token mean and the odds-ratio term a pair mean
+over the whole optimizer step, so `_get_num_items_in_batch` returns both totals for the step and
+`compute_loss` divides by them; the Trainer must then not divide by the accumulation steps again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+
+import torch
+from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
+
+from orpo.data.prepare import tokenize_rows
+from orpo.data.render import TokenizedPair, ensure_chat_template
+from orpo.errors import OrpoError
+from orpo.ops.attention import use_span_attention
+from orpo.ops.forward import causal_lm, check_prefix_sharing, check_supported, pair_logps
+from orpo.ops.loss import orpo_loss
+from orpo.ops.packing import collate_padded, collate_prefix_shared, nll_token_count
+from orpo.train.callbacks import (MetricsJsonlCallback, MetricTotals, NonFiniteGuard, ReportCallback,
+                                  disable_dropout)
+from orpo.train.checkpoints import completed_step, mark_complete, resolve_resume
+from orpo.train.config import ORPOConfig
+from orpo.train.models import load_model, load_tokenizer
+from orpo.train.progress import ProgressReporter
+from orpo.train.report import METRICS_FILE
+
+logger = logging.getLogger(__name__)
+
+
+class ORPOTrainer(Trainer):
+    """ORPO trainer. Takes TRL's arguments: `model` (a model or a name/path), `args` (ORPOConfig),
+    `train_dataset`/`eval_dataset` (preference rows in any shape formats.py accepts, or
+    TokenizedPairs), `processing_class` (the tokenizer), `peft_config` (LoRA)."""
+
+    # compute_loss normalises by the whole step's totals (see module docstring)
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model=None,
+        args: ORPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        callbacks=None,
+        optimizers=(None, None),
+        **kwargs,
+    ):
+        args = args if args is not None else ORPOConfig(output_dir="orpo-output")
+        if not isinstance(args, ORPOConfig):
+            raise OrpoError(f"args must be an orpo.ORPOConfig, got {type(args).__name__}")
+        if isinstance(model, str):
+            name = model
+            model = load_model(name, **(args.model_init_kwargs or {}))
+            processing_class = processing_class or load_tokenizer(name)
+        if processing_class is None:
+            processing_class = load_tokenizer(model.name_or_path)
+        for warning in ensure_chat_template(processing_class):
+            logger.warning(warning)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        if args.disable_dropout:
+            disable_dropout(model)
+        check_supported(model)
+        if args.packing:
+            if args.packed_attention == "spans":
+                use_span_attention(causal_lm(model))
+            check_prefix_sharing(model, args.packed_attention)
+
+        self.prepared = {}
+        train_pairs = self._prepare(train_dataset, processing_class, args, "train")
+        eval_pairs = self._prepare(eval_dataset, processing_class, args, "eval")
+        pad_id = args.padding_value if args.padding_value is not None else processing_class.pad_token_id
+        if args.packing:
+            # attention costs as much as the linear layers at a row width of about 3 × hidden size
+            width = 3 * causal_lm(model).config.hidden_size
+            collator = partial(
+                collate_prefix_shared, pad_token_id=pad_id, attention=args.packed_attention, attention_width=width
+            )
+        else:
+            collator = partial(collate_padded, pad_token_id=pad_id)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=collator,
+            train_dataset=train_pairs,
+            eval_dataset=eval_pairs,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            **kwargs,
+        )
+        self.add_callback(MetricsJsonlCallback())
+        for default in (ProgressCallback, PrinterCallback):  # replaced by one bar / one line per log
+            self.remove_callback(default)
+        self.add_callback(ProgressReporter())
+        self.add_callback(NonFiniteGuard(self))
+        self.add_callback(ReportCallback())
+        self._metrics = {"train": MetricTotals(), "eval": MetricTotals()}
+        self._step_rows: list[int] = []  # dataset rows of the current optimizer step (error messages)
+        self.nonfinite_skipped = 0
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """Trainer.train, plus: `resume_from_checkpoint` True or "latest" = the newest *complete*
+        checkpoint in output_dir (none: start fresh); half-written checkpoints are deleted; an
+        output_dir with files is refused unless resuming or `overwrite_output_dir`."""
+        resume = resolve_resume(
+            self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir,
+            self.is_world_process_zero(), os.path.join(self.args.output_dir, METRICS_FILE),
+        )
+        self.accelerator.wait_for_everyone()  # the main process may have deleted incomplete checkpoints
+        self._step_rows = []
+        if resume and 0 < self.args.max_steps <= (step := completed_step(resume)):
+            # The run is finished; transformers' loop would still train one step past max_steps.
+            logger.info("%s is at step %d, max_steps is %d: nothing to train", resume, step, self.args.max_steps)
+            self._load_from_checkpoint(resume)
+            self.state = TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME))
+            return TrainOutput(self.state.global_step, 0.0, {})
+        return super().train(resume_from_checkpoint=resume, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer's save, then the completion marker (checkpoints.py); rotation only after it, so a
+        kill at any point leaves the previous complete checkpoint in place."""
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = self._get_output_dir(trial=trial)
+        self.accelerator.wait_for_everyone()  # every rank has written its part (rng state)
+        if self.args.should_save:
+            mark_complete(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"), self.state.global_step)
+            rotate_checkpoints(run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
+
+    def _prepare(self, dataset, tokenizer, args: ORPOConfig, split: str) -> list[TokenizedPair] | None:
+        if dataset is None:
+            return None
+        if isinstance(dataset, list) and dataset and isinstance(dataset[0], TokenizedPair):
+            return dataset
+        prepared = tokenize_rows(
+            dataset, tokenizer, args.max_length, args.max_prompt_length, args.max_completion_length,
+            strict=args.strict, source=f"{split} dataset",
+        )
+        logger.info("%s data: %s", split, prepared.report())
+        self.prepared[split] = prepared
+        return prepared.pairs
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy == "group_by_length":
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            lengths = [pair.shared_length for pair in dataset]
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths)
+        return super()._get_train_sampler(train_dataset)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+        """[NLL tokens, pairs] of the whole optimizer step, summed over micro-batches and ranks."""
+        totals = torch.stack(
+            [torch.stack([nll_token_count(b["target_kind"], self.args.nll_scope), b["num_pairs"]]) for b in batch_samples]
+        ).sum(0).to(device)
+        if self.args.world_size > 1:
+            totals = self.accelerator.gather(totals).view(-1, 2).sum(0)
+        return totals
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self._step_rows += inputs["pair_index"].tolist()
+        logps = pair_logps(model, inputs, self.args.logprob_chunk_size)
+        batch_nll_tokens = nll_token_count(inputs["target_kind"], self.args.nll_scope)
+        if num_items_in_batch is None:  # evaluation: normalise over this batch alone
+            nll_tokens, pairs = batch_nll_tokens, inputs["num_pairs"]
+        else:
+            nll_tokens, pairs = num_items_in_batch[0], num_items_in_batch[1]
+        nll_sum = logps.nll_sum(self.args.nll_scope)
+        loss, or_loss, log_odds = orpo_loss(
+            logps.logps_chosen, logps.logps_rejected, nll_sum, self.args.beta, nll_tokens, pairs
+        )
+        with torch.no_grad():
+            self._metrics["train" if model.training else "eval"].add(
+                nll_sum=nll_sum,
+                nll_tokens=batch_nll_tokens,
+                or_sum=or_loss.sum(),
+                log_odds_sum=log_odds.sum(),
+                logps_chosen_sum=logps.logps_chosen.sum(),
+                logps_rejected_sum=logps.logps_rejected.sum(),
+                correct=(log_odds > 0).sum(),
+                pairs=inputs["num_pairs"],
+                tokens=inputs["num_tokens"],
+            )
+        if num_items_in_batch is not None and self.accelerator.num_processes > 1:
+            # DDP averages gradients over ranks; the loss is already normalised by global totals
+            loss = loss * self.accelerator.num_processes
+        return (loss, {"log_odds": log_odds}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        reduce = self.accelerator.reduce if self.accelerator.num_processes > 1 else (lambda t: t)
+        metrics = self._metrics[split].summary(lambda t: reduce(t.to(self.args.device)).cpu())
+        if split == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items() if k not in ("tokens_per_second",)}
+        if split == "train" and self.nonfinite_skipped:
+            metrics["nonfinite_skipped"] = self.nonfinite_skipped  # steps skipped so far
+        logs.update(metrics)  # in place: evaluate() returns this same dict
+        self._metrics[split].reset()
+        super().log(logs, start_time)

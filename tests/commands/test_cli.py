@@ -1,0 +1,404 @@
+"""cli.py: `orpo train`, `orpo eval` and `orpo data inspect` on a tiny offline Llama + ChatML tokenizer.
+
+Most commands run in-process through `orpo.commands.cli.main(argv)` (output captured with capsys); a few run
+the `orpo` console script in a subprocess to check exit codes and that no traceback is printed.
+Nothing is fetched from the Hugging Face hub.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from orpo.commands.cli import main, parse_train_args
+from orpo.errors import OrpoError
+from orpo.train.models import load_model
+from tiny import word_level_tokenizer
+
+ORPO = Path(sys.executable).parent / "orpo"
+
+WORDS = ("<unk> user assistant system Hi there Hello Go away ! , . ? you are kind be brief "
+         "What is 2 + 4 5 the sky blue green red cat dog a an yes no sure never maybe "
+         "How do I help please thanks good bad fine water fire").split(" ") + ["\n"]
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+ROWS = [
+    {"prompt": "What is 2 + 2 ?", "chosen": "4", "rejected": "5"},
+    {"prompt": "Hi", "chosen": "Hello there !", "rejected": "Go away"},
+    {"prompt": "What is the sky ?", "chosen": "the sky is blue", "rejected": "the sky is green"},
+    {"prompt": "How do I help ?", "chosen": "please be kind", "rejected": "never help"},
+    {"prompt": "What is a cat ?", "chosen": "a cat is kind", "rejected": "a dog"},
+    {"prompt": "is water good ?", "chosen": "yes , water is good", "rejected": "no"},
+    {"prompt": "is fire good ?", "chosen": "fire is bad", "rejected": "sure"},
+    {"prompt": "How are you ?", "chosen": "fine , thanks", "rejected": "bad"},
+]
+
+RECORD_KEYS = {"index", "prompt_tokens", "chosen_tokens", "rejected_tokens", "chosen_logp_mean",
+               "rejected_logp_mean", "log_odds", "nll_sum", "nll_tokens"}
+METRIC_KEYS = {"loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/rejected", "accuracy", "margin",
+               "tokens", "tokens_per_second", "grad_norm", "learning_rate"}
+
+
+def chatml_tokenizer():
+    """WordLevel over WORDS, split on spaces/punctuation, "\\n" its own token; ChatML special tokens."""
+    return word_level_tokenizer(WORDS, ["<|im_start|>", "<|im_end|>"], CHATML, bos="<|im_start|>",
+                                eos="<|im_end|>", pad_token="<|im_end|>", unk_token="<unk>")
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def datasets_cache(tmp_path_factory):
+    """Keep datasets' cache of the test files out of the user's ~/.cache."""
+    import datasets
+
+    mp = pytest.MonkeyPatch()
+    cache = tmp_path_factory.mktemp("hf_datasets_cache")
+    mp.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    yield cache
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tok = chatml_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    reloaded = AutoTokenizer.from_pretrained(path)
+    assert reloaded.chat_template == CHATML and reloaded.pad_token == "<|im_end|>"
+    assert reloaded.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                        add_generation_prompt=True) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    write_jsonl(d / "prefs.jsonl", ROWS)
+    write_jsonl(d / "renamed.jsonl", [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}
+                                      for r in ROWS[:3]])
+    write_jsonl(d / "bad_json.jsonl", [ROWS[0], ROWS[1], "{bad json", ROWS[2]])
+    write_jsonl(d / "types.jsonl", [{"prompt": "Hi", "chosen": 1, "rejected": 2},
+                                    {"prompt": "Hi", "chosen": 3, "rejected": 4}])
+    write_jsonl(d / "one_bad.jsonl", [ROWS[0], {"prompt": "Hi", "chosen": "Hello", "rejected": "Hello"}, ROWS[1]])
+    return d
+
+
+def subprocess_env(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf_datasets_cache"),
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run_orpo(args, tmp_path, timeout=300):
+    return subprocess.run([str(ORPO), *map(str, args)], capture_output=True, text=True, env=subprocess_env(tmp_path),
+                          cwd=tmp_path, timeout=timeout)
+
+
+def error_line(err: str) -> str:
+    """The one `orpo: error:` line of stderr; it must be the last line and there must be no traceback."""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("orpo: error:")]
+    assert len(errors) == 1, err
+    assert lines[-1] == errors[0], err
+    return errors[0]
+
+
+# ---- bad input: one line, exit code 2 -----------------------------------------------------------------
+
+def expected_errors(data_dir):
+    d = data_dir
+    shapes = ("prompt/chosen/rejected strings, conversational message lists, or chosen/rejected only "
+              "(implicit shared prompt); use --prompt_column/--chosen_column/--rejected_column for other names")
+    return {
+        "missing file": (d / "nope.jsonl", f"{d / 'nope.jsonl'}: no such file"),
+        "bad json": (d / "bad_json.jsonl",
+                     f"{d / 'bad_json.jsonl'}, line 3: invalid JSON (Expecting property name enclosed in double "
+                     "quotes at column 2); expected one JSON object per line (--skip_bad_rows skips bad lines)"),
+        "columns": (d / "renamed.jsonl",
+                    f"{d / 'renamed.jsonl'}: missing column 'chosen'; columns found: ['question', 'good', 'bad']; "
+                    f"accepted shapes: {shapes}"),
+        "types": (d / "types.jsonl",
+                  f"{d / 'types.jsonl'}: zero usable pairs; kept 0 of 2 pairs; dropped 2: wrong types 2 (first at row 0)"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "bad json", "columns", "types"])
+@pytest.mark.parametrize("command", [["data", "inspect"], ["eval"]])
+def test_bad_data_one_line_exit_2(command, case, model_dir, data_dir, capsys):
+    dataset, message = expected_errors(data_dir)[case]
+    assert main([*command, "--model", str(model_dir), "--dataset", str(dataset)]) == 2
+    out, err = capsys.readouterr()
+    line = error_line(err)
+    assert line == f"orpo: error: {message}"
+    assert "orpo: error" not in out
+    if case == "bad json":
+        assert str(dataset) in line and "line 3" in line
+    if case == "columns":
+        assert "['question', 'good', 'bad']" in line and "accepted shapes" in line and "--chosen_column" in line
+
+
+@pytest.mark.parametrize("command", [["data", "inspect"], ["eval"]])
+def test_strict_names_the_dropped_row(command, model_dir, data_dir, capsys):
+    dataset = data_dir / "one_bad.jsonl"
+    assert main([*command, "--model", str(model_dir), "--dataset", str(dataset), "--strict"]) == 2
+    assert error_line(capsys.readouterr().err) == (
+        f"orpo: error: {dataset}, row 1: pair dropped (chosen == rejected) and --strict is set; "
+        "kept 2 of 3 pairs; dropped 1: chosen == rejected 1 (first at row 1)")
+
+
+def test_without_strict_the_bad_row_is_dropped_and_reported(model_dir, data_dir, capsys):
+    assert main(["data", "inspect", "--model", str(model_dir), "--dataset", str(data_dir / "one_bad.jsonl"),
+                 "-n", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "kept 2 of 3 pairs; dropped 1: chosen == rejected 1 (first at row 1)"
+
+
+@pytest.mark.parametrize("command", [["data", "inspect"], ["eval"]])
+def test_missing_model_path(command, data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--model", "./no/such/model", "--dataset", str(data_dir / "prefs.jsonl")]) == 2
+    assert error_line(capsys.readouterr().err) == "orpo: error: ./no/such/model: no such model directory"
+
+
+def test_train_subprocess_missing_model_no_traceback(data_dir, tmp_path):
+    result = run_orpo(["train", "--model", "./no/such/model", "--dataset", data_dir / "prefs.jsonl",
+                       "--output_dir", tmp_path / "out", "--report_to", "none"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert error_line(result.stderr) == "orpo: error: ./no/such/model: no such model directory"
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_subprocess_zero_pairs_no_traceback(model_dir, data_dir, tmp_path):
+    dataset = data_dir / "types.jsonl"
+    result = run_orpo(["train", "--model", model_dir, "--dataset", dataset, "--output_dir", tmp_path / "out",
+                       "--report_to", "none"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert error_line(result.stderr) == (
+        f"orpo: error: {dataset}: zero usable pairs; kept 0 of 2 pairs; dropped 2: wrong types 2 (first at row 0)")
+
+
+def test_inspect_subprocess_bad_json_no_traceback(model_dir, data_dir, tmp_path):
+    dataset = data_dir / "bad_json.jsonl"
+    result = run_orpo(["data", "inspect", "--model", model_dir, "--dataset", dataset], tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert error_line(result.stderr).startswith(f"orpo: error: {dataset}, line 3: invalid JSON")
+
+
+def test_train_subprocess_unknown_flag_no_traceback(model_dir, data_dir, tmp_path):
+    result = run_orpo(["train", "--model", model_dir, "--dataset", data_dir / "prefs.jsonl",
+                       "--output_dir", tmp_path / "out", "--no_such_flag", "1"], tmp_path)
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    assert "--no_such_flag" in result.stderr.strip().splitlines()[-1]
+
+
+# ---- column mapping and inspect output ----------------------------------------------------------------
+
+def test_inspect_column_mapping(model_dir, data_dir, capsys):
+    assert main(["data", "inspect", "--model", str(model_dir), "--dataset", str(data_dir / "renamed.jsonl"),
+                 "--prompt_column", "question", "--chosen_column", "good", "--rejected_column", "bad",
+                 "-n", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "=== row 1: prompt 9 tokens, chosen 4, rejected 3  (trained tokens in [[]])" in out
+    assert "\n Hi <|im_end|> \n" in out  # the prompt, decoded token by token
+    assert "[[Hello there ! <|im_end|>]]" in out and "[[Go away <|im_end|>]]" in out
+    assert "[[the sky is blue <|im_end|>]]" in out and "[[the sky is green <|im_end|>]]" in out
+    assert out.splitlines()[-1] == "kept 3 of 3 pairs"
+
+
+def test_inspect_output(model_dir, data_dir, capsys):
+    assert main(["data", "inspect", "--model", str(model_dir), "--dataset", str(data_dir / "prefs.jsonl"),
+                 "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "=== row 0: prompt 14 tokens, chosen 2, rejected 2  (trained tokens in [[]])"
+    assert "=== row 1: prompt 9 tokens, chosen 4, rejected 3  (trained tokens in [[]])" in lines
+    assert "=== row 2" not in out
+    # trained tokens (the completions with their <|im_end|>) between the markers; no ANSI codes off a tty
+    assert lines[lines.index("--- chosen") + 1] == "[[4 <|im_end|>]]"
+    assert lines[lines.index("--- rejected") + 1] == "[[5 <|im_end|>]]"
+    assert "[[Hello there ! <|im_end|>]]" in lines and "[[Go away <|im_end|>]]" in lines
+    assert "\033[" not in out
+    stats = lines[lines.index("=== statistics"):]
+    assert stats == [
+        "=== statistics",
+        "  prompt tokens: min 9, mean 12.2, max 14",
+        "  chosen tokens: min 2, mean 4.2, max 6",
+        "rejected tokens: min 2, mean 2.8, max 5",
+        "kept 8 of 8 pairs",
+    ]
+
+
+# ---- eval ---------------------------------------------------------------------------------------------
+
+def odds(logp: float) -> float:
+    return logp - math.log1p(-math.exp(logp))
+
+
+def test_eval_records_and_summary(model_dir, data_dir, tmp_path, capsys):
+    output = tmp_path / "out.jsonl"
+    assert main(["eval", "--model", str(model_dir), "--dataset", str(data_dir / "prefs.jsonl"),
+                 "--output", str(output)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    records, last = lines[:-1], lines[-1]
+    assert list(last) == ["summary"] and last["summary"] == summary
+    assert len(records) == len(ROWS) and [r["index"] for r in records] == list(range(len(ROWS)))
+    for r in records:
+        assert set(r) == RECORD_KEYS
+        assert r["log_odds"] == pytest.approx(odds(r["chosen_logp_mean"]) - odds(r["rejected_logp_mean"]),
+                                              rel=1e-4, abs=1e-5)
+        assert r["chosen_logp_mean"] < 0 and r["rejected_logp_mean"] < 0
+        assert r["nll_tokens"] == r["prompt_tokens"] + r["chosen_tokens"] - 1  # nll_scope=full
+    assert records[0]["prompt_tokens"] == 14 and records[0]["chosen_tokens"] == 2
+    assert records[1]["chosen_tokens"] == 4 and records[1]["rejected_tokens"] == 3
+    assert summary["pairs"] == len(ROWS)
+    assert summary["accuracy"] == sum(r["log_odds"] > 0 for r in records) / len(records)
+    assert summary["log_odds"] == pytest.approx(sum(r["log_odds"] for r in records) / len(records))
+    nll = sum(r["nll_sum"] for r in records) / sum(r["nll_tokens"] for r in records)
+    assert summary["nll"] == pytest.approx(nll)
+    assert summary["loss"] == pytest.approx(summary["nll"] + 0.1 * summary["or_loss"])
+
+
+def test_eval_limit(model_dir, data_dir, tmp_path, capsys):
+    output = tmp_path / "out.jsonl"
+    assert main(["eval", "--model", str(model_dir), "--dataset", str(data_dir / "prefs.jsonl"),
+                 "--output", str(output), "--limit", "2", "--batch_size", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(lines) == 3 and [r["index"] for r in lines[:2]] == [0, 1]
+    assert all(set(r) == RECORD_KEYS for r in lines[:2])
+    assert summary["pairs"] == 2 and lines[2] == {"summary": summary}
+
+
+# ---- train --------------------------------------------------------------------------------------------
+
+def test_train_end_to_end_subprocess(model_dir, data_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run_orpo(["train", "--model", model_dir, "--dataset", data_dir / "prefs.jsonl", "--output_dir", out,
+                       "--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1",
+                       "--report_to", "none", "--save_strategy", "no"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "train data: kept 8 of 8 pairs" in result.stderr
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model, LlamaForCausalLM)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == CHATML
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (out / "model.safetensors").is_file()
+    assert not (out / "pytorch_model.bin").exists()
+    trained, initial = load_file(out / "model.safetensors"), load_file(model_dir / "model.safetensors")
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+
+    again = run_orpo(["train", "--model", model_dir, "--dataset", data_dir / "prefs.jsonl", "--output_dir", out,
+                      "--max_steps", "1", "--report_to", "none"], tmp_path)
+    assert again.returncode == 2
+    assert error_line(again.stderr).startswith(f"orpo: error: output_dir {out} already has files (chat_template")
+    assert error_line(again.stderr).endswith("; pass --overwrite_output_dir to train into it, "
+                                             "or --resume_from_checkpoint latest to continue its run")
+    assert load_file(out / "model.safetensors").keys() == trained.keys()  # untouched
+    for r in steps:
+        assert METRIC_KEYS <= set(r), METRIC_KEYS - set(r)
+        assert r["loss"] == pytest.approx(r["nll"] + 0.1 * r["or_loss"], rel=1e-4)
+        assert r["margin"] == pytest.approx(r["logps/chosen"] - r["logps/rejected"], abs=1e-5)
+        assert r["accuracy"] in (0.0, 0.5, 1.0) and r["tokens"] > 0
+
+
+def test_train_peft_saves_merged_model(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(model_dir), "--dataset", str(data_dir / "prefs.jsonl"),
+                 "--output_dir", str(out), "--use_peft", "true", "--lora_r", "4",
+                 "--lora_target_modules", "q_proj", "v_proj", "--max_steps", "1",
+                 "--per_device_train_batch_size", "2", "--learning_rate", "0.01", "--report_to", "none",
+                 "--save_strategy", "no", "--disable_tqdm", "true"]) == 0
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model, LlamaForCausalLM)
+    trained, initial = load_file(out / "model.safetensors"), load_file(model_dir / "model.safetensors")
+    assert trained.keys() == initial.keys() and not any("lora" in k for k in trained)
+    for k in trained:
+        changed = not torch.equal(trained[k], initial[k])
+        assert changed == (k.endswith(("q_proj.weight", "v_proj.weight"))), k  # only the adapted modules
+    assert AutoTokenizer.from_pretrained(out).chat_template == CHATML
+
+
+# ---- --config -----------------------------------------------------------------------------------------
+
+def test_config_yaml_with_flag_override(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("beta: 0.5\nmax_steps: 3\nlearning_rate: 0.001\nlora_target_modules: [q_proj, v_proj]\n")
+    model_args, data_args, args = parse_train_args(["--config", str(config), "--model", "m", "--dataset", "d.jsonl",
+                                                    "--beta", "0.25"])
+    assert (args.beta, args.max_steps, args.learning_rate) == (0.25, 3, 0.001)
+    assert args.output_dir == "orpo-output"  # the default when neither gives one
+    assert model_args.model == "m" and model_args.lora_target_modules == ["q_proj", "v_proj"]
+    assert data_args.dataset == "d.jsonl"
+
+
+def test_config_file_missing(tmp_path):
+    with pytest.raises(OrpoError) as e:
+        parse_train_args(["--config", str(tmp_path / "nope.yaml"), "--model", "m", "--dataset", "d.jsonl"])
+    assert str(e.value) == f"{tmp_path / 'nope.yaml'}: no such config file"
+
+
+def test_config_file_missing_via_main(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--model", "m", "--dataset", "d.jsonl"]) == 2
+    assert error_line(capsys.readouterr().err) == f"orpo: error: {tmp_path / 'nope.yaml'}: no such config file"
+
+
+def test_output_dir_equals_form_is_kept():
+    _, _, args = parse_train_args(["--model", "m", "--dataset", "d.jsonl", "--output_dir=mine"])
+    assert args.output_dir == "mine"
+
+
+def test_config_yaml_null_means_none(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("max_length: null\n")
+    _, _, args = parse_train_args(["--config", str(config), "--model", "m", "--dataset", "d.jsonl"])
+    assert args.max_length is None
+
+
+def test_remote_code_is_off_unless_asked(monkeypatch, tmp_path):
+    model_args, _, _ = parse_train_args(["--model", "m", "--dataset", "d.jsonl"])
+    assert model_args.trust_remote_code is False
+    seen = {}
+
+    def from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(OrpoError, match="cannot load a causal LM: stop here"):
+        load_model(str(tmp_path))
+    assert seen["trust_remote_code"] is False

@@ -1,0 +1,267 @@
+"""Tests for orpo.data.load: loading every file type, one-line errors, pairs + drop counts, the drop report."""
+import gzip
+import json
+import re
+from collections import Counter
+
+import datasets
+import pandas as pd
+import pytest
+
+import orpo.data.load as data
+from orpo.data.load import dataset_to_pairs, format_drop_report, load_rows
+from orpo.errors import EMPTY_RESPONSE, SAME_RESPONSES, WRONG_TYPES, OrpoError
+from orpo.data.formats import PreferencePair
+
+ROWS = [{"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."},
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
+ULTRAFEEDBACK = "/work/shared/data/ultrafeedback_1k_train.jsonl"
+HH_RLHF = "/work/shared/data/hh_rlhf_harmless_test.jsonl.gz"
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+# --- load_rows: file types -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.json", "rows.parquet", "rows.csv", "rows.jsonl.gz",
+                                  "rows.csv.gz", "rows.parquet.gz"])
+def test_load_rows_file_types(tmp_path, name):
+    path = tmp_path / name
+    if ".jsonl" in name:
+        text = "".join(json.dumps(r) + "\n" for r in ROWS)
+        path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    elif name == "rows.json":  # a JSON list, not JSON lines
+        path.write_text(json.dumps(ROWS))
+    elif ".parquet" in name:
+        pd.DataFrame(ROWS).to_parquet(tmp_path / "plain.parquet")
+        raw = (tmp_path / "plain.parquet").read_bytes()
+        path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    else:
+        text = pd.DataFrame(ROWS).to_csv(index=False)
+        path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    rows = load_rows(str(path))
+    assert isinstance(rows, datasets.Dataset)
+    assert list(rows) == ROWS
+
+
+def test_load_rows_mixed_types_across_rows(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
+        json.dumps({"prompt": "Hi?", "chosen": "a", "rejected": "b"}),
+        json.dumps({"prompt": [{"role": "user", "content": "Yo"}], "chosen": "c", "rejected": "d"})])
+    pairs, drops, _ = dataset_to_pairs(load_rows(str(path)))
+    assert [p.prompt for p in pairs] == [[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "Yo"}]]
+    assert drops == Counter()
+
+
+def test_jsonl_is_read_without_the_datasets_json_builder(tmp_path, monkeypatch):
+    """JSON lines are read line by line by orpo (line numbers, UTF-8 checks, skippable lines)."""
+    path = write_jsonl(tmp_path / "rows.jsonl", [json.dumps(r) for r in ROWS])
+
+    def failing(*args, **kwargs):
+        raise AssertionError("datasets.load_dataset must not be used for JSON files")
+
+    monkeypatch.setattr(data.datasets, "load_dataset", failing)
+    assert list(load_rows(str(path))) == ROWS
+    # a field whose type changes from row to row: plain dicts, checked row by row later
+    bad = write_jsonl(tmp_path / "bad_types.jsonl", ['{"a": 1}', '{"a": "x"}'])
+    assert load_rows(str(bad)) == [{"a": 1}, {"a": "x"}]
+
+
+# --- load_rows: errors ---------------------------------------------------------------------------
+
+def test_malformed_line_reported_with_its_number(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [json.dumps(ROWS[0]), "", '{"prompt": "x", "chosen": }'])
+    with pytest.raises(OrpoError) as info:
+        load_rows(str(path))
+    assert str(info.value) == (f"{path}, line 3: invalid JSON (Expecting value at column 27); "
+                               "expected one JSON object per line (--skip_bad_rows skips bad lines)")
+
+
+def test_malformed_line_in_gzipped_jsonl(tmp_path):
+    path = tmp_path / "bad.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"a": 1}\n{"a": 2}\n{"a" 3}\n'))
+    with pytest.raises(OrpoError) as info:
+        load_rows(str(path))
+    assert str(info.value) == (f"{path}, line 3: invalid JSON (Expecting ':' delimiter at column 6); "
+                               "expected one JSON object per line (--skip_bad_rows skips bad lines)")
+
+
+def test_line_that_is_not_an_object(tmp_path):
+    path = write_jsonl(tmp_path / "list.jsonl", [json.dumps(ROWS[0]), "[1, 2]"])
+    with pytest.raises(OrpoError) as info:
+        load_rows(str(path))
+    assert str(info.value) == (f"{path}, line 2: a JSON array where an object was expected; "
+                               "expected one JSON object per line (--skip_bad_rows skips bad lines)")
+
+
+def test_missing_file_unknown_extension_empty_file(tmp_path):
+    with pytest.raises(OrpoError) as info:
+        load_rows(str(tmp_path / "nope.jsonl"))
+    assert str(info.value) == f"{tmp_path / 'nope.jsonl'}: no such file"
+
+    txt = tmp_path / "rows.txt"
+    txt.write_text("hello")
+    with pytest.raises(OrpoError) as info:
+        load_rows(str(txt))
+    assert str(info.value) == f"{txt}: unknown file type '.txt'; expected .jsonl, .json, .parquet or .csv (optionally .gz)"
+
+    for name, content in [("empty.jsonl", b""), ("blank.jsonl", b"\n  \n"), ("empty.json", b"[]"),
+                          ("empty.jsonl.gz", gzip.compress(b"")), ("header_only.csv", b"prompt,chosen,rejected\n")]:
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(OrpoError) as info:
+            load_rows(str(path))
+        assert str(info.value) == f"{path}: no rows"
+
+
+def test_corrupt_parquet(tmp_path):
+    path = tmp_path / "rows.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(OrpoError) as info:
+        load_rows(str(path))
+    assert str(info.value).startswith(f"{path}: could not read it as parquet (")
+    assert "\n" not in str(info.value)
+
+
+def test_hub_failure_is_one_line(monkeypatch):
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise ConnectionError("Couldn't reach 'someone/prefs' on the Hub (OfflineModeIsEnabled)\nmore details")
+
+    monkeypatch.setattr(data.datasets, "load_dataset", offline)
+    with pytest.raises(OrpoError) as info:
+        load_rows("someone/prefs", split="test")
+    assert str(info.value) == ("someone/prefs: not a local file, and loading it from the Hugging Face hub failed: "
+                               "Couldn't reach 'someone/prefs' on the Hub (OfflineModeIsEnabled)")
+    assert calls == [(("someone/prefs",), {"split": "test"})]
+
+
+# --- dataset_to_pairs and the report -------------------------------------------------------------
+
+def test_dataset_to_pairs_counts_drops_and_first_rows():
+    rows = [ROWS[0], {"prompt": "p", "chosen": "same", "rejected": "same"}, ROWS[1],
+            {"prompt": "p", "chosen": "", "rejected": "r"}, {"prompt": "p", "chosen": "x", "rejected": "x"},
+            {"prompt": "p", "chosen": 3, "rejected": "r"}]
+    pairs, drops, first_rows = dataset_to_pairs(rows)
+    assert pairs == [PreferencePair([{"role": "user", "content": "Hi?"}], [{"role": "assistant", "content": "Hello!"}],
+                                    [{"role": "assistant", "content": "Go away."}], index=0),
+                     PreferencePair([{"role": "user", "content": "2+2?"}], [{"role": "assistant", "content": "4"}],
+                                    [{"role": "assistant", "content": "5"}], index=2)]
+    assert drops == Counter({SAME_RESPONSES: 2, EMPTY_RESPONSE: 1, WRONG_TYPES: 1})
+    assert first_rows == {SAME_RESPONSES: 1, EMPTY_RESPONSE: 3, WRONG_TYPES: 5}
+    assert format_drop_report(len(rows), len(pairs), drops, first_rows) == (
+        "kept 2 of 6 pairs; dropped 4:\n"
+        "  chosen == rejected 2 (first at row 1)\n"
+        "  empty response 1 (first at row 3)\n"
+        "  wrong types 1 (first at row 5)")
+
+
+def test_dataset_to_pairs_custom_columns_and_missing_column_error():
+    rows = [{"q": "Hi?", "good": "Hello!", "bad": "Go away."}]
+    pairs, drops, _ = dataset_to_pairs(rows, "q", "good", "bad")
+    assert pairs[0].chosen == [{"role": "assistant", "content": "Hello!"}] and drops == Counter()
+    with pytest.raises(OrpoError, match=r"^my.jsonl: missing column 'chosen'; columns found: \['q', 'good', 'bad'\]; "):
+        dataset_to_pairs(rows, source="my.jsonl")
+
+
+def test_format_drop_report_single_reason_and_none():
+    assert format_drop_report(1000, 995, Counter({SAME_RESPONSES: 5}), {SAME_RESPONSES: 17}) == (
+        "kept 995 of 1000 pairs; dropped 5: chosen == rejected 5 (first at row 17)")
+    assert format_drop_report(3, 3, Counter(), {}) == "kept 3 of 3 pairs"
+
+
+# --- the real data files -------------------------------------------------------------------------
+
+def test_real_ultrafeedback():
+    rows = load_rows(ULTRAFEEDBACK)
+    assert len(rows) == 1000
+    pairs, drops, first_rows = dataset_to_pairs(rows, source=ULTRAFEEDBACK)
+    assert drops == Counter({SAME_RESPONSES: 4, EMPTY_RESPONSE: 2})
+    assert first_rows == {SAME_RESPONSES: 306, EMPTY_RESPONSE: 478}
+    assert len(pairs) == 994
+    assert format_drop_report(len(rows), len(pairs), drops, first_rows) == (
+        "kept 994 of 1000 pairs; dropped 6:\n  chosen == rejected 4 (first at row 306)\n"
+        "  empty response 2 (first at row 478)")
+
+
+def test_real_hh_rlhf():
+    rows = load_rows(HH_RLHF)
+    assert len(rows) == 2312
+    pairs, drops, first_rows = dataset_to_pairs(rows, source=HH_RLHF)
+    assert drops == Counter({EMPTY_RESPONSE: 4}) and first_rows == {EMPTY_RESPONSE: 86}
+    assert len(pairs) == 2308
+    for p in pairs:
+        assert p.prompt and p.prompt[-1]["role"] == "user" and p.prompt[-1]["content"].strip()
+        assert all(m["role"] == "assistant" and m["content"].strip() for m in p.chosen + p.rejected)
+    assert pairs[0].prompt[0] == {"role": "user", "content": "what are some pranks with a pen i can do?"}
+    assert pairs[0].chosen == [{"role": "assistant", "content": "No, sorry!  All of these involve a pen, the point "
+                                "is that you can get funny results by doing pranks with pens."}]
+
+
+# --- a hostile input corpus: every file gets one clear line or a counted skip ---------------------
+
+GOOD = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
+
+
+def _lines(*middle: bytes) -> bytes:
+    """Two good rows, the hostile bytes, two more good rows: the bad line is line 3."""
+    good = [json.dumps(r).encode() + b"\n" for r in GOOD]
+    return b"".join(good[:2] + [m + b"\n" for m in middle] + good[2:])
+
+
+def _row(**fields) -> bytes:
+    return json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", **fields}).encode()
+
+
+# name → (file bytes, the error when the file is fatal, or (pairs kept, the drop reason) when usable)
+CORPUS = {
+    "truncated.jsonl.gz": (gzip.compress(_lines() * 40)[:150], r"could not read it \(Compressed file ended before"),
+    "invalid_utf8.jsonl": (_lines(b'{"prompt": "x\xff", "chosen": "a", "rejected": "b"}'),
+                           r", line 3: not UTF-8 text \(byte 0xff at column 14\)"),
+    "deeply_nested.jsonl": (_lines(b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+                            r", line 3: JSON nested too deeply"),
+    "one_bad_line.jsonl": (_lines(b'{"prompt": "x", "chosen": '), r", line 3: invalid JSON \(Expecting value"),
+    "empty.jsonl": (b"", r": no rows$"),
+    "nested_list.json": (b"[" * 100_000 + b"]" * 100_000, r": JSON nested too deeply$"),
+    "null_fields.jsonl": (_lines(_row(prompt=None), _row(chosen=None)), (4, WRONG_TYPES)),
+    "numbers_for_text.jsonl": (_lines(_row(prompt=5, chosen=1.5)), (4, WRONG_TYPES)),
+    "unknown_role.jsonl": (_lines(_row(prompt=[{"role": "wizard", "content": "hi"}])), (4, WRONG_TYPES)),
+    "prompt_only_row.jsonl": (_lines(b'{"prompt": "only a prompt"}'), (4, WRONG_TYPES)),
+}
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_hostile_input(tmp_path, name):
+    content, expected = CORPUS[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    if isinstance(expected, str):
+        with pytest.raises(OrpoError) as info:
+            dataset_to_pairs(load_rows(str(path)))
+        assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+        assert re.search(expected, str(info.value)), str(info.value)
+    else:
+        kept, reason = expected
+        pairs, drops, first_rows = dataset_to_pairs(load_rows(str(path)))
+        assert len(pairs) == kept and set(drops) == {reason} and first_rows[reason] == 2
+
+
+@pytest.mark.parametrize("name", ["invalid_utf8.jsonl", "deeply_nested.jsonl", "one_bad_line.jsonl"])
+def test_skip_bad_rows_skips_and_counts_the_bad_line(tmp_path, name, caplog):
+    path = tmp_path / name
+    path.write_bytes(CORPUS[name][0])
+    with caplog.at_level("WARNING", logger="orpo.data.load"):
+        rows = load_rows(str(path), skip_bad_rows=True)
+    assert list(rows) == GOOD
+    assert f"{path}: skipped 1 bad line (first: line 3: " in caplog.text
+
+
+def test_prompt_only_file_is_one_line():
+    """Rows that never have answers: the missing column is named (tested in detail in test_formats)."""
+    with pytest.raises(OrpoError, match=r"missing column 'chosen'; columns found: \['prompt'\]"):
+        dataset_to_pairs([{"prompt": "p"}, {"prompt": "q"}], source="prompts.jsonl")

@@ -1,0 +1,248 @@
+"""render.py: exact trained tokens for ChatML-, Llama-3- and Zephyr-like templates, and truncation.
+
+The tokenizers are built offline: a WordLevel model over a tiny vocabulary that splits on spaces and
+punctuation and keeps "\\n" as its own token, so a stray template newline would show up in the ids.
+"""
+import pytest
+
+from orpo.errors import TOO_LONG, DroppedPair, OrpoError
+from orpo.data.formats import PreferencePair
+from orpo.data import render
+from orpo.data.render import DEFAULT_CHAT_TEMPLATE, ensure_chat_template, render_pair, truncate
+from tiny import word_level_tokenizer
+
+WORDS = ("<unk> \n user assistant system Hi there Hello Go away ! , . you are kind be brief "
+         "What is 2 + ? 4 5 : < | > im _ start end").split(" ") + ["\n"]
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Meta-Llama-3-8B-Instruct's template.
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# HuggingFaceH4/zephyr-7b-beta's template (rendered with trim_blocks/lstrip_blocks by transformers).
+ZEPHYR = """{% for message in messages %}
+{% if message['role'] == 'user' %}
+{{ '<|user|>\n' + message['content'] + eos_token }}
+{% elif message['role'] == 'system' %}
+{{ '<|system|>\n' + message['content'] + eos_token }}
+{% elif message['role'] == 'assistant' %}
+{{ '<|assistant|>\n'  + message['content'] + eos_token }}
+{% endif %}
+{% if loop.last and add_generation_prompt %}
+{{ '<|assistant|>' }}
+{% endif %}
+{% endfor %}"""
+# A template that writes no special token after the answer.
+PLAIN = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n\n' }}{% endfor %}" \
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+
+
+def make_tokenizer(special, template, **kw):
+    return word_level_tokenizer(WORDS, special, template, **kw)
+
+
+def chatml():  # like SmolLM2: bos_token is <|im_start|> but the tokenizer adds no BOS
+    return make_tokenizer(["<|im_start|>", "<|im_end|>"], CHATML, bos="<|im_start|>", eos="<|im_end|>")
+
+
+def llama3():
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+               "<|eot_id|>"]
+    return make_tokenizer(special, LLAMA3, bos="<|begin_of_text|>", eos="<|end_of_text|>", add_bos=True)
+
+
+def zephyr():
+    return make_tokenizer(["<s>", "</s>"], ZEPHYR, bos="<s>", eos="</s>", add_bos=True,
+                          plain_added=["<|user|>", "<|assistant|>", "<|system|>"])
+
+
+def pair(prompt=None, chosen="Hello there !", rejected="Go away", index=3):
+    prompt = prompt or [{"role": "user", "content": "Hi"}]
+    return PreferencePair(prompt, [{"role": "assistant", "content": chosen}],
+                          [{"role": "assistant", "content": rejected}], index)
+
+
+def toks(tok, tp):
+    c = tok.convert_ids_to_tokens
+    return c(tp.prompt_ids), c(tp.chosen_ids), c(tp.rejected_ids)
+
+
+def test_chatml_exact_tokens():
+    tok = chatml()
+    p, c, r = toks(tok, render_pair(pair(), tok, None, None, None))
+    assert p == ["<|im_start|>", "user", "\n", "Hi", "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"]
+    assert c == ["Hello", "there", "!", "<|im_end|>"]
+    assert r == ["Go", "away", "<|im_end|>"]
+
+
+def test_llama3_exact_tokens_bos_once():
+    tok = llama3()
+    assert tok("Hi")["input_ids"][0] == tok.bos_token_id  # the tokenizer adds BOS ...
+    tp = render_pair(pair(), tok, None, None, None)
+    p, c, r = toks(tok, tp)
+    # ... and the template writes it too: it must appear once.
+    assert p == ["<|begin_of_text|>", "<|start_header_id|>", "user", "<|end_header_id|>", "\n", "\n", "Hi",
+                 "<|eot_id|>", "<|start_header_id|>", "assistant", "<|end_header_id|>", "\n", "\n"]
+    # <|eot_id|> ends the turn; eos (<|end_of_text|>) is not appended on top.
+    assert c == ["Hello", "there", "!", "<|eot_id|>"]
+    assert r == ["Go", "away", "<|eot_id|>"]
+    assert tp.index == 3
+
+
+def test_zephyr_exact_tokens_bos_prepended():
+    tok = zephyr()
+    p, c, r = toks(tok, render_pair(pair(), tok, None, None, None))
+    assert p == ["<s>", "<|user|>", "\n", "Hi", "</s>", "\n", "<|assistant|>", "\n"]
+    assert c == ["Hello", "there", "!", "</s>"]
+    assert r == ["Go", "away", "</s>"]
+
+
+@pytest.mark.parametrize("make, eot", [(chatml, "<|im_end|>"), (llama3, "<|eot_id|>"), (zephyr, "</s>")])
+def test_invariants(make, eot):
+    tok = make()
+    prompt = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "What is 2 + 2 ?"}]
+    tp = render_pair(pair(prompt, "4", "5 !"), tok, None, None, None)
+    p, c, r = toks(tok, tp)
+    ids = tp.prompt_ids + tp.chosen_ids + tp.rejected_ids
+    if tok.bos_token_id is not None and make is not chatml:
+        assert p[0] == tok.bos_token and ids.count(tok.bos_token_id) == 1
+    for comp in (c, r):
+        assert comp[-1] == eot and comp.count(eot) == 1 and "\n" not in comp
+    assert p[-1] == "\n" and "<unk>" not in p + c + r
+
+
+def test_multi_turn_system_prompt_chatml():
+    tok = chatml()
+    prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "What is 2 + 2 ?"}]
+    p, c, r = toks(tok, render_pair(pair(prompt, "4", "5"), tok, None, None, None))
+    assert p == ["<|im_start|>", "system", "\n", "be", "brief", "<|im_end|>", "\n",
+                 "<|im_start|>", "user", "\n", "Hi", "<|im_end|>", "\n",
+                 "<|im_start|>", "assistant", "\n", "Hello", "<|im_end|>", "\n",
+                 "<|im_start|>", "user", "\n", "What", "is", "2", "+", "2", "?", "<|im_end|>", "\n",
+                 "<|im_start|>", "assistant", "\n"]
+    assert (c, r) == (["4", "<|im_end|>"], ["5", "<|im_end|>"])
+
+
+def test_template_without_end_token_gets_one_eos():
+    tok = make_tokenizer(["</s>"], PLAIN, eos="</s>")
+    p, c, r = toks(tok, render_pair(pair(), tok, None, None, None))
+    assert p == ["user", ":", "Hi", "\n", "\n", "assistant", ":"]
+    assert c == ["Hello", "there", "!", "</s>"] and r == ["Go", "away", "</s>"]
+
+
+def test_prompt_rendered_differently_raises():
+    template = "{% if messages[-1]['role'] == 'assistant' %}system : {% endif %}" + CHATML
+    tok = make_tokenizer(["<|im_start|>", "<|im_end|>"], template, eos="<|im_end|>")
+    with pytest.raises(OrpoError, match="row 7"):
+        render_pair(pair(index=7), tok, None, None, None)
+
+
+def test_default_chat_template_and_pad():
+    tok = make_tokenizer(["<|im_start|>", "<|im_end|>"], None, eos="<|im_end|>")
+    assert tok.pad_token is None
+    warnings = ensure_chat_template(tok)
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE and tok.pad_token == "<|im_end|>"
+    assert len(warnings) == 2 and "chat template" in warnings[0] and "pad" in warnings[1]
+    p, c, _ = toks(tok, render_pair(pair(), tok, None, None, None))
+    assert p == ["<|im_start|>", "user", "\n", "Hi", "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"]
+    assert c == ["Hello", "there", "!", "<|im_end|>"]
+    assert ensure_chat_template(tok) == []  # idempotent
+
+
+def test_default_chat_template_eos_fallback():
+    tok = make_tokenizer(["<s>", "</s>"], None, bos="<s>", eos="</s>", add_bos=True)
+    warnings = ensure_chat_template(tok)
+    assert "'</s>'" in warnings[0] and "end of turn" in warnings[0] and tok.pad_token == "</s>"
+    tp = render_pair(pair(), tok, None, None, None)
+    p, c, _ = toks(tok, tp)
+    im_start = ["<", "|", "im", "_", "start", "|", ">"]  # not in the vocab: plain text
+    assert p == ["<s>", *im_start, "user", "\n", "Hi", "</s>", "\n", *im_start, "assistant", "\n"]
+    assert c == ["Hello", "there", "!", "</s>"]
+
+
+# ---- truncation ------------------------------------------------------------------------------------
+
+BOS = 100
+
+
+def test_truncate_completion_from_right():
+    assert truncate([BOS, 1], [2, 3, 4, 5], [6, 7], None, None, 3, BOS) == ([BOS, 1], [2, 3, 4], [6, 7])
+
+
+def test_truncate_prompt_keeps_end_and_bos():
+    assert truncate([BOS, 1, 2, 3, 4], [5], [6], None, 3, None, BOS) == ([BOS, 3, 4], [5], [6])
+    assert truncate([1, 2, 3, 4], [5], [6], None, 2, None, BOS) == ([3, 4], [5], [6])  # no BOS to keep
+    assert truncate([1, 2, 3, 4], [5], [6], None, 2, None, None) == ([3, 4], [5], [6])
+    assert truncate([BOS, 1, 2], [5], [6], None, 1, None, BOS) == ([BOS], [5], [6])
+
+
+def test_truncate_max_length_cuts_completions():
+    assert truncate([BOS, 1, 2], [3, 4, 5, 6], [7, 8], 5, None, None, BOS) == ([BOS, 1, 2], [3, 4], [7, 8])
+    assert truncate([BOS, 1], [3, 4], [7], 4, None, None, BOS) == ([BOS, 1], [3, 4], [7])  # fits
+
+
+def test_truncate_drops_when_prompt_leaves_no_room():
+    with pytest.raises(DroppedPair) as e:
+        truncate([BOS, 1, 2, 3], [4], [5], 4, None, None, BOS)
+    assert e.value.reason == TOO_LONG
+    assert str(e.value) == "too long: prompt of 4 tokens leaves no room for the completion within max_length=4"
+
+
+def test_truncate_never_empty_completion():
+    for n_prompt in range(1, 6):
+        for max_length in range(1, 9):
+            for mpl in (None, 1, 2, 3):
+                for mcl in (None, 1, 2):
+                    prompt = [BOS] + list(range(1, n_prompt))
+                    try:
+                        p, c, r = truncate(prompt, [1, 2, 3], [4], max_length, mpl, mcl, BOS)
+                    except DroppedPair as e:
+                        assert e.reason == TOO_LONG and len(prompt if mpl is None else
+                                                            prompt[:mpl]) >= max_length
+                        continue
+                    assert c and r and len(p) + max(len(c), len(r)) <= max_length
+                    assert p[0] == BOS and (mpl is None or len(p) <= mpl)
+                    assert mcl is None or max(len(c), len(r)) <= mcl
+
+
+def test_render_pair_truncation_end_to_end():
+    tok = zephyr()
+    tp = render_pair(pair(prompt=[{"role": "user", "content": "What is 2 + 2 ?"}]), tok, 8, 5, 3)
+    p, c, r = toks(tok, tp)
+    assert p == ["<s>", "</s>", "\n", "<|assistant|>", "\n"]  # BOS kept, then the prompt's end
+    assert c == ["Hello", "there", "!"] and r == ["Go", "away", "</s>"]
+    with pytest.raises(DroppedPair, match="prompt of 5 tokens leaves no room"):
+        render_pair(pair(), tok, 5, 5, None)
+
+
+def test_clip_pair_keeps_exactly_the_tokens_truncation_keeps(monkeypatch):
+    """A 30k-character prompt and answer: cut to limit × MAX_CHARS_PER_TOKEN characters before
+    rendering, the ids are the same as rendering everything and truncating the tokens."""
+    long_prompt = [{"role": "user", "content": " ".join(["Hi"] * 9000) + " there"}]
+    big = pair(prompt=long_prompt, chosen=" ".join(["Hello", "there"] * 3000))
+    clipped = render.clip_pair(big, 64, 16, None)
+    assert len(clipped.prompt[0]["content"]) == 16 * render.MAX_CHARS_PER_TOKEN
+    assert clipped.prompt[0]["content"].endswith("Hi there")  # the prompt keeps its end
+    assert clipped.chosen[0]["content"] == big.chosen[0]["content"][: 64 * render.MAX_CHARS_PER_TOKEN]
+    assert clipped.rejected == big.rejected  # short texts are untouched
+    fast = render_pair(big, chatml(), 64, 16, None)
+    monkeypatch.setattr(render, "MAX_CHARS_PER_TOKEN", 10**9)  # no clipping
+    assert render_pair(big, chatml(), 64, 16, None) == fast
+    assert len(fast.prompt_ids) == 16 and len(fast.chosen_ids) == 64 - 16
+
+
+def test_no_limits_no_clipping():
+    big = pair(chosen="Hello " * 100_000)
+    assert render.clip_pair(big, None, None, None) == big

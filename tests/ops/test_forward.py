@@ -1,0 +1,313 @@
+"""forward.py: one batched model call + chunked head == naive per-sequence forwards.
+
+Naive reference: each sequence alone, unpadded, `model(ids).logits.float().log_softmax(-1)`; token t
+is scored by the logits at t − 1. Completion sums come from prompt + completion; prompt sums from
+the prompt alone. Models are tiny random Llama / Qwen2 models built from configs (no hub access).
+"""
+import pytest
+import torch
+import transformers
+
+from orpo.ops.attention import ATTENTION, use_span_attention
+from orpo.errors import OrpoError
+from orpo.ops.forward import causal_lm, check_prefix_sharing, check_supported, pair_logps
+from orpo.ops.loss import orpo_loss
+from orpo.ops.packing import collate_padded, collate_prefix_shared
+from orpo.data.render import TokenizedPair
+
+VOCAB = 96
+PAD = 0
+
+
+def tiny_model(arch: str, tied: bool, seed: int = 0) -> transformers.PreTrainedModel:
+    common = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=tied, max_position_embeddings=64,
+        initializer_range=0.2,  # larger than the default 0.02 so the next-token distribution is far from flat
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+    )
+    config = transformers.LlamaConfig(**common) if arch == "llama" else transformers.Qwen2Config(**common)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
+    use_span_attention(model)  # SDPA unless a batch carries pair_spans: every layout runs on this model
+    return model
+
+
+def _pair(rng, p, c, r, index):
+    ids = lambda n: torch.randint(3, VOCAB, (n,), generator=rng).tolist()  # noqa: E731
+    return TokenizedPair(prompt_ids=[1] + ids(p - 1), chosen_ids=ids(c), rejected_ids=ids(r), index=index)
+
+
+def make_pairs(seed=0):
+    """Odd lengths, one-token completions, very different completion lengths, a BOS-only prompt."""
+    rng = torch.Generator().manual_seed(seed)
+    shapes = [(5, 1, 13), (1, 9, 1), (3, 4, 2), (7, 3, 3)]  # (prompt, chosen, rejected)
+    return [_pair(rng, *s, i) for i, s in enumerate(shapes)]
+
+
+def naive_sums(model, pairs):
+    """Per pair: chosen/rejected/prompt log-prob sums and counts, one unpadded sequence at a time."""
+
+    def score(seq, first):
+        lp = model(input_ids=torch.tensor([seq])).logits.float().log_softmax(-1)[0]
+        ids = torch.tensor(seq[first:])
+        return lp[first - 1 : len(seq) - 1].gather(1, ids[:, None]).sum(), len(seq) - first
+
+    out = {k: [] for k in ("chosen_sum", "rejected_sum", "prompt_sum", "chosen_tokens", "rejected_tokens",
+                           "prompt_targets")}
+    for pair in pairs:
+        p = len(pair.prompt_ids)
+        for kind, completion in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+            s, n = score(pair.prompt_ids + completion, p)
+            out[f"{kind}_sum"].append(s)
+            out[f"{kind}_tokens"].append(n)
+        if p > 1:
+            s, n = score(pair.prompt_ids, 1)
+        else:
+            s, n = torch.zeros(()), 0
+        out["prompt_sum"].append(s)
+        out["prompt_targets"].append(n)
+    return {k: torch.stack(v) if k.endswith("sum") else torch.tensor(v) for k, v in out.items()}
+
+
+def scalar_objective(chosen_sum, rejected_sum, prompt_sum, chosen_tokens, rejected_tokens, nll_tokens):
+    """The ORPO loss with nll_scope="full" plus a prompt-only term, so every output gets a gradient."""
+    nll = -(chosen_sum.sum() + prompt_sum.sum())
+    loss, _, _ = orpo_loss(chosen_sum / chosen_tokens, rejected_sum / rejected_tokens, nll, 0.5, nll_tokens,
+                           chosen_sum.shape[0])
+    return loss + 0.01 * (rejected_sum * torch.arange(1.0, 1.0 + rejected_sum.shape[0])).sum()
+
+
+MODELS = [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)]
+# the layouts: padded rows; prefix-shared with span attention (all pairs in one row, per-pair SDPA
+# calls); prefix-shared with a dense mask and one pair per row (attention_width 1: short rows win)
+# or all pairs in one row (attention free: fewest padded tokens win)
+LAYOUTS = {
+    "padded": lambda pairs: collate_padded(pairs, PAD),
+    "spans": lambda pairs: collate_prefix_shared(pairs, PAD, attention="spans"),
+    "mask-row-per-pair": lambda pairs: collate_prefix_shared(pairs, PAD, attention="mask", attention_width=1),
+    "mask-one-row": lambda pairs: collate_prefix_shared(pairs, PAD, attention="mask", attention_width=10**9),
+}
+
+
+def test_layouts_really_differ():
+    pairs = make_pairs()
+    assert LAYOUTS["padded"](pairs)["input_ids"].shape[0] == 8
+    assert LAYOUTS["spans"](pairs)["input_ids"].shape == (1, sum(p.shared_length for p in pairs))
+    assert "attention_mask" not in LAYOUTS["spans"](pairs)
+    assert LAYOUTS["mask-row-per-pair"](pairs)["input_ids"].shape[0] == 4
+    assert LAYOUTS["mask-one-row"](pairs)["input_ids"].shape[0] == 1
+    assert tiny_model("llama", True).config._attn_implementation == ATTENTION
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("arch,tied", MODELS)
+@pytest.mark.parametrize("chunk_size", [5, 1024])
+def test_pair_logps_matches_naive_values(arch, tied, chunk_size, layout):
+    model = tiny_model(arch, tied)
+    pairs = make_pairs()
+    with torch.no_grad():
+        got = pair_logps(model, LAYOUTS[layout](pairs), chunk_size=chunk_size)
+        ref = naive_sums(model, pairs)
+    assert got.chosen_tokens.tolist() == [1, 9, 4, 3] == ref["chosen_tokens"].tolist()
+    assert got.rejected_tokens.tolist() == [13, 1, 2, 3] == ref["rejected_tokens"].tolist()
+    assert got.prompt_targets.tolist() == [4, 0, 2, 6] == ref["prompt_targets"].tolist()
+    for key in ("chosen_sum", "rejected_sum", "prompt_sum"):
+        value = getattr(got, key)
+        assert value.dtype == torch.float32 and value.shape == (4,), key
+        # sums of up to 13 fp32 log-probs of magnitude ~5: allow fp32 rounding relative to the sum
+        torch.testing.assert_close(value, ref[key], rtol=1e-6, atol=1e-5, msg=key)
+    # the distribution is not flat (a near-uniform model would hide position/mask mistakes)
+    assert (ref["chosen_sum"] / ref["chosen_tokens"]).std() > 0.05
+    torch.testing.assert_close(got.logps_chosen, ref["chosen_sum"] / ref["chosen_tokens"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.logps_rejected, ref["rejected_sum"] / ref["rejected_tokens"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.nll_sum("full"), -(ref["chosen_sum"].sum() + ref["prompt_sum"].sum()),
+                               rtol=0, atol=5e-5)
+    torch.testing.assert_close(got.nll_sum("completion"), -ref["chosen_sum"].sum(), rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("arch,tied", MODELS)
+def test_pair_logps_matches_naive_gradients(arch, tied, layout):
+    model = tiny_model(arch, tied, seed=1)
+    pairs = make_pairs(seed=1)
+    nll_tokens = sum(len(p.prompt_ids) - 1 + len(p.chosen_ids) for p in pairs)
+
+    got = pair_logps(model, LAYOUTS[layout](pairs), chunk_size=7)
+    value = scalar_objective(got.chosen_sum, got.rejected_sum, got.prompt_sum, got.chosen_tokens,
+                             got.rejected_tokens, nll_tokens)
+    grads = torch.autograd.grad(value, list(model.parameters()))
+
+    ref = naive_sums(model, pairs)
+    ref_value = scalar_objective(ref["chosen_sum"], ref["rejected_sum"], ref["prompt_sum"], ref["chosen_tokens"],
+                                 ref["rejected_tokens"], nll_tokens)
+    ref_grads = torch.autograd.grad(ref_value, list(model.parameters()))
+
+    torch.testing.assert_close(value, ref_value, rtol=0, atol=1e-5)
+    names = [n for n, _ in model.named_parameters()]
+    assert any("lm_head" in n for n in names) != tied  # the tied head is the embedding parameter
+    for name, g, r in zip(names, grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=name)
+    head = dict(zip(names, grads))["lm_head.weight" if not tied else "model.embed_tokens.weight"]
+    assert head.abs().max() > 1e-3  # the head gradient is really there
+
+
+def test_check_supported_accepts_plain_models():
+    check_supported(tiny_model("llama", True))
+    check_supported(tiny_model("qwen2", False))
+
+
+def test_check_supported_rejects_final_logit_softcapping():
+    model = tiny_model("llama", False)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(OrpoError, match=r"LlamaForCausalLM: final_logit_softcapping=30.0 is not supported"):
+        check_supported(model)
+
+
+def test_check_supported_rejects_gemma2_softcapping():
+    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                       final_logit_softcapping=30.0)
+    model = transformers.Gemma2ForCausalLM(config)
+    with pytest.raises(OrpoError, match=r"Gemma2ForCausalLM: final_logit_softcapping=30.0"):
+        check_supported(model)
+
+
+def test_check_supported_rejects_logit_scale_and_bias():
+    model = tiny_model("llama", False)
+    model.config.logit_scale = 0.0625
+    with pytest.raises(OrpoError, match=r"logit_scale=0.0625 is not supported"):
+        check_supported(model)
+    model = tiny_model("llama", False)
+    model.lm_head = torch.nn.Linear(32, VOCAB, bias=True)
+    with pytest.raises(OrpoError, match=r"needs a bias-free linear output head"):
+        check_supported(model)
+
+
+class _DDPLike(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def _lora(model, seed=2):
+    import peft
+
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # lora_B starts at 0 (adapter = identity); give it weights so it matters
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return lora.eval()
+
+
+def test_causal_lm_unwraps_peft_and_ddp():
+    model = tiny_model("llama", False)
+    lora = _lora(model)
+    assert causal_lm(lora) is model
+    assert causal_lm(_DDPLike(lora)) is model
+    assert causal_lm(_DDPLike(model)) is model
+    assert causal_lm(model) is model
+    check_supported(_DDPLike(lora))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_pair_logps_on_lora_model(tied):
+    model = tiny_model("llama", tied, seed=3)
+    lora = _lora(model)
+    pairs = make_pairs(seed=3)
+    nll_tokens = sum(len(p.prompt_ids) - 1 + len(p.chosen_ids) for p in pairs)
+    trainable = [(n, p) for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, _ in trainable)
+    assert not model.lm_head.weight.requires_grad
+
+    got = pair_logps(lora, collate_padded(pairs, PAD), chunk_size=4)
+    value = scalar_objective(got.chosen_sum, got.rejected_sum, got.prompt_sum, got.chosen_tokens,
+                             got.rejected_tokens, nll_tokens)
+    value.backward()
+    assert model.lm_head.weight.grad is None
+    assert model.get_input_embeddings().weight.grad is None
+    grads = {n: p.grad.clone() for n, p in trainable}
+    for n, p in trainable:
+        p.grad = None
+
+    ref = naive_sums(lora, pairs)  # the adapted model, one sequence at a time
+    for key in ("chosen_sum", "rejected_sum", "prompt_sum"):
+        torch.testing.assert_close(getattr(got, key), ref[key].detach(), rtol=0, atol=1e-5, msg=key)
+    ref_value = scalar_objective(ref["chosen_sum"], ref["rejected_sum"], ref["prompt_sum"], ref["chosen_tokens"],
+                                 ref["rejected_tokens"], nll_tokens)
+    ref_value.backward()
+    for n, p in trainable:
+        assert grads[n].abs().max() > 0, n
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    # the adapter changes the scores: the LoRA path is really the one being evaluated
+    with torch.no_grad(), lora.disable_adapter():
+        base = pair_logps(lora, collate_padded(pairs, PAD), chunk_size=4)
+    assert (base.chosen_sum - got.chosen_sum.detach()).abs().max() > 1e-3
+
+
+FAMILIES = {
+    "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+    "mistral": transformers.MistralConfig, "gemma": transformers.GemmaConfig,
+}
+
+
+def family_model(family):
+    config = FAMILIES[family](vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                              pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("attention", ["spans", "mask"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_check_prefix_sharing_accepts_families_that_honour_the_layout(family, attention):
+    """The families confirmed to take the layout's position ids and the 4D mask or the span
+    attention's pair_spans (transformers 5, SDPA)."""
+    model = family_model(family)
+    if attention == "spans":
+        use_span_attention(model)
+    check_prefix_sharing(model, attention)
+    pairs = make_pairs()
+    with torch.no_grad():
+        packed = pair_logps(model.eval(), collate_prefix_shared(pairs, PAD, attention=attention), chunk_size=16)
+        ref = naive_sums(model, pairs)
+    torch.testing.assert_close(packed.rejected_sum, ref["rejected_sum"], rtol=0, atol=1e-5)
+
+
+def _drop_inputs(model, *names):
+    original = model.forward
+
+    def forward_without(**kwargs):
+        for name in names:
+            kwargs.pop(name, None)
+        return original(**kwargs)
+
+    model.forward = forward_without
+    return model
+
+
+def test_check_prefix_sharing_rejects_a_model_that_ignores_the_mask():
+    model = _drop_inputs(tiny_model("llama", True), "attention_mask", "position_ids")
+    with pytest.raises(OrpoError, match=r"^LlamaForCausalLM ignores the attention layout .*use --packing false$"):
+        check_prefix_sharing(model, "mask")
+
+
+def test_check_prefix_sharing_rejects_a_model_that_drops_the_spans():
+    """Without pair_spans the span attention is SDPA with the all-False placeholder mask: caught."""
+    model = _drop_inputs(tiny_model("llama", True), "pair_spans")
+    with pytest.raises(OrpoError, match=r"^LlamaForCausalLM ignores the attention layout .*use --packing false$"):
+        check_prefix_sharing(model, "spans")
+
+
+def test_check_prefix_sharing_rejects_spans_without_span_attention():
+    """A model left on plain SDPA ignores pair_spans and gets the all-False placeholder mask: caught."""
+    model = family_model("llama")
+    with pytest.raises(OrpoError, match=r"ignores the attention layout"):
+        check_prefix_sharing(model, "spans")

@@ -1,0 +1,180 @@
+"""checkpoints.py: complete-only resume, and SIGKILL mid-run / mid-save then resume == uninterrupted.
+
+The kill tests run a tiny Llama for 8 optimizer steps with a checkpoint every 2 steps in a child
+process (tests/tiny.py model, 16 synthetic pairs, AdamW, fp32). One child is killed with SIGKILL
+after step 5 (latest complete checkpoint: 4), another while it writes checkpoint-6 (after the
+weights, before the optimizer state); both are resumed with `--resume_from_checkpoint latest`
+semantics and must end with the loss trajectory and weights of an uninterrupted run (1e-6).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from orpo.train.checkpoints import (
+    COMPLETE_MARKER, is_complete, latest_complete, mark_complete, remove_incomplete, resolve_resume,
+)
+from orpo.errors import OrpoError
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def _checkpoint(root, step, complete):
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"weights")
+    if complete:
+        mark_complete(str(path), step)
+    return path
+
+
+def test_only_marked_checkpoints_count(tmp_path):
+    _checkpoint(tmp_path, 2, complete=True)
+    _checkpoint(tmp_path, 10, complete=True)  # numeric order, not string order
+    half = _checkpoint(tmp_path, 12, complete=False)
+    (tmp_path / "checkpoint-x").mkdir()  # not a checkpoint name
+    assert json.loads((tmp_path / "checkpoint-10" / COMPLETE_MARKER).read_text()) == {
+        "step": 10, "files": ["model.safetensors"]}
+    assert not is_complete(str(half))
+    assert latest_complete(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert remove_incomplete(str(tmp_path)) == [str(half)]
+    assert not half.exists() and (tmp_path / "checkpoint-2").exists()
+
+
+def test_latest_resumes_the_newest_complete_and_trims_the_metrics(tmp_path):
+    _checkpoint(tmp_path, 4, complete=True)
+    _checkpoint(tmp_path, 6, complete=False)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (2, 4, 5)))
+    for resume in ("latest", "true", True):
+        assert resolve_resume(str(tmp_path), resume, False, True, str(metrics)) == str(tmp_path / "checkpoint-4")
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 4]
+    assert not (tmp_path / "checkpoint-6").exists()
+
+
+def test_latest_without_any_checkpoint_starts_fresh(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    assert resolve_resume(str(tmp_path), "latest", False, True, str(tmp_path / "metrics.jsonl")) is None
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_an_incomplete_checkpoint_path_is_refused(tmp_path):
+    half = _checkpoint(tmp_path, 6, complete=False)
+    with pytest.raises(OrpoError, match=r"checkpoint-6 is incomplete \(its save was interrupted.*latest"):
+        resolve_resume(str(tmp_path), str(half), False, True, str(tmp_path / "m.jsonl"))
+    with pytest.raises(OrpoError, match=r"nope: no such checkpoint directory"):
+        resolve_resume(str(tmp_path), str(tmp_path / "nope"), False, True, str(tmp_path / "m.jsonl"))
+
+
+def test_an_output_dir_with_files_is_not_overwritten_without_the_flag(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"a trained model")
+    with pytest.raises(OrpoError, match=r"already has files \(model.safetensors\); pass --overwrite_output_dir"):
+        resolve_resume(str(tmp_path), None, False, True, str(tmp_path / "metrics.jsonl"))
+    assert resolve_resume(str(tmp_path), None, True, True, str(tmp_path / "metrics.jsonl")) is None
+    assert resolve_resume(str(tmp_path / "new"), None, False, True, str(tmp_path / "new" / "m.jsonl")) is None
+
+
+RUN = r'''
+import json, os, signal, sys
+sys.path.insert(0, {tests!r})
+import torch
+from safetensors.torch import save_file
+from transformers import Trainer, TrainerCallback
+from orpo import ORPOConfig, ORPOTrainer
+from orpo.data.render import TokenizedPair
+from tiny import VOCAB, chatml_tokenizer, tiny_llama
+
+out, kill, resume, n_pairs = sys.argv[1], sys.argv[2], sys.argv[3] == "resume", int(sys.argv[4])
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()
+pairs = [TokenizedPair([1] + ids(2 + i % 5), ids(1 + i % 3), ids(1 + (i * 7) % 4), i) for i in range(n_pairs)]
+args = ORPOConfig(output_dir=out, max_steps=8, per_device_train_batch_size=2, learning_rate=1e-2,
+                  logging_steps=1, save_strategy="steps", save_steps=2, save_total_limit=2, report_to="none",
+                  disable_tqdm=True, use_cpu=True, seed=0)
+trainer = ORPOTrainer(model=tiny_llama(), args=args, train_dataset=pairs, processing_class=chatml_tokenizer())
+
+class KillAfterStep5(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+if kill == "step":
+    trainer.add_callback(KillAfterStep5())
+if kill == "save":  # die inside checkpoint-6's save: weights written, optimizer state not yet
+    original = Trainer._save_optimizer_and_scheduler
+    def save_then_die(self, output_dir):
+        if self.state.global_step == 6:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, output_dir)
+    Trainer._save_optimizer_and_scheduler = save_then_die
+trainer.train(resume_from_checkpoint="latest" if resume else None)
+save_file({{k: p.detach().contiguous() for k, p in trainer.model.named_parameters()}}, os.path.join(out, "final.safetensors"))
+'''
+
+
+def _run(tmp_path, out, kill, resume, pairs=16):
+    script = tmp_path / "run.py"
+    script.write_text(RUN.format(tests=str(TESTS)))
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    return subprocess.run([sys.executable, str(script), str(out), kill, resume, str(pairs)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def _losses(out):
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r and "train_runtime" not in r]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("whole")
+    result = _run(tmp, tmp / "out", "none", "fresh")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return _losses(tmp / "out"), load_file(str(tmp / "out" / "final.safetensors"))
+
+
+@pytest.mark.parametrize("kill,incomplete", [("step", None), ("save", "checkpoint-6")])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, kill, incomplete):
+    out = tmp_path / "out"
+    killed = _run(tmp_path, out, kill, "fresh")
+    assert killed.returncode == -signal.SIGKILL
+    assert latest_complete(str(out)) == str(out / "checkpoint-4")
+    if incomplete:  # the kill really hit the middle of a save
+        assert (out / incomplete / "model.safetensors").exists() and not is_complete(str(out / incomplete))
+    resumed = _run(tmp_path, out, "none", "resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    losses, weights = uninterrupted
+    got = _losses(out)
+    assert [step for step, _ in got] == list(range(1, 9)) == [step for step, _ in losses]
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in losses], abs=1e-6)
+    final = load_file(str(out / "final.safetensors"))
+    assert final.keys() == weights.keys()
+    for name in weights:
+        torch.testing.assert_close(final[name], weights[name], rtol=0, atol=1e-6, msg=name)
+    # save_total_limit 2 kept the two newest, all complete
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+    assert all(is_complete(str(p)) for p in out.glob("checkpoint-*"))
+
+
+def test_resuming_a_finished_run_trains_nothing(tmp_path):
+    """Resuming at max_steps (8, mid-epoch: 24 pairs are 12 steps): transformers' loop alone would train a
+    9th step before it checks max_steps; orpo loads the last checkpoint and trains nothing."""
+    out = tmp_path / "out"
+    for resume in ("fresh", "resume"):
+        result = _run(tmp_path, out, "none", resume, pairs=24)
+        assert result.returncode == 0, result.stderr[-2000:]
+        if resume == "fresh":
+            losses, weights = _losses(out), load_file(str(out / "final.safetensors"))
+    assert _losses(out) == losses and [step for step, _ in losses] == list(range(1, 9))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+    final = load_file(str(out / "final.safetensors"))
+    for name in weights:
+        torch.testing.assert_close(final[name], weights[name], rtol=0, atol=0, msg=name)

@@ -1,0 +1,370 @@
+"""trainer.py: the whole-step loss against a naive per-example reference from the paper, gradient
+accumulation exactness, metrics, and TRL-compatible usage.
+
+Naive reference (Hong et al. 2024, Eqs. 2-7), one unpadded sequence at a time, float64 on top of
+the model's fp32 log-softmax:
+    ℓ = mean completion log-prob; odds = e^ℓ / (1 − e^ℓ)
+    L_OR = −log σ(log odds_w − log odds_l), averaged over pairs
+    L_SFT = Σ NLL over the scope's tokens / their count (scope "full": prompt tokens 1.. + chosen)
+    L = L_SFT + β · L_OR
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from orpo.errors import OrpoError
+from orpo.ops.packing import collate_padded
+from orpo.data.render import TokenizedPair
+from orpo.train.config import ORPOConfig
+from orpo.train.report import METRICS_FILE
+from orpo.train.trainer import ORPOTrainer
+from tiny import VOCAB, chatml_tokenizer, tiny_llama
+
+def pairs(n=8, seed=0, high=VOCAB):
+    rng = torch.Generator().manual_seed(seed)
+    ids = lambda k: torch.randint(3, high, (k,), generator=rng).tolist()  # noqa: E731
+    lengths = [(5, 1, 7), (2, 6, 1), (9, 3, 3), (4, 2, 8), (3, 5, 2), (6, 1, 1), (1, 4, 4), (7, 2, 5)]
+    return [TokenizedPair([1] + ids(p), ids(c), ids(r), i) for i, (p, c, r) in enumerate(lengths[:n])]
+
+
+def naive_orpo_loss(model, batch_pairs, beta, nll_scope):
+    """The paper's equations, per example, float64 odds."""
+    nll_sum, nll_count, or_terms = 0.0, 0, []
+    for pair in batch_pairs:
+        ell = {}
+        for name, completion in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+            seq = torch.tensor([pair.prompt_ids + completion])
+            logp = model(input_ids=seq).logits.float().log_softmax(-1)[0, :-1].gather(1, seq[0, 1:, None])[:, 0]
+            p = len(pair.prompt_ids)
+            ell[name] = logp[p - 1 :].double().mean()
+            if name == "chosen":
+                scoped = logp if nll_scope == "full" else logp[p - 1 :]
+                nll_sum = nll_sum - scoped.double().sum()
+                nll_count += len(scoped)
+        odds = {k: torch.exp(v) / (1 - torch.exp(v)) for k, v in ell.items()}
+        or_terms.append(-torch.nn.functional.logsigmoid(torch.log(odds["chosen"]) - torch.log(odds["rejected"])))
+    return nll_sum / nll_count + beta * torch.stack(or_terms).mean()
+
+
+def make_trainer(tmp_path, model, train, **overrides):
+    args = dict(output_dir=str(tmp_path), report_to="none", save_strategy="no", disable_tqdm=True,
+                use_cpu=True, dataloader_pin_memory=False, seed=0)
+    args.update(overrides)
+    return ORPOTrainer(model=model, args=ORPOConfig(**args), train_dataset=train, processing_class=chatml_tokenizer())
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+LAYOUTS = {
+    "spans": dict(packing=True, packed_attention="spans"),
+    "mask": dict(packing=True, packed_attention="mask"),
+    "padded": dict(packing=False),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("nll_scope", ["full", "completion"])
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_compute_loss_matches_naive_reference_fp32(tmp_path, nll_scope, beta, layout):
+    data = pairs()
+    trainer = make_trainer(tmp_path, tiny_llama(), data, beta=beta, nll_scope=nll_scope, **LAYOUTS[layout])
+    model = trainer.model.train()
+    batch = trainer.data_collator(data)
+    assert ("pair_spans" in batch, "attention_mask" in batch) == {
+        "spans": (True, False), "mask": (True, True), "padded": (False, True)}[layout]
+    totals = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=totals)
+    loss.backward()
+    fast_grads = grads(model)
+    model.zero_grad()
+    reference = naive_orpo_loss(model, data, beta, nll_scope)
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6, abs=1e-6)
+    torch.testing.assert_close(fast_grads, grads(model), atol=1e-5, rtol=1e-4)
+
+
+def test_compute_loss_matches_naive_reference_bf16(tmp_path):
+    """bf16 weights and activations: the loss is within bf16 resolution of the fp32 reference."""
+    data = pairs()
+    reference = naive_orpo_loss(tiny_llama(), data, 0.1, "full").item()
+    trainer = make_trainer(tmp_path, tiny_llama(dtype=torch.bfloat16), data)
+    batch = collate_padded(data, pad_token_id=0)
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=trainer._get_num_items_in_batch([batch], "cpu"))
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(reference, rel=2e-2)
+
+
+def test_beta_zero_is_plain_nll(tmp_path):
+    data = pairs()
+    trainer = make_trainer(tmp_path, tiny_llama(), data, beta=0.0, nll_scope="completion")
+    batch = collate_padded(data, pad_token_id=0)
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=trainer._get_num_items_in_batch([batch], "cpu"))
+    nll = [tok for p in data for tok in p.chosen_ids]
+    with torch.no_grad():
+        reference = naive_orpo_loss(trainer.model, data, 0.0, "completion")
+    assert len(nll) == int(trainer._get_num_items_in_batch([batch], "cpu")[0])
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def _train(tmp_path, name, batch, accumulation, **overrides):
+    trainer = make_trainer(
+        tmp_path / name, tiny_llama(), pairs(), per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, max_steps=2, learning_rate=1e-2, logging_steps=1,
+        lr_scheduler_type="constant", optim="sgd",  # Adam would amplify float summation-order noise in ~0 grads
+        **overrides,
+    )
+    assert trainer.args.gradient_checkpointing  # the default: the recomputed forward must see the same layout
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return losses, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
+def test_micro_batch_split_gives_same_step(tmp_path):
+    """One step of 4 pairs == 2 micro-batches of 2 == 4 of 1: same losses and final weights."""
+    losses_whole, weights_whole = _train(tmp_path, "whole", 4, 1)
+    for batch, accumulation in ((2, 2), (1, 4)):
+        losses, weights = _train(tmp_path, f"split{batch}", batch, accumulation)
+        assert losses == pytest.approx(losses_whole, rel=1e-5)
+        torch.testing.assert_close(weights, weights_whole, atol=1e-6, rtol=1e-5)
+
+
+def test_metrics_are_logged_and_written_as_jsonl(tmp_path, capsys):
+    data = pairs()
+    trainer = make_trainer(tmp_path, tiny_llama(), data, per_device_train_batch_size=4, max_steps=2,
+                           logging_steps=1, learning_rate=1e-3)
+    trainer.eval_dataset = data[:4]
+    trainer.train()
+    metrics = trainer.evaluate()
+    printed = capsys.readouterr().out.splitlines()  # not a terminal: one plain line per log, no bar
+    assert [line.split("  ")[0] for line in printed] == ["step 1/2", "step 2/2", "eval step 2"], printed
+    assert "log_odds" in printed[0] and "eta" in printed[0] and "\r" not in "".join(printed)
+    records = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "logps.png").is_file()  # written at the end
+    train_records = [r for r in records if "nll" in r]
+    assert len(train_records) == 2
+    for key in ("loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/rejected", "accuracy", "margin",
+                "tokens", "tokens_per_second", "grad_norm", "learning_rate"):
+        assert key in train_records[0], key
+    first = train_records[0]
+    assert first["loss"] == pytest.approx(first["nll"] + 0.1 * first["or_loss"], rel=1e-5)
+    assert first["margin"] == pytest.approx(first["logps/chosen"] - first["logps/rejected"], rel=1e-5)
+    assert 0.0 <= first["accuracy"] <= 1.0
+    # tokens: the non-pad tokens of both rows of the 4 pairs of step 1
+    assert first["tokens"] > 0
+    for key in ("eval_loss", "eval_nll", "eval_or_loss", "eval_log_odds", "eval_accuracy"):
+        assert key in metrics, key
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_nll"] + 0.1 * metrics["eval_or_loss"], rel=1e-5)
+
+
+def test_layouts_train_the_same_weights(tmp_path):
+    """Span attention, the dense mask and padded rows: same losses and weights after 2 steps
+    (with gradient checkpointing, so the recomputed forward uses the layout too)."""
+    losses_spans, weights_spans = _train(tmp_path, "spans", 4, 1)
+    for layout in ("mask", "padded"):
+        losses, weights = _train(tmp_path, layout, 4, 1, **LAYOUTS[layout])
+        assert losses == pytest.approx(losses_spans, rel=1e-5)
+        torch.testing.assert_close(weights, weights_spans, atol=1e-6, rtol=1e-5)
+
+
+def test_packed_attention_spans_switches_the_model_and_mask_leaves_it(tmp_path):
+    spans = make_trainer(tmp_path / "a", tiny_llama(), pairs())
+    assert spans.model.config._attn_implementation == "orpo_span_sdpa"
+    mask = make_trainer(tmp_path / "b", tiny_llama(), pairs(), packed_attention="mask")
+    assert mask.model.config._attn_implementation == "sdpa"
+    with pytest.raises(OrpoError, match="packed_attention must be one of spans, mask, got 'flex'"):
+        ORPOConfig(output_dir=str(tmp_path), packed_attention="flex")
+
+
+POISON = VOCAB - 1  # a token id the embedding hook below turns into NaN
+
+
+def _poisoned_trainer(tmp_path, on_nonfinite):
+    """8 pairs, 2 per step, SGD; pair 5 (step 3 in file order, no shuffling) contains POISON, whose
+    embedding the hook makes NaN: that step's loss and gradients are NaN."""
+    data = pairs(high=POISON)
+    data[5] = TokenizedPair(data[5].prompt_ids, data[5].chosen_ids + [POISON], data[5].rejected_ids, 5)
+    model = tiny_llama()
+
+    def poison(module, args, output):
+        return output.masked_fill((args[0] == POISON)[..., None], float("nan"))
+
+    model.get_input_embeddings().register_forward_hook(poison)
+    trainer = make_trainer(tmp_path, model, data, per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
+                           optim="sgd", logging_steps=1, on_nonfinite=on_nonfinite, train_sampling_strategy="sequential")
+    weights = []
+
+    class RecordWeights(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            weights.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+
+    trainer.add_callback(RecordWeights())
+    return trainer, weights
+
+
+def test_nonfinite_step_is_skipped_counted_and_never_applied(tmp_path, caplog):
+    trainer, weights = _poisoned_trainer(tmp_path, "skip")
+    with caplog.at_level("WARNING", logger="orpo.train.trainer"):
+        trainer.train()
+    assert len(weights) == 4 and all(torch.isfinite(w).all() for w in weights)
+    assert torch.equal(weights[2], weights[1])  # step 3 (pairs 4 and 5) changed nothing
+    assert not torch.equal(weights[3], weights[2]) and not torch.equal(weights[1], weights[0])
+    assert "step 3: non-finite loss or gradient; dataset rows [4, 5]: optimizer step skipped" in caplog.text
+    skipped = [r.get("nonfinite_skipped", 0) for r in trainer.state.log_history if "loss" in r]
+    assert skipped == [0, 0, 1, 1]
+
+
+def test_nonfinite_step_stops_with_the_step_and_rows(tmp_path):
+    trainer, weights = _poisoned_trainer(tmp_path, "stop")
+    with pytest.raises(OrpoError, match=r"^step 3: non-finite loss or gradient; dataset rows \[4, 5\] \(--on_nonfinite skip"):
+        trainer.train()
+    assert len(weights) == 2
+
+
+DISTRIBUTED_RUN = r'''
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import torch
+from safetensors.torch import save_file
+from orpo import ORPOConfig, ORPOTrainer
+from orpo.data.render import TokenizedPair
+from tiny import VOCAB, chatml_tokenizer, tiny_llama
+
+out, batch, accumulation = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()
+pairs = [TokenizedPair([1] + ids(2 + i % 5), ids(1 + i % 3), ids(1 + (i * 7) % 4), i) for i in range(12)]
+args = ORPOConfig(output_dir=out, max_steps=3, per_device_train_batch_size=batch,
+                  gradient_accumulation_steps=accumulation, learning_rate=1e-2, logging_steps=1, save_strategy="no",
+                  report_to="none", disable_tqdm=True, seed=0)  # no use_cpu: orpo sets it under torchrun without GPUs
+assert args.world_size == int(os.environ.get("WORLD_SIZE", "1"))
+trainer = ORPOTrainer(model=tiny_llama(), args=args, train_dataset=pairs, processing_class=chatml_tokenizer())
+trainer.train()
+if trainer.is_world_process_zero():
+    save_file({{k: p.detach().contiguous() for k, p in trainer.model.named_parameters()}}, os.path.join(out, "final.safetensors"))
+'''
+
+
+def _distributed_run(tmp_path, name, processes, batch, accumulation):
+    from safetensors.torch import load_file
+
+    script = tmp_path / "run.py"
+    script.write_text(DISTRIBUTED_RUN.format(tests=str(Path(__file__).resolve().parents[1])))
+    out = tmp_path / name
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29731"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launch + [str(script), str(out), str(batch), str(accumulation)], capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    steps = [r for r in records if "nll" in r]
+    return steps, load_file(str(out / "final.safetensors"))
+
+
+def test_two_ranks_equal_one_process_and_gradient_accumulation(tmp_path):
+    """torchrun with 2 CPU (gloo) ranks × 2 pairs == 1 process × 4 pairs == 1 process × 2 pairs ×
+    2 accumulation steps: same per-step losses and metrics, same final weights (AdamW, fp32)."""
+    reference, weights = _distributed_run(tmp_path, "single", 1, 4, 1)
+    assert [r["step"] for r in reference] == [1, 2, 3]
+    for name, processes, batch, accumulation in (("ddp", 2, 2, 1), ("ga2", 1, 2, 2)):
+        steps, final = _distributed_run(tmp_path, name, processes, batch, accumulation)
+        for key in ("loss", "nll", "or_loss", "log_odds", "accuracy", "tokens"):
+            assert [r[key] for r in steps] == pytest.approx([r[key] for r in reference], abs=1e-5), (name, key)
+        for param in weights:
+            torch.testing.assert_close(final[param], weights[param], rtol=0, atol=1e-5, msg=f"{name}: {param}")
+
+
+def test_activation_checkpointing_is_on_by_default_and_the_old_name_still_works(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the default itself must not warn
+        assert ORPOConfig(output_dir=str(tmp_path)).activation_checkpointing is True
+    with pytest.warns(FutureWarning, match="gradient_checkpointing"):
+        off = ORPOConfig(output_dir=str(tmp_path), gradient_checkpointing=False)
+    assert off.activation_checkpointing is False and off.gradient_checkpointing is False
+    assert ORPOConfig(output_dir=str(tmp_path), activation_checkpointing=False).gradient_checkpointing is False
+
+
+def _tensorboard_scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb")).Reload()
+    return [(e.step, e.value) for e in events.Scalars(f"train/{tag}")]
+
+
+def _mlflow_scalars(run_dir, tag):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, tag), key=lambda m: m.step)]
+
+
+def _spy_on_wandb_log(monkeypatch, run_dir):
+    """wandb 0.31 keeps an offline run in a binary file only its server reads back, so record what the
+    Trainer's WandbCallback hands to the run's log (which still writes the offline run) in wandb-log.jsonl."""
+    from wandb.sdk.wandb_run import Run
+
+    log = Run.log
+
+    def recording_log(run, data, *args, **kwargs):
+        with open(run_dir / "wandb-log.jsonl", "a") as f:
+            f.write(json.dumps(data) + "\n")
+        return log(run, data, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "log", recording_log)  # wandb.init binds wandb.log to the run's log
+
+
+def _wandb_scalars(run_dir, tag):
+    logs = [json.loads(line) for line in (run_dir / "wandb-log.jsonl").read_text().splitlines()]
+    assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))  # the offline run was written
+    return [(log["train/global_step"], log[f"train/{tag}"]) for log in logs if f"train/{tag}" in log]
+
+
+def _trackio_scalars(run_dir, tag):
+    from trackio.sqlite_storage import SQLiteStorage
+
+    (run,) = SQLiteStorage.get_runs("orpo-test")
+    return [(log["train/global_step"], log[f"train/{tag}"]) for log in SQLiteStorage.get_logs("orpo-test", run)
+            if f"train/{tag}" in log]
+
+
+INTEGRATIONS = {  # report_to name: (environment that keeps it offline and in tmp_path, reader)
+    "tensorboard": ({"TENSORBOARD_LOGGING_DIR": "{run_dir}/tb"}, _tensorboard_scalars),
+    "mlflow": ({"MLFLOW_TRACKING_URI": "sqlite:///{run_dir}/mlflow.db"}, _mlflow_scalars),
+    "wandb": ({"WANDB_MODE": "offline", "WANDB_DIR": "{run_dir}", "WANDB_SILENT": "true"}, _wandb_scalars),
+    "trackio": ({"TRACKIO_DIR": "{run_dir}/trackio"}, _trackio_scalars),
+}
+
+
+@pytest.mark.parametrize("backend", list(INTEGRATIONS))
+def test_report_to_integrations_get_the_orpo_metrics_offline(tmp_path, monkeypatch, backend):
+    """report_to goes through the Trainer's callbacks: each backend records orpo's metrics with the values of
+    metrics.jsonl. tensorboard is a test dependency; the others run where installed (pip install wandb ...)."""
+    environment, read = INTEGRATIONS[backend]
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value.format(run_dir=tmp_path))
+    pytest.importorskip(backend)  # after the environment: trackio reads TRACKIO_DIR when imported
+    if backend == "wandb":
+        _spy_on_wandb_log(monkeypatch, tmp_path)
+    trainer = make_trainer(tmp_path, tiny_llama(), pairs(), per_device_train_batch_size=4, max_steps=3,
+                           logging_steps=1, learning_rate=1e-3, report_to=[backend],
+                           project="orpo-test", report=False)
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    for tag in ("loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/rejected", "accuracy"):
+        expected = [(r["step"], r[tag]) for r in records if tag in r]
+        logged = read(tmp_path, tag)
+        assert [step for step, _ in logged] == [step for step, _ in expected], tag
+        assert [value for _, value in logged] == pytest.approx([value for _, value in expected], rel=1e-6), tag
