@@ -25,9 +25,10 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from orpo.data.load import dataset_to_pairs, load_rows  # noqa: E402
+from orpo.data.formats import rows_to_pairs  # noqa: E402
+from orpo.data.load import load_rows  # noqa: E402
 from orpo.train.models import fetch_smollm2  # noqa: E402
-from orpo.data.prepare import tokenize_rows  # noqa: E402
+from orpo.data.prepare import prepare_dataset  # noqa: E402
 from orpo.data.render import ensure_chat_template  # noqa: E402
 
 DATA = "/work/shared/data"
@@ -57,7 +58,7 @@ def ultrafeedback_candidates():
 
 
 def hh_candidates():
-    pairs, _, _ = dataset_to_pairs(load_rows(HH))  # implicit prompt -> explicit message lists
+    pairs = rows_to_pairs(load_rows(HH)).pairs  # implicit prompt -> explicit message lists
     for p in pairs:
         yield {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
 
@@ -89,7 +90,7 @@ def select_rows(candidates, tokenizer, n, max_length):
     rows, pairs = [], []
     for row in candidates:
         try:
-            pair = tokenize_rows([row], tokenizer, max_length, None, None).pairs[0]
+            pair = prepare_dataset([row], tokenizer, max_length=max_length, max_prompt_length=None).pairs[0]
         except Exception:  # dropped (too long, ...): not a usable pair
             continue
         rows.append(row)

@@ -21,7 +21,7 @@ class DroppedPair(Exception):
 
 TOO_LONG = "too long"
 SAME_RESPONSES = "chosen == rejected"
-SAME_AFTER_TRUNCATION = "chosen == rejected after truncation"
+SAME_AFTER_TRUNCATION = "chosen == rejected as tokens"  # after tokenization and truncation
 EMPTY_RESPONSE = "empty response"
 WRONG_TYPES = "wrong types"
 UNKNOWN_ROLE = "unknown role"

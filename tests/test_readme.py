@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from orpo.commands.cli import build_parser
-from tiny import save_tiny_chat_model
+from tiny import byte_level_chatml_tokenizer, save_tiny_chat_model
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -23,10 +23,15 @@ def code_blocks(text: str, language: str) -> list[tuple[int, str]]:
 
 
 def _workdir(tmp_path) -> tuple[Path, str]:
-    """A repository-like directory whose ../shared is the real data, and a tiny model saved beside it."""
+    """A repository-like directory (its tests/ are the repository's: the data fixtures) whose ../shared is
+    the real data, and a tiny model beside it with a byte-level tokenizer (real texts keep distinct ids)."""
     (tmp_path / "shared").symlink_to(SHARED)
     (tmp_path / "repo").mkdir()
-    return tmp_path / "repo", save_tiny_chat_model(tmp_path / "tiny")
+    (tmp_path / "repo" / "tests").symlink_to(REPO / "tests")
+    with open(SHARED / "data" / "ultrafeedback_1k_train.jsonl") as f:  # BPE merges: about 4 characters a token
+        corpus = [text for line, _ in zip(f, range(300)) for text in json.loads(line).values() if isinstance(text, str)]
+    tokenizer = byte_level_chatml_tokenizer(corpus, vocab_size=2000)
+    return tmp_path / "repo", save_tiny_chat_model(tmp_path / "tiny", tokenizer=tokenizer)
 
 
 def _run(command: list[str], cwd: Path, timeout: int, **kwargs) -> subprocess.CompletedProcess:

@@ -58,9 +58,26 @@ def tiny_chat_model(tokenizer, context=2048, seed=0):
     return transformers.LlamaForCausalLM(config)
 
 
-def save_tiny_chat_model(path, seed=0):
-    """tiny_chat_model with the ChatML tokenizer, saved as a Hugging Face directory; returns the path."""
-    tok = chatml_tokenizer()
+def save_tiny_chat_model(path, seed=0, tokenizer=None):
+    """tiny_chat_model with `tokenizer` (default: the word-level ChatML one), saved as a Hugging Face
+    directory; returns the path."""
+    tok = tokenizer if tokenizer is not None else chatml_tokenizer()
     tiny_chat_model(tok, seed=seed).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def byte_level_chatml_tokenizer(corpus=("the sky is blue, what is 2 + 2? Hello there! Say hi in Spanish.",),
+                                vocab_size=300):
+    """A byte-level BPE tokenizer (every text gets distinct ids, no <unk>), trained in a blink on `corpus`
+    (a larger corpus and vocabulary give fewer tokens per text), with ChatML special tokens and template:
+    for data in any language or shape."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(list(corpus), vocab_size=vocab_size, min_frequency=1,
+                            special_tokens=["<|im_start|>", "<|im_end|>", "<pad>"], show_progress=False)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>",
+                                               pad_token="<pad>")
+    tok.chat_template = chatml_tokenizer().chat_template
+    return tok

@@ -4,18 +4,18 @@ Each line typed is a user turn; the answer streams back as it is generated and j
 so the next turn sees the whole conversation. Commands: `/reset` forgets the history, `/system TEXT`
 sets a system prompt (and resets), `/exit` or end of input stops. When the conversation no longer
 fits the model's context (`max_position_embeddings − max_new_tokens` prompt tokens), the oldest
-exchanges are dropped, with a notice. Decoding is that of `orpo generate`: greedy unless
-`temperature > 0`.
+exchanges are dropped, with a notice. Prompts are encoded as in training and decoding is that of
+`orpo generate` (greedy unless `temperature > 0`, stopping at EOS or the end of turn).
 """
 from __future__ import annotations
 
 from typing import Iterable, TextIO
 
 import torch
-from jinja2 import TemplateError
 from transformers import TextStreamer
 
-from orpo.commands.generate import encode_prompt, sampling_kwargs
+from orpo.commands.generate import generate_kwargs
+from orpo.data.render import TEMPLATE_ERRORS, encode_prompt, template_error_message
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt), /exit"
 
@@ -55,6 +55,7 @@ def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, system: str |
     model.eval()
     context = getattr(model.config, "max_position_embeddings", None)
     max_prompt_tokens = context - max_new_tokens if context else None
+    kwargs = generate_kwargs(model, tokenizer, temperature)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     for line in lines:
@@ -81,8 +82,9 @@ def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, system: str |
         try:
             fitted, ids, dropped = fit_history(tokenizer, messages + [{"role": "user", "content": text}],
                                                max_prompt_tokens)
-        except TemplateError as err:  # e.g. a template that refuses system messages
-            out.write(f"(the chat template refused the conversation: {err}; try /reset or /system)\n")
+        except TEMPLATE_ERRORS as err:  # e.g. a template that refuses system messages
+            out.write(f"(the chat template refused the conversation: {template_error_message(err)}; "
+                      "try /reset or /system)\n")
             continue
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:  # the history stays as it was
             out.write(f"(message not sent: {len(ids)} prompt tokens, the model takes {max_prompt_tokens} "
@@ -92,8 +94,7 @@ def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, system: str |
             out.write(f"(dropped the {dropped} oldest exchange{'s' * (dropped > 1)} to fit the context)\n")
         messages = fitted
         output = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                streamer=_StreamTo(tokenizer, out), **sampling_kwargs(temperature))
+                                max_new_tokens=max_new_tokens, streamer=_StreamTo(tokenizer, out), **kwargs)
         answer = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": answer})
     return messages

@@ -7,10 +7,12 @@ in one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
 import sys
+import typing
 from pathlib import Path
 
 from orpo.errors import OrpoError
@@ -61,13 +63,13 @@ def parse_train_args(argv: list[str]):
     return tuple(parsed)
 
 
-def _load_model(model_args: ModelArguments):
+def _load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):
     import torch
 
     from orpo.train.models import load_model
 
-    dtype = "auto" if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
-    return load_model(model_args.model, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+    return load_model(name, dtype="auto" if dtype == "auto" else getattr(torch, dtype),
+                      trust_remote_code=trust_remote_code)
 
 
 def _load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -84,18 +86,11 @@ def cmd_train(argv: list[str]) -> int:
     model_args, data_args, config = parse_train_args(argv)
     from orpo.train.trainer import ORPOTrainer
 
-    tokenizer = _load_tokenizer(model_args.model, model_args.trust_remote_code)
-    columns = _columns(data_args)
-    train = _prepare(data_args.dataset, data_args.dataset_split, tokenizer, config, columns, data_args.skip_bad_rows)
-    logger.info("train data: %s", train.report())
-    eval_pairs = None
-    if data_args.eval_dataset:
-        prepared_eval = _prepare(
-            data_args.eval_dataset, data_args.eval_split, tokenizer, config, columns, data_args.skip_bad_rows
-        )
-        logger.info("eval data: %s", prepared_eval.report())
-        eval_pairs = prepared_eval.pairs
-    model = _load_model(model_args)
+    tokenizer = _load_tokenizer(model_args.model, config.trust_remote_code)
+    # Prepared before the model loads, so a data problem ends the run in seconds.
+    train = _prepare(data_args.dataset, data_args.dataset_split, tokenizer, config)
+    eval_data = _prepare(data_args.eval_dataset, data_args.eval_split, tokenizer, config) if data_args.eval_dataset else None
+    model = _load_model(model_args.model, model_args.dtype, config.trust_remote_code)
     peft_config = None
     if model_args.use_peft:
         from peft import LoraConfig
@@ -110,8 +105,8 @@ def cmd_train(argv: list[str]) -> int:
     trainer = ORPOTrainer(
         model=model,
         args=config,
-        train_dataset=train.pairs,
-        eval_dataset=eval_pairs,
+        train_dataset=train,
+        eval_dataset=eval_data,
         processing_class=tokenizer,
         peft_config=peft_config,
     )
@@ -123,43 +118,72 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def _prepare(source: str, split: str, tokenizer, args, columns: dict, skip_bad_rows: bool):
-    from orpo.data.load import load_rows
-    from orpo.data.prepare import tokenize_rows
+def _prepare(source: str, split: str, tokenizer, args):
+    """`source` through the one data path with the data fields of `args` (ORPOConfig or eval/inspect flags)."""
+    from orpo.data.prepare import prepare_dataset
+    from orpo.train.config import to_row_format
 
-    rows = load_rows(source, split, skip_bad_rows)
-    return tokenize_rows(
-        rows, tokenizer, args.max_length, args.max_prompt_length, args.max_completion_length,
-        strict=args.strict, source=source, **columns,
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    return prepare_dataset(
+        source, tokenizer, to_row_format(args, seed), args.max_length, args.max_prompt_length,
+        args.max_completion_length, strict=args.strict, skip_bad_rows=args.skip_bad_rows, split=split,
     )
 
 
-def _common_data_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="hub id, local directory or .gguf file")
-    parser.add_argument("--dataset", required=True, help="preference data file or hub dataset id")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--prompt_column")
-    parser.add_argument("--chosen_column")
-    parser.add_argument("--rejected_column")
-    parser.add_argument("--max_length", type=int, default=1024)
-    parser.add_argument("--max_prompt_length", type=int, default=512)
-    parser.add_argument("--max_completion_length", type=int, default=None)
-    parser.add_argument("--strict", action="store_true", help="make any dropped pair an error")
-    parser.add_argument("--skip_bad_rows", action="store_true", help="skip and count unreadable JSON lines")
+def subcommand_flags(name: str, sources: list[tuple[type, tuple[str, ...]]]) -> type:
+    """A dataclass holding the named fields of each source dataclass, with their types, defaults and
+    help unchanged: the flags of `orpo eval` and `orpo data inspect` are the training fields themselves."""
+    specs = []
+    for cls, names in sources:
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for n in names:
+            f = fields[n]
+            default = {} if f.default is dataclasses.MISSING else {"default": f.default}
+            if f.default_factory is not dataclasses.MISSING:
+                default = {"default_factory": f.default_factory}
+            specs.append((n, hints[n], dataclasses.field(metadata=f.metadata, **default)))
+    required_first = sorted(specs, key=lambda spec: not (spec[2].default is dataclasses.MISSING
+                                                         and spec[2].default_factory is dataclasses.MISSING))
+    return dataclasses.make_dataclass(name, required_first)
 
 
-def _columns(args) -> dict:
-    return {k: getattr(args, k) for k in ("prompt_column", "chosen_column", "rejected_column")}
+DATA_FIELDS = ("prompt_column", "chosen_column", "rejected_column", "response_columns", "label_column", "label_map",
+               "rating_key", "binarize", "max_length", "max_prompt_length", "max_completion_length", "strict",
+               "skip_bad_rows", "seed", "data_seed")
 
 
-def cmd_eval(args) -> int:
+def _subcommand_parser(command: str):
+    from transformers import HfArgumentParser
+
+    from orpo.train.config import EvalArguments, InspectArguments, ORPOConfig
+
+    sources = [(ModelArguments, ("model", "dtype") if command == "eval" else ("model",)),
+               (DataArguments, ("dataset", "dataset_split")),
+               (ORPOConfig, ("trust_remote_code", *DATA_FIELDS) + (("beta", "nll_scope") if command == "eval" else ()))]
+    sources.append((EvalArguments, ("output", "limit", "batch_size")) if command == "eval"
+                   else (InspectArguments, ("n",)))
+    flags = subcommand_flags(command.title().replace(" ", "") + "Flags", sources)
+    return HfArgumentParser(flags, prog=f"orpo {command}")
+
+
+def parse_subcommand_args(command: str, argv: list[str]):
+    """The flags of `orpo eval` / `orpo data inspect` (the same fields as `orpo train`'s)."""
+    args, remaining = _subcommand_parser(command).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        raise OrpoError(f"orpo {command}: unknown options {remaining}; see orpo {command} --help")
+    return args
+
+
+def cmd_eval(argv: list[str]) -> int:
     from orpo.commands.evaluate import evaluate_pairs, summarize
 
-    tokenizer = _load_tokenizer(args.model)
-    prepared = _prepare(args.dataset, args.split, tokenizer, args, _columns(args), args.skip_bad_rows)
+    args = parse_subcommand_args("eval", argv)
+    tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
+    prepared = _prepare(args.dataset, args.dataset_split, tokenizer, args)
     logger.info("%s", prepared.report())
     pairs = prepared.pairs[: args.limit] if args.limit else prepared.pairs
-    model = _load_model(ModelArguments(model=args.model, dtype=args.dtype))
+    model = _load_model(args.model, args.dtype, args.trust_remote_code)
     records = evaluate_pairs(model, pairs, tokenizer.pad_token_id, args.nll_scope, args.batch_size)
     summary = summarize(records, args.beta)
     if args.output:
@@ -171,9 +195,10 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_inspect(args) -> int:
-    tokenizer = _load_tokenizer(args.model)
-    prepared = _prepare(args.dataset, args.split, tokenizer, args, _columns(args), args.skip_bad_rows)
+def cmd_inspect(argv: list[str]) -> int:
+    args = parse_subcommand_args("data inspect", argv)
+    tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
+    prepared = _prepare(args.dataset, args.dataset_split, tokenizer, args)
     mark = ("\033[1;32m", "\033[0m") if sys.stdout.isatty() else ("[[", "]]")
     for pair in prepared.pairs[: args.n]:
         print(f"=== row {pair.index}: prompt {len(pair.prompt_ids)} tokens, chosen {len(pair.chosen_ids)}, "
@@ -187,6 +212,8 @@ def cmd_inspect(args) -> int:
     for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
         lengths = [len(getattr(p, name)) for p in prepared.pairs]
         print(f"{name[:-4]:>8} tokens: min {min(lengths)}, mean {statistics.mean(lengths):.1f}, max {max(lengths)}")
+    if prepared.shapes:
+        print("rows by shape: " + ", ".join(f"{shape} {count}" for shape, count in prepared.shapes.most_common()))
     print(prepared.report())
     return 0
 
@@ -220,7 +247,7 @@ def cmd_generate(args) -> int:
     answers = {}
     for name in models:
         tokenizer = _load_tokenizer(name)
-        model = _load_model(ModelArguments(model=name))
+        model = _load_model(name)
         logger.info("generating %d answers with %s", len(prompts), name)
         answers[name] = generate_answers(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
                                          args.seed, args.batch_size)
@@ -256,7 +283,7 @@ def cmd_chat(args) -> int:
     from orpo.commands.chat import chat_loop
 
     tokenizer = _load_tokenizer(args.model)
-    model = _load_model(ModelArguments(model=args.model, dtype=args.dtype))
+    model = _load_model(args.model, args.dtype)
     chat_loop(model, tokenizer, _typed_lines("you> "), sys.stdout, system=args.system,
               max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
               echo=not sys.stdin.isatty())
@@ -268,20 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train a model with ORPO (all flags: orpo train --help)", add_help=False)
 
-    ev = sub.add_parser("eval", help="ORPO metrics of a model on preference data, without training")
-    _common_data_flags(ev)
-    ev.add_argument("--output", help="write one JSON record per pair, then a summary line, to this file")
-    ev.add_argument("--limit", type=int, default=None, help="only the first N usable pairs")
-    ev.add_argument("--beta", type=float, default=0.1)
-    ev.add_argument("--nll_scope", choices=["full", "completion"], default="full")
-    ev.add_argument("--batch_size", type=int, default=4)
-    ev.add_argument("--dtype", default="float32", choices=DTYPES)
-
+    sub.add_parser("eval", help="ORPO metrics of a model on preference data, without training (orpo eval --help)",
+                   add_help=False)
     data = sub.add_parser("data", help="look at preference data as the trainer sees it")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    inspect = data_sub.add_parser("inspect", help="rendered pairs with the trained tokens marked, and statistics")
-    _common_data_flags(inspect)
-    inspect.add_argument("-n", type=int, default=3, help="number of pairs to show")
+    data_sub.add_parser("inspect", help="rendered pairs with the trained tokens marked, shapes, statistics and drops "
+                        "(orpo data inspect --help)", add_help=False)
 
     demo = sub.add_parser("demo", help="offline ORPO demo on SmolLM2-135M-Instruct (a few minutes on CPU)")
     demo.add_argument("--output_dir", default="orpo-demo")
@@ -319,10 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        # train, eval and data inspect take the config fields as flags (HfArgumentParser)
         if argv[:1] == ["train"]:
             return cmd_train(argv[1:])
+        if argv[:1] == ["eval"]:
+            return cmd_eval(argv[1:])
+        if argv[:2] == ["data", "inspect"]:
+            return cmd_inspect(argv[2:])
         args = build_parser().parse_args(argv)
-        handler = {"eval": cmd_eval, "data": cmd_inspect, "demo": cmd_demo, "fetch-model": cmd_fetch_model,
+        handler = {"demo": cmd_demo, "fetch-model": cmd_fetch_model,
                    "report": cmd_report, "generate": cmd_generate, "chat": cmd_chat}
         return handler[args.command](args)
     except OrpoError as err:

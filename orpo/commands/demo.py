@@ -79,32 +79,21 @@ def answers_as_json(text: str) -> bool:
     return isinstance(value, dict) and set(value) == {"answer"}
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 24) -> list[str]:
-    """Greedy answers, one prompt at a time (no padding side effects)."""
-    import torch
-
-    model.eval()
-    outputs = []
-    for messages in prompts:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        outputs.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
-    return outputs
-
-
 def measure(model, tokenizer, held_out_pairs, held_out_rows, beta: float) -> tuple[dict, list[str]]:
+    """Preference metrics on the held-out pairs, and greedy answers (prompted as in training)."""
     from orpo.commands.evaluate import evaluate_pairs, summarize
+    from orpo.commands.generate import generate_answers
 
     summary = summarize(evaluate_pairs(model, held_out_pairs, tokenizer.pad_token_id), beta)
-    answers = generate(model, tokenizer, [row["prompt"] for row in held_out_rows])
+    prompts = [{"messages": row["prompt"]} for row in held_out_rows]
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=24, temperature=0.0, seed=0, batch_size=8)
     summary["json_answers"] = sum(answers_as_json(a) for a in answers) / len(answers)
     return summary, answers
 
 
 def run_demo(output_dir: str = "orpo-demo", max_steps: int | None = None, seed: int = 0) -> dict:
     from orpo.train.models import fetch_smollm2, load_model, load_tokenizer
-    from orpo.data.prepare import tokenize_rows
+    from orpo.data.prepare import prepare_dataset
     from orpo.train.config import ORPOConfig
     from orpo.train.trainer import ORPOTrainer
 
@@ -135,8 +124,8 @@ def run_demo(output_dir: str = "orpo-demo", max_steps: int | None = None, seed: 
         seed=seed,
         disable_tqdm=True,
     )
-    held_out = tokenize_rows(held_out_rows, tokenizer, config.max_length, config.max_prompt_length,
-                             config.max_completion_length, source="demo held-out set").pairs
+    held_out = prepare_dataset(held_out_rows, tokenizer, config.row_format(), config.max_length,
+                               config.max_prompt_length, config.max_completion_length, name="demo held-out set").pairs
     print(f"demo: {len(train_rows)} training pairs, {len(held_out_rows)} held-out pairs "
           f"(chosen: JSON answers, rejected: the same answer as a sentence); data in {out / 'data'}")
 

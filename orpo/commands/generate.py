@@ -1,8 +1,9 @@
 """`orpo generate`: answers of one or two models to the same prompts, side by side (jsonl + HTML).
 
 Prompts come from a JSON-lines file: `{"prompt": "..."}`, `{"prompt": [messages]}`, or MT-Bench's
-`{"question_id": 81, "turns": ["...", ...]}` (the first turn). Each prompt goes through the model's
-chat template with the generation prompt; decoding is greedy unless `temperature > 0`.
+`{"question_id": 81, "turns": ["...", ...]}` (the first turn). Each prompt is encoded exactly as
+training encodes it (`render.encode_prompt`); an answer ends at EOS or the chat template's end of
+turn (`render.stop_token_ids`); decoding is greedy unless `temperature > 0`.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 
 import torch
 
+from orpo.data.render import encode_prompt, stop_token_ids
 from orpo.errors import OrpoError
 
 
@@ -44,15 +46,12 @@ def read_prompts(path: str) -> list[dict]:
     return prompts
 
 
-def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Prompt ids of `messages` through the chat template, ending with the generation prompt."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def sampling_kwargs(temperature: float) -> dict:
-    """`generate` arguments: greedy at temperature 0, sampling above."""
-    return dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+def generate_kwargs(model, tokenizer, temperature: float) -> dict:
+    """`model.generate` arguments shared by generate and chat: stop at EOS or the end of turn,
+    pad with the pad token, greedy at temperature 0 and sampling above."""
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    return dict(eos_token_id=stop_token_ids(tokenizer, model.generation_config),
+                pad_token_id=tokenizer.pad_token_id, **sampling)
 
 
 @torch.no_grad()
@@ -60,14 +59,13 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
                      seed: int, batch_size: int) -> list[str]:
     """One answer per prompt (left-padded batches; only the new tokens are decoded)."""
     torch.manual_seed(seed)
-    tokenizer.padding_side = "left"
     model.eval()
+    kwargs = generate_kwargs(model, tokenizer, temperature)
     answers = []
     for start in range(0, len(prompts), batch_size):
         batch = [{"input_ids": encode_prompt(tokenizer, p["messages"])} for p in prompts[start : start + batch_size]]
-        inputs = tokenizer.pad(batch, return_tensors="pt")
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                **sampling_kwargs(temperature))
+        inputs = tokenizer.pad(batch, padding_side="left", return_tensors="pt")  # the tokenizer's own side untouched
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
         new = output[:, inputs["input_ids"].shape[1] :]
         answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return answers

@@ -2,7 +2,7 @@
 
 `python -m orpo.commands.reference README.md` rewrites the block between the markers; tests/test_reference.py
 fails when the README's block differs from what the dataclasses say, so the two cannot drift.
-Listed: every field of ModelArguments and DataArguments, and of ORPOConfig the fields it declares
+Listed: every field of ModelArguments, DataArguments, EvalArguments and InspectArguments, and of ORPOConfig the fields it declares
 (added to `transformers.TrainingArguments` or redefined); the rest keep the Trainer's meaning.
 """
 from __future__ import annotations
@@ -43,14 +43,19 @@ def declared_fields(config_class) -> list[dataclasses.Field]:
 
 def config_reference() -> str:
     """The whole generated block, markers included."""
-    from orpo.train.config import DataArguments, ModelArguments, ORPOConfig
+    from orpo.train.config import DataArguments, EvalArguments, InspectArguments, ModelArguments, ORPOConfig
 
     return "\n\n".join([
         BEGIN,
         "Model (`orpo train`):", fields_table(dataclasses.fields(ModelArguments)),
         "Data (`orpo train`):", fields_table(dataclasses.fields(DataArguments)),
         "ORPO (`orpo train`, and `ORPOConfig` in Python); every other `TrainingArguments` field is a flag too, "
-        "with the Trainer's default:", fields_table(declared_fields(ORPOConfig)),
+        "with the Trainer's default. `orpo eval` and `orpo data inspect` take `--model`, `--dataset`, "
+        "`--dataset_split`, `--trust_remote_code` and the data fields (columns, labels, ratings, lengths, `--strict`, "
+        "`--skip_bad_rows`, `--seed`); eval also `--dtype`, `--beta`, `--nll_scope`:",
+        fields_table(declared_fields(ORPOConfig)),
+        "Only `orpo eval`:", fields_table(dataclasses.fields(EvalArguments)),
+        "Only `orpo data inspect`:", fields_table(dataclasses.fields(InspectArguments)),
         END,
     ])
 

@@ -1,30 +1,73 @@
 """Raw dataset rows → `PreferencePair` (message lists), for every supported shape.
 
-Shapes, detected per row (so one dataset may mix them):
+`rows_to_pairs` resolves a dataset's columns once, then detects each row's shape (so one dataset may
+mix the chosen/rejected shapes) and counts the rows it drops, by reason. Shapes (SHAPE_* names):
 
-a. prompt/chosen/rejected strings:
+prompt/chosen/rejected strings:
    {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}
-b. conversational: a prompt message list ending with a non-assistant turn, and assistant replies
+conversational: a prompt message list ending with a non-assistant turn, and assistant replies
    (a list of assistant messages, one message dict, or a plain string):
    {"prompt": [{"role": "system", ...}, {"role": "user", ...}], "chosen": [{"role": "assistant", ...}], ...}
-c. whole conversations (UltraFeedback-binarized): chosen/rejected repeat the prompt turns; the shared
+whole conversations (UltraFeedback-binarized): chosen/rejected repeat the prompt turns; the shared
    leading turns become the prompt (a prompt column, if any, is ignored):
    {"prompt": "Hi?", "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", ...}], ...}
-d. implicit prompt (no prompt column): full texts sharing their beginning, HH-RLHF style
+implicit prompt (Human:/Assistant: turns), HH-RLHF: no prompt column, full texts sharing their turns
    {"chosen": "\\n\\nHuman: Hi?\\n\\nAssistant: Hello!", "rejected": "\\n\\nHuman: Hi?\\n\\nAssistant: No."}
-   or plain texts whose longest common prefix (cut back to a whitespace boundary) is the prompt.
+implicit prompt (shared prefix): plain texts whose longest common prefix, cut back to a whitespace
+   boundary, is the prompt: {"chosen": "Q: my pet is a cat", "rejected": "Q: my pet is a car"}
+ShareGPT turns (LLaMA-Factory "sharegpt" preference data): the prompt turns in a `conversations` or
+   `messages` column, the replies in chosen/rejected (one message, a list of them, or a string):
+   {"conversations": [{"from": "human", "value": "Hi?"}], "chosen": {"from": "gpt", "value": "Hello!"}, ...}
+chosen_messages/rejected_messages (LLaMA-Factory v1): whole conversations, read as above:
+   {"chosen_messages": [{"role": "user", "content": [{"type": "text", "value": "Hi?"}], "loss_weight": 0.0},
+                        {"role": "assistant", "content": [...]}], "rejected_messages": [...]}
+label-based pairwise (PandaLM, Auto-J; RowFormat.response_columns, label_columns and label_map): each
+   label column votes for a response column or "tie"; more than half of all the votes choose, else a tie:
+   {"instruction": "Hi?", "response1": "Hello!", "response2": "Go away.", "label": 1}
+rated completions (UltraFeedback raw): the best-rated completion (the first of equals) against a lower-rated
+   one (RowFormat.binarize); all completions rated alike is a tie:
+   {"instruction": "Hi?", "completions": [{"response": "Hello!", "overall_score": 8.0},
+                                          {"response": "No.", "overall_score": 3.5}]}
 
-Rows that cannot be trained on raise `DroppedPair` with one of the reasons in `orpo.errors`.
+Wherever messages are read:
+- a message is {"role", "content"} or ShareGPT {"from", "value"}; roles system, user (or human) and
+  assistant (or gpt); any other role (tool, observation, ...) drops the row. Extra keys (name,
+  loss_weight, tool ids) are ignored.
+- content may be a list of parts, [{"type": "text", "text" (or "value"): ...}, ...]: the text parts
+  are joined with no separator, as chat templates that take content parts render consecutive text
+  parts; any other part (image, audio, reasoning, ...) drops the row.
+- the loss is on the final assistant turn(s): every earlier turn, assistant turns included, is prompt.
+- the prompt column is "prompt", else "instruction" (RowFormat.prompt_columns names others); several
+  are joined: their non-empty stripped texts, a blank line between, as one user turn.
+
+Rows that cannot be trained on raise `DroppedPair` with one of the reasons in `orpo.errors`;
+`rows_to_pairs` counts them.
 """
 from __future__ import annotations
 
+import math
 import os
+import random
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
-from orpo.errors import EMPTY_RESPONSE, SAME_RESPONSES, WRONG_TYPES, DroppedPair, OrpoError
+from orpo.errors import (EMPTY_RESPONSE, LABEL_MISSING, LABEL_TIE, LABEL_UNMAPPED, NON_TEXT, SAME_RESPONSES,
+                         TIED_RATINGS, UNKNOWN_ROLE, WRONG_TYPES, DroppedPair, OrpoError)
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+
+SHAPE_STRINGS = "prompt/chosen/rejected strings"
+SHAPE_CONVERSATIONAL = "conversational"
+SHAPE_CONVERSATIONS = "whole conversations"
+SHAPE_HH = "implicit prompt (Human:/Assistant: turns)"
+SHAPE_PREFIX = "implicit prompt (shared prefix)"
+SHAPE_SHAREGPT = "ShareGPT turns"
+SHAPE_MESSAGES = "chosen_messages/rejected_messages"
+SHAPE_LABELS = "label-based pairwise"
+SHAPE_RATED = "rated completions"
+SHAPES = (SHAPE_STRINGS, SHAPE_CONVERSATIONAL, SHAPE_CONVERSATIONS, SHAPE_HH, SHAPE_PREFIX, SHAPE_SHAREGPT,
+          SHAPE_MESSAGES, SHAPE_LABELS, SHAPE_RATED)
 
 
 @dataclass(frozen=True)
@@ -36,43 +79,207 @@ class PreferencePair:
     chosen:   the preferred assistant turn(s).
     rejected: the dispreferred assistant turn(s).
     index:    the row number in the source dataset (0-based), for error messages and per-pair output.
+    shape:    the row's detected shape (one of SHAPES).
     """
 
     prompt: list[Message]
     chosen: list[Message]
     rejected: list[Message]
     index: int = 0
+    shape: str = ""
 
 
-ROLES = ("system", "user", "assistant")
-_SHAPES = ("prompt/chosen/rejected strings, conversational message lists, or chosen/rejected only "
-           "(implicit shared prompt); use --prompt_column/--chosen_column/--rejected_column for other names")
+BINARIZE = ("best_vs_random", "best_vs_worst")  # rated completions → one pair per row
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """How the columns of a dataset map to a preference pair: the data-shape fields of ORPOConfig
+    (`prompt_column`, `chosen_column`, ...), as plain values. None = the default names and per-row
+    shape detection.
+
+    prompt_columns:   one or more prompt columns; several are joined (non-empty parts, blank line between).
+    chosen_column, rejected_column: the preferred and dispreferred answer columns.
+    response_columns: (A, B), two answer columns of label-based pairwise data, with
+    label_columns:    one or more label columns (several: annotators, a strict majority decides) and
+    label_map:        label value (as a string) → the name of the preferred column in response_columns, or "tie".
+    rating_key:       the key of each rated completion's score (UltraFeedback raw: "overall_score").
+    binarize:         rated completions → best vs a seeded random lower-rated one, or best vs worst.
+    seed:             the seed of that random choice (per row, so a row's pair does not depend on the others).
+    """
+
+    prompt_columns: tuple[str, ...] | None = None
+    chosen_column: str | None = None
+    rejected_column: str | None = None
+    response_columns: tuple[str, str] | None = None
+    label_columns: tuple[str, ...] | None = None
+    label_map: dict[str, str] | None = None
+    rating_key: str = "overall_score"
+    binarize: str = "best_vs_random"
+    seed: int = 0
+
+
+@dataclass
+class PairsFromRows:
+    """What `rows_to_pairs` made of a dataset.
+
+    pairs:         the usable pairs, in row order.
+    drops:         reason → number of rows dropped for it.
+    first_rows:    reason → the first (0-based) row dropped for it;
+    first_details: reason → what was wrong with that row (its `DroppedPair` detail).
+    shapes:        shape name → rows detected in that shape (kept, or dropped after detection).
+    """
+
+    pairs: list[PreferencePair] = field(default_factory=list)
+    drops: Counter = field(default_factory=Counter)
+    first_rows: dict[str, int] = field(default_factory=dict)
+    first_details: dict[str, str] = field(default_factory=dict)
+    shapes: Counter = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Where one dataset keeps each part of a pair, resolved once from its column names."""
+
+    prompt: tuple[str, ...] = ()  # () = no prompt column: the prompt is implicit, or in `turns`
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    turns: str | None = None  # ShareGPT turns: the column of the prompt turns
+    labels: tuple[str, ...] = ()  # label-based pairwise: the label columns
+    completions: str | None = None  # rated completions
+
+
+_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+_PROMPTS = ("prompt", "instruction")  # the default prompt column: the first of these a dataset has
+_TURNS = ("conversations", "messages")  # ShareGPT turns: the first of these a dataset has
+ACCEPTED_SHAPES = ("prompt (or instruction) + chosen + rejected, as strings or message lists; chosen + rejected alone "
+             "(whole conversations, or texts sharing their start); conversations or messages + chosen + rejected "
+             "(ShareGPT); chosen_messages + rejected_messages; instruction + completions (rated); two answer "
+             "columns with labels (--response_columns, --label_column, --label_map); "
+             "--prompt_column/--chosen_column/--rejected_column map other names")
 # "\n\nHuman:" / "\n\nAssistant:" start a turn; the first one may also open the text without "\n\n".
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
-def detect_columns(column_names: list[str], prompt_column: str | None = None,
-                   chosen_column: str | None = None, rejected_column: str | None = None,
-                   source: str = "dataset") -> tuple[str | None, str, str]:
-    """Return (prompt column or None for implicit-prompt data, chosen column, rejected column).
+def rows_to_pairs(rows, row_format: RowFormat = RowFormat(), source: str = "dataset") -> PairsFromRows:
+    """Rows (a `datasets.Dataset` or a list of dicts) → the usable pairs, and the others counted by reason.
 
-    Raises `OrpoError` (one line) when a user-given column or the chosen/rejected column is missing.
+    Row indices are 0-based positions in `rows`. Raises `OrpoError` (one line, naming `source`, the
+    columns found and the accepted shapes) when a column the format needs is missing.
     """
-    columns = list(column_names)
-    wanted = [chosen_column or "chosen", rejected_column or "rejected"]
-    if prompt_column is not None:  # only a name the user asked for must exist
-        wanted.insert(0, prompt_column)
-    for name in wanted:
-        if name not in columns:
-            raise OrpoError(f"{source}: missing column {name!r}; columns found: {columns}; "
-                            f"accepted shapes: {_SHAPES}")
-    prompt = prompt_column or ("prompt" if "prompt" in columns else None)
-    return prompt, wanted[-2], wanted[-1]
+    names = getattr(rows, "column_names", None)
+    if names is None:  # list of dicts: the union of keys, in order of first appearance
+        names = dict.fromkeys(key for row in rows for key in row)
+    columns = _columns(list(names), row_format, source)
+    out = PairsFromRows()
+    for index, row in enumerate(rows):
+        try:
+            shape = _row_shape(row, columns)
+            out.shapes[shape] += 1
+            out.pairs.append(_pair(row, index, shape, columns, row_format))
+        except DroppedPair as e:
+            out.drops[e.reason] += 1
+            if e.reason not in out.first_rows:
+                out.first_rows[e.reason] = index
+                out.first_details[e.reason] = e.detail
+    return out
+
+
+def _columns(names: list[str], fmt: RowFormat, source: str) -> _Columns:
+    """Resolve the columns of every shape the dataset can have; `OrpoError` for a missing one."""
+    def need(*wanted):
+        for name in wanted:
+            if name not in names:
+                raise OrpoError(f"{source}: missing column {name!r}; columns found: {names}; "
+                                f"accepted shapes: {ACCEPTED_SHAPES}")
+
+    need(*(fmt.prompt_columns or ()))  # only names the user asked for must exist
+    prompt = tuple(fmt.prompt_columns or next(((c,) for c in _PROMPTS if c in names), ()))
+    if fmt.response_columns:
+        labels = tuple(fmt.label_columns or ("label",))
+        need(*(prompt or _PROMPTS[:1]), *fmt.response_columns, *labels)
+        return _Columns(prompt, labels=labels)
+    if "completions" in names and "chosen" not in names and not (fmt.chosen_column or fmt.rejected_column):
+        need(*(prompt or _PROMPTS[:1]))
+        return _Columns(prompt, completions="completions")
+    messages = "chosen" not in names and {"chosen_messages", "rejected_messages"} <= set(names)
+    chosen = fmt.chosen_column or ("chosen_messages" if messages else "chosen")
+    rejected = fmt.rejected_column or ("rejected_messages" if messages else "rejected")
+    need(chosen, rejected)
+    turns = None if fmt.prompt_columns else next((c for c in _TURNS if c in names), None)
+    return _Columns(prompt, chosen, rejected, turns)
+
+
+def _row_shape(row: dict, columns: _Columns) -> str:
+    """The shape of one row (one of SHAPES); raises `DroppedPair` when it fits none."""
+    if columns.labels:
+        return SHAPE_LABELS
+    if columns.completions:
+        return SHAPE_RATED
+    chosen, rejected = row.get(columns.chosen), row.get(columns.rejected)
+    if not (columns.prompt or columns.turns) and isinstance(chosen, str) and isinstance(rejected, str):
+        return SHAPE_HH if _hh_turns(chosen) and _hh_turns(rejected) else SHAPE_PREFIX
+    whole = _opens_conversation(chosen), _opens_conversation(rejected)
+    if all(whole):
+        return SHAPE_MESSAGES if columns.chosen == "chosen_messages" else SHAPE_CONVERSATIONS
+    if any(whole):
+        raise DroppedPair(WRONG_TYPES, f"one of {columns.chosen}/{columns.rejected} is a whole conversation "
+                                       "and the other is not")
+    if columns.prompt:
+        values = [row.get(c) for c in (*columns.prompt, columns.chosen, columns.rejected)]
+        return SHAPE_CONVERSATIONAL if any(isinstance(v, (list, dict)) for v in values) else SHAPE_STRINGS
+    if columns.turns:
+        return SHAPE_SHAREGPT
+    raise DroppedPair(WRONG_TYPES, "no prompt column, and chosen/rejected are assistant replies "
+                                   "without the prompt turns")
+
+
+def _pair(row: dict, index: int, shape: str, columns: _Columns, fmt: RowFormat) -> PreferencePair:
+    """Read one row in its detected shape; raises `DroppedPair` for rows that cannot be trained on."""
+    if shape in (SHAPE_HH, SHAPE_PREFIX):
+        prompt, chosen, rejected = _implicit(row[columns.chosen], row[columns.rejected], shape)
+    elif shape == SHAPE_LABELS:
+        prompt, chosen, rejected = _labelled(row, columns, fmt)
+    elif shape == SHAPE_RATED:
+        prompt, chosen, rejected = _rated(row, index, columns, fmt)
+    else:
+        chosen = _messages(row.get(columns.chosen), columns.chosen, "assistant")
+        rejected = _messages(row.get(columns.rejected), columns.rejected, "assistant")
+        if shape in (SHAPE_CONVERSATIONS, SHAPE_MESSAGES):
+            prompt, chosen, rejected = _split_conversations(chosen, rejected)
+        elif shape == SHAPE_SHAREGPT:
+            prompt = _messages(row.get(columns.turns), columns.turns, "user")
+        else:
+            prompt = _prompt(row, columns.prompt)
+    if not "".join(m["content"] for m in prompt).strip():
+        raise DroppedPair(WRONG_TYPES, "prompt is empty")
+    if prompt[-1]["role"] == "assistant":
+        raise DroppedPair(WRONG_TYPES, "prompt ends with an assistant turn, expected a user or system turn")
+    _check_replies(chosen, rejected)
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, index=index, shape=shape)
 
 
 def _kind(value) -> str:
     return "None" if value is None else type(value).__name__
+
+
+def _missing(value) -> bool:
+    """None, or NaN (what pandas-written files hold for an empty cell)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _get(d: dict, *keys):
+    """The value of the first of `keys` that `d` has a value for: {role, content} or ShareGPT {from, value}
+    messages, {text} or {value} parts. In Arrow datasets a struct's absent keys read as None."""
+    return next((d[key] for key in keys if d.get(key) is not None), None)
+
+
+def _opens_conversation(value) -> bool:
+    """A reply list whose first message is not an assistant turn repeats the prompt (whole conversations)."""
+    first = value[0] if isinstance(value, list) and value else None
+    role = _get(first, "role", "from") if isinstance(first, dict) else None
+    return role is not None and _ROLES.get(str(role)) != "assistant"
 
 
 def _messages(value, field: str, role: str) -> list[Message]:
@@ -82,21 +289,56 @@ def _messages(value, field: str, role: str) -> list[Message]:
     items = [value] if isinstance(value, dict) else value
     if not isinstance(items, list):
         raise DroppedPair(WRONG_TYPES, f"{field} is {_kind(value)}, expected a string or a list of messages")
-    out = []
-    for i, m in enumerate(items):
-        if not isinstance(m, dict) or "role" not in m:
-            raise DroppedPair(WRONG_TYPES, f"{field}[{i}] is {_kind(m)}, expected a message with role and content")
-        if m["role"] not in ROLES:
-            raise DroppedPair(WRONG_TYPES, f"{field}[{i}] has role {m['role']!r}, expected system, user or assistant")
-        if not isinstance(m.get("content"), str):
-            raise DroppedPair(WRONG_TYPES, f"{field}[{i}] content is {_kind(m.get('content'))}, expected a string")
-        out.append({"role": m["role"], "content": m["content"]})  # drop extra keys (name, tool ids...)
-    return out
+    return [_message(m, f"{field}[{i}]") for i, m in enumerate(items)]
 
 
-def _is_conversation(messages: list[Message]) -> bool:
-    """A reply list that starts with a non-assistant turn repeats the prompt (shapes c, d)."""
-    return bool(messages) and messages[0]["role"] != "assistant"
+def _message(message, where: str) -> Message:
+    raw_role = _get(message, "role", "from") if isinstance(message, dict) else None
+    if raw_role is None:
+        raise DroppedPair(WRONG_TYPES, f"{where} is {_kind(message)}, expected a message with role and content")
+    role = _ROLES.get(raw_role) if isinstance(raw_role, str) else None
+    if role is None:
+        raise DroppedPair(UNKNOWN_ROLE, f"{where} has role {raw_role!r}, expected system, user (human) "
+                                        "or assistant (gpt)")
+    return {"role": role, "content": _text(_get(message, "content", "value"), f"{where} content")}
+
+
+def _text(content, where: str) -> str:
+    """A string, or content parts: the text parts joined with no separator (as chat templates do)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise DroppedPair(WRONG_TYPES, f"{where} is {_kind(content)}, expected a string or a list of text parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        text = _get(part, "text", "value") if kind == "text" else None
+        if isinstance(text, str):
+            texts.append(text)
+        elif isinstance(kind, str) and kind != "text":
+            raise DroppedPair(NON_TEXT, f"{where} part {j} is {kind!r}, expected text only")
+        else:
+            raise DroppedPair(WRONG_TYPES, f"{where} part {j} is {part!r:.60}, expected "
+                                           "{'type': 'text', 'text': a string}")
+    return "".join(texts)
+
+
+def _prompt(row: dict, columns: tuple[str, ...]) -> list[Message]:
+    """One prompt column: a string or messages. Several: their non-empty stripped texts, a blank line
+    between, as one user turn ("instruction" + "input" → "Translate.\\n\\nBonjour")."""
+    if len(columns) == 1:
+        return _messages(row.get(columns[0]), columns[0], "user")
+    parts = []
+    for column in columns:
+        value = row.get(column)
+        if _missing(value):
+            continue
+        if not isinstance(value, str):
+            raise DroppedPair(WRONG_TYPES, f"{column} is {_kind(value)}, expected a string "
+                                           "(several prompt columns are joined as text)")
+        if value.strip():
+            parts.append(value.strip())
+    return [{"role": "user", "content": "\n\n".join(parts)}]
 
 
 def _split_conversations(chosen: list[Message], rejected: list[Message]) -> tuple[list, list, list]:
@@ -120,8 +362,14 @@ def _hh_turns(text: str) -> list[Message] | None:
     return [{"role": _HH_ROLES[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
 
 
-def _common_prefix_split(chosen: str, rejected: str) -> tuple[list, list, list]:
-    """Plain implicit-prompt texts: the longest common prefix, cut back after whitespace, is the prompt."""
+def _implicit(chosen: str, rejected: str, shape: str) -> tuple[list, list, list]:
+    """No prompt column: HH-RLHF turns, or plain texts whose shared start is the prompt."""
+    if not chosen.strip() or not rejected.strip():
+        raise DroppedPair(EMPTY_RESPONSE, f"{'chosen' if not chosen.strip() else 'rejected'} is empty")
+    if chosen.strip() == rejected.strip():
+        raise DroppedPair(SAME_RESPONSES)
+    if shape == SHAPE_HH:
+        return _split_conversations(_hh_turns(chosen), _hh_turns(rejected))
     prefix = os.path.commonprefix([chosen, rejected])
     # Cut back so a word shared only partly ("ca" of "cat"/"car") stays in the replies.
     cut = max((i + 1 for i, ch in enumerate(prefix) if ch.isspace()), default=0)
@@ -133,6 +381,64 @@ def _common_prefix_split(chosen: str, rejected: str) -> tuple[list, list, list]:
             [{"role": "assistant", "content": rejected[cut:].strip()}])
 
 
+def _labelled(row: dict, columns: _Columns, fmt: RowFormat) -> tuple[list, list, list]:
+    """Label-based pairwise: each label column votes for a response column or "tie" (through the
+    label map); a response that gets more than half of ALL the votes is chosen, otherwise it is a tie."""
+    votes = [_vote(row.get(c), c, fmt.label_map or {}) for c in columns.labels]
+    a, b = fmt.response_columns
+    winner = next((side for side in (a, b) if 2 * votes.count(side) > len(votes)), None)
+    if winner is None:
+        labels = ", ".join(f"{c}={row.get(c)!r}" for c in columns.labels)
+        majority = "" if len(votes) == 1 else f": no strict majority of the {len(votes)} votes"
+        raise DroppedPair(LABEL_TIE, f"{labels} → {', '.join(votes)}{majority}")
+    loser = b if winner == a else a
+    return (_prompt(row, columns.prompt), _messages(row.get(winner), winner, "assistant"),
+            _messages(row.get(loser), loser, "assistant"))
+
+
+def _vote(label, column: str, label_map: dict[str, str]) -> str:
+    """A label value → the response column it prefers, or "tie". 1, "1" and 1.0 all read as "1"."""
+    if _missing(label):
+        raise DroppedPair(LABEL_MISSING, f"{column} is {label!r}, expected a label")
+    keys = [str(label)] + ([str(int(label))] if isinstance(label, float) and label.is_integer() else [])
+    for key in keys:
+        if key in label_map:
+            return label_map[key]
+    raise DroppedPair(LABEL_UNMAPPED, f"{column} is {label!r}, expected one of the label_map keys {list(label_map)}")
+
+
+def _rated(row: dict, index: int, columns: _Columns, fmt: RowFormat) -> tuple[list, list, list]:
+    """Rated completions: the best-rated one (the first, if several share the best rating) against a
+    lower-rated one: seeded per row by (seed, index) for best_vs_random, the (first) worst for best_vs_worst."""
+    name, completions = columns.completions, row.get(columns.completions)
+    if not isinstance(completions, list):
+        raise DroppedPair(WRONG_TYPES, f"{name} is {_kind(completions)}, expected a list of completions "
+                                       f"with response and {fmt.rating_key}")
+    scores = [_rating(c, f"{name}[{i}]", fmt.rating_key) for i, c in enumerate(completions)]
+    if len(set(scores)) < 2:
+        raise DroppedPair(TIED_RATINGS, f"all {len(scores)} completions have {fmt.rating_key} {scores[0]}"
+                          if len(scores) > 1 else f"{name} has {len(scores)}, expected 2 or more rated completions")
+    best = scores.index(max(scores))
+    lower = [i for i, score in enumerate(scores) if score < scores[best]]
+    if fmt.binarize == "best_vs_worst":
+        worse = min(lower, key=lambda i: scores[i])
+    else:  # a row's pair depends only on the seed and the row, not on the rows before it
+        worse = random.Random(f"{fmt.seed}:{index}").choice(lower)
+    chosen, rejected = (_messages(completions[i].get("response"), f"{name}[{i}].response", "assistant")
+                        for i in (best, worse))
+    return _prompt(row, columns.prompt), chosen, rejected
+
+
+def _rating(completion, where: str, key: str) -> float:
+    if not isinstance(completion, dict):
+        raise DroppedPair(WRONG_TYPES, f"{where} is {_kind(completion)}, expected a completion with "
+                                       f"response and {key}")
+    score = completion.get(key)
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or math.isnan(score):
+        raise DroppedPair(WRONG_TYPES, f"{where}.{key} is {score!r}, expected a number")
+    return score
+
+
 def _check_replies(chosen: list[Message], rejected: list[Message]) -> None:
     for field, msgs in (("chosen", chosen), ("rejected", rejected)):
         if not "".join(m["content"] for m in msgs).strip():
@@ -140,40 +446,7 @@ def _check_replies(chosen: list[Message], rejected: list[Message]) -> None:
     for field, msgs in (("chosen", chosen), ("rejected", rejected)):
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
-                raise DroppedPair(WRONG_TYPES, f"{field} reply {i} is a {m['role']} turn, expected assistant turns only")
+                raise DroppedPair(WRONG_TYPES, f"{field} reply {i} is a {m['role']} turn, "
+                                               "expected assistant turns only")
     if chosen == rejected:
         raise DroppedPair(SAME_RESPONSES)
-
-
-def row_to_pair(row: dict, index: int, prompt_col: str | None, chosen_col: str,
-                rejected_col: str) -> PreferencePair:
-    """Turn one row into a `PreferencePair`; raises `DroppedPair` for rows that cannot be trained on."""
-    chosen_raw, rejected_raw = row.get(chosen_col), row.get(rejected_col)
-    if prompt_col is None and isinstance(chosen_raw, str) and isinstance(rejected_raw, str):
-        if not chosen_raw.strip() or not rejected_raw.strip():
-            raise DroppedPair(EMPTY_RESPONSE, f"{'chosen' if not chosen_raw.strip() else 'rejected'} is empty")
-        if chosen_raw.strip() == rejected_raw.strip():
-            raise DroppedPair(SAME_RESPONSES)
-        hh_chosen, hh_rejected = _hh_turns(chosen_raw), _hh_turns(rejected_raw)
-        if hh_chosen is None or hh_rejected is None:
-            prompt, chosen, rejected = _common_prefix_split(chosen_raw, rejected_raw)
-        else:
-            prompt, chosen, rejected = _split_conversations(hh_chosen, hh_rejected)
-    else:
-        chosen = _messages(chosen_raw, "chosen", "assistant")
-        rejected = _messages(rejected_raw, "rejected", "assistant")
-        if _is_conversation(chosen) and _is_conversation(rejected):
-            prompt, chosen, rejected = _split_conversations(chosen, rejected)
-        elif _is_conversation(chosen) or _is_conversation(rejected):
-            raise DroppedPair(WRONG_TYPES, "one of chosen/rejected is a whole conversation and the other is not")
-        elif prompt_col is None:
-            raise DroppedPair(WRONG_TYPES, "no prompt column, and chosen/rejected are assistant replies "
-                                           "without the prompt turns")
-        else:
-            prompt = _messages(row.get(prompt_col), "prompt", "user")
-    if not "".join(m["content"] for m in prompt).strip():
-        raise DroppedPair(WRONG_TYPES, "prompt is empty")
-    if prompt[-1]["role"] == "assistant":
-        raise DroppedPair(WRONG_TYPES, "prompt ends with an assistant turn, expected a user or system turn")
-    _check_replies(chosen, rejected)
-    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, index=index)

@@ -1,7 +1,7 @@
-"""Loading preference rows (local files or hub datasets) and turning them into `PreferencePair`s.
+"""Loading preference rows from local files or the Hugging Face hub.
 
-Every problem with the user's input is reported as a one-line `OrpoError`; the row-level work is
-done by the pure functions in `orpo.data.formats`.
+Every problem with the user's input is reported as a one-line `OrpoError`; what the rows mean is
+read by `orpo.data.formats`.
 """
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ import io
 import json
 import logging
 import re
-from collections import Counter
 from pathlib import Path
 
 import datasets
 
-from orpo.errors import DroppedPair, OrpoError
-from orpo.data.formats import PreferencePair, detect_columns, row_to_pair
+from orpo.errors import OrpoError
 
 logger = logging.getLogger(__name__)
 
@@ -200,42 +198,3 @@ def load_rows(source: str, split: str = "train", skip_bad_rows: bool = False) ->
     if len(rows) == 0:
         raise OrpoError(f"{source}: no rows in split {split!r}")
     return rows
-
-
-def dataset_to_pairs(rows, prompt_column: str | None = None, chosen_column: str | None = None,
-                     rejected_column: str | None = None, source: str = "dataset",
-                     ) -> tuple[list[PreferencePair], Counter, dict[str, int]]:
-    """Rows (a `datasets.Dataset` or a list of dicts) → (pairs, drop counts by reason, first dropped row per reason).
-
-    Row indices are 0-based positions in `rows`.
-    """
-    if isinstance(rows, datasets.Dataset):
-        columns = list(rows.column_names)
-    else:  # list of dicts: the union of keys, in order of first appearance
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-    prompt_col, chosen_col, rejected_col = detect_columns(columns, prompt_column, chosen_column,
-                                                          rejected_column, source)
-    pairs, drops, first_rows = [], Counter(), {}
-    for index, row in enumerate(rows):
-        try:
-            pairs.append(row_to_pair(row, index, prompt_col, chosen_col, rejected_col))
-        except DroppedPair as e:
-            drops[e.reason] += 1
-            if e.reason not in first_rows:
-                first_rows[e.reason] = index
-                logger.info("%s, row %d dropped: %s", source, index, e)
-    return pairs, drops, first_rows
-
-
-def format_drop_report(n_rows: int, n_kept: int, drops: Counter, first_rows: dict[str, int]) -> str:
-    """E.g. "kept 995 of 1000 pairs; dropped 5: chosen == rejected 5 (first at row 17)".
-
-    Several reasons get one indented line each, most frequent first.
-    """
-    head = f"kept {n_kept} of {n_rows} pairs"
-    if not drops:
-        return head
-    parts = [f"{reason} {count}" + (f" (first at row {first_rows[reason]})" if reason in first_rows else "")
-             for reason, count in sorted(drops.items(), key=lambda kv: (-kv[1], kv[0]))]
-    head += f"; dropped {sum(drops.values())}:"
-    return f"{head} {parts[0]}" if len(parts) == 1 else "\n  ".join([head, *parts])

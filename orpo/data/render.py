@@ -10,7 +10,12 @@ Rules (the subtle part of preference training, and where other trainers go wrong
   writes no special token after the answer gets `tokenizer.eos_token` appended, never a second one.
 * Prompt and completions are tokenised separately with `add_special_tokens=False` (special tokens in
   the template text are still parsed as such). BOS appears once: prepended only if the tokenizer
-  normally adds one and the template did not already write it.
+  normally adds one and the template did not already write it. `encode_prompt` is this prompt rule,
+  and generation (`orpo generate`, `orpo chat`, the demo) uses it too, so a model is prompted exactly
+  as it was trained.
+* A pair the chat template refuses (roles that do not alternate, a system message it does not
+  support) is dropped as TEMPLATE_ERROR with the template's message; one whose answers are the same
+  after truncation as SAME_AFTER_TRUNCATION.
 * Truncation (TRL's names) is in `truncate`. Before rendering, message texts far longer than the
   limits could use are cut (`clip_pair`), so a 50 MB answer costs no more than a long one.
 """
@@ -18,7 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from orpo.errors import EMPTY_RESPONSE, TOO_LONG, DroppedPair, OrpoError
+from jinja2 import TemplateError
+
+from orpo.errors import EMPTY_RESPONSE, SAME_AFTER_TRUNCATION, TEMPLATE_ERROR, TOO_LONG, DroppedPair, OrpoError
 from orpo.data.formats import PreferencePair
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -95,6 +102,53 @@ def _adds_bos(tokenizer) -> bool:
     with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
     without = tokenizer("x", add_special_tokens=False)["input_ids"]
     return with_special[:1] == [bos] and without[:1] != [bos]
+
+
+TEMPLATE_ERRORS = (TemplateError, ValueError, TypeError)
+"""What applying a chat template raises on a conversation it refuses: jinja2's errors (its
+`raise_exception(...)`, syntax errors) and the ValueError/TypeError some templates raise."""
+
+
+def template_error_message(err: Exception) -> str:
+    """The first line of a chat template's error, for a one-line report."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _render_prompt(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if _adds_bos(tokenizer) and ids[:1] != [bos]:
+        ids = [bos] + ids  # the model was trained with BOS; the template didn't write it
+    return text, ids
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt ids training uses, and so the ids generation must feed the model: `messages`
+    through the chat template with the generation prompt, tokenized with add_special_tokens=False,
+    with BOS prepended iff the tokenizer normally adds one and the template did not write it.
+    Raises what the template raises (TEMPLATE_ERRORS)."""
+    return _render_prompt(tokenizer, messages)[1]
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """The ids that end an answer, deduplicated in this order: generation_config's eos_token_id
+    (int or list), the tokenizer's eos, and the chat template's end-of-turn token, i.e. the first
+    special token the template writes after the assistant's content in [user "x", assistant "y"]
+    (ChatML <|im_end|>, Llama-3 <|eot_id|>, Zephyr </s>). A model whose eos is not its end of turn
+    (a base model given ChatML) would otherwise run on into turns it invents."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids = [*(eos if isinstance(eos, (list, tuple)) else [eos]), tokenizer.eos_token_id]
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except TEMPLATE_ERRORS:  # no template, or one refusing the probe: the eos ids are all we know
+        text = ""
+    after = text[text.rfind("y") + 1:] if "y" in text else ""
+    found = [(after.find(s), -len(s), s) for s in _special_strings(tokenizer) if s in after]
+    if found:  # the earliest; of two starting there, the longer
+        ids.append(tokenizer.convert_tokens_to_ids(min(found)[2]))
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def _completion_text(pair: PreferencePair, answer: list, prompt_text: str, tokenizer) -> str:
@@ -175,19 +229,22 @@ def render_pair(pair: PreferencePair, tokenizer, max_length: int | None,
                 max_prompt_length: int | None, max_completion_length: int | None) -> TokenizedPair:
     """Render `pair` through the tokenizer's chat template and tokenize it (rules in the module doc)."""
     pair = clip_pair(pair, max_length, max_prompt_length, max_completion_length)
-    prompt_text = tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if _adds_bos(tokenizer) and prompt_ids[:1] != [bos]:
-        prompt_ids = [bos] + prompt_ids  # the model was trained with BOS; the template didn't write it
-    chosen_ids, rejected_ids = (
-        tokenizer(_completion_text(pair, answer, prompt_text, tokenizer),
-                  add_special_tokens=False)["input_ids"]
-        for answer in (pair.chosen, pair.rejected)
-    )
+    try:
+        prompt_text, prompt_ids = _render_prompt(tokenizer, pair.prompt)
+        chosen_ids, rejected_ids = (
+            tokenizer(_completion_text(pair, answer, prompt_text, tokenizer),
+                      add_special_tokens=False)["input_ids"]
+            for answer in (pair.chosen, pair.rejected)
+        )
+    except TEMPLATE_ERRORS as err:  # one bad row must not abort the run
+        raise DroppedPair(TEMPLATE_ERROR, template_error_message(err)) from None
     if not chosen_ids or not rejected_ids:  # only possible with a template that renders no answer and no EOS
         raise DroppedPair(EMPTY_RESPONSE, "the chat template rendered an empty completion")
     prompt_ids, chosen_ids, rejected_ids = truncate(
-        prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length, max_completion_length, bos
+        prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length, max_completion_length,
+        tokenizer.bos_token_id,
     )
+    if chosen_ids == rejected_ids:  # no preference left to learn
+        raise DroppedPair(SAME_AFTER_TRUNCATION, f"both answers are the same {len(chosen_ids)} tokens "
+                                                 "within the length limits")
     return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, pair.index)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from orpo.data.formats import BINARIZE, RowFormat
 from orpo.errors import OrpoError
 from orpo.ops.packing import PACKED_ATTENTION
 
@@ -28,7 +29,6 @@ class ModelArguments:
         default="float32",
         metadata={"help": "Weights dtype to load the model in.", "choices": list(DTYPES)},
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model repo."})
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -40,18 +40,32 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    """Where the preference data comes from (how its columns are read: ORPOConfig's data fields)."""
+
     dataset: str = field(metadata={"help": "Preference data: .jsonl/.json/.parquet/.csv (.gz too) or a hub dataset id."})
-    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    dataset_split: str = field(
+        default="train", metadata={"help": "Split of a hub dataset.", "aliases": ["--split"]}
+    )
     eval_dataset: str | None = field(default=None, metadata={"help": "Optional evaluation preference data."})
     eval_split: str = field(default="test", metadata={"help": "Split of a hub eval dataset."})
-    prompt_column: str | None = field(default=None, metadata={"help": "Column holding the prompt (default: prompt)."})
-    chosen_column: str | None = field(default=None, metadata={"help": "Column holding the chosen answer (default: chosen)."})
-    rejected_column: str | None = field(
-        default=None, metadata={"help": "Column holding the rejected answer (default: rejected)."}
+
+
+@dataclass
+class EvalArguments:
+    """Options of `orpo eval` that training does not have."""
+
+    output: str | None = field(
+        default=None, metadata={"help": "Write one JSON record per pair, then a summary line, to this file."}
     )
-    skip_bad_rows: bool = field(
-        default=False, metadata={"help": "Skip (and count) JSON lines that cannot be read instead of stopping."}
-    )
+    limit: int | None = field(default=None, metadata={"help": "Only the first N usable pairs."})
+    batch_size: int = field(default=4, metadata={"help": "Pairs per forward pass."})
+
+
+@dataclass
+class InspectArguments:
+    """Options of `orpo data inspect`."""
+
+    n: int = field(default=3, metadata={"help": "Number of pairs to show.", "aliases": ["-n"]})
 
 
 ON_NONFINITE = ("skip", "stop")
@@ -62,7 +76,7 @@ NLL_SCOPES = ("full", "completion")
 class ORPOConfig(TrainingArguments):
     """Training arguments for ORPO. Names shared with TRL's ORPOConfig keep TRL's meaning."""
 
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs", "label_map"]
 
     # TrainingArguments fields whose defaults differ (TRL's ORPO defaults)
     learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate for AdamW."})
@@ -72,11 +86,10 @@ class ORPOConfig(TrainingArguments):
         metadata={
             "help": "Recompute activations in backward: far less memory for about a fifth more time. None (default) "
             "= on, as in TRL, unless the deprecated alias gradient_checkpointing says otherwise. "
-            "--activation_checkpointing_kwargs '{\"every_n_layers\": 2}' keeps every other layer's activations."
+            "--activation_checkpointing_kwargs '{\"every_n_layers\": 2}' keeps every other layer's activations.",
+            "nargs": "?",  # a bare --activation_checkpointing means true, as in TrainingArguments and TRL
+            "const": True,
         },
-    )
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Kept False: orpo reads the preference columns itself."}
     )
 
     beta: float = field(
@@ -123,7 +136,46 @@ class ORPOConfig(TrainingArguments):
     logprob_chunk_size: int = field(
         default=1024, metadata={"help": "Target tokens per chunk of the output head (memory vs. speed)."}
     )
+    # --- how rows are read (orpo.data: every shape is detected per row; these map other names) ---
+    prompt_column: str | None = field(
+        default=None,
+        metadata={"help": "Column holding the prompt (default: prompt, else instruction). Several, comma-separated (instruction,input), "
+                  "are joined: the non-empty parts with a blank line between."},
+    )
+    chosen_column: str | None = field(default=None, metadata={"help": "Column holding the chosen answer (default: chosen)."})
+    rejected_column: str | None = field(
+        default=None, metadata={"help": "Column holding the rejected answer (default: rejected)."}
+    )
+    response_columns: str | None = field(
+        default=None,
+        metadata={"help": "Label-based pairwise data: the two answer columns, comma-separated (response1,response2); "
+                  "--label_column and --label_map say which one is preferred."},
+    )
+    label_column: str | None = field(
+        default=None,
+        metadata={"help": "Column of the preference label; several comma-separated (annotators): a strict majority "
+                  "of them decides, otherwise the pair is a tie (dropped, counted)."},
+    )
+    label_map: dict[str, str] | str | None = field(
+        default=None,
+        metadata={"help": "JSON object: label value (as a string) -> the preferred column of --response_columns, "
+                  "or \"tie\", e.g. '{\"1\": \"response1\", \"2\": \"response2\", \"0\": \"tie\"}'. Unmapped and "
+                  "missing labels are counted drops."},
+    )
+    rating_key: str = field(
+        default="overall_score",
+        metadata={"help": "Rated completions (UltraFeedback raw: a 'completions' list): the key of each completion's score."},
+    )
+    binarize: str = field(
+        default="best_vs_random",
+        metadata={"help": "Rated completions -> one pair per row: the best-rated answer against a random lower-rated "
+                  "one (seeded by --data_seed or --seed), or against the worst. Ties are counted drops.",
+                  "choices": list(BINARIZE)},
+    )
     strict: bool = field(default=False, metadata={"help": "Make any dropped pair an error."})
+    skip_bad_rows: bool = field(
+        default=False, metadata={"help": "Skip (and count) JSON lines that cannot be read instead of stopping."}
+    )
     on_nonfinite: str = field(
         default="skip",
         metadata={
@@ -144,6 +196,33 @@ class ORPOConfig(TrainingArguments):
         default=None,
         metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained when the model is a string."},
     )
+    # --- accepted for TRL compatibility (TRL's ORPOConfig fields) ---
+    # TRL's names, types and defaults, so every flag of HfArgumentParser(trl.experimental.orpo.ORPOConfig)
+    # parses here with TRL's meaning (tests/train/test_config.py compares the two parsers).
+    gradient_checkpointing: bool | None = field(
+        default=True,
+        metadata={"help": "TRL's name (default True, as in TRL) for activation_checkpointing, which wins when set: "
+                  "--no_gradient_checkpointing or --gradient_checkpointing false turns it off (with transformers' "
+                  "deprecation warning for the old name)."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow loading models (and tokenizers) that ship custom Python code in their repository."},
+    )
+    generate_during_eval: bool = field(
+        default=False,
+        metadata={"help": "Accepted for TRL compatibility; ignored: orpo generates no samples during evaluation "
+                  "(TRL logs some to W&B/Comet). `orpo generate` compares a checkpoint's answers."},
+    )
+    is_encoder_decoder: bool | None = field(
+        default=None,
+        metadata={"help": "Accepted for TRL compatibility: orpo trains decoder-only causal LMs, so True is an error."},
+    )
+    dataset_num_proc: int | None = field(
+        default=None,
+        metadata={"help": "Accepted for TRL compatibility; ignored: orpo reads and tokenizes the data in one "
+                  "process per rank."},
+    )
 
     def __post_init__(self):
         for name, choices in (("nll_scope", NLL_SCOPES), ("packed_attention", PACKED_ATTENTION),
@@ -158,8 +237,55 @@ class ORPOConfig(TrainingArguments):
             # Launched by torchrun/accelerate on a machine without GPUs: TrainingArguments only sets up
             # (gloo) data parallelism with use_cpu, and would otherwise train WORLD_SIZE unrelated copies.
             self.use_cpu = True
-        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-            self.activation_checkpointing = True  # TRL's default; the alias keeps its meaning when set
+        if self.activation_checkpointing is None and self.gradient_checkpointing is not False:
+            self.activation_checkpointing = True  # TRL's default (gradient_checkpointing=True); False keeps the alias's meaning
+        # TRL-compatibility fields (the marked block above)
+        if self.is_encoder_decoder:
+            raise OrpoError("is_encoder_decoder=True: orpo trains decoder-only causal LMs only")
         if isinstance(self.model_init_kwargs, str):
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
+        self.row_format()  # inconsistent data options fail here, before any model is loaded
         super().__post_init__()
+
+    def row_format(self) -> RowFormat:
+        """How rows are read (the data fields above), for `orpo.data.prepare_dataset`."""
+        return to_row_format(self, self.data_seed if self.data_seed is not None else self.seed)
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    """"instruction, input" → ("instruction", "input"); None stays None."""
+    return None if value is None else tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+def to_row_format(args, seed: int = 0) -> RowFormat:
+    """The `RowFormat` (orpo.data) of the data fields of `args` (ORPOConfig, or the parsed flags of
+    `orpo eval` / `orpo data inspect`, which take these same fields). Inconsistent options are one
+    `OrpoError` line."""
+    label_map = args.label_map
+    if isinstance(label_map, str):
+        try:
+            label_map = json.loads(label_map)
+        except json.JSONDecodeError as err:
+            raise OrpoError(f"label_map: invalid JSON ({err.msg}); expected an object like "
+                            '\'{"1": "response1", "2": "response2", "0": "tie"}\'') from None
+    responses, labels = _names(args.response_columns), _names(args.label_column)
+    if responses is not None and len(responses) != 2:
+        raise OrpoError(f"response_columns: expected two comma-separated column names, got {args.response_columns!r}")
+    if (responses is None) != (labels is None) or (labels is not None) != (label_map is not None):
+        raise OrpoError("label-based pairwise data needs all three of --response_columns, --label_column and "
+                        "--label_map")
+    if label_map is not None:
+        if not isinstance(label_map, dict):
+            raise OrpoError(f"label_map: expected a JSON object, got {type(label_map).__name__}")
+        wrong = sorted({str(v) for v in label_map.values()} - {*responses, "tie"})
+        if wrong:
+            raise OrpoError(f"label_map: values {wrong} are neither one of --response_columns {list(responses)} "
+                            "nor \"tie\"")
+        label_map = {str(k): str(v) for k, v in label_map.items()}
+    if args.binarize not in BINARIZE:
+        raise OrpoError(f"binarize must be one of {', '.join(BINARIZE)}, got {args.binarize!r}")
+    return RowFormat(
+        prompt_columns=_names(args.prompt_column), chosen_column=args.chosen_column,
+        rejected_column=args.rejected_column, response_columns=responses, label_columns=labels,
+        label_map=label_map, rating_key=args.rating_key, binarize=args.binarize, seed=seed,
+    )

@@ -5,8 +5,9 @@ from the Trainer. What this module adds: data preparation (prepare.py), the batc
 (packing.py), one model call per micro-batch (forward.py), the loss (loss.py), and metrics.
 
 Normalisation (ARCHITECTURE.md): the NLL is a token mean and the odds-ratio term a pair mean
-over the whole optimizer step, so `_get_num_items_in_batch` returns both totals for the step and
-`compute_loss` divides by them; the Trainer must then not divide by the accumulation steps again.
+over the whole optimizer step, so `step_totals` returns both totals for the step and `compute_loss`
+divides by them; the Trainer must then not divide by the accumulation steps again. The private
+Trainer members this relies on are used only in internals.py.
 """
 from __future__ import annotations
 
@@ -15,12 +16,11 @@ import os
 from functools import partial
 
 import torch
-from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
+from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
-from orpo.data.prepare import tokenize_rows
+from orpo.data.prepare import prepare_dataset
 from orpo.data.render import TokenizedPair, ensure_chat_template
 from orpo.errors import OrpoError
 from orpo.ops.attention import use_span_attention
@@ -31,6 +31,7 @@ from orpo.train.callbacks import (MetricsJsonlCallback, MetricTotals, NonFiniteG
                                   disable_dropout)
 from orpo.train.checkpoints import completed_step, mark_complete, resolve_resume
 from orpo.train.config import ORPOConfig
+from orpo.train.internals import TrainerAdapter, check_trainer_contract
 from orpo.train.models import load_model, load_tokenizer
 from orpo.train.progress import ProgressReporter
 from orpo.train.report import METRICS_FILE
@@ -38,13 +39,11 @@ from orpo.train.report import METRICS_FILE
 logger = logging.getLogger(__name__)
 
 
-class ORPOTrainer(Trainer):
+class ORPOTrainer(TrainerAdapter):
     """ORPO trainer. Takes TRL's arguments: `model` (a model or a name/path), `args` (ORPOConfig),
-    `train_dataset`/`eval_dataset` (preference rows in any shape formats.py accepts, or
-    TokenizedPairs), `processing_class` (the tokenizer), `peft_config` (LoRA)."""
-
-    # compute_loss normalises by the whole step's totals (see module docstring)
-    loss_is_scaled_for_ga = True
+    `train_dataset`/`eval_dataset` (a `datasets.Dataset`, a list of rows in any shape orpo.data reads, a
+    file path or hub id, or data already prepared by `prepare_dataset`; read with the config's data
+    fields), `processing_class` (the tokenizer), `peft_config` (LoRA)."""
 
     def __init__(
         self,
@@ -58,15 +57,16 @@ class ORPOTrainer(Trainer):
         optimizers=(None, None),
         **kwargs,
     ):
+        check_trainer_contract()
         args = args if args is not None else ORPOConfig(output_dir="orpo-output")
         if not isinstance(args, ORPOConfig):
             raise OrpoError(f"args must be an orpo.ORPOConfig, got {type(args).__name__}")
         if isinstance(model, str):
             name = model
-            model = load_model(name, **(args.model_init_kwargs or {}))
-            processing_class = processing_class or load_tokenizer(name)
+            model = load_model(name, trust_remote_code=args.trust_remote_code, **(args.model_init_kwargs or {}))
+            processing_class = processing_class or load_tokenizer(name, args.trust_remote_code)
         if processing_class is None:
-            processing_class = load_tokenizer(model.name_or_path)
+            processing_class = load_tokenizer(model.name_or_path, args.trust_remote_code)
         for warning in ensure_chat_template(processing_class):
             logger.warning(warning)
         if peft_config is not None:
@@ -127,48 +127,42 @@ class ORPOTrainer(Trainer):
         if resume and 0 < self.args.max_steps <= (step := completed_step(resume)):
             # The run is finished; transformers' loop would still train one step past max_steps.
             logger.info("%s is at step %d, max_steps is %d: nothing to train", resume, step, self.args.max_steps)
-            self._load_from_checkpoint(resume)
+            self.load_checkpoint(resume)
             self.state = TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME))
             return TrainOutput(self.state.global_step, 0.0, {})
         return super().train(resume_from_checkpoint=resume, **kwargs)
 
-    def _save_checkpoint(self, model, trial):
-        """Trainer's save, then the completion marker (checkpoints.py); rotation only after it, so a
-        kill at any point leaves the previous complete checkpoint in place."""
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        run_dir = self._get_output_dir(trial=trial)
+    def after_checkpoint_saved(self, checkpoint_dir: str, run_dir: str, save_total_limit: int | None) -> None:
+        """The completion marker (checkpoints.py), then rotation: a kill at any point leaves the
+        previous complete checkpoint in place."""
         self.accelerator.wait_for_everyone()  # every rank has written its part (rng state)
         if self.args.should_save:
-            mark_complete(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"), self.state.global_step)
-            rotate_checkpoints(run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
+            mark_complete(checkpoint_dir, self.state.global_step)
+            rotate_checkpoints(run_dir, save_total_limit=save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
 
     def _prepare(self, dataset, tokenizer, args: ORPOConfig, split: str) -> list[TokenizedPair] | None:
+        """`dataset` through the one data path (orpo.data.prepare_dataset) with this config's data fields."""
         if dataset is None:
             return None
-        if isinstance(dataset, list) and dataset and isinstance(dataset[0], TokenizedPair):
-            return dataset
-        prepared = tokenize_rows(
-            dataset, tokenizer, args.max_length, args.max_prompt_length, args.max_completion_length,
-            strict=args.strict, source=f"{split} dataset",
+        prepared = prepare_dataset(
+            dataset, tokenizer, args.row_format(), args.max_length, args.max_prompt_length,
+            args.max_completion_length, strict=args.strict, skip_bad_rows=args.skip_bad_rows,
+            name=dataset if isinstance(dataset, str) else f"{split} dataset",
         )
         logger.info("%s data: %s", split, prepared.report())
         self.prepared[split] = prepared
         return prepared.pairs
 
-    def _get_train_sampler(self, train_dataset=None):
-        if self.args.train_sampling_strategy == "group_by_length":
-            from transformers.trainer_pt_utils import LengthGroupedSampler
+    def length_grouped_sampler(self, dataset):
+        if self.args.train_sampling_strategy != "group_by_length":
+            return None
+        from transformers.trainer_pt_utils import LengthGroupedSampler
 
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            lengths = [pair.shared_length for pair in dataset]
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths)
-        return super()._get_train_sampler(train_dataset)
+        lengths = [pair.shared_length for pair in dataset]
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths)
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+    def step_totals(self, batch_samples: list, device: torch.device) -> torch.Tensor:
         """[NLL tokens, pairs] of the whole optimizer step, summed over micro-batches and ranks."""
         totals = torch.stack(
             [torch.stack([nll_token_count(b["target_kind"], self.args.nll_scope), b["num_pairs"]]) for b in batch_samples]
@@ -208,7 +202,7 @@ class ORPOTrainer(Trainer):
         return (loss, {"log_odds": log_odds}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        inputs = self.inputs_to_device(inputs)
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None

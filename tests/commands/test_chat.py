@@ -4,7 +4,8 @@ import io
 
 from orpo.commands.chat import chat_loop, fit_history
 from orpo.commands.cli import main
-from orpo.commands.generate import encode_prompt, generate_answers
+from orpo.commands.generate import generate_answers
+from orpo.data.render import encode_prompt
 from tiny import WORDS, chatml_tokenizer, save_tiny_chat_model, tiny_chat_model, word_level_tokenizer
 
 

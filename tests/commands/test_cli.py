@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from orpo.commands.cli import main, parse_train_args
+from orpo.data.formats import ACCEPTED_SHAPES
+from orpo.data.prepare import prepare_dataset
 from orpo.errors import OrpoError
 from orpo.train.models import load_model
 from tiny import word_level_tokenizer
@@ -130,8 +132,7 @@ def error_line(err: str) -> str:
 
 def expected_errors(data_dir):
     d = data_dir
-    shapes = ("prompt/chosen/rejected strings, conversational message lists, or chosen/rejected only "
-              "(implicit shared prompt); use --prompt_column/--chosen_column/--rejected_column for other names")
+    shapes = ACCEPTED_SHAPES
     return {
         "missing file": (d / "nope.jsonl", f"{d / 'nope.jsonl'}: no such file"),
         "bad json": (d / "bad_json.jsonl",
@@ -141,7 +142,8 @@ def expected_errors(data_dir):
                     f"{d / 'renamed.jsonl'}: missing column 'chosen'; columns found: ['question', 'good', 'bad']; "
                     f"accepted shapes: {shapes}"),
         "types": (d / "types.jsonl",
-                  f"{d / 'types.jsonl'}: zero usable pairs; kept 0 of 2 pairs; dropped 2: wrong types 2 (first at row 0)"),
+                  f"{d / 'types.jsonl'}: zero usable pairs; kept 0 of 2 pairs; dropped 2: wrong types 2 (first at row 0: "
+                  "chosen is int, expected a string or a list of messages)"),
     }
 
 
@@ -197,7 +199,8 @@ def test_train_subprocess_zero_pairs_no_traceback(model_dir, data_dir, tmp_path)
                        "--report_to", "none"], tmp_path)
     assert result.returncode == 2, result.stderr
     assert error_line(result.stderr) == (
-        f"orpo: error: {dataset}: zero usable pairs; kept 0 of 2 pairs; dropped 2: wrong types 2 (first at row 0)")
+        f"orpo: error: {dataset}: zero usable pairs; kept 0 of 2 pairs; dropped 2: wrong types 2 (first at row 0: "
+        "chosen is int, expected a string or a list of messages)")
 
 
 def test_inspect_subprocess_bad_json_no_traceback(model_dir, data_dir, tmp_path):
@@ -248,6 +251,7 @@ def test_inspect_output(model_dir, data_dir, capsys):
         "  prompt tokens: min 9, mean 12.2, max 14",
         "  chosen tokens: min 2, mean 4.2, max 6",
         "rejected tokens: min 2, mean 2.8, max 5",
+        "rows by shape: prompt/chosen/rejected strings 8",
         "kept 8 of 8 pairs",
     ]
 
@@ -390,8 +394,8 @@ def test_config_yaml_null_means_none(tmp_path):
 
 
 def test_remote_code_is_off_unless_asked(monkeypatch, tmp_path):
-    model_args, _, _ = parse_train_args(["--model", "m", "--dataset", "d.jsonl"])
-    assert model_args.trust_remote_code is False
+    _, _, config = parse_train_args(["--model", "m", "--dataset", "d.jsonl"])
+    assert config.trust_remote_code is False
     seen = {}
 
     def from_pretrained(path, **kwargs):
@@ -402,3 +406,123 @@ def test_remote_code_is_off_unless_asked(monkeypatch, tmp_path):
     with pytest.raises(OrpoError, match="cannot load a causal LM: stop here"):
         load_model(str(tmp_path))
     assert seen["trust_remote_code"] is False
+
+
+# --- one config home: eval and inspect take their flags from the training fields -------------------
+
+@pytest.mark.parametrize("command", ["eval", "data inspect"])
+def test_subcommand_flags_are_the_config_fields(command):
+    """Every flag of eval/inspect is a field of ORPOConfig or of the argument dataclasses in
+    orpo.train.config, with that field's default and help (nothing retyped in cli.py)."""
+    import dataclasses
+
+    from orpo.commands.cli import _subcommand_parser
+    from orpo.train.config import DataArguments, EvalArguments, InspectArguments, ModelArguments, ORPOConfig
+
+    homes = {}
+    for cls in (ORPOConfig, ModelArguments, DataArguments, EvalArguments, InspectArguments):
+        for f in dataclasses.fields(cls):
+            homes.setdefault(f.name, f)
+    actions = [a for a in _subcommand_parser(command)._actions if a.dest != "help"]
+    assert {"model", "dataset", "max_length", "max_prompt_length", "prompt_column", "label_map", "strict"} <= {
+        a.dest for a in actions}
+    for action in actions:
+        home = homes[action.dest]
+        default = None if home.default is dataclasses.MISSING else home.default
+        assert action.default == default, action.dest
+        assert action.help.startswith(home.metadata["help"][:40]), action.dest
+
+
+def test_eval_and_inspect_take_the_new_data_fields(model_dir, tmp_path, capsys):
+    """--prompt_column a,b joins two prompt columns, in inspect and eval alike (same fields as train)."""
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [
+        {"instruction": "What is", "input": "the sky ?", "chosen": "the sky is blue", "rejected": "no"},
+        {"instruction": "Hi", "input": "", "chosen": "Hello there !", "rejected": "Go away"},
+    ])
+    flags = ["--model", str(model_dir), "--dataset", str(path), "--prompt_column", "instruction,input"]
+    assert main(["data", "inspect", *flags, "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    joined = prepare_dataset([{"prompt": "What is\n\nthe sky ?", "chosen": "the sky is blue", "rejected": "no"}],
+                             chatml_tokenizer()).pairs[0]
+    assert out.splitlines()[0].startswith(f"=== row 0: prompt {len(joined.prompt_ids)} tokens")
+    assert "kept 2 of 2 pairs" in out
+    assert main(["eval", *flags]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pairs"] == 2
+
+
+def test_subcommand_unknown_flag_is_one_line(model_dir, capsys):
+    assert main(["eval", "--model", str(model_dir), "--dataset", "x.jsonl", "--batchsize", "3"]) == 2
+    assert "orpo eval: unknown options ['--batchsize', '3']" in capsys.readouterr().err
+
+
+def test_inconsistent_label_options_are_one_line(model_dir, data_dir, capsys):
+    code = main(["data", "inspect", "--model", str(model_dir), "--dataset", str(data_dir / "prefs.jsonl"),
+                 "--response_columns", "a,b", "--label_column", "l"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "needs all three of --response_columns, --label_column and --label_map" in err
+
+
+# --- every shape trains from the CLI and from Python with identical pairs ------------------------------
+
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
+SHAPE_CASES = {  # fixture file → the data fields it needs (the same dict for the CLI flags and ORPOConfig)
+    "llamafactory_sharegpt_dpo.json": {},
+    "llamafactory_openai_tags.jsonl": {},
+    "trl_content_parts.jsonl": {},
+    "llamafactory_v1_dpo.jsonl": {},
+    "pandalm_testset.json": {"prompt_column": "instruction,input", "response_columns": "response1,response2",
+                             "label_column": "annotator1,annotator2,annotator3",
+                             "label_map": {"1": "response1", "2": "response2", "0": "tie"}},
+    "autoj_pairwise.jsonl": {"response_columns": "response 1,response 2", "label_column": "label",
+                             "label_map": {"0": "response 1", "1": "response 2", "2": "tie"}},
+    "ultrafeedback_raw.jsonl": {"binarize": "best_vs_random"},
+}
+ONE_STEP = {"max_steps": 1, "per_device_train_batch_size": 2, "report_to": "none", "save_strategy": "no",
+            "report": False, "disable_tqdm": True}
+
+
+def _flags(fields: dict) -> list[str]:
+    return [arg for key, value in fields.items()
+            for arg in (f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value))]
+
+
+def _rows(path: Path) -> list[dict]:
+    text = path.read_text()
+    return json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line]
+
+
+@pytest.fixture(scope="module")
+def byte_model_dir(tmp_path_factory):
+    """A tiny model with a byte-level tokenizer: real-world texts keep distinct ids (no <unk>)."""
+    from tiny import byte_level_chatml_tokenizer, tiny_chat_model
+
+    path = tmp_path_factory.mktemp("byte_model")
+    tok = byte_level_chatml_tokenizer()
+    tiny_chat_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("fixture", SHAPE_CASES)
+def test_every_shape_trains_from_cli_and_python_with_identical_pairs(fixture, byte_model_dir, tmp_path, monkeypatch):
+    model_dir = byte_model_dir
+    from orpo import ORPOConfig, ORPOTrainer
+
+    fields = SHAPE_CASES[fixture]
+    seen = []
+    real_train = ORPOTrainer.train
+
+    def spy(self, *args, **kwargs):  # the pairs the CLI's trainer trains on, then a real step
+        seen.append(list(self.train_dataset))
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(ORPOTrainer, "train", spy)
+    assert main(["train", "--model", str(model_dir), "--dataset", str(FIXTURES / fixture), "--output_dir",
+                 str(tmp_path / "cli"), *_flags({**fields, **ONE_STEP})]) == 0
+    config = ORPOConfig(output_dir=str(tmp_path / "python"), **fields, **ONE_STEP)
+    trainer = ORPOTrainer(model=load_model(str(model_dir)), args=config, train_dataset=_rows(FIXTURES / fixture),
+                          processing_class=AutoTokenizer.from_pretrained(model_dir))
+    trainer.train()
+    assert seen[0] == seen[1] == list(trainer.train_dataset)
+    assert len(seen[0]) >= 2 and trainer.state.global_step == 1

@@ -1,12 +1,20 @@
-"""generate.py / `orpo generate`: prompts from MT-Bench or prompt rows, two models side by side."""
+"""generate.py / `orpo generate`: prompts from MT-Bench or prompt rows, two models side by side; every
+generating path (generate, chat, demo) prompts the model with the training prompt ids and stops at
+the chat template's end of turn."""
+import io
 import json
 
 import pytest
+import torch
 
+from orpo.commands import demo
+from orpo.commands.chat import chat_loop
 from orpo.commands.cli import main
+from orpo.commands.generate import generate_answers, read_prompts
+from orpo.data.formats import PreferencePair
+from orpo.data.render import render_pair
 from orpo.errors import OrpoError
-from orpo.commands.generate import read_prompts
-from tiny import save_tiny_chat_model
+from tiny import WORDS, chatml_tokenizer, save_tiny_chat_model, tiny_chat_model, word_level_tokenizer
 
 MT_BENCH = "/work/shared/data/mt_bench_questions.jsonl"
 
@@ -47,3 +55,72 @@ def test_generate_compare_writes_jsonl_and_html(tmp_path, capsys):
     first = out.read_text()
     assert main(args) == 0  # greedy: the same answers again
     assert out.read_text() == first
+
+
+def bos_chatml_tokenizer():
+    """Llama-2/TinyLlama-like: the tokenizer prepends <s>, the ChatML template does not write it, and
+    eos </s> is not the template's end of turn <|im_end|>."""
+    return word_level_tokenizer(WORDS, ["<s>", "</s>", "<|im_start|>", "<|im_end|>"], chatml_tokenizer().chat_template,
+                                bos="<s>", eos="</s>", add_bos=True, pad_token="<pad>")
+
+
+def record_generate(model, monkeypatch) -> list[list[int]]:
+    """Wrap model.generate; the returned list gets the unpadded input ids of every sequence it is fed."""
+    seen, generate = [], model.generate
+
+    def recording(input_ids=None, attention_mask=None, **kwargs):
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        seen.extend(row[m.bool()].tolist() for row, m in zip(input_ids, mask))
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording)
+    return seen
+
+
+def test_generation_feeds_the_model_the_training_prompt_ids(monkeypatch):
+    tok = bos_chatml_tokenizer()
+    model = tiny_chat_model(tok)
+    seen = record_generate(model, monkeypatch)
+    prompts = [[{"role": "user", "content": "why"}],
+               [{"role": "system", "content": "be good"}, {"role": "user", "content": "what is the sky"}]]
+    pairs = [render_pair(PreferencePair(p, [{"role": "assistant", "content": "blue"}],
+                                        [{"role": "assistant", "content": "red"}], i), tok, None, None, None)
+             for i, p in enumerate(prompts)]
+    trained = [pair.prompt_ids for pair in pairs]
+    assert all(ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1 for ids in trained)
+
+    generate_answers(model, tok, [{"messages": p} for p in prompts], 2, 0.0, 0, batch_size=2)  # left-padded
+    assert seen == trained and tok.padding_side == "right"  # the tokenizer is left as it was
+    seen.clear()
+    chat_loop(model, tok, ["what is the sky"], io.StringIO(), system="be good", max_new_tokens=2)
+    assert seen == trained[1:]
+    seen.clear()
+    demo.measure(model, tok, pairs, [{"prompt": p} for p in prompts], beta=0.1)  # the demo's greedy answers
+    assert seen == trained
+
+
+def scripted(model, tok, words):
+    """Make greedy decoding of `model` emit `words`, one per generation step, whatever the prompt."""
+    script = iter(tok.convert_tokens_to_ids(words))
+
+    def hook(module, args, output):
+        logits = torch.full_like(output.logits[:, -1], -1e9)
+        logits[:, next(script)] = 0
+        output.logits[:, -1] = logits
+
+    model.register_forward_hook(hook)
+    return model
+
+
+def test_generation_stops_at_the_end_of_turn_not_only_at_eos():
+    tok = bos_chatml_tokenizer()
+    run_on = ["the", "sky", "<|im_end|>", "\n", "<|im_start|>", "user"]
+    prompt = [{"messages": [{"role": "user", "content": "why"}]}]
+    # without the end-of-turn token as a stop the model runs on into a turn it invents
+    model = scripted(tiny_chat_model(tok), tok, run_on)
+    ids = model.generate(torch.tensor([[tok.bos_token_id]]), max_new_tokens=6, pad_token_id=tok.pad_token_id)
+    assert tok.convert_ids_to_tokens(ids[0, 1:]) == run_on
+    assert generate_answers(scripted(tiny_chat_model(tok), tok, run_on), tok, prompt, 6, 0.0, 0, 1) == ["the sky"]
+    out = io.StringIO()
+    history = chat_loop(scripted(tiny_chat_model(tok), tok, run_on), tok, ["why"], out, max_new_tokens=6)
+    assert history[-1] == {"role": "assistant", "content": "the sky"} and out.getvalue() == "the sky\n"

@@ -1,4 +1,5 @@
-"""Tests for orpo.data.load: loading every file type, one-line errors, pairs + drop counts, the drop report."""
+"""Tests for orpo.data.load: loading every file type, one-line errors, the real data files read into pairs
+(rows_to_pairs), the drop report."""
 import gzip
 import json
 import re
@@ -9,9 +10,10 @@ import pandas as pd
 import pytest
 
 import orpo.data.load as data
-from orpo.data.load import dataset_to_pairs, format_drop_report, load_rows
-from orpo.errors import EMPTY_RESPONSE, SAME_RESPONSES, WRONG_TYPES, OrpoError
-from orpo.data.formats import PreferencePair
+from orpo.data.load import load_rows
+from orpo.data.prepare import format_drop_report
+from orpo.errors import EMPTY_RESPONSE, SAME_RESPONSES, UNKNOWN_ROLE, WRONG_TYPES, OrpoError
+from orpo.data.formats import SHAPE_HH, SHAPE_STRINGS, rows_to_pairs
 
 ROWS = [{"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."},
         {"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
@@ -51,9 +53,9 @@ def test_load_rows_mixed_types_across_rows(tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", [
         json.dumps({"prompt": "Hi?", "chosen": "a", "rejected": "b"}),
         json.dumps({"prompt": [{"role": "user", "content": "Yo"}], "chosen": "c", "rejected": "d"})])
-    pairs, drops, _ = dataset_to_pairs(load_rows(str(path)))
-    assert [p.prompt for p in pairs] == [[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "Yo"}]]
-    assert drops == Counter()
+    got = rows_to_pairs(load_rows(str(path)))
+    assert [p.prompt for p in got.pairs] == [[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "Yo"}]]
+    assert got.drops == Counter()
 
 
 def test_jsonl_is_read_without_the_datasets_json_builder(tmp_path, monkeypatch):
@@ -141,50 +143,30 @@ def test_hub_failure_is_one_line(monkeypatch):
     assert calls == [(("someone/prefs",), {"split": "test"})]
 
 
-# --- dataset_to_pairs and the report -------------------------------------------------------------
+# --- the drop report ---------------------------------------------------------------------------
 
-def test_dataset_to_pairs_counts_drops_and_first_rows():
+def test_drop_report_of_rows_to_pairs():
     rows = [ROWS[0], {"prompt": "p", "chosen": "same", "rejected": "same"}, ROWS[1],
             {"prompt": "p", "chosen": "", "rejected": "r"}, {"prompt": "p", "chosen": "x", "rejected": "x"},
             {"prompt": "p", "chosen": 3, "rejected": "r"}]
-    pairs, drops, first_rows = dataset_to_pairs(rows)
-    assert pairs == [PreferencePair([{"role": "user", "content": "Hi?"}], [{"role": "assistant", "content": "Hello!"}],
-                                    [{"role": "assistant", "content": "Go away."}], index=0),
-                     PreferencePair([{"role": "user", "content": "2+2?"}], [{"role": "assistant", "content": "4"}],
-                                    [{"role": "assistant", "content": "5"}], index=2)]
-    assert drops == Counter({SAME_RESPONSES: 2, EMPTY_RESPONSE: 1, WRONG_TYPES: 1})
-    assert first_rows == {SAME_RESPONSES: 1, EMPTY_RESPONSE: 3, WRONG_TYPES: 5}
-    assert format_drop_report(len(rows), len(pairs), drops, first_rows) == (
+    got = rows_to_pairs(rows)
+    assert format_drop_report(len(rows), len(got.pairs), got.drops, got.first_rows) == (
         "kept 2 of 6 pairs; dropped 4:\n"
         "  chosen == rejected 2 (first at row 1)\n"
         "  empty response 1 (first at row 3)\n"
         "  wrong types 1 (first at row 5)")
 
 
-def test_dataset_to_pairs_custom_columns_and_missing_column_error():
-    rows = [{"q": "Hi?", "good": "Hello!", "bad": "Go away."}]
-    pairs, drops, _ = dataset_to_pairs(rows, "q", "good", "bad")
-    assert pairs[0].chosen == [{"role": "assistant", "content": "Hello!"}] and drops == Counter()
-    with pytest.raises(OrpoError, match=r"^my.jsonl: missing column 'chosen'; columns found: \['q', 'good', 'bad'\]; "):
-        dataset_to_pairs(rows, source="my.jsonl")
-
-
-def test_format_drop_report_single_reason_and_none():
-    assert format_drop_report(1000, 995, Counter({SAME_RESPONSES: 5}), {SAME_RESPONSES: 17}) == (
-        "kept 995 of 1000 pairs; dropped 5: chosen == rejected 5 (first at row 17)")
-    assert format_drop_report(3, 3, Counter(), {}) == "kept 3 of 3 pairs"
-
-
-# --- the real data files -------------------------------------------------------------------------
-
 def test_real_ultrafeedback():
     rows = load_rows(ULTRAFEEDBACK)
     assert len(rows) == 1000
-    pairs, drops, first_rows = dataset_to_pairs(rows, source=ULTRAFEEDBACK)
-    assert drops == Counter({SAME_RESPONSES: 4, EMPTY_RESPONSE: 2})
-    assert first_rows == {SAME_RESPONSES: 306, EMPTY_RESPONSE: 478}
-    assert len(pairs) == 994
-    assert format_drop_report(len(rows), len(pairs), drops, first_rows) == (
+    got = rows_to_pairs(rows, source=ULTRAFEEDBACK)
+    assert got.drops == Counter({SAME_RESPONSES: 4, EMPTY_RESPONSE: 2})
+    assert got.first_rows == {SAME_RESPONSES: 306, EMPTY_RESPONSE: 478}
+    assert got.first_details == {SAME_RESPONSES: "", EMPTY_RESPONSE: "rejected is empty"}
+    assert got.shapes == Counter({SHAPE_STRINGS: 1000})
+    assert len(got.pairs) == 994
+    assert format_drop_report(len(rows), len(got.pairs), got.drops, got.first_rows) == (
         "kept 994 of 1000 pairs; dropped 6:\n  chosen == rejected 4 (first at row 306)\n"
         "  empty response 2 (first at row 478)")
 
@@ -192,8 +174,10 @@ def test_real_ultrafeedback():
 def test_real_hh_rlhf():
     rows = load_rows(HH_RLHF)
     assert len(rows) == 2312
-    pairs, drops, first_rows = dataset_to_pairs(rows, source=HH_RLHF)
-    assert drops == Counter({EMPTY_RESPONSE: 4}) and first_rows == {EMPTY_RESPONSE: 86}
+    got = rows_to_pairs(rows, source=HH_RLHF)
+    assert got.drops == Counter({EMPTY_RESPONSE: 4}) and got.first_rows == {EMPTY_RESPONSE: 86}
+    assert got.shapes == Counter({SHAPE_HH: 2312})
+    pairs = got.pairs
     assert len(pairs) == 2308
     for p in pairs:
         assert p.prompt and p.prompt[-1]["role"] == "user" and p.prompt[-1]["content"].strip()
@@ -230,7 +214,7 @@ CORPUS = {
     "nested_list.json": (b"[" * 100_000 + b"]" * 100_000, r": JSON nested too deeply$"),
     "null_fields.jsonl": (_lines(_row(prompt=None), _row(chosen=None)), (4, WRONG_TYPES)),
     "numbers_for_text.jsonl": (_lines(_row(prompt=5, chosen=1.5)), (4, WRONG_TYPES)),
-    "unknown_role.jsonl": (_lines(_row(prompt=[{"role": "wizard", "content": "hi"}])), (4, WRONG_TYPES)),
+    "unknown_role.jsonl": (_lines(_row(prompt=[{"role": "wizard", "content": "hi"}])), (4, UNKNOWN_ROLE)),
     "prompt_only_row.jsonl": (_lines(b'{"prompt": "only a prompt"}'), (4, WRONG_TYPES)),
 }
 
@@ -242,13 +226,13 @@ def test_hostile_input(tmp_path, name):
     path.write_bytes(content)
     if isinstance(expected, str):
         with pytest.raises(OrpoError) as info:
-            dataset_to_pairs(load_rows(str(path)))
+            rows_to_pairs(load_rows(str(path)))
         assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
         assert re.search(expected, str(info.value)), str(info.value)
     else:
         kept, reason = expected
-        pairs, drops, first_rows = dataset_to_pairs(load_rows(str(path)))
-        assert len(pairs) == kept and set(drops) == {reason} and first_rows[reason] == 2
+        got = rows_to_pairs(load_rows(str(path)))
+        assert len(got.pairs) == kept and set(got.drops) == {reason} and got.first_rows[reason] == 2
 
 
 @pytest.mark.parametrize("name", ["invalid_utf8.jsonl", "deeply_nested.jsonl", "one_bad_line.jsonl"])
@@ -264,4 +248,4 @@ def test_skip_bad_rows_skips_and_counts_the_bad_line(tmp_path, name, caplog):
 def test_prompt_only_file_is_one_line():
     """Rows that never have answers: the missing column is named (tested in detail in test_formats)."""
     with pytest.raises(OrpoError, match=r"missing column 'chosen'; columns found: \['prompt'\]"):
-        dataset_to_pairs([{"prompt": "p"}, {"prompt": "q"}], source="prompts.jsonl")
+        rows_to_pairs([{"prompt": "p"}, {"prompt": "q"}], source="prompts.jsonl")

@@ -5,10 +5,13 @@ punctuation and keeps "\\n" as its own token, so a stray template newline would 
 """
 import pytest
 
-from orpo.errors import TOO_LONG, DroppedPair, OrpoError
+from transformers import GenerationConfig
+
+from orpo.errors import SAME_AFTER_TRUNCATION, TEMPLATE_ERROR, TOO_LONG, DroppedPair, OrpoError
 from orpo.data.formats import PreferencePair
 from orpo.data import render
-from orpo.data.render import DEFAULT_CHAT_TEMPLATE, ensure_chat_template, render_pair, truncate
+from orpo.data.render import (DEFAULT_CHAT_TEMPLATE, encode_prompt, ensure_chat_template, render_pair,
+                              stop_token_ids, truncate)
 from tiny import word_level_tokenizer
 
 WORDS = ("<unk> \n user assistant system Hi there Hello Go away ! , . you are kind be brief "
@@ -170,6 +173,56 @@ def test_default_chat_template_eos_fallback():
     im_start = ["<", "|", "im", "_", "start", "|", ">"]  # not in the vocab: plain text
     assert p == ["<s>", *im_start, "user", "\n", "Hi", "</s>", "\n", *im_start, "assistant", "\n"]
     assert c == ["Hello", "there", "!", "</s>"]
+
+
+@pytest.mark.parametrize("make", [chatml, llama3, zephyr])
+def test_encode_prompt_is_the_training_prompt(make):
+    tok = make()
+    prompt = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "Hi"}]
+    assert encode_prompt(tok, prompt) == render_pair(pair(prompt), tok, None, None, None).prompt_ids
+
+
+def test_stop_token_ids_add_the_end_of_turn():
+    ids = lambda tok, *names: [tok.convert_tokens_to_ids(n) for n in names]  # noqa: E731
+    other_eos = make_tokenizer(["<s>", "</s>", "<|im_start|>", "<|im_end|>"], CHATML, bos="<s>", eos="</s>")
+    assert stop_token_ids(other_eos) == ids(other_eos, "</s>", "<|im_end|>")
+    config = GenerationConfig(eos_token_id=[other_eos.convert_tokens_to_ids("<|im_end|>"), 7])
+    assert stop_token_ids(other_eos, config) == ids(other_eos, "<|im_end|>") + [7] + ids(other_eos, "</s>")
+    assert stop_token_ids(chatml(), GenerationConfig(eos_token_id=7)) == [7] + ids(chatml(), "<|im_end|>")
+    assert stop_token_ids(llama3()) == ids(llama3(), "<|end_of_text|>", "<|eot_id|>")
+    assert stop_token_ids(zephyr()) == ids(zephyr(), "</s>")  # eos is the end of turn: once
+    for template in (PLAIN, None):  # no special token after the answer; no template at all
+        tok = make_tokenizer(["</s>"], template, eos="</s>")
+        assert stop_token_ids(tok) == ids(tok, "</s>")
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+     "{% endif %}{{ m['content'] }}{% endfor %}", "System role not supported"),
+    ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+     "{% endif %}{{ m['content'] }}{% endfor %}", "Conversation roles must alternate user/assistant/user/assistant/..."),
+    ("{{ messages[0]['content'] + 1 }}", 'can only concatenate str (not "int") to str'),  # a TypeError
+    ("{% for m in messages %}{{ m['content'] }}", "Unexpected end of template. Jinja was looking for the following "
+                                                  "tags: 'endfor' or 'else'. The innermost block that needs to be "
+                                                  "closed is 'for'."),
+])
+def test_template_error_drops_the_pair_with_its_message(template, message):
+    tok = make_tokenizer(["</s>"], template, eos="</s>")
+    system_first = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "Hi"}]
+    with pytest.raises(DroppedPair) as e:
+        render_pair(pair(system_first), tok, None, None, None)
+    assert (e.value.reason, e.value.detail) == (TEMPLATE_ERROR, message)
+
+
+def test_answers_equal_after_truncation_drop_the_pair():
+    tok = chatml()
+    with pytest.raises(DroppedPair) as e:
+        render_pair(pair(chosen="Hello there !", rejected="Hello there ."), tok, None, None, 2)
+    assert (e.value.reason, e.value.detail) == (SAME_AFTER_TRUNCATION, "both answers are the same 2 tokens "
+                                                                       "within the length limits")
+    _, c, r = toks(tok, render_pair(pair(chosen="Hello there !", rejected="Hello there ."), tok, None, None, 3))
+    assert (c, r) == (["Hello", "there", "!"], ["Hello", "there", "."])  # one more token tells them apart
 
 
 # ---- truncation ------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orpo.commands import cli
-from orpo.data.load import load_rows
 from orpo.errors import OrpoError
 from orpo.commands.evaluate import evaluate_pairs
 from orpo.ops.forward import pair_logps
@@ -19,7 +18,7 @@ from orpo.ops.loss import log_odds_ratio
 from orpo.train.models import fetch_smollm2, load_model, load_tokenizer, smollm2_gguf
 from orpo.ops.attention import use_span_attention
 from orpo.ops.packing import collate_padded, collate_prefix_shared
-from orpo.data.prepare import tokenize_rows
+from orpo.data.prepare import prepare_dataset
 
 ULTRAFEEDBACK = "/work/shared/data/ultrafeedback_1k_train.jsonl"
 pytestmark = pytest.mark.real_model
@@ -39,7 +38,7 @@ def model(smollm2):
 def first_pairs(smollm2):
     tokenizer = load_tokenizer(str(smollm2))
     # max_length 384 keeps the suite short; the first 8 usable pairs at that length
-    prepared = tokenize_rows(load_rows(ULTRAFEEDBACK), tokenizer, 384, 192, None)
+    prepared = prepare_dataset(ULTRAFEEDBACK, tokenizer, max_length=384, max_prompt_length=192)
     return tokenizer, prepared.pairs[:8]
 
 
