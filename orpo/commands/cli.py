@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 
 from orpo.errors import OrpoError
-from orpo.train.config import DTYPES, DataArguments, ModelArguments
+from orpo.train.models import DTYPES  # cheap: the config module imports transformers, so it is imported lazily
 
 logger = logging.getLogger("orpo")
 def _read_yaml_config(path: str) -> dict:
@@ -41,7 +41,7 @@ def parse_train_args(argv: list[str]):
     """
     from transformers import HfArgumentParser
 
-    from orpo.train.config import ORPOConfig
+    from orpo.train.config import DataArguments, ModelArguments, ORPOConfig
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -64,12 +64,9 @@ def parse_train_args(argv: list[str]):
 
 
 def _load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):
-    import torch
-
     from orpo.train.models import load_model
 
-    return load_model(name, dtype="auto" if dtype == "auto" else getattr(torch, dtype),
-                      trust_remote_code=trust_remote_code)
+    return load_model(name, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def _load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -156,7 +153,7 @@ DATA_FIELDS = ("prompt_column", "chosen_column", "rejected_column", "response_co
 def _subcommand_parser(command: str):
     from transformers import HfArgumentParser
 
-    from orpo.train.config import EvalArguments, InspectArguments, ORPOConfig
+    from orpo.train.config import DataArguments, EvalArguments, InspectArguments, ModelArguments, ORPOConfig
 
     sources = [(ModelArguments, ("model", "dtype") if command == "eval" else ("model",)),
                (DataArguments, ("dataset", "dataset_split")),

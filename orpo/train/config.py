@@ -18,8 +18,8 @@ from transformers import TrainingArguments
 from orpo.data.formats import BINARIZE, RowFormat
 from orpo.errors import OrpoError
 from orpo.ops.packing import PACKED_ATTENTION
+from orpo.train.models import DTYPES
 
-DTYPES = ("float32", "bfloat16", "float16", "auto")  # --dtype: weights dtype to load a model in
 
 
 @dataclass

@@ -15,8 +15,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import torch
-
 from orpo.errors import OrpoError
 
 logger = logging.getLogger(__name__)
@@ -55,9 +53,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         raise OrpoError(f"{name_or_path}: cannot load a tokenizer: {_first_line(err)}") from None
 
 
-def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False, **kwargs):
-    """AutoModelForCausalLM from a hub id, a local directory or a .gguf file, in `dtype`."""
+DTYPES = ("float32", "bfloat16", "float16", "auto")  # the weights dtypes a model can be loaded in, by name
+
+
+def load_model(name_or_path: str, dtype=DTYPES[0], trust_remote_code: bool = False, **kwargs):
+    """AutoModelForCausalLM from a hub id, a local directory or a .gguf file, in `dtype` (a torch.dtype or a
+    name of DTYPES)."""
+    import torch
     from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
 
     path, extra = _from_pretrained_args(name_or_path)
     try:
