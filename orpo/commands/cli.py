@@ -120,9 +120,8 @@ def _prepare(source: str, split: str, tokenizer, args):
     from orpo.data.prepare import prepare_dataset
     from orpo.train.config import to_row_format
 
-    seed = args.data_seed if args.data_seed is not None else args.seed
     return prepare_dataset(
-        source, tokenizer, to_row_format(args, seed), args.max_length, args.max_prompt_length,
+        source, tokenizer, to_row_format(args), args.max_length, args.max_prompt_length,
         args.max_completion_length, strict=args.strict, skip_bad_rows=args.skip_bad_rows, split=split,
     )
 

@@ -249,7 +249,7 @@ class ORPOConfig(TrainingArguments):
 
     def row_format(self) -> RowFormat:
         """How rows are read (the data fields above), for `orpo.data.prepare_dataset`."""
-        return to_row_format(self, self.data_seed if self.data_seed is not None else self.seed)
+        return to_row_format(self)
 
 
 def _names(value: str | None) -> tuple[str, ...] | None:
@@ -257,10 +257,10 @@ def _names(value: str | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(name.strip() for name in value.split(",") if name.strip())
 
 
-def to_row_format(args, seed: int = 0) -> RowFormat:
+def to_row_format(args) -> RowFormat:
     """The `RowFormat` (orpo.data) of the data fields of `args` (ORPOConfig, or the parsed flags of
-    `orpo eval` / `orpo data inspect`, which take these same fields). Inconsistent options are one
-    `OrpoError` line."""
+    `orpo eval` / `orpo data inspect`, which take these same fields); the rated-completions seed is
+    `data_seed`, else `seed`. Inconsistent options are one `OrpoError` line."""
     label_map = args.label_map
     if isinstance(label_map, str):
         try:
@@ -287,5 +287,6 @@ def to_row_format(args, seed: int = 0) -> RowFormat:
     return RowFormat(
         prompt_columns=_names(args.prompt_column), chosen_column=args.chosen_column,
         rejected_column=args.rejected_column, response_columns=responses, label_columns=labels,
-        label_map=label_map, rating_key=args.rating_key, binarize=args.binarize, seed=seed,
+        label_map=label_map, rating_key=args.rating_key, binarize=args.binarize,
+        seed=args.data_seed if args.data_seed is not None else args.seed,
     )
