@@ -116,14 +116,9 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def _prepare(source: str, split: str, tokenizer, args):
-    """`source` through the one data path with the data fields of `args` (ORPOConfig or eval/inspect flags)."""
-    from orpo.data.prepare import prepare_dataset
-    from orpo.train.config import to_row_format
+    from orpo.train.config import prepare_data
 
-    return prepare_dataset(
-        source, tokenizer, to_row_format(args), args.max_length, args.max_prompt_length,
-        args.max_completion_length, strict=args.strict, skip_bad_rows=args.skip_bad_rows, split=split,
-    )
+    return prepare_data(args, source, tokenizer, split)
 
 
 def subcommand_flags(name: str, sources: list[tuple[type, tuple[str, ...]]]) -> type:

@@ -93,8 +93,7 @@ def measure(model, tokenizer, held_out_pairs, held_out_rows, beta: float) -> tup
 
 def run_demo(output_dir: str = "orpo-demo", max_steps: int | None = None, seed: int = 0) -> dict:
     from orpo.train.models import fetch_smollm2, load_model, load_tokenizer
-    from orpo.data.prepare import prepare_dataset
-    from orpo.train.config import ORPOConfig
+    from orpo.train.config import ORPOConfig, prepare_data
     from orpo.train.trainer import ORPOTrainer
 
     start = time.perf_counter()
@@ -124,8 +123,7 @@ def run_demo(output_dir: str = "orpo-demo", max_steps: int | None = None, seed: 
         seed=seed,
         disable_tqdm=True,
     )
-    held_out = prepare_dataset(held_out_rows, tokenizer, config.row_format(), config.max_length,
-                               config.max_prompt_length, config.max_completion_length, name="demo held-out set").pairs
+    held_out = prepare_data(config, held_out_rows, tokenizer, name="demo held-out set").pairs
     print(f"demo: {len(train_rows)} training pairs, {len(held_out_rows)} held-out pairs "
           f"(chosen: JSON answers, rejected: the same answer as a sentence); data in {out / 'data'}")
 

@@ -136,6 +136,13 @@ class PairsFromRows:
     first_details: dict[str, str] = field(default_factory=dict)
     shapes: Counter = field(default_factory=Counter)
 
+    def count_drop(self, drop: DroppedPair, index: int) -> None:
+        """Count `drop` of row `index`; the first row of each reason keeps its detail."""
+        self.drops[drop.reason] += 1
+        if drop.reason not in self.first_rows:
+            self.first_rows[drop.reason] = index
+            self.first_details[drop.reason] = drop.detail
+
 
 @dataclass(frozen=True)
 class _Columns:
@@ -178,11 +185,8 @@ def rows_to_pairs(rows, row_format: RowFormat = RowFormat(), source: str = "data
             shape = _row_shape(row, columns)
             out.shapes[shape] += 1
             out.pairs.append(_pair(row, index, shape, columns, row_format))
-        except DroppedPair as e:
-            out.drops[e.reason] += 1
-            if e.reason not in out.first_rows:
-                out.first_rows[e.reason] = index
-                out.first_details[e.reason] = e.detail
+        except DroppedPair as drop:
+            out.count_drop(drop, index)
     return out
 
 

@@ -89,15 +89,13 @@ def prepare_dataset(
         raise OrpoError(f"{name}: expected a file path, a hub dataset id, a datasets.Dataset or a list of rows, "
                         f"got {type(rows).__name__}")
     read = rows_to_pairs(rows, row_format, source=name)
-    prepared = PreparedData([], len(rows), read.drops, read.first_rows, read.first_details, read.shapes)
+    tokenized = []
     for pair in read.pairs:
         try:
-            prepared.pairs.append(render_pair(pair, tokenizer, max_length, max_prompt_length, max_completion_length))
+            tokenized.append(render_pair(pair, tokenizer, max_length, max_prompt_length, max_completion_length))
         except DroppedPair as drop:
-            prepared.drops[drop.reason] += 1
-            if drop.reason not in prepared.first_rows:
-                prepared.first_rows[drop.reason] = pair.index
-                prepared.first_details[drop.reason] = drop.detail
+            read.count_drop(drop, pair.index)  # rendering drops join the same counts
+    prepared = PreparedData(tokenized, len(rows), read.drops, read.first_rows, read.first_details, read.shapes)
     if strict and prepared.drops:
         reason, row = min(prepared.first_rows.items(), key=lambda item: item[1])
         raise OrpoError(f"{name}, row {row}: pair dropped ({reason}) and --strict is set; {prepared.report()}")

@@ -16,6 +16,7 @@ import torch
 from transformers import TrainingArguments
 
 from orpo.data.formats import BINARIZE, RowFormat
+from orpo.data.prepare import PreparedData, prepare_dataset
 from orpo.errors import OrpoError
 from orpo.ops.packing import PACKED_ATTENTION
 from orpo.train.models import DTYPES
@@ -244,12 +245,17 @@ class ORPOConfig(TrainingArguments):
             raise OrpoError("is_encoder_decoder=True: orpo trains decoder-only causal LMs only")
         if isinstance(self.model_init_kwargs, str):
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
-        self.row_format()  # inconsistent data options fail here, before any model is loaded
+        to_row_format(self)  # inconsistent data options fail here, before any model is loaded
         super().__post_init__()
 
-    def row_format(self) -> RowFormat:
-        """How rows are read (the data fields above), for `orpo.data.prepare_dataset`."""
-        return to_row_format(self)
+
+def prepare_data(args, source, tokenizer, split: str = "train", name: str | None = None) -> PreparedData:
+    """`source` through the one data path (`orpo.data.prepare_dataset`) with the data fields of `args`
+    (ORPOConfig, or the parsed flags of `orpo eval` / `orpo data inspect`)."""
+    return prepare_dataset(
+        source, tokenizer, to_row_format(args), args.max_length, args.max_prompt_length,
+        args.max_completion_length, strict=args.strict, skip_bad_rows=args.skip_bad_rows, split=split, name=name,
+    )
 
 
 def _names(value: str | None) -> tuple[str, ...] | None:

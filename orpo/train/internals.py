@@ -16,11 +16,12 @@ turns each into a method of ours with a public name, which `ORPOTrainer` impleme
 `loss_is_scaled_for_ga` (a documented class attribute since transformers 5) says that
 `compute_loss` already normalises over the step, so the Trainer must not divide by the accumulation
 steps again. `check_trainer_contract()` verifies all of it against the installed transformers and
-fails loudly, naming the member, when a release changes it; ORPOTrainer runs it at start and
-tests/train/test_internals.py in CI.
+fails loudly, naming the member, when a release changes it; ORPOTrainer runs it at its first start
+in a process (`ensure_trainer_contract`) and tests/train/test_internals.py in CI.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 
@@ -63,6 +64,13 @@ def check_trainer_contract() -> None:
     for call in CALLED_BY_TRAINER:
         if call not in source:
             raise OrpoError(f"{where}: Trainer no longer uses {call.rstrip('(')}; orpo's step normalisation relies on it")
+
+
+@functools.cache
+def ensure_trainer_contract() -> None:
+    """`check_trainer_contract` once per process (it reads Trainer's source: ~0.3 s); a failure is not
+    cached, so it is raised at every start."""
+    check_trainer_contract()
 
 
 class TrainerAdapter(Trainer):

@@ -20,7 +20,6 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
-from orpo.data.prepare import prepare_dataset
 from orpo.data.render import TokenizedPair, ensure_chat_template
 from orpo.errors import OrpoError
 from orpo.ops.attention import use_span_attention
@@ -30,8 +29,8 @@ from orpo.ops.packing import collate_padded, collate_prefix_shared, nll_token_co
 from orpo.train.callbacks import (MetricsJsonlCallback, MetricTotals, NonFiniteGuard, ReportCallback,
                                   disable_dropout)
 from orpo.train.checkpoints import completed_step, mark_complete, resolve_resume
-from orpo.train.config import ORPOConfig
-from orpo.train.internals import TrainerAdapter, check_trainer_contract
+from orpo.train.config import ORPOConfig, prepare_data
+from orpo.train.internals import TrainerAdapter, ensure_trainer_contract
 from orpo.train.models import load_model, load_tokenizer
 from orpo.train.progress import ProgressReporter
 from orpo.train.report import METRICS_FILE
@@ -57,7 +56,7 @@ class ORPOTrainer(TrainerAdapter):
         optimizers=(None, None),
         **kwargs,
     ):
-        check_trainer_contract()
+        ensure_trainer_contract()
         args = args if args is not None else ORPOConfig(output_dir="orpo-output")
         if not isinstance(args, ORPOConfig):
             raise OrpoError(f"args must be an orpo.ORPOConfig, got {type(args).__name__}")
@@ -142,14 +141,10 @@ class ORPOTrainer(TrainerAdapter):
                                best_model_checkpoint=self.state.best_model_checkpoint)
 
     def _prepare(self, dataset, tokenizer, args: ORPOConfig, split: str) -> list[TokenizedPair] | None:
-        """`dataset` through the one data path (orpo.data.prepare_dataset) with this config's data fields."""
+        """`dataset` through the one data path with this config's data fields (config.prepare_data)."""
         if dataset is None:
             return None
-        prepared = prepare_dataset(
-            dataset, tokenizer, args.row_format(), args.max_length, args.max_prompt_length,
-            args.max_completion_length, strict=args.strict, skip_bad_rows=args.skip_bad_rows,
-            name=dataset if isinstance(dataset, str) else f"{split} dataset",
-        )
+        prepared = prepare_data(args, dataset, tokenizer, name=dataset if isinstance(dataset, str) else f"{split} dataset")
         logger.info("%s data: %s", split, prepared.report())
         self.prepared[split] = prepared
         return prepared.pairs
