@@ -108,6 +108,9 @@ def cmd_train(argv: list[str]) -> int:
         peft_config=peft_config,
     )
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    step = trainer.state.global_step
+    if eval_data is not None and not any("eval_runtime" in r and r.get("step") == step for r in trainer.state.log_history):
+        trainer.evaluate()  # the final model on the eval set (metrics.jsonl; eval_pairs.jsonl with --save_eval_pairs)
     if model_args.use_peft:
         trainer.model = trainer.model.merge_and_unload()
     trainer.save_model(config.output_dir)
@@ -144,6 +147,9 @@ DATA_FIELDS = ("prompt_column", "chosen_column", "rejected_column", "response_co
                "skip_bad_rows", "seed", "data_seed")
 
 
+EVAL_FIELDS = ("beta", "nll_scope", "packing", "packed_attention", "logprob_chunk_size", "bf16")
+
+
 def _subcommand_parser(command: str):
     from transformers import HfArgumentParser
 
@@ -151,9 +157,9 @@ def _subcommand_parser(command: str):
 
     sources = [(ModelArguments, ("model", "dtype") if command == "eval" else ("model",)),
                (DataArguments, ("dataset", "dataset_split")),
-               (ORPOConfig, ("trust_remote_code", *DATA_FIELDS) + (("beta", "nll_scope") if command == "eval" else ()))]
-    sources.append((EvalArguments, ("output", "limit", "batch_size")) if command == "eval"
-                   else (InspectArguments, ("n",)))
+               (ORPOConfig, ("trust_remote_code", *DATA_FIELDS) + (EVAL_FIELDS if command == "eval" else ()))]
+    sources.append((EvalArguments, ("output", "limit", "compare", "reference", "batch_tokens", "batch_size"))
+                   if command == "eval" else (InspectArguments, ("n",)))
     flags = subcommand_flags(command.title().replace(" ", "") + "Flags", sources)
     return HfArgumentParser(flags, prog=f"orpo {command}")
 
@@ -167,22 +173,38 @@ def parse_subcommand_args(command: str, argv: list[str]):
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from orpo.commands.evaluate import evaluate_pairs, summarize
+    from orpo.commands.compare import compare_records, format_comparison
+    from orpo.commands.evaluate import evaluate_model
+    from orpo.ops.scoring import summarize
 
     args = parse_subcommand_args("eval", argv)
     tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
+    if args.compare and _load_tokenizer(args.compare, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        raise OrpoError(f"--compare {args.compare}: its tokenizer differs from that of {args.model}; the two models "
+                        "must score the same token ids")
     prepared = _prepare(args.dataset, args.dataset_split, tokenizer, args)
     logger.info("%s", prepared.report())
     pairs = prepared.pairs[: args.limit] if args.limit else prepared.pairs
-    model = _load_model(args.model, args.dtype, args.trust_remote_code)
-    records = evaluate_pairs(model, pairs, tokenizer.pad_token_id, args.nll_scope, args.batch_size)
-    summary = summarize(records, args.beta)
+    records = {}
+    for name in [args.model] + ([args.compare] if args.compare else []):
+        model = _load_model(name, args.dtype, args.trust_remote_code)
+        logger.info("scoring %d pairs with %s (%s path)", len(pairs), name, "reference" if args.reference else "fast")
+        records[name] = evaluate_model(model, pairs, tokenizer.pad_token_id, args.nll_scope, args.reference,
+                                       args.batch_size, args.packing, args.packed_attention, args.logprob_chunk_size,
+                                       args.batch_tokens, args.bf16)
+        del model
+    if args.compare:
+        per_pair, summary = compare_records(records[args.model], records[args.compare], seed=args.seed)
+        summary = {**summary, "a": summarize(records[args.model], args.beta),
+                   "b": summarize(records[args.compare], args.beta)}
+        print(format_comparison(summary, args.model, args.compare))
+    else:
+        per_pair, summary = records[args.model], summarize(records[args.model], args.beta)
+        print(json.dumps(summary))
     if args.output:
         with open(args.output, "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+            f.writelines(json.dumps(record) + "\n" for record in per_pair)
             f.write(json.dumps({"summary": summary}) + "\n")
-    print(json.dumps(summary))
     return 0
 
 
@@ -212,7 +234,7 @@ def cmd_inspect(argv: list[str]) -> int:
 def cmd_demo(args) -> int:
     from orpo.commands.demo import run_demo
 
-    run_demo(output_dir=args.output_dir, max_steps=args.max_steps, seed=args.seed)
+    run_demo(output_dir=args.output_dir, max_steps=args.max_steps, seed=args.seed, sft_baseline=args.sft_baseline)
     return 0
 
 
@@ -297,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output_dir", default="orpo-demo")
     demo.add_argument("--max_steps", type=int, default=None)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--sft_baseline", "--sft-baseline", action="store_true",
+                      help="also train SFT only (beta 0, same data, steps and learning rate) and show it as a column: "
+                      "what the odds-ratio term adds over the NLL on the chosen answers")
 
     gen = sub.add_parser("generate", help="answers of a model (and a second one with --compare) to prompts, side by side")
     gen.add_argument("--model", required=True, help="hub id, local directory or .gguf file")

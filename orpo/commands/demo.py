@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 SYSTEM = "Answer the question."
 LEARNING_RATE = 1e-4
+BETA = 0.1
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
     "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Egypt": "Cairo", "Kenya": "Nairobi",
@@ -81,17 +82,22 @@ def answers_as_json(text: str) -> bool:
 
 def measure(model, tokenizer, held_out_pairs, held_out_rows, beta: float) -> tuple[dict, list[str]]:
     """Preference metrics on the held-out pairs, and greedy answers (prompted as in training)."""
-    from orpo.commands.evaluate import evaluate_pairs, summarize
+    from orpo.commands.evaluate import evaluate_model
     from orpo.commands.generate import generate_answers
+    from orpo.ops.scoring import summarize
 
-    summary = summarize(evaluate_pairs(model, held_out_pairs, tokenizer.pad_token_id), beta)
+    summary = summarize(evaluate_model(model, held_out_pairs, tokenizer.pad_token_id), beta)
     prompts = [{"messages": row["prompt"]} for row in held_out_rows]
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens=24, temperature=0.0, seed=0, batch_size=8)
     summary["json_answers"] = sum(answers_as_json(a) for a in answers) / len(answers)
     return summary, answers
 
 
-def run_demo(output_dir: str = "orpo-demo", max_steps: int | None = None, seed: int = 0) -> dict:
+def run_demo(output_dir: str = "orpo-demo", max_steps: int | None = None, seed: int = 0,
+             sft_baseline: bool = False) -> dict:
+    """Train SmolLM2 with ORPO on the demo pairs and print held-out metrics before and after; with
+    `sft_baseline`, also train a copy with the same data, steps and learning rate but beta 0 (the
+    NLL on the chosen answers alone) and print it as a column between them."""
     from orpo.train.models import fetch_smollm2, load_model, load_tokenizer
     from orpo.train.config import ORPOConfig, prepare_data
     from orpo.train.trainer import ORPOTrainer
@@ -106,42 +112,53 @@ def run_demo(output_dir: str = "orpo-demo", max_steps: int | None = None, seed: 
 
     model_dir = fetch_smollm2()
     tokenizer = load_tokenizer(str(model_dir))
-    model = load_model(str(model_dir))
-    config = ORPOConfig(
-        output_dir=str(out / "model"),
-        overwrite_output_dir=True,  # the demo's own directory: a second run replaces the first
-        beta=0.1,
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="cosine",
-        warmup_steps=2,
-        per_device_train_batch_size=8,
-        num_train_epochs=1,
-        max_steps=max_steps if max_steps is not None else -1,
-        logging_steps=2,
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        disable_tqdm=True,
-    )
-    held_out = prepare_data(config, held_out_rows, tokenizer, name="demo held-out set").pairs
+
+    def config(name: str, beta: float) -> ORPOConfig:
+        return ORPOConfig(
+            output_dir=str(out / name),
+            overwrite_output_dir=True,  # the demo's own directory: a second run replaces the first
+            beta=beta,
+            learning_rate=LEARNING_RATE,
+            lr_scheduler_type="cosine",
+            warmup_steps=2,
+            per_device_train_batch_size=8,
+            num_train_epochs=1,
+            max_steps=max_steps if max_steps is not None else -1,
+            logging_steps=2,
+            save_strategy="no",
+            report_to="none",
+            seed=seed,
+            disable_tqdm=True,
+        )
+
+    runs = [("sft", 0.0)] if sft_baseline else []
+    runs.append(("model", BETA))
+    held_out = prepare_data(config("model", BETA), held_out_rows, tokenizer, name="demo held-out set").pairs
     print(f"demo: {len(train_rows)} training pairs, {len(held_out_rows)} held-out pairs "
           f"(chosen: JSON answers, rejected: the same answer as a sentence); data in {out / 'data'}")
 
-    before, answers_before = measure(model, tokenizer, held_out, held_out_rows, config.beta)
-    trainer = ORPOTrainer(model=model, args=config, train_dataset=train_rows, processing_class=tokenizer)
-    trainer.train()
-    trainer.save_model(config.output_dir)
-    after, answers_after = measure(trainer.model, tokenizer, held_out, held_out_rows, config.beta)
+    columns = {"before": measure(load_model(str(model_dir)), tokenizer, held_out, held_out_rows, BETA)}
+    for name, beta in runs:
+        trainer = ORPOTrainer(model=load_model(str(model_dir)), args=config(name, beta), train_dataset=train_rows,
+                              processing_class=tokenizer)
+        trainer.train()
+        trainer.save_model(trainer.args.output_dir)
+        columns["SFT (beta 0)" if name == "sft" else "ORPO"] = measure(
+            trainer.model, tokenizer, held_out, held_out_rows, BETA)
 
     print("\n=== held-out preference metrics (never trained on)")
-    print(f"{'':>24} {'before':>10} {'after':>10}")
+    print(f"{'':>24}" + "".join(f"{name:>14}" for name in columns))
     for key, label in (("accuracy", "preference accuracy"), ("log_odds", "mean log-odds"),
                        ("json_answers", "answers in JSON"), ("nll", "NLL (chosen)")):
-        print(f"{label:>24} {before[key]:>10.3f} {after[key]:>10.3f}")
-    print("\n=== greedy answers to held-out questions, before → after")
-    for row, a, b in list(zip(held_out_rows, answers_before, answers_after))[:4]:
-        print(f"Q: {row['prompt'][-1]['content']}\n   before: {a}\n   after:  {b}")
-    result = {"before": before, "after": after, "seconds": time.perf_counter() - start}
+        print(f"{label:>24}" + "".join(f"{summary[key]:>14.3f}" for summary, _ in columns.values()))
+    print("\n=== greedy answers to held-out questions, " + " → ".join(columns))
+    answers = [column[1] for column in columns.values()]
+    for i, row in list(enumerate(held_out_rows))[:4]:
+        print(f"Q: {row['prompt'][-1]['content']}")
+        for name, column in zip(columns, answers):
+            print(f"   {name + ':':<14}{column[i]}")
+    result = {name: summary for name, (summary, _) in columns.items()}
+    result["seconds"] = time.perf_counter() - start
     (out / "demo_result.json").write_text(json.dumps(result, indent=2))
-    print(f"\ndemo finished in {result['seconds']:.0f} s; trained model in {config.output_dir}")
+    print(f"\ndemo finished in {result['seconds']:.0f} s; trained model in {out / 'model'}")
     return result

@@ -1,18 +1,21 @@
-"""ORPO metrics of a model on preference pairs, without training: the reference path.
+"""`orpo eval`: per-pair ORPO scores of a model, by the fast path or the reference path.
 
-Every sequence (prompt+chosen, prompt+rejected) goes through a plain, unpacked transformers
-forward; log-probs come from the full logits in fp32. Nothing here shares code with the fast
-training path (packing / chunked head) on purpose: `orpo eval` is what the fast path must agree
-with.
+The fast path (default) is the training path without gradients (orpo.ops.scoring.score_pairs):
+prefix-shared packing, the chunked head at target positions only, batches bounded in tokens.
+The reference path (`--reference`) shares no code with it on purpose: every sequence
+(prompt+chosen, prompt+rejected) goes through a plain, unpacked transformers forward and the
+log-probs come from the full logits in fp32. The tests hold the fast path to the reference one.
+Both give the records of orpo.ops.scoring (same fields, same summary).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from orpo.ops.loss import log_odds_ratio
 from orpo.data.render import TokenizedPair
+from orpo.errors import OrpoError
+from orpo.ops.forward import prepare_model
+from orpo.ops.loss import log_odds_ratio
+from orpo.ops.scoring import score_pairs
 
 
 @torch.no_grad()
@@ -33,10 +36,11 @@ def sequence_logps(model, sequences: list[list[int]], pad_token_id: int) -> list
     return out
 
 
-def evaluate_pairs(
+def reference_records(
     model, pairs: list[TokenizedPair], pad_token_id: int, nll_scope: str = "full", batch_size: int = 4
 ) -> list[dict]:
-    """One record per pair: index, token counts, mean completion log-probs, log_odds, nll_sum."""
+    """One record per pair (orpo.ops.scoring's fields) from plain unpacked forwards, `batch_size`
+    pairs (2 × batch_size padded sequences) per call."""
     was_training = model.training
     model.eval()
     records = []
@@ -67,19 +71,26 @@ def evaluate_pairs(
     return records
 
 
-def summarize(records: list[dict], beta: float) -> dict:
-    """Means over pairs (NLL: token mean), and the ORPO loss they give."""
-    n = len(records)
-    nll = sum(r["nll_sum"] for r in records) / sum(r["nll_tokens"] for r in records)
-    # −log σ(x) = softplus(−x), written to not overflow for very negative x
-    or_loss = sum(max(-r["log_odds"], 0.0) + math.log1p(math.exp(-abs(r["log_odds"]))) for r in records) / n
-    return {
-        "pairs": n,
-        "accuracy": sum(r["log_odds"] > 0 for r in records) / n,
-        "log_odds": sum(r["log_odds"] for r in records) / n,
-        "logps/chosen": sum(r["chosen_logp_mean"] for r in records) / n,
-        "logps/rejected": sum(r["rejected_logp_mean"] for r in records) / n,
-        "nll": nll,
-        "or_loss": or_loss,
-        "loss": nll + beta * or_loss,
-    }
+def evaluate_model(
+    model,
+    pairs: list[TokenizedPair],
+    pad_token_id: int,
+    nll_scope: str = "full",
+    reference: bool = False,
+    batch_size: int = 4,
+    packing: bool = True,
+    attention: str = "spans",
+    chunk_size: int = 1024,
+    batch_tokens: int = 16384,
+    bf16: bool = False,
+) -> list[dict]:
+    """Records of `pairs` under `model`: the reference path (`batch_size` pairs per call, in the
+    model's dtype) or the fast path (`packing`, `attention`, `chunk_size`, `bf16` as in training;
+    `batch_tokens` tokens per call)."""
+    if reference:
+        if bf16:
+            raise OrpoError("--reference runs the model in its own dtype; --bf16 is for the fast path "
+                            "(for a bf16 reference, --dtype bfloat16)")
+        return reference_records(model, pairs, pad_token_id, nll_scope, batch_size)
+    prepare_model(model, packing, attention)
+    return score_pairs(model, pairs, pad_token_id, nll_scope, packing, attention, chunk_size, batch_tokens, bf16)

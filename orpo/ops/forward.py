@@ -8,11 +8,14 @@ and the output head runs only at target positions (`logprobs.token_logprobs`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 
 from . import logprobs
 from orpo.errors import OrpoError
+from orpo.ops.attention import use_span_attention
 from orpo.ops.packing import CHOSEN, PROMPT, REJECTED, collate_padded, collate_prefix_shared, segment_sums
 from orpo.data.render import TokenizedPair
 
@@ -39,6 +42,25 @@ def check_supported(model: torch.nn.Module) -> None:
     head = lm.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         raise OrpoError(f"{type(lm).__name__}: orpo needs a bias-free linear output head (lm_head)")
+
+
+def prepare_model(model: torch.nn.Module, packing: bool, attention: str) -> None:
+    """Set `model` up for the batch layout, or fail clearly: a supported output head, the span
+    attention if `attention` is "spans", and the prefix-sharing check (training and scoring alike)."""
+    check_supported(model)
+    if packing:
+        if attention == "spans":
+            use_span_attention(causal_lm(model))
+        check_prefix_sharing(model, attention)
+
+
+def batch_collator(model: torch.nn.Module, pad_token_id: int, packing: bool, attention: str) -> Callable:
+    """TokenizedPairs → one batch of the layout (packing.py), for `model`."""
+    if not packing:
+        return partial(collate_padded, pad_token_id=pad_token_id)
+    # attention costs as much as the linear layers at a row width of about 3 × hidden size
+    width = 3 * causal_lm(model).config.hidden_size
+    return partial(collate_prefix_shared, pad_token_id=pad_token_id, attention=attention, attention_width=width)
 
 
 def final_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -26,8 +26,9 @@ def _fsync(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
-def mark_complete(checkpoint_dir: str, step: int) -> None:
-    """fsync every file of `checkpoint_dir`, then atomically write its completion marker."""
+def mark_complete(checkpoint_dir: str, step: int, counters: dict[str, int] | None = None) -> None:
+    """fsync every file of `checkpoint_dir`, then atomically write its completion marker, which also
+    holds the trainer's `counters` at that step (e.g. nonfinite_skipped), restored on resume."""
     for root, _, files in os.walk(checkpoint_dir):
         for name in files:
             _fsync(os.path.join(root, name))
@@ -36,7 +37,7 @@ def mark_complete(checkpoint_dir: str, step: int) -> None:
     temporary = marker + ".tmp"
     files = sorted(os.listdir(checkpoint_dir))
     with open(temporary, "w") as f:
-        json.dump({"step": step, "files": files}, f)
+        json.dump({"step": step, "files": files, "counters": counters or {}}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, marker)
@@ -51,6 +52,12 @@ def completed_step(checkpoint_dir: str) -> int:
     """The optimizer step a complete checkpoint was saved at (from its marker)."""
     with open(os.path.join(checkpoint_dir, COMPLETE_MARKER)) as f:
         return int(json.load(f)["step"])
+
+
+def read_counters(checkpoint_dir: str) -> dict[str, int]:
+    """The counters saved with a complete checkpoint ({} for a checkpoint from before they were)."""
+    with open(os.path.join(checkpoint_dir, COMPLETE_MARKER)) as f:
+        return json.load(f).get("counters", {})
 
 
 def checkpoints(output_dir: str) -> list[tuple[int, str]]:

@@ -59,7 +59,19 @@ class EvalArguments:
         default=None, metadata={"help": "Write one JSON record per pair, then a summary line, to this file."}
     )
     limit: int | None = field(default=None, metadata={"help": "Only the first N usable pairs."})
-    batch_size: int = field(default=4, metadata={"help": "Pairs per forward pass."})
+    compare: str | None = field(
+        default=None,
+        metadata={"help": "A second model (e.g. the one before training, or an SFT-only run): both are scored on "
+                  "the same pairs and compared pair by pair (fixed/broken pairs, sign test, Δlog_odds with a "
+                  "bootstrap 95% CI, Δlogp of chosen and rejected)."},
+    )
+    reference: bool = field(
+        default=False,
+        metadata={"help": "Score with plain unpacked forwards and full fp32 logits (slow; what the fast path, "
+                  "the training path without gradients, is tested against)."},
+    )
+    batch_tokens: int = field(default=16384, metadata={"help": "Tokens per forward pass of the fast path."})
+    batch_size: int = field(default=4, metadata={"help": "Pairs per forward pass of --reference."})
 
 
 @dataclass
@@ -184,6 +196,12 @@ class ORPOConfig(TrainingArguments):
             "logs as nonfinite_skipped, warned with the step and rows); 'stop' = stop with an error naming them.",
             "choices": list(ON_NONFINITE),
         },
+    )
+    save_eval_pairs: bool = field(
+        default=False,
+        metadata={"help": "After each evaluation, write one JSON record per eval pair (log_odds, log-probs, NLL) "
+                  "and a summary line to OUTPUT_DIR/eval_pairs.jsonl (eval_NAME_pairs.jsonl per named eval set), "
+                  "the format of `orpo eval --output`."},
     )
     report: bool = field(
         default=True,

@@ -11,9 +11,9 @@ Trainer members this relies on are used only in internals.py.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
-from functools import partial
 
 import torch
 from transformers.trainer import TRAINER_STATE_NAME
@@ -22,13 +22,13 @@ from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from orpo.data.render import TokenizedPair, ensure_chat_template
 from orpo.errors import OrpoError
-from orpo.ops.attention import use_span_attention
-from orpo.ops.forward import causal_lm, check_prefix_sharing, check_supported, pair_logps
+from orpo.ops.forward import batch_collator, pair_logps, prepare_model
 from orpo.ops.loss import orpo_loss
-from orpo.ops.packing import collate_padded, collate_prefix_shared, nll_token_count
+from orpo.ops.packing import nll_token_count
+from orpo.ops.scoring import pair_records, record_tensor, records_from_tensor, summarize
 from orpo.train.callbacks import (MetricsJsonlCallback, MetricTotals, NonFiniteGuard, ReportCallback,
                                   disable_dropout)
-from orpo.train.checkpoints import completed_step, mark_complete, resolve_resume
+from orpo.train.checkpoints import completed_step, mark_complete, read_counters, resolve_resume
 from orpo.train.config import ORPOConfig, prepare_data
 from orpo.train.internals import TrainerAdapter, ensure_trainer_contract
 from orpo.train.models import load_model, load_tokenizer
@@ -74,28 +74,16 @@ class ORPOTrainer(TrainerAdapter):
             model = get_peft_model(model, peft_config)
         if args.disable_dropout:
             disable_dropout(model)
-        check_supported(model)
-        if args.packing:
-            if args.packed_attention == "spans":
-                use_span_attention(causal_lm(model))
-            check_prefix_sharing(model, args.packed_attention)
+        prepare_model(model, args.packing, args.packed_attention)
 
         self.prepared = {}
         train_pairs = self._prepare(train_dataset, processing_class, args, "train")
         eval_pairs = self._prepare(eval_dataset, processing_class, args, "eval")
         pad_id = args.padding_value if args.padding_value is not None else processing_class.pad_token_id
-        if args.packing:
-            # attention costs as much as the linear layers at a row width of about 3 × hidden size
-            width = 3 * causal_lm(model).config.hidden_size
-            collator = partial(
-                collate_prefix_shared, pad_token_id=pad_id, attention=args.packed_attention, attention_width=width
-            )
-        else:
-            collator = partial(collate_padded, pad_token_id=pad_id)
         super().__init__(
             model=model,
             args=args,
-            data_collator=collator,
+            data_collator=batch_collator(model, pad_id, args.packing, args.packed_attention),
             train_dataset=train_pairs,
             eval_dataset=eval_pairs,
             processing_class=processing_class,
@@ -109,7 +97,9 @@ class ORPOTrainer(TrainerAdapter):
         self.add_callback(ProgressReporter())
         self.add_callback(NonFiniteGuard(self))
         self.add_callback(ReportCallback())
-        self._metrics = {"train": MetricTotals(), "eval": MetricTotals()}
+        self._train_totals = MetricTotals()  # since the last training log; evaluations never touch them
+        self._eval_prefix: str | None = None  # metric_key_prefix of the evaluation under way
+        self._eval_records: list[dict] = []  # per-pair records of that evaluation, all ranks
         self._step_rows: list[int] = []  # dataset rows of the current optimizer step (error messages)
         self.nonfinite_skipped = 0
 
@@ -129,6 +119,7 @@ class ORPOTrainer(TrainerAdapter):
             self.load_checkpoint(resume)
             self.state = TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME))
             return TrainOutput(self.state.global_step, 0.0, {})
+        self.nonfinite_skipped = read_counters(resume).get("nonfinite_skipped", 0) if resume else 0
         return super().train(resume_from_checkpoint=resume, **kwargs)
 
     def after_checkpoint_saved(self, checkpoint_dir: str, run_dir: str, save_total_limit: int | None) -> None:
@@ -136,14 +127,17 @@ class ORPOTrainer(TrainerAdapter):
         previous complete checkpoint in place."""
         self.accelerator.wait_for_everyone()  # every rank has written its part (rng state)
         if self.args.should_save:
-            mark_complete(checkpoint_dir, self.state.global_step)
+            mark_complete(checkpoint_dir, self.state.global_step, {"nonfinite_skipped": self.nonfinite_skipped})
             rotate_checkpoints(run_dir, save_total_limit=save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint)
 
-    def _prepare(self, dataset, tokenizer, args: ORPOConfig, split: str) -> list[TokenizedPair] | None:
-        """`dataset` through the one data path with this config's data fields (config.prepare_data)."""
+    def _prepare(self, dataset, tokenizer, args: ORPOConfig, split: str):
+        """`dataset` through the one data path with this config's data fields (config.prepare_data);
+        a dict of eval datasets (Trainer: one metric prefix per name) is prepared name by name."""
         if dataset is None:
             return None
+        if isinstance(dataset, dict):
+            return {name: self._prepare(data, tokenizer, args, f"{split}_{name}") for name, data in dataset.items()}
         prepared = prepare_data(args, dataset, tokenizer, name=dataset if isinstance(dataset, str) else f"{split} dataset")
         logger.info("%s data: %s", split, prepared.report())
         self.prepared[split] = prepared
@@ -180,7 +174,12 @@ class ORPOTrainer(TrainerAdapter):
             logps.logps_chosen, logps.logps_rejected, nll_sum, self.args.beta, nll_tokens, pairs
         )
         with torch.no_grad():
-            self._metrics["train" if model.training else "eval"].add(
+            if not model.training:
+                # gather_for_metrics drops the pairs that even_batches repeats to fill the last batch
+                rows = self.accelerator.gather_for_metrics(record_tensor(logps, inputs["pair_index"], self.args.nll_scope))
+                self._eval_records += records_from_tensor(rows)
+                return (loss, {"log_odds": log_odds}) if return_outputs else loss
+            self._train_totals.add(
                 nll_sum=nll_sum,
                 nll_tokens=batch_nll_tokens,
                 or_sum=or_loss.sum(),
@@ -202,14 +201,60 @@ class ORPOTrainer(TrainerAdapter):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """Trainer.evaluate on the training path without gradients. Metrics (`{prefix}_accuracy`,
+        `_log_odds`, `_logps/chosen`, ...; `{prefix}_loss` exact: nll + beta · or_loss over all pairs) come
+        from per-pair records (ops/scoring.py), each pair once across ranks; `save_eval_pairs` writes the
+        records to OUTPUT_DIR/{prefix}_pairs.jsonl. `eval_dataset` may be any source the constructor takes."""
+        named = isinstance(eval_dataset, str) and isinstance(self.eval_dataset, dict) and eval_dataset in self.eval_dataset
+        if eval_dataset is not None and not named and not _is_prepared(eval_dataset):
+            eval_dataset = self._prepare(eval_dataset, self.processing_class, self.args, metric_key_prefix)
+        outer, self._eval_prefix, self._eval_records = self._eval_prefix, metric_key_prefix, []
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._eval_prefix, self._eval_records = outer, []
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        reduce = self.accelerator.reduce if self.accelerator.num_processes > 1 else (lambda t: t)
-        metrics = self._metrics[split].summary(lambda t: reduce(t.to(self.args.device)).cpu())
-        if split == "eval":
-            metrics = {f"eval_{k}": v for k, v in metrics.items() if k not in ("tokens_per_second",)}
-        if split == "train" and self.nonfinite_skipped:
-            metrics["nonfinite_skipped"] = self.nonfinite_skipped  # steps skipped so far
-        logs.update(metrics)  # in place: evaluate() returns this same dict
-        self._metrics[split].reset()
+        if self._eval_prefix is not None and f"{self._eval_prefix}_runtime" in logs:
+            self._log_evaluation(logs)
+        elif "train_runtime" in logs:
+            # the end-of-training summary: steps since the last log get a step record of their own,
+            # so the summary holds only the Trainer's whole-run figures and every step is logged once
+            tail = self._train_metrics()
+            if tail:
+                super().log(tail)
+            if self.nonfinite_skipped:
+                logs["nonfinite_skipped"] = self.nonfinite_skipped
+        else:
+            logs.update(self._train_metrics())  # in place: the Trainer keeps using this dict
         super().log(logs, start_time)
+
+    def _train_metrics(self) -> dict[str, float]:
+        """Exact means of the training micro-batches since the last log (summed over ranks), then reset."""
+        reduce = self.accelerator.reduce if self.accelerator.num_processes > 1 else (lambda t: t)
+        metrics = self._train_totals.summary(lambda t: reduce(t.to(self.args.device)).cpu())
+        self._train_totals.reset()
+        if metrics and self.nonfinite_skipped:
+            metrics["nonfinite_skipped"] = self.nonfinite_skipped  # steps skipped so far
+        return metrics
+
+    def _log_evaluation(self, logs: dict[str, float]) -> None:
+        """The evaluation's metrics into `logs` (in place: evaluate() returns this dict), and its
+        per-pair file if asked."""
+        records, prefix = self._eval_records, self._eval_prefix
+        if not records:
+            return
+        summary = summarize(records, self.args.beta)
+        logs.update({f"{prefix}_{key}": value for key, value in summary.items()})
+        if self.args.save_eval_pairs and self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, f"{prefix}_pairs.jsonl"), "w") as f:
+                f.writelines(json.dumps(record) + "\n" for record in sorted(records, key=lambda r: r["index"]))
+                f.write(json.dumps({"summary": summary, "step": self.state.global_step}) + "\n")
+
+
+def _is_prepared(dataset) -> bool:
+    if isinstance(dataset, dict):
+        return all(_is_prepared(data) for data in dataset.values())
+    return isinstance(dataset, list) and all(isinstance(pair, TokenizedPair) for pair in dataset)

@@ -21,7 +21,7 @@ from orpo.data.formats import ACCEPTED_SHAPES
 from orpo.data.prepare import prepare_dataset
 from orpo.errors import OrpoError
 from orpo.train.models import load_model
-from tiny import word_level_tokenizer
+from tiny import byte_level_chatml_tokenizer, save_tiny_chat_model, word_level_tokenizer
 
 ORPO = Path(sys.executable).parent / "orpo"
 
@@ -76,17 +76,22 @@ def datasets_cache(tmp_path_factory):
     mp.undo()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
+def save_model(path, seed=0):
+    """A tiny random Llama with this module's ChatML tokenizer, saved to `path`."""
     tok = chatml_tokenizer()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = save_model(tmp_path_factory.mktemp("tiny_llama"))
     reloaded = AutoTokenizer.from_pretrained(path)
     assert reloaded.chat_template == CHATML and reloaded.pad_token == "<|im_end|>"
     assert reloaded.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
@@ -298,7 +303,63 @@ def test_eval_limit(model_dir, data_dir, tmp_path, capsys):
     assert summary["pairs"] == 2 and lines[2] == {"summary": summary}
 
 
+def test_eval_fast_path_equals_reference(model_dir, data_dir, tmp_path, capsys):
+    out = {}
+    for name, flags in (("fast", []), ("reference", ["--reference"])):
+        out[name] = tmp_path / f"{name}.jsonl"
+        assert main(["eval", "--model", str(model_dir), "--dataset", str(data_dir / "prefs.jsonl"),
+                     "--output", str(out[name]), *flags]) == 0
+    fast, reference = ([json.loads(line) for line in out[n].read_text().splitlines()] for n in ("fast", "reference"))
+    assert [r.get("index") for r in fast] == [r.get("index") for r in reference]
+    for got, want in zip(fast[:-1], reference[:-1]):
+        assert got["log_odds"] == pytest.approx(want["log_odds"], abs=1e-4)
+    assert fast[-1]["summary"]["accuracy"] == reference[-1]["summary"]["accuracy"]
+
+
+def test_eval_compare_two_models(model_dir, data_dir, tmp_path, capsys):
+    """A model against itself: nothing fixed or broken, p = 1, Δ = 0; against another model the
+    per-pair file holds each model's log_odds and their difference."""
+    other = str(save_model(tmp_path / "other", seed=1))
+    output = tmp_path / "compare.jsonl"
+    data = str(data_dir / "prefs.jsonl")
+    assert main(["eval", "--model", str(model_dir), "--compare", str(model_dir), "--dataset", data]) == 0
+    printed = capsys.readouterr().out
+    assert "pairs B had wrong and A gets right: 0; the reverse: 0; sign test p = 1" in printed
+    assert "mean Δlog_odds (A − B) +0.0000, 95% bootstrap CI [+0.0000, +0.0000]" in printed
+    assert main(["eval", "--model", other, "--compare", str(model_dir), "--dataset", data,
+                 "--output", str(output)]) == 0
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    per_pair, summary = lines[:-1], lines[-1]["summary"]
+    assert len(per_pair) == len(ROWS) and summary["pairs"] == len(ROWS)
+    for r in per_pair:
+        assert r["delta_log_odds"] == pytest.approx(r["log_odds_a"] - r["log_odds_b"])
+        assert r["change"] in ("fixed", "broken", "both right", "both wrong")
+    assert summary["fixed"] == sum(r["change"] == "fixed" for r in per_pair)
+    assert summary["a"]["log_odds"] == pytest.approx(summary["log_odds_a"])
+    assert summary["b"]["accuracy"] == pytest.approx(summary["accuracy_b"])
+
+
+def test_eval_compare_refuses_a_model_with_another_tokenizer(model_dir, data_dir, tmp_path, capsys):
+    other = save_tiny_chat_model(tmp_path / "other", seed=1, tokenizer=byte_level_chatml_tokenizer())
+    assert main(["eval", "--model", str(model_dir), "--compare", other, "--dataset", str(data_dir / "prefs.jsonl")]) == 2
+    assert "tokenizer" in capsys.readouterr().err
+
+
 # ---- train --------------------------------------------------------------------------------------------
+
+def test_train_evaluates_the_final_model_and_writes_the_pair_file(model_dir, data_dir, tmp_path):
+    out = tmp_path / "out"
+    prefs = str(data_dir / "prefs.jsonl")
+    assert main(["train", "--model", str(model_dir), "--dataset", prefs, "--eval_dataset", prefs,
+                 "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "4",
+                 "--report_to", "none", "--save_strategy", "no", "--save_eval_pairs", "--disable_tqdm", "true"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "eval_runtime" in r]
+    assert len(evaluations) == 1 and evaluations[0]["step"] == 1 and evaluations[0]["eval_pairs"] == len(ROWS)
+    lines = [json.loads(line) for line in (out / "eval_pairs.jsonl").read_text().splitlines()]
+    assert len(lines) == len(ROWS) + 1 and set(lines[0]) == RECORD_KEYS
+    assert lines[-1]["summary"]["accuracy"] == evaluations[0]["eval_accuracy"] and lines[-1]["step"] == 1
+
 
 def test_train_end_to_end_subprocess(model_dir, data_dir, tmp_path):
     out = tmp_path / "out"
@@ -427,6 +488,8 @@ def test_subcommand_flags_are_the_config_fields(command):
     assert {"model", "dataset", "max_length", "max_prompt_length", "prompt_column", "label_map", "strict"} <= {
         a.dest for a in actions}
     for action in actions:
+        if action.option_strings[0].startswith("--no_"):  # HfArgumentParser's negation of a True-default bool
+            continue
         home = homes[action.dest]
         default = None if home.default is dataclasses.MISSING else home.default
         assert action.default == default, action.dest

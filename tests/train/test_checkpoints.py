@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from orpo.train.checkpoints import (
-    COMPLETE_MARKER, is_complete, latest_complete, mark_complete, remove_incomplete, resolve_resume,
+    COMPLETE_MARKER, is_complete, latest_complete, mark_complete, read_counters, remove_incomplete, resolve_resume,
 )
 from orpo.errors import OrpoError
 
@@ -34,13 +34,24 @@ def _checkpoint(root, step, complete):
     return path
 
 
+def test_counters_are_kept_with_the_marker(tmp_path):
+    path = tmp_path / "checkpoint-3"
+    path.mkdir()
+    mark_complete(str(path), 3, {"nonfinite_skipped": 2})
+    assert read_counters(str(path)) == {"nonfinite_skipped": 2}
+    old = tmp_path / "checkpoint-4"  # a marker written before counters existed
+    old.mkdir()
+    (old / COMPLETE_MARKER).write_text(json.dumps({"step": 4, "files": []}))
+    assert read_counters(str(old)) == {}
+
+
 def test_only_marked_checkpoints_count(tmp_path):
     _checkpoint(tmp_path, 2, complete=True)
     _checkpoint(tmp_path, 10, complete=True)  # numeric order, not string order
     half = _checkpoint(tmp_path, 12, complete=False)
     (tmp_path / "checkpoint-x").mkdir()  # not a checkpoint name
     assert json.loads((tmp_path / "checkpoint-10" / COMPLETE_MARKER).read_text()) == {
-        "step": 10, "files": ["model.safetensors"]}
+        "step": 10, "files": ["model.safetensors"], "counters": {}}
     assert not is_complete(str(half))
     assert latest_complete(str(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert remove_incomplete(str(tmp_path)) == [str(half)]

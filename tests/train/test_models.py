@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orpo.commands import cli
 from orpo.errors import OrpoError
-from orpo.commands.evaluate import evaluate_pairs
+from orpo.commands.evaluate import reference_records
 from orpo.ops.forward import pair_logps
 from orpo.ops.loss import log_odds_ratio
 from orpo.train.models import fetch_smollm2, load_model, load_tokenizer, smollm2_gguf
@@ -45,7 +45,7 @@ def first_pairs(smollm2):
 @pytest.fixture(scope="module")
 def eval_records(model, first_pairs):
     tokenizer, pairs = first_pairs
-    return evaluate_pairs(model, pairs, tokenizer.pad_token_id, batch_size=4)
+    return reference_records(model, pairs, tokenizer.pad_token_id, batch_size=4)
 
 
 def test_missing_model_path_is_one_clear_error():
@@ -92,6 +92,21 @@ def test_eval_agrees_with_plain_unpacked_forward(model, first_pairs, eval_record
         plain = log_odds_ratio(means[0][None], means[1][None]).item()
         assert abs(record["log_odds"] - plain) < 1e-3
         assert record["chosen_logp_mean"] == pytest.approx(means[0].item(), abs=1e-4)
+
+
+def test_fast_eval_agrees_with_reference_eval(model, first_pairs, eval_records):
+    """`orpo eval` (the training path without gradients) == `orpo eval --reference` per pair: log_odds
+    within 1e-4 and mean log-probs within 1e-5 in fp32, on SmolLM2 and UltraFeedback."""
+    from orpo.commands.evaluate import evaluate_model
+
+    tokenizer, pairs = first_pairs
+    fast = evaluate_model(model, pairs, tokenizer.pad_token_id, batch_tokens=1500)  # several batches
+    assert [r["index"] for r in fast] == [r["index"] for r in eval_records]
+    for got, want in zip(fast, eval_records):
+        assert abs(got["log_odds"] - want["log_odds"]) < 1e-4
+        assert got["chosen_logp_mean"] == pytest.approx(want["chosen_logp_mean"], abs=1e-5)
+        assert got["rejected_logp_mean"] == pytest.approx(want["rejected_logp_mean"], abs=1e-5)
+        assert got["nll_tokens"] == want["nll_tokens"] and got["nll_sum"] == pytest.approx(want["nll_sum"], rel=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["spans", "mask", "padded"])

@@ -228,6 +228,80 @@ def test_nonfinite_step_stops_with_the_step_and_rows(tmp_path):
     assert len(weights) == 2
 
 
+def test_named_eval_sets_get_their_own_prefix_and_pair_files(tmp_path):
+    data = pairs()
+    trainer = make_trainer(tmp_path, tiny_llama(), data, per_device_train_batch_size=4, max_steps=1,
+                           save_eval_pairs=True)
+    trainer.eval_dataset = {"easy": data[:3], "hard": data[3:8]}
+    metrics = trainer.evaluate()
+    assert metrics["eval_easy_pairs"] == 3 and metrics["eval_hard_pairs"] == 5
+    for name, expected in (("easy", data[:3]), ("hard", data[3:8])):
+        for key in ("loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/rejected", "accuracy", "margin"):
+            assert f"eval_{name}_{key}" in metrics, (name, key)
+        lines = [json.loads(line) for line in (tmp_path / f"eval_{name}_pairs.jsonl").read_text().splitlines()]
+        assert [r["index"] for r in lines[:-1]] == [p.index for p in expected]
+        summary = lines[-1]["summary"]
+        assert summary["accuracy"] == metrics[f"eval_{name}_accuracy"]
+        # eval_loss is exact over the set's pairs: nll (a token mean) + beta · or_loss (a pair mean)
+        assert metrics[f"eval_{name}_loss"] == pytest.approx(summary["nll"] + 0.1 * summary["or_loss"])
+    # a dataset passed to evaluate() goes through the data path like the constructor's
+    rows = [{"prompt": "what is the sky", "chosen": "blue", "rejected": "green"}]
+    assert trainer.evaluate(eval_dataset=rows, metric_key_prefix="test")["test_pairs"] == 1
+
+
+def _train_with_evaluation(tmp_path, name, evaluate_at_step):
+    """2 steps, one log at step 2; a callback calls evaluate(metric_key_prefix="test") after step 1."""
+    data = pairs()
+    trainer = make_trainer(tmp_path / name, tiny_llama(), data, per_device_train_batch_size=4, max_steps=2,
+                           logging_steps=2, learning_rate=1e-3)
+
+    class EvaluateMidway(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == evaluate_at_step:
+                trainer.evaluate(eval_dataset=data[:2], metric_key_prefix="test")
+
+    trainer.add_callback(EvaluateMidway())
+    trainer.train()
+    return [r for r in trainer.state.log_history if "nll" in r]
+
+
+def test_an_evaluation_never_resets_the_training_totals(tmp_path):
+    """The step-2 record averages steps 1 and 2 whether or not an evaluation ran between them."""
+    plain = _train_with_evaluation(tmp_path, "plain", evaluate_at_step=None)
+    interrupted = _train_with_evaluation(tmp_path, "interrupted", evaluate_at_step=1)
+    assert [r["step"] for r in interrupted] == [2]
+    for key in ("loss", "nll", "or_loss", "log_odds", "accuracy", "tokens"):
+        assert interrupted[0][key] == pytest.approx(plain[0][key], rel=1e-6), key
+
+
+def test_the_final_summary_holds_no_partial_window(tmp_path):
+    """3 steps logged every 2: steps 1–2 in the step-2 record, step 3 in a record of its own, and the
+    end-of-training summary (train_runtime, train_loss) carries no step metrics."""
+    data = pairs()
+    trainer = make_trainer(tmp_path, tiny_llama(), data, per_device_train_batch_size=2, max_steps=3,
+                           logging_steps=2, learning_rate=1e-3, train_sampling_strategy="sequential")
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    steps = [r for r in records if "nll" in r]
+    summary = [r for r in records if "train_runtime" in r]
+    assert [r["step"] for r in steps] == [2, 3] and len(summary) == 1
+    assert "nll" not in summary[0] and "accuracy" not in summary[0]
+    # pairs 0–3 (steps 1–2) and 4–5 (step 3), each counted once (packed: tokens = shared lengths)
+    assert steps[0]["tokens"] == sum(p.shared_length for p in data[:4])
+    assert steps[1]["tokens"] == sum(p.shared_length for p in data[4:6])
+
+
+def test_nonfinite_skipped_survives_resume(tmp_path):
+    trainer, _ = _poisoned_trainer(tmp_path, "skip")
+    trainer.args.max_steps, trainer.args.save_strategy, trainer.args.save_steps = 3, "steps", 3
+    trainer.train()
+    assert trainer.nonfinite_skipped == 1
+    resumed, _ = _poisoned_trainer(tmp_path, "skip")
+    resumed.train(resume_from_checkpoint=True)
+    after = [r for r in resumed.state.log_history if "nll" in r and r["step"] == 4]
+    assert after and after[0]["nonfinite_skipped"] == 1
+
+
 DISTRIBUTED_RUN = r'''
 import json, os, sys
 sys.path.insert(0, {tests!r})
@@ -244,10 +318,13 @@ ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()
 pairs = [TokenizedPair([1] + ids(2 + i % 5), ids(1 + i % 3), ids(1 + (i * 7) % 4), i) for i in range(12)]
 args = ORPOConfig(output_dir=out, max_steps=3, per_device_train_batch_size=batch,
                   gradient_accumulation_steps=accumulation, learning_rate=1e-2, logging_steps=1, save_strategy="no",
-                  report_to="none", disable_tqdm=True, seed=0)  # no use_cpu: orpo sets it under torchrun without GPUs
+                  report_to="none", disable_tqdm=True, seed=0,  # no use_cpu: orpo sets it under torchrun without GPUs
+                  per_device_eval_batch_size=2, save_eval_pairs=True)
 assert args.world_size == int(os.environ.get("WORLD_SIZE", "1"))
 trainer = ORPOTrainer(model=tiny_llama(), args=args, train_dataset=pairs, processing_class=chatml_tokenizer())
 trainer.train()
+# 5 eval pairs, 2 per batch: under 2 ranks the last batch is filled with repeated pairs (even_batches)
+trainer.evaluate(eval_dataset=pairs[:5])
 if trainer.is_world_process_zero():
     save_file({{k: p.detach().contiguous() for k, p in trainer.model.named_parameters()}}, os.path.join(out, "final.safetensors"))
 '''
@@ -268,18 +345,28 @@ def _distributed_run(tmp_path, name, processes, batch, accumulation):
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     steps = [r for r in records if "nll" in r]
-    return steps, load_file(str(out / "final.safetensors"))
+    evaluation = [r for r in records if "eval_runtime" in r]
+    eval_pairs = [json.loads(line) for line in (out / "eval_pairs.jsonl").read_text().splitlines()]
+    return steps, evaluation + eval_pairs, load_file(str(out / "final.safetensors"))
 
 
 def test_two_ranks_equal_one_process_and_gradient_accumulation(tmp_path):
     """torchrun with 2 CPU (gloo) ranks × 2 pairs == 1 process × 4 pairs == 1 process × 2 pairs ×
-    2 accumulation steps: same per-step losses and metrics, same final weights (AdamW, fp32)."""
-    reference, weights = _distributed_run(tmp_path, "single", 1, 4, 1)
+    2 accumulation steps: same per-step losses and metrics, same final weights (AdamW, fp32).
+    Then the same evaluation of 5 pairs: under DDP each pair counts once (the pair even_batches
+    repeats on rank 1 is not counted), so the metrics and the per-pair file are those of one process."""
+    reference, reference_eval, weights = _distributed_run(tmp_path, "single", 1, 4, 1)
     assert [r["step"] for r in reference] == [1, 2, 3]
+    assert reference_eval[0]["eval_pairs"] == 5 and [r["index"] for r in reference_eval[1:-1]] == [0, 1, 2, 3, 4]
     for name, processes, batch, accumulation in (("ddp", 2, 2, 1), ("ga2", 1, 2, 2)):
-        steps, final = _distributed_run(tmp_path, name, processes, batch, accumulation)
+        steps, evaluation, final = _distributed_run(tmp_path, name, processes, batch, accumulation)
         for key in ("loss", "nll", "or_loss", "log_odds", "accuracy", "tokens"):
             assert [r[key] for r in steps] == pytest.approx([r[key] for r in reference], abs=1e-5), (name, key)
+        assert len(evaluation) == len(reference_eval), name
+        for key in ("eval_pairs", "eval_accuracy", "eval_log_odds", "eval_nll", "eval_loss"):
+            assert evaluation[0][key] == pytest.approx(reference_eval[0][key], abs=1e-5), (name, key)
+        for got, want in zip(evaluation[1:-1], reference_eval[1:-1]):
+            assert got["index"] == want["index"] and got["log_odds"] == pytest.approx(want["log_odds"], abs=1e-5)
         for param in weights:
             torch.testing.assert_close(final[param], weights[param], rtol=0, atol=1e-5, msg=f"{name}: {param}")
 
