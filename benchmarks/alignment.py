@@ -47,8 +47,9 @@ DATASETS = {
 }
 METHODS = [("SFT", 0.0), ("ORPO λ=0.1", 0.1), ("ORPO λ=0.5", 0.5), ("ORPO λ=1.0", 1.0)]
 # per dataset: training pairs, held-out pairs, max_length (HH turns are short, UltraFeedback answers long)
-DEFAULTS = {"hh": (320, 96, 256), "uf": (128, 64, 512)}
-QUICK = {"hh": (96, 48, 256), "uf": (40, 32, 384)}
+DEFAULTS = {"hh": (288, 64, 256), "uf": (80, 48, 384)}
+QUICK = {"hh": (64, 32, 256), "uf": (32, 24, 320)}
+EVALUATIONS = 4  # held-out evaluations during each run (with --eval_every unset)
 
 
 def cpu_name() -> str:
@@ -82,11 +83,13 @@ def score(model, pairs, tokenizer) -> list[dict]:
 def train_one(model_dir: str, tokenizer, train: list[TokenizedPair], held_out: list[TokenizedPair], beta: float,
               args, out: Path) -> tuple[torch.nn.Module, list[dict], float]:
     """Train one model; returns it, its held-out curve (one point per evaluation) and the training seconds."""
+    steps = int(-(-len(train) // args.batch) * args.epochs)
+    eval_every = args.eval_every or max(1, steps // EVALUATIONS)
     config = ORPOConfig(
         output_dir=str(out), overwrite_output_dir=True, beta=beta, learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine", warmup_ratio=0.1, per_device_train_batch_size=args.batch,
-        per_device_eval_batch_size=16, num_train_epochs=args.epochs, logging_steps=args.eval_every,
-        eval_strategy="steps", eval_steps=args.eval_every, save_strategy="no", report_to="none",
+        lr_scheduler_type="cosine", warmup_steps=0.1, per_device_train_batch_size=args.batch,
+        per_device_eval_batch_size=16, num_train_epochs=args.epochs, logging_steps=eval_every,
+        eval_strategy="steps", eval_steps=eval_every, save_strategy="no", report_to="none",
         seed=args.seed, disable_tqdm=True, activation_checkpointing=False, report=False,
     )
     trainer = ORPOTrainer(model=load_model(model_dir), args=config, train_dataset=train, eval_dataset=held_out,
@@ -209,14 +212,17 @@ def main() -> None:
     parser.add_argument("--datasets", default="hh,uf")
     parser.add_argument("--train_pairs", type=int, help="override the training pairs of every dataset")
     parser.add_argument("--eval_pairs", type=int, help="override the held-out pairs of every dataset")
-    parser.add_argument("--in_sample_pairs", type=int, default=48, help="training pairs scored after training")
+    parser.add_argument("--in_sample_pairs", type=int, default=None,
+                        help="training pairs scored after training (default 48; 24 with --quick)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
     parser.add_argument("--learning_rate", type=float, default=5e-5)
-    parser.add_argument("--eval_every", type=int, default=8, help="optimizer steps between held-out evaluations")
+    parser.add_argument("--eval_every", type=int, default=None,
+                        help=f"optimizer steps between held-out evaluations (default: {EVALUATIONS} per run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    args.in_sample_pairs = args.in_sample_pairs or (24 if args.quick else 48)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(args.seed)
 

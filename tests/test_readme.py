@@ -62,10 +62,11 @@ def test_bash_blocks_run(tmp_path):
     result = _run(["bash", "-c", "\n".join(script)], work, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = work / "runs"
-    # quick start: trained model, report with plots, before/after evaluations and generations, a chat answer
-    for name in ("model.safetensors", "report.html", "logps.png", "generations.html", "eval_before.jsonl"):
+    # quick start: trained model, report with plots, its comparison with the base, generations, a chat answer
+    for name in ("model.safetensors", "report.html", "logps.png", "generations.html"):
         assert (runs / "uf" / name).is_file(), name
-    assert json.loads((runs / "uf" / "eval_after.jsonl").read_text().splitlines()[-1])["summary"]["pairs"] == 50
+    comparison = json.loads((runs / "uf" / "eval_vs_base.jsonl").read_text().splitlines()[-1])["summary"]
+    assert comparison["pairs"] == 50 and comparison["a"]["pairs"] == 50 and "sign_test_p" in comparison
     generations = [json.loads(line) for line in (runs / "uf" / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == 5 and all(len(g["answers"]) == 2 for g in generations)
     assert "you> Give me three tips for writing a good prompt." in result.stdout

@@ -115,6 +115,9 @@ def cmd_train(argv: list[str]) -> int:
         trainer.model = trainer.model.merge_and_unload()
     trainer.save_model(config.output_dir)
     logger.info("saved the trained model and tokenizer to %s", config.output_dir)
+    # trackers finish and, under torchrun, the process group is destroyed: a rank that exits with its
+    # gloo/NCCL threads still running can abort ("terminate called without an active exception")
+    trainer.accelerator.end_training()
     return 0
 
 

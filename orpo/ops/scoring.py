@@ -41,8 +41,9 @@ _COUNTS = {"index", "prompt_tokens", "chosen_tokens", "rejected_tokens", "nll_to
 
 
 def record_tensor(logps: PairLogps, pair_index: torch.Tensor, nll_scope: str) -> torch.Tensor:
-    """[pairs, len(RECORD_FIELDS)] float64: one row of record fields per pair of a batch (a tensor, so
-    that ranks can gather it). `pair_index` [pairs] holds each pair's dataset row."""
+    """[pairs, len(RECORD_FIELDS)] float32 on the batch's device: one row of record fields per pair (a
+    tensor, so that ranks can gather it; float32 because the values are fp32 already, counts and row
+    indices are exact below 2^24, and not every device has float64). `pair_index` [pairs]: dataset rows."""
     log_odds = log_odds_ratio(logps.logps_chosen, logps.logps_rejected)
     nll_sum = -logps.chosen_sum
     nll_tokens = logps.chosen_tokens
@@ -52,7 +53,7 @@ def record_tensor(logps: PairLogps, pair_index: torch.Tensor, nll_scope: str) ->
     columns = (pair_index, logps.prompt_targets + 1,  # every prompt token but the first is a target
                logps.chosen_tokens, logps.rejected_tokens, logps.logps_chosen, logps.logps_rejected,
                log_odds, nll_sum, nll_tokens)
-    return torch.stack([c.detach().to(torch.float64) for c in columns], dim=1)
+    return torch.stack([c.detach().to(torch.float32) for c in columns], dim=1)
 
 
 def records_from_tensor(rows: torch.Tensor) -> list[dict]:

@@ -25,7 +25,7 @@ from orpo.errors import OrpoError
 from orpo.ops.forward import batch_collator, pair_logps, prepare_model
 from orpo.ops.loss import orpo_loss
 from orpo.ops.packing import nll_token_count
-from orpo.ops.scoring import pair_records, record_tensor, records_from_tensor, summarize
+from orpo.ops.scoring import record_tensor, records_from_tensor, summarize
 from orpo.train.callbacks import (MetricsJsonlCallback, MetricTotals, NonFiniteGuard, ReportCallback,
                                   disable_dropout)
 from orpo.train.checkpoints import completed_step, mark_complete, read_counters, resolve_resume

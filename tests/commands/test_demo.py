@@ -23,3 +23,29 @@ def test_answers_as_json_is_strict_about_the_shape():
     assert not answers_as_json('{"answer": "Paris", "x": 1}')
     assert not answers_as_json('["Paris"]')
     assert not answers_as_json("The capital of France is Paris.")
+
+
+def test_sft_baseline_adds_a_column_trained_with_beta_zero(tmp_path, monkeypatch, capsys):
+    """The demo's flow on a tiny model (one step per run): before, SFT (beta 0) and ORPO columns, from
+    runs that differ only in beta."""
+    import orpo.train.models
+    from orpo.commands import demo
+    from orpo.train.trainer import ORPOTrainer
+    from tiny import byte_level_chatml_tokenizer, save_tiny_chat_model
+
+    train, held_out = demo.make_pairs(seed=0)
+    corpus = [m["content"] for row in train + held_out for key in ("prompt", "chosen", "rejected") for m in row[key]]
+    model_dir = save_tiny_chat_model(tmp_path / "tiny", tokenizer=byte_level_chatml_tokenizer(corpus, 400))
+    monkeypatch.setattr(orpo.train.models, "fetch_smollm2", lambda: model_dir)
+    betas = []
+    original_train = ORPOTrainer.train
+    monkeypatch.setattr(ORPOTrainer, "train", lambda self, *a, **k: betas.append(self.args.beta) or original_train(self))
+    result = demo.run_demo(output_dir=str(tmp_path / "demo"), max_steps=1, sft_baseline=True)
+    assert betas == [0.0, demo.BETA]
+    assert list(result)[:3] == ["before", "SFT (beta 0)", "ORPO"]
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if "before" in line and "ORPO" in line)
+    assert header.split() == ["before", "SFT", "(beta", "0)", "ORPO"]
+    for column in ("before", "SFT (beta 0)", "ORPO"):
+        assert 0.0 <= result[column]["accuracy"] <= 1.0
+    assert (tmp_path / "demo" / "sft").is_dir() and (tmp_path / "demo" / "model").is_dir()

@@ -10,6 +10,7 @@ the model's fp32 log-softmax:
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -327,6 +328,7 @@ trainer.train()
 trainer.evaluate(eval_dataset=pairs[:5])
 if trainer.is_world_process_zero():
     save_file({{k: p.detach().contiguous() for k, p in trainer.model.named_parameters()}}, os.path.join(out, "final.safetensors"))
+trainer.accelerator.end_training()  # destroys the process group: without it a rank can abort at exit
 '''
 
 
@@ -338,10 +340,19 @@ def _distributed_run(tmp_path, name, processes, batch, accumulation):
     out = tmp_path / name
     launch = [sys.executable]
     if processes > 1:
-        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29731"]
+        # --standalone: a free port for each launch (a fixed port can still be held by the previous launch)
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(launch + [str(script), str(out), str(batch), str(accumulation)], capture_output=True,
-                            text=True, env=env, timeout=600)
+    for attempt in (1, 2):
+        shutil.rmtree(out, ignore_errors=True)
+        result = subprocess.run(launch + [str(script), str(out), str(batch), str(accumulation)], capture_output=True,
+                                text=True, env=env, timeout=600)
+        finished = (out / "final.safetensors").is_file() and (out / "eval_pairs.jsonl").is_file()
+        # A gloo rank sometimes aborts while the interpreter shuts down, after the run has written
+        # everything ("terminate called without an active exception", ~1 launch in 5 on 2 cores, also
+        # before orpo's evaluation changes): one relaunch; any other failure fails the test.
+        if result.returncode == 0 or not (finished and "terminate called without" in result.stderr) or attempt == 2:
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     steps = [r for r in records if "nll" in r]
