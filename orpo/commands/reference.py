@@ -44,6 +44,7 @@ def declared_fields(config_class) -> list[dataclasses.Field]:
 def config_reference() -> str:
     """The whole generated block, markers included."""
     from orpo.train.config import DataArguments, EvalArguments, InspectArguments, ModelArguments, ORPOConfig
+    from orpo.commands.cli import EVAL_FIELDS
 
     return "\n\n".join([
         BEGIN,
@@ -52,7 +53,8 @@ def config_reference() -> str:
         "ORPO (`orpo train`, and `ORPOConfig` in Python); every other `TrainingArguments` field is a flag too, "
         "with the Trainer's default. `orpo eval` and `orpo data inspect` take `--model`, `--dataset`, "
         "`--dataset_split`, `--trust_remote_code` and the data fields (columns, labels, ratings, lengths, `--strict`, "
-        "`--skip_bad_rows`, `--seed`); eval also `--dtype`, `--beta`, `--nll_scope`:",
+        "`--skip_bad_rows`, `--seed`); eval also "
+        + ", ".join(f"`--{name}`" for name in ("dtype", *EVAL_FIELDS)) + " (the same fields as training):",
         fields_table(declared_fields(ORPOConfig)),
         "Only `orpo eval`:", fields_table(dataclasses.fields(EvalArguments)),
         "Only `orpo data inspect`:", fields_table(dataclasses.fields(InspectArguments)),
