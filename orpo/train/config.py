@@ -63,7 +63,7 @@ class EvalArguments:
         default=None,
         metadata={"help": "A second model (e.g. the one before training, or an SFT-only run): both are scored on "
                   "the same pairs and compared pair by pair (fixed/broken pairs, sign test, Δlog_odds with a "
-                  "bootstrap 95% CI, Δlogp of chosen and rejected)."},
+                  "95-percent bootstrap CI, Δlogp of chosen and rejected)."},
     )
     reference: bool = field(
         default=False,

@@ -589,3 +589,12 @@ def test_every_shape_trains_from_cli_and_python_with_identical_pairs(fixture, by
     trainer.train()
     assert seen[0] == seen[1] == list(trainer.train_dataset)
     assert len(seen[0]) >= 2 and trainer.state.global_step == 1
+
+
+@pytest.mark.parametrize("command", [["train"], ["eval"], ["data", "inspect"], ["demo"], ["generate"], ["chat"]])
+def test_every_help_prints(command, capsys):
+    """argparse formats help strings with %: a bare % in a field's help breaks --help (it did, for eval)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(command + ["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
