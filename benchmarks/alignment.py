@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from machine import cpu_description
 from orpo.commands.compare import compare_records
 from orpo.commands.evaluate import evaluate_model
 from orpo.data.render import TokenizedPair
@@ -52,11 +51,6 @@ QUICK = {"hh": (64, 32, 256), "uf": (32, 24, 320)}
 EVALUATIONS = 4  # held-out evaluations during each run (with --eval_every unset)
 
 
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in fields.get("Flags", "").split()]
-    return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} cores, flags {' '.join(flags)}"
 
 
 def split_pairs(train: list[TokenizedPair], held_out: list[TokenizedPair] | None, n_train: int, n_eval: int,
@@ -238,11 +232,11 @@ def main() -> None:
         results.append(run_dataset(key, model_dir, tokenizer, sizes, args, out))
     total = time.perf_counter() - start
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    report = {"cpu": cpu_name(), "torch": torch.__version__, "seconds": round(total), "settings": settings,
+    report = {"cpu": cpu_description(), "torch": torch.__version__, "seconds": round(total), "settings": settings,
               "results": results}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     table = markdown(results)
-    (out / "results.md").write_text(f"{cpu_name()}; torch {torch.__version__}; {total / 60:.1f} min\n\n{table}")
+    (out / "results.md").write_text(f"{cpu_description()}; torch {torch.__version__}; {total / 60:.1f} min\n\n{table}")
     print(table)
     print(f"finished in {total / 60:.1f} min; {out}/results.json, results.md, alignment_*.png")
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import tempfile
 import time
 
 import torch
 
+from machine import cpu_description
 from orpo.commands.evaluate import evaluate_model
 from orpo.train.config import ORPOConfig, prepare_data
 from orpo.train.models import fetch_smollm2, load_model, load_tokenizer
@@ -29,15 +28,6 @@ from orpo.train.models import fetch_smollm2, load_model, load_tokenizer
 DATA = "../shared/data/ultrafeedback_200_eval.jsonl"
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return platform.processor()
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{fields.get('Model name', '?').strip()}, {torch.get_num_threads()} threads, flags {' '.join(wanted)}"
 
 
 def main() -> None:
@@ -57,7 +47,7 @@ def main() -> None:
         config = ORPOConfig(output_dir=tmp, max_length=args.max_length, report_to="none")
         pairs = prepare_data(config, args.data, tokenizer).pairs[: args.pairs]
     tokens = sum(p.shared_length for p in pairs)
-    result = {"cpu": cpu_name(), "torch": torch.__version__, "pairs": len(pairs), "tokens": tokens,
+    result = {"cpu": cpu_description(), "torch": torch.__version__, "pairs": len(pairs), "tokens": tokens,
               "max_length": args.max_length, "modes": {}}
     records = {}
     for mode in args.modes.split(","):
