@@ -1,9 +1,9 @@
-"""One model call per batch: final hidden states → per-pair completion log-probs and NLL sums.
+"""One model call per batch → per-pair completion log-probs and NLL sums.
 
-The model is called through its top-level forward (so DDP/FSDP/DeepSpeed wrappers and PEFT see
-a normal call) with `logits_to_keep=1`, which keeps transformers from computing logits for the
-whole batch; the final (normed) hidden states are captured from the decoder with a forward hook,
-and the output head runs only at target positions (`logprobs.token_logprobs`).
+The model is called through its top-level forward, so DDP/FSDP/DeepSpeed wrappers and PEFT see a
+normal call. During that call its output head computes, instead of [rows, T, vocab] logits, the
+log-probs of the target tokens only, chunk by chunk (`head.chunked_head`): the head runs once, as
+the model's own call of it, so whatever engine shards its weight gathers it as usual.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 
-from . import logprobs
 from orpo.errors import OrpoError
 from orpo.ops.attention import use_span_attention
+from orpo.ops.head import chunked_head
 from orpo.ops.packing import CHOSEN, PROMPT, REJECTED, collate_padded, collate_prefix_shared, segment_sums
 from orpo.data.render import TokenizedPair
 
@@ -63,27 +63,15 @@ def batch_collator(model: torch.nn.Module, pad_token_id: int, packing: bool, att
     return partial(collate_prefix_shared, pad_token_id=pad_token_id, attention=attention, attention_width=width)
 
 
-def final_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[rows, T, H] hidden states after the decoder's final norm, from one forward of `model`."""
-    lm = causal_lm(model)
-    decoder = lm.get_decoder()
-    captured = {}
-
-    def hook(_module, _args, output):
-        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-    handle = decoder.register_forward_hook(hook)
-    inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, logits_to_keep=1)
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """Keyword arguments of the model call for a batch of the layout (packing.py)."""
+    inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, logits_to_keep=0)
     if "attention_mask" in batch:
         inputs["attention_mask"] = batch["attention_mask"]
     else:  # span attention (attention.py) reads the layout from pair_spans
         inputs["pair_spans"] = batch["pair_spans"].tolist()
         inputs["attention_mask"] = no_mask_placeholder(batch["input_ids"])
-    try:
-        model(**inputs)
-    finally:
-        handle.remove()
-    return captured["hidden"]
+    return inputs
 
 
 def no_mask_placeholder(input_ids: torch.Tensor) -> torch.Tensor:
@@ -124,11 +112,16 @@ class PairLogps:
 
 
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> PairLogps:
-    """Completion and prompt log-prob sums per pair for a batch from `packing`."""
-    hidden = final_hidden_states(model, batch)
-    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_source"])
-    weight = causal_lm(model).get_output_embeddings().weight
-    token_logps = logprobs.token_logprobs(hidden, weight, batch["target_ids"], chunk_size)
+    """Completion and prompt log-prob sums per pair for a batch from `packing`, from one call of
+    `model` in which its output head computes the target tokens' log-probs (head.py)."""
+    head = causal_lm(model).get_output_embeddings()
+    with chunked_head(head, batch["target_source"], batch["target_ids"], chunk_size):
+        token_logps = model(**model_inputs(batch)).logits
+    if token_logps.shape != batch["target_ids"].shape:
+        raise OrpoError(
+            f"{type(causal_lm(model)).__name__} changes its output head's result before returning it "
+            f"(got {tuple(token_logps.shape)}, expected {tuple(batch['target_ids'].shape)}); orpo cannot train it"
+        )
     sums, counts = segment_sums(token_logps, batch["target_pair"], batch["target_kind"], int(batch["num_pairs"]))
     return PairLogps(
         chosen_sum=sums[CHOSEN],

@@ -5,8 +5,14 @@ the lm_head matmul + fp32 log-softmax run over chunks of those tokens. The autog
 keeps only the inputs and the per-token log-sum-exp; backward recomputes each chunk's logits, so
 peak memory is one chunk of logits, not the whole batch's.
 
-    logp_i = h_i · W[y_i] − logsumexp_v(h_i · W[v])
-    ∂logp_i/∂(h_i·W[v]) = 1[v = y_i] − softmax_v
+    z_i    = h_i · Wᵀ + u_i · Bᵀ              (u, B: an optional low-rank term, e.g. LoRA: u = s·A·drop(h))
+    logp_i = z_i[y_i] − logsumexp_v(z_i[v])
+    ∂logp_i/∂z_i[v] = 1[v = y_i] − softmax_v(z_i)
+
+Precision is an explicit argument, not autocast's choice: the logits and the hidden-state
+gradient are computed in `compute_dtype` (forward and backward alike, autocast switched off
+inside); the weight gradients accumulate in fp32 and are rounded once; the log-softmax is fp32. `autocast_dtype` gives the dtype an enclosing `torch.autocast` region
+asks for, so a caller under autocast gets bf16 matmuls in both directions.
 """
 from __future__ import annotations
 
@@ -15,50 +21,103 @@ import torch
 DEFAULT_CHUNK_SIZE = 1024
 
 
+def _chunk_logits(h, weight, u, b) -> torch.Tensor:
+    """fp32 [chunk, V] logits of one chunk: h·Wᵀ (+ u·Bᵀ), matmuls in the dtype of `weight`."""
+    logits = (h.to(weight.dtype) @ weight.T).float()
+    if u is not None:
+        logits += (u.to(b.dtype) @ b.T).float()
+    return logits
+
+
+def autocast_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype an enclosing torch.autocast region on `device` computes matmuls in, else `default`."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return default
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
+    def forward(ctx, hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, compute_dtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _ChunkedTokenLogprobs._forward(
+                ctx, hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, compute_dtype
+            )
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, compute_dtype):
+        w = weight.to(compute_dtype)
+        b = low_rank_out.to(compute_dtype) if low_rank_out is not None else None
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logps)
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
-            logits = (hidden[start:end] @ weight.T).float()
+            u = low_rank_in[start:end] if low_rank_in is not None else None
+            logits = _chunk_logits(hidden[start:end], w, u, b)
             lse[start:end] = torch.logsumexp(logits, dim=-1)
             logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(hidden, weight, targets, lse, low_rank_in, low_rank_out)
+        ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        with torch.autocast(grad_logps.device.type, enabled=False):
+            return _ChunkedTokenLogprobs._backward(ctx, grad_logps)
+
+    @staticmethod
+    def _backward(ctx, grad_logps):
+        hidden, weight, targets, lse, u_all, b_in = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_hidden = torch.empty_like(hidden) if need[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+        grad_u = torch.empty_like(u_all) if u_all is not None and need[4] else None
+        grad_b = torch.zeros(b_in.shape, dtype=torch.float32, device=b_in.device) if b_in is not None and need[5] else None
+        w = weight.to(ctx.compute_dtype)
+        b = b_in.to(ctx.compute_dtype) if b_in is not None else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             h = hidden[start:end]
+            u = u_all[start:end] if u_all is not None else None
             g = grad_logps[start:end].float()
-            probs = torch.exp((h @ weight.T).float() - lse[start:end, None])
+            probs = torch.exp(_chunk_logits(h, w, u, b) - lse[start:end, None])
             grad_logits = probs.mul_(-g[:, None])
             grad_logits.scatter_add_(1, targets[start:end, None], g[:, None])
-            if need_hidden:
-                grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_weight:
-                grad_weight.addmm_(grad_logits.T, h.float())
-        if need_weight:
+            if grad_hidden is not None:
+                grad_hidden[start:end] = (grad_logits.to(w.dtype) @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, h.float())  # fp32: one rounding of the sum, at the end
+            if grad_u is not None:
+                grad_u[start:end] = (grad_logits.to(b.dtype) @ b).to(u.dtype)
+            if grad_b is not None:
+                grad_b.addmm_(grad_logits.T, u.float())
+        if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        if grad_b is not None:
+            grad_b = grad_b.to(b_in.dtype)
+        return grad_hidden, grad_weight, None, None, grad_u, grad_b, None
 
 
 def token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    low_rank_in: torch.Tensor | None = None,
+    low_rank_out: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """log p(targets | hidden) under the output head `weight`, in fp32.
+    """log p(targets | hidden) under the output head `weight` (plus a low-rank term), in fp32.
 
     hidden: [N, H] hidden states at the positions that predict a target (model dtype).
     weight: [V, H] lm_head weight (tied embeddings work: gradients flow to the shared tensor).
     targets: [N] int64 token ids.
-    Returns [N] float32 log-probs. No weight gradient is computed when `weight` is frozen.
+    low_rank_in: [N, R] and low_rank_out: [V, R], both or neither: logits gain low_rank_in · low_rank_outᵀ
+      (a LoRA adapter on the head: low_rank_in = scaling · dropout(hidden) · Aᵀ, low_rank_out = B).
+    compute_dtype: the matmuls' dtype (default: `weight`'s); the log-softmax is fp32 regardless.
+    Returns [N] float32 log-probs. No gradient is computed for an input that does not require one.
     """
-    return _ChunkedTokenLogprobs.apply(hidden, weight, targets, chunk_size)
+    if (low_rank_in is None) != (low_rank_out is None):
+        raise ValueError("low_rank_in and low_rank_out go together")
+    dtype = compute_dtype or weight.dtype
+    return _ChunkedTokenLogprobs.apply(hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, dtype)
