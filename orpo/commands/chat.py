@@ -93,7 +93,8 @@ def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, system: str |
         if dropped:
             out.write(f"(dropped the {dropped} oldest exchange{'s' * (dropped > 1)} to fit the context)\n")
         messages = fitted
-        output = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        output = model.generate(torch.tensor([ids], device=model.device),
+                                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
                                 max_new_tokens=max_new_tokens, streamer=_StreamTo(tokenizer, out), **kwargs)
         answer = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": answer})

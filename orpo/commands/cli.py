@@ -63,10 +63,17 @@ def parse_train_args(argv: list[str]):
     return tuple(parsed)
 
 
-def _load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):
+def _load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, on_accelerator: bool = True):
+    """The model, on this machine's accelerator (CUDA, MPS, XPU, ...) if it has one and `on_accelerator`
+    (training leaves placement to the Trainer)."""
+    import torch
+
     from orpo.train.models import load_model
 
-    return load_model(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_model(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    if on_accelerator and torch.accelerator.is_available():
+        model.to(torch.accelerator.current_accelerator())
+    return model
 
 
 def _load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -87,7 +94,7 @@ def cmd_train(argv: list[str]) -> int:
     # Prepared before the model loads, so a data problem ends the run in seconds.
     train = _prepare(data_args.dataset, data_args.dataset_split, tokenizer, config)
     eval_data = _prepare(data_args.eval_dataset, data_args.eval_split, tokenizer, config) if data_args.eval_dataset else None
-    model = _load_model(model_args.model, model_args.dtype, config.trust_remote_code)
+    model = _load_model(model_args.model, model_args.dtype, config.trust_remote_code, on_accelerator=False)
     peft_config = None
     if model_args.use_peft:
         from peft import LoraConfig

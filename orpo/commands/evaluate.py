@@ -32,7 +32,7 @@ def sequence_logps(model, sequences: list[list[int]], pad_token_id: int) -> list
     out = []
     for row, seq in enumerate(sequences):
         logp = torch.log_softmax(logits[row, : len(seq) - 1].float(), dim=-1)
-        out.append(logp.gather(1, input_ids[row, 1 : len(seq), None].to(device)).squeeze(1).cpu())
+        out.append(logp.gather(1, input_ids[row, 1 : len(seq), None].to(logp.device)).squeeze(1).cpu())
     return out
 
 

@@ -64,7 +64,7 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
     answers = []
     for start in range(0, len(prompts), batch_size):
         batch = [{"input_ids": encode_prompt(tokenizer, p["messages"])} for p in prompts[start : start + batch_size]]
-        inputs = tokenizer.pad(batch, padding_side="left", return_tensors="pt")  # the tokenizer's own side untouched
+        inputs = tokenizer.pad(batch, padding_side="left", return_tensors="pt").to(model.device)  # own side untouched
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
         new = output[:, inputs["input_ids"].shape[1] :]
         answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]

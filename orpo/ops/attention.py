@@ -13,14 +13,22 @@ each pair at offset o with lengths p, c, r, makes two SDPA calls:
 so the work is what the layout allows and a row can hold all pairs of a micro-batch without
 padding. Padding positions get zeros (they predict nothing).
 
+Sliding-window layers (Mistral v0.1, Gemma 2/3, Qwen2 with use_sliding_window) keep their window:
+transformers passes each layer's `sliding_window` w, and a query at pair position i then sees keys
+at positions j with i − w < j ≤ i, as in transformers' own sliding mask; a part longer than w gets
+that band as its mask.
+
 It is registered in transformers as the attention implementation `ATTENTION` (with SDPA's mask
 function): without `pair_spans` in the call (generation, evaluation, the padded layout) it *is*
 transformers' SDPA, so a model trained with it behaves as before everywhere else.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -49,32 +57,65 @@ def span_attention(
     if kwargs.get("softcap") is not None:
         raise OrpoError("span attention does not support attention logit soft-capping; use --packed_attention mask")
     window = kwargs.get("sliding_window")
-    if window is not None and any(max(p + c, p + r) > window for _, _, p, c, r in pair_spans):
-        raise OrpoError(
-            f"a pair is longer than the model's sliding attention window ({window} tokens), which the "
-            "prefix-shared layout does not apply; use --packing false"
-        )
     rows, heads, width, head_dim = query.shape
-    sdpa = dict(dropout_p=dropout, scale=scaling, enable_gqa=key.shape[1] != heads)
+    groups = heads // key.shape[1]
     pieces: list[list[torch.Tensor]] = [[] for _ in range(rows)]
     filled = [0] * rows
-    for row, offset, p, c, r in pair_spans:
-        q, k, v = (x[row : row + 1] for x in (query, key, value))
-        shared = slice(offset, offset + p + c)  # prompt + chosen: plain causal attention
-        pieces[row].append(F.scaled_dot_product_attention(q[:, :, shared], k[:, :, shared], v[:, :, shared], is_causal=True, **sdpa))
-        start = offset + p + c  # rejected: keys = prompt + rejected, lower-right aligned causal mask
-        k_rejected = torch.cat([k[:, :, offset : offset + p], k[:, :, start : start + r]], dim=2)
-        v_rejected = torch.cat([v[:, :, offset : offset + p], v[:, :, start : start + r]], dim=2)
-        mask = torch.ones(r, p + r, dtype=torch.bool, device=query.device).tril(diagonal=p)
-        pieces[row].append(
-            F.scaled_dot_product_attention(q[:, :, start : start + r], k_rejected, v_rejected, attn_mask=mask, **sdpa)
-        )
-        filled[row] = start + r
+    with sdpa_kernel(FUSED_FIRST) if query.is_cuda else nullcontext():  # FUSED_FIRST: read at call time
+        for row, offset, p, c, r in pair_spans:
+            q, k, v = (x[row : row + 1] for x in (query, key, value))
+            shared = slice(offset, offset + p + c)  # prompt + chosen: causal (within the window, if any)
+            band = None if window is None or p + c <= window else causal_mask(0, p + c, p + c, window, query.device)
+            pieces[row].append(_sdpa(q[:, :, shared], k[:, :, shared], v[:, :, shared], band, groups, dropout, scaling))
+            start = offset + p + c  # rejected (positions p..p+r−1): keys = prompt + rejected (positions 0..p+r−1)
+            k_rejected = torch.cat([k[:, :, offset : offset + p], k[:, :, start : start + r]], dim=2)
+            v_rejected = torch.cat([v[:, :, offset : offset + p], v[:, :, start : start + r]], dim=2)
+            mask = causal_mask(p, r, p + r, window, query.device)
+            pieces[row].append(_sdpa(q[:, :, start : start + r], k_rejected, v_rejected, mask, groups, dropout, scaling))
+            filled[row] = start + r
     for row in range(rows):
         if filled[row] < width:  # the row's padded tail
             pieces[row].append(query.new_zeros(1, heads, width - filled[row], head_dim))
     output = torch.cat([torch.cat(row_pieces, dim=2) for row_pieces in pieces], dim=0)
     return output.transpose(1, 2).contiguous(), None
+
+
+# cuDNN attention (preferred by SDPA for bf16/fp16 on recent GPUs) builds an execution plan per
+# distinct shape, and every pair has its own lengths: measured on an H200, 30× slower steps.
+FUSED_FIRST = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(q, k, v, mask, groups, dropout, scaling):
+    """One SDPA call; mask None = causal. Grouped key/value heads are shared through enable_gqa when
+    causal (flash takes it) and repeated when masked (the memory-efficient kernel takes a mask but
+    not enable_gqa), so on CUDA no call falls back to the math kernel."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling,
+                                              enable_gqa=groups > 1)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+
+
+def causal_mask(first: int, queries: int, keys: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[queries, keys] bool, True = may attend: queries at positions first.., keys at 0..keys−1;
+    key j is seen by query i if j ≤ i and, with a sliding `window`, i − j < window."""
+    q = torch.arange(first, first + queries, device=device)[:, None]
+    k = torch.arange(keys, device=device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= q - k < window
+    return allowed
+
+
+def sliding_window(config) -> int | None:
+    """The sliding attention window some layer of a transformers model uses, or None if every layer
+    attends globally (Qwen2 configs carry a window that only use_sliding_window turns on)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return window
 
 
 def use_span_attention(model: torch.nn.Module) -> None:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from orpo.errors import OrpoError
-from orpo.ops.attention import use_span_attention
+from orpo.ops.attention import sliding_window, use_span_attention
 from orpo.ops.head import chunked_head
 from orpo.ops.packing import CHOSEN, PROMPT, REJECTED, collate_padded, collate_prefix_shared, segment_sums
 from orpo.data.render import TokenizedPair
@@ -49,9 +49,24 @@ def prepare_model(model: torch.nn.Module, packing: bool, attention: str) -> None
     attention if `attention` is "spans", and the prefix-sharing check (training and scoring alike)."""
     check_supported(model)
     if packing:
+        lm = causal_lm(model)
         if attention == "spans":
-            use_span_attention(causal_lm(model))
+            use_span_attention(lm)
+        elif (window := sliding_window(lm.config)) is not None:
+            raise OrpoError(
+                f"{type(lm).__name__} has sliding attention windows ({window} tokens), which one dense mask for all "
+                "layers (--packed_attention mask) does not apply; use --packed_attention spans (it does), or --packing false"
+            )
         check_prefix_sharing(model, attention)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device a batch goes to: the input embedding's (the first layer's, also under device_map)."""
+    return causal_lm(model).get_input_embeddings().weight.device
+
+
+def batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: value.to(device) for name, value in batch.items()}
 
 
 def batch_collator(model: torch.nn.Module, pad_token_id: int, packing: bool, attention: str) -> Callable:
@@ -150,10 +165,11 @@ def check_prefix_sharing(model: torch.nn.Module, attention: str = "spans") -> No
     ]
     was_training = model.training
     model.eval()
+    device = input_device(model)
     try:
         with torch.no_grad():
-            packed = pair_logps(model, collate_prefix_shared(pairs, pad_token_id=0, attention=attention), chunk_size=64)
-            padded = pair_logps(model, collate_padded(pairs, pad_token_id=0), chunk_size=64)
+            packed = pair_logps(model, batch_to(collate_prefix_shared(pairs, 0, attention=attention), device), 64)
+            padded = pair_logps(model, batch_to(collate_padded(pairs, pad_token_id=0), device), 64)
     except OrpoError:
         raise
     except Exception as err:  # a model that rejects a 4D mask, the spans or position ids

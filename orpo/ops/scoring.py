@@ -18,7 +18,7 @@ import math
 import torch
 
 from orpo.data.render import TokenizedPair
-from orpo.ops.forward import PairLogps, batch_collator, pair_logps
+from orpo.ops.forward import PairLogps, batch_collator, batch_to, input_device, pair_logps
 from orpo.ops.loss import log_odds_ratio
 
 
@@ -88,7 +88,7 @@ def score_pairs(
     log-softmax and the odds ratio stay fp32), as training with `bf16=True` computes them. The model
     is put in eval mode for the call and restored after.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     was_training = model.training
     model.eval()
     records: list[dict | None] = [None] * len(pairs)
@@ -96,7 +96,7 @@ def score_pairs(
     try:
         for batch in token_batches([pair.shared_length for pair in pairs], batch_tokens):
             chunk = [pairs[i] for i in batch]
-            inputs = {name: value.to(device) for name, value in collate(chunk).items()}
+            inputs = batch_to(collate(chunk), device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logps = pair_logps(model, inputs, chunk_size)
             for i, record in zip(batch, pair_records(logps, inputs["pair_index"], nll_scope)):

@@ -17,7 +17,9 @@ logger = logging.getLogger(__name__)
 
 
 class MetricTotals:
-    """Sums over the micro-batches since the last log, so logged values are exact means."""
+    """Sums over the micro-batches since the last log, so logged values are exact means. They stay
+    on the device of the values added (no host sync per micro-batch), in float64 where the device
+    has it (not MPS: float32 there)."""
 
     KEYS = ("nll_sum", "nll_tokens", "or_sum", "log_odds_sum", "logps_chosen_sum", "logps_rejected_sum",
             "correct", "pairs", "tokens")
@@ -26,14 +28,20 @@ class MetricTotals:
         self.reset()
 
     def reset(self):
-        self.totals = torch.zeros(len(self.KEYS), dtype=torch.float64)
+        self.totals: torch.Tensor | None = None
         self.since = time.perf_counter()
 
-    def add(self, **values: float):
-        for key, value in values.items():
-            self.totals[self.KEYS.index(key)] += float(value)
+    def add(self, **values: torch.Tensor):
+        """One micro-batch: a value (0-dim tensor or number) for every key of KEYS."""
+        device = next((v.device for v in values.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        row = torch.stack([torch.as_tensor(values[key], device=device).detach().to(dtype) for key in self.KEYS])
+        self.totals = row if self.totals is None else self.totals + row
 
     def summary(self, reduce) -> dict[str, float]:
+        """Means of the totals after `reduce` (e.g. a sum over ranks); {} if nothing was added."""
+        if self.totals is None:
+            return {}
         t = dict(zip(self.KEYS, reduce(self.totals).tolist()))
         if t["pairs"] == 0:
             return {}
@@ -78,7 +86,12 @@ class ReportCallback(TrainerCallback):
 class NonFiniteGuard(TrainerCallback):
     """Before each optimizer step: if the (clipped, all-reduced) gradient has a NaN or inf, skip
     the update or stop, per `on_nonfinite`, naming the step and the dataset rows of its pairs.
-    Skipping drops every gradient, so the optimizer leaves the weights and its state untouched."""
+    Skipping drops every gradient, so the optimizer leaves the weights and its state untouched.
+
+    Under fp16 with a GradScaler, an overflowing step is the scaler's routine (it skips the update
+    and lowers its scale), so the guard leaves it to the scaler: not counted, never a stop. A
+    non-finite gradient is non-finite before and after unscaling alike (division by a finite
+    scale), so the check needs no unscale of its own."""
 
     def __init__(self, trainer: "ORPOTrainer"):
         self.trainer = trainer
@@ -88,6 +101,9 @@ class NonFiniteGuard(TrainerCallback):
         rows, trainer._step_rows = trainer._step_rows, []
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            return
+        if getattr(trainer.accelerator, "scaler", None) is not None:
+            logger.info("step %d: fp16 gradient overflow; the GradScaler skips it", state.global_step + 1)
             return
         where = f"step {state.global_step + 1}: non-finite loss or gradient; dataset rows {sorted(set(rows))}"
         if args.on_nonfinite == "stop":

@@ -233,7 +233,7 @@ class ORPOTrainer(TrainerAdapter):
     def _train_metrics(self) -> dict[str, float]:
         """Exact means of the training micro-batches since the last log (summed over ranks), then reset."""
         reduce = self.accelerator.reduce if self.accelerator.num_processes > 1 else (lambda t: t)
-        metrics = self._train_totals.summary(lambda t: reduce(t.to(self.args.device)).cpu())
+        metrics = self._train_totals.summary(lambda t: reduce(t).cpu())
         self._train_totals.reset()
         if metrics and self.nonfinite_skipped:
             metrics["nonfinite_skipped"] = self.nonfinite_skipped  # steps skipped so far

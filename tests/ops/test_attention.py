@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import transformers
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from orpo.ops.attention import ATTENTION, span_attention, use_span_attention
+from orpo.ops.attention import ATTENTION, causal_mask, span_attention, use_span_attention
 from orpo.errors import OrpoError
 from orpo.ops.packing import CHOSEN, PROMPT, REJECTED, prefix_shared_mask
 
@@ -103,12 +103,41 @@ def test_without_spans_it_is_transformers_sdpa():
     assert torch.equal(got, want)
 
 
-def test_pairs_longer_than_a_sliding_window_are_refused():
-    spans, _, _ = layout([[(4, 3, 2)]], 9)
-    query = key = value = torch.zeros(1, HEADS, 9, HEAD_DIM)
-    span_attention(_Module(), query, key, value, None, pair_spans=spans, sliding_window=7)  # p + c = 7 fits
-    with pytest.raises(OrpoError, match=r"longer than the model's sliding attention window \(6 tokens\).*--packing false"):
-        span_attention(_Module(), query, key, value, None, pair_spans=spans, sliding_window=6)
+def test_causal_mask_worked_example():
+    """Queries at positions 2, 3, 4 over keys 0..4 (the rejected part of a pair with a 2-token prompt
+    and 3 rejected tokens). Causal: key j ≤ query i. Window 2: also i − j < 2, so each query sees
+    itself and one key before it."""
+    T, F_ = True, False
+    assert causal_mask(2, 3, 5, None, torch.device("cpu")).tolist() == [
+        [T, T, T, F_, F_],
+        [T, T, T, T, F_],
+        [T, T, T, T, T],
+    ]
+    assert causal_mask(2, 3, 5, 2, torch.device("cpu")).tolist() == [
+        [F_, T, T, F_, F_],
+        [F_, F_, T, T, F_],
+        [F_, F_, F_, T, T],
+    ]
+
+
+@pytest.mark.parametrize("window", [2, 3, 5, 6, 20])
+def test_sliding_window_equals_the_dense_mask_with_the_window(window):
+    """Span attention with a layer's sliding_window == SDPA with the prefix-shared mask restricted
+    to i − j < window in pair positions (prompt and chosen at 0.., rejected continuing the prompt)."""
+    pairs = [(4, 3, 2), (1, 5, 4)]
+    width = sum(map(sum, pairs))
+    spans, owner, branch = layout([pairs], width)
+    position = torch.cat([torch.cat([torch.arange(p + c), torch.arange(p, p + r)]) for p, c, r in pairs])[None]
+    mask = prefix_shared_mask(owner, branch) & ((position[:, :, None] - position[:, None, :]) < window)[:, None]
+    g = torch.Generator().manual_seed(5)
+    query = torch.randn(1, HEADS, width, HEAD_DIM, generator=g)
+    key, value = (torch.randn(1, KV_HEADS, width, HEAD_DIM, generator=g) for _ in range(2))
+    got, _ = span_attention(_Module(), query, key, value, None, pair_spans=spans, sliding_window=window)
+    want, _ = sdpa_attention_forward(_Module(), query, key, value, mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if window < 6:  # the window changes the result: it is really applied
+        unwindowed, _ = span_attention(_Module(), query, key, value, None, pair_spans=spans)
+        assert (unwindowed - got).abs().max() > 1e-3
 
 
 def tiny_llama(attn_implementation):

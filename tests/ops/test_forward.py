@@ -4,13 +4,15 @@ Naive reference: each sequence alone, unpadded, `model(ids).logits.float().log_s
 is scored by the logits at t − 1. Completion sums come from prompt + completion; prompt sums from
 the prompt alone. Models are tiny random Llama / Qwen2 models built from configs (no hub access).
 """
+import copy
+
 import pytest
 import torch
 import transformers
 
 from orpo.ops.attention import ATTENTION, use_span_attention
 from orpo.errors import OrpoError
-from orpo.ops.forward import causal_lm, check_prefix_sharing, check_supported, pair_logps
+from orpo.ops.forward import causal_lm, check_prefix_sharing, check_supported, pair_logps, prepare_model
 from orpo.ops.loss import orpo_loss
 from orpo.ops.packing import collate_padded, collate_prefix_shared
 from orpo.data.render import TokenizedPair
@@ -311,3 +313,44 @@ def test_check_prefix_sharing_rejects_spans_without_span_attention():
     model = family_model("llama")
     with pytest.raises(OrpoError, match=r"ignores the attention layout"):
         check_prefix_sharing(model, "spans")
+
+
+SLIDING = {
+    "mistral": (transformers.MistralConfig, dict(sliding_window=6)),  # every layer slides
+    "gemma3": (transformers.Gemma3TextConfig, dict(sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
+    "qwen2": (transformers.Qwen2Config, dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+}
+
+
+def sliding_model(family):
+    config_class, window = SLIDING[family]
+    config = config_class(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                          initializer_range=0.2, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, **window)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_sliding_window_models_keep_their_window_when_packed(family):
+    """Pairs longer than the window (6): the span layout gives each layer its window (Mistral: all
+    layers; Gemma 3 and Qwen2: one sliding layer, one global), so the packed per-pair log-probs equal
+    transformers' own unpacked forward with its sliding masks. The mask layout is refused at start."""
+    model = sliding_model(family)
+    rng = torch.Generator().manual_seed(4)
+    pairs = [_pair(rng, 7, 9, 11, 0), _pair(rng, 3, 8, 2, 1), _pair(rng, 9, 1, 6, 2)]
+    prepare_model(model, packing=True, attention="spans")
+    got = pair_logps(model, collate_prefix_shared(pairs, PAD, attention="spans"), chunk_size=8)
+    ref = naive_sums(model, pairs)
+    for key in ("chosen_sum", "rejected_sum", "prompt_sum"):
+        torch.testing.assert_close(getattr(got, key), ref[key].detach(), rtol=0, atol=1e-4, msg=key)
+    # the window matters on these pairs: the same weights with a window wider than any pair differ
+    wide = copy.deepcopy(model)
+    wide.config.sliding_window = 64
+    for module in wide.modules():
+        if getattr(module, "sliding_window", None) is not None:
+            module.sliding_window = 64
+    assert (naive_sums(wide, pairs)["chosen_sum"] - ref["chosen_sum"]).abs().max() > 1e-3
+
+    with pytest.raises(OrpoError, match=r"sliding attention windows \(6 tokens\).*--packed_attention spans"):
+        prepare_model(sliding_model(family), packing=True, attention="mask")
