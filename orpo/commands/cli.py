@@ -88,7 +88,14 @@ def _load_tokenizer(name: str, trust_remote_code: bool = False):
 
 def cmd_train(argv: list[str]) -> int:
     model_args, data_args, config = parse_train_args(argv)
+    from orpo.train.checkpoints import RunFinished, check_unfinished
     from orpo.train.trainer import ORPOTrainer
+
+    try:  # a rerun of a finished run (a requeued job, say) trains nothing and succeeds
+        check_unfinished(config.output_dir, config.resume_from_checkpoint, config.max_steps)
+    except RunFinished as finished:
+        logger.warning("%s", finished)
+        return 0
 
     tokenizer = _load_tokenizer(model_args.model, config.trust_remote_code)
     # Prepared before the model loads, so a data problem ends the run in seconds.
@@ -99,6 +106,11 @@ def cmd_train(argv: list[str]) -> int:
     if model_args.use_peft:
         from peft import LoraConfig
 
+        targets = model_args.lora_target_modules or []
+        if "lm_head" in targets and model.config.get_text_config().tie_word_embeddings:
+            raise OrpoError(f"{model_args.model}: lm_head shares its weight with the input embedding (tied), so "
+                            "merging its LoRA adapter into the saved model would change the embedding too; leave "
+                            "lm_head out of --lora_target_modules")
         peft_config = LoraConfig(
             r=model_args.lora_r,
             lora_alpha=model_args.lora_alpha,

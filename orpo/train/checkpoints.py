@@ -4,6 +4,11 @@ transformers' Trainer writes `checkpoint-N/` file by file; a process killed mid-
 directory that `resume_from_checkpoint=True` would pick and fail on (or half-load). After a save
 completes, every file is fsynced and a marker `COMPLETE_MARKER` is written atomically (temp file
 + rename); resuming only considers checkpoints with the marker and deletes those without it.
+
+A run that finished writes `FINISHED_MARKER` into its output directory: resuming it with "latest"
+(a rerun of the same command, a requeued job) trains nothing and says so. Every save holds the
+config as JSON (`CONFIG_FILE`) instead of transformers' pickled `training_args.bin`, so nothing in
+an output directory needs unpickling: the other state files load with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ import shutil
 from orpo.errors import OrpoError
 
 COMPLETE_MARKER = "orpo_checkpoint_complete.json"
+FINISHED_MARKER = "orpo_run_finished.json"
+CONFIG_FILE = "orpo_config.json"
+PICKLED_ARGS = "training_args.bin"  # transformers' TRAINING_ARGS_NAME
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -26,6 +34,14 @@ def _fsync(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
+def write_atomically(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
 def mark_complete(checkpoint_dir: str, step: int, counters: dict[str, int] | None = None) -> None:
     """fsync every file of `checkpoint_dir`, then atomically write its completion marker, which also
     holds the trainer's `counters` at that step (e.g. nonfinite_skipped), restored on resume."""
@@ -33,15 +49,49 @@ def mark_complete(checkpoint_dir: str, step: int, counters: dict[str, int] | Non
         for name in files:
             _fsync(os.path.join(root, name))
         _fsync(root, directory=True)
-    marker = os.path.join(checkpoint_dir, COMPLETE_MARKER)
-    temporary = marker + ".tmp"
     files = sorted(os.listdir(checkpoint_dir))
-    with open(temporary, "w") as f:
-        json.dump({"step": step, "files": files, "counters": counters or {}}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, marker)
+    record = json.dumps({"step": step, "files": files, "counters": counters or {}})
+    write_atomically(os.path.join(checkpoint_dir, COMPLETE_MARKER), record)
     _fsync(checkpoint_dir, directory=True)
+
+
+def save_config_as_json(directory: str, config_json: str) -> None:
+    """`directory` gets the run's config as JSON (CONFIG_FILE) and loses the pickled one."""
+    write_atomically(os.path.join(directory, CONFIG_FILE), config_json)
+    pickled = os.path.join(directory, PICKLED_ARGS)
+    if os.path.exists(pickled):
+        os.remove(pickled)
+
+
+def mark_finished(output_dir: str, step: int) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    write_atomically(os.path.join(output_dir, FINISHED_MARKER), json.dumps({"step": step}))
+
+
+def finished_step(output_dir: str) -> int | None:
+    """The step the run in `output_dir` finished at, or None if it has not finished."""
+    path = os.path.join(output_dir, FINISHED_MARKER)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return int(json.load(f)["step"])
+
+
+class RunFinished(OrpoError):
+    """Resuming "latest" in an output directory whose run finished: there is nothing to train."""
+
+
+def check_unfinished(output_dir: str, resume, max_steps: int) -> None:
+    """RunFinished if `resume` asks for the latest checkpoint of a run that finished, unless
+    `max_steps` (> 0) now goes beyond the step it finished at (then the run is extended)."""
+    latest = resume is True or (isinstance(resume, str) and resume.lower() in LATEST)
+    step = finished_step(output_dir) if latest else None
+    if step is not None and (max_steps <= 0 or step >= max_steps):
+        raise RunFinished(
+            f"{output_dir}: this run finished at step {step}; nothing to resume. Train on from it with a larger "
+            f"--max_steps, or from a checkpoint you name (--resume_from_checkpoint "
+            f"{os.path.join(output_dir, 'checkpoint-N')}), or start again with --overwrite_output_dir"
+        )
 
 
 def is_complete(checkpoint_dir: str) -> bool:
@@ -90,17 +140,19 @@ LATEST = ("latest", "true")
 
 
 def resolve_resume(
-    output_dir: str, resume: str | bool | None, overwrite: bool, is_main: bool, metrics_file: str
+    output_dir: str, resume: str | bool | None, overwrite: bool, is_main: bool, metrics_file: str, max_steps: int = -1
 ) -> str | None:
     """The checkpoint path to pass to Trainer.train, after checking `output_dir`.
 
     resume True / "latest" / "true": the newest complete checkpoint (None if there is none: a fresh
-    start); incomplete ones are deleted. A path: must be a complete checkpoint. None/False: a
-    fresh start, refused if `output_dir` has files unless `overwrite`. `metrics_file` (JSON lines
+    start); incomplete ones are deleted; RunFinished if the run in `output_dir` finished and
+    `max_steps` does not extend it (check_unfinished). A path: must be a complete checkpoint.
+    None/False: a fresh start, refused if `output_dir` has files unless `overwrite`. `metrics_file` (JSON lines
     with a "step") keeps only the records up to the resumed step, so a resumed run's log has no
     steps twice. Only the main process (`is_main`) deletes or rewrites files.
     """
     if resume is True or (isinstance(resume, str) and resume.lower() in LATEST):
+        check_unfinished(output_dir, resume, max_steps)
         if is_main:
             remove_incomplete(output_dir)
         path = latest_complete(output_dir)
@@ -123,6 +175,8 @@ def resolve_resume(
             )
         path = None
     if is_main:
+        if os.path.isfile(os.path.join(output_dir, FINISHED_MARKER)):  # training (again) from here on
+            os.remove(os.path.join(output_dir, FINISHED_MARKER))
         _keep_metrics_until(metrics_file, completed_step(path) if path else 0)
     return path
 

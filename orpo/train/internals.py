@@ -86,6 +86,9 @@ class TrainerAdapter(Trainer):
     def after_checkpoint_saved(self, checkpoint_dir: str, run_dir: str, save_total_limit: int | None) -> None:
         """Called on every rank after the Trainer wrote `checkpoint_dir`, with rotation left to us."""
 
+    def after_model_saved(self, output_dir: str) -> None:
+        """Called on every rank after `save_model` (also inside each checkpoint save) wrote `output_dir`."""
+
     def length_grouped_sampler(self, dataset) -> torch.utils.data.Sampler | None:
         """A sampler for group_by_length, or None for the Trainer's default."""
         return None
@@ -96,6 +99,11 @@ class TrainerAdapter(Trainer):
 
     def inputs_to_device(self, inputs: dict) -> dict:
         return self._prepare_inputs(inputs)
+
+    # --- overrides of Trainer methods ---
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        self.after_model_saved(output_dir if output_dir is not None else self.args.output_dir)
 
     # --- overrides of Trainer internals ---
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:

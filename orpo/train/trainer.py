@@ -28,7 +28,8 @@ from orpo.ops.packing import nll_token_count
 from orpo.ops.scoring import record_tensor, records_from_tensor, summarize
 from orpo.train.callbacks import (MetricsJsonlCallback, MetricTotals, NonFiniteGuard, ReportCallback,
                                   disable_dropout)
-from orpo.train.checkpoints import completed_step, mark_complete, read_counters, resolve_resume
+from orpo.train.checkpoints import (completed_step, mark_complete, mark_finished, read_counters, resolve_resume,
+                                    save_config_as_json)
 from orpo.train.config import ORPOConfig, prepare_data
 from orpo.train.internals import TrainerAdapter, ensure_trainer_contract
 from orpo.train.models import load_model, load_tokenizer
@@ -102,14 +103,18 @@ class ORPOTrainer(TrainerAdapter):
         self._eval_records: list[dict] = []  # per-pair records of that evaluation, all ranks
         self._step_rows: list[int] = []  # dataset rows of the current optimizer step (error messages)
         self.nonfinite_skipped = 0
+        self._run_start = (0, 0)  # (global step, nonfinite_skipped) when train() began
+        self._run_loss_sum = torch.zeros(())  # this rank's share of the step losses since then
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """Trainer.train, plus: `resume_from_checkpoint` True or "latest" = the newest *complete*
-        checkpoint in output_dir (none: start fresh); half-written checkpoints are deleted; an
-        output_dir with files is refused unless resuming or `overwrite_output_dir`."""
+        checkpoint in output_dir (none: start fresh; a finished run: checkpoints.RunFinished);
+        half-written checkpoints are deleted; an output_dir with files is refused unless resuming or
+        `overwrite_output_dir`. The returned (and logged) `train_loss` is the mean step loss of the
+        steps this call trained, over all ranks."""
         resume = resolve_resume(
             self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir,
-            self.is_world_process_zero(), os.path.join(self.args.output_dir, METRICS_FILE),
+            self.is_world_process_zero(), os.path.join(self.args.output_dir, METRICS_FILE), self.args.max_steps,
         )
         self.accelerator.wait_for_everyone()  # the main process may have deleted incomplete checkpoints
         self._step_rows = []
@@ -120,7 +125,16 @@ class ORPOTrainer(TrainerAdapter):
             self.state = TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME))
             return TrainOutput(self.state.global_step, 0.0, {})
         self.nonfinite_skipped = read_counters(resume).get("nonfinite_skipped", 0) if resume else 0
-        return super().train(resume_from_checkpoint=resume, **kwargs)
+        self._run_start = (completed_step(resume) if resume else 0, self.nonfinite_skipped)
+        self._run_loss_sum = torch.zeros(())
+        output = super().train(resume_from_checkpoint=resume, **kwargs)
+        if self.is_world_process_zero():
+            mark_finished(self.args.output_dir, self.state.global_step)
+        return TrainOutput(output.global_step, output.metrics.get("train_loss", output.training_loss), output.metrics)
+
+    def after_model_saved(self, output_dir: str) -> None:
+        if self.args.should_save:
+            save_config_as_json(output_dir, self.args.to_json_string())
 
     def after_checkpoint_saved(self, checkpoint_dir: str, run_dir: str, save_total_limit: int | None) -> None:
         """The completion marker (checkpoints.py), then rotation: a kill at any point leaves the
@@ -179,6 +193,10 @@ class ORPOTrainer(TrainerAdapter):
                 rows = self.accelerator.gather_for_metrics(record_tensor(logps, inputs["pair_index"], self.args.nll_scope))
                 self._eval_records += records_from_tensor(rows)
                 return (loss, {"log_odds": log_odds}) if return_outputs else loss
+            # this rank's share of the step's loss (the ranks' shares sum to it); a non-finite
+            # (skipped) step adds nothing to the run's mean
+            share = torch.where(torch.isfinite(loss), loss.detach().float(), 0.0)
+            self._run_loss_sum = self._run_loss_sum.to(share.device) + share
             self._train_totals.add(
                 nll_sum=nll_sum,
                 nll_tokens=batch_nll_tokens,
@@ -224,6 +242,8 @@ class ORPOTrainer(TrainerAdapter):
             tail = self._train_metrics()
             if tail:
                 super().log(tail)
+            if "train_loss" in logs:
+                logs["train_loss"] = self._run_mean_loss()  # transformers': rank-local steps since the last log
             if self.nonfinite_skipped:
                 logs["nonfinite_skipped"] = self.nonfinite_skipped
         else:
@@ -238,6 +258,15 @@ class ORPOTrainer(TrainerAdapter):
         if metrics and self.nonfinite_skipped:
             metrics["nonfinite_skipped"] = self.nonfinite_skipped  # steps skipped so far
         return metrics
+
+    def _run_mean_loss(self) -> float:
+        """Mean step loss of the steps this train() call applied, summed over ranks."""
+        first_step, skipped_before = self._run_start
+        total = self._run_loss_sum.to(self.args.device)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        applied = self.state.global_step - first_step - (self.nonfinite_skipped - skipped_before)
+        return total.item() / max(applied, 1)
 
     def _log_evaluation(self, logs: dict[str, float]) -> None:
         """The evaluation's metrics into `logs` (in place: evaluate() returns this dict), and its

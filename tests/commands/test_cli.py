@@ -393,11 +393,28 @@ def test_train_end_to_end_subprocess(model_dir, data_dir, tmp_path):
     assert error_line(again.stderr).endswith("; pass --overwrite_output_dir to train into it, "
                                              "or --resume_from_checkpoint latest to continue its run")
     assert load_file(out / "model.safetensors").keys() == trained.keys()  # untouched
+    # the same command resumed (a requeued job): the run finished, so it trains nothing and succeeds
+    rerun = run_orpo(["train", "--model", model_dir, "--dataset", data_dir / "prefs.jsonl", "--output_dir", out,
+                      "--max_steps", "2", "--report_to", "none", "--resume_from_checkpoint", "latest"], tmp_path)
+    assert rerun.returncode == 0 and "Traceback" not in rerun.stderr
+    assert "this run finished at step 2; nothing to resume" in rerun.stderr
+    assert all(torch.equal(v, trained[k]) for k, v in load_file(out / "model.safetensors").items())
+    assert not (out / "training_args.bin").exists() and (out / "orpo_config.json").is_file()
     for r in steps:
         assert METRIC_KEYS <= set(r), METRIC_KEYS - set(r)
         assert r["loss"] == pytest.approx(r["nll"] + 0.1 * r["or_loss"], rel=1e-4)
         assert r["margin"] == pytest.approx(r["logps/chosen"] - r["logps/rejected"], abs=1e-5)
         assert r["accuracy"] in (0.0, 0.5, 1.0) and r["tokens"] > 0
+
+
+def test_train_refuses_lora_on_a_tied_head(model_dir, data_dir, tmp_path, capsys):
+    """The fixture's model ties lm_head to the input embedding: merging a head adapter at the end would
+    change the embedding too, so the saved model would differ from the trained one."""
+    assert main(["train", "--model", str(model_dir), "--dataset", str(data_dir / "prefs.jsonl"),
+                 "--output_dir", str(tmp_path / "out"), "--use_peft", "true", "--lora_target_modules", "q_proj",
+                 "lm_head", "--max_steps", "1", "--report_to", "none"]) == 2
+    assert "lm_head shares its weight with the input embedding" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_peft_saves_merged_model(model_dir, data_dir, tmp_path, capsys):

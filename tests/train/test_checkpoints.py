@@ -18,7 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from orpo.train.checkpoints import (
-    COMPLETE_MARKER, is_complete, latest_complete, mark_complete, read_counters, remove_incomplete, resolve_resume,
+    COMPLETE_MARKER, CONFIG_FILE, FINISHED_MARKER, PICKLED_ARGS, RunFinished, finished_step, is_complete,
+    latest_complete, mark_complete, mark_finished, read_counters, remove_incomplete, resolve_resume,
+    save_config_as_json,
 )
 from orpo.errors import OrpoError
 
@@ -89,6 +91,33 @@ def test_an_output_dir_with_files_is_not_overwritten_without_the_flag(tmp_path):
         resolve_resume(str(tmp_path), None, False, True, str(tmp_path / "metrics.jsonl"))
     assert resolve_resume(str(tmp_path), None, True, True, str(tmp_path / "metrics.jsonl")) is None
     assert resolve_resume(str(tmp_path / "new"), None, False, True, str(tmp_path / "new" / "m.jsonl")) is None
+
+
+def test_a_finished_run_is_not_resumed_by_latest(tmp_path):
+    """A rerun of a finished run's command (e.g. a requeued job) must not train into its output
+    directory again. A larger max_steps extends it; naming a checkpoint trains on from it, and so does
+    a fresh start with overwrite, each removing the marker (a kill after that resumes as usual)."""
+    _checkpoint(tmp_path, 4, complete=True)
+    mark_finished(str(tmp_path), 5)
+    assert finished_step(str(tmp_path)) == 5
+    for resume, max_steps in (("latest", 5), (True, -1), ("latest", 3)):
+        with pytest.raises(RunFinished, match=r"this run finished at step 5; nothing to resume.*larger --max_steps"):
+            resolve_resume(str(tmp_path), resume, False, True, str(tmp_path / "m.jsonl"), max_steps)
+    # a larger max_steps extends the run: resumed from its newest checkpoint
+    assert resolve_resume(str(tmp_path), "latest", False, True, str(tmp_path / "m.jsonl"), 9).endswith("checkpoint-4")
+    mark_finished(str(tmp_path), 5)
+    assert resolve_resume(str(tmp_path), str(tmp_path / "checkpoint-4"), False, True, str(tmp_path / "m.jsonl"))
+    assert finished_step(str(tmp_path)) is None
+    mark_finished(str(tmp_path), 5)
+    assert resolve_resume(str(tmp_path), None, True, True, str(tmp_path / "m.jsonl")) is None
+    assert not (tmp_path / FINISHED_MARKER).exists()
+
+
+def test_the_config_is_saved_as_json_not_pickled(tmp_path):
+    (tmp_path / PICKLED_ARGS).write_bytes(b"a pickle")
+    save_config_as_json(str(tmp_path), json.dumps({"beta": 0.25}))
+    assert json.loads((tmp_path / CONFIG_FILE).read_text()) == {"beta": 0.25}
+    assert not (tmp_path / PICKLED_ARGS).exists()
 
 
 RUN = r'''
@@ -176,14 +205,19 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted
 
 
 def test_resuming_a_finished_run_trains_nothing(tmp_path):
-    """Resuming at max_steps (8, mid-epoch: 24 pairs are 12 steps): transformers' loop alone would train a
-    9th step before it checks max_steps; orpo loads the last checkpoint and trains nothing."""
+    """A finished run (max_steps 8, mid-epoch: 24 pairs are 12 steps) resumed with "latest" stops with
+    RunFinished and changes nothing. Without its finished marker (a kill after the last checkpoint,
+    before the run ended), transformers' loop alone would train a 9th step before it checks max_steps;
+    orpo loads the last checkpoint and trains nothing."""
     out = tmp_path / "out"
-    for resume in ("fresh", "resume"):
-        result = _run(tmp_path, out, "none", resume, pairs=24)
-        assert result.returncode == 0, result.stderr[-2000:]
-        if resume == "fresh":
-            losses, weights = _losses(out), load_file(str(out / "final.safetensors"))
+    result = _run(tmp_path, out, "none", "fresh", pairs=24)
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses, weights = _losses(out), load_file(str(out / "final.safetensors"))
+    result = _run(tmp_path, out, "none", "resume", pairs=24)
+    assert result.returncode != 0 and "RunFinished" in result.stderr and "finished at step 8" in result.stderr
+    (out / FINISHED_MARKER).unlink()
+    result = _run(tmp_path, out, "none", "resume", pairs=24)
+    assert result.returncode == 0, result.stderr[-2000:]
     assert _losses(out) == losses and [step for step, _ in losses] == list(range(1, 9))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
     final = load_file(str(out / "final.safetensors"))

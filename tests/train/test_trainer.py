@@ -466,3 +466,57 @@ def test_report_to_integrations_get_the_orpo_metrics_offline(tmp_path, monkeypat
         logged = read(tmp_path, tag)
         assert [step for step, _ in logged] == [step for step, _ in expected], tag
         assert [value for _, value in logged] == pytest.approx([value for _, value in expected], rel=1e-6), tag
+
+
+def test_saves_hold_the_config_as_json_and_no_pickle(tmp_path):
+    """No training_args.bin (a pickle) in checkpoints or the output directory: the config is JSON, and
+    every other state file loads with torch.load(weights_only=True) (the RNG state holds numpy arrays:
+    with transformers' allowlist of numpy's array types, as transformers loads it)."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    trainer = make_trainer(tmp_path, tiny_llama(), pairs(4), per_device_train_batch_size=2, max_steps=2,
+                           save_strategy="steps", save_steps=1, beta=0.25)
+    trainer.train()
+    trainer.save_model()
+    assert not list(tmp_path.rglob("training_args.bin"))
+    for directory in (tmp_path, tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"):
+        assert json.loads((directory / "orpo_config.json").read_text())["beta"] == 0.25
+    state_files = [f for f in tmp_path.rglob("*") if f.suffix in (".pt", ".pth", ".bin")]
+    assert {f.name for f in state_files} == {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+    with safe_globals():
+        for f in state_files:
+            torch.load(f, weights_only=True)
+
+
+def test_train_loss_is_the_mean_of_the_step_losses(tmp_path):
+    """The summary's train_loss (and TrainOutput.training_loss) is the mean of the run's step losses.
+    orpo computes it from its own sum over every step of every rank (transformers adds the steps since
+    the last log from rank 0 alone; the two-rank test checks the ranks)."""
+    trainer = make_trainer(tmp_path, tiny_llama(), pairs(8), per_device_train_batch_size=1, max_steps=5,
+                           logging_steps=1, learning_rate=1e-2)
+    output = trainer.train()
+    steps = [r["loss"] for r in trainer.state.log_history if "loss" in r and "train_loss" not in r]
+    summary = [r for r in trainer.state.log_history if "train_loss" in r][0]
+    assert len(steps) == 5
+    assert summary["train_loss"] == pytest.approx(sum(steps) / 5, rel=1e-5)
+    assert output.training_loss == summary["train_loss"]
+
+
+def test_lora_on_the_output_head_trains_its_adapter(tmp_path):
+    """LoRA with lm_head among the targets (untied head): after two steps the head's lora_B, which
+    starts at zero, has moved (the chunked head computes the adapter's term and its gradient)."""
+    import peft
+
+    model = tiny_llama()
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    trainer = ORPOTrainer(
+        model=model, args=ORPOConfig(output_dir=str(tmp_path), report_to="none", save_strategy="no", use_cpu=True,
+                                     disable_tqdm=True, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2),
+        train_dataset=pairs(4), processing_class=chatml_tokenizer(),
+        peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]),
+    )
+    head_b = [p for n, p in trainer.model.named_parameters() if "lm_head.lora_B" in n]
+    assert len(head_b) == 1 and head_b[0].abs().max() == 0
+    trainer.train()
+    assert head_b[0].abs().max() > 1e-4
