@@ -7,10 +7,10 @@ VOCAB = 64
 WORDS = "<unk> <pad> \n user assistant system the sky is blue green red yes no why what ok good bad a b c".split(" ")
 
 
-def tiny_llama(seed=0, dtype=torch.float32):
+def tiny_llama(seed=0, dtype=torch.float32, tied=True):
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64, initializer_range=0.2,
+        num_key_value_heads=2, tie_word_embeddings=tied, max_position_embeddings=64, initializer_range=0.2,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     torch.manual_seed(seed)

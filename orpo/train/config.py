@@ -7,6 +7,7 @@ Names shared with TRL's `ORPOConfig` keep TRL's meaning.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -266,7 +267,22 @@ class ORPOConfig(TrainingArguments):
         if isinstance(self.model_init_kwargs, str):
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
         to_row_format(self)  # inconsistent data options fail here, before any model is loaded
+        _check_engine_configs(self)
         super().__post_init__()
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _check_engine_configs(args) -> None:
+    """--deepspeed and --fsdp_config problems as one line (TrainingArguments raises them as tracebacks)."""
+    if args.deepspeed and not _installed("deepspeed"):
+        raise OrpoError("--deepspeed needs DeepSpeed, which is not installed: pip install deepspeed "
+                        "(or pip install -e '.[deepspeed]')")
+    for flag, value in (("deepspeed", args.deepspeed), ("fsdp_config", args.fsdp_config)):
+        if isinstance(value, str) and value.endswith(".json") and not os.path.isfile(value):
+            raise OrpoError(f"--{flag} {value}: no such file")
 
 
 def prepare_data(args, source, tokenizer, split: str = "train", name: str | None = None) -> PreparedData:

@@ -92,6 +92,10 @@ class ORPOTrainer(TrainerAdapter):
             optimizers=optimizers,
             **kwargs,
         )
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            # accelerate builds its FSDP state only for GPU-type devices; processes on CPU (use_cpu) get DDP
+            logger.warning("fsdp is set, but accelerate did not set up FSDP (it does so only on GPUs and other "
+                           "accelerators): this run trains with plain data parallelism (DDP) on %s", self.args.device)
         self.add_callback(MetricsJsonlCallback())
         for default in (ProgressCallback, PrinterCallback):  # replaced by one bar / one line per log
             self.remove_callback(default)

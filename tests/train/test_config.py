@@ -238,6 +238,19 @@ def test_is_encoder_decoder_true_is_an_error(tmp_path):
     assert ORPOConfig(output_dir=str(tmp_path), is_encoder_decoder=False).is_encoder_decoder is False
 
 
+def test_deepspeed_and_fsdp_config_problems_are_one_line(tmp_path, monkeypatch):
+    from orpo.train import config
+
+    with pytest.raises(OrpoError, match=r"^--fsdp_config .*/fsdp\.json: no such file$"):
+        ORPOConfig(output_dir=str(tmp_path), fsdp=True, fsdp_config=str(tmp_path / "fsdp.json"))
+    monkeypatch.setattr(config, "_installed", lambda module: False)
+    with pytest.raises(OrpoError, match=r"^--deepspeed needs DeepSpeed, which is not installed: pip install deepspeed"):
+        ORPOConfig(output_dir=str(tmp_path), deepspeed=str(tmp_path / "ds.json"))
+    monkeypatch.setattr(config, "_installed", lambda module: True)
+    with pytest.raises(OrpoError, match=r"^--deepspeed .*/ds\.json: no such file$"):
+        ORPOConfig(output_dir=str(tmp_path), deepspeed=str(tmp_path / "ds.json"))
+
+
 @pytest.mark.parametrize("line", TRL_EXAMPLES)
 def test_trl_example_command_line(line, tmp_path, monkeypatch):
     """TRL's example script builds HfArgumentParser((ScriptArguments, ORPOConfig, ModelConfig)); with
