@@ -15,7 +15,9 @@ GQA; no download) and random token pairs of chat-like lengths, it checks and mea
    tokens/s (all tokens of the layout, from orpo's own metric) and peak GPU memory;
 4. fp16 with the GradScaler and `max_grad_norm 0` (overflow steps are the scaler's), LoRA with
    `lm_head` among the targets (its adapter must move), the prefix-sharing probe on a model already
-   on the GPU, and `orpo eval`'s scoring speed (pairs/s, fp32 and bf16).
+   on the GPU, and `orpo eval`'s scoring speed (pairs/s, fp32 and bf16);
+5. FSDP2 as accelerate sets it up on a GPU (one process under torchrun, lm_head a unit of its own
+   that reshards after forward, sharded checkpoints, a consolidated final model loaded back).
 
 Prints one line per check and writes all figures as JSON.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -226,6 +229,58 @@ def check_fp16_and_lora(config, state, pairs, tokenizer, device, out, results):
     print(f"LoRA with lm_head: adapter lora_B moved from zero: {moved}", flush=True)
 
 
+FSDP_RUN = r'''
+import json, sys
+import torch, transformers
+sys.path.insert(0, sys.argv[3])
+from orpo import ORPOConfig, ORPOTrainer
+from gpu_smoke import make_pairs, model_config, tokenizer_for
+
+out, fsdp_config = sys.argv[1], sys.argv[2]
+config = model_config(quick=False)
+torch.manual_seed(0)
+trainer = ORPOTrainer(model=transformers.LlamaForCausalLM(config), train_dataset=make_pairs(16, config.vocab_size, False),
+                      processing_class=tokenizer_for(config),
+                      args=ORPOConfig(output_dir=out, max_steps=3, per_device_train_batch_size=4, logging_steps=1,
+                                      save_steps=2, report_to="none", disable_tqdm=True, report=False,
+                                      bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+                                      fsdp=True, fsdp_config=fsdp_config))
+trainer.train()
+trainer.save_model()
+head = trainer.accelerator.unwrap_model(trainer.model_wrapped).lm_head
+print(json.dumps({"distributed_type": str(trainer.accelerator.distributed_type),
+                  "lm_head_weight": type(head.weight).__name__,
+                  "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r and "nll" in r]}))
+trainer.accelerator.end_training()
+'''
+
+
+def check_fsdp2(results, out):
+    """`orpo`'s FSDP2 path on the GPU as accelerate sets it up there (one process under torchrun): the
+    README's fsdp.json with the head's Linear a unit of its own that reshards after forward, a sharded
+    checkpoint, and the consolidated final model, loaded back."""
+    import subprocess
+
+    config = {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "Linear"],
+              "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"}
+    (out / "fsdp.json").write_text(json.dumps(config))
+    (out / "fsdp_run.py").write_text(FSDP_RUN)
+    here = Path(__file__).resolve().parent
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                             str(out / "fsdp_run.py"), str(out / "fsdp"), str(out / "fsdp.json"), str(here)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": f"{here}:{here.parent}:{os.environ.get('PYTHONPATH', '')}"})
+    if result.returncode != 0:
+        errors = [line for line in result.stderr.splitlines() if "Error" in line and "elastic" not in line]
+        raise RuntimeError(" | ".join(errors[-3:]) or result.stderr[-1500:])
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    saved = transformers.AutoModelForCausalLM.from_pretrained(out / "fsdp")
+    summary["checkpoint_2"] = sorted(p.name for p in (out / "fsdp" / "checkpoint-2").iterdir())
+    summary["final_model_parameters"] = sum(p.numel() for p in saved.parameters())
+    results["fsdp2_one_gpu"] = summary
+    print(f"FSDP2 on one GPU: {summary}", flush=True)
+
+
 def check_probe_and_eval(config, state, pairs, device, results):
     model = fresh_model(config, state, device)
     prepare_model(model, True, "spans")  # the prefix-sharing probe, with the model already on the GPU
@@ -243,6 +298,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny model and few pairs (to try the script)")
     parser.add_argument("--out", default="gpu_smoke.json")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--only", nargs="*", help="run only these checks (names as printed in FAILED lines)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -269,7 +325,11 @@ def main(argv=None) -> int:
                  ("probe and eval", lambda: check_probe_and_eval(config, state, pairs, device, results)),
                  ("training", lambda: check_training(config, state, pairs, tokenizer, device, out, args.steps, results)),
                  ("fp16 and LoRA", lambda: check_fp16_and_lora(config, state, pairs, tokenizer, device, out, results))]
+        if device.type == "cuda" and not args.quick:
+            steps.append(("fsdp2", lambda: check_fsdp2(results, out)))
         for name, step in steps:  # one failing check does not hide the others
+            if args.only and name not in args.only:
+                continue
             try:
                 step()
             except Exception as err:  # noqa: BLE001 - reported, and the script exits 1

@@ -1,6 +1,12 @@
 import pytest
 import torch
 
+from orpo.commands.cli import send_import_logs_to_stderr
+
+# What `orpo` does first for the model-loading commands: DeepSpeed (a test dependency) announces its
+# accelerator on stdout when imported; tests that read a command's stdout must not see it.
+send_import_logs_to_stderr()
+
 
 @pytest.fixture(autouse=True)
 def _one_thread_for_tiny_models(request):

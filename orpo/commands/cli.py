@@ -372,9 +372,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def send_import_logs_to_stderr() -> None:
+    """DeepSpeed, where installed, is imported by transformers when a model loads, and announces its
+    accelerator on stdout: imported here with stdout sent to stderr, its log handler writes there for
+    good, so stdout holds only a command's output (`orpo chat`, `orpo generate`)."""
+    import contextlib
+    import importlib.util
+
+    if "deepspeed" not in sys.modules and importlib.util.find_spec("deepspeed") is not None:
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if argv[:1] in (["chat"], ["generate"], ["eval"], ["train"], ["demo"]):
+        send_import_logs_to_stderr()
     try:
         # train, eval and data inspect take the config fields as flags (HfArgumentParser)
         if argv[:1] == ["train"]:

@@ -81,7 +81,8 @@ def span_attention(
 
 
 # cuDNN attention (preferred by SDPA for bf16/fp16 on recent GPUs) builds an execution plan per
-# distinct shape, and every pair has its own lengths: measured on an H200, 30× slower steps.
+# distinct shape, and every pair has its own lengths: 34x slower scoring, measured on an H200
+# (benchmarks/gpu_smoke.py).
 FUSED_FIRST = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

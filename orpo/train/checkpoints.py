@@ -56,7 +56,9 @@ def mark_complete(checkpoint_dir: str, step: int, counters: dict[str, int] | Non
 
 
 def save_config_as_json(directory: str, config_json: str) -> None:
-    """`directory` gets the run's config as JSON (CONFIG_FILE) and loses the pickled one."""
+    """`directory` gets the run's config as JSON (CONFIG_FILE) and loses the pickled one. It may not
+    exist yet: with FSDP's sharded checkpoints, the model is written after this."""
+    os.makedirs(directory, exist_ok=True)
     write_atomically(os.path.join(directory, CONFIG_FILE), config_json)
     pickled = os.path.join(directory, PICKLED_ARGS)
     if os.path.exists(pickled):
