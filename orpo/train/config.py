@@ -283,6 +283,9 @@ def _check_engine_configs(args) -> None:
     for flag, value in (("deepspeed", args.deepspeed), ("fsdp_config", args.fsdp_config)):
         if isinstance(value, str) and value.endswith(".json") and not os.path.isfile(value):
             raise OrpoError(f"--{flag} {value}: no such file")
+    if args.fsdp and args.local_rank == -1 and os.environ.get("LOCAL_RANK", "-1") == "-1":
+        raise OrpoError("--fsdp shards the model over several processes: launch with torchrun or accelerate "
+                        "(torchrun --nproc_per_node N -m orpo train ...; README: FSDP2)")
 
 
 def prepare_data(args, source, tokenizer, split: str = "train", name: str | None = None) -> PreparedData:

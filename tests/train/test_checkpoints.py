@@ -118,6 +118,9 @@ def test_the_config_is_saved_as_json_not_pickled(tmp_path):
     save_config_as_json(str(tmp_path), json.dumps({"beta": 0.25}))
     assert json.loads((tmp_path / CONFIG_FILE).read_text()) == {"beta": 0.25}
     assert not (tmp_path / PICKLED_ARGS).exists()
+    # with FSDP's sharded checkpoints the directory is written after the config
+    save_config_as_json(str(tmp_path / "checkpoint-2"), "{}")
+    assert (tmp_path / "checkpoint-2" / CONFIG_FILE).read_text() == "{}"
 
 
 RUN = r'''

@@ -249,6 +249,9 @@ def test_deepspeed_and_fsdp_config_problems_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "_installed", lambda module: True)
     with pytest.raises(OrpoError, match=r"^--deepspeed .*/ds\.json: no such file$"):
         ORPOConfig(output_dir=str(tmp_path), deepspeed=str(tmp_path / "ds.json"))
+    # one process, not launched by torchrun/accelerate (transformers: a ValueError when the Trainer starts)
+    with pytest.raises(OrpoError, match=r"^--fsdp shards the model over several processes: launch with torchrun"):
+        ORPOConfig(output_dir=str(tmp_path), fsdp=True)
 
 
 @pytest.mark.parametrize("line", TRL_EXAMPLES)
