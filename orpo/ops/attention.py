@@ -87,15 +87,16 @@ FUSED_FIRST = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBa
 
 
 def _sdpa(q, k, v, mask, groups, dropout, scaling):
-    """One SDPA call; mask None = causal. Grouped key/value heads are shared through enable_gqa when
-    causal (flash takes it) and repeated when masked (the memory-efficient kernel takes a mask but
-    not enable_gqa), so on CUDA no call falls back to the math kernel."""
+    """One SDPA call; mask None = causal. Grouped key/value heads are shared through enable_gqa, except
+    for a masked call on CUDA: the memory-efficient kernel takes a mask but not enable_gqa, so there
+    they are repeated, and no call falls back to the math kernel."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling,
                                               enable_gqa=groups > 1)
-    if groups > 1:
+    if groups > 1 and q.is_cuda:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                          enable_gqa=groups > 1 and not q.is_cuda)
 
 
 def causal_mask(first: int, queries: int, keys: int, window: int | None, device: torch.device) -> torch.Tensor:
