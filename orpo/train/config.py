@@ -259,6 +259,9 @@ class ORPOConfig(TrainingArguments):
             # Launched by torchrun/accelerate on a machine without GPUs: TrainingArguments only sets up
             # (gloo) data parallelism with use_cpu, and would otherwise train WORLD_SIZE unrelated copies.
             self.use_cpu = True
+        if self.bf16 and not torch.accelerator.is_available():
+            # the CPU is the only device: transformers allows bf16 there only with use_cpu (else a traceback)
+            self.use_cpu = True
         if self.activation_checkpointing is None and self.gradient_checkpointing is not False:
             self.activation_checkpointing = True  # TRL's default (gradient_checkpointing=True); False keeps the alias's meaning
         # TRL-compatibility fields (the marked block above)

@@ -407,6 +407,17 @@ def test_train_end_to_end_subprocess(model_dir, data_dir, tmp_path):
         assert r["accuracy"] in (0.0, 0.5, 1.0) and r["tokens"] > 0
 
 
+def test_train_bf16_without_use_cpu(model_dir, data_dir, tmp_path):
+    """`--bf16 true` alone (transformers would stop: "Your setup doesn't support bf16/gpu") trains in
+    bf16 autocast on a machine whose only device is the CPU."""
+    assert main(["train", "--model", str(model_dir), "--dataset", str(data_dir / "prefs.jsonl"),
+                 "--output_dir", str(tmp_path / "out"), "--bf16", "true", "--max_steps", "1",
+                 "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no",
+                 "--disable_tqdm", "true"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "out" / "orpo_config.json").read_text())["bf16"] is True
+
+
 def test_train_refuses_lora_on_a_tied_head(model_dir, data_dir, tmp_path, capsys):
     """The fixture's model ties lm_head to the input embedding: merging a head adapter at the end would
     change the embedding too, so the saved model would differ from the trained one."""

@@ -246,3 +246,27 @@ def test_peak_tensor_is_one_chunk_of_logits():
     with _LargestOutput() as naive_mode:
         (naive(h, w, targets) * up).sum().backward()
     assert naive_mode.largest == n * v
+
+
+def test_under_autocast_forward_and_backward_share_the_bf16_contract():
+    """fp32 hidden/weight inside torch.autocast(bf16), as a model under mixed precision hands them over:
+    with compute_dtype = autocast_dtype(...) the logits (forward) and the recomputed logits and the
+    hidden-state gradient (backward) are bf16 matmuls, whatever autocast state backward runs in, so
+    values and gradients are those of explicit bf16 arithmetic (bitwise) and within bf16 rounding of
+    the fp32 reference; the weight gradient accumulates in fp32. Without the contract, forward ran in
+    bf16 under autocast and backward in fp32 (a 1.2% gradient error in the issue's direct test)."""
+    from orpo.ops.logprobs import autocast_dtype
+
+    hidden, weight, targets, up = make(torch.float32, n=40, seed=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dtype = autocast_dtype(hidden.device, weight.dtype)
+        out, gh, gw = run(token_logprobs, hidden, weight, targets, up, chunk_size=16, compute_dtype=dtype)
+    assert dtype == torch.bfloat16 and autocast_dtype(hidden.device, weight.dtype) == torch.float32
+    explicit, eh, ew = run(token_logprobs, hidden, weight, targets, up, chunk_size=16, compute_dtype=torch.bfloat16)
+    assert torch.equal(out, explicit) and torch.equal(gh, eh) and torch.equal(gw, ew)
+    ref, rh, rw = run(naive, hidden, weight, targets, up)  # fp32 throughout
+    assert (out - ref).abs().max() > 1e-5  # bf16 was really used
+    torch.testing.assert_close(out, ref, rtol=0, atol=5e-2)
+    torch.testing.assert_close(gh, rh, rtol=1.6e-2, atol=2e-2)
+    torch.testing.assert_close(gw, rw, rtol=1.6e-2, atol=2e-2)
+    assert gh.dtype == gw.dtype == torch.float32

@@ -16,6 +16,7 @@ import typing
 import warnings
 
 import pytest
+import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
@@ -230,6 +231,14 @@ def test_bare_activation_checkpointing_means_true(tmp_path):
     (config,) = HfArgumentParser(ORPOConfig).parse_args_into_dataclasses(
         ["--no_gradient_checkpointing", "--activation_checkpointing", "--output_dir", str(tmp_path)])
     assert config.activation_checkpointing is True
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="the case of a machine without an accelerator")
+def test_bf16_on_a_machine_without_an_accelerator_trains_on_the_cpu(tmp_path):
+    """transformers refuses bf16 without a GPU unless use_cpu is set ("Your setup doesn't support
+    bf16/gpu ..."): with the CPU the only device, orpo sets it."""
+    args = ORPOConfig(output_dir=str(tmp_path), bf16=True)
+    assert args.bf16 and args.use_cpu and args.device.type == "cpu"
 
 
 def test_is_encoder_decoder_true_is_an_error(tmp_path):
