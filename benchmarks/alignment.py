@@ -85,6 +85,7 @@ def train_one(model_dir: str, tokenizer, train: list[TokenizedPair], held_out: l
         per_device_eval_batch_size=16, num_train_epochs=args.epochs, logging_steps=eval_every,
         eval_strategy="steps", eval_steps=eval_every, save_strategy="no", report_to="none",
         seed=args.seed, disable_tqdm=True, activation_checkpointing=False, report=False,
+        bf16=False,  # the published results are fp32 (orpo's default picks bf16 on CPUs that have it)
     )
     trainer = ORPOTrainer(model=load_model(model_dir), args=config, train_dataset=train, eval_dataset=held_out,
                           processing_class=tokenizer)

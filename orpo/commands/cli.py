@@ -213,7 +213,7 @@ def cmd_eval(argv: list[str]) -> int:
         logger.info("scoring %d pairs with %s (%s path)", len(pairs), name, "reference" if args.reference else "fast")
         records[name] = evaluate_model(model, pairs, tokenizer.pad_token_id, args.nll_scope, args.reference,
                                        args.batch_size, args.packing, args.packed_attention, args.logprob_chunk_size,
-                                       args.batch_tokens, args.bf16)
+                                       args.batch_tokens, args.bf16 is True)  # unset: fp32 (see the flag's help)
         del model
     if args.compare:
         per_pair, summary = compare_records(records[args.model], records[args.compare], seed=args.seed)

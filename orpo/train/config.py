@@ -21,6 +21,7 @@ from orpo.data.prepare import PreparedData, prepare_dataset
 from orpo.errors import OrpoError
 from orpo.ops.packing import PACKED_ATTENTION
 from orpo.train.models import DTYPES
+from orpo.train.precision import default_bf16
 
 
 
@@ -152,6 +153,13 @@ class ORPOConfig(TrainingArguments):
     logprob_chunk_size: int = field(
         default=1024, metadata={"help": "Target tokens per chunk of the output head (memory vs. speed)."}
     )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 autocast mixed precision (weights stay fp32; log-softmax, odds ratio and loss are fp32 "
+                  "regardless). Default (unset): on where the device computes bf16 natively (CUDA GPUs from Ampere, "
+                  "CPUs with AMX-BF16 or AVX512-BF16), fp32 elsewhere; the run log says which and why. true/false "
+                  "force it. orpo eval: unset means fp32, so scores compare across machines."},
+    )
     # --- how rows are read (orpo.data: every shape is detected per row; these map other names) ---
     prompt_column: str | None = field(
         default=None,
@@ -259,6 +267,11 @@ class ORPOConfig(TrainingArguments):
             # Launched by torchrun/accelerate on a machine without GPUs: TrainingArguments only sets up
             # (gloo) data parallelism with use_cpu, and would otherwise train WORLD_SIZE unrelated copies.
             self.use_cpu = True
+        if self.bf16 is None:  # orpo chooses (train/precision.py)
+            self.bf16, self.precision_reason = (False, "fp32 weights, fp16 autocast (--fp16)") if self.fp16 \
+                else default_bf16(self.use_cpu)
+        else:
+            self.precision_reason = f"{'bf16 autocast' if self.bf16 else 'fp32'}: --bf16 {str(self.bf16).lower()}"
         if self.bf16 and not torch.accelerator.is_available():
             # the CPU is the only device: transformers allows bf16 there only with use_cpu (else a traceback)
             self.use_cpu = True

@@ -92,6 +92,7 @@ class ORPOTrainer(TrainerAdapter):
             optimizers=optimizers,
             **kwargs,
         )
+        logger.info("precision: %s", getattr(self.args, "precision_reason", "bf16" if self.args.bf16 else "fp32"))
         if self.args.fsdp and not self.is_fsdp_enabled:
             # accelerate builds its FSDP state only for GPU-type devices; processes on CPU (use_cpu) get DDP
             logger.warning("fsdp is set, but accelerate did not set up FSDP (it does so only on GPUs and other "

@@ -140,7 +140,7 @@ ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()
 pairs = [TokenizedPair([1] + ids(2 + i % 5), ids(1 + i % 3), ids(1 + (i * 7) % 4), i) for i in range(n_pairs)]
 args = ORPOConfig(output_dir=out, max_steps=8, per_device_train_batch_size=2, learning_rate=1e-2,
                   logging_steps=1, save_strategy="steps", save_steps=2, save_total_limit=2, report_to="none",
-                  disable_tqdm=True, use_cpu=True, seed=0)
+                  disable_tqdm=True, use_cpu=True, seed=0, bf16=False)
 trainer = ORPOTrainer(model=tiny_llama(), args=args, train_dataset=pairs, processing_class=chatml_tokenizer())
 
 class KillAfterStep5(TrainerCallback):

@@ -50,7 +50,7 @@ def naive_orpo_loss(model, batch_pairs, beta, nll_scope):
 
 def make_trainer(tmp_path, model, train, **overrides):
     args = dict(output_dir=str(tmp_path), report_to="none", save_strategy="no", disable_tqdm=True,
-                use_cpu=True, dataloader_pin_memory=False, seed=0)
+                use_cpu=True, dataloader_pin_memory=False, seed=0, bf16=False)  # fp32: exact comparisons
     args.update(overrides)
     return ORPOTrainer(model=model, args=ORPOConfig(**args), train_dataset=train, processing_class=chatml_tokenizer())
 

@@ -71,7 +71,8 @@ ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()
 pairs = [TokenizedPair([1] + ids(2 + i % 5), ids(1 + i % 3), ids(1 + (i * 7) % 4), i) for i in range(12)]
 settings = dict(output_dir=out, max_steps=3, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                 learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
-                report=False, per_device_eval_batch_size=2, save_eval_pairs=True)  # no use_cpu: orpo sets it under torchrun
+                report=False, per_device_eval_batch_size=2, save_eval_pairs=True,  # no use_cpu: orpo sets it under torchrun
+                bf16=False)  # fp32, whatever the CPU: the comparisons are to 1e-5
 args = ORPOConfig(**{**settings, **spec.get("args", {})})
 assert args.world_size == int(os.environ.get("WORLD_SIZE", "1"))
 peft_config = None
@@ -218,20 +219,19 @@ def launch(out: Path, spec=None, launchers=(), batch=4, accumulation=1, env=None
     script.write_text(RUN)
     arguments = [str(script), str(out), str(batch), str(accumulation), json.dumps(spec)]
     commands = [list(prefix) + arguments for prefix in launchers] or [[sys.executable] + arguments]
-    for attempt in (1, 2):
-        if not spec.get("resume"):
-            shutil.rmtree(out, ignore_errors=True)
-        result = _start(commands, _environment(env), out.parent / f"{out.name}-launch")
-        if killed:
-            assert result.returncode != 0, "the run was to be killed"
-            return Run(out, result)
-        finished = (out / "eval_pairs.jsonl").is_file() and (out / "probe-rank0.json").is_file()
-        # A gloo rank sometimes aborts while the interpreter shuts down, after the run has written
-        # everything ("terminate called without an active exception", ~1 launch in 5 on 2 cores, also
-        # before orpo's evaluation changes): one relaunch; any other failure fails the test.
-        if result.returncode == 0 or not (finished and "terminate called without" in result.stderr) or attempt == 2:
-            break
-    assert result.returncode == 0, result.stderr[-3000:]
+    if not spec.get("resume"):
+        shutil.rmtree(out, ignore_errors=True)
+    result = _start(commands, _environment(env), out.parent / f"{out.name}-launch")
+    if killed:
+        assert result.returncode != 0, "the run was to be killed"
+        return Run(out, result)
+    finished = (out / "eval_pairs.jsonl").is_file() and (out / "probe-rank0.json").is_file()
+    # A gloo rank sometimes aborts while the interpreter shuts down, after the run has written everything
+    # ("terminate called without an active exception", ~1 launch in 5 on 2 cores, cause unknown): the run
+    # itself is complete, so its outputs are used (a relaunch would resume a finished run: RunFinished);
+    # any other failure fails the test.
+    shutdown_abort = finished and "terminate called without" in result.stderr
+    assert result.returncode == 0 or shutdown_abort, result.stderr[-3000:]
     return Run(out, result)
 
 
