@@ -11,8 +11,9 @@ peak memory is one chunk of logits, not the whole batch's.
 
 Precision is an explicit argument, not autocast's choice: the logits and the hidden-state
 gradient are computed in `compute_dtype` (forward and backward alike, autocast switched off
-inside); the weight gradients accumulate in fp32 and are rounded once; the log-softmax is fp32. `autocast_dtype` gives the dtype an enclosing `torch.autocast` region
-asks for, so a caller under autocast gets bf16 matmuls in both directions.
+inside); the weight gradients accumulate in fp32 and are rounded once; the log-softmax is fp32.
+`autocast_dtype` gives the dtype an enclosing `torch.autocast` region asks for, so a caller under
+autocast gets bf16 matmuls in both directions.
 """
 from __future__ import annotations
 

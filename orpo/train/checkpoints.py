@@ -25,6 +25,13 @@ CONFIG_FILE = "orpo_config.json"
 PICKLED_ARGS = "training_args.bin"  # transformers' TRAINING_ARGS_NAME
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
+LATEST = ("latest", "true")
+
+
+def is_latest(resume: str | bool | None) -> bool:
+    """`resume_from_checkpoint` asks for the newest complete checkpoint (True, "latest", "true")."""
+    return resume is True or (isinstance(resume, str) and resume.lower() in LATEST)
+
 
 def _fsync(path: str, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
@@ -86,8 +93,7 @@ class RunFinished(OrpoError):
 def check_unfinished(output_dir: str, resume, max_steps: int) -> None:
     """RunFinished if `resume` asks for the latest checkpoint of a run that finished, unless
     `max_steps` (> 0) now goes beyond the step it finished at (then the run is extended)."""
-    latest = resume is True or (isinstance(resume, str) and resume.lower() in LATEST)
-    step = finished_step(output_dir) if latest else None
+    step = finished_step(output_dir) if is_latest(resume) else None
     if step is not None and (max_steps <= 0 or step >= max_steps):
         raise RunFinished(
             f"{output_dir}: this run finished at step {step}; nothing to resume. Train on from it with a larger "
@@ -138,9 +144,6 @@ def remove_incomplete(output_dir: str) -> list[str]:
     return removed
 
 
-LATEST = ("latest", "true")
-
-
 def resolve_resume(
     output_dir: str, resume: str | bool | None, overwrite: bool, is_main: bool, metrics_file: str, max_steps: int = -1
 ) -> str | None:
@@ -153,7 +156,7 @@ def resolve_resume(
     with a "step") keeps only the records up to the resumed step, so a resumed run's log has no
     steps twice. Only the main process (`is_main`) deletes or rewrites files.
     """
-    if resume is True or (isinstance(resume, str) and resume.lower() in LATEST):
+    if is_latest(resume):
         check_unfinished(output_dir, resume, max_steps)
         if is_main:
             remove_incomplete(output_dir)

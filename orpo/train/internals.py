@@ -103,6 +103,20 @@ class TrainerAdapter(Trainer):
         return self._prepare_inputs(inputs)
 
     # --- overrides of Trainer methods ---
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer.save_model, plus: the final model of an FSDP run whose checkpoints are sharded
+        (fsdp_config state_dict_type SHARDED_STATE_DICT) is written as one consolidated model (safetensors,
+        loadable by from_pretrained in one process). Trainer.save_model writes weights under FSDP only with
+        FULL_STATE_DICT; checkpoints (`_internal_call`) stay sharded, as the Trainer saves them. Then
+        `after_model_saved` (also for each checkpoint, which the Trainer saves through here)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        fsdp = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        if not _internal_call and fsdp is not None and "FULL_STATE_DICT" not in str(fsdp.state_dict_type):
+            state_dict = self.accelerator.get_state_dict(self.model)  # a collective: every rank gathers, rank 0 keeps it
+            self._save(output_dir, state_dict=state_dict)
+        super().save_model(output_dir, _internal_call)  # there: no weights, then push_to_hub if asked
+        self.after_model_saved(output_dir)
+
     # --- overrides of Trainer internals ---
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
         return self.step_totals(batch_samples, device)
@@ -118,20 +132,6 @@ class TrainerAdapter(Trainer):
         run_dir = self._get_output_dir(trial=trial)
         checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         self.after_checkpoint_saved(checkpoint_dir, run_dir, limit)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Trainer.save_model, plus: the final model of an FSDP run whose checkpoints are sharded
-        (fsdp_config state_dict_type SHARDED_STATE_DICT) is written as one consolidated model (safetensors,
-        loadable by from_pretrained in one process). Trainer.save_model writes weights under FSDP only with
-        FULL_STATE_DICT; checkpoints (`_internal_call`) stay sharded, as the Trainer saves them. Then
-        `after_model_saved` (also for each checkpoint, which the Trainer saves through here)."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        fsdp = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
-        if not _internal_call and fsdp is not None and "FULL_STATE_DICT" not in str(fsdp.state_dict_type):
-            state_dict = self.accelerator.get_state_dict(self.model)  # a collective: every rank gathers, rank 0 keeps it
-            self._save(output_dir, state_dict=state_dict)
-        super().save_model(output_dir, _internal_call)  # there: no weights, then push_to_hub if asked
-        self.after_model_saved(output_dir)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
