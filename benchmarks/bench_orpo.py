@@ -1,7 +1,8 @@
 """Benchmark orpo's ORPOTrainer against TRL's trl.experimental.orpo.ORPOTrainer.
 
-Every measurement is one fresh `python benchmarks/worker.py ...` subprocess (so peak RSS is per run);
-runs alternate between trainers. This process watches each child's RSS and kills it above
+First the machine's matmul peak at the model's shapes (peak.py) and its CPU; then every measurement
+is one fresh `python benchmarks/worker.py ...` subprocess (so peak RSS is per run); runs alternate
+between configurations (RUNS). This process watches each child's RSS and kills it above
 --memory_limit_gb. See README.md for what is measured and how.
 """
 import argparse
@@ -14,8 +15,19 @@ import tempfile
 import time
 from pathlib import Path
 
-WORKER = Path(__file__).resolve().parent / "worker.py"
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "worker.py"
 POLL_SECONDS = 0.5
+# name -> (trainer, config kwargs): each trainer's defaults, TRL without recompute (its fastest), and the
+# options issue-by-issue measured for orpo
+RUNS = {
+    "orpo": ("orpo", {}),
+    "trl": ("trl", {}),
+    "trl-fastest": ("trl", {"gradient_checkpointing": False}),
+    "orpo-recompute": ("orpo", {"activation_checkpointing": True}),
+    "orpo-fused-adamw": ("orpo", {"optim": "adamw_torch_fused"}),
+    "orpo-compile": ("orpo", {"torch_compile": True}),
+}
 
 
 def rss_gb(pid):
@@ -29,16 +41,18 @@ def rss_gb(pid):
     return 0.0
 
 
-def run_worker(args, trainer, max_length, pairs, batch):
+def run_worker(args, run, dtype, max_length, pairs, batch, peak):
     """One measured run in a fresh subprocess; returns the worker's JSON record or a failure record."""
-    cmd = [sys.executable, str(WORKER), "--trainer", trainer, "--workload", args.workload, "--dtype", args.dtype,
+    trainer, config = RUNS[run]
+    config = {**config, **(json.loads(args.orpo_args) if trainer == "orpo" else {})}
+    cmd = [sys.executable, str(WORKER), "--trainer", trainer, "--workload", args.workload, "--dtype", dtype,
            "--pairs", str(pairs), "--max_length", str(max_length), "--batch", str(batch),
-           "--orpo_args", args.orpo_args]
+           "--config", json.dumps(config)] + (["--peak_gflops", str(peak)] if peak else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    base = {"trainer": trainer, "workload": args.workload, "dtype": args.dtype, "max_length": max_length,
+    base = {"run": run, "trainer": trainer, "workload": args.workload, "dtype": dtype, "max_length": max_length,
             "pairs": pairs, "batch": batch}
-    print(f"[bench] {trainer} {args.workload} {args.dtype} max_length={max_length} pairs={pairs} batch={batch}",
+    print(f"[bench] {run} {args.workload} {dtype} max_length={max_length} pairs={pairs} batch={batch}",
           file=sys.stderr, flush=True)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
@@ -58,44 +72,47 @@ def run_worker(args, trainer, max_length, pairs, batch):
         records = [line for line in out.read().splitlines() if line.startswith("{")]
         err_lines = [line for line in err.read().splitlines() if line.strip()]
     if proc.returncode == 0 and records:
-        return {**json.loads(records[-1]), "process_seconds": round(wall, 1), "polled_peak_rss_gb": round(peak, 3)}
+        return {"run": run, **json.loads(records[-1]), "process_seconds": round(wall, 1),
+                "polled_peak_rss_gb": round(peak, 3)}
     return {**base, "status": "crashed", "returncode": proc.returncode,
             "error": err_lines[-1] if err_lines else "(no stderr)"}
 
 
-def ratio(results, key):
-    """median(orpo) / median(trl) of `key` over the finished runs, or None."""
-    medians = {}
-    for trainer in ("orpo", "trl"):
-        values = [r[key] for r in results if r["trainer"] == trainer and r.get("status") == "ok"]
-        medians[trainer] = statistics.median(values) if values else None
-    if medians["orpo"] is None or not medians["trl"]:
-        return None
-    return medians["orpo"] / medians["trl"]
+def median_of(results, run, key):
+    values = [r[key] for r in results if r["run"] == run and r.get("status") == "ok"]
+    return statistics.median(values) if values else None
 
 
-def summarize(results):
-    ok = [r for r in results if r.get("status") == "ok"]
-    summary = {
-        "pairs_per_second_ratio_orpo_over_trl": ratio(results, "pairs_per_second"),
-        "peak_rss_ratio_orpo_over_trl": ratio(results, "peak_rss_gb"),
-        "status": {t: [r.get("status") for r in results if r["trainer"] == t] for t in ("orpo", "trl")},
-    }
-    for trainer in ("orpo", "trl"):
-        mine = [r for r in ok if r["trainer"] == trainer]
+def summarize(results, runs):
+    """Per run: the medians of its finished repeats; per TRL run: orpo's pairs/s and peak RSS over it."""
+    summary = {"status": {run: [r.get("status") for r in results if r["run"] == run] for run in runs}}
+    for run in runs:
+        mine = [r for r in results if r["run"] == run and r.get("status") == "ok"]
         if mine:
-            summary[trainer] = {k: statistics.median(r[k] for r in mine) for k in
-                                ("pairs_per_second", "real_tokens_per_second", "model_gflops", "share_of_peak",
-                                 "peak_rss_gb", "train_seconds")}
-            summary[trainer]["gradient_checkpointing"] = mine[0]["gradient_checkpointing"]
+            summary[run] = {k: median_of(results, run, k) for k in
+                            ("pairs_per_second", "useful_gflops", "share_of_peak", "peak_rss_gb", "train_seconds")}
+            summary[run]["gradient_checkpointing"] = mine[0]["gradient_checkpointing"]
+            summary[run]["checkpointing_every_n_layers"] = mine[0]["checkpointing_every_n_layers"]
+    for trl_run in (run for run in runs if RUNS[run][0] == "trl"):
+        for key in ("pairs_per_second", "peak_rss_gb"):
+            ours, theirs = median_of(results, "orpo", key), median_of(results, trl_run, key)
+            if ours is not None and theirs:
+                summary[f"{key}_orpo_over_{trl_run}"] = ours / theirs
     return summary
+
+
+def machine_peak() -> dict:
+    """peak.py's JSON (CPU, matmul peaks at SmolLM2's shapes, 2 threads), measured before any trainer runs."""
+    out = subprocess.run([sys.executable, str(HERE / "peak.py"), "--threads", "2"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=["ultrafeedback", "hh", "context"], required=True)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], required=True)
-    p.add_argument("--trainers", default="orpo,trl")
+    p.add_argument("--dtype", default="fp32,bf16", help="fp32 and/or bf16 (autocast), comma-separated")
+    p.add_argument("--runs", default="orpo,trl,trl-fastest", help=f"comma-separated, of: {', '.join(RUNS)}")
     p.add_argument("--pairs", type=int, default=None, help="default 24; 4 for --workload context")
     p.add_argument("--max_length", type=int, default=1024, help="ignored for context (uses --lengths)")
     p.add_argument("--batch", type=int, default=None, help="default 4; 1 for --workload context")
@@ -106,24 +123,29 @@ def main():
     p.add_argument("--orpo_args", default="{}", help="extra ORPOConfig kwargs as JSON (orpo runs only)")
     args = p.parse_args()
     json.loads(args.orpo_args)  # fail early on bad JSON
-    trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
-    if not set(trainers) <= {"orpo", "trl"}:
-        p.error("--trainers takes orpo and/or trl")
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    if not set(runs) <= set(RUNS) or not set(dtypes) <= {"fp32", "bf16"}:
+        p.error(f"--runs takes {', '.join(RUNS)}; --dtype takes fp32 and/or bf16")
     context = args.workload == "context"
     pairs = args.pairs if args.pairs is not None else (4 if context else 24)
     batch = args.batch if args.batch is not None else (1 if context else 4)
     lengths = [int(x) for x in args.lengths.split(",")] if context else [args.max_length]
 
+    peak = machine_peak()
+    print(json.dumps({"cpu": peak["cpu"], **{d: peak[d]["mix_gflops"] for d in ("fp32", "bf16")}}), file=sys.stderr)
     groups = []
-    for length in lengths:
-        results = [run_worker(args, trainer, length, pairs, batch)
-                   for _ in range(args.repeats) for trainer in trainers]  # orpo, trl, orpo, trl, ...
-        groups.append({"max_length": length, "runs": results, "summary": summarize(results)})
-        print(json.dumps({"max_length": length, **groups[-1]["summary"]}), file=sys.stderr, flush=True)
+    for dtype in dtypes:
+        for length in lengths:
+            results = [run_worker(args, run, dtype, length, pairs, batch, peak[dtype]["mix_gflops"])
+                       for _ in range(args.repeats) for run in runs]  # orpo, trl, ..., orpo, trl, ...
+            groups.append({"dtype": dtype, "max_length": length, "runs": results, "summary": summarize(results, runs)})
+            print(json.dumps({"dtype": dtype, "max_length": length, **groups[-1]["summary"]}), file=sys.stderr,
+                  flush=True)
 
-    report = {"workload": args.workload, "dtype": args.dtype, "trainers": trainers, "pairs": pairs, "batch": batch,
-              "repeats": args.repeats, "memory_limit_gb": args.memory_limit_gb, "orpo_args": json.loads(args.orpo_args),
-              "results": groups}
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": peak, "workload": args.workload, "runs": runs,
+              "pairs": pairs, "batch": batch, "repeats": args.repeats, "memory_limit_gb": args.memory_limit_gb,
+              "orpo_args": json.loads(args.orpo_args), "results": groups}
     text = json.dumps(report, indent=2)
     print(text)
     Path(args.out).write_text(text + "\n")

@@ -11,8 +11,9 @@ GQA; no download) and random token pairs of chat-like lengths, it checks and mea
 2. the attention kernels: the span route with SDPA restricted to the fused kernels (flash,
    memory-efficient) — it fails if any call needs the math kernel — and the bf16 scoring speed
    with cuDNN attention allowed against orpo's choice; a sliding-window model packed vs unpacked;
-3. training: a few ORPO steps in bf16 per layout, with and without activation checkpointing:
-   tokens/s (all tokens of the layout, from orpo's own metric) and peak GPU memory;
+3. training: a few ORPO steps in bf16 per layout, with and without activation checkpointing, and with
+   both left to orpo: tokens/s (all tokens of the layout, from orpo's own metric), peak GPU memory,
+   and the step's memory beside train/memory.py's estimate;
 4. fp16 with the GradScaler and `max_grad_norm 0` (overflow steps are the scaler's), LoRA with
    `lm_head` among the targets (its adapter must move), the prefix-sharing probe on a model already
    on the GPU, and `orpo eval`'s scoring speed (pairs/s, fp32 and bf16);
@@ -43,6 +44,7 @@ from orpo.ops import attention  # noqa: E402
 from orpo.ops.forward import batch_to, pair_logps, prepare_model  # noqa: E402
 from orpo.ops.packing import collate_prefix_shared  # noqa: E402
 from orpo.ops.scoring import score_pairs  # noqa: E402
+from orpo.train.memory import decoder_shape, largest_micro_batch, step_bytes  # noqa: E402
 
 PAD = 0
 
@@ -180,6 +182,7 @@ def train_run(config, state, pairs, tokenizer, device, out, name, steps, **overr
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    in_use = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # the weights, once on the device
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -194,21 +197,49 @@ def train_run(config, state, pairs, tokenizer, device, out, name, steps, **overr
         "losses": [round(r["loss"], 4) for r in steps_logged],
         "seconds": round(seconds, 1),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "step_memory_gib": (torch.cuda.max_memory_allocated() - in_use) / 2**30 if device.type == "cuda" else None,
+        "estimated_step_gib": estimated_step_bytes(trainer, pairs) / 2**30,
+        "bf16": trainer.args.bf16, "precision": trainer.args.precision_reason,
+        "checkpointing": getattr(trainer, "checkpointing_reason", f"set: {trainer.args.activation_checkpointing}"),
         "nonfinite_skipped": trainer.nonfinite_skipped,
     }
     return trainer, figures
 
 
+def estimated_step_bytes(trainer, pairs) -> int:
+    """train/memory.py's estimate of what a step of the largest micro-batch allocates beyond the weights,
+    with the trainer's checkpointing (every n-th layer or none), for comparison with the measured peak."""
+    lm = trainer.model
+    shape = decoder_shape(lm, lm.config)
+    args = trainer.args
+    tokens, pair_lengths = largest_micro_batch([(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids))
+                                                for p in pairs], args.per_device_train_batch_size, args.packing,
+                                               args.packed_attention)
+    every = (args.activation_checkpointing_kwargs or {}).get("every_n_layers", 1)
+    checkpointed = -(-shape.layers // every) if args.activation_checkpointing else 0
+    return step_bytes(shape, tokens, pair_lengths, 2 if args.bf16 or args.fp16 else 4, checkpointed,
+                      args.logprob_chunk_size, True)
+
+
 def check_training(config, state, pairs, tokenizer, device, out, steps, results):
-    for layout, packing, checkpointing in (("spans", True, True), ("spans", True, False), ("mask", True, True),
-                                           ("padded", False, True)):
-        name = f"train_bf16_{layout}_{'ckpt' if checkpointing else 'nockpt'}"
+    """Training per layout, with and without activation checkpointing, and with precision and
+    checkpointing left to orpo (`auto`: no --bf16, no --activation_checkpointing); the step's measured
+    memory beside memory.py's estimate."""
+    for layout, packing, checkpointing in (("spans", True, True), ("spans", True, False), ("spans", True, None),
+                                           ("mask", True, True), ("padded", False, True)):
+        name = f"train_bf16_{layout}_{ {True: 'ckpt', False: 'nockpt', None: 'auto'}[checkpointing]}"
+        overrides = {} if checkpointing is None else {"activation_checkpointing": checkpointing}
+        if checkpointing is None:
+            overrides["bf16"] = None  # orpo chooses
         _, figures = train_run(config, state, pairs, tokenizer, device, out, name, steps, packing=packing,
-                               packed_attention=layout if packing else "spans",
-                               activation_checkpointing=checkpointing)
+                               packed_attention=layout if packing else "spans", **overrides)
         results[name] = figures
-        print(f"{name}: {figures['pairs_per_second']:.1f} pairs/s, {figures['tokens_per_second']:.0f} tok/s, peak {figures['peak_memory_gib'] or 0:.2f} GiB, "
-              f"losses {figures['losses']}", flush=True)
+        print(f"{name}: {figures['pairs_per_second']:.1f} pairs/s, {figures['tokens_per_second']:.0f} tok/s, "
+              f"peak {figures['peak_memory_gib'] or 0:.2f} GiB, step {figures['step_memory_gib'] or 0:.2f} GiB "
+              f"(estimate {figures['estimated_step_gib']:.2f}), losses {figures['losses']}", flush=True)
+        if checkpointing is None:
+            print(f"  auto: precision {figures['precision']}; activation checkpointing {figures['checkpointing']}",
+                  flush=True)
 
 
 def check_fp16_and_lora(config, state, pairs, tokenizer, device, out, results):

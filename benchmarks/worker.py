@@ -34,8 +34,6 @@ from orpo.data.render import ensure_chat_template  # noqa: E402
 DATA = "/work/shared/data"
 ULTRAFEEDBACK = f"{DATA}/ultrafeedback_1k_train.jsonl"
 HH = f"{DATA}/hh_rlhf_harmless_test.jsonl.gz"
-# Measured dense matmul peak of this machine (2 cores), GFLOP/s; see README.md.
-PEAK_GFLOPS = {"fp32": 210.0, "bf16": 900.0}
 CONTEXT_COMPLETION_TOKENS = 100  # completion length of the synthetic long-context pairs
 CONTEXT_MARGIN = 128  # prompt fills about max_length - CONTEXT_MARGIN tokens
 
@@ -102,6 +100,27 @@ def select_rows(candidates, tokenizer, n, max_length):
     return rows, pairs
 
 
+def useful_flops(pairs, trainer, n_params, layers, attention_width):
+    """FLOPs of one training pass over `pairs` that the trainer must compute, no recompute counted:
+    6 x parameters per computed token (forward 2, backward 4) plus attention, 12 x layers x query
+    width per attended key (QK and AV, forward and backward). Computed tokens: orpo's prefix-shared
+    [prompt | chosen | rejected] (the rejected tokens attend to the prompt and to themselves); TRL's two
+    sequences prompt+chosen and prompt+rejected, padding not counted."""
+    def causal(n):  # keys attended by n tokens of one causal sequence
+        return n * (n + 1) // 2
+
+    tokens = attended = 0
+    for pair in pairs:
+        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        if trainer == "orpo":
+            tokens += p + c + r
+            attended += causal(p + c) + r * p + causal(r)
+        else:
+            tokens += 2 * p + c + r
+            attended += causal(p + c) + causal(p + r)
+    return 6 * n_params * tokens + 12 * layers * attention_width * attended, tokens
+
+
 def version(name):
     try:
         return metadata.version(name)
@@ -125,7 +144,8 @@ def main():
     p.add_argument("--pairs", type=int, default=24)
     p.add_argument("--max_length", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--orpo_args", default="{}", help="extra ORPOConfig kwargs as JSON (orpo runs only)")
+    p.add_argument("--config", default="{}", help="extra config kwargs as JSON (this trainer's ORPOConfig)")
+    p.add_argument("--peak_gflops", type=float, default=None, help="the matmul peak of this dtype (peak.py)")
     a = p.parse_args()
 
     model_dir = str(fetch_smollm2())
@@ -150,11 +170,11 @@ def main():
     )
     if a.trainer == "orpo":
         from orpo import ORPOConfig, ORPOTrainer
-        extra = {"max_prompt_length": None, **json.loads(a.orpo_args)}  # no prompt limit, as TRL 1.16
+        extra = {"max_prompt_length": None, **json.loads(a.config)}  # no prompt limit, as TRL 1.16
         config = ORPOConfig(**common, **extra)
     else:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-        config = ORPOConfig(**common)  # max_completion_length None, no prompt limit field in 1.16
+        config = ORPOConfig(**common, **json.loads(a.config))  # max_completion_length None, no prompt limit in 1.16
     trainer = ORPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
 
     start = time.perf_counter()
@@ -164,15 +184,24 @@ def main():
     shutil.rmtree(config.output_dir, ignore_errors=True)  # orpo writes metrics.jsonl there
     trained = len(trainer.train_dataset)
     gflops = 6 * n_params * real_tokens / seconds / 1e9
+    text = model.config.get_text_config()
+    width = text.num_attention_heads * (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+    flops, computed_tokens = useful_flops(pairs, a.trainer, n_params, text.num_hidden_layers, width)
+    useful = flops / seconds / 1e9
     loss = next((log["loss"] for log in reversed(trainer.state.log_history) if "loss" in log), None)
     print(json.dumps({
         "status": "ok", "trainer": a.trainer, "dtype": a.dtype, "workload": a.workload,
         "max_length": a.max_length, "batch": a.batch, "steps": trainer.state.global_step,
         "pairs": trained, "train_seconds": round(seconds, 3), "pairs_per_second": trained / seconds,
         "real_tokens": real_tokens, "real_tokens_per_second": real_tokens / seconds,
-        "n_params": n_params, "model_gflops": gflops, "share_of_peak": gflops / PEAK_GFLOPS[a.dtype],
+        "n_params": n_params, "model_gflops": gflops, "computed_tokens": computed_tokens, "useful_gflops": useful,
+        "share_of_peak": useful / a.peak_gflops if a.peak_gflops else None,
         "peak_rss_gb": round(peak_rss_gb(), 3), "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
-        "loss_logged": loss, "orpo_args": a.orpo_args if a.trainer == "orpo" else None,
+        "checkpointing_every_n_layers": (trainer.args.gradient_checkpointing_kwargs or {}).get("every_n_layers", 1)
+        if trainer.args.gradient_checkpointing else None,
+        "checkpointing_reason": getattr(trainer, "checkpointing_reason", None),
+        "precision": getattr(trainer.args, "precision_reason", None),
+        "loss_logged": loss, "config": a.config,
         "versions": {k: version(k) for k in ("torch", "transformers", "trl", "orpo")},
     }), flush=True)
 

@@ -99,12 +99,20 @@ class ORPOConfig(TrainingArguments):
     activation_checkpointing: bool | None = field(
         default=None,
         metadata={
-            "help": "Recompute activations in backward: far less memory for about a fifth more time. None (default) "
-            "= on, as in TRL, unless the deprecated alias gradient_checkpointing says otherwise. "
-            "--activation_checkpointing_kwargs '{\"every_n_layers\": 2}' keeps every other layer's activations.",
+            "help": "Recompute activations in backward: far less memory for about a fifth more time. Default (unset): "
+            "orpo estimates the largest micro-batch's memory and recomputes only when it does not fit "
+            "--memory_budget_gb (none, every n-th layer, or every layer); the run log says which and why. "
+            "true/false decide; --activation_checkpointing_kwargs '{\"every_n_layers\": 2}' keeps every other "
+            "layer's activations.",
             "nargs": "?",  # a bare --activation_checkpointing means true, as in TrainingArguments and TRL
             "const": True,
         },
+    )
+    memory_budget_gb: float | None = field(
+        default=None,
+        metadata={"help": "Memory (GB) a training step may allocate on each device when orpo chooses activation "
+                  "checkpointing (--activation_checkpointing unset). Default: 80 percent of the device's free "
+                  "memory at start (a CPU's shared among the processes of the machine)."},
     )
 
     beta: float = field(
@@ -231,9 +239,10 @@ class ORPOConfig(TrainingArguments):
     # parses here with TRL's meaning (tests/train/test_config.py compares the two parsers).
     gradient_checkpointing: bool | None = field(
         default=True,
-        metadata={"help": "TRL's name (default True, as in TRL) for activation_checkpointing, which wins when set: "
-                  "--no_gradient_checkpointing or --gradient_checkpointing false turns it off (with transformers' "
-                  "deprecation warning for the old name)."},
+        metadata={"help": "TRL's name for activation_checkpointing, which wins when set. --no_gradient_checkpointing or "
+                  "--gradient_checkpointing false turns recompute off (with transformers' deprecation warning for the "
+                  "old name); true (the default, as in TRL) leaves the choice to orpo, as an unset "
+                  "activation_checkpointing does: --activation_checkpointing true recomputes always."},
     )
     trust_remote_code: bool = field(
         default=False,
@@ -275,8 +284,14 @@ class ORPOConfig(TrainingArguments):
         if self.bf16 and not torch.accelerator.is_available():
             # the CPU is the only device: transformers allows bf16 there only with use_cpu (else a traceback)
             self.use_cpu = True
-        if self.activation_checkpointing is None and self.gradient_checkpointing is not False:
-            self.activation_checkpointing = True  # TRL's default (gradient_checkpointing=True); False keeps the alias's meaning
+        # activation_checkpointing unset and the old name not false: ORPOTrainer chooses from the data and
+        # the device's memory (train/memory.py). The parser cannot tell the old name's default (TRL's true)
+        # from a given true. TrainingArguments turns unset into False; the choice to make is kept here.
+        self.choose_checkpointing = self.activation_checkpointing is None and self.gradient_checkpointing is not False
+        if self.choose_checkpointing:
+            self.gradient_checkpointing = None  # not the deprecated alias's value: no warning, nothing to mirror
+        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
+            raise OrpoError(f"memory_budget_gb must be > 0, got {self.memory_budget_gb}")
         # TRL-compatibility fields (the marked block above)
         if self.is_encoder_decoder:
             raise OrpoError("is_encoder_decoder=True: orpo trains decoder-only causal LMs only")

@@ -22,7 +22,7 @@ from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from orpo.data.render import TokenizedPair, ensure_chat_template
 from orpo.errors import OrpoError
-from orpo.ops.forward import batch_collator, pair_logps, prepare_model
+from orpo.ops.forward import batch_collator, causal_lm, pair_logps, prepare_model
 from orpo.ops.loss import orpo_loss
 from orpo.ops.packing import nll_token_count
 from orpo.ops.scoring import record_tensor, records_from_tensor, summarize
@@ -32,6 +32,7 @@ from orpo.train.checkpoints import (completed_step, mark_complete, mark_finished
                                     save_config_as_json)
 from orpo.train.config import ORPOConfig, prepare_data
 from orpo.train.internals import TrainerAdapter, ensure_trainer_contract
+from orpo.train.memory import decoder_shape, plan_checkpointing
 from orpo.train.models import load_model, load_tokenizer
 from orpo.train.progress import ProgressReporter
 from orpo.train.report import METRICS_FILE
@@ -81,6 +82,8 @@ class ORPOTrainer(TrainerAdapter):
         train_pairs = self._prepare(train_dataset, processing_class, args, "train")
         eval_pairs = self._prepare(eval_dataset, processing_class, args, "eval")
         pad_id = args.padding_value if args.padding_value is not None else processing_class.pad_token_id
+        if args.choose_checkpointing:
+            self._choose_checkpointing(model, train_pairs, args)
         super().__init__(
             model=model,
             args=args,
@@ -93,6 +96,8 @@ class ORPOTrainer(TrainerAdapter):
             **kwargs,
         )
         logger.info("precision: %s", getattr(self.args, "precision_reason", "bf16" if self.args.bf16 else "fp32"))
+        if hasattr(self, "checkpointing_reason"):
+            logger.info("activation checkpointing: %s", self.checkpointing_reason)
         if self.args.fsdp and not self.is_fsdp_enabled:
             # accelerate builds its FSDP state only for GPU-type devices; processes on CPU (use_cpu) get DDP
             logger.warning("fsdp is set, but accelerate did not set up FSDP (it does so only on GPUs and other "
@@ -149,6 +154,34 @@ class ORPOTrainer(TrainerAdapter):
             mark_complete(checkpoint_dir, self.state.global_step, {"nonfinite_skipped": self.nonfinite_skipped})
             rotate_checkpoints(run_dir, save_total_limit=save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint)
+
+    def _choose_checkpointing(self, model, pairs, args: ORPOConfig) -> None:
+        """Neither activation_checkpointing nor its old name set: choose it for this data on this device
+        (memory.py), once per config, before the Trainer reads it."""
+        if args.deepspeed or args.fsdp:
+            if (args.fsdp_config or {}).get("activation_checkpointing"):
+                every, reason = None, "off: FSDP's own activation checkpointing is set (fsdp_config)"
+            else:
+                every, reason = 1, ("on: the model is sharded (DeepSpeed/FSDP) and orpo does not estimate sharded "
+                                    "memory; --activation_checkpointing false turns it off")
+        elif not pairs:
+            every, reason = 1, "on: no training data to size it by"
+        else:
+            lm = causal_lm(model)
+            shape = decoder_shape(lm, lm.config.get_text_config())
+            on_device = next(lm.parameters()).device.type == args.device.type
+            every, reason = plan_checkpointing(
+                shape, [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs],
+                args.per_device_train_batch_size, args.packing, args.packed_attention,
+                2 if args.bf16 or args.fp16 else shape.weight_bytes, args.logprob_chunk_size, on_device, args.device,
+                int(os.environ.get("LOCAL_WORLD_SIZE", "1")), args.memory_budget_gb,
+            )
+        args.activation_checkpointing = args.gradient_checkpointing = every is not None
+        if every is not None and every > 1:
+            args.activation_checkpointing_kwargs = {**(args.activation_checkpointing_kwargs or {}), "every_n_layers": every}
+            args.gradient_checkpointing_kwargs = args.activation_checkpointing_kwargs
+        args.choose_checkpointing = False
+        self.checkpointing_reason = reason
 
     def _prepare(self, dataset, tokenizer, args: ORPOConfig, split: str):
         """`dataset` through the one data path with this config's data fields (config.prepare_data);

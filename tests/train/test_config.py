@@ -35,6 +35,8 @@ from orpo.train.config import ORPOConfig
 # TRL fields whose default orpo deliberately changes (field -> reason); the test fails on any other.
 # bf16: the same default (None), a different meaning: TRL turns bf16 on unless fp16 (and stops on a machine
 # without it), orpo where the device computes bf16 natively (train/precision.py).
+# gradient_checkpointing: the same default (true), a different meaning: TRL recomputes always, orpo when the
+# largest micro-batch does not fit the memory budget (train/memory.py); --activation_checkpointing true always.
 DELIBERATE_DEFAULTS: dict[str, str] = {}
 
 # TRL fields orpo does not accept (field -> why); the test fails when one more is missing, and when one
@@ -207,14 +209,17 @@ def test_gradient_checkpointing_forms(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # the default does not warn
         (default,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
-    assert default.activation_checkpointing is True and default.gradient_checkpointing is True
+    # unset: ORPOTrainer chooses (train/memory.py); TrainingArguments holds False until then
+    assert default.choose_checkpointing and default.activation_checkpointing is False
     for off in (["--no_gradient_checkpointing"], ["--no-gradient-checkpointing"], ["--gradient_checkpointing", "false"]):
         with pytest.warns(FutureWarning, match="gradient_checkpointing"):
             (config,) = parser.parse_args_into_dataclasses([*off, "--output_dir", str(tmp_path)])
         assert config.activation_checkpointing is False and config.gradient_checkpointing is False, off
     (config,) = parser.parse_args_into_dataclasses(
         ["--no_gradient_checkpointing", "--activation_checkpointing", "true", "--output_dir", str(tmp_path)])
-    assert config.activation_checkpointing is True  # the new name wins
+    assert config.activation_checkpointing is True and not config.choose_checkpointing  # the new name wins
+    (config,) = parser.parse_args_into_dataclasses(["--gradient_checkpointing", "true", "--output_dir", str(tmp_path)])
+    assert config.choose_checkpointing  # TRL's default, said: the parser cannot tell it from unset
 
 
 def test_remove_unused_columns_forms(tmp_path):

@@ -115,9 +115,9 @@ def _train(tmp_path, name, batch, accumulation, **overrides):
         tmp_path / name, tiny_llama(), pairs(), per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation, max_steps=2, learning_rate=1e-2, logging_steps=1,
         lr_scheduler_type="constant", optim="sgd",  # Adam would amplify float summation-order noise in ~0 grads
-        **overrides,
+        **{"activation_checkpointing": True, **overrides},  # the recomputed forward must see the same layout
     )
-    assert trainer.args.gradient_checkpointing  # the default: the recomputed forward must see the same layout
+    assert trainer.args.gradient_checkpointing
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return losses, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
@@ -298,16 +298,35 @@ def test_nonfinite_skipped_survives_resume(tmp_path):
     assert after and after[0]["nonfinite_skipped"] == 1
 
 
-def test_activation_checkpointing_is_on_by_default_and_the_old_name_still_works(tmp_path):
+def test_activation_checkpointing_unset_is_chosen_for_the_data_and_the_memory(tmp_path, caplog):
+    """Unset, the trainer decides (train/memory.py) and logs why; a budget below what a step needs
+    turns it on; set, either name decides and nothing is chosen."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # the default itself must not warn
-        assert ORPOConfig(output_dir=str(tmp_path)).activation_checkpointing is True
+        assert ORPOConfig(output_dir=str(tmp_path)).choose_checkpointing is True
+    with caplog.at_level("INFO", logger="orpo.train.trainer"):
+        roomy = make_trainer(tmp_path, tiny_llama(), pairs())
+    assert roomy.args.activation_checkpointing is False and roomy.args.gradient_checkpointing is False
+    assert "activation checkpointing: off: a step of the largest micro-batch" in caplog.text
+    tight = make_trainer(tmp_path, tiny_llama(), pairs(), memory_budget_gb=1e-6)
+    assert tight.args.activation_checkpointing is True
+    assert tight.checkpointing_reason.startswith("on, every layer:") and "over the budget of 0.0 GB" in tight.checkpointing_reason
+    tight.train()
+    assert tight.model.is_activation_checkpointing  # the Trainer applied the choice
+
     with pytest.warns(FutureWarning, match="gradient_checkpointing"):
         off = ORPOConfig(output_dir=str(tmp_path), gradient_checkpointing=False)
-    assert off.activation_checkpointing is False and off.gradient_checkpointing is False
+    assert off.activation_checkpointing is False and off.gradient_checkpointing is False and not off.choose_checkpointing
+    on = make_trainer(tmp_path, tiny_llama(), pairs(), activation_checkpointing=True)
+    assert on.args.activation_checkpointing is True and not hasattr(on, "checkpointing_reason")
     assert ORPOConfig(output_dir=str(tmp_path), activation_checkpointing=False).gradient_checkpointing is False
+
+
+def test_memory_budget_must_be_positive(tmp_path):
+    with pytest.raises(OrpoError, match="memory_budget_gb must be > 0"):
+        ORPOConfig(output_dir=str(tmp_path), memory_budget_gb=0)
 
 
 def _tensorboard_scalars(run_dir, tag):
