@@ -34,10 +34,9 @@ def card_settings(args, steps: int, peft_config=None) -> dict[str, object]:
     rank, alpha, dropout and modules."""
     precision = "fp16 autocast" if args.fp16 else "bf16 autocast" if args.bf16 else "fp32"
     settings = {name: getattr(args, name) for name in (
-        "beta", "nll_scope", "max_length", "max_prompt_length", "max_completion_length", "learning_rate",
-        "lr_scheduler_type")}
-    settings["lr_scheduler_type"] = str(getattr(settings["lr_scheduler_type"], "value", settings["lr_scheduler_type"]))
+        "beta", "nll_scope", "max_length", "max_prompt_length", "max_completion_length", "learning_rate")}
     settings.update({
+        "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),  # an enum
         "steps": steps,
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
@@ -176,8 +175,7 @@ def render_card(name: str, base_model: str, data: dict[str, tuple[object, Prepar
     lines += [f"| {k} | {_number(v)} |" for k, v in settings.items()] + [""]
     lines += _metrics_section(train_records, eval_records, plots, report)
     lines += _usage_section(model_path, adapter)
-    lines.insert(0, _front_matter(base_model, hub_ids, sources, license,
-                                  adapter, any(k == "LoRA" for k in settings)))
+    lines.insert(0, _front_matter(base_model, hub_ids, sources, license, adapter, "LoRA" in settings))
     return "\n".join(lines)
 
 

@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft.utils.CONFIG_NAME (a constant here: importing peft takes a second)
 TOKENIZER_CONFIG = "tokenizer_config.json"  # what transformers' tokenizer save_pretrained writes
+# peft types that learn prompts or prefixes instead of weight updates: nothing to merge
+PROMPT_LEARNING = ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "CPT")
 
 
 def is_adapter_dir(path: str) -> bool:
@@ -87,10 +89,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         raise OrpoError(f"{output_dir}: the merged model cannot be written over its adapter directory")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise OrpoError(f"{output_dir} already has files; choose an empty directory")
-    peft_type = config.get("peft_type", "?")
-    if config.get("task_type") in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING") or peft_type in (
-            "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT"):
-        raise OrpoError(f"{adapter_dir}: a {peft_type} adapter has no weights to merge into the model")
+    if config.get("peft_type") in PROMPT_LEARNING:
+        raise OrpoError(f"{adapter_dir}: a {config['peft_type']} adapter has no weights to merge into the model")
     base = base or adapter_base(adapter_dir)
 
     from peft import PeftModel

@@ -113,3 +113,11 @@ def test_an_adapter_on_a_tied_head_is_refused(tmp_path):
     with pytest.raises(OrpoError, match=r"the adapter changes lm_head, and .* ties lm_head to the input embedding"):
         merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_prompt_learning_adapter_has_nothing_to_merge(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "PROMPT_TUNING", "base_model_name_or_path": "org/base"}))
+    with pytest.raises(OrpoError, match="a PROMPT_TUNING adapter has no weights to merge"):
+        merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "out"))
