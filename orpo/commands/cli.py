@@ -135,6 +135,15 @@ def cmd_train(argv: list[str]) -> int:
         trainer.model = trainer.model.merge_and_unload()
     trainer.save_model(config.output_dir)
     logger.info("saved the trained model and tokenizer to %s", config.output_dir)
+    if trainer.is_world_process_zero():  # its model card beside it, as the report is written (by the main process)
+        from orpo.export.card import card_settings, write_card
+
+        try:
+            logger.info("model card: %s", write_card(
+                config.output_dir, model_args.model, card_settings(config, step, peft_config), (data_args.dataset, train),
+                (data_args.eval_dataset, eval_data) if eval_data is not None else None))
+        except OrpoError as err:  # e.g. an unreadable metrics.jsonl: the trained model is saved all the same
+            logger.warning("no model card: %s", err)
     # trackers finish and, under torchrun, the process group is destroyed: a rank that exits with its
     # gloo/NCCL threads still running can abort ("terminate called without an active exception")
     trainer.accelerator.end_training()

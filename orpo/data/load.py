@@ -38,6 +38,11 @@ def _looks_like_path(source: str) -> bool:
     return (gz or ext in _BUILDERS or source.startswith((".", "/", "~")) or not _HUB_ID.match(source))
 
 
+def is_hub_dataset_id(source: str) -> bool:
+    """Whether `load_rows` reads `source` from the Hugging Face hub: no such local path, and shaped like a hub id."""
+    return not Path(source).expanduser().exists() and not _looks_like_path(source)
+
+
 def _reason(error: BaseException) -> str:
     """The innermost cause's first line: datasets wraps the useful pyarrow/hub message."""
     while error.__cause__ is not None:

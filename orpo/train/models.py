@@ -37,10 +37,22 @@ def _from_pretrained_args(name_or_path: str) -> tuple[str, dict]:
             raise OrpoError(f"{name_or_path}: no such GGUF file")
         return str(path.parent), {"gguf_file": path.name}
     # a hub id is "name" or "org/name"; anything else that does not exist is a mistyped path
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    looks_local = _looks_local(name_or_path)
     if looks_local and not Path(name_or_path).expanduser().exists():
         raise OrpoError(f"{name_or_path}: no such model directory")
     return str(Path(name_or_path).expanduser()) if looks_local else name_or_path, {}
+
+
+def _looks_local(name_or_path: str) -> bool:
+    """A hub id is "name" or "org/name": a name that starts like a path or has more parts is a local path."""
+    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+
+
+def is_hub_model_id(name_or_path: str) -> bool:
+    """Whether the loaders take `name_or_path` from the Hugging Face hub (its local cache offline): not a .gguf
+    file, not an existing local path, not shaped like one. Model cards name only such ids as `base_model`."""
+    return not (name_or_path.endswith(".gguf") or _looks_local(name_or_path)
+                or Path(name_or_path).expanduser().exists())
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

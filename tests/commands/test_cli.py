@@ -359,6 +359,8 @@ def test_train_evaluates_the_final_model_and_writes_the_pair_file(model_dir, dat
     lines = [json.loads(line) for line in (out / "eval_pairs.jsonl").read_text().splitlines()]
     assert len(lines) == len(ROWS) + 1 and set(lines[0]) == RECORD_KEYS
     assert lines[-1]["summary"]["accuracy"] == evaluations[0]["eval_accuracy"] and lines[-1]["step"] == 1
+    card = (out / "README.md").read_text()  # the model card (tests/export/test_card.py tests its content)
+    assert f"A fine-tune of `{model_dir}`" in card and f"| held-out | `{prefs}` | 8 | 8 | 0 |" in card
 
 
 def test_train_end_to_end_subprocess(model_dir, data_dir, tmp_path):
@@ -389,7 +391,7 @@ def test_train_end_to_end_subprocess(model_dir, data_dir, tmp_path):
     again = run_orpo(["train", "--model", model_dir, "--dataset", data_dir / "prefs.jsonl", "--output_dir", out,
                       "--max_steps", "1", "--report_to", "none"], tmp_path)
     assert again.returncode == 2
-    assert error_line(again.stderr).startswith(f"orpo: error: output_dir {out} already has files (chat_template")
+    assert error_line(again.stderr).startswith(f"orpo: error: output_dir {out} already has files (README.md, chat_template")
     assert error_line(again.stderr).endswith("; pass --overwrite_output_dir to train into it, "
                                              "or --resume_from_checkpoint latest to continue its run")
     assert load_file(out / "model.safetensors").keys() == trained.keys()  # untouched
@@ -436,6 +438,7 @@ def test_train_peft_saves_merged_model(model_dir, data_dir, tmp_path, capsys):
                  "--per_device_train_batch_size", "2", "--learning_rate", "0.01", "--report_to", "none",
                  "--save_strategy", "no", "--disable_tqdm", "true"]) == 0
     assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+    assert "| LoRA | r 4, alpha 32, dropout 0.05, modules q_proj, v_proj |" in (out / "README.md").read_text()
     model = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(model, LlamaForCausalLM)
     trained, initial = load_file(out / "model.safetensors"), load_file(model_dir / "model.safetensors")

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import orpo.data.load as data
-from orpo.data.load import load_rows
+from orpo.data.load import is_hub_dataset_id, load_rows
 from orpo.data.prepare import format_drop_report
 from orpo.errors import EMPTY_RESPONSE, SAME_RESPONSES, UNKNOWN_ROLE, WRONG_TYPES, OrpoError
 from orpo.data.formats import SHAPE_HH, SHAPE_STRINGS, rows_to_pairs
@@ -126,6 +126,15 @@ def test_corrupt_parquet(tmp_path):
         load_rows(str(path))
     assert str(info.value).startswith(f"{path}: could not read it as parquet (")
     assert "\n" not in str(info.value)
+
+
+def test_hub_dataset_ids_are_what_load_rows_takes_from_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "someone").mkdir()
+    (tmp_path / "someone" / "prefs").write_text("")
+    assert is_hub_dataset_id("trl-lib/ultrafeedback_binarized") and is_hub_dataset_id("imdb")
+    for local in ("someone/prefs", "prefs.jsonl", "x/y.parquet", "./data", "/abs/data", "a/b/c"):
+        assert not is_hub_dataset_id(local), local
 
 
 def test_hub_failure_is_one_line(monkeypatch):

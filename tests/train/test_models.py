@@ -15,7 +15,7 @@ from orpo.errors import OrpoError
 from orpo.commands.evaluate import reference_records
 from orpo.ops.forward import pair_logps
 from orpo.ops.loss import log_odds_ratio
-from orpo.train.models import fetch_smollm2, load_model, load_tokenizer, smollm2_gguf
+from orpo.train.models import fetch_smollm2, is_hub_model_id, load_model, load_tokenizer, smollm2_gguf
 from orpo.ops.attention import use_span_attention
 from orpo.ops.packing import collate_padded, collate_prefix_shared
 from orpo.data.prepare import prepare_dataset
@@ -53,6 +53,14 @@ def test_missing_model_path_is_one_clear_error():
         load_model("./no/such/model")
     with pytest.raises(OrpoError, match=r"missing\.gguf: no such GGUF file$"):
         load_model("/tmp/missing.gguf")
+
+
+def test_hub_model_ids_are_what_the_loaders_take_from_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "uf").mkdir(parents=True)
+    assert is_hub_model_id("HuggingFaceTB/SmolLM2-135M-Instruct") and is_hub_model_id("gpt2")
+    for local in ("runs/uf", "./model", "/abs/model", "~/model", "a/b/c", "model.gguf", str(tmp_path)):
+        assert not is_hub_model_id(local), local
 
 
 def test_fetched_model_is_a_plain_checkpoint(smollm2):

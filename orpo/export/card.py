@@ -1,0 +1,221 @@
+"""The Hugging Face model card (README.md) of a training output directory.
+
+Its YAML front matter is what the hub reads (base_model, library_name, license, datasets, tags,
+pipeline_tag); its text is what a reader needs to trust and reuse the model: the base model, the data
+and the pairs dropped from it by reason, the ORPO settings, the final training and held-out metrics
+from the run's metrics.jsonl, the report's plots (by relative path) and how to load the model.
+
+`render_card` is pure (explicit arguments → text); `write_card` gathers the run's files and writes
+README.md; `card_settings` picks the settings a card shows from a config. `orpo train` writes the card
+at the end of a run (main process, after the final save); library users call `write_card` themselves.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from orpo.data.load import is_hub_dataset_id
+from orpo.data.prepare import PreparedData
+from orpo.export.merge import is_adapter_dir
+from orpo.train.models import is_hub_model_id
+from orpo.train.report import METRICS_FILE, PLOTS, REPORT_FILE, read_metrics
+
+CARD_FILE = "README.md"
+# the metrics a card shows, in this order (metrics.jsonl keys; eval records without their eval_ prefix)
+CARD_METRICS = ("loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/rejected", "margin", "accuracy")
+PAPER = "[ORPO](https://arxiv.org/abs/2403.07691) (Odds Ratio Preference Optimization, Hong, Lee & Thorne 2024)"
+
+
+def card_settings(args, steps: int, peft_config=None) -> dict[str, object]:
+    """The settings a card shows, by name, from `args` (an ORPOConfig): the ORPO fields, the optimizer
+    steps trained (`steps`), the batch and the precision; with `peft_config` (a peft LoraConfig) the LoRA
+    rank, alpha, dropout and modules."""
+    precision = "fp16 autocast" if args.fp16 else "bf16 autocast" if args.bf16 else "fp32"
+    settings = {name: getattr(args, name) for name in (
+        "beta", "nll_scope", "max_length", "max_prompt_length", "max_completion_length", "learning_rate")}
+    settings.update({
+        "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),  # an enum
+        "steps": steps,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "processes": args.world_size,
+        "pairs per optimizer step": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "precision": precision,
+        "seed": args.seed,
+    })
+    if peft_config is not None:
+        modules = peft_config.target_modules
+        modules = ", ".join(sorted(modules)) if isinstance(modules, (list, set, tuple)) else modules or "peft's default"
+        settings["LoRA"] = (f"r {peft_config.r}, alpha {peft_config.lora_alpha}, dropout {peft_config.lora_dropout}, "
+                            f"modules {modules}")
+    return settings
+
+
+def _number(value) -> str:
+    """A metric or setting as the card prints it: floats to 4 significant digits, None as "none"."""
+    return f"{value:.4g}" if isinstance(value, float) else "none" if value is None else str(value)
+
+
+def _source_name(source) -> str:
+    """How the card names a data source: a path or hub id as given, else what it is."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return "a datasets.Dataset" if type(source).__name__ == "Dataset" else "rows given in Python"
+
+
+def _front_matter(base_model: str, hub_ids: set[str], sources: list[str], license: str | None, adapter: bool,
+                  lora: bool) -> str:
+    meta = {}
+    if base_model in hub_ids:
+        meta["base_model"] = base_model
+    meta["library_name"] = "peft" if adapter else "transformers"
+    if license:
+        meta["license"] = license
+    datasets = [s for s in dict.fromkeys(sources) if s in hub_ids]
+    if datasets:
+        meta["datasets"] = datasets
+    meta["tags"] = ["orpo", "preference-optimization"] + (["lora"] if lora else [])
+    meta["pipeline_tag"] = "text-generation"
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _data_section(data: dict[str, tuple[object, PreparedData]]) -> list[str]:
+    lines = ["## Data", "", "| | source | rows | pairs kept | pairs dropped |", "| --- | --- | --- | --- | --- |"]
+    for role, (source, prepared) in data.items():
+        lines.append(f"| {role} | `{_source_name(source)}` | {prepared.rows} | {len(prepared.pairs)} | "
+                     f"{sum(prepared.drops.values())} |")
+    reasons = sorted({r for _, p in data.values() for r in p.drops},
+                     key=lambda r: (-sum(p.drops[r] for _, p in data.values()), r))
+    if reasons:
+        lines += ["", "Dropped pairs by reason (counted once each, before training):", "",
+                  "| reason | " + " | ".join(data) + " |", "| --- |" + " --- |" * len(data)]
+        lines += [f"| {reason} | " + " | ".join(str(p.drops.get(reason, 0)) for _, p in data.values()) + " |"
+                  for reason in reasons]
+    return lines + [""]
+
+
+def _metrics_section(train_records: list[dict], eval_records: list[dict], plots: list[str],
+                     report: str | None) -> list[str]:
+    if not train_records and not eval_records:
+        return []
+    lines = ["## Results", ""]
+    columns = []  # (header, record)
+    if train_records:
+        first, last = train_records[0], train_records[-1]
+        if len(train_records) > 1:
+            columns.append((f"training, first log (step {first['step']})", first))
+        columns.append((f"training, final log (step {last['step']})", last))
+    if eval_records:
+        final_eval = eval_records[-1]
+        pairs = f", {final_eval['pairs']} pairs" if "pairs" in final_eval else ""
+        columns.append((f"held-out (step {final_eval['step']}{pairs})", final_eval))
+    keys = [k for k in CARD_METRICS if any(k in record for _, record in columns)]
+    lines += ["| metric | " + " | ".join(header for header, _ in columns) + " |", "| --- |" + " --- |" * len(columns)]
+    lines += [f"| {k} | " + " | ".join(_number(record[k]) if k in record else "" for _, record in columns) + " |"
+              for k in keys]
+    lines += ["", "Training values are means over the steps since the previous log. ORPO works when the chosen "
+              "and rejected log-probs separate and log_odds rises; accuracy is the share of pairs whose chosen "
+              "answer has the higher log odds.", ""]
+    if plots:
+        lines += [f"![{PLOTS[name][0]}]({name})" for name in plots] + [""]
+    if report:
+        lines += [f"All plots and the metrics of the run: [{report}]({report}) and `{METRICS_FILE}`.", ""]
+    return lines
+
+
+def _usage_section(model_path: str, adapter: bool) -> list[str]:
+    if adapter:
+        load = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+                f'model = AutoPeftModelForCausalLM.from_pretrained("{model_path}")']
+        note = (f"This directory holds a LoRA adapter. `orpo export {model_path} --merged OUT_DIR` (or "
+                "`orpo.export.merge.merge_adapter`) writes the merged model, which loads without peft.")
+    else:
+        load = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f'model = AutoModelForCausalLM.from_pretrained("{model_path}")']
+        note = f"Or talk to it in a terminal: `orpo chat {model_path}`."
+    return ["## Usage", "", "```python", *load,
+            f'tokenizer = AutoTokenizer.from_pretrained("{model_path}")',
+            'messages = [{"role": "user", "content": "Give me three tips for writing a good prompt."}]',
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+            "return_dict=True)",
+            "output = model.generate(**inputs, max_new_tokens=256)",
+            'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+            "```", "", note, ""]
+
+
+def render_card(name: str, base_model: str, data: dict[str, tuple[object, PreparedData]], settings: dict[str, object],
+                train_records: list[dict], eval_records: list[dict], plots: list[str], report: str | None = None,
+                model_path: str = ".", hub_ids: set[str] = frozenset(), license: str | None = None,
+                adapter: bool = False) -> str:
+    """The model card's text (README.md).
+
+    name:          the card's title (e.g. the output directory's name).
+    base_model:    the model training started from, as given (hub id, directory or .gguf file).
+    data:          role ("training", "held-out") → (source as given, its PreparedData): rows, kept, drops.
+    settings:      setting name → value (`card_settings`).
+    train_records, eval_records: `read_metrics` of the run's metrics.jsonl; the first and last training
+                   records and the last evaluation are shown.
+    plots:         PNG file names of report.PLOTS beside the card; `report`: report.html's name, if written.
+    model_path:    how the usage snippet loads the model.
+    hub_ids:       which of base_model and the data sources are hub ids: only those go into the front matter
+                   (the hub takes repository ids there, not local paths).
+    license:       the base model's license, if known. `adapter`: the directory holds a peft adapter.
+    """
+    sources = [s for s, _ in data.values() if isinstance(s, str)]
+    lines = [f"# {name}", ""]
+    base = f"[{base_model}](https://huggingface.co/{base_model})" if base_model in hub_ids else f"`{base_model}`"
+    what = "a LoRA adapter for" if adapter else "a fine-tune of"
+    lines += [f"{what[0].upper()}{what[1:]} {base}, trained with {PAPER} by `orpo`: one stage, no reference "
+              "model; the loss is the NLL of the chosen answers plus beta times the odds-ratio term.", ""]
+    lines += ["## Base model", "", base + ("" if base_model in hub_ids else " (a path on the machine that trained it)"), ""]
+    lines += _data_section(data)
+    lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
+    lines += [f"| {k} | {_number(v)} |" for k, v in settings.items()] + [""]
+    lines += _metrics_section(train_records, eval_records, plots, report)
+    lines += _usage_section(model_path, adapter)
+    lines.insert(0, _front_matter(base_model, hub_ids, sources, license, adapter, "LoRA" in settings))
+    return "\n".join(lines)
+
+
+def base_license(base_model: str) -> str | None:
+    """The `license` of the base model's own card, where one is on this machine (a local directory's
+    README.md, or the hub cache's for a hub id; nothing is downloaded); None if unknown."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.repocard import metadata_load
+
+    if is_hub_model_id(base_model):
+        path = try_to_load_from_cache(base_model, CARD_FILE)
+        path = path if isinstance(path, str) else None
+    else:
+        local = Path(base_model).expanduser()
+        path = local / CARD_FILE if local.is_dir() else None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        license = (metadata_load(path) or {}).get("license")
+    except (yaml.YAMLError, ValueError):
+        return None
+    return license if isinstance(license, str) else None
+
+
+def write_card(output_dir: str, base_model: str, settings: dict[str, object], train: tuple[object, PreparedData],
+               eval: tuple[object, PreparedData] | None = None, license: str | None = None) -> str:
+    """Write OUTPUT_DIR/README.md for a run that trained `base_model` on `train` (source, PreparedData) with
+    `settings` (`card_settings`), held out `eval` if any; metrics and plots are read from the directory,
+    the license from the base model's card when not given. Returns the card's path."""
+    metrics = os.path.join(output_dir, METRICS_FILE)
+    train_records, eval_records = read_metrics(metrics) if os.path.isfile(metrics) else ([], [])
+    plots = [name for name in PLOTS if os.path.isfile(os.path.join(output_dir, name))]
+    report = REPORT_FILE if os.path.isfile(os.path.join(output_dir, REPORT_FILE)) else None
+    data = {"training": train, **({"held-out": eval} if eval is not None else {})}
+    hub_ids = {base_model} if is_hub_model_id(base_model) else set()
+    hub_ids |= {s for s, _ in data.values() if isinstance(s, str) and is_hub_dataset_id(s)}
+    text = render_card(os.path.basename(os.path.abspath(output_dir)), base_model, data, settings, train_records,
+                       eval_records, plots, report, model_path=output_dir, hub_ids=hub_ids,
+                       license=license or base_license(base_model), adapter=is_adapter_dir(output_dir))
+    path = os.path.join(output_dir, CARD_FILE)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
