@@ -1,0 +1,1 @@
+"""Shipping a trained model: GGUF files for llama.cpp and Ollama (`gguf.py`, `modelfile.py`)."""
