@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = ("errors", "data", "ops", "train", "commands")
+LAYERS = ("errors", "data", "ops", "train", "export", "commands")
 
 
 def layer_table() -> dict[str, tuple[str, set[str]]]:
