@@ -95,7 +95,10 @@ def export_gguf(model_dir: str | Path, gguf_path: str | Path, outtype: str = "f1
         raise OrpoError(f"--outtype {outtype}: choose one of {', '.join(OUTTYPES)}")
     model_dir = Path(model_dir).expanduser().resolve()
     files = weight_files(model_dir)
-    config = AutoConfig.from_pretrained(model_dir).get_text_config()
+    try:
+        config = AutoConfig.from_pretrained(model_dir).get_text_config()
+    except (OSError, ValueError) as err:
+        raise OrpoError(f"{model_dir}: cannot read its config.json: {(str(err).strip().splitlines() or [''])[0]}") from None
     architecture = gguf_architecture(config.model_type)
     tokenizer = load_tokenizer(str(model_dir))
     vocab = vocabulary(tokenizer, config.vocab_size)
@@ -283,6 +286,8 @@ def vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
     Anything else is refused in one line."""
     from gguf import TokenType
 
+    from orpo.data.render import adds_bos, adds_eos
+
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     model = backend["model"]
     if model.get("type") != "BPE":
@@ -315,8 +320,6 @@ def vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
         for r, merge in enumerate(merges):
             rank.setdefault(merge.replace(" ", ""), r)
         scores = [-float(rank[t]) if t in rank else 0.0 for t in tokens]
-
-    from orpo.data.render import adds_bos, adds_eos
 
     special = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id,
                "pad": tokenizer.pad_token_id}

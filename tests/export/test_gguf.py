@@ -211,6 +211,11 @@ def test_what_cannot_be_exported_is_one_line(tmp_path):
     word_level = save_tiny(tmp_path / "word", tokenizer=chatml_tokenizer())
     with pytest.raises(OrpoError, match=r"^cannot write a WordLevel tokenizer to GGUF"):
         export_gguf(word_level, tmp_path / "x.gguf")
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    (no_config / "model.safetensors").write_bytes((gpt2 / "model.safetensors").read_bytes())
+    with pytest.raises(OrpoError, match=r"no_config: cannot read its config.json"):
+        export_gguf(no_config, tmp_path / "x.gguf")
     scaled = save_tiny(tmp_path / "scaled", rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                              "rope_theta": 10000.0})
     with pytest.raises(OrpoError, match=r"rotary scaling 'linear'"):
@@ -287,3 +292,19 @@ def test_smollm2_tokenizer_and_template_survive(smollm2_source, smollm2_gguf):
     text = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "gpt2"  # its tokenizer.json: ByteLevel alone
+
+
+@pytest.mark.real_model
+def test_llama_cpp_answers_like_transformers(smollm2_source, tmp_path):
+    """Where llama-cpp-python is installed: llama.cpp loads the exported SmolLM2, applies the chat template
+    stored in the file and answers a fixed prompt greedily with transformers' words."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed; "
+                                    "pip install llama-cpp-python to run llama.cpp on the exported file")
+    directory, model, tokenizer = smollm2_source
+    path = export_gguf(directory, tmp_path / "smollm2-f32.gguf", "f32").path
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, seed=0, verbose=False)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = llm.create_chat_completion(messages, max_tokens=20, temperature=0.0)["choices"][0]["message"]["content"]
+    ids = chat_ids(tokenizer, messages)
+    expected = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:]
+    assert answer.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
