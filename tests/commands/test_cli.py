@@ -622,10 +622,44 @@ def test_every_shape_trains_from_cli_and_python_with_identical_pairs(fixture, by
     assert len(seen[0]) >= 2 and trainer.state.global_step == 1
 
 
-@pytest.mark.parametrize("command", [["train"], ["eval"], ["data", "inspect"], ["demo"], ["generate"], ["chat"]])
+@pytest.mark.parametrize("command", [["train"], ["eval"], ["data", "inspect"], ["demo"], ["generate"], ["chat"],
+                                     ["export"]])
 def test_every_help_prints(command, capsys):
     """argparse formats help strings with %: a bare % in a field's help breaks --help (it did, for eval)."""
     with pytest.raises(SystemExit) as exit_info:
         main(command + ["--help"])
     assert exit_info.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_export_writes_the_gguf_and_the_modelfile_beside_it(byte_model_dir, tmp_path, capsys):
+    gguf = tmp_path / "out" / "model.gguf"
+    assert main(["export", str(byte_model_dir), "--gguf", str(gguf), "--outtype", "q8_0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{gguf}: {gguf.stat().st_size / 1e3:.1f} kB, q8_0, llama, 21 tensors",
+                     f"{gguf.parent / 'Modelfile'}: ollama create NAME -f {gguf.parent / 'Modelfile'}"]
+    assert (gguf.parent / "Modelfile").read_text().splitlines()[1] == "FROM ./model.gguf"
+    reloaded = load_model(str(gguf))
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.no_grad():
+        difference = (reloaded(ids).logits - load_model(str(byte_model_dir))(ids).logits).abs().max().item()
+    assert difference < 2e-2  # q8_0's tolerance in tests/export/test_gguf.py
+
+
+def test_export_no_modelfile(byte_model_dir, tmp_path, capsys):
+    assert main(["export", str(byte_model_dir), "--gguf", str(tmp_path / "m.gguf"), "--no_modelfile"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_export_errors_are_one_line(model_dir, tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nope"), "--gguf", str(tmp_path / "m.gguf")]) == 2
+    assert error_line(capsys.readouterr().err) == f"orpo: error: {tmp_path / 'nope'}: no such model directory"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert main(["export", str(adapter), "--gguf", str(tmp_path / "m.gguf")]) == 2
+    assert error_line(capsys.readouterr().err).endswith("merge it into its base model first (use --merge)")
+    assert main(["export", str(model_dir), "--gguf", str(tmp_path / "m.gguf")]) == 2  # a WordLevel tokenizer
+    assert error_line(capsys.readouterr().err).startswith("orpo: error: cannot write a WordLevel tokenizer to GGUF")
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "Modelfile").exists()
