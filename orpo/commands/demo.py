@@ -94,10 +94,11 @@ def measure(model, tokenizer, held_out_pairs, held_out_rows, beta: float) -> tup
 
 
 def run_demo(output_dir: str = "orpo-demo", max_steps: int | None = None, seed: int = 0,
-             sft_baseline: bool = False) -> dict:
+             sft_baseline: bool = False, export_gguf: str | None = None, export_outtype: str = "f16") -> dict:
     """Train SmolLM2 with ORPO on the demo pairs and print held-out metrics before and after; with
     `sft_baseline`, also train a copy with the same data, steps and learning rate but beta 0 (the
-    NLL on the chosen answers alone) and print it as a column between them."""
+    NLL on the chosen answers alone) and print it as a column between them; with `export_gguf`, end by
+    writing the aligned model as that GGUF file (`export_outtype`), with an Ollama Modelfile beside it."""
     from orpo.train.models import fetch_smollm2, load_model, load_tokenizer
     from orpo.train.config import ORPOConfig, prepare_data
     from orpo.train.trainer import ORPOTrainer
@@ -158,6 +159,10 @@ def run_demo(output_dir: str = "orpo-demo", max_steps: int | None = None, seed: 
         for name, column in zip(columns, answers):
             print(f"   {name + ':':<14}{column[i]}")
     result = {name: summary for name, (summary, _) in columns.items()}
+    if export_gguf:
+        from orpo.commands.export import run_export
+
+        run_export(str(out / "model"), export_gguf, export_outtype)
     result["seconds"] = time.perf_counter() - start
     (out / "demo_result.json").write_text(json.dumps(result, indent=2))
     print(f"\ndemo finished in {result['seconds']:.0f} s; trained model in {out / 'model'}")

@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from orpo.errors import OrpoError
+from orpo.train.models import GGUF_OUTTYPES
 
 logger = logging.getLogger(__name__)
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = GGUF_OUTTYPES
 """What `--outtype` accepts: the storage of the model's matrices."""
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -114,6 +115,14 @@ def export_gguf(model_dir: str | Path, gguf_path: str | Path, outtype: str = "f1
                name=model_dir.name, outtype=outtype)
     partial.replace(gguf_path)
     return ExportedGGUF(gguf_path, gguf_path.stat().st_size, outtype, architecture, len(plan), bool(template))
+
+
+def check_exportable(config, tokenizer) -> None:
+    """Raise the OrpoError `export_gguf` would raise for a model with this (text) config and tokenizer,
+    before anything is trained: `orpo train --export_gguf` checks at start."""
+    architecture = gguf_architecture(config.model_type)
+    hyperparameters(config, architecture)
+    vocabulary(tokenizer, config.vocab_size)
 
 
 def weight_files(model_dir: Path) -> dict[str, Path]:
@@ -360,12 +369,12 @@ def _prepends_space(backend: dict) -> bool:
 
 def pre_tokenizer_name(pre_tokenizer: dict | None) -> str | None:
     """llama.cpp's name for how a byte-level BPE tokenizer splits text before merging, read from its
-    tokenizer.json structure: GPT-2's regex ("gpt2"), single digits then GPT-2's regex ("smollm"),
+    tokenizer.json structure: GPT-2's regex ("gpt-2", llama.cpp's spelling), single digits then GPT-2's regex ("smollm"),
     Llama 3's or Qwen2's Split regex ("llama-bpe", "qwen2"). None for any other."""
     steps = _steps(pre_tokenizer)
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):

@@ -20,7 +20,7 @@ from orpo.data.formats import BINARIZE, RowFormat
 from orpo.data.prepare import PreparedData, prepare_dataset
 from orpo.errors import OrpoError
 from orpo.ops.packing import PACKED_ATTENTION
-from orpo.train.models import DTYPES
+from orpo.train.models import DTYPES, GGUF_OUTTYPES
 from orpo.train.precision import default_bf16
 
 
@@ -38,6 +38,15 @@ class ModelArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Module names to adapt; default: peft's choice for the architecture."}
+    )
+    export_gguf: str | None = field(
+        default=None,
+        metadata={"help": "After training, also write the saved model as this GGUF file for llama.cpp, with an Ollama "
+                  "Modelfile beside it (what orpo export OUTPUT_DIR --gguf FILE does); checked before training."},
+    )
+    export_outtype: str = field(
+        default="f16", metadata={"help": "Storage of the GGUF file's matrices (norms stay f32).",
+                                 "choices": list(GGUF_OUTTYPES)},
     )
 
 

@@ -66,6 +66,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")  # the weights dtypes a model can be loaded in, by name
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # the storage of a GGUF file's matrices (orpo/export/gguf.py)
 
 
 def load_model(name_or_path: str, dtype=DTYPES[0], trust_remote_code: bool = False, **kwargs):

@@ -646,6 +646,27 @@ def test_export_writes_the_gguf_and_the_modelfile_beside_it(byte_model_dir, tmp_
     assert difference < 2e-2  # q8_0's tolerance in tests/export/test_gguf.py
 
 
+def test_train_export_gguf_writes_the_trained_model_as_gguf(byte_model_dir, data_dir, tmp_path, capsys):
+    out, gguf = tmp_path / "run", tmp_path / "run" / "model.gguf"
+    assert main(["train", "--model", str(byte_model_dir), "--dataset", str(data_dir / "prefs.jsonl"), "--output_dir",
+                 str(out), "--export_gguf", str(gguf), "--export_outtype", "f32", *_flags(ONE_STEP)]) == 0
+    assert f"{gguf}: " in capsys.readouterr().out and (out / "Modelfile").is_file()
+    with torch.no_grad():  # the trained model, not the one it started from
+        difference = (load_model(str(gguf))(IDS_EXPORT).logits - load_model(str(out))(IDS_EXPORT).logits).abs().max()
+    assert difference <= 1e-4
+
+
+def test_train_export_gguf_refuses_before_training(model_dir, data_dir, tmp_path, capsys):
+    """The word-level test tokenizer has no GGUF form: the run stops before training, not after."""
+    assert main(["train", "--model", str(model_dir), "--dataset", str(data_dir / "prefs.jsonl"), "--output_dir",
+                 str(tmp_path / "run"), "--export_gguf", str(tmp_path / "m.gguf"), *_flags(ONE_STEP)]) == 2
+    assert error_line(capsys.readouterr().err).startswith("orpo: error: cannot write a WordLevel tokenizer to GGUF")
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+IDS_EXPORT = torch.tensor([[3, 14, 15, 92, 65]])
+
+
 def test_export_no_modelfile(byte_model_dir, tmp_path, capsys):
     assert main(["export", str(byte_model_dir), "--gguf", str(tmp_path / "m.gguf"), "--no_modelfile"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1

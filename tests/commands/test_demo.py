@@ -27,7 +27,7 @@ def test_answers_as_json_is_strict_about_the_shape():
 
 def test_sft_baseline_adds_a_column_trained_with_beta_zero(tmp_path, monkeypatch, capsys):
     """The demo's flow on a tiny model (one step per run): before, SFT (beta 0) and ORPO columns, from
-    runs that differ only in beta."""
+    runs that differ only in beta; --export_gguf ends it with the aligned model as a GGUF file."""
     import orpo.train.models
     from orpo.commands import demo
     from orpo.train.trainer import ORPOTrainer
@@ -40,7 +40,9 @@ def test_sft_baseline_adds_a_column_trained_with_beta_zero(tmp_path, monkeypatch
     betas = []
     original_train = ORPOTrainer.train
     monkeypatch.setattr(ORPOTrainer, "train", lambda self, *a, **k: betas.append(self.args.beta) or original_train(self))
-    result = demo.run_demo(output_dir=str(tmp_path / "demo"), max_steps=1, sft_baseline=True)
+    gguf = tmp_path / "gguf" / "demo.gguf"
+    result = demo.run_demo(output_dir=str(tmp_path / "demo"), max_steps=1, sft_baseline=True, export_gguf=str(gguf),
+                           export_outtype="q8_0")
     assert betas == [0.0, demo.BETA]
     assert list(result)[:3] == ["before", "SFT (beta 0)", "ORPO"]
     printed = capsys.readouterr().out
@@ -49,3 +51,4 @@ def test_sft_baseline_adds_a_column_trained_with_beta_zero(tmp_path, monkeypatch
     for column in ("before", "SFT (beta 0)", "ORPO"):
         assert 0.0 <= result[column]["accuracy"] <= 1.0
     assert (tmp_path / "demo" / "sft").is_dir() and (tmp_path / "demo" / "model").is_dir()
+    assert f"{gguf}: " in printed and ", q8_0, llama, " in printed and (gguf.parent / "Modelfile").is_file()

@@ -13,7 +13,8 @@ CPU) with a margin:
 
 (SmolLM2: the 30-token chat prompt of MESSAGES; the argmax agrees at every position in every outtype, and
 the greedy 20-token answer to "What is the capital of France?" is the source's in f32, f16 and bf16; q8_0's
-differs in one token.)
+differs in one token.) Where llama-cpp-python is installed (0.3.36, built here), two more tests run the file
+in llama.cpp itself and compare q8_0 with llama.cpp's own quantizer.
 """
 import json
 
@@ -114,7 +115,7 @@ def test_tokenizer_metadata_and_chat_template_survive(tmp_path):
     assert loaded.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == text
     assert loaded(text)["input_ids"] == source(text)["input_ids"]
     fields = GGUFReader(exported.path).fields
-    assert fields["tokenizer.ggml.model"].contents() == "gpt2" and fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2" and fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert fields["tokenizer.ggml.eos_token_id"].contents() == source.convert_tokens_to_ids("<|im_end|>")
     assert fields["tokenizer.ggml.padding_token_id"].contents() == source.pad_token_id
     assert fields["tokenizer.ggml.add_bos_token"].contents() is False
@@ -186,7 +187,7 @@ def test_pre_tokenizer_names_from_tokenizer_json_structure():
     no_regex = {**byte_level, "use_regex": False}
     split = lambda regex: {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
     sequence = lambda *steps: {"type": "Sequence", "pretokenizers": list(steps)}
-    assert pre_tokenizer_name(byte_level) == "gpt2"
+    assert pre_tokenizer_name(byte_level) == "gpt-2"  # llama.cpp refuses "gpt2" ("unknown pre-tokenizer type")
     assert pre_tokenizer_name(sequence({"type": "Digits", "individual_digits": True}, byte_level)) == "smollm"
     assert pre_tokenizer_name(sequence(split(LLAMA3_SPLIT), no_regex)) == "llama-bpe"
     assert pre_tokenizer_name(sequence(split(QWEN2_SPLIT), no_regex)) == "qwen2"
@@ -291,20 +292,45 @@ def test_smollm2_tokenizer_and_template_survive(smollm2_source, smollm2_gguf):
     assert loaded.chat_template == tokenizer.chat_template
     text = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
-    assert GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "gpt2"  # its tokenizer.json: ByteLevel alone
+    assert GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # its tokenizer.json: ByteLevel alone
 
 
 @pytest.mark.real_model
 def test_llama_cpp_answers_like_transformers(smollm2_source, tmp_path):
-    """Where llama-cpp-python is installed: llama.cpp loads the exported SmolLM2, applies the chat template
-    stored in the file and answers a fixed prompt greedily with transformers' words."""
+    """Where llama-cpp-python is installed: llama.cpp loads the exported SmolLM2, tokenizes a chat prompt to
+    transformers' ids, applies the chat template stored in the file and answers a fixed prompt greedily with
+    transformers' words. (It found that llama.cpp spells GPT-2's pre-tokenizer "gpt-2": "gpt2" does not load.)"""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed; "
                                     "pip install llama-cpp-python to run llama.cpp on the exported file")
     directory, model, tokenizer = smollm2_source
     path = export_gguf(directory, tmp_path / "smollm2-f32.gguf", "f32").path
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, seed=0, verbose=False)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text)["input_ids"]
     answer = llm.create_chat_completion(messages, max_tokens=20, temperature=0.0)["choices"][0]["message"]["content"]
     ids = chat_ids(tokenizer, messages)
     expected = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:]
     assert answer.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+
+@pytest.mark.real_model
+def test_q8_0_tensors_are_llama_cpps_own_quantization(smollm2_source, tmp_path):
+    """Where llama-cpp-python is installed: llama.cpp's own quantizer (llama_model_quantize) turns the f32
+    export into q8_0 with exactly the bytes of orpo's q8_0 export, tensor for tensor."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    directory = smollm2_source[0]
+    f32 = export_gguf(directory, tmp_path / "f32.gguf", "f32").path
+    ours = export_gguf(directory, tmp_path / "q8_0.gguf", "q8_0").path
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp_path / "theirs.gguf").encode(),
+                                          ctypes.byref(params)) == 0
+    theirs = {t.name: t for t in GGUFReader(tmp_path / "theirs.gguf").tensors}
+    mine = {t.name: t for t in GGUFReader(ours).tensors}
+    assert set(mine) == set(theirs)
+    for name, tensor in mine.items():
+        assert tensor.tensor_type == theirs[name].tensor_type, name
+        assert np.array_equal(np.asarray(tensor.data), np.asarray(theirs[name].data)), name
