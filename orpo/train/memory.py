@@ -24,8 +24,10 @@ or fp16 autocast, else the weights'; h = hidden size, i = MLP width, kv = key/va
     per pair:   a · (p + r) · (2kv + r)    span attention's rejected part: its keys/values with the
                                            prompt's, and its r × (p + r) mask (p, r: prompt, rejected)
 
-Measured on this project's CPU (saved-tensor bytes of one forward, tests/train/test_memory.py):
-within 15% for Llama, Mistral, Qwen2/3 and Gemma 3 blocks, fp32 and bf16 autocast.
+Measured against the saved-tensor bytes of one forward (tests/train/test_memory.py): 0.998-1.002 on
+SmolLM2-135M, within 15% on Llama, Mistral, Qwen2/3 and Gemma 3 blocks, fp32 and bf16 autocast. Against
+a whole step's measured peak on an H100 (benchmarks/gpu_smoke.py) the estimate is 1.2-1.5x: allocator
+and optimizer transients are covered with room to spare.
 """
 from __future__ import annotations
 
