@@ -96,22 +96,22 @@ def _special_strings(tokenizer) -> set[str]:
 
 def adds_bos(tokenizer) -> bool:
     """Whether tokenizing with add_special_tokens=True puts bos_token_id in front."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
-    without = tokenizer("x", add_special_tokens=False)["input_ids"]
-    return with_special[:1] == [bos] and without[:1] != [bos]
+    return _adds_special(tokenizer, tokenizer.bos_token_id, slice(None, 1))
 
 
 def adds_eos(tokenizer) -> bool:
     """Whether tokenizing with add_special_tokens=True puts eos_token_id at the end."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
+    return _adds_special(tokenizer, tokenizer.eos_token_id, slice(-1, None))
+
+
+def _adds_special(tokenizer, token_id: int | None, where: slice) -> bool:
+    """Whether `token_id` is at `where` (the first or last position) of a text tokenized with
+    add_special_tokens=True and not without."""
+    if token_id is None:
         return False
     with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
     without = tokenizer("x", add_special_tokens=False)["input_ids"]
-    return with_special[-1:] == [eos] and without[-1:] != [eos]
+    return with_special[where] == [token_id] and without[where] != [token_id]
 
 
 TEMPLATE_ERRORS = (TemplateError, ValueError, TypeError)

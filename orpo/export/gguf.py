@@ -29,12 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from orpo.errors import OrpoError
+from orpo.export.merge import is_adapter_dir
 from orpo.train.models import GGUF_OUTTYPES
 
 logger = logging.getLogger(__name__)
 
-OUTTYPES = GGUF_OUTTYPES
-"""What `--outtype` accepts: the storage of the model's matrices."""
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 """transformers' model_type → llama.cpp's architecture. llama.cpp runs Mistral models as Llama."""
@@ -87,13 +86,13 @@ class ExportedGGUF:
 def export_gguf(model_dir: str | Path, gguf_path: str | Path, outtype: str = "f16") -> ExportedGGUF:
     """Write the model in `model_dir` (a Hugging Face directory with safetensors weights, config and
     tokenizer, e.g. the output_dir of `orpo train`) as a GGUF file at `gguf_path`, its matrices in
-    `outtype` (one of OUTTYPES). Raises OrpoError for a directory this cannot export."""
+    `outtype` (one of GGUF_OUTTYPES, train/models.py). Raises OrpoError for a directory this cannot export."""
     from transformers import AutoConfig
 
     from orpo.train.models import load_tokenizer
 
-    if outtype not in OUTTYPES:
-        raise OrpoError(f"--outtype {outtype}: choose one of {', '.join(OUTTYPES)}")
+    if outtype not in GGUF_OUTTYPES:
+        raise OrpoError(f"--outtype {outtype}: choose one of {', '.join(GGUF_OUTTYPES)}")
     model_dir = Path(model_dir).expanduser().resolve()
     files = weight_files(model_dir)
     try:
@@ -142,7 +141,7 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
 
         with safe_open(single, "np") as f:
             return {name: single for name in f.keys()}
-    if (model_dir / "adapter_config.json").is_file():
+    if is_adapter_dir(str(model_dir)):
         raise OrpoError(f"{model_dir}: holds a LoRA adapter (adapter_config.json) without the full model's weights; "
                         "merge it into its base model first (use --merge)")
     raise OrpoError(f"{model_dir}: no model.safetensors (or model.safetensors.index.json) to export")

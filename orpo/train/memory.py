@@ -106,15 +106,11 @@ def choose_checkpointing(shape: DecoderShape, tokens: int, pair_lengths: list[tu
                          budget: int) -> tuple[int | None, int]:
     """(every_n_layers, estimated bytes) of the fewest checkpointed layers whose step fits `budget`:
     None = no checkpointing, n = transformers' every n-th layer (1 = every layer, also when nothing fits)."""
-    def need(checkpointed: int) -> int:
-        return step_bytes(shape, tokens, pair_lengths, activation_bytes, checkpointed, chunk_size, weights_on_device)
-
-    if need(0) <= budget:
-        return None, need(0)
-    for every in range(shape.layers, 0, -1):
-        if need(math.ceil(shape.layers / every)) <= budget or every == 1:
-            return every, need(math.ceil(shape.layers / every))
-    raise AssertionError("unreachable: every == 1 returns")
+    options = [(None, 0)] + [(every, math.ceil(shape.layers / every)) for every in range(shape.layers, 0, -1)]
+    for every, checkpointed in options:  # fewest checkpointed layers first; the last, every == 1, always returns
+        need = step_bytes(shape, tokens, pair_lengths, activation_bytes, checkpointed, chunk_size, weights_on_device)
+        if need <= budget or every == 1:
+            return every, need
 
 
 def largest_micro_batch(lengths: list[tuple[int, int, int]], batch_size: int, packing: bool,

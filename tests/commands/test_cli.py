@@ -646,6 +646,9 @@ def test_export_writes_the_gguf_and_the_modelfile_beside_it(byte_model_dir, tmp_
     assert difference < 2e-2  # q8_0's tolerance in tests/export/test_gguf.py
 
 
+IDS_EXPORT = torch.tensor([[3, 14, 15, 92, 65]])
+
+
 def test_train_export_gguf_writes_the_trained_model_as_gguf(byte_model_dir, data_dir, tmp_path, capsys):
     out, gguf = tmp_path / "run", tmp_path / "run" / "model.gguf"
     assert main(["train", "--model", str(byte_model_dir), "--dataset", str(data_dir / "prefs.jsonl"), "--output_dir",
@@ -662,9 +665,6 @@ def test_train_export_gguf_refuses_before_training(model_dir, data_dir, tmp_path
                  str(tmp_path / "run"), "--export_gguf", str(tmp_path / "m.gguf"), *_flags(ONE_STEP)]) == 2
     assert error_line(capsys.readouterr().err).startswith("orpo: error: cannot write a WordLevel tokenizer to GGUF")
     assert not (tmp_path / "run" / "model.safetensors").exists()
-
-
-IDS_EXPORT = torch.tensor([[3, 14, 15, 92, 65]])
 
 
 def test_export_no_modelfile(byte_model_dir, tmp_path, capsys):
