@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 from orpo.data.render import TokenizedPair  # noqa: E402
 from orpo.ops import attention  # noqa: E402
-from orpo.ops.forward import batch_to, pair_logps, prepare_model  # noqa: E402
+from orpo.ops.forward import batch_to, pair_logps  # noqa: E402
+from orpo.ops.route import choose_route  # noqa: E402
 from orpo.ops.packing import collate_prefix_shared  # noqa: E402
 from orpo.ops.scoring import score_pairs  # noqa: E402
 from orpo.train.memory import decoder_shape, largest_micro_batch, step_bytes  # noqa: E402
@@ -99,10 +100,8 @@ def check_exactness(config, state, pairs, device, results):
         scores = {}
         for layout in ("padded", "spans", "mask"):
             model = fresh_model(config, state, device)
-            packing = layout != "padded"
-            prepare_model(model, packing, layout if packing else "spans")
-            scores[layout] = score_pairs(model, pairs, PAD, packing=packing, attention=layout if packing else "spans",
-                                         batch_tokens=8192, bf16=bf16)
+            route = choose_route(model, packing=layout != "padded", attention=None if layout == "padded" else layout)
+            scores[layout] = score_pairs(model, pairs, PAD, route=route, batch_tokens=8192, bf16=bf16)
         for layout in ("spans", "mask"):
             figures = {key: max_diff(scores[layout], scores["padded"], key)
                        for key in ("chosen_logp_mean", "rejected_logp_mean", "log_odds")}
@@ -118,7 +117,7 @@ def check_fused_attention(config, state, pairs, device, results):
     from torch.nn.attention import SDPBackend
 
     model = fresh_model(config, state, device)
-    prepare_model(model, True, "spans")
+    choose_route(model, attention="spans")
     batch = batch_to(collate_prefix_shared(pairs[:8], PAD, attention="spans"), device)
     chosen = attention.FUSED_FIRST
     try:
@@ -144,11 +143,12 @@ def check_fused_attention(config, state, pairs, device, results):
 
 
 def scoring_rate(model, pairs, device, bf16):
-    score_pairs(model, pairs[:4], PAD, bf16=bf16)  # warm-up
+    route = choose_route(model)
+    score_pairs(model, pairs[:4], PAD, route=route, bf16=bf16)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    score_pairs(model, pairs, PAD, bf16=bf16)
+    score_pairs(model, pairs, PAD, route=route, bf16=bf16)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(pairs) / (time.perf_counter() - start)
@@ -163,9 +163,8 @@ def check_sliding_window(pairs, device, results):
     model = transformers.MistralForCausalLM(config).to(device)
     small = [TokenizedPair([t % 2048 for t in p.prompt_ids], [t % 2048 for t in p.chosen_ids],
                            [t % 2048 for t in p.rejected_ids], p.index) for p in pairs]
-    reference = score_pairs(model, small, PAD, packing=False)
-    prepare_model(model, True, "spans")
-    packed = score_pairs(model, small, PAD, packing=True, attention="spans")
+    reference = score_pairs(model, small, PAD, route=choose_route(model, packing=False))
+    packed = score_pairs(model, small, PAD, route=choose_route(model, attention="spans"))
     results["exactness_sliding_window_fp32_spans_vs_padded"] = max_diff(packed, reference, "log_odds")
     print(f"sliding window 64, fp32, spans vs padded: max|Δlog_odds| {max_diff(packed, reference, 'log_odds'):.2e}",
           flush=True)
@@ -216,8 +215,8 @@ def estimated_step_bytes(trainer, pairs) -> int:
     shape = decoder_shape(lm, lm.config)
     args = trainer.args
     tokens, pair_lengths = largest_micro_batch([(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids))
-                                                for p in pairs], args.per_device_train_batch_size, args.packing,
-                                               args.packed_attention)
+                                                for p in pairs], args.per_device_train_batch_size, trainer.route.packing,
+                                               trainer.route.attention)
     every = (args.activation_checkpointing_kwargs or {}).get("every_n_layers", 1)
     checkpointed = -(-shape.layers // every) if args.activation_checkpointing else 0
     return step_bytes(shape, tokens, pair_lengths, 2 if args.bf16 or args.fp16 else 4, checkpointed,
@@ -317,9 +316,9 @@ def check_fsdp2(results, out):
 
 def check_probe_and_eval(config, state, pairs, device, results):
     model = fresh_model(config, state, device)
-    prepare_model(model, True, "spans")  # the prefix-sharing probe, with the model already on the GPU
-    results["probe_on_device"] = True
-    print("prefix-sharing probe on a model already on the device: passed", flush=True)
+    route = choose_route(model)  # the route probe, with the model already on the GPU
+    results["probe_on_device"] = route.describe()
+    print(f"route probe on a model already on the device: {route.describe()}", flush=True)
     for bf16 in (False, True):
         rate = scoring_rate(model, pairs, device, bf16)
         results[f"eval_pairs_per_second_{'bf16' if bf16 else 'fp32'}"] = rate

@@ -9,13 +9,17 @@ Both give the records of orpo.ops.scoring (same fields, same summary).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from orpo.data.render import TokenizedPair
 from orpo.errors import OrpoError
-from orpo.ops.forward import prepare_model
 from orpo.ops.loss import log_odds_ratio
+from orpo.ops.route import choose_route
 from orpo.ops.scoring import score_pairs
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -78,19 +82,20 @@ def evaluate_model(
     nll_scope: str = "full",
     reference: bool = False,
     batch_size: int = 4,
-    packing: bool = True,
-    attention: str = "spans",
+    packing: bool | None = None,
+    attention: str | None = None,
     chunk_size: int = 1024,
     batch_tokens: int = 16384,
     bf16: bool = False,
 ) -> list[dict]:
     """Records of `pairs` under `model`: the reference path (`batch_size` pairs per call, in the
-    model's dtype) or the fast path (`packing`, `attention`, `chunk_size`, `bf16` as in training;
-    `batch_tokens` tokens per call)."""
+    model's dtype) or the fast path (`chunk_size`, `bf16` as in training; `batch_tokens` tokens per
+    call) on the route `choose_route` picks (`packing`, `attention`: the config fields; None = orpo chooses)."""
     if reference:
         if bf16:
             raise OrpoError("--reference runs the model in its own dtype; --bf16 is for the fast path "
                             "(for a bf16 reference, --dtype bfloat16)")
         return reference_records(model, pairs, pad_token_id, nll_scope, batch_size)
-    prepare_model(model, packing, attention)
-    return score_pairs(model, pairs, pad_token_id, nll_scope, packing, attention, chunk_size, batch_tokens, bf16)
+    route = choose_route(model, packing, attention)
+    logger.info("route: %s", route.describe())
+    return score_pairs(model, pairs, pad_token_id, nll_scope, route, chunk_size, batch_tokens, bf16)

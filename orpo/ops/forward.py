@@ -14,10 +14,9 @@ from typing import Callable
 import torch
 
 from orpo.errors import OrpoError
-from orpo.ops.attention import sliding_window, use_span_attention
+from orpo.ops.attention import ATTENTION
 from orpo.ops.head import chunked_head
 from orpo.ops.packing import CHOSEN, PROMPT, REJECTED, collate_padded, collate_prefix_shared, segment_sums
-from orpo.data.render import TokenizedPair
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -44,22 +43,6 @@ def check_supported(model: torch.nn.Module) -> None:
         raise OrpoError(f"{type(lm).__name__}: orpo needs a bias-free linear output head (lm_head)")
 
 
-def prepare_model(model: torch.nn.Module, packing: bool, attention: str) -> None:
-    """Set `model` up for the batch layout, or fail clearly: a supported output head, the span
-    attention if `attention` is "spans", and the prefix-sharing check (training and scoring alike)."""
-    check_supported(model)
-    if packing:
-        lm = causal_lm(model)
-        if attention == "spans":
-            use_span_attention(lm)
-        elif (window := sliding_window(lm.config)) is not None:
-            raise OrpoError(
-                f"{type(lm).__name__} has sliding attention windows ({window} tokens), which one dense mask for all "
-                "layers (--packed_attention mask) does not apply; use --packed_attention spans (it does), or --packing false"
-            )
-        check_prefix_sharing(model, attention)
-
-
 def input_device(model: torch.nn.Module) -> torch.device:
     """The device a batch goes to: the input embedding's (the first layer's, also under device_map)."""
     return causal_lm(model).get_input_embeddings().weight.device
@@ -69,13 +52,13 @@ def batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, 
     return {name: value.to(device) for name, value in batch.items()}
 
 
-def batch_collator(model: torch.nn.Module, pad_token_id: int, packing: bool, attention: str) -> Callable:
-    """TokenizedPairs → one batch of the layout (packing.py), for `model`."""
-    if not packing:
+def batch_collator(model: torch.nn.Module, pad_token_id: int, layout: str) -> Callable:
+    """TokenizedPairs → one batch of `layout` ("spans", "mask" or "padded"; packing.py), for `model`."""
+    if layout == "padded":
         return partial(collate_padded, pad_token_id=pad_token_id)
     # attention costs as much as the linear layers at a row width of about 3 × hidden size
-    width = 3 * causal_lm(model).config.hidden_size
-    return partial(collate_prefix_shared, pad_token_id=pad_token_id, attention=attention, attention_width=width)
+    width = 3 * causal_lm(model).config.get_text_config().hidden_size
+    return partial(collate_prefix_shared, pad_token_id=pad_token_id, attention=layout, attention_width=width)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
@@ -87,6 +70,16 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
         inputs["pair_spans"] = batch["pair_spans"].tolist()
         inputs["attention_mask"] = no_mask_placeholder(batch["input_ids"])
     return inputs
+
+
+def attention_mask_for(attn_implementation: str, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A batch's attention mask as the model's attention implementation takes it: SDPA (and span
+    attention) a boolean mask as is; a 4D boolean mask becomes additive (0 where True, the dtype's
+    minimum where False) for every other implementation, since eager attention adds the mask to its
+    scores (a boolean mask would add 1 and 0 and hide nothing)."""
+    if mask.dim() != 4 or mask.dtype != torch.bool or attn_implementation in ("sdpa", ATTENTION):
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def no_mask_placeholder(input_ids: torch.Tensor) -> torch.Tensor:
@@ -126,15 +119,26 @@ class PairLogps:
         return -total
 
 
-def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> PairLogps:
-    """Completion and prompt log-prob sums per pair for a batch from `packing`, from one call of
-    `model` in which its output head computes the target tokens' log-probs (head.py)."""
-    head = causal_lm(model).get_output_embeddings()
-    with chunked_head(head, batch["target_source"], batch["target_ids"], chunk_size):
-        token_logps = model(**model_inputs(batch)).logits
+def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int, head: str = "chunked") -> PairLogps:
+    """Completion and prompt log-prob sums per pair for a batch from `packing`, from one call of `model`.
+
+    head="chunked": during the call the output head computes the target tokens' log-probs only
+    (head.py). head="logits": the model returns its own [rows, T, vocab] logits, whatever its head
+    does to them, and the targets' log-probs are gathered from an fp32 log-softmax (more memory)."""
+    lm = causal_lm(model)
+    inputs = model_inputs(batch)
+    if "attention_mask" in batch:  # the dense layouts: the mask as the model's attention takes it
+        inputs["attention_mask"] = attention_mask_for(lm.config._attn_implementation, batch["attention_mask"], lm.dtype)
+    if head == "logits":
+        logits = model(**inputs).logits
+        hidden = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["target_source"])
+        token_logps = hidden.float().log_softmax(-1).gather(1, batch["target_ids"][:, None]).squeeze(1)
+    else:
+        with chunked_head(lm.get_output_embeddings(), batch["target_source"], batch["target_ids"], chunk_size):
+            token_logps = model(**inputs).logits
     if token_logps.shape != batch["target_ids"].shape:
         raise OrpoError(
-            f"{type(causal_lm(model)).__name__} changes its output head's result before returning it "
+            f"{type(lm).__name__} changes its output head's result before returning it "
             f"(got {tuple(token_logps.shape)}, expected {tuple(batch['target_ids'].shape)}); orpo cannot train it"
         )
     sums, counts = segment_sums(token_logps, batch["target_pair"], batch["target_kind"], int(batch["num_pairs"]))
@@ -146,44 +150,3 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
         rejected_tokens=counts[REJECTED],
         prompt_targets=counts[PROMPT],
     )
-
-
-def check_prefix_sharing(model: torch.nn.Module, attention: str = "spans") -> None:
-    """Fail clearly if `model` does not honour the prefix-shared layout (its position ids, and the
-    4D mask or the span attention, per `attention`).
-
-    Two small pairs are scored in one prefix-shared row and in the padded layout; a model family
-    that ignores the mask, the spans (then it gets an all-False placeholder mask) or the position
-    ids disagrees. Confirmed on Llama, Qwen2, Qwen3, Mistral and Gemma (transformers 5,
-    SDPA attention; tests/test_forward.py).
-    """
-    lm = causal_lm(model)
-    vocab = lm.config.vocab_size
-    pairs = [
-        TokenizedPair([1 % vocab, 7 % vocab, 11 % vocab], [13 % vocab, 17 % vocab], [19 % vocab, 23 % vocab, 29 % vocab]),
-        TokenizedPair([31 % vocab, 37 % vocab], [41 % vocab, 43 % vocab, 47 % vocab], [53 % vocab]),
-    ]
-    was_training = model.training
-    model.eval()
-    device = input_device(model)
-    try:
-        with torch.no_grad():
-            packed = pair_logps(model, batch_to(collate_prefix_shared(pairs, 0, attention=attention), device), 64)
-            padded = pair_logps(model, batch_to(collate_padded(pairs, pad_token_id=0), device), 64)
-    except OrpoError:
-        raise
-    except Exception as err:  # a model that rejects a 4D mask, the spans or position ids
-        raise OrpoError(
-            f"{type(lm).__name__} cannot run the prefix-shared layout ({type(err).__name__}: {str(err)[:120]}); "
-            "use --packing false"
-        ) from None
-    finally:
-        model.train(was_training)
-    tolerance = 1e-3 if lm.dtype == torch.float32 else 5e-2
-    for name in ("chosen_sum", "rejected_sum"):
-        a, b = getattr(packed, name), getattr(padded, name)
-        if not torch.isfinite(a).all() or ((a - b).abs() > tolerance * b.abs().clamp(min=1.0)).any():
-            raise OrpoError(
-                f"{type(lm).__name__} ignores the attention layout or position ids of the prefix-shared layout "
-                f"({name}: {a.tolist()} packed vs {b.tolist()} unpacked); use --packing false"
-            )

@@ -20,6 +20,7 @@ import torch
 from orpo.data.render import TokenizedPair
 from orpo.ops.forward import PairLogps, batch_collator, batch_to, input_device, pair_logps
 from orpo.ops.loss import log_odds_ratio
+from orpo.ops.route import Route, choose_route
 
 
 def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -73,16 +74,15 @@ def score_pairs(
     pairs: list[TokenizedPair],
     pad_token_id: int,
     nll_scope: str = "full",
-    packing: bool = True,
-    attention: str = "spans",
+    route: Route | None = None,
     chunk_size: int = 1024,
     batch_tokens: int = 16384,
     bf16: bool = False,
 ) -> list[dict]:
     """Records of `pairs` (in their order) from the training path without gradients.
 
-    packing / attention: the layout, as in training (`ORPOConfig.packing`, `packed_attention`;
-    the model must be set up for it: forward.prepare_model). batch_tokens bounds the tokens
+    route: the layout and head, as in training (route.py; None: `choose_route(model)`, which also sets
+    the model up for it). batch_tokens bounds the tokens
     of one model call (a pair's shared length counts; padding of the "mask" and padded layouts
     comes on top). bf16: matmuls in bf16 under torch.autocast (weights stay as they are; the
     log-softmax and the odds ratio stay fp32), as training with `bf16=True` computes them. The model
@@ -92,13 +92,14 @@ def score_pairs(
     was_training = model.training
     model.eval()
     records: list[dict | None] = [None] * len(pairs)
-    collate = batch_collator(model, pad_token_id, packing, attention)
+    route = route if route is not None else choose_route(model)
+    collate = batch_collator(model, pad_token_id, route.layout)
     try:
         for batch in token_batches([pair.shared_length for pair in pairs], batch_tokens):
             chunk = [pairs[i] for i in batch]
             inputs = batch_to(collate(chunk), device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logps = pair_logps(model, inputs, chunk_size)
+                logps = pair_logps(model, inputs, chunk_size, head=route.head)
             for i, record in zip(batch, pair_records(logps, inputs["pair_index"], nll_scope)):
                 records[i] = record
     finally:

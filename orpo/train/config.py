@@ -151,19 +151,23 @@ class ORPOConfig(TrainingArguments):
     padding_value: int | None = field(
         default=None, metadata={"help": "Pad token id for batches; None uses the tokenizer's pad token."}
     )
-    packing: bool = field(
-        default=True,
+    packing: bool | None = field(
+        default=None,
         metadata={
-            "help": "Prefix-shared packing: each pair as one [prompt | chosen | rejected] sequence, several pairs "
-            "per row (the fast path). False: prompt+chosen and prompt+rejected as separate padded rows (debugging)."
+            "help": "Prefix-shared packing: each pair as one [prompt | chosen | rejected] sequence, the prompt computed "
+            "once. Unset: orpo chooses the route for the model and says why in the log (packing wherever it "
+            "reproduces separate forwards; separate padded rows for models whose layers carry state along the "
+            "sequence, such as Mamba or linear attention). true / false force it; a forced route that is wrong for "
+            "the model is refused."
         },
     )
-    packed_attention: str = field(
-        default="spans",
+    packed_attention: str | None = field(
+        default=None,
         metadata={
             "help": "Attention of the packed layout: 'spans' = per-pair SDPA calls, all pairs of a micro-batch in "
-            "one row, no dense mask (fast; needs attn_implementation 'sdpa', the default); 'mask' = one SDPA "
-            "call per layer with a dense [rows, 1, T, T] mask (any attention that honours 4D masks).",
+            "one row, no dense mask (fast; needs attn_implementation 'sdpa'); 'mask' = one call per layer with a "
+            "dense [rows, 1, T, T] mask (any attention that honours 4D masks). Unset: orpo chooses (spans where "
+            "they reproduce separate forwards).",
             "choices": list(PACKED_ATTENTION),
         },
     )
@@ -275,8 +279,9 @@ class ORPOConfig(TrainingArguments):
     def __post_init__(self):
         for name, choices in (("nll_scope", NLL_SCOPES), ("packed_attention", PACKED_ATTENTION),
                               ("on_nonfinite", ON_NONFINITE)):
-            if getattr(self, name) not in choices:
-                raise OrpoError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value not in choices and not (name == "packed_attention" and value is None):  # None: orpo chooses
+                raise OrpoError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.beta < 0:
             raise OrpoError(f"beta must be >= 0, got {self.beta}")
         if not torch.cuda.is_available():

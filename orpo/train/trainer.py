@@ -22,9 +22,10 @@ from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from orpo.data.render import TokenizedPair, ensure_chat_template
 from orpo.errors import OrpoError
-from orpo.ops.forward import batch_collator, causal_lm, pair_logps, prepare_model
+from orpo.ops.forward import batch_collator, causal_lm, pair_logps
 from orpo.ops.loss import orpo_loss
 from orpo.ops.packing import nll_token_count
+from orpo.ops.route import choose_route
 from orpo.ops.scoring import record_tensor, records_from_tensor, summarize
 from orpo.train.callbacks import (MetricsJsonlCallback, MetricTotals, NonFiniteGuard, ReportCallback,
                                   disable_dropout)
@@ -76,7 +77,7 @@ class ORPOTrainer(TrainerAdapter):
             model = get_peft_model(model, peft_config)
         if args.disable_dropout:
             disable_dropout(model)
-        prepare_model(model, args.packing, args.packed_attention)
+        self.route = choose_route(model, args.packing, args.packed_attention)  # the layout and head (route.py)
 
         self.prepared = {}
         train_pairs = self._prepare(train_dataset, processing_class, args, "train")
@@ -87,7 +88,7 @@ class ORPOTrainer(TrainerAdapter):
         super().__init__(
             model=model,
             args=args,
-            data_collator=batch_collator(model, pad_id, args.packing, args.packed_attention),
+            data_collator=batch_collator(model, pad_id, self.route.layout),
             train_dataset=train_pairs,
             eval_dataset=eval_pairs,
             processing_class=processing_class,
@@ -95,6 +96,7 @@ class ORPOTrainer(TrainerAdapter):
             optimizers=optimizers,
             **kwargs,
         )
+        logger.info("route: %s", self.route.describe())
         logger.info("precision: %s", getattr(self.args, "precision_reason", "bf16" if self.args.bf16 else "fp32"))
         if hasattr(self, "checkpointing_reason"):
             logger.info("activation checkpointing: %s", self.checkpointing_reason)
@@ -172,7 +174,7 @@ class ORPOTrainer(TrainerAdapter):
             on_device = next(lm.parameters()).device.type == args.device.type
             every, reason = plan_checkpointing(
                 shape, [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs],
-                args.per_device_train_batch_size, args.packing, args.packed_attention,
+                args.per_device_train_batch_size, self.route.packing, self.route.attention,
                 2 if args.bf16 or args.fp16 else shape.weight_bytes, args.logprob_chunk_size, on_device, args.device,
                 int(os.environ.get("LOCAL_WORLD_SIZE", "1")), args.memory_budget_gb,
             )
@@ -215,7 +217,7 @@ class ORPOTrainer(TrainerAdapter):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             self._step_rows += inputs["pair_index"].tolist()
-        logps = pair_logps(model, inputs, self.args.logprob_chunk_size)
+        logps = pair_logps(model, inputs, self.args.logprob_chunk_size, head=self.route.head)
         batch_nll_tokens = nll_token_count(inputs["target_kind"], self.args.nll_scope)
         if num_items_in_batch is None:  # evaluation: normalise over this batch alone
             nll_tokens, pairs = batch_nll_tokens, inputs["num_pairs"]

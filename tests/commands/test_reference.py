@@ -40,7 +40,7 @@ def test_declared_fields_are_the_added_and_redefined_ones():
 def test_orpo_fields_in_the_reference():
     block = config_reference()
     assert block.startswith(BEGIN) and block.endswith(END)
-    for row in ("| `--beta` | `0.1` |", "| `--nll_scope` | `full` |", "| `--packed_attention` | `spans` |",
+    for row in ("| `--beta` | `0.1` |", "| `--nll_scope` | `full` |", "| `--packed_attention` | none |",
                 "| `--model` | required |", "| `--skip_bad_rows` | `false` |", "| `--learning_rate` | `1e-06` |"):
         assert row in block, row
     assert "`--per_device_train_batch_size`" not in block  # inherited unchanged from TrainingArguments

@@ -12,7 +12,7 @@ import transformers
 
 from orpo.ops.attention import ATTENTION, use_span_attention
 from orpo.errors import OrpoError
-from orpo.ops.forward import causal_lm, check_prefix_sharing, check_supported, pair_logps, prepare_model
+from orpo.ops.forward import causal_lm, check_supported, pair_logps
 from orpo.ops.loss import orpo_loss
 from orpo.ops.packing import collate_padded, collate_prefix_shared
 from orpo.data.render import TokenizedPair
@@ -253,68 +253,6 @@ def test_pair_logps_on_lora_model(tied):
     assert (base.chosen_sum - got.chosen_sum.detach()).abs().max() > 1e-3
 
 
-FAMILIES = {
-    "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-    "mistral": transformers.MistralConfig, "gemma": transformers.GemmaConfig,
-}
-
-
-def family_model(family):
-    config = FAMILIES[family](vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                              pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-
-
-@pytest.mark.parametrize("attention", ["spans", "mask"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_check_prefix_sharing_accepts_families_that_honour_the_layout(family, attention):
-    """The families confirmed to take the layout's position ids and the 4D mask or the span
-    attention's pair_spans (transformers 5, SDPA)."""
-    model = family_model(family)
-    if attention == "spans":
-        use_span_attention(model)
-    check_prefix_sharing(model, attention)
-    pairs = make_pairs()
-    with torch.no_grad():
-        packed = pair_logps(model.eval(), collate_prefix_shared(pairs, PAD, attention=attention), chunk_size=16)
-        ref = naive_sums(model, pairs)
-    torch.testing.assert_close(packed.rejected_sum, ref["rejected_sum"], rtol=0, atol=1e-5)
-
-
-def _drop_inputs(model, *names):
-    original = model.forward
-
-    def forward_without(**kwargs):
-        for name in names:
-            kwargs.pop(name, None)
-        return original(**kwargs)
-
-    model.forward = forward_without
-    return model
-
-
-def test_check_prefix_sharing_rejects_a_model_that_ignores_the_mask():
-    model = _drop_inputs(tiny_model("llama", True), "attention_mask", "position_ids")
-    with pytest.raises(OrpoError, match=r"^LlamaForCausalLM ignores the attention layout .*use --packing false$"):
-        check_prefix_sharing(model, "mask")
-
-
-def test_check_prefix_sharing_rejects_a_model_that_drops_the_spans():
-    """Without pair_spans the span attention is SDPA with the all-False placeholder mask: caught."""
-    model = _drop_inputs(tiny_model("llama", True), "pair_spans")
-    with pytest.raises(OrpoError, match=r"^LlamaForCausalLM ignores the attention layout .*use --packing false$"):
-        check_prefix_sharing(model, "spans")
-
-
-def test_check_prefix_sharing_rejects_spans_without_span_attention():
-    """A model left on plain SDPA ignores pair_spans and gets the all-False placeholder mask: caught."""
-    model = family_model("llama")
-    with pytest.raises(OrpoError, match=r"ignores the attention layout"):
-        check_prefix_sharing(model, "spans")
-
-
 SLIDING = {
     "mistral": (transformers.MistralConfig, dict(sliding_window=6)),  # every layer slides
     "gemma3": (transformers.Gemma3TextConfig, dict(sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
@@ -335,11 +273,11 @@ def sliding_model(family):
 def test_sliding_window_models_keep_their_window_when_packed(family):
     """Pairs longer than the window (6): the span layout gives each layer its window (Mistral: all
     layers; Gemma 3 and Qwen2: one sliding layer, one global), so the packed per-pair log-probs equal
-    transformers' own unpacked forward with its sliding masks. The mask layout is refused at start."""
+    transformers' own unpacked forward with its sliding masks."""
     model = sliding_model(family)
     rng = torch.Generator().manual_seed(4)
     pairs = [_pair(rng, 7, 9, 11, 0), _pair(rng, 3, 8, 2, 1), _pair(rng, 9, 1, 6, 2)]
-    prepare_model(model, packing=True, attention="spans")
+    use_span_attention(model)
     got = pair_logps(model, collate_prefix_shared(pairs, PAD, attention="spans"), chunk_size=8)
     ref = naive_sums(model, pairs)
     for key in ("chosen_sum", "rejected_sum", "prompt_sum"):
@@ -351,6 +289,3 @@ def test_sliding_window_models_keep_their_window_when_packed(family):
         if getattr(module, "sliding_window", None) is not None:
             module.sliding_window = 64
     assert (naive_sums(wide, pairs)["chosen_sum"] - ref["chosen_sum"]).abs().max() > 1e-3
-
-    with pytest.raises(OrpoError, match=r"sliding attention windows \(6 tokens\).*--packed_attention spans"):
-        prepare_model(sliding_model(family), packing=True, attention="mask")

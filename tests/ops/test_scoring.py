@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from orpo.commands.evaluate import reference_records
-from orpo.ops.forward import prepare_model
+from orpo.ops.route import choose_route
 from orpo.ops.scoring import RECORD_FIELDS, score_pairs, summarize, token_batches
 from ops.test_forward import make_pairs, tiny_model
 
@@ -54,11 +54,11 @@ def test_token_batches_bound_the_tokens_and_keep_every_index_once():
 def test_fast_path_records_equal_the_reference(arch, tied, layout, nll_scope):
     model = tiny_model(arch, tied)
     pairs = make_pairs() + make_pairs(seed=1)[:3]
-    packing, attention = layout != "padded", layout if layout != "padded" else "spans"
-    prepare_model(model, packing, attention)
+    route = choose_route(model, packing=layout != "padded", attention=None if layout == "padded" else layout)
+    assert route.layout == layout
     expected = reference_records(model, pairs, pad_token_id=0, nll_scope=nll_scope, batch_size=3)
     # batches of ~2 pairs: the records must come back in the pairs' order, whatever the batching
-    fast = score_pairs(model, pairs, 0, nll_scope, packing, attention, chunk_size=5, batch_tokens=30)
+    fast = score_pairs(model, pairs, 0, nll_scope, route, chunk_size=5, batch_tokens=30)
     assert len(fast) == len(expected)
     for got, want in zip(fast, expected):
         assert set(got) == set(RECORD_FIELDS)

@@ -7,7 +7,8 @@ import torch
 import transformers
 
 from orpo.data.render import TokenizedPair
-from orpo.ops.forward import batch_collator, pair_logps, prepare_model
+from orpo.ops.attention import use_span_attention
+from orpo.ops.forward import batch_collator, pair_logps
 from orpo.train.memory import (DecoderShape, choose_checkpointing, decoder_shape, free_memory, largest_micro_batch,
                                layer_activation_bytes, plan_checkpointing, step_bytes)
 
@@ -25,7 +26,7 @@ FAMILIES = {
 
 def saved_bytes(model, pairs, autocast: bool) -> int:
     """Bytes of the distinct tensors (by storage) one forward saves for backward, weights excluded."""
-    batch = batch_collator(model, 0, True, "spans")(pairs)
+    batch = batch_collator(model, 0, "spans")(pairs)
     storages = {}
 
     def pack(tensor):
@@ -50,7 +51,7 @@ def test_estimate_is_within_15_percent_of_what_a_forward_saves(family, autocast)
                               num_attention_heads=4, num_key_value_heads=2, head_dim=32)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    prepare_model(model, True, "spans")
+    use_span_attention(model)
     rng = random.Random(0)
     pairs = [TokenizedPair(*[[rng.randrange(3, 300) for _ in range(rng.randint(10, 200))] for _ in range(3)])
              for _ in range(4)]

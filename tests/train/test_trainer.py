@@ -192,9 +192,9 @@ def _poisoned_trainer(tmp_path, on_nonfinite):
     def poison(module, args, output):
         return output.masked_fill((args[0] == POISON)[..., None], float("nan"))
 
-    model.get_input_embeddings().register_forward_hook(poison)
     trainer = make_trainer(tmp_path, model, data, per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
                            optim="sgd", logging_steps=1, on_nonfinite=on_nonfinite, train_sampling_strategy="sequential")
+    model.get_input_embeddings().register_forward_hook(poison)  # after the route probe, which draws random ids
     weights = []
 
     class RecordWeights(transformers.TrainerCallback):

@@ -1,0 +1,231 @@
+"""Which batch layout each model is computed with, and why: the one home of that decision.
+
+A route is a batch layout (packing.py) and an output head (forward.py), for one model:
+
+    layout  "spans"   prefix-shared, span attention (attention.py): the prompt once, no dense mask (fastest)
+            "mask"    prefix-shared, one dense 4D mask for the model's own attention (any attention
+                      implementation that honours a 4D mask: eager, sinks, ...)
+            "padded"  prompt+chosen and prompt+rejected as separate right-padded rows (the prompt twice)
+    head    "chunked" the chunked head at target positions only (logprobs.py), no [T, vocab] logits
+            "logits"  the model's own logits, gathered at the targets (exact for any head, more memory)
+
+`choose_route` decides from the model's structure where it can be read, then confirms the choice
+at start: the probe scores a few pairs on the route and compares their per-pair mean log-probs with
+separate, unpadded forwards of [prompt + chosen] and [prompt + rejected] (the definition of the
+ORPO quantities). A route that disagrees is not used: the next one is probed and the log says why.
+
+Why structure first: prefix sharing lays chosen and rejected out in one row, so a layer whose state
+runs along the sequence (Mamba/SSM, linear attention such as gated DeltaNet, short causal
+convolutions, RG-LRU) would carry the chosen answer's state into the rejected one. Such a leak can
+be small on a random model and larger on a trained one, so a model with such layers never gets a
+prefix-shared route, whatever a probe says; the probe is the second line, for anything the
+structure does not show (a model that ignores position ids, a head the chunked head misses).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from orpo.data.render import TokenizedPair
+from orpo.errors import OrpoError
+from orpo.ops.attention import ATTENTION, sliding_window, use_span_attention
+from orpo.ops.forward import batch_to, causal_lm, check_supported, input_device, pair_logps
+from orpo.ops.packing import collate_padded, collate_prefix_shared
+
+LAYOUTS = ("spans", "mask", "padded")
+HEADS = ("chunked", "logits")
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one model's batches are laid out and its target log-probs computed (module docstring)."""
+
+    layout: str = "spans"
+    head: str = "chunked"
+    reason: str = ""
+
+    @property
+    def packing(self) -> bool:
+        """True for the prefix-shared layouts (the prompt computed once)."""
+        return self.layout != "padded"
+
+    @property
+    def attention(self) -> str:
+        """The prefix-shared attention ("spans" or "mask"); "spans" (unused) for the padded layout."""
+        return self.layout if self.packing else "spans"
+
+    def describe(self) -> str:
+        name = {"spans": "prefix-shared spans", "mask": "prefix-shared mask", "padded": "padded"}[self.layout]
+        head = "" if self.head == "chunked" else ", the model's own logits"
+        return f"{name}{head}: {self.reason}" if self.reason else f"{name}{head}"
+
+
+# Layer kinds whose output at a position depends on a state carried along the sequence (not only on
+# attention, which the layouts control): config.layer_types values and module class names.
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "attention", "global",
+                          "local", "hybrid"}
+_STATEFUL_CLASS = re.compile(r"Rglru|Rwkv|Lstm|DeltaNet|LinearAttention|ShortConv|SSM|Mixer$")
+
+
+def sequence_state_layers(lm: torch.nn.Module) -> list[str]:
+    """Names of the kinds of layer in `lm` that carry state along the sequence (sorted; [] for an
+    attention-only model): non-attention `layer_types` of the config, and the classes of modules
+    named like SSM / linear-attention / recurrent / short-convolution blocks or holding a
+    torch.nn.Conv1d (a convolution over the sequence; GPT-2's Conv1D is a linear layer, not one)."""
+    found = set()
+    config = lm.config.get_text_config()
+    for name in ("layer_types", "layers_block_type", "block_types"):
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)):
+            found |= {v for v in values if isinstance(v, str) and v not in _ATTENTION_LAYER_TYPES}
+    for module in lm.modules():
+        convolves = any(isinstance(child, torch.nn.Conv1d) for child in module.children())
+        if convolves or _STATEFUL_CLASS.search(type(module).__name__):
+            found.add(type(module).__name__)
+    return sorted(found)
+
+
+def candidate_routes(lm: torch.nn.Module, packing: bool | None, attention: str | None) -> list[Route]:
+    """The routes to probe for `lm`, in order of preference, each with its reason.
+
+    packing / attention: the config fields (`packing`, `packed_attention`); None = orpo chooses.
+    Forced (either given), only the layouts they name are candidates; a prefix-shared layout forced
+    on a model whose layers carry state along the sequence is refused here, before any probe.
+    Each layout is tried with the chunked head, then with the model's own logits."""
+    stateful = sequence_state_layers(lm)
+    kinds = ", ".join(stateful)
+    if packing is False:
+        layouts = [("padded", "--packing false")]
+    elif stateful:
+        if packing or attention:
+            flag = "--packing true" if packing else f"--packed_attention {attention}"
+            raise OrpoError(f"{type(lm).__name__}: {flag} lays chosen and rejected out in one row, but the model's "
+                            f"{kinds} layers carry state along the sequence (the chosen answer would leak into the "
+                            "rejected one); leave --packing and --packed_attention unset and orpo picks a route that "
+                            "keeps each sequence apart")
+        layouts = [("padded", f"the model's {kinds} layers carry state along the sequence, so each sequence gets a "
+                              "row of its own (in a shared row the chosen answer's state would reach the rejected one)")]
+    elif attention is not None:
+        layouts = [(attention, f"--packed_attention {attention}")]
+    elif lm.config._attn_implementation not in ("sdpa", ATTENTION):
+        layouts = [("mask", f"the model runs {lm.config._attn_implementation!r} attention, which takes the "
+                            "prefix-shared layout as a dense mask")]
+    else:
+        layouts = [("spans", "attention-only model with SDPA"), ("mask", "attention-only model")]
+    if packing is None and attention is None and not stateful:
+        layouts.append(("padded", "no prefix-shared layout reproduced the model's separate forwards"))
+    elif packing is True and attention is None and not stateful:
+        layouts = [(layout, "--packing true") for layout, _ in layouts]
+    return [Route(layout, head, reason) for head in HEADS for layout, reason in layouts]
+
+
+def probe_pairs(lm: torch.nn.Module) -> list[TokenizedPair]:
+    """Three seeded random pairs, long enough to cross a sliding window of up to 1000 tokens (and
+    any short convolution or recurrent state), with unequal prompt/chosen/rejected lengths and a
+    one-token chosen answer; no sequence is longer than the model's positions."""
+    config = lm.config.get_text_config()
+    vocab = config.vocab_size
+    windows = [w for w in (sliding_window(config), getattr(config, "attention_window_size", None)) if w]
+    window = min(windows) if windows else 0
+    n = max(48, window + 16) if window <= 1000 else 48
+    n = min(n, getattr(config, "max_position_embeddings", None) or n)  # the longest sequence is n tokens
+    rng = torch.Generator().manual_seed(0)
+
+    def ids(k: int) -> list[int]:
+        return torch.randint(3, max(vocab, 4), (k,), generator=rng).tolist()
+
+    shapes = [(n // 2, n // 2 - 3, n // 2 - 7), (5, n // 3, n // 2), (n // 3, 1, 4)]
+    return [TokenizedPair(ids(p), ids(c), ids(r), index=i) for i, (p, c, r) in enumerate(shapes)]
+
+
+@torch.no_grad()
+def separate_logp_means(model: torch.nn.Module, pairs: list[TokenizedPair]) -> torch.Tensor:
+    """[pairs, 2] fp32 mean log-prob of the chosen and the rejected completion tokens, each sequence
+    (prompt + completion) in a model call of its own: batch 1, no padding, no mask, the model's logits
+    with an fp32 log-softmax. The definition the routes are held to."""
+    device = input_device(model)
+    means = []
+    for pair in pairs:
+        p = len(pair.prompt_ids)
+        row = []
+        for completion in (pair.chosen_ids, pair.rejected_ids):
+            ids = torch.tensor([pair.prompt_ids + completion], device=device)
+            logp = model(input_ids=ids, use_cache=False).logits[0, p - 1 : -1].float().log_softmax(-1)
+            row.append(logp.gather(1, ids[0, p:, None]).mean())
+        means.append(torch.stack(row))
+    return torch.stack(means).cpu()
+
+
+@torch.no_grad()
+def route_logp_means(model: torch.nn.Module, pairs: list[TokenizedPair], route: Route) -> torch.Tensor:
+    """[pairs, 2] the same quantities as `separate_logp_means`, computed on `route` (one call)."""
+    if route.packing:
+        batch = collate_prefix_shared(pairs, 0, attention=route.attention)
+    else:
+        batch = collate_padded(pairs, pad_token_id=0)
+    logps = pair_logps(model, batch_to(batch, input_device(model)), 64, head=route.head)
+    return torch.stack([logps.logps_chosen, logps.logps_rejected], dim=1).float().cpu()
+
+
+def probe_tolerance(dtype: torch.dtype) -> float:
+    """Largest |Δ mean log-prob| per token, relative to max(1, |mean log-prob|), that counts as the
+    same result for a model in `dtype`. Exact routes differ from separate forwards by kernel and
+    summation order only: ≤ 2e-7 in fp32 on tiny Llama, Qwen2/3, Mistral and Gemma
+    (tests/ops/test_route.py); leaks of state across sequences measured 1e-4 and more. bf16/fp16
+    models round every activation (2^-8 / 2^-11 relative), so their bound is that much wider."""
+    return {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 3e-3}.get(dtype, 2e-2)
+
+
+def probe_route(model: torch.nn.Module, route: Route, pairs: list[TokenizedPair], expected: torch.Tensor) -> str | None:
+    """None if `route` reproduces `expected` (separate_logp_means of `pairs`) within the tolerance of
+    the model's dtype; else why not, in a few words."""
+    try:
+        got = route_logp_means(model, pairs, route)
+    except OrpoError as err:
+        return str(err)
+    except Exception as err:  # a model that rejects a 4D mask, the spans or position ids
+        return f"{type(err).__name__}: {str(err)[:120]}"
+    lm = causal_lm(model)
+    tolerance = probe_tolerance(lm.dtype)
+    if not torch.isfinite(got).all():
+        return f"non-finite log-probs {got.tolist()}"
+    error = ((got - expected).abs() / expected.abs().clamp(min=1.0)).max().item()
+    if error > tolerance:
+        return f"per-pair mean log-probs differ from separate forwards by {error:.1e} (tolerance {tolerance:.0e})"
+    return None
+
+
+def choose_route(model: torch.nn.Module, packing: bool | None = None, attention: str | None = None) -> Route:
+    """The first candidate route (`candidate_routes`) that reproduces separate forwards of the probe
+    pairs, with the model set up for it (span attention switched on for "spans"). A forced route
+    (`packing` False, or `attention` given) that does not is refused in one line; so is a model no
+    route reproduces. The model's train/eval mode is restored."""
+    check_supported(model)
+    lm = causal_lm(model)
+    name = type(lm).__name__
+    candidates = candidate_routes(lm, packing, attention)
+    pairs = probe_pairs(lm)
+    was_training = model.training
+    model.eval()
+    failures = []
+    try:
+        expected = separate_logp_means(model, pairs)
+        for route in candidates:
+            if route.layout == "spans":
+                use_span_attention(lm)
+            problem = probe_route(model, route, pairs, expected)
+            if problem is None:
+                reason = route.reason
+                if failures:
+                    reason += f" (not {'; not '.join(failures)})"
+                return Route(route.layout, route.head, reason)
+            failures.append(f"{Route(route.layout, route.head).describe()}: {problem}")
+    finally:
+        model.train(was_training)
+    if packing is not None or attention is not None:
+        raise OrpoError(f"{name}: the forced route ({candidates[0].reason}) does not reproduce the model's separate "
+                        f"forwards ({failures[0]}); leave --packing and --packed_attention unset and orpo picks a route "
+                        "that does")
+    raise OrpoError(f"{name}: no batch layout reproduces the model's separate forwards ({'; '.join(failures)})")

@@ -1,0 +1,181 @@
+"""route.py: the route each model gets, why, and that a route is never used where it is wrong.
+
+The reference is the definition: each sequence (prompt + chosen, prompt + rejected) alone, batch 1,
+no padding, the model's own logits (`separate_logp_means`). Models are tiny random ones built from
+configs (no hub access).
+"""
+import pytest
+import torch
+import transformers
+
+from orpo.errors import OrpoError
+from orpo.ops.attention import ATTENTION, use_span_attention
+from orpo.ops.route import (Route, candidate_routes, choose_route, probe_pairs, probe_route, probe_tolerance,
+                            route_logp_means, separate_logp_means, sequence_state_layers)
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, max_position_embeddings=128, initializer_range=0.2,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+ATTENTION_FAMILIES = {
+    "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+    "mistral": transformers.MistralConfig, "gemma": transformers.GemmaConfig,
+}
+
+
+def attention_model(family="llama", attn="sdpa", **overrides):
+    torch.manual_seed(0)
+    config = ATTENTION_FAMILIES[family](**{**COMMON, **overrides})
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+def mamba_model():
+    torch.manual_seed(0)
+    config = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=4, num_hidden_layers=2,
+                                      expand=2, conv_kernel=4, initializer_range=0.2, pad_token_id=0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+class Leak(torch.nn.Module):
+    """Adds a running mean of the hidden states along the sequence to a decoder layer's output: state
+    that crosses from the chosen answer into the rejected one in a shared row, invisible to the
+    structure check (a forward hook, no module of a stateful kind)."""
+
+    @staticmethod
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        steps = torch.arange(1, hidden.shape[1] + 1, device=hidden.device)[None, :, None]
+        leaked = hidden + 0.5 * hidden.cumsum(1) / steps
+        return (leaked, *output[1:]) if isinstance(output, tuple) else leaked
+
+
+def leaky_model():
+    model = attention_model()
+    model.model.layers[0].register_forward_hook(Leak.hook)
+    return model
+
+
+def test_attention_only_models_get_prefix_shared_spans():
+    for family in ATTENTION_FAMILIES:
+        model = attention_model(family)
+        route = choose_route(model)
+        assert route == Route("spans", "chunked", "attention-only model with SDPA"), family
+        assert model.config._attn_implementation == ATTENTION  # set up for it
+        assert route.describe() == "prefix-shared spans: attention-only model with SDPA"
+
+
+def test_eager_attention_gets_the_mask_layout():
+    route = choose_route(attention_model(attn="eager"))
+    assert route.layout == "mask"
+    assert route.reason.startswith("the model runs 'eager' attention, which takes the prefix-shared layout")
+
+
+def test_models_whose_layers_carry_state_get_the_padded_layout_without_a_probe_of_packing():
+    model = mamba_model()
+    assert "MambaMixer" in sequence_state_layers(model)
+    assert [(r.layout, r.head) for r in candidate_routes(model, None, None)] == [("padded", "chunked"),
+                                                                                  ("padded", "logits")]
+    route = choose_route(model)
+    assert route.layout == "padded"
+    assert route.describe().startswith(f"padded: the model's {', '.join(sequence_state_layers(model))} layers carry "
+                                       "state along the sequence")
+
+
+def test_attention_only_models_have_no_state_layers():
+    assert sequence_state_layers(attention_model()) == []
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
+    assert sequence_state_layers(gpt2) == []  # GPT-2's Conv1D is a linear layer
+
+
+def test_prefix_sharing_forced_on_a_stateful_model_is_refused_in_one_line():
+    for packing, attention, flag in ((True, None, "--packing true"), (None, "spans", "--packed_attention spans")):
+        with pytest.raises(OrpoError, match=rf"^MambaForCausalLM: {flag} lays chosen and rejected out in one row, "
+                                            r"but the model's .*MambaMixer.* layers carry state .*unset"):
+            choose_route(mamba_model(), packing, attention)
+
+
+def test_a_leak_the_structure_does_not_show_is_caught_and_the_padded_layout_used():
+    """The running-mean hook leaks chosen into rejected in a shared row: both prefix-shared layouts
+    disagree with separate forwards, so the route is padded, and the reason says why."""
+    model = leaky_model()
+    pairs = probe_pairs(model)
+    expected = separate_logp_means(model, pairs)
+    use_span_attention(model)
+    for layout in ("spans", "mask"):
+        problem = probe_route(model, Route(layout), pairs, expected)
+        assert problem is not None and problem.startswith("per-pair mean log-probs differ from separate forwards")
+    assert probe_route(model, Route("padded"), pairs, expected) is None
+    route = choose_route(model)
+    assert route.layout == "padded" and route.head == "chunked"
+    assert "not prefix-shared spans: per-pair mean log-probs differ" in route.reason
+
+
+def test_a_forced_route_that_is_wrong_for_the_model_is_refused_in_one_line():
+    with pytest.raises(OrpoError, match=r"^LlamaForCausalLM: the forced route \(--packing true\) does not reproduce "
+                                        r"the model's separate forwards \(prefix-shared spans: per-pair mean .*unset"):
+        choose_route(leaky_model(), packing=True)
+    assert choose_route(leaky_model(), packing=False) == Route("padded", "chunked", "--packing false")
+
+
+def test_a_model_that_ignores_the_layout_falls_back_to_padded():
+    """A model that drops the 4D mask, the spans and the position ids (here: a wrapper that pops them)
+    computes the prefix-shared row as one causal sequence: caught, padded instead."""
+    model = attention_model()
+    original = model.forward
+
+    def forward_without(**kwargs):
+        for name in ("attention_mask", "position_ids", "pair_spans"):
+            kwargs.pop(name, None)
+        return original(**kwargs)
+
+    model.forward = forward_without
+    assert choose_route(model).layout == "padded"
+
+
+def test_sliding_window_models_keep_spans_and_a_forced_mask_is_refused():
+    """The probe pairs cross the window (6 tokens): spans give each layer its window; one dense mask
+    for every layer does not, and a forced mask layout is refused."""
+    model = attention_model("qwen2", use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    assert min(len(p.prompt_ids) + len(p.chosen_ids) for p in probe_pairs(model)) > 6
+    assert choose_route(model).layout == "spans"
+    with pytest.raises(OrpoError, match=r"the forced route \(--packed_attention mask\) does not reproduce"):
+        choose_route(model, attention="mask")
+
+
+def test_probe_pairs_cross_a_long_window_and_fit_the_positions():
+    model = attention_model("mistral", sliding_window=40)
+    pairs = probe_pairs(model)
+    assert max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs) > 40 + 8
+    assert min(len(p.chosen_ids) for p in pairs) == 1
+    assert all(3 <= t < VOCAB for p in pairs for t in p.prompt_ids + p.chosen_ids + p.rejected_ids)
+
+
+def test_exact_routes_are_far_inside_the_tolerance_and_the_leak_far_outside():
+    """fp32 noise of the exact routes is ≥ 10x below the tolerance; the leak is ≥ 10x above it."""
+    tolerance = probe_tolerance(torch.float32)
+    for family in ATTENTION_FAMILIES:
+        model = attention_model(family)
+        pairs = probe_pairs(model)
+        expected = separate_logp_means(model, pairs)
+        for route in (Route("spans"), Route("mask"), Route("padded")):
+            if route.layout == "spans":
+                use_span_attention(model)
+            error = ((route_logp_means(model, pairs, route) - expected).abs() / expected.abs().clamp(min=1)).max()
+            assert error < tolerance / 10, (family, route.layout, error)
+    model = leaky_model()
+    pairs = probe_pairs(model)
+    expected = separate_logp_means(model, pairs)
+    error = ((route_logp_means(model, pairs, Route("mask")) - expected).abs() / expected.abs().clamp(min=1)).max()
+    assert error > 10 * tolerance
+
+
+def test_route_properties():
+    assert Route("spans").packing and Route("mask").attention == "mask"
+    assert not Route("padded").packing
+    assert Route("padded", "logits", "x").describe() == "padded, the model's own logits: x"
+
+
+def test_the_model_keeps_its_mode():
+    model = attention_model().train()
+    choose_route(model)
+    assert model.training
