@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from orpo.errors import OrpoError
-from orpo.ops.attention import ATTENTION
+from orpo.ops.attention import ATTENTION, sliding_window
 from orpo.ops.head import chunked_head
 from orpo.ops.packing import CHOSEN, PROMPT, REJECTED, collate_padded, collate_prefix_shared, segment_sums
 
@@ -72,14 +72,36 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     return inputs
 
 
-def attention_mask_for(attn_implementation: str, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A batch's attention mask as the model's attention implementation takes it: SDPA (and span
-    attention) a boolean mask as is; a 4D boolean mask becomes additive (0 where True, the dtype's
-    minimum where False) for every other implementation, since eager attention adds the mask to its
-    scores (a boolean mask would add 1 and 0 and hide nothing)."""
-    if mask.dim() != 4 or mask.dtype != torch.bool or attn_implementation in ("sdpa", ATTENTION):
+def dense_attention_mask(config, mask: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """The mask layout's boolean [rows, 1, T, T] mask (packing.prefix_shared_mask) as the model takes it.
+
+    Sliding-window layers (`attention.sliding_window`) get it narrowed to their window in pair
+    positions (query at position i sees key j only if i − j < window, as transformers' sliding
+    masks): one mask when every layer slides (Mistral), else one per layer type
+    ({"full_attention": ..., "sliding_attention": ...}, which transformers models with `layer_types`
+    take in place of building their own). SDPA and span attention take boolean masks; every other
+    implementation gets them additive (0 / the dtype's minimum): eager attention adds the mask to its
+    scores. A 2D padding mask (the padded layout) is returned as is."""
+    if mask.dim() != 4:
         return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    impl = config._attn_implementation
+
+    def as_input(allowed: torch.Tensor) -> torch.Tensor:
+        if impl in ("sdpa", ATTENTION):
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    window = sliding_window(config)
+    if window is None:
+        return as_input(mask)
+    windowed = mask & ((position_ids[:, :, None] - position_ids[:, None, :]) < window)[:, None]
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return as_input(windowed)
+    masks = {"full_attention": as_input(mask), "sliding_attention": as_input(windowed)}
+    if unknown := sorted(set(layer_types) - set(masks)):
+        raise OrpoError(f"the mask layout has no mask for the model's {', '.join(unknown)} layers")
+    return masks
 
 
 def no_mask_placeholder(input_ids: torch.Tensor) -> torch.Tensor:
@@ -127,8 +149,9 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     does to them, and the targets' log-probs are gathered from an fp32 log-softmax (more memory)."""
     lm = causal_lm(model)
     inputs = model_inputs(batch)
-    if "attention_mask" in batch:  # the dense layouts: the mask as the model's attention takes it
-        inputs["attention_mask"] = attention_mask_for(lm.config._attn_implementation, batch["attention_mask"], lm.dtype)
+    if "attention_mask" in batch:
+        config = lm.config.get_text_config()
+        inputs["attention_mask"] = dense_attention_mask(config, batch["attention_mask"], batch["position_ids"], lm.dtype)
     if head == "logits":
         logits = model(**inputs).logits
         hidden = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["target_source"])

@@ -12,7 +12,7 @@ import transformers
 
 from orpo.ops.attention import ATTENTION, use_span_attention
 from orpo.errors import OrpoError
-from orpo.ops.forward import causal_lm, check_supported, pair_logps
+from orpo.ops.forward import causal_lm, check_supported, dense_attention_mask, pair_logps
 from orpo.ops.loss import orpo_loss
 from orpo.ops.packing import collate_padded, collate_prefix_shared
 from orpo.data.render import TokenizedPair
@@ -289,3 +289,28 @@ def test_sliding_window_models_keep_their_window_when_packed(family):
         if getattr(module, "sliding_window", None) is not None:
             module.sliding_window = 64
     assert (naive_sums(wide, pairs)["chosen_sum"] - ref["chosen_sum"]).abs().max() > 1e-3
+
+
+def test_dense_attention_mask_per_layer_type_and_implementation():
+    """One pair, p=2, c=2, r=2: row [P0 P1 C0 C1 R0 R1] at positions [0 1 2 3 2 3]. With a window of 2
+    a sliding layer's query R1 (position 3) sees R0 (position 2) and itself, not P0, P1 (3 − 1 = 2 is
+    not < 2); C1 sees C0 and itself; the full layer sees all of its pair's visible tokens."""
+    batch = collate_prefix_shared([TokenizedPair([5, 6], [7, 8], [9, 10])], PAD, attention="mask")
+    config = transformers.Qwen2Config(use_sliding_window=True, sliding_window=2, max_window_layers=1,
+                                      num_hidden_layers=2)
+    config._attn_implementation = "sdpa"
+    masks = dense_attention_mask(config, batch["attention_mask"], batch["position_ids"], torch.float32)
+    assert set(masks) == {"full_attention", "sliding_attention"}
+    assert torch.equal(masks["full_attention"], batch["attention_mask"])
+    visible = lambda m, q: m[0, 0, q].nonzero().flatten().tolist()  # noqa: E731
+    assert visible(masks["full_attention"], 5) == [0, 1, 4, 5] and visible(masks["sliding_attention"], 5) == [4, 5]
+    assert visible(masks["full_attention"], 3) == [0, 1, 2, 3] and visible(masks["sliding_attention"], 3) == [2, 3]
+    config._attn_implementation = "eager"
+    additive = dense_attention_mask(config, batch["attention_mask"], batch["position_ids"], torch.float32)
+    assert additive["sliding_attention"][0, 0, 5].tolist() == [torch.finfo(torch.float32).min] * 4 + [0.0, 0.0]
+    mistral = transformers.MistralConfig(sliding_window=2)  # every layer slides: one mask
+    mistral._attn_implementation = "sdpa"
+    single = dense_attention_mask(mistral, batch["attention_mask"], batch["position_ids"], torch.float32)
+    assert torch.equal(single, masks["sliding_attention"])
+    padded = collate_padded([TokenizedPair([5, 6], [7, 8], [9, 10])], PAD)["attention_mask"]
+    assert dense_attention_mask(config, padded, None, torch.float32) is padded

@@ -132,14 +132,17 @@ def test_a_model_that_ignores_the_layout_falls_back_to_padded():
     assert choose_route(model).layout == "padded"
 
 
-def test_sliding_window_models_keep_spans_and_a_forced_mask_is_refused():
-    """The probe pairs cross the window (6 tokens): spans give each layer its window; one dense mask
-    for every layer does not, and a forced mask layout is refused."""
-    model = attention_model("qwen2", use_sliding_window=True, sliding_window=6, max_window_layers=1)
+@pytest.mark.parametrize("family,window", [("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+                                           ("mistral", dict(sliding_window=6))])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_sliding_window_models_are_exact_on_their_route_and_on_the_mask_layout(family, window, attn):
+    """The probe pairs cross the window (6 tokens): spans give each layer its window, the mask layout
+    a mask per layer type (Qwen2: one sliding layer, one full) or a windowed mask (Mistral: all slide),
+    additive for eager attention."""
+    model = attention_model(family, attn=attn, **window)
     assert min(len(p.prompt_ids) + len(p.chosen_ids) for p in probe_pairs(model)) > 6
-    assert choose_route(model).layout == "spans"
-    with pytest.raises(OrpoError, match=r"the forced route \(--packed_attention mask\) does not reproduce"):
-        choose_route(model, attention="mask")
+    assert choose_route(model).layout == ("spans" if attn == "sdpa" else "mask")
+    assert choose_route(model, attention="mask") == Route("mask", "chunked", "--packed_attention mask")
 
 
 def test_probe_pairs_cross_a_long_window_and_fit_the_positions():
