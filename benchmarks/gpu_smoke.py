@@ -46,7 +46,7 @@ from orpo.ops.forward import batch_to, pair_logps  # noqa: E402
 from orpo.ops.route import choose_route  # noqa: E402
 from orpo.ops.packing import collate_prefix_shared  # noqa: E402
 from orpo.ops.scoring import score_pairs  # noqa: E402
-from orpo.train.memory import decoder_shape, largest_micro_batch, step_bytes  # noqa: E402
+from orpo.train.memory import decoder_shape, largest_micro_batch, recomputed_layers, step_bytes  # noqa: E402
 
 PAD = 0
 
@@ -212,13 +212,13 @@ def estimated_step_bytes(trainer, pairs) -> int:
     """train/memory.py's estimate of what a step of the largest micro-batch allocates beyond the weights,
     with the trainer's checkpointing (every n-th layer or none), for comparison with the measured peak."""
     lm = trainer.model
-    shape = decoder_shape(lm, lm.config)
+    shape = decoder_shape(lm, lm.config.get_text_config())
     args = trainer.args
     tokens, pair_lengths = largest_micro_batch([(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids))
                                                 for p in pairs], args.per_device_train_batch_size, trainer.route.packing,
                                                trainer.route.attention)
     every = (args.activation_checkpointing_kwargs or {}).get("every_n_layers", 1)
-    checkpointed = -(-shape.layers // every) if args.activation_checkpointing else 0
+    checkpointed = recomputed_layers(shape.layers, every) if args.activation_checkpointing else ()
     return step_bytes(shape, tokens, pair_lengths, 2 if args.bf16 or args.fp16 else 4, checkpointed,
                       args.logprob_chunk_size, True)
 

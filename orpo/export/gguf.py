@@ -100,6 +100,7 @@ def export_gguf(model_dir: str | Path, gguf_path: str | Path, outtype: str = "f1
     except (OSError, ValueError) as err:
         raise OrpoError(f"{model_dir}: cannot read its config.json: {(str(err).strip().splitlines() or [''])[0]}") from None
     architecture = gguf_architecture(config.model_type)
+    check_uniform_layers(config, architecture)
     tokenizer = load_tokenizer(str(model_dir))
     vocab = vocabulary(tokenizer, config.vocab_size)
     template = tokenizer.chat_template
@@ -120,6 +121,7 @@ def check_exportable(config, tokenizer) -> None:
     """Raise the OrpoError `export_gguf` would raise for a model with this (text) config and tokenizer,
     before anything is trained: `orpo train --export_gguf` checks at start."""
     architecture = gguf_architecture(config.model_type)
+    check_uniform_layers(config, architecture)
     hyperparameters(config, architecture)
     vocabulary(tokenizer, config.vocab_size)
 
@@ -153,6 +155,15 @@ def gguf_architecture(model_type: str) -> str:
         raise OrpoError(f"cannot export model type {model_type!r} to GGUF; supported: "
                         f"{', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[model_type]
+
+
+def check_uniform_layers(config, architecture: str) -> None:
+    """A one-line refusal for a config whose layers differ (transformers' per_layer_config, read per layer:
+    the global config then refuses per-layer attributes): a GGUF of `architecture` has one shape for all."""
+    if getattr(config, "is_heterogeneous", False):
+        differ = ", ".join(sorted(config.per_layer_attributes or ())) or "skipped modules"
+        raise OrpoError(f"cannot export a {config.model_type} model whose layers differ ({differ}: per_layer_config) "
+                        f"to GGUF; llama.cpp's {architecture} gives every layer one shape")
 
 
 def hyperparameters(config, architecture: str) -> dict[str, int | float]:

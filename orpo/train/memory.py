@@ -13,87 +13,210 @@ copies, one chunk of the output head), and compares it with a budget (`--memory_
 | activations of the layers not in every n-th | `every_n_layers = n` (transformers checkpoints layers 0, n, 2n, ...) |
 | neither | on, every layer |
 
-The estimate (bytes a decoder layer saves for backward, `a` = bytes of an activation: 2 in bf16
-or fp16 autocast, else the weights'; h = hidden size, i = MLP width, kv = key/value width):
+The estimate sums the decoder layers, each with its own widths: layers can differ (Gemma 4's full-attention
+layers have wider heads and other key/value heads than its sliding ones, its kv-shared layers reuse an earlier
+layer's keys and values, and with use_double_wide_mlp have twice the MLP). Bytes a layer saves for backward, with
+`a` = bytes of an activation (2 in bf16 or fp16 autocast, else the weights'), h = hidden size, and the layer's
+q = query width (heads · head dim), kv = key/value width, i = MLP width, n = the widths its norms normalize:
 
-    per token:  a · (4i + 2kv + c·h) + 8h · norms
-                4i: the gated MLP's gate, up, activation and product; 2kv: keys and values;
-                c·h: query, attention output and the projections' inputs (c = 5; 8 in autocast,
-                which keeps low-precision copies of the fp32 values that feed matmuls);
-                8h per norm: its fp32 input and output (Llama: 2 norms, Gemma 3: 6)
+    per token:  a · (4i + 2kv + 3q + c·h) + 8n
+                4i: the gated MLP's gate, up, activation and product; 2kv: keys and values (none in a
+                layer that reuses another's); 3q: the query and the attention output; c·h: the
+                projections' inputs (c = 2; 5 in autocast, which keeps low-precision copies of the fp32
+                values that feed matmuls); 8n: each norm's fp32 input and output, n = h per norm of the
+                hidden state (Llama: 2, Gemma 3/4: 4) + q per query norm + kv per key or value norm
+                (Qwen3, Gemma 3/4)
+                + a·h + 12e with Gemma 3n/4's per-layer input of width e (the gate's input, its output
+                and activation, their product with the fp32 per-layer input)
     per pair:   a · (p + r) · (2kv + r)    span attention's rejected part: its keys/values with the
                                            prompt's, and its r × (p + r) mask (p, r: prompt, rejected)
+    per model:  h · (8 + a) per token (final norm, head input) + 12 · Σe (Gemma 4's per-layer inputs)
 
-Measured against the saved-tensor bytes of one forward (tests/train/test_memory.py): 0.998-1.002 on
-SmolLM2-135M, within 15% on Llama, Mistral, Qwen2/3 and Gemma 3 blocks, fp32 and bf16 autocast. Against
-a whole step's measured peak on an H100 (benchmarks/gpu_smoke.py) the estimate is 1.2-1.5x: allocator
-and optimizer transients are covered with room to spare.
+Where the query is as wide as the hidden state (Llama, Mistral, Qwen2, Gemma 3 at their usual shapes) 3q + c·h
+is 5h (8h in autocast). Measured against the saved-tensor bytes of one forward (tests/train/test_memory.py):
+0.998-1.002 on SmolLM2-135M, within 15% on Llama, Mistral, Qwen2/3, Gemma 3 and Gemma 4 blocks, fp32 and bf16
+autocast. Against a whole step's measured peak on an H100 (benchmarks/gpu_smoke.py) the estimate is 1.2-1.5x:
+allocator and optimizer transients are covered with room to spare.
 """
 from __future__ import annotations
 
-import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
 BUDGET_SHARE = 0.8  # of the free memory at start: room for the allocator's fragmentation and other processes
 OPTIMIZER_BYTES = 8  # per trainable parameter: AdamW's two fp32 moments
+ATTENTION_NAMES = ("self_attn", "attention", "attn")  # a decoder layer's attention module in transformers
+MLP_NAMES = ("mlp", "feed_forward")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One decoder layer's widths per token: its query (heads · head dim, also the attention output's width),
+    the keys (= values) its attention reads, its MLP, the sum of what its norms normalize, Gemma 3n/4's
+    per-layer input (0 without), and whether it reuses another layer's keys and values (then it keeps none
+    of its own)."""
+
+    query: int
+    kv_width: int
+    intermediate: int
+    norm_width: int
+    per_layer_input: int = 0
+    shares_kv: bool = False
 
 
 @dataclass(frozen=True)
 class DecoderShape:
-    """What the estimate needs of a model: layers, hidden size, MLP width, key/value width, vocabulary,
-    norms per layer, parameter counts (all, trainable, and the bytes of one weight element)."""
+    """What the estimate needs of a model: its decoder layers (one `LayerShape` each), hidden size,
+    vocabulary, parameter counts (all, trainable, and the bytes of one weight element)."""
 
-    layers: int
+    per_layer: tuple[LayerShape, ...]
     hidden: int
-    intermediate: int
-    kv_width: int
     vocab: int
-    norms_per_layer: int
     params: int
     trainable: int
     weight_bytes: int
 
+    @property
+    def layers(self) -> int:
+        return len(self.per_layer)
+
+    @classmethod
+    def uniform(cls, layers: int, hidden: int, intermediate: int, kv_width: int, vocab: int, norms_per_layer: int,
+                params: int, trainable: int, weight_bytes: int, query: int | None = None) -> DecoderShape:
+        """`layers` alike layers, each with `norms_per_layer` norms of the hidden state and a query as wide
+        as the hidden state unless `query` says otherwise (Llama's shape)."""
+        layer = LayerShape(query or hidden, kv_width, intermediate, norms_per_layer * hidden)
+        return cls((layer,) * layers, hidden, vocab, params, trainable, weight_bytes)
+
 
 def decoder_shape(model: torch.nn.Module, config) -> DecoderShape:
-    """`DecoderShape` of a causal LM `model` with text config `config` (transformers' names)."""
+    """`DecoderShape` of a causal LM `model` with text config `config` (transformers' names).
+
+    Each layer's widths are read from its built modules where transformers' names find them (the attention's
+    o_proj input and k_proj or fused qkv_proj output, the MLP's down_proj input, the norms by their names),
+    which holds under DeepSpeed ZeRO-3 too (its empty weights keep their modules' in/out_features); else from
+    that layer's config: `config.per_layer_config[i]` where the config varies per layer (transformers'
+    heterogeneous configs: Gemma 4's full-attention layers override head_dim and num_key_value_heads, which
+    the global config then refuses to answer), else the config itself."""
     hidden = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    layer = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == config.num_hidden_layers),
-                 None)
-    norms = 2 if layer is None else sum(1 for m in layer[0].modules() if "norm" in type(m).__name__.lower())
+    count = config.num_hidden_layers
+    blocks = _decoder_layers(model, count)
+    per_layer = tuple(_layer_shape(None if blocks is None else blocks[i], _layer_config(config, i), hidden)
+                      for i in range(count))
     params = list(model.parameters())
     return DecoderShape(
-        layers=config.num_hidden_layers, hidden=hidden,
-        intermediate=getattr(config, "intermediate_size", None) or 4 * hidden, kv_width=kv_heads * head_dim,
-        vocab=config.vocab_size, norms_per_layer=norms, params=sum(p.numel() for p in params),
+        per_layer=per_layer, hidden=hidden, vocab=config.vocab_size, params=sum(p.numel() for p in params),
         trainable=sum(p.numel() for p in params if p.requires_grad), weight_bytes=params[0].element_size(),
     )
 
 
+def _decoder_layers(model: torch.nn.Module, count: int) -> torch.nn.ModuleList | None:
+    """The model's `count` decoder layers: its decoder's `layers` (transformers' get_decoder: the language
+    model of a vision-language model, not its vision tower), else its first list of `count` modules."""
+    try:
+        layers = getattr(model.get_decoder(), "layers", None)
+    except Exception:  # get_decoder is best-effort: it raises for models without a rule
+        layers = None
+    if isinstance(layers, torch.nn.ModuleList) and len(layers) == count:
+        return layers
+    return next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count), None)
+
+
+def _layer_config(config, index: int):
+    """Layer `index`'s config: transformers' per-layer view of a heterogeneous config, else `config`."""
+    return config.per_layer_config[index] if getattr(config, "is_heterogeneous", False) else config
+
+
+def _child(module: torch.nn.Module | None, names: tuple[str, ...]) -> torch.nn.Module | None:
+    return next((child for name in names if (child := getattr(module, name, None)) is not None), None)
+
+
+def _width(module: torch.nn.Module | None, name: str, side: str) -> int | None:
+    """`side` (in_features/out_features) of `module`'s submodule `name`: a Linear, a peft LoRA wrapper or a
+    quantized Linear alike."""
+    return getattr(getattr(module, name, None), side, None)
+
+
+def _layer_shape(block: torch.nn.Module | None, config, hidden: int) -> LayerShape:
+    """`LayerShape` of decoder layer `block` (None: not found, the config's figures and two norms)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    attention, mlp = _child(block, ATTENTION_NAMES), _child(block, MLP_NAMES)
+    query = (_width(attention, "o_proj", "in_features") or _width(attention, "q_proj", "out_features")
+             or heads * head_dim)
+    fused = _width(attention, "qkv_proj", "out_features")
+    kv = _width(attention, "k_proj", "out_features") or (fused and (fused - query) // 2)
+    kv = kv or (getattr(config, "num_key_value_heads", None) or heads) * (query // heads)
+    intermediate = (_width(mlp, "down_proj", "in_features") or _width(mlp, "up_proj", "out_features")
+                    or getattr(config, "intermediate_size", None) or 4 * hidden)
+    if block is None:
+        norm_width = 2 * hidden
+    else:
+        norm_width = sum(_norm_width(name.rsplit(".", 1)[-1], hidden, query, kv) for name, m in block.named_modules()
+                         if "norm" in type(m).__name__.lower())
+    return LayerShape(query=query, kv_width=kv, intermediate=intermediate, norm_width=norm_width,
+                      per_layer_input=_width(block, "per_layer_input_gate", "out_features") or 0,
+                      shares_kv=bool(getattr(attention, "is_kv_shared_layer", False)))
+
+
+def _norm_width(name: str, hidden: int, query: int, kv: int) -> int:
+    """What a layer's norm called `name` normalizes per token: a query norm (q_norm, q_layernorm) the
+    query, a key or value norm (k_norm, v_norm) the keys or values, any other the hidden state."""
+    first = name.split("_", 1)[0]
+    return query if first in ("q", "query") else kv if first in ("k", "key", "v", "value") else hidden
+
+
 def layer_activation_bytes(shape: DecoderShape, tokens: int, pair_lengths: list[tuple[int, int]],
-                           activation_bytes: int) -> int:
-    """Bytes one decoder layer keeps for backward (module formula) for `tokens` tokens in one call,
-    `pair_lengths` the (prompt, rejected) lengths of its pairs in the span layout ([] otherwise)."""
+                           activation_bytes: int) -> list[int]:
+    """Bytes each decoder layer keeps for backward (module formula), in layer order, for `tokens` tokens in one
+    call, `pair_lengths` the (prompt, rejected) lengths of its pairs in the span layout ([] otherwise)."""
     a, h = activation_bytes, shape.hidden
-    c = 8 if a < 4 else 5
-    per_token = a * (4 * shape.intermediate + 2 * shape.kv_width + c * h) + 8 * h * shape.norms_per_layer
-    per_pair = sum(a * (p + r) * (2 * shape.kv_width + r) for p, r in pair_lengths)
-    return tokens * per_token + per_pair
+    c = 5 if a < 4 else 2
+    result = []
+    for layer in shape.per_layer:
+        kv = 0 if layer.shares_kv else 2 * layer.kv_width
+        per_token = a * (4 * layer.intermediate + kv + 3 * layer.query + c * h) + 8 * layer.norm_width
+        if layer.per_layer_input:
+            per_token += a * h + 12 * layer.per_layer_input
+        per_pair = sum(a * (p + r) * (2 * layer.kv_width + r) for p, r in pair_lengths)
+        result.append(tokens * per_token + per_pair)
+    return result
+
+
+def recomputed_layers(layers: int, every_n_layers: int) -> range:
+    """The layers transformers checkpoints with `every_n_layers` (activation_checkpointing_kwargs): 0, n, 2n, ..."""
+    return range(0, layers, every_n_layers)
+
+
+def kept_activation_bytes(shape: DecoderShape, tokens: int, pair_lengths: list[tuple[int, int]],
+                          activation_bytes: int, recomputed: int | Collection[int] = ()) -> int:
+    """Activation bytes a forward keeps for backward, the `recomputed` layers checkpointed (they keep only
+    their fp32 input, and backward recomputes one layer at a time, so the largest of them adds its own).
+
+    Which layers are recomputed matters where layers differ, and is known: `recomputed` is their indices
+    (`recomputed_layers`), and the sum is exact per layer. A bare count (as older callers pass) is bounded
+    from above: the smallest layers are taken for the recomputed ones, and the largest layer's recompute."""
+    per_layer = layer_activation_bytes(shape, tokens, pair_lengths, activation_bytes)
+    if isinstance(recomputed, int):
+        count, order = recomputed, sorted(per_layer)
+        kept = sum(order[count:]) + (order[-1] if count else 0)
+    else:
+        chosen = set(recomputed)
+        count = len(chosen)
+        kept = (sum(b for i, b in enumerate(per_layer) if i not in chosen)
+                + max((per_layer[i] for i in chosen), default=0))
+    per_layer_inputs = 12 * sum(layer.per_layer_input for layer in shape.per_layer)  # Gemma 3n/4, fp32
+    return (kept + count * tokens * shape.hidden * 4
+            + tokens * (shape.hidden * (8 + activation_bytes) + per_layer_inputs))  # final norm, head input
 
 
 def step_bytes(shape: DecoderShape, tokens: int, pair_lengths: list[tuple[int, int]], activation_bytes: int,
-               checkpointed_layers: int, chunk_size: int, weights_on_device: bool) -> int:
+               checkpointed_layers: int | Collection[int], chunk_size: int, weights_on_device: bool) -> int:
     """Memory a training step allocates on its device beyond what is in use before training, with
-    `checkpointed_layers` of the layers recomputed (they keep only their fp32 input, and backward
-    recomputes one layer at a time)."""
-    layer = layer_activation_bytes(shape, tokens, pair_lengths, activation_bytes)
-    kept = (shape.layers - checkpointed_layers) * layer + tokens * shape.hidden * (8 + activation_bytes)  # final norm, head input
-    if checkpointed_layers:
-        kept += checkpointed_layers * tokens * shape.hidden * 4 + layer
+    `checkpointed_layers` recomputed: their indices, or their number (`kept_activation_bytes`)."""
+    kept = kept_activation_bytes(shape, tokens, pair_lengths, activation_bytes, checkpointed_layers)
     head_chunk = min(chunk_size, tokens) * shape.vocab * (8 + activation_bytes)  # fp32 logits and probs, one chunk
     autocast_copies = shape.params * activation_bytes if activation_bytes < shape.weight_bytes else 0
     training_state = shape.trainable * (shape.weight_bytes + OPTIMIZER_BYTES)  # gradients, optimizer
@@ -106,7 +229,7 @@ def choose_checkpointing(shape: DecoderShape, tokens: int, pair_lengths: list[tu
                          budget: int) -> tuple[int | None, int]:
     """(every_n_layers, estimated bytes) of the fewest checkpointed layers whose step fits `budget`:
     None = no checkpointing, n = transformers' every n-th layer (1 = every layer, also when nothing fits)."""
-    options = [(None, 0)] + [(every, math.ceil(shape.layers / every)) for every in range(shape.layers, 0, -1)]
+    options = [(None, ())] + [(every, recomputed_layers(shape.layers, every)) for every in range(shape.layers, 0, -1)]
     for every, checkpointed in options:  # fewest checkpointed layers first; the last, every == 1, always returns
         need = step_bytes(shape, tokens, pair_lengths, activation_bytes, checkpointed, chunk_size, weights_on_device)
         if need <= budget or every == 1:

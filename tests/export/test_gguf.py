@@ -223,6 +223,19 @@ def test_what_cannot_be_exported_is_one_line(tmp_path):
         export_gguf(scaled, tmp_path / "x.gguf")
     with pytest.raises(OrpoError, match=r"--outtype q4: choose one of f32, f16, bf16, q8_0"):
         export_gguf(scaled, tmp_path / "x.gguf", "q4")
+    # Gemma 4: its config holds head_dim per layer, which the global config refuses to answer
+    gemma4 = save_tiny(tmp_path / "gemma4", transformers.Gemma4TextConfig, head_dim=8, global_head_dim=16,
+                       hidden_size_per_layer_input=8, vocab_size_per_layer_input=64)
+    with pytest.raises(OrpoError, match=r"^cannot export model type 'gemma4_text' to GGUF; supported: llama, mistral, "
+                                        r"qwen2$"):
+        export_gguf(gemma4, tmp_path / "x.gguf")
+    per_layer = save_tiny(tmp_path / "per_layer")  # a Llama config.json with per-layer overrides
+    config = json.loads((per_layer / "config.json").read_text())
+    config["per_layer_config"] = {"1": {"num_key_value_heads": 4}}
+    (per_layer / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OrpoError, match=r"^cannot export a llama model whose layers differ \(num_key_value_heads: "
+                                        r"per_layer_config\) to GGUF; llama.cpp's llama gives every layer one shape$"):
+        export_gguf(per_layer, tmp_path / "x.gguf")
     assert not list(tmp_path.glob("x.gguf*"))
 
 

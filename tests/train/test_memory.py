@@ -5,22 +5,37 @@ import random
 import pytest
 import torch
 import transformers
+from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
 
 from orpo.data.render import TokenizedPair
 from orpo.ops.attention import use_span_attention
 from orpo.ops.forward import batch_collator, pair_logps
-from orpo.train.memory import (DecoderShape, choose_checkpointing, decoder_shape, free_memory, largest_micro_batch,
-                               layer_activation_bytes, plan_checkpointing, step_bytes)
+from orpo.train.memory import (DecoderShape, LayerShape, choose_checkpointing, decoder_shape, free_memory,
+                               kept_activation_bytes, largest_micro_batch, layer_activation_bytes, plan_checkpointing,
+                               recomputed_layers, step_bytes)
 
-SMALL = DecoderShape(layers=4, hidden=4, intermediate=8, kv_width=2, vocab=10, norms_per_layer=2, params=1000,
-                     trainable=1000, weight_bytes=4)
+SMALL = DecoderShape.uniform(layers=4, hidden=4, intermediate=8, kv_width=2, vocab=10, norms_per_layer=2, params=1000,
+                             trainable=1000, weight_bytes=4)
 
+SIZES = dict(vocab_size=300, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32)
+# Gemma 4 (a heterogeneous config: its full-attention layers override head_dim): sliding and full layers alternate
+# as gemma-4-E2B/E4B: per-layer inputs, the last layers reuse earlier keys/values, with double-wide MLPs
+GEMMA4_E = dict(
+    hidden_size=64, intermediate_size=176, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+    head_dim=16, global_head_dim=32, num_kv_shared_layers=2, use_double_wide_mlp=True, hidden_size_per_layer_input=16,
+    vocab_size_per_layer_input=300)
+GEMMA4 = dict(  # as gemma-4-31B: keys as values and one key/value head in the full layers, no per-layer inputs
+    hidden_size=64, intermediate_size=176, layer_types=["sliding_attention", "full_attention"], head_dim=16,
+    global_head_dim=32, attention_k_eq_v=True, num_global_key_value_heads=1, hidden_size_per_layer_input=0)
 FAMILIES = {
-    "llama": transformers.LlamaConfig,
-    "mistral": transformers.MistralConfig,
-    "qwen2": transformers.Qwen2Config,
-    "qwen3": transformers.Qwen3Config,  # + q/k norms
-    "gemma3": transformers.Gemma3TextConfig,  # + q/k norms, pre/post feed-forward norms, GELU
+    "llama": (transformers.LlamaConfig, {}),
+    "mistral": (transformers.MistralConfig, {}),
+    "qwen2": (transformers.Qwen2Config, {}),
+    "qwen3": (transformers.Qwen3Config, {}),  # + q/k norms
+    "gemma3": (transformers.Gemma3TextConfig, {}),  # + q/k norms, pre/post feed-forward norms, GELU
+    "gemma4-e": (transformers.Gemma4TextConfig, GEMMA4_E),  # + v norms, per-layer widths
+    "gemma4": (transformers.Gemma4TextConfig, GEMMA4),
 }
 
 
@@ -44,11 +59,11 @@ def saved_bytes(model, pairs, autocast: bool) -> int:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_estimate_is_within_15_percent_of_what_a_forward_saves(family, autocast):
     """Four pairs of 10-200 tokens per part through the span route. Measured here: the estimate is
-    0.90-1.0 of the saved bytes (0.998 on SmolLM2-135M, 4 UltraFeedback pairs, 3180 tokens). Under
+    0.97-1.01 of the saved bytes (0.998 on SmolLM2-135M, 4 UltraFeedback pairs, 3180 tokens). Under
     autocast the saved bytes include bf16 copies of the layers' weights, which the step counts
     separately (`step_bytes`), so they are added here."""
-    config = FAMILIES[family](vocab_size=300, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    config_class, extra = FAMILIES[family]
+    config = config_class(**{**SIZES, **extra})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     use_span_attention(model)
@@ -60,7 +75,7 @@ def test_estimate_is_within_15_percent_of_what_a_forward_saves(family, autocast)
     assert tokens == sum(p.shared_length for p in pairs)
     a = 2 if autocast else 4
     shape = decoder_shape(model, config)
-    estimate = shape.layers * layer_activation_bytes(shape, tokens, pair_lengths, a) + tokens * shape.hidden * (8 + a)
+    estimate = kept_activation_bytes(shape, tokens, pair_lengths, a)
     if autocast:
         estimate += 2 * sum(p.numel() for name, p in model.named_parameters() if ".layers." in name)
     measured = saved_bytes(model, pairs, autocast)
@@ -73,20 +88,51 @@ def test_decoder_shape_reads_the_config_and_counts_norms():
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.model.embed_tokens.weight.requires_grad_(False)
     shape = decoder_shape(model, config)
-    assert (shape.layers, shape.hidden, shape.intermediate, shape.kv_width, shape.vocab) == (2, 64, 96, 16, 300)
-    assert shape.norms_per_layer == 6  # input, post-attention, pre- and post-feed-forward, q and k
+    assert (shape.layers, shape.hidden, shape.vocab) == (2, 64, 300)
+    # norms: input, post-attention, pre- and post-feed-forward (4 · 64), query (4 heads · 16), key (1 · 16)
+    assert shape.per_layer == (LayerShape(query=64, kv_width=16, intermediate=96, norm_width=4 * 64 + 64 + 16),) * 2
     assert shape.params == sum(p.numel() for p in model.parameters())
     assert shape.trainable == shape.params - 300 * 64 and shape.weight_bytes == 4
 
 
+def test_decoder_shape_reads_each_gemma4_layer_from_its_modules():
+    """Gemma 4's config holds head_dim per layer (transformers raises AmbiguousGlobalPerLayerAttributeError on
+    config.head_dim): the full-attention layers (1, 3) have heads twice as wide, layers 2 and 3 reuse the keys
+    and values of layers 0 and 1 (no k/v projections or norms of their own) and have double-wide MLPs."""
+    config = transformers.Gemma4TextConfig(**{**SIZES, **GEMMA4_E})
+    with pytest.raises(AmbiguousGlobalPerLayerAttributeError):
+        _ = config.head_dim
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    shape = decoder_shape(model, config)
+    hidden_norms = 5 * 64  # input, post-attention, pre-/post-feed-forward, post-per-layer-input
+    assert shape.per_layer == (
+        LayerShape(query=64, kv_width=32, intermediate=176, norm_width=hidden_norms + 64 + 32 + 32,
+                   per_layer_input=16),
+        LayerShape(query=128, kv_width=64, intermediate=176, norm_width=hidden_norms + 128 + 64 + 64,
+                   per_layer_input=16),
+        LayerShape(query=64, kv_width=32, intermediate=352, norm_width=hidden_norms + 64, per_layer_input=16,
+                   shares_kv=True),
+        LayerShape(query=128, kv_width=64, intermediate=352, norm_width=hidden_norms + 128, per_layer_input=16,
+                   shares_kv=True),
+    )
+    # without layer modules to read (a model orpo cannot look into): each layer's own config, two norms
+    config_only = decoder_shape(torch.nn.Linear(2, 2), config).per_layer
+    assert [(layer.query, layer.kv_width, layer.intermediate) for layer in config_only] == [(64, 32, 176),
+                                                                                           (128, 64, 176)] * 2
+    # the 31B-like shape: full layers read keys as values, with one key/value head
+    config = transformers.Gemma4TextConfig(**{**SIZES, **GEMMA4})
+    shape = decoder_shape(transformers.AutoModelForCausalLM.from_config(config), config)
+    assert [(layer.query, layer.kv_width) for layer in shape.per_layer] == [(64, 32), (128, 32)]
+
+
 def test_layer_activation_bytes_worked_example():
-    """h=4, i=8, kv=2, 2 norms, 10 tokens, one pair with p=2, r=3:
-    fp32 (a=4, c=5):      per token 4·(4·8 + 2·2 + 5·4) + 8·4·2 = 4·56 + 64 = 288; per pair 4·(2+3)·(2·2+3) = 140
-                          → 10·288 + 140 = 3020
-    autocast (a=2, c=8):  per token 2·(32 + 4 + 32) + 64 = 200; per pair 2·5·7 = 70 → 2070"""
-    assert layer_activation_bytes(SMALL, 10, [(2, 3)], 4) == 3020
-    assert layer_activation_bytes(SMALL, 10, [(2, 3)], 2) == 2070
-    assert layer_activation_bytes(SMALL, 10, [], 4) == 2880
+    """Four alike layers, h=4, q=4, i=8, kv=2, 2 norms of the hidden state (n = 8), 10 tokens, one pair with p=2, r=3:
+    fp32 (a=4, c=2):      per token 4·(4·8 + 2·2 + 3·4 + 2·4) + 8·8 = 4·56 + 64 = 288;
+                          per pair 4·(2+3)·(2·2+3) = 140 → 10·288 + 140 = 3020
+    autocast (a=2, c=5):  per token 2·(32 + 4 + 12 + 20) + 64 = 200; per pair 2·5·7 = 70 → 2070"""
+    assert layer_activation_bytes(SMALL, 10, [(2, 3)], 4) == [3020] * 4
+    assert layer_activation_bytes(SMALL, 10, [(2, 3)], 2) == [2070] * 4
+    assert layer_activation_bytes(SMALL, 10, [], 4) == [2880] * 4
 
 
 def test_step_bytes_worked_example():
@@ -101,6 +147,28 @@ def test_step_bytes_worked_example():
     # bf16 autocast of fp32 weights: + a bf16 copy of every weight
     # layers 4·(10·200), final norm + head input 10·4·10, head chunk 4·10·10, the copy 1000·2, state 12000
     assert step_bytes(SMALL, 10, [], 2, 0, 4, True) == 8000 + 400 + 400 + 2000 + 12000
+
+
+def test_layers_of_different_widths_are_summed_each_and_recomputed_where_transformers_does():
+    """SMALL's layer (2880 bytes for 10 fp32 tokens) alternating with one whose query is twice as wide:
+    per token 4·(4·8 + 2·2 + 3·8 + 2·4) + 8·8 = 336 → 3360. Layers [2880, 3360, 2880, 3360], final norm and
+    head input 480; a recomputed layer keeps its fp32 input, 10·4·4 = 160.
+    none recomputed:          2·2880 + 2·3360 + 480                           = 12960
+    every 2nd (layers 0, 2):  2·3360 + 2·160 + 2880 (the larger recompute) + 480 = 10400
+    every 3rd (layers 0, 3):  2880 + 3360 + 2·160 + 3360 + 480                 = 10400
+    a count of 2 (which ones unknown): the two smallest recomputed, the largest recompute:
+                              2·3360 + 2·160 + 3360 + 480                     = 10880 (a bound)"""
+    small = SMALL.per_layer[0]
+    wide = LayerShape(query=8, kv_width=2, intermediate=8, norm_width=8)
+    mixed = DecoderShape((small, wide) * 2, hidden=4, vocab=10, params=1000, trainable=1000, weight_bytes=4)
+    assert layer_activation_bytes(mixed, 10, [], 4) == [2880, 3360] * 2
+    assert list(recomputed_layers(4, 2)) == [0, 2] and list(recomputed_layers(4, 3)) == [0, 3]
+    assert kept_activation_bytes(mixed, 10, [], 4) == 12960
+    assert kept_activation_bytes(mixed, 10, [], 4, recomputed_layers(4, 2)) == 10400
+    assert kept_activation_bytes(mixed, 10, [], 4, recomputed_layers(4, 3)) == 10400
+    assert kept_activation_bytes(mixed, 10, [], 4, 2) == 10880
+    assert step_bytes(mixed, 10, [], 4, [0, 2], 4, True) == 10400 + 480 + 12000
+    assert kept_activation_bytes(SMALL, 10, [], 4, 2) == kept_activation_bytes(SMALL, 10, [], 4, [0, 2])  # alike layers
 
 
 def test_choose_checkpointing_takes_the_fewest_recomputed_layers_that_fit():
@@ -124,8 +192,8 @@ def test_largest_micro_batch_per_layout():
 
 def test_plan_checkpointing_says_why():
     lengths = [(300, 200, 200)] * 8
-    big = DecoderShape(layers=30, hidden=576, intermediate=1536, kv_width=192, vocab=49152, norms_per_layer=2,
-                       params=134_515_008, trainable=134_515_008, weight_bytes=4)
+    big = DecoderShape.uniform(layers=30, hidden=576, intermediate=1536, kv_width=192, vocab=49152, norms_per_layer=2,
+                               params=134_515_008, trainable=134_515_008, weight_bytes=4)
     plan = lambda gb: plan_checkpointing(big, lengths, 4, True, "spans", 4, 1024, True, torch.device("cpu"), 1, gb)
     every, reason = plan(100)
     assert every is None and reason.startswith("off: a step of the largest micro-batch (2800 tokens) needs about")
