@@ -15,7 +15,7 @@ import torch
 
 from orpo.errors import OrpoError
 from orpo.ops.attention import ATTENTION, sliding_window
-from orpo.ops.head import chunked_head
+from orpo.ops.head import chunked_head, unsupported_reason
 from orpo.ops.packing import CHOSEN, PROMPT, REJECTED, collate_padded, collate_prefix_shared, segment_sums
 
 
@@ -30,17 +30,11 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def check_supported(model: torch.nn.Module) -> None:
-    """Fail clearly on heads this path would compute wrongly (scaled or soft-capped logits)."""
-    lm = causal_lm(model)
-    config = lm.config
-    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        value = getattr(config, name, None)
-        if value not in (None, 1, 1.0):
-            raise OrpoError(f"{type(lm).__name__}: {name}={value} is not supported by orpo's output head yet")
-    head = lm.get_output_embeddings()
-    if head is None or getattr(head, "bias", None) is not None:
-        raise OrpoError(f"{type(lm).__name__}: orpo needs a bias-free linear output head (lm_head)")
+def chunked_head_reason(model: torch.nn.Module) -> str | None:
+    """None if the chunked head reproduces the model's logits (a Linear head, with or without a bias, and
+    no transform after it or one head.POST_HEAD knows: Gemma 2/3 softcap, Cohere / Granite scales);
+    else a short reason why not. Reads attributes only: no model call."""
+    return unsupported_reason(causal_lm(model))
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
@@ -144,9 +138,12 @@ class PairLogps:
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int, head: str = "chunked") -> PairLogps:
     """Completion and prompt log-prob sums per pair for a batch from `packing`, from one call of `model`.
 
-    head="chunked": during the call the output head computes the target tokens' log-probs only
-    (head.py). head="logits": the model returns its own [rows, T, vocab] logits, whatever its head
-    does to them, and the targets' log-probs are gathered from an fp32 log-softmax (more memory)."""
+    head="chunked": during the call the output head computes the target tokens' log-probs only, with
+    the family's transform of its logits (head.py). head="logits": the model returns its own
+    [rows, T, vocab] logits, whatever its head does to them, and the targets' log-probs are gathered
+    from an fp32 log-softmax (more memory)."""
+    if head not in ("chunked", "logits"):
+        raise ValueError(f"head must be 'chunked' or 'logits', got {head!r}")
     lm = causal_lm(model)
     inputs = model_inputs(batch)
     if "attention_mask" in batch:
@@ -154,10 +151,10 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
         inputs["attention_mask"] = dense_attention_mask(config, batch["attention_mask"], batch["position_ids"], lm.dtype)
     if head == "logits":
         logits = model(**inputs).logits
-        hidden = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["target_source"])
-        token_logps = hidden.float().log_softmax(-1).gather(1, batch["target_ids"][:, None]).squeeze(1)
+        target_logits = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["target_source"])
+        token_logps = target_logits.float().log_softmax(-1).gather(1, batch["target_ids"][:, None]).squeeze(1)
     else:
-        with chunked_head(lm.get_output_embeddings(), batch["target_source"], batch["target_ids"], chunk_size):
+        with chunked_head(lm, batch["target_source"], batch["target_ids"], chunk_size):
             token_logps = model(**inputs).logits
     if token_logps.shape != batch["target_ids"].shape:
         raise OrpoError(

@@ -5,15 +5,19 @@ the lm_head matmul + fp32 log-softmax run over chunks of those tokens. The autog
 keeps only the inputs and the per-token log-sum-exp; backward recomputes each chunk's logits, so
 peak memory is one chunk of logits, not the whole batch's.
 
-    z_i    = h_i · Wᵀ + u_i · Bᵀ              (u, B: an optional low-rank term, e.g. LoRA: u = s·A·drop(h))
+    a_i    = h_i · Wᵀ + u_i · Bᵀ + bias     (u, B: an optional low-rank term, e.g. LoRA: u = s·A·drop(h);
+                                             bias: the head's optional bias, [V])
+    z_i    = c · tanh(k · a_i / c)          with a softcap c (Gemma 2/3), else z_i = k · a_i (k: `scale`)
     logp_i = z_i[y_i] − logsumexp_v(z_i[v])
     ∂logp_i/∂z_i[v] = 1[v = y_i] − softmax_v(z_i)
+    ∂z_i/∂a_i      = k · (1 − tanh²(k · a_i / c))   (= k without a softcap)
 
 Precision is an explicit argument, not autocast's choice: the logits and the hidden-state
 gradient are computed in `compute_dtype` (forward and backward alike, autocast switched off
-inside); the weight gradients accumulate in fp32 and are rounded once; the log-softmax is fp32.
-`autocast_dtype` gives the dtype an enclosing `torch.autocast` region asks for, so a caller under
-autocast gets bf16 matmuls in both directions.
+inside); the weight and bias gradients accumulate in fp32 and are rounded once; the bias (rounded to
+`compute_dtype`, as the model's own Linear would) is added, and the scale, softcap and log-softmax
+applied, in fp32. `autocast_dtype` gives the dtype an enclosing `torch.autocast` region
+asks for, so a caller under autocast gets bf16 matmuls in both directions.
 """
 from __future__ import annotations
 
@@ -22,12 +26,32 @@ import torch
 DEFAULT_CHUNK_SIZE = 1024
 
 
-def _chunk_logits(h, weight, u, b) -> torch.Tensor:
-    """fp32 [chunk, V] logits of one chunk: h·Wᵀ (+ u·Bᵀ), matmuls in the dtype of `weight`."""
+def _chunk_logits(h, weight, u, b, bias=None) -> torch.Tensor:
+    """fp32 [chunk, V] logits a of one chunk: h·Wᵀ (+ u·Bᵀ) (+ bias), matmuls in the dtype of `weight`."""
     logits = (h.to(weight.dtype) @ weight.T).float()
     if u is not None:
         logits += (u.to(b.dtype) @ b.T).float()
+    if bias is not None:
+        logits += bias.float()
     return logits
+
+
+def _post_head(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """z = softcap · tanh(scale · a / softcap) (or scale · a), in place on the fp32 logits a."""
+    if scale != 1.0:
+        logits.mul_(scale)
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
+
+
+def _post_head_with_derivative(logits: torch.Tensor, scale: float, softcap: float | None):
+    """(z, ∂z/∂a) of `_post_head` from the fp32 logits a (overwritten); ∂z/∂a is a float without a softcap."""
+    if softcap is None:
+        return logits.mul_(scale), scale
+    t = _post_head(logits, scale, None).div_(softcap).tanh_()  # the forward's operations, in its order
+    z = t * softcap
+    return z, t.square_().neg_().add_(1.0).mul_(scale)  # scale · (1 − tanh²): reuses t's memory
 
 
 def autocast_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
@@ -39,26 +63,32 @@ def autocast_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, compute_dtype):
+    def forward(ctx, hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, compute_dtype, bias, scale,
+                softcap):
         with torch.autocast(hidden.device.type, enabled=False):
             return _ChunkedTokenLogprobs._forward(
-                ctx, hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, compute_dtype
+                ctx, hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, compute_dtype, bias, scale, softcap
             )
 
     @staticmethod
-    def _forward(ctx, hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, compute_dtype):
+    def _forward(ctx, hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, compute_dtype, bias, scale,
+                 softcap):
         w = weight.to(compute_dtype)
         b = low_rank_out.to(compute_dtype) if low_rank_out is not None else None
+        c = bias.to(compute_dtype) if bias is not None else None  # rounded as the model's own Linear would
+        transformed = scale != 1.0 or softcap is not None
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logps)
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
             u = low_rank_in[start:end] if low_rank_in is not None else None
-            logits = _chunk_logits(hidden[start:end], w, u, b)
+            logits = _chunk_logits(hidden[start:end], w, u, b, c)
+            if transformed:
+                logits = _post_head(logits, scale, softcap)
             lse[start:end] = torch.logsumexp(logits, dim=-1)
             logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
-        ctx.save_for_backward(hidden, weight, targets, lse, low_rank_in, low_rank_out)
-        ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
+        ctx.save_for_backward(hidden, weight, targets, lse, low_rank_in, low_rank_out, bias)
+        ctx.chunk_size, ctx.compute_dtype, ctx.scale, ctx.softcap = chunk_size, compute_dtype, scale, softcap
         return logps
 
     @staticmethod
@@ -68,22 +98,34 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_logps):
-        hidden, weight, targets, lse, u_all, b_in = ctx.saved_tensors
+        hidden, weight, targets, lse, u_all, b_in, bias = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad_hidden = torch.empty_like(hidden) if need[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
         grad_u = torch.empty_like(u_all) if u_all is not None and need[4] else None
         grad_b = torch.zeros(b_in.shape, dtype=torch.float32, device=b_in.device) if b_in is not None and need[5] else None
+        need_bias = bias is not None and need[7]
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         w = weight.to(ctx.compute_dtype)
         b = b_in.to(ctx.compute_dtype) if b_in is not None else None
+        c = bias.to(ctx.compute_dtype) if bias is not None else None
+        transformed = ctx.scale != 1.0 or ctx.softcap is not None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             h = hidden[start:end]
             u = u_all[start:end] if u_all is not None else None
             g = grad_logps[start:end].float()
-            probs = torch.exp(_chunk_logits(h, w, u, b) - lse[start:end, None])
+            logits = _chunk_logits(h, w, u, b, c)
+            dz_da = None
+            if transformed:
+                z, dz_da = _post_head_with_derivative(logits, ctx.scale, ctx.softcap)
+                probs = z.sub_(lse[start:end, None]).exp_()
+            else:
+                probs = torch.exp(logits - lse[start:end, None])
             grad_logits = probs.mul_(-g[:, None])
             grad_logits.scatter_add_(1, targets[start:end, None], g[:, None])
+            if dz_da is not None:
+                grad_logits.mul_(dz_da)  # ∂/∂z → ∂/∂a
             if grad_hidden is not None:
                 grad_hidden[start:end] = (grad_logits.to(w.dtype) @ w).to(hidden.dtype)
             if grad_weight is not None:
@@ -92,11 +134,15 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 grad_u[start:end] = (grad_logits.to(b.dtype) @ b).to(u.dtype)
             if grad_b is not None:
                 grad_b.addmm_(grad_logits.T, u.float())
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(b_in.dtype)
-        return grad_hidden, grad_weight, None, None, grad_u, grad_b, None
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, None, None, grad_u, grad_b, None, grad_bias, None, None
 
 
 def token_logprobs(
@@ -107,8 +153,11 @@ def token_logprobs(
     low_rank_in: torch.Tensor | None = None,
     low_rank_out: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
+    bias: torch.Tensor | None = None,
+    scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """log p(targets | hidden) under the output head `weight` (plus a low-rank term), in fp32.
+    """log p(targets | hidden) under the output head `weight` (plus a low-rank term and a bias), in fp32.
 
     hidden: [N, H] hidden states at the positions that predict a target (model dtype).
     weight: [V, H] lm_head weight (tied embeddings work: gradients flow to the shared tensor).
@@ -116,9 +165,15 @@ def token_logprobs(
     low_rank_in: [N, R] and low_rank_out: [V, R], both or neither: logits gain low_rank_in · low_rank_outᵀ
       (a LoRA adapter on the head: low_rank_in = scaling · dropout(hidden) · Aᵀ, low_rank_out = B).
     compute_dtype: the matmuls' dtype (default: `weight`'s); the log-softmax is fp32 regardless.
+    bias: [V] the head's bias, added to the logits (gets its gradient).
+    scale, softcap: the logits a become z = softcap · tanh(scale · a / softcap), or z = scale · a when
+      softcap is None (Cohere's logit_scale, Granite's 1 / logits_scaling, Gemma's final softcap).
     Returns [N] float32 log-probs. No gradient is computed for an input that does not require one.
     """
     if (low_rank_in is None) != (low_rank_out is None):
         raise ValueError("low_rank_in and low_rank_out go together")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
     dtype = compute_dtype or weight.dtype
-    return _ChunkedTokenLogprobs.apply(hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, dtype)
+    return _ChunkedTokenLogprobs.apply(hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, dtype, bias,
+                                       float(scale), None if softcap is None else float(softcap))

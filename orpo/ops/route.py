@@ -31,7 +31,7 @@ import torch
 from orpo.data.render import TokenizedPair
 from orpo.errors import OrpoError
 from orpo.ops.attention import ATTENTION, sliding_window, use_span_attention
-from orpo.ops.forward import batch_to, causal_lm, check_supported, input_device, pair_logps
+from orpo.ops.forward import batch_to, causal_lm, chunked_head_reason, input_device, pair_logps
 from orpo.ops.packing import collate_padded, collate_prefix_shared
 
 LAYOUTS = ("spans", "mask", "padded")
@@ -93,7 +93,8 @@ def candidate_routes(lm: torch.nn.Module, packing: bool | None, attention: str |
     packing / attention: the config fields (`packing`, `packed_attention`); None = orpo chooses.
     Forced (either given), only the layouts they name are candidates; a prefix-shared layout forced
     on a model whose layers carry state along the sequence is refused here, before any probe.
-    Each layout is tried with the chunked head, then with the model's own logits."""
+    Each layout is tried with the chunked head, then with the model's own logits; only with those
+    where the chunked head cannot reproduce the model's head (forward.chunked_head_reason)."""
     stateful = sequence_state_layers(lm)
     kinds = ", ".join(stateful)
     if packing is False:
@@ -118,7 +119,10 @@ def candidate_routes(lm: torch.nn.Module, packing: bool | None, attention: str |
         layouts.append(("padded", "no prefix-shared layout reproduced the model's separate forwards"))
     elif packing is True and attention is None and not stateful:
         layouts = [(layout, "--packing true") for layout, _ in layouts]
-    return [Route(layout, head, reason) for head in HEADS for layout, reason in layouts]
+    head_problem = chunked_head_reason(lm)  # None: the chunked head reproduces the model's logits
+    heads = HEADS if head_problem is None else ("logits",)
+    extra = "" if head_problem is None else f"; the model's own logits: {head_problem}"
+    return [Route(layout, head, reason + extra) for head in heads for layout, reason in layouts]
 
 
 def probe_pairs(lm: torch.nn.Module) -> list[TokenizedPair]:
@@ -202,7 +206,6 @@ def choose_route(model: torch.nn.Module, packing: bool | None = None, attention:
     pairs, with the model set up for it (span attention switched on for "spans"). A forced route
     (`packing` False, or `attention` given) that does not is refused in one line; so is a model no
     route reproduces. The model's train/eval mode is restored."""
-    check_supported(model)
     lm = causal_lm(model)
     name = type(lm).__name__
     candidates = candidate_routes(lm, packing, attention)

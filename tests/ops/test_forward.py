@@ -12,7 +12,8 @@ import transformers
 
 from orpo.ops.attention import ATTENTION, use_span_attention
 from orpo.errors import OrpoError
-from orpo.ops.forward import causal_lm, check_supported, dense_attention_mask, pair_logps
+from orpo.ops.forward import causal_lm, chunked_head_reason, dense_attention_mask, pair_logps
+from orpo.ops.head import neutral_post_head
 from orpo.ops.loss import orpo_loss
 from orpo.ops.packing import collate_padded, collate_prefix_shared
 from orpo.data.render import TokenizedPair
@@ -155,36 +156,96 @@ def test_pair_logps_matches_naive_gradients(arch, tied, layout):
     assert head.abs().max() > 1e-3  # the head gradient is really there
 
 
-def test_check_supported_accepts_plain_models():
-    check_supported(tiny_model("llama", True))
-    check_supported(tiny_model("qwen2", False))
-
-
-def test_check_supported_rejects_final_logit_softcapping():
+def test_chunked_head_reason_names_only_what_the_chunked_head_cannot_compute():
+    """Plain heads, and scaled, soft-capped and biased heads of known families (FAMILIES below) are
+    computed by the chunked head; a head that is not a Linear, or a transform attribute on a family
+    head.POST_HEAD does not know, gets a reason (the route then uses the model's own logits)."""
+    assert chunked_head_reason(tiny_model("llama", True)) is None and chunked_head_reason(tiny_model("qwen2", False)) is None
+    for family in FAMILIES:
+        assert chunked_head_reason(family_model(family)) is None
     model = tiny_model("llama", False)
     model.config.final_logit_softcapping = 30.0
-    with pytest.raises(OrpoError, match=r"LlamaForCausalLM: final_logit_softcapping=30.0 is not supported"):
-        check_supported(model)
-
-
-def test_check_supported_rejects_gemma2_softcapping():
-    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                       final_logit_softcapping=30.0)
-    model = transformers.Gemma2ForCausalLM(config)
-    with pytest.raises(OrpoError, match=r"Gemma2ForCausalLM: final_logit_softcapping=30.0"):
-        check_supported(model)
-
-
-def test_check_supported_rejects_logit_scale_and_bias():
+    assert chunked_head_reason(model).startswith("LlamaForCausalLM has config.final_logit_softcapping=30.0")
     model = tiny_model("llama", False)
-    model.config.logit_scale = 0.0625
-    with pytest.raises(OrpoError, match=r"logit_scale=0.0625 is not supported"):
-        check_supported(model)
-    model = tiny_model("llama", False)
-    model.lm_head = torch.nn.Linear(32, VOCAB, bias=True)
-    with pytest.raises(OrpoError, match=r"needs a bias-free linear output head"):
-        check_supported(model)
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    assert "the output head is a Sequential, not a Linear" in chunked_head_reason(_DDPLike(model))
+    with pytest.raises(ValueError, match="head must be"):
+        pair_logps(model, collate_padded(make_pairs(), PAD), chunk_size=4, head="full")
+
+
+# Tiny random models of the families whose head is changed after lm_head (Gemma: final softcap;
+# Cohere: logit_scale; Granite: 1 / logits_scaling) or has a bias (Phi), at values that matter.
+FAMILIES = {
+    "gemma2": (transformers.Gemma2Config, dict(head_dim=8, final_logit_softcapping=2.0)),
+    "gemma3": (transformers.Gemma3TextConfig, dict(head_dim=8, final_logit_softcapping=2.0)),
+    "cohere": (transformers.CohereConfig, dict(logit_scale=0.25)),
+    "cohere2": (transformers.Cohere2Config, dict(head_dim=8, logit_scale=0.25)),
+    "granite": (transformers.GraniteConfig, dict(logits_scaling=4.0)),
+    "granitemoe": (transformers.GraniteMoeConfig, dict(logits_scaling=4.0, num_local_experts=4, num_experts_per_tok=2)),
+    "phi": (transformers.PhiConfig, {}),
+}
+
+
+def family_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+    config_class, head = FAMILIES[family]
+    config = config_class(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          initializer_range=0.2, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, **head)
+    torch.manual_seed(seed)
+    attention = "eager" if family == "gemma2" else "sdpa"  # Gemma 2 has no SDPA path in transformers
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention).float().eval()
+    if model.lm_head.bias is not None:  # initialised to 0: make it matter
+        with torch.no_grad():
+            model.lm_head.bias.copy_(torch.randn(VOCAB, generator=torch.Generator().manual_seed(seed)))
+    return model
+
+
+@pytest.mark.parametrize("head", ["chunked", "logits"])
+@pytest.mark.parametrize("chunk_size", [5, 1024])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pair_logps_per_family_matches_naive_values(family, chunk_size, head):
+    """The padded layout, both heads, against separate full-logits forwards (the model's own transform
+    included); the same weights without the transform (Phi: without the bias) give other sums, so a
+    missed or doubled one fails."""
+    model = family_model(family)
+    pairs = make_pairs()
+    with torch.no_grad():
+        got = pair_logps(model, collate_padded(pairs, PAD), chunk_size=chunk_size, head=head)
+        ref = naive_sums(model, pairs)
+        with neutral_post_head(model):
+            unchanged = naive_sums(model, pairs)
+        if family == "phi":
+            bias = model.lm_head.bias.clone()
+            model.lm_head.bias.zero_()
+            unchanged = naive_sums(model, pairs)
+            model.lm_head.bias.copy_(bias)
+    for key in ("chosen_sum", "rejected_sum", "prompt_sum"):
+        torch.testing.assert_close(getattr(got, key), ref[key], rtol=1e-6, atol=1e-5, msg=key)
+    assert (unchanged["chosen_sum"] - ref["chosen_sum"]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "phi"])
+def test_pair_logps_per_family_matches_naive_gradients(family):
+    """One ORPO objective through pair_logps (chunked head, padded layout): the gradient of every
+    parameter equals the naive path's, with a softcap (Gemma 2), a scale (Cohere), a bias (Phi)."""
+    model = family_model(family, seed=1)
+    pairs = make_pairs(seed=1)
+    nll_tokens = sum(len(p.prompt_ids) - 1 + len(p.chosen_ids) for p in pairs)
+    got = pair_logps(model, collate_padded(pairs, PAD), chunk_size=7)
+    value = scalar_objective(got.chosen_sum, got.rejected_sum, got.prompt_sum, got.chosen_tokens,
+                             got.rejected_tokens, nll_tokens)
+    grads = torch.autograd.grad(value, list(model.parameters()))
+    ref = naive_sums(model, pairs)
+    ref_value = scalar_objective(ref["chosen_sum"], ref["rejected_sum"], ref["prompt_sum"], ref["chosen_tokens"],
+                                 ref["rejected_tokens"], nll_tokens)
+    ref_grads = torch.autograd.grad(ref_value, list(model.parameters()))
+    torch.testing.assert_close(value, ref_value, rtol=0, atol=1e-5)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=name)
+    head = dict(zip([id(p) for p in model.parameters()], grads))
+    assert head[id(model.lm_head.weight)].abs().max() > 1e-3  # the head's gradient is really there
+    if model.lm_head.bias is not None:
+        assert head[id(model.lm_head.bias)].abs().max() > 1e-3
 
 
 class _DDPLike(torch.nn.Module):
@@ -215,7 +276,7 @@ def test_causal_lm_unwraps_peft_and_ddp():
     assert causal_lm(_DDPLike(lora)) is model
     assert causal_lm(_DDPLike(model)) is model
     assert causal_lm(model) is model
-    check_supported(_DDPLike(lora))
+    assert chunked_head_reason(_DDPLike(lora)) is None
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -270,3 +270,143 @@ def test_under_autocast_forward_and_backward_share_the_bf16_contract():
     torch.testing.assert_close(gh, rh, rtol=1.6e-2, atol=2e-2)
     torch.testing.assert_close(gw, rw, rtol=1.6e-2, atol=2e-2)
     assert gh.dtype == gw.dtype == torch.float32
+
+
+# ---- the head's bias, a logit scale and a final softcap: z = c · tanh(k · (h·Wᵀ + u·Bᵀ + bias) / c) ----
+
+R = 3  # rank of the low-rank (LoRA) term
+TRANSFORMS = {  # values that matter on logits of O(1–3): a softcap of 2 saturates, a scale of 0.25 flattens
+    "bias": dict(bias=True),
+    "scale": dict(scale=0.25),
+    "softcap": dict(softcap=2.0),
+    "all": dict(bias=True, scale=0.25, softcap=2.0),
+    "all-low-rank": dict(bias=True, scale=3.0, softcap=2.0, low_rank=True),
+}
+
+
+def naive_head(hidden, weight, targets, bias=None, scale=1.0, softcap=None, low_rank_in=None, low_rank_out=None):
+    """The full [N, V] logits of the module docstring's formula, autograd through every step (fp32 after the
+    matmuls, which run in the inputs' dtype; float64 inputs stay float64)."""
+    wide = torch.promote_types(hidden.dtype, torch.float32)
+    a = (hidden @ weight.T).to(wide)
+    if low_rank_in is not None:
+        a = a + (low_rank_in @ low_rank_out.T).to(wide)
+    if bias is not None:
+        a = a + bias.to(wide)
+    z = a * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return torch.log_softmax(z, -1).gather(1, targets[:, None]).squeeze(1)
+
+
+def make_transformed(dtype, transform, n=N, seed=11):
+    """(inputs: hidden, weight, [bias], [low_rank_in, low_rank_out]; keyword options; targets; upstream)."""
+    hidden, weight, targets, up = make(dtype, n=n, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs = {"hidden": hidden, "weight": weight}
+    if transform.get("bias"):
+        inputs["bias"] = (torch.randn(V, generator=g) * 0.5).to(dtype)
+    if transform.get("low_rank"):
+        inputs["low_rank_in"] = (torch.randn(n, R, generator=g) * 0.5).to(dtype)
+        inputs["low_rank_out"] = (torch.randn(V, R, generator=g) * 0.5).to(dtype)
+    options = {k: transform[k] for k in ("scale", "softcap") if k in transform}
+    return inputs, options, targets, up
+
+
+def run_all(fn, inputs, options, targets, upstream, **kw):
+    """fn's value and the gradients of Σ upstream · value for every tensor in `inputs`."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    hidden, weight = leaves.pop("hidden"), leaves.pop("weight")
+    out = fn(hidden, weight, targets, **leaves, **options, **kw)
+    (out * upstream.to(out.dtype)).sum().backward()
+    return out, {"hidden": hidden.grad, "weight": weight.grad, **{k: v.grad for k, v in leaves.items()}}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("chunk_size", [1, 3, N, N + 5])
+def test_fp32_bias_scale_softcap_match_naive(transform, chunk_size):
+    """Values and gradients (hidden, weight, bias, both low-rank parts) equal autograd through the full
+    logits, for chunk sizes that do (1, N) and do not (3, N + 5) divide N = 7."""
+    inputs, options, targets, up = make_transformed(torch.float32, TRANSFORMS[transform])
+    out, grads = run_all(token_logprobs, inputs, options, targets, up, chunk_size=chunk_size)
+    ref, ref_grads = run_all(naive_head, inputs, options, targets, up)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert set(grads) == set(inputs)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32 and grad.abs().max() > 1e-3, name
+        torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=1e-5, msg=name)
+    # the transform matters: the plain head gives other log-probs
+    plain = token_logprobs(inputs["hidden"], inputs["weight"], targets, chunk_size=chunk_size)
+    assert (plain - out).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("chunk_size", [3, N + 5])
+def test_bf16_bias_scale_softcap_match_naive(transform, chunk_size):
+    """bf16 inputs: the matmuls round the logits to bf16 in both paths and the rest is fp32, so values
+    agree tightly; bf16 gradients within ~1 bf16 ulp of the largest entry of the naive and of a float64
+    computation from the same inputs."""
+    inputs, options, targets, up = make_transformed(torch.bfloat16, TRANSFORMS[transform])
+    out, grads = run_all(token_logprobs, inputs, options, targets, up, chunk_size=chunk_size)
+    ref, ref_grads = run_all(naive_head, inputs, options, targets, up)
+    ex, ex_grads = run_all(naive_head, {k: v.double() for k, v in inputs.items()}, options, targets, up.double())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.double(), ex, rtol=0, atol=5e-2)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.bfloat16, name
+        torch.testing.assert_close(grad.float(), ref_grads[name].float(), rtol=1.6e-2, atol=2e-2, msg=name)
+        torch.testing.assert_close(grad.double(), ex_grads[name], rtol=1.6e-2, atol=2e-2, msg=name)
+
+
+def test_softcap_worked_example():
+    """One token, V = 2, W = I, h = [2, 0], softcap c = 1, scale k = 0.5: a = [2, 0], z = tanh([1, 0]) =
+    [0.76159, 0]; logp(y=0) = z0 − log(e^z0 + 1) = 0.76159 − 1.14476 = −0.38317; ∂logp/∂z0 = 1 −
+    softmax(z)0 = 0.31830 and ∂z0/∂a0 = k · (1 − tanh²(1)) = 0.5 · 0.41997, so ∂logp/∂h0 = 0.31830 ·
+    0.20999 = 0.066839 (W = I); ∂/∂h1 = ∂logp/∂z1 · k · (1 − tanh²(0)) = −0.31830 · 0.5 = −0.15915."""
+    h = torch.tensor([[2.0, 0.0]], requires_grad=True)
+    out = token_logprobs(h, torch.eye(2), torch.tensor([0]), scale=0.5, softcap=1.0)
+    out.sum().backward()
+    torch.testing.assert_close(out, torch.tensor([-0.38317]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(h.grad, torch.tensor([[0.066839, -0.15915]]), rtol=0, atol=1e-5)
+
+
+def test_neutral_transform_is_the_default_path():
+    """scale 1 and no softcap run the untransformed code: bitwise the default call."""
+    hidden, weight, targets, up = make(torch.bfloat16, n=20, seed=12)
+    default, gh, gw = run(token_logprobs, hidden, weight, targets, up, chunk_size=6)
+    neutral, nh, nw = run(token_logprobs, hidden, weight, targets, up, chunk_size=6, scale=1.0, softcap=None)
+    assert torch.equal(default, neutral) and torch.equal(gh, nh) and torch.equal(gw, nw)
+
+
+def test_frozen_bias_gets_no_gradient():
+    inputs, options, targets, up = make_transformed(torch.float32, TRANSFORMS["all"])
+    h = inputs["hidden"].clone().requires_grad_(True)
+    bias = inputs["bias"]  # requires_grad False
+    (token_logprobs(h, inputs["weight"], targets, chunk_size=3, bias=bias, **options) * up).sum().backward()
+    assert bias.grad is None
+    _, ref_grads = run_all(naive_head, inputs, options, targets, up)
+    torch.testing.assert_close(h.grad, ref_grads["hidden"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_transformed_head_saves_no_tokens_by_vocab_tensor(chunk_size):
+    n = 64
+    inputs, options, targets, _ = make_transformed(torch.float32, TRANSFORMS["all"], n=n)
+    leaves = {k: v.requires_grad_(True) for k, v in inputs.items()}
+    out, shapes = _saved_shapes(lambda: token_logprobs(leaves["hidden"], leaves["weight"], targets,
+                                                       chunk_size=chunk_size, bias=leaves["bias"], **options))
+    assert sorted(shapes) == sorted([(n, H), (V, H), (n,), (n,), (V,)])  # hidden, weight, targets, lse, bias
+    assert out.grad_fn is not None
+
+
+def test_transformed_peak_tensor_is_one_chunk_of_logits():
+    """As test_peak_tensor_is_one_chunk_of_logits, with a bias, a scale and a softcap."""
+    n, h_dim, v, chunk = 64, 8, 50, 4
+    hidden, weight, targets, up = make(torch.float32, n=n, h=h_dim, v=v, seed=10)
+    h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
+    bias = torch.randn(v, requires_grad=True)
+    with _LargestOutput() as mode:
+        (token_logprobs(h, w, targets, chunk_size=chunk, bias=bias, scale=0.5, softcap=2.0) * up).sum().backward()
+    assert mode.largest <= max(chunk * v, v * h_dim, n * h_dim) == 512
+    assert bias.grad is not None

@@ -182,3 +182,12 @@ def test_the_model_keeps_its_mode():
     model = attention_model().train()
     choose_route(model)
     assert model.training
+
+
+def test_a_head_the_chunked_head_cannot_compute_gets_the_models_own_logits():
+    model = attention_model()
+    model.config.final_logit_softcapping = 30.0  # unknown to head.POST_HEAD for Llama (and ignored by it)
+    assert [r.head for r in candidate_routes(model, None, None)] == ["logits"] * 3
+    route = choose_route(model)
+    assert (route.layout, route.head) == ("spans", "logits")
+    assert "the model's own logits: LlamaForCausalLM has config.final_logit_softcapping=30.0" in route.reason
