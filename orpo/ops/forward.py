@@ -7,6 +7,7 @@ the model's own call of it, so whatever engine shards its weight gathers it as u
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -16,6 +17,8 @@ import torch
 from orpo.errors import OrpoError
 from orpo.ops.attention import ATTENTION, sliding_window
 from orpo.ops.head import chunked_head, unsupported_reason
+from orpo.ops.moe import (RouterBalancing, capture_router_logits, router_aux_loss, router_balancing,
+                          router_logits_off, router_token_mask)
 from orpo.ops.packing import CHOSEN, PROMPT, REJECTED, collate_padded, collate_prefix_shared, segment_sums
 
 
@@ -117,6 +120,9 @@ class PairLogps:
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
     prompt_targets: torch.Tensor
+    # router load balancing (moe.py), for a MoE model with output_router_logits on; else None
+    router_aux_loss: torch.Tensor | None = None  # [] fp32, over the batch's counted tokens
+    router_tokens: torch.Tensor | None = None  # [] int64, the tokens it counts (router_token_mask)
 
     @property
     def logps_chosen(self) -> torch.Tensor:
@@ -149,13 +155,16 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     if "attention_mask" in batch:
         config = lm.config.get_text_config()
         inputs["attention_mask"] = dense_attention_mask(config, batch["attention_mask"], batch["position_ids"], lm.dtype)
-    if head == "logits":
-        logits = model(**inputs).logits
-        target_logits = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["target_source"])
-        token_logps = target_logits.float().log_softmax(-1).gather(1, batch["target_ids"][:, None]).squeeze(1)
-    else:
-        with chunked_head(lm, batch["target_source"], batch["target_ids"], chunk_size):
-            token_logps = model(**inputs).logits
+    balancing = router_balancing(lm)
+    inputs.update(router_logits_off(lm))  # the model's own aux loss would read the 4D mask as padding
+    with capture_router_logits(lm) if balancing else nullcontext() as captured:
+        if head == "logits":
+            logits = model(**inputs).logits
+            target_logits = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["target_source"])
+            token_logps = target_logits.float().log_softmax(-1).gather(1, batch["target_ids"][:, None]).squeeze(1)
+        else:
+            with chunked_head(lm, batch["target_source"], batch["target_ids"], chunk_size):
+                token_logps = model(**inputs).logits
     if token_logps.shape != batch["target_ids"].shape:
         raise OrpoError(
             f"{type(lm).__name__} changes its output head's result before returning it "
@@ -169,4 +178,13 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
         chosen_tokens=counts[CHOSEN],
         rejected_tokens=counts[REJECTED],
         prompt_targets=counts[PROMPT],
+        **(_router_loss(captured.router_logits, batch, balancing) if balancing else {}),
     )
+
+
+def _router_loss(router_logits, batch: dict[str, torch.Tensor], balancing: RouterBalancing) -> dict:
+    """PairLogps' router fields: the load-balancing loss over the tokens moe.router_token_mask counts
+    (each real token once: the prompt once, padding never)."""
+    mask = router_token_mask(batch)
+    aux = router_aux_loss(router_logits, mask, balancing.num_experts, balancing.top_k)
+    return {"router_aux_loss": aux, "router_tokens": mask.sum()}

@@ -22,7 +22,7 @@ class MetricTotals:
     has it (not MPS: float32 there)."""
 
     KEYS = ("nll_sum", "nll_tokens", "or_sum", "log_odds_sum", "logps_chosen_sum", "logps_rejected_sum",
-            "correct", "pairs", "tokens")
+            "correct", "pairs", "tokens", "router_aux_sum", "router_tokens")
 
     def __init__(self):
         self.reset()
@@ -56,6 +56,8 @@ class MetricTotals:
             "margin": (t["logps_chosen_sum"] - t["logps_rejected_sum"]) / t["pairs"],
             "tokens": t["tokens"],
             "tokens_per_second": t["tokens"] / elapsed,
+            # MoE load balancing (moe.py): token-weighted mean over the micro-batches, unscaled by its coef
+            **({"aux_loss": t["router_aux_sum"] / t["router_tokens"]} if t["router_tokens"] else {}),
         }
 
 

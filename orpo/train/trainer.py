@@ -25,6 +25,7 @@ from orpo.errors import OrpoError
 from orpo.ops.forward import batch_collator, causal_lm, pair_logps
 from orpo.ops.loss import orpo_loss
 from orpo.ops.packing import nll_token_count
+from orpo.ops.moe import router_balancing, router_token_mask
 from orpo.ops.route import choose_route
 from orpo.ops.scoring import record_tensor, records_from_tensor, summarize
 from orpo.train.callbacks import (MetricsJsonlCallback, MetricTotals, NonFiniteGuard, ReportCallback,
@@ -78,6 +79,7 @@ class ORPOTrainer(TrainerAdapter):
         if args.disable_dropout:
             disable_dropout(model)
         self.route = choose_route(model, args.packing, args.packed_attention)  # the layout and head (route.py)
+        self.router_balancing = router_balancing(causal_lm(model))  # MoE load balancing (moe.py), or None
 
         self.prepared = {}
         train_pairs = self._prepare(train_dataset, processing_class, args, "train")
@@ -97,6 +99,9 @@ class ORPOTrainer(TrainerAdapter):
             **kwargs,
         )
         logger.info("route: %s", self.route.describe())
+        if self.router_balancing is not None:
+            logger.info("router load balancing: loss + %g · aux_loss (%d experts, top-%d; each token once)",
+                        self.router_balancing.coef, self.router_balancing.num_experts, self.router_balancing.top_k)
         logger.info("precision: %s", getattr(self.args, "precision_reason", "bf16" if self.args.bf16 else "fp32"))
         if hasattr(self, "checkpointing_reason"):
             logger.info("activation checkpointing: %s", self.checkpointing_reason)
@@ -206,12 +211,15 @@ class ORPOTrainer(TrainerAdapter):
         return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths)
 
     def step_totals(self, batch_samples: list, device: torch.device) -> torch.Tensor:
-        """[NLL tokens, pairs] of the whole optimizer step, summed over micro-batches and ranks."""
-        totals = torch.stack(
-            [torch.stack([nll_token_count(b["target_kind"], self.args.nll_scope), b["num_pairs"]]) for b in batch_samples]
-        ).sum(0).to(device)
+        """[NLL tokens, pairs, router tokens] of the whole optimizer step, summed over micro-batches and
+        ranks (router tokens: those the MoE load-balancing loss counts, moe.router_token_mask; 0 without it)."""
+        totals = torch.stack([
+            torch.stack([nll_token_count(b["target_kind"], self.args.nll_scope), b["num_pairs"],
+                         router_token_mask(b).sum() if self.router_balancing else torch.zeros((), dtype=torch.long)])
+            for b in batch_samples
+        ]).sum(0).to(device)
         if self.args.world_size > 1:
-            totals = self.accelerator.gather(totals).view(-1, 2).sum(0)
+            totals = self.accelerator.gather(totals).view(-1, 3).sum(0)
         return totals
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -227,6 +235,11 @@ class ORPOTrainer(TrainerAdapter):
         loss, or_loss, log_odds = orpo_loss(
             logps.logps_chosen, logps.logps_rejected, nll_sum, self.args.beta, nll_tokens, pairs
         )
+        if logps.router_aux_loss is not None:
+            # coef · aux, each micro-batch weighted by its share of the step's counted tokens (all ranks),
+            # so the step's term is coef times the token-weighted mean of the micro-batches' aux losses
+            step_tokens = logps.router_tokens if num_items_in_batch is None else num_items_in_batch[2]
+            loss = loss + self.router_balancing.coef * logps.router_aux_loss * logps.router_tokens / step_tokens
         with torch.no_grad():
             if not model.training:
                 # gather_for_metrics drops the pairs that even_batches repeats to fill the last batch
@@ -247,6 +260,8 @@ class ORPOTrainer(TrainerAdapter):
                 correct=(log_odds > 0).sum(),
                 pairs=inputs["num_pairs"],
                 tokens=inputs["num_tokens"],
+                router_aux_sum=(logps.router_aux_loss * logps.router_tokens) if logps.router_aux_loss is not None else 0.0,
+                router_tokens=logps.router_tokens if logps.router_tokens is not None else 0,
             )
         if num_items_in_batch is not None and self.accelerator.num_processes > 1:
             # DDP averages gradients over ranks; the loss is already normalised by global totals

@@ -2,7 +2,8 @@
 
 MetricTotals worked by hand: two micro-batches, (nll_sum 6, 4 tokens, 2 pairs) and (nll_sum 3,
 2 tokens, 1 pair): nll = 9 / 6 = 1.5 (a token mean, not the mean of 1.5 and 1.5 by batch), or_loss
-= (1.2 + 0.3) / 3 = 0.5, accuracy = (2 + 0) / 3.
+= (1.2 + 0.3) / 3 = 0.5, accuracy = (2 + 0) / 3. With router load balancing, aux losses 1.5 over
+30 counted tokens and 2.0 over 10: aux_loss = (1.5 · 30 + 2.0 · 10) / 40 = 1.625 (a token-weighted mean).
 """
 from types import SimpleNamespace
 
@@ -13,8 +14,9 @@ from orpo.errors import OrpoError
 from orpo.train.callbacks import MetricTotals, NonFiniteGuard
 
 
-def _batch(nll_sum, nll_tokens, or_sum, correct, pairs):
-    return dict(nll_sum=torch.tensor(nll_sum), nll_tokens=torch.tensor(nll_tokens), or_sum=torch.tensor(or_sum),
+def _batch(nll_sum, nll_tokens, or_sum, correct, pairs, aux=0.0, router_tokens=0):
+    return dict(router_aux_sum=torch.tensor(aux * router_tokens), router_tokens=torch.tensor(router_tokens),
+                nll_sum=torch.tensor(nll_sum), nll_tokens=torch.tensor(nll_tokens), or_sum=torch.tensor(or_sum),
                 log_odds_sum=torch.tensor(0.5 * pairs), logps_chosen_sum=torch.tensor(-1.0 * pairs),
                 logps_rejected_sum=torch.tensor(-2.0 * pairs), correct=torch.tensor(correct),
                 pairs=torch.tensor(pairs), tokens=torch.tensor(10 * pairs))
@@ -30,10 +32,14 @@ def test_metric_totals_are_exact_means_kept_on_the_values_device():
     assert summary["nll"] == pytest.approx(1.5) and summary["or_loss"] == pytest.approx(0.5)
     assert summary["accuracy"] == pytest.approx(2 / 3) and summary["margin"] == pytest.approx(1.0)
     assert summary["tokens"] == 30
+    assert "aux_loss" not in summary  # no MoE load balancing
     # a reduce over ranks (here: two identical ranks) keeps the means
     assert totals.summary(lambda t: 2 * t)["nll"] == pytest.approx(1.5)
     totals.reset()
     assert totals.summary(lambda t: t) == {}
+    totals.add(**_batch(6.0, 4, 1.2, 2, 2, aux=1.5, router_tokens=30))
+    totals.add(**_batch(3.0, 2, 0.3, 0, 1, aux=2.0, router_tokens=10))
+    assert totals.summary(lambda t: t)["aux_loss"] == pytest.approx(1.625)
 
 
 class _Trainer:

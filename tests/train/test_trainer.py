@@ -455,3 +455,57 @@ def test_lora_on_the_output_head_trains_its_adapter(tmp_path):
     assert len(head_b) == 1 and head_b[0].abs().max() == 0
     trainer.train()
     assert head_b[0].abs().max() > 1e-4
+
+
+def tiny_mixtral(coef=0.5):
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+        router_aux_loss_coef=coef, max_position_embeddings=128, initializer_range=0.2, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def separate_router_aux_loss(model, batch_pairs):
+    """The Switch load-balancing loss (E · Σ_e f_e · P_e over all layers' counted tokens) with each
+    token once: router logits of prompt + chosen from a separate forward of [prompt + chosen], and of
+    the rejected tokens from a separate forward of [prompt + rejected]."""
+    per_layer = None
+    for pair in batch_pairs:
+        p = len(pair.prompt_ids)
+        chosen = model(input_ids=torch.tensor([pair.prompt_ids + pair.chosen_ids])).router_logits
+        rejected = model(input_ids=torch.tensor([pair.prompt_ids + pair.rejected_ids])).router_logits
+        layers = [torch.cat([c, r[p:]]) for c, r in zip(chosen, rejected)]
+        per_layer = layers if per_layer is None else [torch.cat([a, b]) for a, b in zip(per_layer, layers)]
+    probs = [layer.float().softmax(-1) for layer in per_layer]
+    routed = sum(torch.zeros_like(q).scatter_(1, q.topk(2, -1).indices, 1.0).sum(0) for q in probs)
+    n = sum(q.shape[0] for q in probs)
+    return 4 * ((routed / n) * (sum(q.sum(0) for q in probs) / n)).sum()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_moe_loss_adds_the_router_aux_loss_counting_each_token_once(tmp_path, layout):
+    """A tiny Mixtral with output_router_logits and router_aux_loss_coef 0.5: the step's loss is the
+    naive ORPO loss + 0.5 · aux_loss, aux_loss computed from separate forwards' router logits with the
+    prompt counted once (padding never), on every layout; training logs aux_loss."""
+    data = pairs(4)
+    trainer = make_trainer(tmp_path, tiny_mixtral(), data, beta=0.1, **LAYOUTS[layout])
+    assert trainer.router_balancing.coef == 0.5
+    model = trainer.model.train()
+    batch = trainer.data_collator(data)
+    totals = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    assert totals[2] == sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in data)
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=totals)
+    with torch.no_grad():
+        aux = separate_router_aux_loss(model, data)
+        expected = naive_orpo_loss(model, data, 0.1, "full") + 0.5 * aux
+    assert aux > 1.0  # k = 2 is its value for perfectly balanced routing; random routers are not
+    torch.testing.assert_close(loss.detach().double(), expected.double(), rtol=0, atol=1e-5)
+
+
+def test_moe_training_logs_aux_loss_and_its_loss_includes_it(tmp_path):
+    trainer = make_trainer(tmp_path, tiny_mixtral(), pairs(4), beta=0.1, per_device_train_batch_size=4,
+                           max_steps=1, logging_steps=1, learning_rate=0.0)
+    trainer.train()
+    log = next(r for r in trainer.state.log_history if "loss" in r and "aux_loss" in r)
+    assert log["loss"] == pytest.approx(log["nll"] + 0.1 * log["or_loss"] + 0.5 * log["aux_loss"], rel=1e-4)
