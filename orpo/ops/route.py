@@ -65,7 +65,7 @@ class Route:
 # Layer kinds whose output at a position depends on a state carried along the sequence (not only on
 # attention, which the layouts control): config.layer_types values and module class names.
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "attention", "global",
-                          "local", "hybrid"}
+                          "local", "hybrid", "mlp", "moe"}  # and layers with no sequence mixing at all
 _STATEFUL_CLASS = re.compile(r"Rglru|Rwkv|Lstm|DeltaNet|LinearAttention|ShortConv|SSM|Mixer$")
 
 

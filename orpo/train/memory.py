@@ -140,8 +140,10 @@ def _width(module: torch.nn.Module | None, name: str, side: str) -> int | None:
 
 
 def _layer_shape(block: torch.nn.Module | None, config, hidden: int) -> LayerShape:
-    """`LayerShape` of decoder layer `block` (None: not found, the config's figures and two norms)."""
-    heads = config.num_attention_heads
+    """`LayerShape` of decoder layer `block` (None: not found, the config's figures and two norms). A config
+    without attention heads (Mamba) is read as one head as wide as the hidden state: its layers are then
+    estimated as Llama-shaped ones of the same widths, which the probe-chosen padded route runs."""
+    heads = getattr(config, "num_attention_heads", None) or 1
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     attention, mlp = _child(block, ATTENTION_NAMES), _child(block, MLP_NAMES)
     query = (_width(attention, "o_proj", "in_features") or _width(attention, "q_proj", "out_features")

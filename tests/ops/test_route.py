@@ -191,3 +191,60 @@ def test_a_head_the_chunked_head_cannot_compute_gets_the_models_own_logits():
     route = choose_route(model)
     assert (route.layout, route.head) == ("spans", "logits")
     assert "the model's own logits: LlamaForCausalLM has config.final_logit_softcapping=30.0" in route.reason
+
+
+# The family matrix: tiny random models of many transformers families (tests/family_models.py), each
+# on the route orpo chooses by itself. EXPECTED_ROUTES is the README's family table (test_readme_family_table).
+EXPECTED_ROUTES = {
+    **{t: "spans" for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "gemma4_text", "phi", "phi3",
+                            "cohere", "cohere2", "granite", "starcoder2", "gpt_neox", "gpt2", "olmo2", "smollm3",
+                            "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")},
+    **{t: "mask" for t in ("gemma2", "gpt_oss", "stablelm", "falcon", "nemotron")},
+    **{t: "padded" for t in ("mamba", "mamba2", "falcon_h1", "zamba2", "jamba", "bamba", "granitemoehybrid",
+                             "nemotron_h", "recurrent_gemma", "lfm2", "qwen3_next", "qwen3_5_text")},
+}
+
+
+def fresh_pairs(vocab, seed=7):
+    """Pairs other than the probe's (other seed and lengths), so the check is not the probe again."""
+    from orpo.data.render import TokenizedPair
+
+    rng = torch.Generator().manual_seed(seed)
+    ids = lambda k: torch.randint(3, vocab, (k,), generator=rng).tolist()  # noqa: E731
+    return [TokenizedPair(ids(p), ids(c), ids(r), i) for i, (p, c, r) in enumerate([(37, 23, 41), (9, 52, 6), (20, 3, 30)])]
+
+
+@pytest.mark.parametrize("model_type", list(EXPECTED_ROUTES))
+def test_every_family_trains_exactly_on_the_route_orpo_chooses(model_type, tmp_path):
+    """No flags: the route is the expected one; on other pairs than the probe's, per-pair mean log-probs
+    equal separate forwards (fp32, 1e-5 relative); one training step gives a finite loss and changes
+    the weights."""
+    from family_models import tiny_family_model
+    from orpo.train.config import ORPOConfig
+    from orpo.train.trainer import ORPOTrainer
+    from tiny import chatml_tokenizer
+
+    model = tiny_family_model(model_type)
+    route = choose_route(model)
+    assert route.layout == EXPECTED_ROUTES[model_type], route.describe()
+    pairs = fresh_pairs(model.config.get_text_config().vocab_size)
+    expected = separate_logp_means(model, pairs)
+    got = route_logp_means(model, pairs, route)
+    assert ((got - expected).abs() / expected.abs().clamp(min=1)).max() < 1e-5
+    before = [p.detach().clone() for p in model.parameters()]
+    args = ORPOConfig(output_dir=str(tmp_path), report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
+                      bf16=False, max_steps=1, per_device_train_batch_size=3, learning_rate=1e-3, logging_steps=1)
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=chatml_tokenizer())
+    assert trainer.route == route
+    output = trainer.train()
+    assert torch.isfinite(torch.tensor(output.training_loss))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_readme_family_table():
+    """The README's family table lists exactly EXPECTED_ROUTES (regenerate: python tests/family_models.py README.md)."""
+    from family_models import README_BEGIN, family_table
+
+    readme = open("README.md").read()
+    start = readme.index(README_BEGIN)
+    assert readme[start:].startswith(family_table(EXPECTED_ROUTES))

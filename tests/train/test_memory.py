@@ -125,6 +125,16 @@ def test_decoder_shape_reads_each_gemma4_layer_from_its_modules():
     assert [(layer.query, layer.kv_width) for layer in shape.per_layer] == [(64, 32), (128, 32)]
 
 
+def test_decoder_shape_of_a_model_without_attention_heads():
+    """Mamba's config has no num_attention_heads: each layer is read as one query as wide as the hidden state,
+    its MLP width from config.intermediate_size (the mixer's inner width), and its norm found by name."""
+    config = transformers.MambaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      state_size=8)
+    assert not hasattr(config, "num_attention_heads")
+    shape = decoder_shape(transformers.AutoModelForCausalLM.from_config(config), config)
+    assert shape.per_layer == (LayerShape(query=64, kv_width=64, intermediate=128, norm_width=64),) * 2
+
+
 def test_layer_activation_bytes_worked_example():
     """Four alike layers, h=4, q=4, i=8, kv=2, 2 norms of the hidden state (n = 8), 10 tokens, one pair with p=2, r=3:
     fp32 (a=4, c=2):      per token 4·(4·8 + 2·2 + 3·4 + 2·4) + 8·8 = 4·56 + 64 = 288;
