@@ -1,3 +1,10 @@
+import os
+import tempfile
+
+# Prepared-data caches of the tests (and of the commands they start) in a directory of this run, not the
+# user's datasets cache: set before anything imports datasets, which reads it at import.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="orpo-tests-datasets-")
+
 import pytest
 import torch
 

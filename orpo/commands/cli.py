@@ -1,4 +1,4 @@
-"""`orpo` command line: train, eval, data inspect, generate, chat, report, export, demo, fetch-model.
+"""`orpo` command line: train, eval, data inspect, data prepare, generate, chat, report, export, demo, fetch-model.
 
 `orpo train` exposes every ORPOConfig / TrainingArguments field as a flag (HfArgumentParser);
 `--config file.yaml` supplies defaults that flags override. Problems with the user's input end
@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import statistics
 import sys
 import typing
 from pathlib import Path
@@ -192,7 +191,7 @@ def subcommand_flags(name: str, sources: list[tuple[type, tuple[str, ...]]]) -> 
 
 DATA_FIELDS = ("prompt_column", "chosen_column", "rejected_column", "response_columns", "label_column", "label_map",
                "rating_key", "binarize", "max_length", "max_prompt_length", "max_completion_length", "strict",
-               "skip_bad_rows", "seed", "data_seed")
+               "skip_bad_rows", "seed", "data_seed", "dataset_num_proc", "dataset_cache", "dataset_cache_dir")
 
 
 EVAL_FIELDS = ("beta", "nll_scope", "packing", "packed_attention", "logprob_chunk_size", "bf16")
@@ -201,19 +200,21 @@ EVAL_FIELDS = ("beta", "nll_scope", "packing", "packed_attention", "logprob_chun
 def _subcommand_parser(command: str):
     from transformers import HfArgumentParser
 
-    from orpo.train.config import DataArguments, EvalArguments, InspectArguments, ModelArguments, ORPOConfig
+    from orpo.train.config import (DataArguments, EvalArguments, InspectArguments, ModelArguments, ORPOConfig,
+                                   PrepareArguments)
 
     sources = [(ModelArguments, ("model", "dtype") if command == "eval" else ("model",)),
                (DataArguments, ("dataset", "dataset_split")),
                (ORPOConfig, ("trust_remote_code", *DATA_FIELDS) + (EVAL_FIELDS if command == "eval" else ()))]
-    sources.append((EvalArguments, ("output", "limit", "compare", "reference", "batch_tokens", "batch_size"))
-                   if command == "eval" else (InspectArguments, ("n",)))
+    sources.append({"eval": (EvalArguments, ("output", "limit", "compare", "reference", "batch_tokens", "batch_size")),
+                    "data inspect": (InspectArguments, ("n",)),
+                    "data prepare": (PrepareArguments, ("output",))}[command])
     flags = subcommand_flags(command.title().replace(" ", "") + "Flags", sources)
     return HfArgumentParser(flags, prog=f"orpo {command}")
 
 
 def parse_subcommand_args(command: str, argv: list[str]):
-    """The flags of `orpo eval` / `orpo data inspect` (the same fields as `orpo train`'s)."""
+    """The flags of `orpo eval` / `orpo data inspect` / `orpo data prepare` (the same fields as `orpo train`'s)."""
     args, remaining = _subcommand_parser(command).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
         raise OrpoError(f"orpo {command}: unknown options {remaining}; see orpo {command} --help")
@@ -256,7 +257,22 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def cmd_prepare(argv: list[str]) -> int:
+    """Prepare a dataset ahead of training (the cache, and `--output DIR`), printing what was kept and where."""
+    from orpo.train.config import prepare_data
+
+    args = parse_subcommand_args("data prepare", argv)
+    tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
+    prepared = prepare_data(args, args.dataset, tokenizer, args.dataset_split, output_dir=args.output)
+    print(prepared.report())
+    print(f"{prepared.origin} in {prepared.seconds:.1f} s" + (f"; prepared set written to {args.output} "
+          f"(train from it with --dataset {args.output})" if args.output else ""))
+    return 0
+
+
 def cmd_inspect(argv: list[str]) -> int:
+    from orpo.data.store import pair_lengths
+
     args = parse_subcommand_args("data inspect", argv)
     tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
     prepared = _prepare(args.dataset, args.dataset_split, tokenizer, args)
@@ -270,9 +286,8 @@ def cmd_inspect(argv: list[str]) -> int:
             print(f"--- {name}")
             print(mark[0] + tokenizer.decode(ids) + mark[1])
     print("=== statistics")
-    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
-        lengths = [len(getattr(p, name)) for p in prepared.pairs]
-        print(f"{name[:-4]:>8} tokens: min {min(lengths)}, mean {statistics.mean(lengths):.1f}, max {max(lengths)}")
+    for name, lengths in zip(("prompt", "chosen", "rejected"), pair_lengths(prepared.pairs).T):
+        print(f"{name:>8} tokens: min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()}")
     if prepared.shapes:
         print("rows by shape: " + ", ".join(f"{shape} {count}" for shape, count in prepared.shapes.most_common()))
     print(prepared.report())
@@ -371,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     data_sub.add_parser("inspect", help="rendered pairs with the trained tokens marked, shapes, statistics and drops "
                         "(orpo data inspect --help)", add_help=False)
+    data_sub.add_parser("prepare", help="prepare (tokenize) a dataset ahead of training, into the cache or a "
+                        "directory that --dataset then reads (orpo data prepare --help)", add_help=False)
 
     demo = sub.add_parser("demo", help="offline ORPO demo on SmolLM2-135M-Instruct (a few minutes on CPU)")
     demo.add_argument("--output_dir", default="orpo-demo")
@@ -450,13 +467,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["chat"], ["generate"], ["eval"], ["train"], ["demo"]):
         send_import_logs_to_stderr()
     try:
-        # train, eval and data inspect take the config fields as flags (HfArgumentParser)
+        # train, eval, data inspect and data prepare take the config fields as flags (HfArgumentParser)
         if argv[:1] == ["train"]:
             return cmd_train(argv[1:])
         if argv[:1] == ["eval"]:
             return cmd_eval(argv[1:])
         if argv[:2] == ["data", "inspect"]:
             return cmd_inspect(argv[2:])
+        if argv[:2] == ["data", "prepare"]:
+            return cmd_prepare(argv[2:])
         args = build_parser().parse_args(argv)
         handler = {"demo": cmd_demo, "fetch-model": cmd_fetch_model,
                    "report": cmd_report, "generate": cmd_generate, "chat": cmd_chat,

@@ -178,19 +178,33 @@ def rows_to_pairs(rows, row_format: RowFormat = RowFormat(), source: str = "data
     names = getattr(rows, "column_names", None)
     if names is None:  # list of dicts: the union of keys, in order of first appearance
         names = dict.fromkeys(key for row in rows for key in row)
-    columns = _columns(list(names), row_format, source)
+    columns = resolve_columns(list(names), row_format, source)
     out = PairsFromRows()
     for index, row in enumerate(rows):
-        try:
-            shape = _row_shape(row, columns)
+        shape, pair = read_row(row, index, columns, row_format)
+        if shape is not None:
             out.shapes[shape] += 1
-            out.pairs.append(_pair(row, index, shape, columns, row_format))
-        except DroppedPair as drop:
-            out.count_drop(drop, index)
+        if isinstance(pair, DroppedPair):
+            out.count_drop(pair, index)
+        else:
+            out.pairs.append(pair)
     return out
 
 
-def _columns(names: list[str], fmt: RowFormat, source: str) -> _Columns:
+def read_row(row: dict, index: int, columns: _Columns, fmt: RowFormat) -> tuple[str | None, PreferencePair | DroppedPair]:
+    """(shape, pair) of row `index`, or (shape, the DroppedPair saying why not); shape None when the row
+    fits none. A row's outcome depends on it, its index and the columns only, never on other rows."""
+    try:
+        shape = _row_shape(row, columns)
+    except DroppedPair as drop:
+        return None, drop
+    try:
+        return shape, _pair(row, index, shape, columns, fmt)
+    except DroppedPair as drop:
+        return shape, drop
+
+
+def resolve_columns(names: list[str], fmt: RowFormat, source: str) -> _Columns:
     """Resolve the columns of every shape the dataset can have; `OrpoError` for a missing one."""
     def need(*wanted):
         for name in wanted:

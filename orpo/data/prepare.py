@@ -1,20 +1,54 @@
 """The one data path: a source (file, hub id, `datasets.Dataset` or rows) → TokenizedPairs ready to train.
 
-`prepare_dataset` is what `orpo train`, `ORPOTrainer`, `orpo eval`, `orpo data inspect`, the demo
-and the benchmarks call. It loads rows (load.py), reads each row's shape (formats.py), renders and
-truncates it (render.py), and counts every dropped pair once, by reason, here.
+`prepare_dataset` is what `orpo train`, `ORPOTrainer`, `orpo eval`, `orpo data inspect`, `orpo data
+prepare`, the demo and the benchmarks call. It loads rows (load.py), reads each row's shape (formats.py),
+renders and truncates it (render.py) in `datasets.map` (`num_proc` processes, each a contiguous block
+of rows; a row's outcome depends on it and its index only, so any number of processes gives the same
+pairs), counts every dropped pair once, by reason, and writes the kept pairs as a prepared set
+(store.py): into the cache, keyed by everything that changes the ids, and read memory-mapped.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
+import pyarrow.compute as pc
+from datasets.fingerprint import Hasher
 
-from orpo.data.formats import RowFormat, rows_to_pairs
+from orpo.data.formats import RowFormat, read_row, resolve_columns
 from orpo.data.load import load_rows
 from orpo.data.render import TokenizedPair, render_pair
+from orpo.data.store import (PAIR_COLUMNS, PAIRS_FILE, PairTable, cache_key, dataset_fingerprint, file_fingerprint,
+                             is_prepared_dir, publish, read_prepared, tokenizer_fingerprint)
 from orpo.errors import DroppedPair, OrpoError
+
+logger = logging.getLogger(__name__)
+
+# Below this many rows one process prepares them (measured: starting workers costs more than it gains).
+PARALLEL_MIN_ROWS = 2000
+PROGRESS_MIN_ROWS = 10_000  # datasets' progress bar (rows/s, ETA) from this many rows
+_ROW_BYTES = "row"  # rows Arrow cannot hold as columns (fields whose type changes from row to row): pickled
+_OUTCOME_FEATURES = datasets.Features({
+    "prompt_ids": datasets.Sequence(datasets.Value("int32")),
+    "chosen_ids": datasets.Sequence(datasets.Value("int32")),
+    "rejected_ids": datasets.Sequence(datasets.Value("int32")),
+    "index": datasets.Value("int64"),
+    "shape": datasets.Value("string"),  # "" where the row fits no shape
+    "drop": datasets.Value("string"),  # the drop reason, "" for a kept pair
+    "detail": datasets.Value("string"),
+})
 
 
 @dataclass
@@ -24,14 +58,19 @@ class PreparedData:
     drops:         reason → dropped pairs; first_rows / first_details: reason → the first such row
                    (0-based) and what was wrong with it.
     shapes:        detected row shape → rows read in that shape.
+    pairs:         a PairTable (memory-mapped) for prepared rows; a list where the source was TokenizedPairs.
+    seconds:       how long preparing (or reading the prepared set) took; origin: where the pairs came from
+                   ("prepared ...", "read from the cache ...", "read from the prepared set ...").
     """
 
-    pairs: list[TokenizedPair]
+    pairs: PairTable | list[TokenizedPair]
     rows: int
     drops: Counter = field(default_factory=Counter)
     first_rows: dict[str, int] = field(default_factory=dict)
     first_details: dict[str, str] = field(default_factory=dict)
     shapes: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    origin: str = ""
 
     def report(self) -> str:
         return format_drop_report(self.rows, len(self.pairs), self.drops, self.first_rows, self.first_details)
@@ -60,6 +99,18 @@ def format_drop_report(n_rows: int, n_kept: int, drops: Counter, first_rows: dic
     return f"{head} {parts[0]}" if len(parts) == 1 else "\n  ".join([head, *parts])
 
 
+def default_cache_dir() -> Path:
+    """Where prepared sets are cached unless told: `orpo` in the datasets cache ($HF_DATASETS_CACHE)."""
+    return Path(datasets.config.HF_DATASETS_CACHE) / "orpo"
+
+
+def default_num_proc(rows: int) -> int:
+    """The CPU cores this process may use, for `rows` >= PARALLEL_MIN_ROWS; else 1."""
+    if rows < PARALLEL_MIN_ROWS:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def prepare_dataset(
     source,
     tokenizer,
@@ -71,34 +122,208 @@ def prepare_dataset(
     skip_bad_rows: bool = False,
     split: str = "train",
     name: str | None = None,
+    num_proc: int | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    output_dir: str | Path | None = None,
 ) -> PreparedData:
     """Read, shape, render and truncate every row of `source`.
 
-    source: a file path or hub dataset id (read by `load_rows`, `split` of a hub dataset), a
-            `datasets.Dataset`, a list of row dicts, or a list of `TokenizedPair`s (kept as they are).
-    name:   how messages name the data (default: the path, or "dataset").
+    source:     a file path or hub dataset id (read by `load_rows`, `split` of a hub dataset), a prepared set's
+                directory (`orpo data prepare --output`), a `datasets.Dataset`, a list of row dicts, or a list
+                of `TokenizedPair`s or a PairTable (kept as they are).
+    name:       how messages name the data (default: the path, or "dataset").
+    num_proc:   processes preparing the rows (None: `default_num_proc`).
+    cache_dir:  the cache of prepared sets (None: `default_cache_dir()`); use_cache False: neither read nor
+                written (the set is prepared into a temporary file, still memory-mapped).
+    output_dir: also (or only) keep the prepared set there, for `--dataset output_dir` later.
     Raises `OrpoError` (one line) when nothing usable is left, or on any drop when `strict`.
     """
     if isinstance(source, PreparedData):
         return source
+    if isinstance(source, PairTable):
+        return PreparedData(source, len(source))
     if isinstance(source, list) and source and all(isinstance(p, TokenizedPair) for p in source):
         return PreparedData(list(source), len(source))
-    name = name or (source if isinstance(source, str) else "dataset")
-    rows = load_rows(source, split, skip_bad_rows) if isinstance(source, str) else source
-    if not isinstance(rows, (list, datasets.Dataset)):
-        raise OrpoError(f"{name}: expected a file path, a hub dataset id, a datasets.Dataset or a list of rows, "
-                        f"got {type(rows).__name__}")
-    read = rows_to_pairs(rows, row_format, source=name)
-    tokenized = []
-    for pair in read.pairs:
-        try:
-            tokenized.append(render_pair(pair, tokenizer, max_length, max_prompt_length, max_completion_length))
-        except DroppedPair as drop:
-            read.count_drop(drop, pair.index)  # rendering drops join the same counts
-    prepared = PreparedData(tokenized, len(rows), read.drops, read.first_rows, read.first_details, read.shapes)
+    start = time.perf_counter()
+    name = name or (str(source) if isinstance(source, (str, Path)) else "dataset")
+    fields = {"row_format": dataclasses.asdict(row_format), "max_length": max_length,
+              "max_prompt_length": max_prompt_length, "max_completion_length": max_completion_length,
+              "skip_bad_rows": skip_bad_rows, "split": split}
+    # as prepared.json will hold them (tuples as lists), so a set read back compares equal
+    key_parts = json.loads(json.dumps({"tokenizer": tokenizer_fingerprint(tokenizer), "fields": fields}, default=str))
+    if isinstance(source, (str, Path)) and is_prepared_dir(source):
+        prepared = _read_set(source, key_parts, start)
+    else:
+        rows = None
+        if isinstance(source, (str, Path)) and Path(source).expanduser().is_file():
+            key_parts["source"] = file_fingerprint(Path(source).expanduser())  # before reading it: a hit skips that
+        else:
+            rows = load_rows(str(source), split, skip_bad_rows) if isinstance(source, (str, Path)) else source
+            key_parts["source"] = _rows_fingerprint(rows, name)
+        entry = Path(cache_dir or default_cache_dir()) / cache_key(key_parts) if use_cache else None
+        if entry is not None and is_prepared_dir(entry):
+            prepared = _read_set(entry, key_parts, start, cached=True)
+        else:
+            if rows is None:
+                rows = load_rows(str(source), split, skip_bad_rows)
+            prepared = _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length,
+                                     max_completion_length, name, num_proc, entry, key_parts, start)
+        if output_dir is not None:
+            _copy_set(prepared, entry, Path(output_dir), key_parts)
     if strict and prepared.drops:
         reason, row = min(prepared.first_rows.items(), key=lambda item: item[1])
         raise OrpoError(f"{name}, row {row}: pair dropped ({reason}) and --strict is set; {prepared.report()}")
-    if not prepared.pairs:
+    if not len(prepared.pairs):
         raise OrpoError(f"{name}: zero usable pairs; {prepared.report()}")
     return prepared
+
+
+def _rows_fingerprint(rows, name: str) -> str:
+    if isinstance(rows, datasets.Dataset):
+        return "dataset:" + dataset_fingerprint(rows)
+    if isinstance(rows, list):
+        return "rows:" + Hasher.hash(rows)
+    raise OrpoError(f"{name}: expected a file path, a hub dataset id, a prepared set's directory, a datasets.Dataset "
+                    f"or a list of rows, got {type(rows).__name__}")
+
+
+def _read_set(path, key_parts: dict, start: float, cached: bool = False) -> PreparedData:
+    """A prepared set; one that was prepared with another tokenizer or other data fields is one line."""
+    pairs, meta = read_prepared(path)
+    made = meta.get("key_parts", {})
+    changed = [part for part in ("tokenizer", "fields") if made.get(part) != key_parts[part]]
+    if changed:
+        what = " and ".join({"tokenizer": "another tokenizer", "fields": "other data options"}[c] for c in changed)
+        detail = "" if "fields" not in changed else ": " + ", ".join(
+            f"{k} {made['fields'].get(k)!r} (now {v!r})" for k, v in key_parts["fields"].items()
+            if made.get("fields", {}).get(k) != v)
+        raise OrpoError(f"{path}: prepared with {what}{detail}; prepare it again with this tokenizer and these "
+                        "options (orpo data prepare)")
+    origin = f"read from the cache ({path})" if cached else f"read from the prepared set {path}"
+    return PreparedData(pairs, meta["rows"], Counter(meta["drops"]), meta["first_rows"], meta["first_details"],
+                        Counter(meta["shapes"]), time.perf_counter() - start, origin)
+
+
+def _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length, max_completion_length, name: str,
+                  num_proc: int | None, entry: Path | None, key_parts: dict, start: float) -> PreparedData:
+    names = getattr(rows, "column_names", None)
+    if names is None:  # list of dicts: the union of keys, in order of first appearance
+        names = dict.fromkeys(key for row in rows for key in row)
+    columns = resolve_columns(list(names), row_format, name)
+    pickled = not isinstance(rows, datasets.Dataset)
+    if pickled:  # each row as it is: Arrow would unify (or refuse) fields whose type changes between rows
+        rows = datasets.Dataset.from_dict({_ROW_BYTES: [pickle.dumps(row) for row in rows]})
+    workers = max(1, min(num_proc or default_num_proc(len(rows)), len(rows)))
+    if entry is not None:
+        work = Path(tempfile.mkdtemp(prefix=f"{entry.name}.incomplete-", dir=_mkdir(entry.parent)))
+    else:  # cache off: a temporary set, removed at exit (it stays mapped, and readable by dataloader workers)
+        work = Path(tempfile.mkdtemp(prefix="orpo-prepared-"))
+        atexit.register(shutil.rmtree, work, True)
+    try:
+        with _progress(len(rows) >= PROGRESS_MIN_ROWS):
+            outcomes = rows.map(
+                _prepare_batch, batched=True, with_indices=True, num_proc=workers if workers > 1 else None,
+                remove_columns=rows.column_names, features=_OUTCOME_FEATURES,
+                cache_file_name=str(work / "outcomes.arrow"), new_fingerprint=cache_key({**key_parts, "step": "rows"}),
+                desc=f"preparing {name} ({workers} process{'es' * (workers > 1)})",
+                fn_kwargs=dict(pickled=pickled, columns=columns, row_format=row_format, tokenizer=tokenizer,
+                               max_length=max_length, max_prompt_length=max_prompt_length,
+                               max_completion_length=max_completion_length),
+            )
+            drops, first_rows, first_details, shapes = _count(outcomes)
+            if sum(drops.values()) == len(rows):  # nothing to keep (zero usable pairs: an error below)
+                return PreparedData([], len(rows), Counter(drops), first_rows, first_details, Counter(shapes))
+            kept = outcomes.filter(lambda drop: [not d for d in drop], input_columns="drop", batched=True,
+                                   cache_file_name=str(work / "kept.indices.arrow"))
+            kept.select_columns(list(PAIR_COLUMNS)).flatten_indices(cache_file_name=str(work / PAIRS_FILE))
+        del outcomes, kept
+        for path in work.iterdir():
+            if path.name != PAIRS_FILE:
+                path.unlink()
+        meta = {"rows": len(rows), "drops": drops, "first_rows": first_rows, "first_details": first_details,
+                "shapes": shapes, "key_parts": key_parts, "source": name}
+        if entry is not None:
+            publish(work, entry, meta)
+            pairs, _ = read_prepared(entry)
+            origin = f"prepared with {workers} process{'es' * (workers > 1)}, cached at {entry}"
+        else:
+            pairs = PairTable(datasets.Dataset.from_file(str(work / PAIRS_FILE)))
+            origin = f"prepared with {workers} process{'es' * (workers > 1)} (cache off)"
+    finally:
+        if entry is not None:  # published (renamed away), or failed half-way
+            shutil.rmtree(work, ignore_errors=True)
+    return PreparedData(pairs, len(rows), Counter(drops), first_rows, first_details, Counter(shapes),
+                        time.perf_counter() - start, origin)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _progress(show: bool):
+    """datasets' progress bars (rows/s, ETA) for large sets only; restored after."""
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    if not show:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _prepare_batch(batch: dict, indices: list[int], pickled: bool, columns, row_format: RowFormat, tokenizer,
+                   max_length, max_prompt_length, max_completion_length) -> dict:
+    """One block of rows → one outcome per row (`_OUTCOME_FEATURES`): the pair's ids, or why it was dropped."""
+    if pickled:
+        rows = [pickle.loads(row) for row in batch[_ROW_BYTES]]
+    else:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    out = {name: [] for name in _OUTCOME_FEATURES}
+    for index, row in zip(indices, rows):
+        shape, pair = read_row(row, index, columns, row_format)
+        if not isinstance(pair, DroppedPair):
+            try:
+                pair = render_pair(pair, tokenizer, max_length, max_prompt_length, max_completion_length)
+            except DroppedPair as drop:  # rendering drops join the same counts
+                pair = drop
+        dropped = isinstance(pair, DroppedPair)
+        for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            out[column].append([] if dropped else getattr(pair, column))
+        out["index"].append(index)
+        out["shape"].append(shape or "")
+        out["drop"].append(pair.reason if dropped else "")
+        out["detail"].append(pair.detail if dropped else "")
+    return out
+
+
+def _count(outcomes: datasets.Dataset) -> tuple[dict, dict, dict, dict]:
+    """(drops by reason, first row per reason, its detail, rows per shape), each in order of first row."""
+    table = outcomes.with_format("arrow")[:]
+    shapes = Counter(shape for shape in table["shape"].to_pylist() if shape)
+    dropped = table.filter(pc.not_equal(table["drop"], ""))
+    drops, first_rows, first_details = Counter(), {}, {}
+    for index, reason, detail in zip(*(dropped[c].to_pylist() for c in ("index", "drop", "detail"))):
+        drops[reason] += 1
+        if reason not in first_rows:
+            first_rows[reason], first_details[reason] = index, detail
+    return dict(drops), first_rows, first_details, dict(shapes)
+
+
+def _copy_set(prepared: PreparedData, entry: Path | None, output_dir: Path, key_parts: dict) -> None:
+    """Keep the prepared set at `output_dir` too (`orpo data prepare --output`)."""
+    if is_prepared_dir(output_dir) and output_dir.resolve() == (entry or output_dir).resolve():
+        return
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise OrpoError(f"--output {output_dir}: exists and is not empty; name a new directory")
+    work = Path(tempfile.mkdtemp(prefix=f"{output_dir.name}.incomplete-", dir=_mkdir(output_dir.parent)))
+    with _progress(False):
+        prepared.pairs.table.flatten_indices(cache_file_name=str(work / PAIRS_FILE))
+    if output_dir.exists():
+        output_dir.rmdir()
+    publish(work, output_dir, {"rows": prepared.rows, "drops": dict(prepared.drops), "first_rows": prepared.first_rows,
+                               "first_details": prepared.first_details, "shapes": dict(prepared.shapes),
+                               "key_parts": key_parts, "source": prepared.origin})

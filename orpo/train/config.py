@@ -54,7 +54,8 @@ class ModelArguments:
 class DataArguments:
     """Where the preference data comes from (how its columns are read: ORPOConfig's data fields)."""
 
-    dataset: str = field(metadata={"help": "Preference data: .jsonl/.json/.parquet/.csv (.gz too) or a hub dataset id."})
+    dataset: str = field(metadata={"help": "Preference data: .jsonl/.json/.parquet/.csv (.gz too), a hub dataset id, "
+                                           "or a directory written by orpo data prepare --output."})
     dataset_split: str = field(
         default="train", metadata={"help": "Split of a hub dataset.", "aliases": ["--split"]}
     )
@@ -90,6 +91,17 @@ class InspectArguments:
     """Options of `orpo data inspect`."""
 
     n: int = field(default=3, metadata={"help": "Number of pairs to show.", "aliases": ["-n"]})
+
+
+@dataclass
+class PrepareArguments:
+    """Options of `orpo data prepare`."""
+
+    output: str | None = field(
+        default=None,
+        metadata={"help": "Also write the prepared set to this new directory: `--dataset DIR` of orpo train, eval "
+                  "and data inspect then reads it (e.g. on every node of a multi-node job). Unset: the cache only."},
+    )
 
 
 ON_NONFINITE = ("skip", "stop")
@@ -218,6 +230,22 @@ class ORPOConfig(TrainingArguments):
                   "choices": list(BINARIZE)},
     )
     strict: bool = field(default=False, metadata={"help": "Make any dropped pair an error."})
+    dataset_num_proc: int | None = field(
+        default=None,
+        metadata={"help": "Processes that prepare (read, render, tokenize) the data; unset: the CPU cores this "
+                  "process may use, for 2,000 rows or more (else 1). Any number gives the same pairs. Under "
+                  "torchrun/accelerate the first process of each machine prepares, the others read its result."},
+    )
+    dataset_cache: bool = field(
+        default=True,
+        metadata={"help": "Keep prepared data in the cache and reuse it when the source's content, the tokenizer, "
+                  "every data option and orpo's data code are the same (README: Data)."},
+    )
+    dataset_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Directory of the prepared-data cache; unset: orpo/ in the datasets cache "
+                  "($HF_DATASETS_CACHE, ~/.cache/huggingface/datasets)."},
+    )
     skip_bad_rows: bool = field(
         default=False, metadata={"help": "Skip (and count) JSON lines that cannot be read instead of stopping."}
     )
@@ -269,11 +297,6 @@ class ORPOConfig(TrainingArguments):
     is_encoder_decoder: bool | None = field(
         default=None,
         metadata={"help": "Accepted for TRL compatibility: orpo trains decoder-only causal LMs, so True is an error."},
-    )
-    dataset_num_proc: int | None = field(
-        default=None,
-        metadata={"help": "Accepted for TRL compatibility; ignored: orpo reads and tokenizes the data in one "
-                  "process per rank."},
     )
 
     def __post_init__(self):
@@ -333,12 +356,15 @@ def _check_engine_configs(args) -> None:
                         "(torchrun --nproc_per_node N -m orpo train ...; README: FSDP2)")
 
 
-def prepare_data(args, source, tokenizer, split: str = "train", name: str | None = None) -> PreparedData:
+def prepare_data(args, source, tokenizer, split: str = "train", name: str | None = None,
+                 output_dir: str | None = None) -> PreparedData:
     """`source` through the one data path (`orpo.data.prepare_dataset`) with the data fields of `args`
-    (ORPOConfig, or the parsed flags of `orpo eval` / `orpo data inspect`)."""
+    (ORPOConfig, or the parsed flags of `orpo eval` / `orpo data inspect` / `orpo data prepare`)."""
     return prepare_dataset(
         source, tokenizer, to_row_format(args), args.max_length, args.max_prompt_length,
         args.max_completion_length, strict=args.strict, skip_bad_rows=args.skip_bad_rows, split=split, name=name,
+        num_proc=args.dataset_num_proc, cache_dir=args.dataset_cache_dir, use_cache=args.dataset_cache,
+        output_dir=output_dir,
     )
 
 

@@ -21,6 +21,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback, Tra
 from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from orpo.data.render import TokenizedPair, ensure_chat_template
+from orpo.data.store import pair_lengths
 from orpo.errors import OrpoError
 from orpo.ops.forward import batch_collator, causal_lm, pair_logps
 from orpo.ops.loss import orpo_loss
@@ -171,14 +172,14 @@ class ORPOTrainer(TrainerAdapter):
             else:
                 every, reason = 1, ("on: the model is sharded (DeepSpeed/FSDP) and orpo does not estimate sharded "
                                     "memory; --activation_checkpointing false turns it off")
-        elif not pairs:
+        elif pairs is None or not len(pairs):
             every, reason = 1, "on: no training data to size it by"
         else:
             lm = causal_lm(model)
             shape = decoder_shape(lm, lm.config.get_text_config())
             on_device = next(lm.parameters()).device.type == args.device.type
             every, reason = plan_checkpointing(
-                shape, [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs],
+                shape, [tuple(lengths) for lengths in pair_lengths(pairs).tolist()],
                 args.per_device_train_batch_size, self.route.packing, self.route.attention,
                 2 if args.bf16 or args.fp16 else shape.weight_bytes, args.logprob_chunk_size, on_device, args.device,
                 int(os.environ.get("LOCAL_WORLD_SIZE", "1")), args.memory_budget_gb,
@@ -197,8 +198,14 @@ class ORPOTrainer(TrainerAdapter):
             return None
         if isinstance(dataset, dict):
             return {name: self._prepare(data, tokenizer, args, f"{split}_{name}") for name, data in dataset.items()}
-        prepared = prepare_data(args, dataset, tokenizer, name=dataset if isinstance(dataset, str) else f"{split} dataset")
-        logger.info("%s data: %s", split, prepared.report())
+        name = dataset if isinstance(dataset, str) else f"{split} dataset"
+        if args.dataset_cache:  # one process (per machine without a shared filesystem) prepares; the others read it
+            with args.main_process_first(local=args.save_on_each_node, desc=f"preparing the {split} data"):
+                prepared = prepare_data(args, dataset, tokenizer, name=name)
+        else:  # nothing to share: each process prepares its own
+            prepared = prepare_data(args, dataset, tokenizer, name=name)
+        logger.info("%s data: %s; %s in %.1f s", split, prepared.report(), prepared.origin or "given as pairs",
+                    prepared.seconds)
         self.prepared[split] = prepared
         return prepared.pairs
 
@@ -207,7 +214,7 @@ class ORPOTrainer(TrainerAdapter):
             return None
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
-        lengths = [pair.shared_length for pair in dataset]
+        lengths = pair_lengths(dataset).sum(axis=1).tolist()
         return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths)
 
     def step_totals(self, batch_samples: list, device: torch.device) -> torch.Tensor:

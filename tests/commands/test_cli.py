@@ -261,6 +261,28 @@ def test_inspect_output(model_dir, data_dir, capsys):
     ]
 
 
+def test_data_prepare_writes_a_set_that_inspect_and_train_read(model_dir, data_dir, tmp_path, capsys):
+    """`orpo data prepare --output DIR` once; `--dataset DIR` then gives what the file gives, from the set."""
+    prepared = tmp_path / "prepared"
+    flags = ["--model", str(model_dir), "--dataset_cache_dir", str(tmp_path / "cache")]
+    assert main(["data", "prepare", *flags, "--dataset", str(data_dir / "prefs.jsonl"), "--output", str(prepared)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "kept 8 of 8 pairs"
+    assert lines[1].startswith(f"prepared with 1 process, cached at {tmp_path / 'cache'}")
+    assert lines[1].endswith(f"; prepared set written to {prepared} (train from it with --dataset {prepared})")
+    assert main(["data", "inspect", *flags, "--dataset", str(data_dir / "prefs.jsonl"), "-n", "2"]) == 0
+    from_file = capsys.readouterr().out
+    assert main(["data", "inspect", *flags, "--dataset", str(prepared), "-n", "2"]) == 0
+    assert capsys.readouterr().out == from_file
+    # a set prepared with other options is refused in one line
+    assert main(["data", "inspect", *flags, "--dataset", str(prepared), "--max_length", "16"]) == 2
+    assert "prepared with other data options: max_length 1024 (now 16)" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(["train", *flags, "--dataset", str(prepared), "--output_dir", str(out), "--max_steps", "1",
+                 "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no",
+                 "--disable_tqdm", "true", "--report", "false"]) == 0
+
+
 # ---- eval ---------------------------------------------------------------------------------------------
 
 def odds(logp: float) -> float:

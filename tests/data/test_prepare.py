@@ -10,7 +10,7 @@ import pytest
 
 from orpo.errors import OrpoError
 from orpo.data.prepare import PreparedData, format_drop_report, prepare_dataset
-from tiny import chatml_tokenizer
+from tiny import byte_level_chatml_tokenizer, chatml_tokenizer
 
 ROWS = [
     {"prompt": "why is the sky blue", "chosen": "the sky is blue", "rejected": "no"},  # kept
@@ -90,7 +90,7 @@ def test_prepared_data_counts_shapes():
 
 
 def test_a_source_of_another_type_is_one_line():
-    with pytest.raises(OrpoError, match=r"^dataset: expected a file path, a hub dataset id, a datasets.Dataset"):
+    with pytest.raises(OrpoError, match=r"^dataset: expected a file path, a hub dataset id, a prepared set's directory, a datasets.Dataset"):
         prepare_dataset(42, chatml_tokenizer())
 
 
@@ -108,3 +108,125 @@ def test_drop_report_worked_by_hand():
         "kept 6 of 10 pairs; dropped 4:\n"
         "  chat template error 3 (first at row 2: roles must alternate)\n"
         "  too long 1 (first at row 4)")
+
+
+# --- preparation in several processes, the cache, prepared sets ------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED = Path("/work/shared/data")
+# every fixture shape with the options it is read with (tests/data/test_formats.py), the shared real files,
+# and ROWS (a list whose fields change type between rows: rows kept as they are, not as Arrow columns)
+SOURCES = {
+    "autoj_pairwise.jsonl": dict(response_columns=("response 1", "response 2"),
+                                 label_map={"0": "response 1", "1": "response 2", "2": "tie"}),
+    "llamafactory_openai_tags.jsonl": {}, "llamafactory_sharegpt_dpo.json": {}, "llamafactory_v1_dpo.jsonl": {},
+    "pandalm_testset.json": dict(prompt_columns=("instruction", "input"), response_columns=("response1", "response2"),
+                                 label_columns=("annotator1", "annotator2", "annotator3"),
+                                 label_map={"0": "tie", "1": "response1", "2": "response2"}),
+    "trl_content_parts.jsonl": {}, "ultrafeedback_raw.jsonl": {},
+    "ultrafeedback_1k_train.jsonl": {}, "hh_rlhf_harmless_test.jsonl.gz": {}, "ROWS": {},
+}
+
+
+def one_process_reference(rows, tokenizer, row_format, max_length, max_prompt_length):
+    """Today's single-process path written out from the pure functions: rows → pairs → ids, drops counted."""
+    from orpo.data.formats import rows_to_pairs
+    from orpo.data.render import render_pair
+    from orpo.errors import DroppedPair
+
+    read = rows_to_pairs(rows, row_format)
+    pairs = []
+    for pair in read.pairs:
+        try:
+            pairs.append(render_pair(pair, tokenizer, max_length, max_prompt_length, None))
+        except DroppedPair as drop:
+            read.count_drop(drop, pair.index)
+    return pairs, read
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_any_number_of_processes_gives_todays_pairs_and_drops(source, tmp_path):
+    from orpo.data.formats import RowFormat
+    from orpo.data.load import load_rows
+
+    fmt = RowFormat(**SOURCES[source])
+    tok = byte_level_chatml_tokenizer()  # every text its own ids (the word-level one reads most words as <unk>)
+    if source == "ROWS":
+        data, rows = ROWS, ROWS
+    else:
+        data = str(FIXTURES / source if (FIXTURES / source).exists() else SHARED / source)
+        rows = load_rows(data)
+    pairs, read = one_process_reference(rows, tok, fmt, 256, 128)
+    for num_proc in (1, 2, 3):
+        got = prepare_dataset(data, tok, fmt, 256, 128, num_proc=num_proc, cache_dir=tmp_path / f"cache{num_proc}")
+        assert got.pairs == pairs, num_proc
+        assert (got.rows, dict(got.drops), got.first_rows, got.first_details, dict(got.shapes)) == (
+            len(rows), dict(read.drops), read.first_rows, read.first_details, dict(read.shapes)), num_proc
+        assert got.report() == format_drop_report(len(rows), len(pairs), read.drops, read.first_rows, read.first_details)
+
+
+def test_the_second_preparation_reads_the_cache_and_any_change_misses_it(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    tok, cache = chatml_tokenizer(), tmp_path / "cache"
+    first = prepare_dataset(str(path), tok, max_length=14, max_prompt_length=None, cache_dir=cache)
+    assert first.origin.startswith("prepared with 1 process, cached at " + str(cache))
+    again = prepare_dataset(str(path), tok, max_length=14, max_prompt_length=None, cache_dir=cache)
+    assert again.origin.startswith("read from the cache") and again.pairs == first.pairs
+    assert (again.rows, again.drops, again.first_rows, again.first_details, again.shapes) == (
+        first.rows, first.drops, first.first_rows, first.first_details, first.shapes)
+    assert len(list(cache.iterdir())) == 1
+    # another length limit, another template, other content: each a new entry
+    prepare_dataset(str(path), tok, max_length=15, max_prompt_length=None, cache_dir=cache)
+    other = chatml_tokenizer()
+    other.chat_template = other.chat_template.replace("m['content']", "m['content'] | trim")  # same text, new key
+    prepare_dataset(str(path), other, max_length=14, max_prompt_length=None, cache_dir=cache)
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS[::-1]))
+    changed = prepare_dataset(str(path), tok, max_length=14, max_prompt_length=None, cache_dir=cache)
+    assert changed.origin.startswith("prepared") and [p.index for p in changed.pairs] == [0, 4]
+    assert len(list(cache.iterdir())) == 4
+    # turned off: nothing read or written
+    off = prepare_dataset(str(path), tok, max_length=14, max_prompt_length=None, cache_dir=cache, use_cache=False)
+    assert off.origin == "prepared with 1 process (cache off)" and off.pairs == changed.pairs
+    assert len(list(cache.iterdir())) == 4
+
+
+def test_a_prepared_set_is_trained_from_and_refuses_other_options(tmp_path):
+    tok = chatml_tokenizer()
+    out = tmp_path / "prepared"
+    made = prepare_dataset(ROWS, tok, max_length=14, max_prompt_length=None, cache_dir=tmp_path / "c", output_dir=out)
+    read = prepare_dataset(str(out), tok, max_length=14, max_prompt_length=None)
+    assert read.origin == f"read from the prepared set {out}" and read.pairs == made.pairs
+    assert read.report() == made.report() == "kept 2 of 5 pairs; dropped 3:\n  chosen == rejected 1 (first at row 1)\n" \
+        "  too long 1 (first at row 2: prompt of 20 tokens leaves no room for the completion within max_length=14)\n" \
+        "  wrong types 1 (first at row 3: chosen is int, expected a string or a list of messages)"
+    with pytest.raises(OrpoError, match=r"prepared with other data options: max_length 14 \(now 20\)"):
+        prepare_dataset(str(out), tok, max_length=20, max_prompt_length=None)
+    other = chatml_tokenizer()
+    other.chat_template = "{{ messages[0]['content'] }}"
+    with pytest.raises(OrpoError, match=r"prepared with another tokenizer; prepare it again"):
+        prepare_dataset(str(out), other, max_length=14, max_prompt_length=None)
+    with pytest.raises(OrpoError, match=r"--output .*: exists and is not empty"):
+        prepare_dataset(ROWS, tok, max_length=15, max_prompt_length=None, cache_dir=tmp_path / "c", output_dir=out)
+
+
+def test_prepared_pairs_are_memory_mapped_not_held(tmp_path):
+    """20,000 pairs (6M tokens) prepared, then every pair read: the process's anonymous memory (RssAnon: not
+    the file's pages, which the kernel shares between ranks and can drop) grows by under a tenth of what the
+    ids take as Python lists (about 25 bytes per token)."""
+    script = (
+        "import gc, json, sys; sys.path.insert(0, sys.argv[2]); from orpo.data.prepare import prepare_dataset; "
+        "from orpo.data.store import pair_lengths; from tiny import chatml_tokenizer\n"
+        "rows = [{'prompt': 'why is the sky blue ' * 20, 'chosen': 'the sky is blue ' * 40, 'rejected': 'no ' * 30}] * 20000\n"
+        "p = prepare_dataset(rows, chatml_tokenizer(), max_length=1024, max_prompt_length=512, cache_dir=sys.argv[1])\n"
+        "del rows; gc.collect()\n"
+        "def anon(): return int([l for l in open('/proc/self/status') if l.startswith('RssAnon')][0].split()[1]) * 1024\n"
+        "before = anon(); read = sum(len(x.prompt_ids) + len(x.chosen_ids) + len(x.rejected_ids) for x in p.pairs)\n"
+        "print(json.dumps({'tokens': int(pair_lengths(p.pairs).sum()), 'read': read, 'grew': anon() - before, 'n': len(p.pairs)}))"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache"), str(Path(__file__).resolve().parents[1])],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["n"] == 20000 and result["tokens"] == result["read"] > 2_000_000
+    assert result["grew"] < 0.1 * 25 * result["tokens"], result

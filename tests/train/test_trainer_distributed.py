@@ -487,3 +487,41 @@ def test_deepspeed_zero3_equals_one_process(tmp_path, one_process, deepspeed_env
 def test_deepspeed_zero2_equals_one_process(tmp_path, one_process, deepspeed_environment):
     probe = run_zero(tmp_path, one_process, deepspeed_environment, 2)
     assert probe["after_forward"] == ["Parameter[64, 32]"], probe  # ZeRO-2 shards optimizer state and gradients only
+
+
+PREPARE_ONCE = r'''
+import json, os, sys
+import torch
+from orpo import ORPOConfig, ORPOTrainer
+from tiny import chatml_tokenizer, tiny_llama
+
+out, data, cache = sys.argv[1:4]
+torch.set_num_threads(1)
+args = ORPOConfig(output_dir=out, max_steps=1, per_device_train_batch_size=2, save_strategy="no", report_to="none",
+                  disable_tqdm=True, report=False, bf16=False, dataset_cache_dir=cache, max_length=64)
+trainer = ORPOTrainer(model=tiny_llama(), args=args, train_dataset=data, processing_class=chatml_tokenizer())
+trainer.train()
+with open(os.path.join(out, f"origin-rank{args.process_index}.txt"), "w") as f:
+    f.write(trainer.prepared["train"].origin)
+'''
+
+
+def test_two_ranks_prepare_the_data_once(tmp_path):
+    """torchrun with 2 ranks on one machine, the data a file: rank 0 prepares it into the cache while rank 1
+    waits (TrainingArguments.main_process_first), then rank 1 maps rank 0's set."""
+    rows = [{"prompt": "why is the sky blue", "chosen": "the sky is blue", "rejected": "no"},
+            {"prompt": "what", "chosen": "good", "rejected": "bad"}] * 4
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    script = tmp_path / "prepare_once.py"
+    script.write_text(PREPARE_ONCE)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    out.mkdir()
+    result = _start([torchrun(2)[0] + [str(script), str(out), str(data), str(cache)]], _environment(), tmp_path / "launch")
+    origins = [(out / f"origin-rank{rank}.txt").read_text() if (out / f"origin-rank{rank}.txt").exists() else None
+               for rank in (0, 1)]
+    assert result.returncode == 0 or (None not in origins and "terminate called without" in result.stderr), \
+        result.stderr[-3000:]
+    assert origins[0].startswith(f"prepared with 1 process, cached at {cache}"), origins
+    assert origins[1].startswith(f"read from the cache ({cache}"), origins
+    assert len(list(cache.iterdir())) == 1
