@@ -99,7 +99,12 @@ def cmd_train(argv: list[str]) -> int:
 
     tokenizer = _load_tokenizer(model_args.model, config.trust_remote_code)
     # Prepared before the model loads, so a data problem ends the run in seconds.
-    train = _prepare(data_args.dataset, data_args.dataset_split, tokenizer, config)
+    if config.streaming:  # its first rows read now: a source that cannot be read ends the run here too
+        from orpo.train.config import stream_data
+
+        train = stream_data(config, data_args.dataset, tokenizer, data_args.dataset_split)
+    else:
+        train = _prepare(data_args.dataset, data_args.dataset_split, tokenizer, config)
     eval_data = _prepare(data_args.eval_dataset, data_args.eval_split, tokenizer, config) if data_args.eval_dataset else None
     model = _load_model(model_args.model, model_args.dtype, config.trust_remote_code, on_accelerator=False)
     if model_args.export_gguf:  # a model the export refuses is refused before it is trained

@@ -5,15 +5,21 @@ read by `orpo.data.formats`.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gzip
 import io
 import json
 import logging
+import pickle
 import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 
 from orpo.errors import OrpoError
 
@@ -21,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "name" or "owner/name"
+ROW_COLUMN = "row"  # EncodedRows: each row pickled, as it was read
+_ENCODE_BLOCK = 1000  # rows per Arrow record batch written (what is held in memory while encoding)
 _JSON_NAMES = {"list": "array", "str": "string", "int": "number", "float": "number", "bool": "boolean",
                "NoneType": "null"}
 
@@ -97,8 +105,55 @@ def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
     return row, None
 
 
+class EncodedRows:
+    """Rows exactly as they were read, each pickled into one column of an Arrow file on disk, memory-mapped:
+    fields whose type changes from row to row stay as they are (Arrow would unify or refuse them), and memory
+    does not grow with the number of rows. Iterating gives the row dicts.
+
+    table:        a `datasets.Dataset` with one column ROW_COLUMN (`decode_rows` reads a batch of it)
+    column_names: the union of the rows' keys, in order of first appearance
+    """
+
+    def __init__(self, table: datasets.Dataset, column_names: list[str]):
+        self.table, self.column_names = table, column_names
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.table.iter(batch_size=_ENCODE_BLOCK):
+            yield from decode_rows(batch)
+
+
+def decode_rows(batch: dict) -> list[dict]:
+    """A batch of EncodedRows.table (column ROW_COLUMN) → its row dicts."""
+    return [pickle.loads(row) for row in batch[ROW_COLUMN]]
+
+
+def encode_rows(rows: Iterable[dict], work_dir: str | Path | None = None) -> EncodedRows:
+    """`rows` (any iterable of dicts, read once) → EncodedRows in `work_dir`/rows.arrow, written a block of
+    _ENCODE_BLOCK rows at a time (None: a temporary directory, removed at exit)."""
+    if work_dir is None:
+        work_dir = tempfile.mkdtemp(prefix="orpo-rows-")
+        atexit.register(shutil.rmtree, work_dir, True)
+    path = Path(work_dir) / "rows.arrow"
+    schema = pa.schema([(ROW_COLUMN, pa.binary())])
+    names: dict[str, None] = {}
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        block = []
+        for row in rows:
+            names.update(dict.fromkeys(row))
+            block.append(pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL))
+            if len(block) == _ENCODE_BLOCK:
+                writer.write_batch(pa.record_batch([pa.array(block, pa.binary())], schema=schema))
+                block = []
+        if block:
+            writer.write_batch(pa.record_batch([pa.array(block, pa.binary())], schema=schema))
+    return EncodedRows(datasets.Dataset.from_file(str(path)), list(names))
+
+
 def _json_list(path: Path, gz: bool) -> list[dict]:
-    """A whole-file JSON list of objects."""
+    """A whole-file JSON list of objects (read whole: JSON lines are the form for large sets)."""
     try:
         with _open(path, gz, "rt") as f:
             items = json.load(f)
@@ -113,49 +168,55 @@ def _json_list(path: Path, gz: bool) -> list[dict]:
     return items
 
 
-def _json_rows(path: Path, gz: bool, skip_bad_rows: bool) -> list[dict]:
-    """Read a JSON-lines (or JSON list) file ourselves: each bad line is an error naming it, or,
-    with `skip_bad_rows`, skipped and counted in one warning."""
+def is_json_list(path: Path, gz: bool) -> bool:
+    """Whether a .json/.jsonl file holds one JSON list rather than JSON lines."""
     with _open(path, gz, "rb") as f:
-        if f.read(1 << 16).lstrip().startswith(b"["):  # a whole-file JSON list, not JSON lines
-            return _json_list(path, gz)
-    rows, bad = [], []
+        return f.read(1 << 16).lstrip().startswith(b"[")
+
+
+def json_lines(path: Path, gz: bool, skip_bad_rows: bool) -> Iterator[dict]:
+    """The rows of a JSON-lines file, one at a time, read by orpo: each bad line is an error naming it, or,
+    with `skip_bad_rows`, skipped and counted in one warning at the end."""
+    bad, skipped = None, 0
     with _open(path, gz, "rb") as f:
         for n, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             row, problem = _parse_line(raw)
             if problem is None:
-                rows.append(row)
+                yield row
             elif skip_bad_rows:
-                bad.append(f"line {n}: {problem}")
+                bad, skipped = bad or f"line {n}: {problem}", skipped + 1
             else:
                 raise OrpoError(f"{path}, line {n}: {problem}; expected one JSON object per line "
                                 "(--skip_bad_rows skips bad lines)")
-    if bad:
-        logger.warning("%s: skipped %d bad line%s (first: %s)", path, len(bad), "s" * (len(bad) > 1), bad[0])
-    return rows
+    if skipped:
+        logger.warning("%s: skipped %d bad line%s (first: %s)", path, skipped, "s" * (skipped > 1), bad)
 
 
-def _load_local(path: Path, ext: str, gz: bool, skip_bad_rows: bool):
+def _load_local(path: Path, ext: str, gz: bool, skip_bad_rows: bool, work_dir: str | Path | None,
+                streaming: bool = False):
     builder = _BUILDERS[ext]
     if builder == "json":
-        # Read ourselves: line numbers in errors, per-line UTF-8 checks, bad lines skippable.
+        # Read ourselves: line numbers in errors, per-line UTF-8 checks, bad lines skippable; onto disk as read.
         rows = _json_rows(path, gz, skip_bad_rows)
-        try:
-            return datasets.Dataset.from_list(rows)
-        except Exception:  # a field with different types in different rows: rows are checked one by one later
-            return rows
+        return rows if streaming else encode_rows(rows, work_dir)
     if builder == "parquet" and gz:  # datasets does not decompress parquet itself
         import pyarrow.parquet as pq
 
         with _open(path, True, "rb") as f:
-            return datasets.Dataset(pq.read_table(io.BytesIO(f.read())))
+            table = datasets.Dataset(pq.read_table(io.BytesIO(f.read())))
+        return table.to_iterable_dataset() if streaming else table
     with _quiet_datasets():
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
 
 
-def _load_file(path: Path, skip_bad_rows: bool):
+def _json_rows(path: Path, gz: bool, skip_bad_rows: bool) -> Iterator[dict]:
+    """The rows of a .json/.jsonl file: JSON lines one at a time, a whole-file JSON list read whole."""
+    yield from _json_list(path, gz) if is_json_list(path, gz) else json_lines(path, gz, skip_bad_rows)
+
+
+def _load_file(path: Path, skip_bad_rows: bool, work_dir: str | Path | None, streaming: bool = False):
     ext, gz = _file_type(path)
     if not path.is_file():
         raise OrpoError(f"{path}: not a file; expected a .jsonl, .json, .parquet or .csv file")
@@ -165,33 +226,40 @@ def _load_file(path: Path, skip_bad_rows: bool):
     try:
         if _is_blank(path, gz):
             raise OrpoError(f"{path}: no rows")
-        rows = _load_local(path, ext, gz, skip_bad_rows)
-    except OrpoError:
-        raise
-    except UnicodeDecodeError:
-        raise OrpoError(f"{path}: not UTF-8 text") from None
-    except (OSError, EOFError) as e:  # e.g. a truncated or corrupt gzip file
-        raise OrpoError(f"{path}: could not read it ({_reason(e)})") from None
+        rows = _load_local(path, ext, gz, skip_bad_rows, work_dir, streaming)
     except Exception as e:
-        if "corresponds to no data" in _reason(e):  # datasets' words for an empty split (e.g. a bare csv header)
-            raise OrpoError(f"{path}: no rows") from None
-        raise OrpoError(f"{path}: could not read it as {ext[1:]} ({_reason(e)})") from e
-    if len(rows) == 0:
+        raise _read_error(path, ext, e) from (None if isinstance(e, (OSError, EOFError, UnicodeDecodeError)) else e)
+    if not streaming and len(rows) == 0:
         raise OrpoError(f"{path}: no rows")
     return rows
 
 
-def load_rows(source: str, split: str = "train", skip_bad_rows: bool = False) -> datasets.Dataset | list[dict]:
+def _read_error(path, ext: str, e: Exception) -> OrpoError:
+    """The one line for an exception raised while reading `path`."""
+    if isinstance(e, OrpoError):
+        return e
+    if isinstance(e, UnicodeDecodeError):
+        return OrpoError(f"{path}: not UTF-8 text")
+    if isinstance(e, (OSError, EOFError)):  # e.g. a truncated or corrupt gzip file
+        return OrpoError(f"{path}: could not read it ({_reason(e)})")
+    if "corresponds to no data" in _reason(e):  # datasets' words for an empty split (e.g. a bare csv header)
+        return OrpoError(f"{path}: no rows")
+    return OrpoError(f"{path}: could not read it{' as ' + ext[1:] if ext else ''} ({_reason(e)})")
+
+
+def load_rows(source: str, split: str = "train", skip_bad_rows: bool = False,
+              work_dir: str | Path | None = None) -> datasets.Dataset | EncodedRows:
     """Rows from a local .jsonl/.json/.parquet/.csv file (optionally .gz) or a hub dataset id.
 
     The hub is only tried when `source` is not an existing path and does not look like one.
     Raises `OrpoError` (one line) for every problem with the input; with `skip_bad_rows`, JSON
-    lines that cannot be read are skipped and counted instead. JSON rows whose fields change type
-    from row to row come back as a list of dicts (the bad rows are then dropped as "wrong types").
+    lines that cannot be read are skipped and counted instead. JSON rows come back as EncodedRows (in
+    `work_dir`, default a temporary directory), each exactly as read (a field whose type changes from row
+    to row is then checked row by row, and such rows dropped as "wrong types"); the others as a Dataset.
     """
     path = Path(source).expanduser()
     if path.exists():
-        return _load_file(path, skip_bad_rows)
+        return _load_file(path, skip_bad_rows, work_dir)
     if _looks_like_path(source):
         raise OrpoError(f"{source}: no such file")
     try:
@@ -203,3 +271,26 @@ def load_rows(source: str, split: str = "train", skip_bad_rows: bool = False) ->
     if len(rows) == 0:
         raise OrpoError(f"{source}: no rows in split {split!r}")
     return rows
+
+
+def stream_rows(source: str, split: str = "train", skip_bad_rows: bool = False) -> Iterator[tuple[int, dict]]:
+    """(row number, row) of `source` one at a time, never all in memory; the rows `load_rows` reads, in the
+    same order and numbered the same (0-based). JSON lines are read by orpo, a JSON list whole, parquet/csv
+    and hub datasets by `datasets` with `streaming=True`. A problem met while reading is one `OrpoError`."""
+    path = Path(source).expanduser()
+    if path.exists():
+        rows, ext = _load_file(path, skip_bad_rows, None, streaming=True), _file_type(path)[0]
+    elif _looks_like_path(source):
+        raise OrpoError(f"{source}: no such file")
+    else:
+        path, ext = source, ""
+        try:
+            with _quiet_datasets():
+                rows = datasets.load_dataset(source, split=split, streaming=True)
+        except Exception as e:
+            raise OrpoError(f"{source}: not a local file, and streaming it from the Hugging Face hub failed: "
+                            f"{_reason(e)}") from e
+    try:
+        yield from enumerate(rows)
+    except Exception as e:
+        raise _read_error(path, ext, e) from None

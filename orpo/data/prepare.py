@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
 import shutil
 import tempfile
 import time
@@ -28,7 +27,7 @@ import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 
 from orpo.data.formats import RowFormat, read_row, resolve_columns
-from orpo.data.load import load_rows
+from orpo.data.load import EncodedRows, decode_rows, encode_rows, load_rows
 from orpo.data.render import TokenizedPair, render_pair
 from orpo.data.store import (PAIR_COLUMNS, PAIRS_FILE, PairTable, cache_key, dataset_fingerprint, file_fingerprint,
                              is_prepared_dir, publish, read_prepared, tokenizer_fingerprint)
@@ -39,7 +38,6 @@ logger = logging.getLogger(__name__)
 # Below this many rows one process prepares them (measured: starting workers costs more than it gains).
 PARALLEL_MIN_ROWS = 2000
 PROGRESS_MIN_ROWS = 10_000  # datasets' progress bar (rows/s, ETA) from this many rows
-_ROW_BYTES = "row"  # rows Arrow cannot hold as columns (fields whose type changes from row to row): pickled
 _OUTCOME_FEATURES = datasets.Features({
     "prompt_ids": datasets.Sequence(datasets.Value("int32")),
     "chosen_ids": datasets.Sequence(datasets.Value("int32")),
@@ -72,8 +70,12 @@ class PreparedData:
     seconds: float = 0.0
     origin: str = ""
 
+    @property
+    def kept(self) -> int:
+        return len(self.pairs)
+
     def report(self) -> str:
-        return format_drop_report(self.rows, len(self.pairs), self.drops, self.first_rows, self.first_details)
+        return format_drop_report(self.rows, self.kept, self.drops, self.first_rows, self.first_details)
 
 
 def format_drop_report(n_rows: int, n_kept: int, drops: Counter, first_rows: dict[str, int],
@@ -165,10 +167,15 @@ def prepare_dataset(
         if entry is not None and is_prepared_dir(entry):
             prepared = _read_set(entry, key_parts, start, cached=True)
         else:
-            if rows is None:
-                rows = load_rows(str(source), split, skip_bad_rows)
-            prepared = _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length,
-                                     max_completion_length, name, num_proc, entry, key_parts, start)
+            work = _work_dir(entry)
+            try:
+                if rows is None:  # JSON rows go onto disk as they are read (work/rows.arrow)
+                    rows = load_rows(str(source), split, skip_bad_rows, work_dir=work)
+                prepared = _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length,
+                                         max_completion_length, name, num_proc, work, entry, key_parts, start)
+            finally:
+                if entry is not None:  # published (renamed away), or failed half-way
+                    shutil.rmtree(work, ignore_errors=True)
         if output_dir is not None:
             _copy_set(prepared, entry, Path(output_dir), key_parts)
     if strict and prepared.drops:
@@ -205,54 +212,54 @@ def _read_set(path, key_parts: dict, start: float, cached: bool = False) -> Prep
                         Counter(meta["shapes"]), time.perf_counter() - start, origin)
 
 
-def _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length, max_completion_length, name: str,
-                  num_proc: int | None, entry: Path | None, key_parts: dict, start: float) -> PreparedData:
-    names = getattr(rows, "column_names", None)
-    if names is None:  # list of dicts: the union of keys, in order of first appearance
-        names = dict.fromkeys(key for row in rows for key in row)
-    columns = resolve_columns(list(names), row_format, name)
-    pickled = not isinstance(rows, datasets.Dataset)
-    if pickled:  # each row as it is: Arrow would unify (or refuse) fields whose type changes between rows
-        rows = datasets.Dataset.from_dict({_ROW_BYTES: [pickle.dumps(row) for row in rows]})
-    workers = max(1, min(num_proc or default_num_proc(len(rows)), len(rows)))
+def _work_dir(entry: Path | None) -> Path:
+    """Where a set is prepared: beside its cache entry (published by one rename), or, with the cache off, a
+    temporary directory removed at exit (the set stays mapped there, readable by dataloader workers)."""
     if entry is not None:
-        work = Path(tempfile.mkdtemp(prefix=f"{entry.name}.incomplete-", dir=_mkdir(entry.parent)))
-    else:  # cache off: a temporary set, removed at exit (it stays mapped, and readable by dataloader workers)
-        work = Path(tempfile.mkdtemp(prefix="orpo-prepared-"))
-        atexit.register(shutil.rmtree, work, True)
-    try:
-        with _progress(len(rows) >= PROGRESS_MIN_ROWS):
-            outcomes = rows.map(
-                _prepare_batch, batched=True, with_indices=True, num_proc=workers if workers > 1 else None,
-                remove_columns=rows.column_names, features=_OUTCOME_FEATURES,
-                cache_file_name=str(work / "outcomes.arrow"), new_fingerprint=cache_key({**key_parts, "step": "rows"}),
-                desc=f"preparing {name} ({workers} process{'es' * (workers > 1)})",
-                fn_kwargs=dict(pickled=pickled, columns=columns, row_format=row_format, tokenizer=tokenizer,
-                               max_length=max_length, max_prompt_length=max_prompt_length,
-                               max_completion_length=max_completion_length),
-            )
-            drops, first_rows, first_details, shapes = _count(outcomes)
-            if sum(drops.values()) == len(rows):  # nothing to keep (zero usable pairs: an error below)
-                return PreparedData([], len(rows), Counter(drops), first_rows, first_details, Counter(shapes))
-            kept = outcomes.filter(lambda drop: [not d for d in drop], input_columns="drop", batched=True,
-                                   cache_file_name=str(work / "kept.indices.arrow"))
-            kept.select_columns(list(PAIR_COLUMNS)).flatten_indices(cache_file_name=str(work / PAIRS_FILE))
-        del outcomes, kept
-        for path in work.iterdir():
-            if path.name != PAIRS_FILE:
-                path.unlink()
-        meta = {"rows": len(rows), "drops": drops, "first_rows": first_rows, "first_details": first_details,
-                "shapes": shapes, "key_parts": key_parts, "source": name}
-        if entry is not None:
-            publish(work, entry, meta)
-            pairs, _ = read_prepared(entry)
-            origin = f"prepared with {workers} process{'es' * (workers > 1)}, cached at {entry}"
-        else:
-            pairs = PairTable(datasets.Dataset.from_file(str(work / PAIRS_FILE)))
-            origin = f"prepared with {workers} process{'es' * (workers > 1)} (cache off)"
-    finally:
-        if entry is not None:  # published (renamed away), or failed half-way
-            shutil.rmtree(work, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix=f"{entry.name}.incomplete-", dir=_mkdir(entry.parent)))
+    work = Path(tempfile.mkdtemp(prefix="orpo-prepared-"))
+    atexit.register(shutil.rmtree, work, True)
+    return work
+
+
+def _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length, max_completion_length, name: str,
+                  num_proc: int | None, work: Path, entry: Path | None, key_parts: dict, start: float) -> PreparedData:
+    if isinstance(rows, list):  # each row as it is: Arrow would unify (or refuse) fields whose type changes
+        rows = encode_rows(rows, work)
+    columns = resolve_columns(list(rows.column_names), row_format, name)
+    pickled = isinstance(rows, EncodedRows)
+    if pickled:
+        rows = rows.table
+    workers = max(1, min(num_proc or default_num_proc(len(rows)), len(rows)))
+    with _progress(len(rows) >= PROGRESS_MIN_ROWS):
+        outcomes = rows.map(
+            _prepare_batch, batched=True, with_indices=True, num_proc=workers if workers > 1 else None,
+            remove_columns=rows.column_names, features=_OUTCOME_FEATURES,
+            cache_file_name=str(work / "outcomes.arrow"), new_fingerprint=cache_key({**key_parts, "step": "rows"}),
+            desc=f"preparing {name} ({workers} process{'es' * (workers > 1)})",
+            fn_kwargs=dict(pickled=pickled, columns=columns, row_format=row_format, tokenizer=tokenizer,
+                           max_length=max_length, max_prompt_length=max_prompt_length,
+                           max_completion_length=max_completion_length),
+        )
+        drops, first_rows, first_details, shapes = _count(outcomes)
+        if sum(drops.values()) == len(rows):  # nothing to keep (zero usable pairs: an error below)
+            return PreparedData([], len(rows), Counter(drops), first_rows, first_details, Counter(shapes))
+        kept = outcomes.filter(lambda drop: [not d for d in drop], input_columns="drop", batched=True,
+                               cache_file_name=str(work / "kept.indices.arrow"))
+        kept.select_columns(list(PAIR_COLUMNS)).flatten_indices(cache_file_name=str(work / PAIRS_FILE))
+    del outcomes, kept
+    for path in work.iterdir():
+        if path.name != PAIRS_FILE:
+            path.unlink()
+    meta = {"rows": len(rows), "drops": drops, "first_rows": first_rows, "first_details": first_details,
+            "shapes": shapes, "key_parts": key_parts, "source": name}
+    if entry is not None:
+        publish(work, entry, meta)
+        pairs, _ = read_prepared(entry)
+        origin = f"prepared with {workers} process{'es' * (workers > 1)}, cached at {entry}"
+    else:
+        pairs = PairTable(datasets.Dataset.from_file(str(work / PAIRS_FILE)))
+        origin = f"prepared with {workers} process{'es' * (workers > 1)} (cache off)"
     return PreparedData(pairs, len(rows), Counter(drops), first_rows, first_details, Counter(shapes),
                         time.perf_counter() - start, origin)
 
@@ -275,21 +282,30 @@ def _progress(show: bool):
             datasets.enable_progress_bars()
 
 
+def prepare_row(row: dict, index: int, columns, row_format: RowFormat, tokenizer, max_length, max_prompt_length,
+                max_completion_length) -> tuple[str | None, TokenizedPair | DroppedPair]:
+    """One source row → (its shape or None, its TokenizedPair or the DroppedPair saying why not): shaped
+    (formats.read_row), rendered and truncated (render.render_pair). Every path from rows to ids runs this."""
+    shape, pair = read_row(row, index, columns, row_format)
+    if not isinstance(pair, DroppedPair):
+        try:
+            pair = render_pair(pair, tokenizer, max_length, max_prompt_length, max_completion_length)
+        except DroppedPair as drop:  # rendering drops join the same counts
+            pair = drop
+    return shape, pair
+
+
 def _prepare_batch(batch: dict, indices: list[int], pickled: bool, columns, row_format: RowFormat, tokenizer,
                    max_length, max_prompt_length, max_completion_length) -> dict:
     """One block of rows → one outcome per row (`_OUTCOME_FEATURES`): the pair's ids, or why it was dropped."""
     if pickled:
-        rows = [pickle.loads(row) for row in batch[_ROW_BYTES]]
+        rows = decode_rows(batch)
     else:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
     out = {name: [] for name in _OUTCOME_FEATURES}
     for index, row in zip(indices, rows):
-        shape, pair = read_row(row, index, columns, row_format)
-        if not isinstance(pair, DroppedPair):
-            try:
-                pair = render_pair(pair, tokenizer, max_length, max_prompt_length, max_completion_length)
-            except DroppedPair as drop:  # rendering drops join the same counts
-                pair = drop
+        shape, pair = prepare_row(row, index, columns, row_format, tokenizer, max_length, max_prompt_length,
+                                  max_completion_length)
         dropped = isinstance(pair, DroppedPair)
         for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
             out[column].append([] if dropped else getattr(pair, column))

@@ -206,6 +206,24 @@ def truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length
     return prompt, chosen, rejected
 
 
+def longest_pair(max_length: int | None, max_prompt_length: int | None,
+                 max_completion_length: int | None) -> tuple[int, int, int] | None:
+    """(prompt, chosen, rejected) token counts of the pair with the most tokens `truncate` lets through (its
+    prefix-shared row is the longest), or None when the limits do not bound it. With max_length L, prompt
+    p ≥ 1 and completion limit m: chosen = rejected = min(m, L − p), so p + 2·min(m, L − p) grows with p
+    while L − p ≥ m and shrinks after: p = L − m, kept within [1, min(max_prompt_length, L − 1)].
+    E.g. L=1024, no other limits: (1, 1023, 1023); L=1024, m=256, max_prompt_length 512: (512, 256, 256)."""
+    if max_length is None:
+        if max_prompt_length is None or max_completion_length is None:
+            return None
+        return max_prompt_length, max_completion_length, max_completion_length
+    longest_prompt = min(max_prompt_length or max_length - 1, max_length - 1)
+    prompt = 1 if max_completion_length is None else min(max(max_length - max_completion_length, 1), longest_prompt)
+    prompt = max(prompt, 1)
+    completion = min(max_completion_length or max_length, max_length - prompt)
+    return prompt, completion, completion
+
+
 MAX_CHARS_PER_TOKEN = 256
 """No token of a real vocabulary spans more characters than this (BPE merges top out at a few
 dozen), so `limit × MAX_CHARS_PER_TOKEN` characters always hold more than `limit` tokens."""

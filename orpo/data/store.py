@@ -33,7 +33,7 @@ from orpo.data.render import TokenizedPair
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "index")
 PAIRS_FILE = "pairs.arrow"
 META_FILE = "prepared.json"
-_DATA_LAYER = ("formats.py", "render.py", "prepare.py", "store.py")
+_DATA_LAYER = ("load.py", "formats.py", "render.py", "prepare.py", "store.py")
 CODE_VERSION = hashlib.sha256(b"".join((Path(__file__).parent / name).read_bytes() for name in _DATA_LAYER)).hexdigest()[:16]
 
 

@@ -18,6 +18,7 @@ import yaml
 
 from orpo.data.load import is_hub_dataset_id
 from orpo.data.prepare import PreparedData
+from orpo.data.stream import PairStream
 from orpo.export.merge import is_adapter_dir
 from orpo.train.models import is_hub_model_id
 from orpo.train.report import METRICS_FILE, PLOTS, REPORT_FILE, read_metrics
@@ -84,12 +85,15 @@ def _front_matter(base_model: str, hub_ids: set[str], sources: list[str], licens
 def _data_section(data: dict[str, tuple[object, PreparedData]]) -> list[str]:
     lines = ["## Data", "", "| | source | rows | pairs kept | pairs dropped |", "| --- | --- | --- | --- | --- |"]
     for role, (source, prepared) in data.items():
-        lines.append(f"| {role} | `{_source_name(source)}` | {prepared.rows} | {len(prepared.pairs)} | "
+        lines.append(f"| {role} | `{_source_name(source)}` | {prepared.rows} | {prepared.kept} | "
                      f"{sum(prepared.drops.values())} |")
+    streamed = [role for role, (_, p) in data.items() if isinstance(p, PairStream)]
+    if streamed:  # streamed data is counted as it is read: the rows training read, passes included
+        lines += ["", f"Streamed ({', '.join(streamed)}): the rows read while training, counted as they were read."]
     reasons = sorted({r for _, p in data.values() for r in p.drops},
                      key=lambda r: (-sum(p.drops[r] for _, p in data.values()), r))
     if reasons:
-        lines += ["", "Dropped pairs by reason (counted once each, before training):", "",
+        lines += ["", "Dropped pairs by reason (counted once each as rows were read):", "",
                   "| reason | " + " | ".join(data) + " |", "| --- |" + " --- |" * len(data)]
         lines += [f"| {reason} | " + " | ".join(str(p.drops.get(reason, 0)) for _, p in data.values()) + " |"
                   for reason in reasons]

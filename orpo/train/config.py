@@ -18,6 +18,7 @@ from transformers import TrainingArguments
 
 from orpo.data.formats import BINARIZE, RowFormat
 from orpo.data.prepare import PreparedData, prepare_dataset
+from orpo.data.stream import PairStream
 from orpo.errors import OrpoError
 from orpo.ops.packing import PACKED_ATTENTION
 from orpo.train.models import DTYPES, GGUF_OUTTYPES
@@ -246,6 +247,17 @@ class ORPOConfig(TrainingArguments):
         metadata={"help": "Directory of the prepared-data cache; unset: orpo/ in the datasets cache "
                   "($HF_DATASETS_CACHE, ~/.cache/huggingface/datasets)."},
     )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read, shape and tokenize the training rows while training consumes them (a file or hub "
+                  "dataset too large to prepare): nothing is cached, memory is bounded by the shuffle buffer, drops "
+                  "are logged as running totals. Needs --max_steps. The eval data is prepared as usual."},
+    )
+    streaming_shuffle_buffer: int = field(
+        default=10_000,
+        metadata={"help": "With --streaming: rows held to shuffle the stream (seeded by data_seed, else seed; "
+                  "reshuffled every pass); 0 keeps the source's order."},
+    )
     skip_bad_rows: bool = field(
         default=False, metadata={"help": "Skip (and count) JSON lines that cannot be read instead of stopping."}
     )
@@ -336,7 +348,28 @@ class ORPOConfig(TrainingArguments):
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
         to_row_format(self)  # inconsistent data options fail here, before any model is loaded
         _check_engine_configs(self)
+        if self.streaming:
+            _check_streaming(self)
         super().__post_init__()
+        if self.streaming:
+            # every process reads the whole stream and keeps its share of each global batch (accelerate's
+            # IterableDatasetShard); rank 0 batching for all (dispatch_batches, accelerate's default for
+            # iterable data) would have to concatenate packed batches of different lengths
+            if self.accelerator_config.dispatch_batches:
+                raise OrpoError("--streaming shards the stream over processes by batches; accelerator_config "
+                                "dispatch_batches=true is not supported with it")
+            self.accelerator_config.dispatch_batches = False
+
+
+def _check_streaming(args) -> None:
+    """--streaming's requirements, one line each."""
+    if args.max_steps is None or args.max_steps <= 0:
+        raise OrpoError("--streaming needs --max_steps: a stream has no length to count epochs by")
+    if args.dataloader_num_workers:
+        raise OrpoError("--streaming tokenizes in the training process (its drop counts are logged from there): "
+                        "leave --dataloader_num_workers at 0")
+    if args.streaming_shuffle_buffer < 0:
+        raise OrpoError(f"streaming_shuffle_buffer must be >= 0, got {args.streaming_shuffle_buffer}")
 
 
 def _installed(module: str) -> bool:
@@ -359,12 +392,31 @@ def _check_engine_configs(args) -> None:
 def prepare_data(args, source, tokenizer, split: str = "train", name: str | None = None,
                  output_dir: str | None = None) -> PreparedData:
     """`source` through the one data path (`orpo.data.prepare_dataset`) with the data fields of `args`
-    (ORPOConfig, or the parsed flags of `orpo eval` / `orpo data inspect` / `orpo data prepare`)."""
-    return prepare_dataset(
-        source, tokenizer, to_row_format(args), args.max_length, args.max_prompt_length,
-        args.max_completion_length, strict=args.strict, skip_bad_rows=args.skip_bad_rows, split=split, name=name,
-        num_proc=args.dataset_num_proc, cache_dir=args.dataset_cache_dir, use_cache=args.dataset_cache,
-        output_dir=output_dir,
+    (ORPOConfig, or the parsed flags of `orpo eval` / `orpo data inspect` / `orpo data prepare`).
+
+    Under torchrun/accelerate (ORPOConfig with the cache on) the first process prepares while the others
+    wait, then they read its set from the cache (`TrainingArguments.main_process_first`: the first process
+    of each machine with --save_on_each_node, else of the job); with the cache off each prepares its own."""
+    def prepare():
+        return prepare_dataset(
+            source, tokenizer, to_row_format(args), args.max_length, args.max_prompt_length,
+            args.max_completion_length, strict=args.strict, skip_bad_rows=args.skip_bad_rows, split=split,
+            name=name, num_proc=args.dataset_num_proc, cache_dir=args.dataset_cache_dir,
+            use_cache=args.dataset_cache, output_dir=output_dir,
+        )
+
+    if not isinstance(args, TrainingArguments) or not args.dataset_cache or isinstance(source, PreparedData):
+        return prepare()
+    with args.main_process_first(local=args.save_on_each_node, desc=f"preparing {name or source}"):
+        return prepare()
+
+
+def stream_data(args, source, tokenizer, split: str = "train", name: str | None = None) -> PairStream:
+    """`source` as a PairStream (`orpo.data.stream`, `--streaming`) with the data fields of ORPOConfig `args`."""
+    return PairStream(
+        source, tokenizer, to_row_format(args), args.max_length, args.max_prompt_length, args.max_completion_length,
+        skip_bad_rows=args.skip_bad_rows, split=split, name=name, shuffle_buffer=args.streaming_shuffle_buffer,
+        seed=args.data_seed if args.data_seed is not None else args.seed,
     )
 
 

@@ -20,8 +20,9 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
-from orpo.data.render import TokenizedPair, ensure_chat_template
+from orpo.data.render import TokenizedPair, ensure_chat_template, longest_pair
 from orpo.data.store import pair_lengths
+from orpo.data.stream import PairStream
 from orpo.errors import OrpoError
 from orpo.ops.forward import batch_collator, causal_lm, pair_logps
 from orpo.ops.loss import orpo_loss
@@ -33,7 +34,7 @@ from orpo.train.callbacks import (MetricsJsonlCallback, MetricTotals, NonFiniteG
                                   disable_dropout)
 from orpo.train.checkpoints import (completed_step, mark_complete, mark_finished, read_counters, resolve_resume,
                                     save_config_as_json)
-from orpo.train.config import ORPOConfig, prepare_data
+from orpo.train.config import ORPOConfig, prepare_data, stream_data
 from orpo.train.internals import TrainerAdapter, ensure_trainer_contract
 from orpo.train.memory import decoder_shape, plan_checkpointing
 from orpo.train.models import load_model, load_tokenizer
@@ -121,6 +122,7 @@ class ORPOTrainer(TrainerAdapter):
         self._eval_records: list[dict] = []  # per-pair records of that evaluation, all ranks
         self._step_rows: list[int] = []  # dataset rows of the current optimizer step (error messages)
         self.nonfinite_skipped = 0
+        self._stream_drops_logged = 0  # streamed data: drops counted when the report line was last logged
         self._run_start = (0, 0)  # (global step, nonfinite_skipped) when train() began
         self._run_loss_sum = torch.zeros(())  # this rank's share of the step losses since then
 
@@ -172,14 +174,19 @@ class ORPOTrainer(TrainerAdapter):
             else:
                 every, reason = 1, ("on: the model is sharded (DeepSpeed/FSDP) and orpo does not estimate sharded "
                                     "memory; --activation_checkpointing false turns it off")
-        elif pairs is None or not len(pairs):
+        elif isinstance(pairs, PairStream) and longest_pair(*pairs.limits) is None:
+            every, reason = 1, "on: streamed data without max_length to size it by"
+        elif pairs is None or (not isinstance(pairs, PairStream) and not len(pairs)):
             every, reason = 1, "on: no training data to size it by"
         else:
+            # a stream is sized by the longest pair its length limits let through, in every micro-batch
+            lengths = ([longest_pair(*pairs.limits)] * args.per_device_train_batch_size if isinstance(pairs, PairStream)
+                       else [tuple(lengths) for lengths in pair_lengths(pairs).tolist()])
             lm = causal_lm(model)
             shape = decoder_shape(lm, lm.config.get_text_config())
             on_device = next(lm.parameters()).device.type == args.device.type
             every, reason = plan_checkpointing(
-                shape, [tuple(lengths) for lengths in pair_lengths(pairs).tolist()],
+                shape, lengths,
                 args.per_device_train_batch_size, self.route.packing, self.route.attention,
                 2 if args.bf16 or args.fp16 else shape.weight_bytes, args.logprob_chunk_size, on_device, args.device,
                 int(os.environ.get("LOCAL_WORLD_SIZE", "1")), args.memory_budget_gb,
@@ -199,11 +206,13 @@ class ORPOTrainer(TrainerAdapter):
         if isinstance(dataset, dict):
             return {name: self._prepare(data, tokenizer, args, f"{split}_{name}") for name, data in dataset.items()}
         name = dataset if isinstance(dataset, str) else f"{split} dataset"
-        if args.dataset_cache:  # one process (per machine without a shared filesystem) prepares; the others read it
-            with args.main_process_first(local=args.save_on_each_node, desc=f"preparing the {split} data"):
-                prepared = prepare_data(args, dataset, tokenizer, name=name)
-        else:  # nothing to share: each process prepares its own
-            prepared = prepare_data(args, dataset, tokenizer, name=name)
+        if isinstance(dataset, PairStream) or (split == "train" and args.streaming):
+            stream = dataset if isinstance(dataset, PairStream) else stream_data(args, dataset, tokenizer, name=name)
+            logger.info("%s data: streaming %s (shuffle buffer %d rows): rows are read, tokenized and counted as "
+                        "training takes them", split, stream.name, stream.shuffle_buffer)
+            self.prepared[split] = stream
+            return stream
+        prepared = prepare_data(args, dataset, tokenizer, name=name)  # once per machine (config.prepare_data)
         logger.info("%s data: %s; %s in %.1f s", split, prepared.report(), prepared.origin or "given as pairs",
                     prepared.seconds)
         self.prepared[split] = prepared
@@ -310,7 +319,18 @@ class ORPOTrainer(TrainerAdapter):
                 logs["nonfinite_skipped"] = self.nonfinite_skipped
         else:
             logs.update(self._train_metrics())  # in place: the Trainer keeps using this dict
+            if "loss" in logs and isinstance(stream := self.prepared.get("train"), PairStream):
+                self._log_stream(stream, logs)
         super().log(logs, start_time)
+
+    def _log_stream(self, stream: PairStream, logs: dict[str, float]) -> None:
+        """A streamed run's running data totals into `logs` (every process reads the whole stream, so the
+        main process's totals are the job's); the drop report line whenever it counted new drops."""
+        logs.update(stream_rows_read=stream.rows, stream_pairs_kept=stream.kept,
+                    stream_pairs_dropped=sum(stream.drops.values()))
+        if logs["stream_pairs_dropped"] != self._stream_drops_logged and self.is_world_process_zero():
+            logger.info("train data: %s", stream.report())
+        self._stream_drops_logged = logs["stream_pairs_dropped"]
 
     def _train_metrics(self) -> dict[str, float]:
         """Exact means of the training micro-batches since the last log (summed over ranks), then reset."""

@@ -283,6 +283,42 @@ def test_data_prepare_writes_a_set_that_inspect_and_train_read(model_dir, data_d
                  "--disable_tqdm", "true", "--report", "false"]) == 0
 
 
+def test_train_streaming_trains_the_weights_a_prepared_run_trains(model_dir, data_dir, tmp_path, caplog):
+    """--streaming, the source order kept (--streaming_shuffle_buffer 0), against a prepared run read in order
+    (sequential sampler): the same pairs in the same steps, so the same weights; the running data totals are
+    logged with each step and the model card says the data was streamed."""
+    data = tmp_path / "prefs.jsonl"
+    rows = ROWS[:2] + [{"prompt": "Hi", "chosen": "yes", "rejected": "yes"}] + ROWS[2:]  # row 2 is dropped
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    flags = ["--model", str(model_dir), "--dataset", str(data), "--max_steps", "3",
+             "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no",
+             "--disable_tqdm", "true", "--logging_steps", "1", "--learning_rate", "1e-3", "--seed", "0",
+             "--dataset_cache_dir", str(tmp_path / "cache")]
+    assert main(["train", *flags, "--output_dir", str(tmp_path / "prepared"),
+                 "--train_sampling_strategy", "sequential"]) == 0
+    caplog.set_level("INFO", logger="orpo")
+    assert main(["train", *flags, "--output_dir", str(tmp_path / "streamed"), "--streaming",
+                 "--streaming_shuffle_buffer", "0"]) == 0
+    prepared, streamed = (load_file(tmp_path / run / "model.safetensors") for run in ("prepared", "streamed"))
+    assert prepared.keys() == streamed.keys()
+    assert all(torch.equal(prepared[k], streamed[k]) for k in prepared)
+    steps = [json.loads(line) for line in (tmp_path / "streamed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss" in r]
+    # accelerate's loader holds the next batch (its end-of-data check): after step 1, 2 batches were read
+    assert [(r["stream_rows_read"], r["stream_pairs_kept"], r["stream_pairs_dropped"]) for r in steps] == [
+        (5, 4, 1), (7, 6, 1), (9, 8, 1)]
+    assert "train data: read 5 rows (pass 1): kept 4 of 5 pairs; dropped 1: chosen == rejected 1 (first at row 2)" \
+        in caplog.messages
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the prepared run's set; the stream wrote none
+    assert "Streamed (training): the rows read while training" in (tmp_path / "streamed" / "README.md").read_text()
+
+
+def test_train_streaming_needs_max_steps(model_dir, data_dir, tmp_path, capsys):
+    assert main(["train", "--model", str(model_dir), "--dataset", str(data_dir / "prefs.jsonl"), "--output_dir",
+                 str(tmp_path / "out"), "--streaming"]) == 2
+    assert "--streaming needs --max_steps: a stream has no length to count epochs by" in capsys.readouterr().err
+
+
 # ---- eval ---------------------------------------------------------------------------------------------
 
 def odds(logp: float) -> float:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import orpo.data.load as data
-from orpo.data.load import is_hub_dataset_id, load_rows
+from orpo.data.load import EncodedRows, is_hub_dataset_id, load_rows
 from orpo.data.prepare import format_drop_report
 from orpo.errors import EMPTY_RESPONSE, SAME_RESPONSES, UNKNOWN_ROLE, WRONG_TYPES, OrpoError
 from orpo.data.formats import SHAPE_HH, SHAPE_STRINGS, rows_to_pairs
@@ -44,9 +44,10 @@ def test_load_rows_file_types(tmp_path, name):
     else:
         text = pd.DataFrame(ROWS).to_csv(index=False)
         path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
-    rows = load_rows(str(path))
-    assert isinstance(rows, datasets.Dataset)
-    assert list(rows) == ROWS
+    rows = load_rows(str(path), work_dir=tmp_path)
+    # JSON is read by orpo into EncodedRows (on disk, each row as it was); the others by datasets
+    assert isinstance(rows, EncodedRows if ".json" in name else datasets.Dataset)
+    assert list(rows) == ROWS and len(rows) == len(ROWS)
 
 
 def test_load_rows_mixed_types_across_rows(tmp_path):
@@ -69,7 +70,28 @@ def test_jsonl_is_read_without_the_datasets_json_builder(tmp_path, monkeypatch):
     assert list(load_rows(str(path))) == ROWS
     # a field whose type changes from row to row: plain dicts, checked row by row later
     bad = write_jsonl(tmp_path / "bad_types.jsonl", ['{"a": 1}', '{"a": "x"}'])
-    assert load_rows(str(bad)) == [{"a": 1}, {"a": "x"}]
+    assert list(load_rows(str(bad))) == [{"a": 1}, {"a": "x"}]
+
+
+def test_json_rows_are_written_to_disk_a_block_at_a_time(tmp_path, monkeypatch):
+    """The JSON reader hands rows on as it reads them: a block of rows is in memory, never the file."""
+    monkeypatch.setattr(data, "_ENCODE_BLOCK", 2)
+    path = write_jsonl(tmp_path / "rows.jsonl", [json.dumps({"i": i, "x": "a" * i}) for i in range(5)])
+    seen = []
+    real = data._parse_line
+
+    def parse(raw):  # rows parsed so far when each block is written
+        seen.append(raw)
+        return real(raw)
+
+    writes = []
+    real_batch = data.pa.record_batch
+    monkeypatch.setattr(data, "_parse_line", parse)
+    monkeypatch.setattr(data.pa, "record_batch", lambda *a, **k: writes.append(len(seen)) or real_batch(*a, **k))
+    rows = load_rows(str(path), work_dir=tmp_path)
+    assert writes == [2, 4, 5]  # written after rows 2, 4 and at the end: never all held first
+    assert (tmp_path / "rows.arrow").is_file() and rows.column_names == ["i", "x"]
+    assert list(rows) == [{"i": i, "x": "a" * i} for i in range(5)]
 
 
 # --- load_rows: errors ---------------------------------------------------------------------------

@@ -270,6 +270,33 @@ def test_truncate_never_empty_completion():
                     assert mcl is None or max(len(c), len(r)) <= mcl
 
 
+def test_longest_pair_worked_by_hand():
+    """max_length 8: prompt p, completions min(m, 8 − p): no completion limit → p = 1 (1 + 7 + 7 = 15 tokens);
+    m = 3 → p = 8 − 3 = 5 (5 + 3 + 3 = 11 > 1 + 3 + 3); max_prompt_length 2 caps p (2 + 3 + 3 = 8);
+    no max_length: max_prompt_length and m, or unbounded."""
+    assert render.longest_pair(8, None, None) == (1, 7, 7)
+    assert render.longest_pair(8, 5, 3) == (5, 3, 3)
+    assert render.longest_pair(8, 2, 3) == (2, 3, 3)
+    assert render.longest_pair(8, None, 20) == (1, 7, 7)
+    assert render.longest_pair(None, 4, 3) == (4, 3, 3)
+    assert render.longest_pair(None, 4, None) is None and render.longest_pair(None, None, 3) is None
+
+
+def test_longest_pair_is_the_longest_truncate_lets_through():
+    """Against every prompt length, with completions longer than any limit."""
+    for max_length in range(2, 10):
+        for mpl in (None, 1, 2, 5):
+            for mcl in (None, 1, 3, 20):
+                longest = 0
+                for n_prompt in range(1, 12):
+                    try:
+                        p, c, r = truncate([7] * n_prompt, [1] * 30, [2] * 30, max_length, mpl, mcl, None)
+                    except DroppedPair:
+                        continue
+                    longest = max(longest, len(p) + len(c) + len(r))
+                assert sum(render.longest_pair(max_length, mpl, mcl)) == longest, (max_length, mpl, mcl)
+
+
 def test_render_pair_truncation_end_to_end():
     tok = zephyr()
     tp = render_pair(pair(prompt=[{"role": "user", "content": "What is 2 + 2 ?"}]), tok, 8, 5, 3)

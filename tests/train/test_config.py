@@ -267,6 +267,20 @@ def test_deepspeed_and_fsdp_config_problems_are_one_line(tmp_path, monkeypatch):
         ORPOConfig(output_dir=str(tmp_path), fsdp=True)
 
 
+def test_streaming_problems_are_one_line_and_it_shards_by_batches(tmp_path):
+    with pytest.raises(OrpoError, match=r"^--streaming needs --max_steps"):
+        ORPOConfig(output_dir=str(tmp_path), streaming=True)
+    with pytest.raises(OrpoError, match=r"^--streaming tokenizes in the training process .*--dataloader_num_workers"):
+        ORPOConfig(output_dir=str(tmp_path), streaming=True, max_steps=2, dataloader_num_workers=2)
+    with pytest.raises(OrpoError, match=r"^streaming_shuffle_buffer must be >= 0, got -1"):
+        ORPOConfig(output_dir=str(tmp_path), streaming=True, max_steps=2, streaming_shuffle_buffer=-1)
+    with pytest.raises(OrpoError, match=r"^--streaming shards the stream over processes by batches"):
+        ORPOConfig(output_dir=str(tmp_path), streaming=True, max_steps=2, accelerator_config={"dispatch_batches": True})
+    args = ORPOConfig(output_dir=str(tmp_path), streaming=True, max_steps=2)
+    assert args.accelerator_config.dispatch_batches is False  # accelerate's default for iterable data is True
+    assert ORPOConfig(output_dir=str(tmp_path)).accelerator_config.dispatch_batches is None
+
+
 @pytest.mark.parametrize("line", TRL_EXAMPLES)
 def test_trl_example_command_line(line, tmp_path, monkeypatch):
     """TRL's example script builds HfArgumentParser((ScriptArguments, ORPOConfig, ModelConfig)); with

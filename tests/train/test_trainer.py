@@ -324,6 +324,24 @@ def test_activation_checkpointing_unset_is_chosen_for_the_data_and_the_memory(tm
     assert ORPOConfig(output_dir=str(tmp_path), activation_checkpointing=False).gradient_checkpointing is False
 
 
+def test_streamed_data_is_sized_by_the_longest_pair_its_limits_let_through(tmp_path, monkeypatch):
+    """A stream has no lengths ahead: the memory planner gets per_device_train_batch_size pairs of
+    render.longest_pair (max_length 64: 1 + 63 + 63 tokens each); without max_length it recomputes."""
+    import orpo.train.trainer as trainer_module
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text(json.dumps({"prompt": "what", "chosen": "good", "rejected": "bad"}) + "\n")
+    seen = []
+    real = trainer_module.plan_checkpointing
+    monkeypatch.setattr(trainer_module, "plan_checkpointing", lambda shape, lengths, *a: seen.append(lengths) or real(shape, lengths, *a))
+    streamed = make_trainer(tmp_path, tiny_llama(), str(data), streaming=True, max_steps=1, max_length=64,
+                            per_device_train_batch_size=3)
+    assert seen == [[(1, 63, 63)] * 3] and streamed.checkpointing_reason.startswith("off:")
+    unbounded = make_trainer(tmp_path, tiny_llama(), str(data), streaming=True, max_steps=1, max_length=None)
+    assert unbounded.checkpointing_reason == "on: streamed data without max_length to size it by"
+    assert len(seen) == 1
+
+
 def test_memory_budget_must_be_positive(tmp_path):
     with pytest.raises(OrpoError, match="memory_budget_gb must be > 0"):
         ORPOConfig(output_dir=str(tmp_path), memory_budget_gb=0)

@@ -489,39 +489,40 @@ def test_deepspeed_zero2_equals_one_process(tmp_path, one_process, deepspeed_env
     assert probe["after_forward"] == ["Parameter[64, 32]"], probe  # ZeRO-2 shards optimizer state and gradients only
 
 
-PREPARE_ONCE = r'''
-import json, os, sys
-import torch
-from orpo import ORPOConfig, ORPOTrainer
-from tiny import chatml_tokenizer, tiny_llama
+def test_two_ranks_prepare_the_data_once_and_stream_it_as_one_job(tmp_path):
+    """`orpo train` under torchrun with 2 ranks, the data a file. Prepared: rank 0 prepares it into the cache
+    while rank 1 waits (config.prepare_data: TrainingArguments.main_process_first), then rank 1 maps rank 0's
+    set: one preparation in the logs, one cache entry. Streamed (--streaming, source order): every rank reads
+    the stream and keeps its half of each global batch of 4 (accelerate's IterableDatasetShard), as the
+    sequential sampler hands the prepared pairs out, so both runs train the same weights."""
+    from tiny import save_tiny_chat_model
 
-out, data, cache = sys.argv[1:4]
-torch.set_num_threads(1)
-args = ORPOConfig(output_dir=out, max_steps=1, per_device_train_batch_size=2, save_strategy="no", report_to="none",
-                  disable_tqdm=True, report=False, bf16=False, dataset_cache_dir=cache, max_length=64)
-trainer = ORPOTrainer(model=tiny_llama(), args=args, train_dataset=data, processing_class=chatml_tokenizer())
-trainer.train()
-with open(os.path.join(out, f"origin-rank{args.process_index}.txt"), "w") as f:
-    f.write(trainer.prepared["train"].origin)
-'''
-
-
-def test_two_ranks_prepare_the_data_once(tmp_path):
-    """torchrun with 2 ranks on one machine, the data a file: rank 0 prepares it into the cache while rank 1
-    waits (TrainingArguments.main_process_first), then rank 1 maps rank 0's set."""
+    model = save_tiny_chat_model(tmp_path / "model")
     rows = [{"prompt": "why is the sky blue", "chosen": "the sky is blue", "rejected": "no"},
-            {"prompt": "what", "chosen": "good", "rejected": "bad"}] * 4
+            {"prompt": "what", "chosen": "good", "rejected": "bad"}, {"prompt": "what", "chosen": "ok", "rejected": "ok"},
+            {"prompt": "is it", "chosen": "yes it is", "rejected": "no"}] * 3
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    script = tmp_path / "prepare_once.py"
-    script.write_text(PREPARE_ONCE)
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    out.mkdir()
-    result = _start([torchrun(2)[0] + [str(script), str(out), str(data), str(cache)]], _environment(), tmp_path / "launch")
-    origins = [(out / f"origin-rank{rank}.txt").read_text() if (out / f"origin-rank{rank}.txt").exists() else None
-               for rank in (0, 1)]
-    assert result.returncode == 0 or (None not in origins and "terminate called without" in result.stderr), \
-        result.stderr[-3000:]
-    assert origins[0].startswith(f"prepared with 1 process, cached at {cache}"), origins
-    assert origins[1].startswith(f"read from the cache ({cache}"), origins
+    cache = tmp_path / "cache"
+    flags = ["-m", "orpo", "train", "--model", model, "--dataset", str(data), "--dataset_cache_dir", str(cache),
+             "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--logging_steps", "1",
+             "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--report", "false",
+             "--bf16", "false", "--seed", "0"]
+    runs = {}
+    for name, extra in (("prepared", ["--train_sampling_strategy", "sequential"]),
+                        ("streamed", ["--streaming", "--streaming_shuffle_buffer", "0"])):
+        out = tmp_path / name
+        result = _start([torchrun(2)[0] + flags + ["--output_dir", str(out)] + extra], _environment(),
+                        tmp_path / f"{name}-launch")
+        saved = (out / "model.safetensors").is_file()
+        assert result.returncode == 0 or (saved and "terminate called without" in result.stderr), result.stderr[-3000:]
+        runs[name] = (result.stderr, load_file(str(out / "model.safetensors")), Run(out, result).steps)
+    log = runs["prepared"][0]
+    assert log.count("train data: kept 9 of 12 pairs; dropped 3: chosen == rejected 3 (first at row 2); prepared "
+                     f"with 1 process, cached at {cache}") == 1, log[-3000:]
+    assert log.count(f"train data: kept 9 of 12 pairs; dropped 3: chosen == rejected 3 (first at row 2); read from "
+                     f"the cache ({cache}") == 1, log[-3000:]
     assert len(list(cache.iterdir())) == 1
+    assert_same_weights(runs["streamed"][1], runs["prepared"][1], "streamed", rel=1e-6)
+    # rank 0 read what both ranks trained on, and the global batch after it (the loader's end-of-data check)
+    assert [(r["stream_pairs_kept"], r["stream_pairs_dropped"]) for r in runs["streamed"][2]] == [(8, 2), (9, 3)]

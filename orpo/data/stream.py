@@ -1,0 +1,103 @@
+"""Streaming: pairs read, shaped and tokenized while training consumes them, for data that does not fit.
+
+`PairStream` is the training data of `--streaming`: a torch `IterableDataset` (what transformers' Trainer
+and accelerate take for data without a length). Each pass over it reads the source's rows one at a time
+(`load.stream_rows`: a file or a hub dataset; or a `datasets.IterableDataset` given in Python), shuffles
+them in a buffer of `shuffle_buffer` rows (datasets' seeded buffer shuffle, reseeded every pass with
+`set_epoch`), turns each row into its pair with `prepare.prepare_row` (the shapes, rendering, truncation
+and drop reasons of a prepared set) and yields the kept `TokenizedPair`s. Nothing is written to disk and
+memory is bounded by the buffer.
+
+Drops are counted as rows are read: `rows`, `kept`, `drops`, `first_rows`, `first_details`, `shapes` are
+running totals since the stream was made (passes and a resume's re-read rows included), `report()` the
+line the trainer logs. Row numbers are positions in the source (0-based), as in a prepared set.
+
+The columns are resolved from the first `COLUMN_PEEK_ROWS` rows (a prepared set resolves them from all
+rows): a column that first appears after them is not read.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import datasets
+import torch
+
+from orpo.data.formats import RowFormat, resolve_columns
+from orpo.data.load import stream_rows
+from orpo.data.prepare import format_drop_report, prepare_row
+from orpo.data.store import is_prepared_dir
+from orpo.errors import DroppedPair, OrpoError
+
+COLUMN_PEEK_ROWS = 1000
+
+
+class PairStream(torch.utils.data.IterableDataset):
+    """The kept pairs of `source`, tokenized as they are read (module docstring).
+
+    source:         a file path or hub dataset id (`split` of it), or a `datasets.IterableDataset` of rows.
+    shuffle_buffer: rows held for shuffling (0 or 1: source order); seed: the shuffle's seed, + the pass.
+    The other arguments are `prepare_dataset`'s. Raises `OrpoError` (one line) for a source it cannot read
+    or whose first rows lack the columns `row_format` needs.
+    """
+
+    def __init__(self, source, tokenizer, row_format: RowFormat = RowFormat(), max_length: int | None = 1024,
+                 max_prompt_length: int | None = 512, max_completion_length: int | None = None,
+                 skip_bad_rows: bool = False, split: str = "train", name: str | None = None,
+                 shuffle_buffer: int = 10_000, seed: int = 0):
+        if not isinstance(source, (str, datasets.IterableDataset)):
+            raise OrpoError(f"streaming reads a file, a hub dataset id or a datasets.IterableDataset, got "
+                            f"{type(source).__name__}: data already in memory is prepared as usual (streaming off)")
+        if isinstance(source, str) and is_prepared_dir(source):
+            raise OrpoError(f"{source}: a prepared set (orpo data prepare), read memory-mapped; train from it "
+                            "without --streaming")
+        self.source, self.split, self.skip_bad_rows = source, split, skip_bad_rows
+        self.name = name or (source if isinstance(source, str) else "stream")
+        self.tokenizer, self.row_format = tokenizer, row_format
+        self.limits = (max_length, max_prompt_length, max_completion_length)
+        self.shuffle_buffer, self.seed, self.epoch, self.passes = shuffle_buffer, seed, 0, 0
+        self.rows, self.kept = 0, 0
+        self.drops, self.shapes = Counter(), Counter()
+        self.first_rows, self.first_details = {}, {}
+        names: dict[str, None] = {}
+        for _, row in zip(range(COLUMN_PEEK_ROWS), _numbered(source, split, skip_bad_rows)):
+            names.update(dict.fromkeys(row["row"]))
+        if not names:
+            raise OrpoError(f"{self.name}: no rows")
+        self.columns = resolve_columns(list(names), row_format, self.name)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The Trainer's pass number: the next pass shuffles with seed + epoch."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.passes += 1
+        rows = datasets.IterableDataset.from_generator(
+            _numbered, gen_kwargs={"source": self.source, "split": self.split, "skip_bad_rows": self.skip_bad_rows})
+        if self.shuffle_buffer > 1:
+            rows = rows.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+            rows.set_epoch(self.epoch)
+        for item in rows:
+            shape, pair = prepare_row(item["row"], item["index"], self.columns, self.row_format, self.tokenizer,
+                                      *self.limits)
+            self.rows += 1
+            if shape is not None:
+                self.shapes[shape] += 1
+            if isinstance(pair, DroppedPair):
+                self.drops[pair.reason] += 1
+                if pair.reason not in self.first_rows:
+                    self.first_rows[pair.reason], self.first_details[pair.reason] = item["index"], pair.detail
+                continue
+            self.kept += 1
+            yield pair
+
+    def report(self) -> str:
+        """E.g. "read 1000 rows (pass 1): kept 995 of 1000 pairs; dropped 5: ..." (prepare.format_drop_report)."""
+        return (f"read {self.rows} rows (pass {max(self.passes, 1)}): "
+                + format_drop_report(self.rows, self.kept, self.drops, self.first_rows, self.first_details))
+
+
+def _numbered(source, split: str, skip_bad_rows: bool):
+    """{"index": row number, "row": row} of `source` (a path or hub id, or a datasets.IterableDataset)."""
+    rows = stream_rows(source, split, skip_bad_rows) if isinstance(source, str) else enumerate(source)
+    for index, row in rows:
+        yield {"index": index, "row": row}
