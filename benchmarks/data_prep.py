@@ -11,10 +11,10 @@ copy's prompt suffixed with its copy number, so no two rows are alike). Every me
 512). Phases (`--phases`, comma-separated):
   prepare  for each worker count, a cold `prepare_dataset` into an empty cache and a warm one reading it back
   inspect  `orpo data inspect -n 1` of the whole set, the cache warm: the command's wall time
-  train    `orpo train` (2 steps of 2 pairs) on the first 2,000 rows and on all of them, each cold (empty cache)
-           and warm: the peak RSS of the training process (workers that prepare are processes of their own)
-  stream   `PairStream` (what `orpo train --streaming` reads) over every row: rows/s, and the RSS after a tenth
-           of the rows and after the last
+  train    `orpo train` (2 steps of the first 4 pairs) on the first 2,000 rows and on all of them, each cold (empty
+           cache) and warm: the peak RSS of the training process (workers that prepare are processes of their own)
+  stream   `orpo train --streaming` (2 steps of the first 4 pairs) on the first 2,000 rows and on all: peak RSS; then
+           `PairStream` (what it reads) over every row: rows/s, and the RSS after a tenth of the rows and the last
 Prints one JSON line per measurement, with the CPU; RSS is the process's VmHWM (peak) or VmRSS (now).
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ import json, sys, time
 from orpo.data.stream import PairStream
 from orpo.train.models import fetch_smollm2, load_tokenizer
 def rss(): return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) / 2**20
-stream = PairStream(sys.argv[1], load_tokenizer(str(fetch_smollm2())))
+stream = PairStream(sys.argv[1], load_tokenizer(str(fetch_smollm2())), passes=1)
 rows, start, marks = int(sys.argv[2]), time.perf_counter(), {}
 for n, pair in enumerate(stream, 1):
     if stream.rows in (rows // 10, rows) and stream.rows not in marks:
@@ -90,6 +90,15 @@ def run(command: list[str]) -> tuple[dict, float]:
         return json.loads(lines[-1]), wall
     except (IndexError, json.JSONDecodeError):
         return {"stdout_tail": lines[-3:]}, wall
+
+
+def train_flags(model: str, source: Path, tmp: Path, streaming: bool = False) -> list[str]:
+    """`orpo train` for 2 steps of 2 pairs, fp32, nothing saved, the first pairs of the file in order (the
+    same 4 pairs whatever the file's size, so the steps cost the same): what the data costs, not the run."""
+    order = ["--streaming", "--streaming_shuffle_buffer", "0"] if streaming else ["--train_sampling_strategy", "sequential"]
+    return ["--model", model, "--dataset", str(source), "--output_dir", str(tmp / "run"), "--overwrite_output_dir",
+            "true", "--max_steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no", "--report_to",
+            "none", "--report", "false", "--disable_tqdm", "true", "--bf16", "false", *order]
 
 
 def emit(**fields) -> None:
@@ -126,13 +135,14 @@ def main() -> None:
             for name, source in (("2000 rows", few), (f"{args.rows} rows", data)):
                 cache = Path(tmp) / f"cache-train-{name.split()[0]}"
                 for phase in ("cold", "warm"):
-                    flags = ["--model", model, "--dataset", str(source), "--dataset_cache_dir", str(cache),
-                             "--output_dir", str(Path(tmp) / "run"), "--overwrite_output_dir", "true", "--max_steps",
-                             "2", "--per_device_train_batch_size", "2", "--save_strategy", "no", "--report_to",
-                             "none", "--report", "false", "--disable_tqdm", "true", "--bf16", "false"]
+                    flags = [*train_flags(model, source, Path(tmp)), "--dataset_cache_dir", str(cache)]
                     result, wall = run([sys.executable, "-c", TRAIN, *flags])
                     emit(phase=f"train {phase}", rows=name, wall_seconds=round(wall, 1), **result)
         if "stream" in phases:
+            few = synthetic_set(min(2000, args.rows), Path(tmp) / "few.jsonl")
+            for name, source in (("2000 rows", few), (f"{args.rows} rows", data)):
+                result, wall = run([sys.executable, "-c", TRAIN, *train_flags(model, source, Path(tmp), streaming=True)])
+                emit(phase="train --streaming", rows=name, wall_seconds=round(wall, 1), **result)
             result, _ = run([sys.executable, "-c", STREAM, str(data), str(args.rows)])
             emit(phase="stream", rows=args.rows, **result, rows_per_s=round(result["rows_read"] / result["seconds"], 1))
 

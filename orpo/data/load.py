@@ -168,13 +168,13 @@ def _json_list(path: Path, gz: bool) -> list[dict]:
     return items
 
 
-def is_json_list(path: Path, gz: bool) -> bool:
+def _is_json_list(path: Path, gz: bool) -> bool:
     """Whether a .json/.jsonl file holds one JSON list rather than JSON lines."""
     with _open(path, gz, "rb") as f:
         return f.read(1 << 16).lstrip().startswith(b"[")
 
 
-def json_lines(path: Path, gz: bool, skip_bad_rows: bool) -> Iterator[dict]:
+def _json_lines(path: Path, gz: bool, skip_bad_rows: bool) -> Iterator[dict]:
     """The rows of a JSON-lines file, one at a time, read by orpo: each bad line is an error naming it, or,
     with `skip_bad_rows`, skipped and counted in one warning at the end."""
     bad, skipped = None, 0
@@ -213,7 +213,7 @@ def _load_local(path: Path, ext: str, gz: bool, skip_bad_rows: bool, work_dir: s
 
 def _json_rows(path: Path, gz: bool, skip_bad_rows: bool) -> Iterator[dict]:
     """The rows of a .json/.jsonl file: JSON lines one at a time, a whole-file JSON list read whole."""
-    yield from _json_list(path, gz) if is_json_list(path, gz) else json_lines(path, gz, skip_bad_rows)
+    yield from _json_list(path, gz) if _is_json_list(path, gz) else _json_lines(path, gz, skip_bad_rows)
 
 
 def _load_file(path: Path, skip_bad_rows: bool, work_dir: str | Path | None, streaming: bool = False):

@@ -191,6 +191,8 @@ def _rows_fingerprint(rows, name: str) -> str:
         return "dataset:" + dataset_fingerprint(rows)
     if isinstance(rows, list):
         return "rows:" + Hasher.hash(rows)
+    if isinstance(rows, datasets.IterableDataset):
+        raise OrpoError(f"{name}: a datasets.IterableDataset is read as a stream: set streaming=True (--streaming)")
     raise OrpoError(f"{name}: expected a file path, a hub dataset id, a prepared set's directory, a datasets.Dataset "
                     f"or a list of rows, got {type(rows).__name__}")
 

@@ -1,15 +1,19 @@
 """Streaming: pairs read, shaped and tokenized while training consumes them, for data that does not fit.
 
 `PairStream` is the training data of `--streaming`: a torch `IterableDataset` (what transformers' Trainer
-and accelerate take for data without a length). Each pass over it reads the source's rows one at a time
-(`load.stream_rows`: a file or a hub dataset; or a `datasets.IterableDataset` given in Python), shuffles
-them in a buffer of `shuffle_buffer` rows (datasets' seeded buffer shuffle, reseeded every pass with
-`set_epoch`), turns each row into its pair with `prepare.prepare_row` (the shapes, rendering, truncation
-and drop reasons of a prepared set) and yields the kept `TokenizedPair`s. Nothing is written to disk and
-memory is bounded by the buffer.
+and accelerate take for data without a length). It reads the source's rows one at a time (`load.stream_rows`:
+a file or a hub dataset; or a `datasets.IterableDataset` given in Python), shuffles them in a buffer of
+`shuffle_buffer` rows (datasets' seeded buffer shuffle), turns each row into its pair with
+`prepare.prepare_row` (the shapes, rendering, truncation and drop reasons of a prepared set) and yields the
+kept `TokenizedPair`s. Nothing is written to disk and memory is bounded by the buffer.
+
+For training the stream is endless (`passes=None`): when the source ends it starts again, each pass
+shuffled anew (datasets' `set_epoch`), so the Trainer (which needs `max_steps` for it) sees one epoch, and
+a resume that skips the batches a checkpoint trained lands where the run was, whichever pass that is. A
+pass that keeps no pair is an error, not an endless loop.
 
 Drops are counted as rows are read: `rows`, `kept`, `drops`, `first_rows`, `first_details`, `shapes` are
-running totals since the stream was made (passes and a resume's re-read rows included), `report()` the
+running totals since the stream was made (every pass, and a resume's re-read rows, included), `report()` the
 line the trainer logs. Row numbers are positions in the source (0-based), as in a prepared set.
 
 The columns are resolved from the first `COLUMN_PEEK_ROWS` rows (a prepared set resolves them from all
@@ -35,7 +39,8 @@ class PairStream(torch.utils.data.IterableDataset):
     """The kept pairs of `source`, tokenized as they are read (module docstring).
 
     source:         a file path or hub dataset id (`split` of it), or a `datasets.IterableDataset` of rows.
-    shuffle_buffer: rows held for shuffling (0 or 1: source order); seed: the shuffle's seed, + the pass.
+    shuffle_buffer: rows held for shuffling (0 or 1: source order); seed: the shuffle's seed (reseeded each pass).
+    passes:         how many passes over the source to yield (None: endless, what training reads).
     The other arguments are `prepare_dataset`'s. Raises `OrpoError` (one line) for a source it cannot read
     or whose first rows lack the columns `row_format` needs.
     """
@@ -43,7 +48,7 @@ class PairStream(torch.utils.data.IterableDataset):
     def __init__(self, source, tokenizer, row_format: RowFormat = RowFormat(), max_length: int | None = 1024,
                  max_prompt_length: int | None = 512, max_completion_length: int | None = None,
                  skip_bad_rows: bool = False, split: str = "train", name: str | None = None,
-                 shuffle_buffer: int = 10_000, seed: int = 0):
+                 shuffle_buffer: int = 10_000, seed: int = 0, passes: int | None = None):
         if not isinstance(source, (str, datasets.IterableDataset)):
             raise OrpoError(f"streaming reads a file, a hub dataset id or a datasets.IterableDataset, got "
                             f"{type(source).__name__}: data already in memory is prepared as usual (streaming off)")
@@ -54,8 +59,8 @@ class PairStream(torch.utils.data.IterableDataset):
         self.name = name or (source if isinstance(source, str) else "stream")
         self.tokenizer, self.row_format = tokenizer, row_format
         self.limits = (max_length, max_prompt_length, max_completion_length)
-        self.shuffle_buffer, self.seed, self.epoch, self.passes = shuffle_buffer, seed, 0, 0
-        self.rows, self.kept = 0, 0
+        self.shuffle_buffer, self.seed, self.passes = shuffle_buffer, seed, passes
+        self.rows, self.kept, self.pass_number = 0, 0, 0
         self.drops, self.shapes = Counter(), Counter()
         self.first_rows, self.first_details = {}, {}
         names: dict[str, None] = {}
@@ -65,17 +70,21 @@ class PairStream(torch.utils.data.IterableDataset):
             raise OrpoError(f"{self.name}: no rows")
         self.columns = resolve_columns(list(names), row_format, self.name)
 
-    def set_epoch(self, epoch: int) -> None:
-        """The Trainer's pass number: the next pass shuffles with seed + epoch."""
-        self.epoch = epoch
-
     def __iter__(self):
-        self.passes += 1
+        pass_number = 0
+        while self.passes is None or pass_number < self.passes:
+            self.pass_number, kept_before = pass_number + 1, self.kept
+            yield from self._one_pass(pass_number)
+            if self.kept == kept_before:
+                raise OrpoError(f"{self.name}: zero usable pairs in a pass over it; {self.report()}")
+            pass_number += 1
+
+    def _one_pass(self, pass_number: int):
         rows = datasets.IterableDataset.from_generator(
             _numbered, gen_kwargs={"source": self.source, "split": self.split, "skip_bad_rows": self.skip_bad_rows})
         if self.shuffle_buffer > 1:
             rows = rows.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-            rows.set_epoch(self.epoch)
+            rows.set_epoch(pass_number)  # datasets reseeds the buffer for each epoch
         for item in rows:
             shape, pair = prepare_row(item["row"], item["index"], self.columns, self.row_format, self.tokenizer,
                                       *self.limits)
@@ -92,7 +101,7 @@ class PairStream(torch.utils.data.IterableDataset):
 
     def report(self) -> str:
         """E.g. "read 1000 rows (pass 1): kept 995 of 1000 pairs; dropped 5: ..." (prepare.format_drop_report)."""
-        return (f"read {self.rows} rows (pass {max(self.passes, 1)}): "
+        return (f"read {self.rows} rows (pass {max(self.pass_number, 1)}): "
                 + format_drop_report(self.rows, self.kept, self.drops, self.first_rows, self.first_details))
 
 

@@ -92,6 +92,11 @@ def test_prepared_data_counts_shapes():
 def test_a_source_of_another_type_is_one_line():
     with pytest.raises(OrpoError, match=r"^dataset: expected a file path, a hub dataset id, a prepared set's directory, a datasets.Dataset"):
         prepare_dataset(42, chatml_tokenizer())
+    import datasets
+
+    stream = datasets.Dataset.from_list(ROWS[:1]).to_iterable_dataset()
+    with pytest.raises(OrpoError, match=r"^dataset: a datasets.IterableDataset is read as a stream: set streaming=True"):
+        prepare_dataset(stream, chatml_tokenizer())
 
 
 def test_drop_report_worked_by_hand():

@@ -32,7 +32,7 @@ def test_streamed_pairs_and_drops_equal_the_prepared_sets(source, tmp_path):
     else:
         data = str(FIXTURES / source if (FIXTURES / source).exists() else SHARED / source)
     prepared = prepare_dataset(data, tok, fmt, 256, 128, use_cache=False, num_proc=1)
-    stream = PairStream(data, tok, fmt, 256, 128, shuffle_buffer=0)
+    stream = PairStream(data, tok, fmt, 256, 128, shuffle_buffer=0, passes=1)
     assert list(stream) == list(prepared.pairs)
     assert (stream.rows, stream.kept, dict(stream.drops), stream.first_rows, stream.first_details, dict(stream.shapes)) \
         == (prepared.rows, len(prepared.pairs), dict(prepared.drops), prepared.first_rows, prepared.first_details,
@@ -48,7 +48,7 @@ def test_parquet_csv_and_a_datasets_stream_are_read_as_their_rows(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "rows.csv", index=False)
     for source in (str(tmp_path / "rows.parquet"), str(tmp_path / "rows.csv"),
                    datasets.Dataset.from_list(rows).to_iterable_dataset()):
-        stream = PairStream(source, tok, max_length=14, max_prompt_length=None, shuffle_buffer=0)
+        stream = PairStream(source, tok, max_length=14, max_prompt_length=None, shuffle_buffer=0, passes=1)
         assert list(stream) == expected, source
         assert [p.index for p in expected] == [0, 3]  # source row numbers, drops between them
 
@@ -56,15 +56,26 @@ def test_parquet_csv_and_a_datasets_stream_are_read_as_their_rows(tmp_path):
 def test_the_shuffle_buffer_permutes_the_pairs_by_seed_and_pass(tmp_path):
     rows = [{"prompt": f"question {i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(50)]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    stream = PairStream(data, chatml_tokenizer(), shuffle_buffer=10, seed=3)
-    first, again = [p.index for p in stream], [p.index for p in stream]
-    stream.set_epoch(1)
-    second = [p.index for p in stream]
+    stream = PairStream(data, chatml_tokenizer(), shuffle_buffer=10, seed=3, passes=2)
+    order = [p.index for p in stream]
+    first, second = order[:50], order[50:]
     assert sorted(first) == sorted(second) == list(range(50))
-    assert first == again != list(range(50)) and second != first  # seed + pass decide the order
-    assert [p.index for p in PairStream(data, chatml_tokenizer(), shuffle_buffer=10, seed=3)] == first
-    assert [p.index for p in PairStream(data, chatml_tokenizer(), shuffle_buffer=10, seed=4)] != first
-    assert (stream.rows, stream.kept, stream.passes) == (150, 150, 3)  # running totals over the passes
+    assert first != list(range(50)) and second != first  # the seed and the pass decide the order
+    assert [p.index for p in stream] == order  # each iteration starts again from pass 1
+    assert [p.index for p in PairStream(data, chatml_tokenizer(), shuffle_buffer=10, seed=3, passes=1)] == first
+    assert [p.index for p in PairStream(data, chatml_tokenizer(), shuffle_buffer=10, seed=4, passes=1)] != first
+    assert (stream.rows, stream.kept, stream.pass_number) == (200, 200, 2)  # running totals over both iterations
+    assert stream.report() == "read 200 rows (pass 2): kept 200 of 200 pairs"
+
+
+def test_the_training_stream_is_endless_and_a_pass_without_pairs_is_an_error(tmp_path):
+    rows = [{"prompt": "what", "chosen": "good", "rejected": "bad"}, {"prompt": "why", "chosen": "ok", "rejected": "ok"}]
+    endless = iter(PairStream(write_jsonl(tmp_path / "rows.jsonl", rows), chatml_tokenizer(), shuffle_buffer=0))
+    assert [next(endless).index for _ in range(5)] == [0, 0, 0, 0, 0]  # row 1 dropped in every pass
+    nothing = PairStream(write_jsonl(tmp_path / "same.jsonl", rows[1:] * 3), chatml_tokenizer(), shuffle_buffer=0)
+    with pytest.raises(OrpoError, match=r"same\.jsonl: zero usable pairs in a pass over it; read 3 rows \(pass 1\): "
+                                        r"kept 0 of 3 pairs; dropped 3: chosen == rejected 3 \(first at row 0\)"):
+        next(iter(nothing))
 
 
 def test_bad_input_is_one_line(tmp_path):
@@ -74,6 +85,9 @@ def test_bad_input_is_one_line(tmp_path):
         PairStream(ROWS, tok)
     with pytest.raises(OrpoError, match=r"nope\.jsonl: no such file"):
         PairStream(str(tmp_path / "nope.jsonl"), tok)
+    with pytest.raises(OrpoError, match=r"^orpo-tests/no-such-set: not a local file, and streaming it from the "
+                                        r"Hugging Face hub failed: "):
+        PairStream("orpo-tests/no-such-set", tok)  # offline in the tests (HF_HUB_OFFLINE=1)
     with pytest.raises(OrpoError, match=r"missing column 'rejected'; columns found: \['prompt', 'chosen'\]"):
         PairStream(write_jsonl(tmp_path / "cols.jsonl", [{"prompt": "a", "chosen": "b"}]), tok)
     out = tmp_path / "prepared"
@@ -85,16 +99,17 @@ def test_bad_input_is_one_line(tmp_path):
     good = json.dumps(ROWS[0]) + "\n"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(good * 1500 + "{not json\n")
-    stream = PairStream(str(bad), tok, max_length=14, max_prompt_length=None, shuffle_buffer=0)
+    stream = PairStream(str(bad), tok, max_length=14, max_prompt_length=None, shuffle_buffer=0, passes=1)
     with pytest.raises(OrpoError, match=r"bad\.jsonl, line 1501: invalid JSON"):
         list(stream)
-    skipping = PairStream(str(bad), tok, max_length=14, max_prompt_length=None, shuffle_buffer=0, skip_bad_rows=True)
+    skipping = PairStream(str(bad), tok, max_length=14, max_prompt_length=None, shuffle_buffer=0, skip_bad_rows=True,
+                          passes=1)
     assert len(list(skipping)) == 1500
     # a gzip file cut short
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(gzip.compress((good * 3000).encode())[:-40])
     with pytest.raises(OrpoError, match=r"cut\.jsonl\.gz: could not read it \("):
-        list(PairStream(str(cut), tok, max_length=14, max_prompt_length=None, shuffle_buffer=0))
+        list(PairStream(str(cut), tok, max_length=14, max_prompt_length=None, shuffle_buffer=0, passes=1))
 
 
 def test_memory_does_not_grow_with_the_rows_read(tmp_path):
@@ -106,7 +121,7 @@ def test_memory_does_not_grow_with_the_rows_read(tmp_path):
         "import json, sys; sys.path.insert(0, sys.argv[2]); from orpo.data.stream import PairStream; "
         "from tiny import chatml_tokenizer\n"
         "def anon(): return int([l for l in open('/proc/self/status') if l.startswith('RssAnon')][0].split()[1]) * 1024\n"
-        "s = PairStream(sys.argv[1], chatml_tokenizer(), shuffle_buffer=1000)\n"
+        "s = PairStream(sys.argv[1], chatml_tokenizer(), shuffle_buffer=1000, passes=1)\n"
         "tokens, marks = 0, {}\n"
         "for n, p in enumerate(s, 1):\n"
         "    tokens += len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)\n"

@@ -138,18 +138,27 @@ torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
 ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()
 pairs = [TokenizedPair([1] + ids(2 + i % 5), ids(1 + i % 3), ids(1 + (i * 7) % 4), i) for i in range(n_pairs)]
+stream = {{}}
+if os.environ.get("STREAM_ROWS"):  # --streaming: these rows from a file, shuffled, passes restarting
+    words = "the sky is blue green red yes no why what ok good bad a b c".split()
+    rows = [{{"prompt": " ".join(words[(i + k) % 17] for k in range(1 + i % 4)), "chosen": words[i % 17] + " good",
+             "rejected": words[(i * 5) % 17] + " bad"}} for i in range(int(os.environ["STREAM_ROWS"]))]
+    pairs = os.path.join(os.path.dirname(out), "rows.jsonl")
+    with open(pairs, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    stream = dict(streaming=True, streaming_shuffle_buffer=4)
 args = ORPOConfig(output_dir=out, max_steps=8, per_device_train_batch_size=2, learning_rate=1e-2,
                   logging_steps=1, save_strategy="steps", save_steps=2, save_total_limit=2, report_to="none",
-                  disable_tqdm=True, use_cpu=True, seed=0, bf16=False)
+                  disable_tqdm=True, use_cpu=True, seed=0, bf16=False, **stream)
 trainer = ORPOTrainer(model=tiny_llama(), args=args, train_dataset=pairs, processing_class=chatml_tokenizer())
 
-class KillAfterStep5(TrainerCallback):
+class KillAfterStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 5:
+        if state.global_step == int(os.environ.get("KILL_AFTER_STEP", "5")):
             os.kill(os.getpid(), signal.SIGKILL)
 
 if kill == "step":
-    trainer.add_callback(KillAfterStep5())
+    trainer.add_callback(KillAfterStep())
 if kill == "save":  # die inside checkpoint-6's save: weights written, optimizer state not yet
     original = Trainer._save_optimizer_and_scheduler
     def save_then_die(self, output_dir):
@@ -162,10 +171,10 @@ save_file({{k: p.detach().contiguous() for k, p in trainer.model.named_parameter
 '''
 
 
-def _run(tmp_path, out, kill, resume, pairs=16):
+def _run(tmp_path, out, kill, resume, pairs=16, env=None):
     script = tmp_path / "run.py"
     script.write_text(RUN.format(tests=str(TESTS)))
-    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent), **(env or {})}
     return subprocess.run([sys.executable, str(script), str(out), kill, resume, str(pairs)], capture_output=True, text=True,
                           env=env, timeout=300)
 
@@ -205,6 +214,26 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted
     # save_total_limit 2 kept the two newest, all complete
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
     assert all(is_complete(str(p)) for p in out.glob("checkpoint-*"))
+
+
+def test_a_streamed_run_resumes_where_it_was_in_a_later_pass(tmp_path):
+    """--streaming over 9 rows (shuffle buffer 4), 2 pairs a step: pass 2 of the file starts inside step 5.
+    Killed after step 7, resumed from checkpoint-6 (in pass 2): the Trainer re-reads the 12 pairs it trained
+    and the run goes on with the pairs, losses and weights of an uninterrupted one."""
+    env = {"STREAM_ROWS": "9", "KILL_AFTER_STEP": "7"}
+    whole = _run(tmp_path, tmp_path / "whole", "none", "fresh", env=env)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = _run(tmp_path, tmp_path / "out", "step", "fresh", env=env)
+    assert killed.returncode == -signal.SIGKILL
+    assert latest_complete(str(tmp_path / "out")) == str(tmp_path / "out" / "checkpoint-6")
+    resumed = _run(tmp_path, tmp_path / "out", "none", "resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, got = _losses(tmp_path / "whole"), _losses(tmp_path / "out")
+    assert [step for step, _ in got] == list(range(1, 9)) == [step for step, _ in expected]
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], abs=1e-6)
+    final, weights = (load_file(str(tmp_path / run / "final.safetensors")) for run in ("out", "whole"))
+    for name in weights:
+        torch.testing.assert_close(final[name], weights[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_resuming_a_finished_run_trains_nothing(tmp_path):
