@@ -26,7 +26,7 @@ from collections import Counter
 import datasets
 import torch
 
-from orpo.data.formats import RowFormat, resolve_columns
+from orpo.data.formats import PairsFromRows, RowFormat, resolve_columns
 from orpo.data.load import stream_rows
 from orpo.data.prepare import format_drop_report, prepare_row
 from orpo.data.store import is_prepared_dir
@@ -61,8 +61,7 @@ class PairStream(torch.utils.data.IterableDataset):
         self.limits = (max_length, max_prompt_length, max_completion_length)
         self.shuffle_buffer, self.seed, self.passes = shuffle_buffer, seed, passes
         self.rows, self.kept, self.pass_number = 0, 0, 0
-        self.drops, self.shapes = Counter(), Counter()
-        self.first_rows, self.first_details = {}, {}
+        self.counts = PairsFromRows()  # drops (first row and detail per reason) and shapes; its pairs stay empty
         names: dict[str, None] = {}
         for _, row in zip(range(COLUMN_PEEK_ROWS), _numbered(source, split, skip_bad_rows)):
             names.update(dict.fromkeys(row["row"]))
@@ -90,14 +89,28 @@ class PairStream(torch.utils.data.IterableDataset):
                                       *self.limits)
             self.rows += 1
             if shape is not None:
-                self.shapes[shape] += 1
+                self.counts.shapes[shape] += 1
             if isinstance(pair, DroppedPair):
-                self.drops[pair.reason] += 1
-                if pair.reason not in self.first_rows:
-                    self.first_rows[pair.reason], self.first_details[pair.reason] = item["index"], pair.detail
+                self.counts.count_drop(pair, item["index"])
                 continue
             self.kept += 1
             yield pair
+
+    @property
+    def drops(self) -> Counter:
+        return self.counts.drops
+
+    @property
+    def first_rows(self) -> dict[str, int]:
+        return self.counts.first_rows
+
+    @property
+    def first_details(self) -> dict[str, str]:
+        return self.counts.first_details
+
+    @property
+    def shapes(self) -> Counter:
+        return self.counts.shapes
 
     def report(self) -> str:
         """E.g. "read 1000 rows (pass 1): kept 995 of 1000 pairs; dropped 5: ..." (prepare.format_drop_report)."""
