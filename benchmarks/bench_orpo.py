@@ -18,6 +18,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "worker.py"
 POLL_SECONDS = 0.5
+LEAN_BUDGET_GB = 3.0
+PROFILE_PAIRS = 24  # the profiled orpo run: steps 4 and 5 of 24 pairs (step_profile.py)
 # name -> (trainer, config kwargs): each trainer's defaults, TRL without recompute (its fastest), and the
 # options issue-by-issue measured for orpo
 RUNS = {
@@ -25,6 +27,8 @@ RUNS = {
     "trl": ("trl", {}),
     "trl-fastest": ("trl", {"gradient_checkpointing": False}),
     "orpo-recompute": ("orpo", {"activation_checkpointing": True}),
+    # a step budget under which the planner recomputes what keeps SmolLM2's whole process near 5 GB
+    "orpo-lean": ("orpo", {"memory_budget_gb": LEAN_BUDGET_GB}),
     "orpo-fused-adamw": ("orpo", {"optim": "adamw_torch_fused"}),
     "orpo-compile": ("orpo", {"torch_compile": True}),
 }
@@ -41,13 +45,14 @@ def rss_gb(pid):
     return 0.0
 
 
-def run_worker(args, run, dtype, max_length, pairs, batch, peak):
+def run_worker(args, run, dtype, max_length, pairs, batch, peak, profile_steps=0):
     """One measured run in a fresh subprocess; returns the worker's JSON record or a failure record."""
     trainer, config = RUNS[run]
     config = {**config, **(json.loads(args.orpo_args) if trainer == "orpo" else {})}
     cmd = [sys.executable, str(WORKER), "--trainer", trainer, "--workload", args.workload, "--dtype", dtype,
            "--pairs", str(pairs), "--max_length", str(max_length), "--batch", str(batch),
-           "--config", json.dumps(config)] + (["--peak_gflops", str(peak)] if peak else [])
+           "--config", json.dumps(config), "--profile_steps", str(profile_steps)] + (
+               ["--peak_gflops", str(peak)] if peak else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1"}
     base = {"run": run, "trainer": trainer, "workload": args.workload, "dtype": dtype, "max_length": max_length,
@@ -121,6 +126,8 @@ def main():
     p.add_argument("--lengths", default="512,1024,2048,4096,8192", help="context workload: max_length values")
     p.add_argument("--out", default="results.json")
     p.add_argument("--orpo_args", default="{}", help="extra ORPOConfig kwargs as JSON (orpo runs only)")
+    p.add_argument("--profile", default="true", choices=["true", "false"],
+                   help=f"per dtype, one more orpo run ({PROFILE_PAIRS} pairs) that profiles two steps by kind of work")
     args = p.parse_args()
     json.loads(args.orpo_args)  # fail early on bad JSON
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -140,8 +147,11 @@ def main():
             results = [run_worker(args, run, dtype, length, pairs, batch, peak[dtype]["mix_gflops"])
                        for _ in range(args.repeats) for run in runs]  # orpo, trl, ..., orpo, trl, ...
             groups.append({"dtype": dtype, "max_length": length, "runs": results, "summary": summarize(results, runs)})
-            print(json.dumps({"dtype": dtype, "max_length": length, **groups[-1]["summary"]}), file=sys.stderr,
-                  flush=True)
+            if args.profile == "true":
+                profiled = run_worker(args, "orpo", dtype, length, min(PROFILE_PAIRS, pairs), batch, None, 2)
+                groups[-1]["profile"] = profiled.get("profile", profiled)
+            print(json.dumps({"dtype": dtype, "max_length": length, **groups[-1]["summary"],
+                              "profile": groups[-1].get("profile")}), file=sys.stderr, flush=True)
 
     report = {"date": time.strftime("%Y-%m-%d"), "machine": peak, "workload": args.workload, "runs": runs,
               "pairs": pairs, "batch": batch, "repeats": args.repeats, "memory_limit_gb": args.memory_limit_gb,

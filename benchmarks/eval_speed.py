@@ -23,6 +23,7 @@ import torch
 from machine import cpu_description
 from orpo.commands.evaluate import evaluate_model
 from orpo.train.config import ORPOConfig, prepare_data
+from orpo.train.allocator import keep_freed_memory
 from orpo.train.models import fetch_smollm2, load_model, load_tokenizer
 
 DATA = "../shared/data/ultrafeedback_200_eval.jsonl"
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--out", default="eval_speed.json")
     args = parser.parse_args()
 
+    keep_freed_memory()  # as `orpo eval` does on the CPU, for every mode
     model_dir = str(fetch_smollm2())
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)

@@ -74,11 +74,13 @@ def make_pairs(n: int, vocab: int, quick: bool, seed: int = 0) -> list[Tokenized
 
 
 def tokenizer_for(config):
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {"<pad>": PAD, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, config.vocab_size)}}
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
-                                               pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # "t5 t9" -> [5, 9] (gpu_bench.py's text rows)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>",
+                                               bos_token="<s>")
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"
     return tok
 

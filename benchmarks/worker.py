@@ -145,6 +145,9 @@ def main():
     p.add_argument("--max_length", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--config", default="{}", help="extra config kwargs as JSON (this trainer's ORPOConfig)")
+    p.add_argument("--profile_steps", type=int, default=0, help="profile this many steps from step 4 on (the "
+                   "first steps also fault in the process's memory; step_profile.py) and report seconds per step by "
+                   "kind of work")
     p.add_argument("--peak_gflops", type=float, default=None, help="the matmul peak of this dtype (peak.py)")
     a = p.parse_args()
 
@@ -176,6 +179,11 @@ def main():
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
         config = ORPOConfig(**common, **json.loads(a.config))  # max_completion_length None, no prompt limit in 1.16
     trainer = ORPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    profiler = None
+    if a.profile_steps:
+        from step_profile import StepProfiler
+        profiler = StepProfiler(model.config.get_text_config().vocab_size, first=4, steps=a.profile_steps)
+        trainer.add_callback(profiler)
 
     start = time.perf_counter()
     trainer.train()
@@ -202,6 +210,7 @@ def main():
         "checkpointing_reason": getattr(trainer, "checkpointing_reason", None),
         "precision": getattr(trainer.args, "precision_reason", None),
         "loss_logged": loss, "config": a.config,
+        **({"profile": profiler.table(top=6)} if profiler else {}),
         "versions": {k: version(k) for k in ("torch", "transformers", "trl", "orpo")},
     }), flush=True)
 

@@ -199,7 +199,7 @@ DATA_FIELDS = ("prompt_column", "chosen_column", "rejected_column", "response_co
                "skip_bad_rows", "seed", "data_seed", "dataset_num_proc", "dataset_cache", "dataset_cache_dir")
 
 
-EVAL_FIELDS = ("beta", "nll_scope", "packing", "packed_attention", "logprob_chunk_size", "bf16")
+EVAL_FIELDS = ("beta", "nll_scope", "packing", "packed_attention", "logprob_chunk_size", "bf16", "reuse_cpu_memory")
 
 
 def _subcommand_parser(command: str):
@@ -230,6 +230,7 @@ def cmd_eval(argv: list[str]) -> int:
     from orpo.commands.compare import compare_records, format_comparison
     from orpo.commands.evaluate import evaluate_model
     from orpo.ops.scoring import summarize
+    from orpo.train.allocator import keep_freed_memory
 
     args = parse_subcommand_args("eval", argv)
     tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
@@ -242,6 +243,8 @@ def cmd_eval(argv: list[str]) -> int:
     records = {}
     for name in [args.model] + ([args.compare] if args.compare else []):
         model = _load_model(name, args.dtype, args.trust_remote_code)
+        if args.reuse_cpu_memory and next(model.parameters()).device.type == "cpu":
+            keep_freed_memory()  # train/allocator.py; the reference path alike
         logger.info("scoring %d pairs with %s (%s path)", len(pairs), name, "reference" if args.reference else "fast")
         records[name] = evaluate_model(model, pairs, tokenizer.pad_token_id, args.nll_scope, args.reference,
                                        args.batch_size, args.packing, args.packed_attention, args.logprob_chunk_size,

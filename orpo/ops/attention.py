@@ -51,7 +51,8 @@ def span_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function. query [rows, heads, T, d], key/value [rows, kv_heads, T, d]
     → ([rows, T, heads, d], None). `pair_spans`: rows of (row, offset, p, c, r), pairs of a row in
-    offset order; `attention_mask` is then unused. Without it: transformers' SDPA."""
+    offset order, each starting where the previous ends (the first at 0); `attention_mask` is then
+    unused. Without it: transformers' SDPA."""
     if pair_spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if kwargs.get("softcap") is not None:
@@ -59,23 +60,35 @@ def span_attention(
     window = kwargs.get("sliding_window")
     rows, heads, width, head_dim = query.shape
     groups = heads // key.shape[1]
+    by_row: list[list[list[int]]] = [[] for _ in range(rows)]
+    for span in pair_spans:
+        by_row[span[0]].append(span)
     pieces: list[list[torch.Tensor]] = [[] for _ in range(rows)]
-    filled = [0] * rows
     with sdpa_kernel(FUSED_FIRST) if query.is_cuda else nullcontext():  # FUSED_FIRST: read at call time
-        for row, offset, p, c, r in pair_spans:
-            q, k, v = (x[row : row + 1] for x in (query, key, value))
-            shared = slice(offset, offset + p + c)  # prompt + chosen: causal (within the window, if any)
-            band = None if window is None or p + c <= window else causal_mask(0, p + c, p + c, window, query.device)
-            pieces[row].append(_sdpa(q[:, :, shared], k[:, :, shared], v[:, :, shared], band, groups, dropout, scaling))
-            start = offset + p + c  # rejected (positions p..p+r−1): keys = prompt + rejected (positions 0..p+r−1)
-            k_rejected = torch.cat([k[:, :, offset : offset + p], k[:, :, start : start + r]], dim=2)
-            v_rejected = torch.cat([v[:, :, offset : offset + p], v[:, :, start : start + r]], dim=2)
-            mask = causal_mask(p, r, p + r, window, query.device)
-            pieces[row].append(_sdpa(q[:, :, start : start + r], k_rejected, v_rejected, mask, groups, dropout, scaling))
-            filled[row] = start + r
-    for row in range(rows):
-        if filled[row] < width:  # the row's padded tail
-            pieces[row].append(query.new_zeros(1, heads, width - filled[row], head_dim))
+        for row, (q_row, k_row, v_row) in enumerate(zip(query.split(1), key.split(1), value.split(1))):
+            # One split per tensor and row into [prompt | chosen | rejected] per pair and the padded tail:
+            # the backward of a split is one concatenation, where a slice per part would fill a row-wide
+            # zero gradient per part and add them up.
+            sizes = [n for _, _, p, c, r in by_row[row] for n in (p + c, r)]
+            if [span[1] for span in by_row[row]] != [sum(sizes[: 2 * i]) for i in range(len(by_row[row]))]:
+                raise OrpoError(f"span attention: the pairs of row {row} must follow each other from position 0 "
+                                f"(packing.collate_prefix_shared's layout), got {by_row[row]}")
+            tail = width - sum(sizes)
+            q_parts, k_parts, v_parts = (x.split(sizes + [tail], dim=2) for x in (q_row, k_row, v_row))
+            for i, (_, _, p, c, r) in enumerate(by_row[row]):
+                q_shared, q_rejected = q_parts[2 * i], q_parts[2 * i + 1]
+                k_shared, k_rejected = k_parts[2 * i], k_parts[2 * i + 1]
+                v_shared, v_rejected = v_parts[2 * i], v_parts[2 * i + 1]
+                # prompt + chosen: causal (within the window, if any)
+                band = None if window is None or p + c <= window else causal_mask(0, p + c, p + c, window, query.device)
+                pieces[row].append(_sdpa(q_shared, k_shared, v_shared, band, groups, dropout, scaling))
+                # rejected (positions p..p+r−1): keys = prompt + rejected (positions 0..p+r−1)
+                k_prompt, v_prompt = k_shared[:, :, :p], v_shared[:, :, :p]
+                mask = causal_mask(p, r, p + r, window, query.device)
+                pieces[row].append(_sdpa(q_rejected, torch.cat([k_prompt, k_rejected], dim=2),
+                                    torch.cat([v_prompt, v_rejected], dim=2), mask, groups, dropout, scaling))
+            if tail:  # the row's padded tail
+                pieces[row].append(query.new_zeros(1, heads, tail, head_dim))
     output = torch.cat([torch.cat(row_pieces, dim=2) for row_pieces in pieces], dim=0)
     return output.transpose(1, 2).contiguous(), None
 

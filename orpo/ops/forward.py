@@ -141,13 +141,15 @@ class PairLogps:
         return -total
 
 
-def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int, head: str = "chunked") -> PairLogps:
+def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int, head: str = "chunked",
+               keep_probs: bool = False) -> PairLogps:
     """Completion and prompt log-prob sums per pair for a batch from `packing`, from one call of `model`.
 
     head="chunked": during the call the output head computes the target tokens' log-probs only, with
     the family's transform of its logits (head.py). head="logits": the model returns its own
     [rows, T, vocab] logits, whatever its head does to them, and the targets' log-probs are gathered
-    from an fp32 log-softmax (more memory)."""
+    from an fp32 log-softmax (more memory). keep_probs (chunked head): the head's softmax is kept from the
+    forward for backward instead of recomputed there (logprobs.token_logprobs; memory.plan_head_probs)."""
     if head not in ("chunked", "logits"):
         raise ValueError(f"head must be 'chunked' or 'logits', got {head!r}")
     lm = causal_lm(model)
@@ -163,7 +165,7 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
             target_logits = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["target_source"])
             token_logps = target_logits.float().log_softmax(-1).gather(1, batch["target_ids"][:, None]).squeeze(1)
         else:
-            with chunked_head(lm, batch["target_source"], batch["target_ids"], chunk_size):
+            with chunked_head(lm, batch["target_source"], batch["target_ids"], chunk_size, keep_probs):
                 token_logps = model(**inputs).logits
     if token_logps.shape != batch["target_ids"].shape:
         raise OrpoError(

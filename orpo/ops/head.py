@@ -166,18 +166,20 @@ def unsupported_reason(lm: torch.nn.Module) -> str | None:
 
 
 @contextmanager
-def chunked_head(lm: torch.nn.Module, target_source: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+def chunked_head(lm: torch.nn.Module, target_source: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                 keep_probs: bool = False):
     """While active, `lm` (a transformers *ForCausalLM) called with `logits_to_keep=0` returns as its
     logits the [N] fp32 log-probs of `targets` [N] predicted at the flat positions `target_source` [N]
     (indices into rows·T): its head (`get_output_embeddings()`, possibly wrapped by peft or sharded
     by FSDP2/ZeRO-3), called with hidden states [rows, T, H], computes them, with the family's
-    transform of the logits (POST_HEAD) applied inside and neutralised in the model's forward."""
+    transform of the logits (POST_HEAD) applied inside and neutralised in the model's forward.
+    keep_probs: logprobs.token_logprobs' (the softmax kept for backward instead of recomputed)."""
     head = lm.get_output_embeddings()
     transform = post_head_transform(lm)
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_source)
-        return _chunked_forward(head, selected, targets, chunk_size, transform)
+        return _chunked_forward(head, selected, targets, chunk_size, transform, keep_probs)
 
     with neutral_post_head(lm):
         head.forward = forward  # an instance attribute: nn.Module.__call__ runs it between the hooks
@@ -188,7 +190,7 @@ def chunked_head(lm: torch.nn.Module, target_source: torch.Tensor, targets: torc
 
 
 def _chunked_forward(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                     transform: HeadTransform):
+                     transform: HeadTransform, keep_probs: bool):
     linear, adapters = _head_parts(head)
     weight = linear.weight
     if _is_shard(weight):
@@ -197,7 +199,7 @@ def _chunked_forward(head: torch.nn.Module, hidden: torch.Tensor, targets: torch
             f"{tuple(weight.shape)}); shard lm_head as one unit (FSDP2: fully_shard(lm_head), or leave it in the root)"
         )
     dtype = autocast_dtype(hidden.device, weight.dtype)
-    post = dict(bias=linear.bias, scale=transform.scale, softcap=transform.softcap)
+    post = dict(bias=linear.bias, scale=transform.scale, softcap=transform.softcap, keep_probs=keep_probs)
     if not adapters:
         return token_logprobs(hidden, weight, targets, chunk_size, compute_dtype=dtype, **post)
     low_rank_in = torch.cat([scaling * (dropout(hidden).to(a.dtype) @ a.T) for a, _, scaling, dropout in adapters], 1)

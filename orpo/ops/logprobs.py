@@ -3,7 +3,11 @@
 Only the hidden states that predict a target token are passed in (the caller gathers them), and
 the lm_head matmul + fp32 log-softmax run over chunks of those tokens. The autograd function
 keeps only the inputs and the per-token log-sum-exp; backward recomputes each chunk's logits, so
-peak memory is one chunk of logits, not the whole batch's.
+peak memory is one chunk of logits, not the whole batch's. With `keep_probs` (where memory allows:
+train/memory.py decides) the forward keeps each chunk's fp32 softmax instead ([N, V] in all), and
+backward starts from it: no second head matmul and log-softmax, the same gradients (bit for bit in
+the tests and in bf16; in fp32 at large sizes the GEMM's rounding can depend on where its buffers lie
+in memory: ≤ 3e-5 apart on log-probs of a random 2,500 × 49,152 head).
 
     a_i    = h_i · Wᵀ + u_i · Bᵀ + bias     (u, B: an optional low-rank term, e.g. LoRA: u = s·A·drop(h);
                                              bias: the head's optional bias, [V])
@@ -64,21 +68,25 @@ def autocast_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, compute_dtype, bias, scale,
-                softcap):
+                softcap, keep_probs):
         with torch.autocast(hidden.device.type, enabled=False):
             return _ChunkedTokenLogprobs._forward(
-                ctx, hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, compute_dtype, bias, scale, softcap
+                ctx, hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, compute_dtype, bias, scale, softcap,
+                keep_probs,
             )
 
     @staticmethod
     def _forward(ctx, hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, compute_dtype, bias, scale,
-                 softcap):
+                 softcap, keep_probs):
         w = weight.to(compute_dtype)
         b = low_rank_out.to(compute_dtype) if low_rank_out is not None else None
         c = bias.to(compute_dtype) if bias is not None else None  # rounded as the model's own Linear would
         transformed = scale != 1.0 or softcap is not None
+        # the softmax is kept only where backward needs nothing else from the logits (no softcap derivative)
+        keep = keep_probs and softcap is None and any(ctx.needs_input_grad)
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logps)
+        probs = []
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
             u = low_rank_in[start:end] if low_rank_in is not None else None
@@ -87,8 +95,11 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 logits = _post_head(logits, scale, softcap)
             lse[start:end] = torch.logsumexp(logits, dim=-1)
             logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+            if keep:  # what backward would compute from the same logits: exp(z − lse), in place
+                probs.append(logits.sub_(lse[start:end, None]).exp_())
         ctx.save_for_backward(hidden, weight, targets, lse, low_rank_in, low_rank_out, bias)
         ctx.chunk_size, ctx.compute_dtype, ctx.scale, ctx.softcap = chunk_size, compute_dtype, scale, softcap
+        ctx.probs = probs if keep else None
         return logps
 
     @staticmethod
@@ -115,23 +126,29 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             h = hidden[start:end]
             u = u_all[start:end] if u_all is not None else None
             g = grad_logps[start:end].float()
-            logits = _chunk_logits(h, w, u, b, c)
             dz_da = None
-            if transformed:
+            kept = ctx.probs[start // ctx.chunk_size] if ctx.probs else None
+            if kept is not None:  # the forward's softmax (kept only without a softcap: dz/da is the scale)
+                probs, dz_da = kept, (ctx.scale if transformed else None)
+                ctx.probs[start // ctx.chunk_size] = None  # freed as backward goes (a second backward recomputes)
+            elif transformed:
+                logits = _chunk_logits(h, w, u, b, c)
                 z, dz_da = _post_head_with_derivative(logits, ctx.scale, ctx.softcap)
                 probs = z.sub_(lse[start:end, None]).exp_()
             else:
-                probs = torch.exp(logits - lse[start:end, None])
+                logits = _chunk_logits(h, w, u, b, c)
+                probs = logits.sub_(lse[start:end, None]).exp_()  # in place: no second [chunk, V] buffer
             grad_logits = probs.mul_(-g[:, None])
             grad_logits.scatter_add_(1, targets[start:end, None], g[:, None])
             if dz_da is not None:
                 grad_logits.mul_(dz_da)  # ∂/∂z → ∂/∂a
+            grad_logits_c = grad_logits.to(w.dtype)  # the matmuls' operand (no copy in fp32)
             if grad_hidden is not None:
-                grad_hidden[start:end] = (grad_logits.to(w.dtype) @ w).to(hidden.dtype)
+                grad_hidden[start:end] = (grad_logits_c @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.T, h.float())  # fp32: one rounding of the sum, at the end
             if grad_u is not None:
-                grad_u[start:end] = (grad_logits.to(b.dtype) @ b).to(u.dtype)
+                grad_u[start:end] = (grad_logits_c @ b).to(u.dtype)
             if grad_b is not None:
                 grad_b.addmm_(grad_logits.T, u.float())
             if grad_bias is not None:
@@ -142,7 +159,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             grad_b = grad_b.to(b_in.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, None, None, grad_u, grad_b, None, grad_bias, None, None
+        ctx.probs = None
+        return grad_hidden, grad_weight, None, None, grad_u, grad_b, None, grad_bias, None, None, None
 
 
 def token_logprobs(
@@ -156,6 +174,7 @@ def token_logprobs(
     bias: torch.Tensor | None = None,
     scale: float = 1.0,
     softcap: float | None = None,
+    keep_probs: bool = False,
 ) -> torch.Tensor:
     """log p(targets | hidden) under the output head `weight` (plus a low-rank term and a bias), in fp32.
 
@@ -168,6 +187,8 @@ def token_logprobs(
     bias: [V] the head's bias, added to the logits (gets its gradient).
     scale, softcap: the logits a become z = softcap · tanh(scale · a / softcap), or z = scale · a when
       softcap is None (Cohere's logit_scale, Granite's 1 / logits_scaling, Gemma's final softcap).
+    keep_probs: keep the fp32 softmax of every chunk ([N, V] · 4 bytes) from the forward for backward,
+      instead of recomputing the logits there (same gradients; ignored without gradients or with a softcap).
     Returns [N] float32 log-probs. No gradient is computed for an input that does not require one.
     """
     if (low_rank_in is None) != (low_rank_out is None):
@@ -176,4 +197,5 @@ def token_logprobs(
         raise ValueError(f"softcap must be positive, got {softcap}")
     dtype = compute_dtype or weight.dtype
     return _ChunkedTokenLogprobs.apply(hidden, weight, targets, chunk_size, low_rank_in, low_rank_out, dtype, bias,
-                                       float(scale), None if softcap is None else float(softcap))
+                                       float(scale), None if softcap is None else float(softcap),
+                                       keep_probs and torch.is_grad_enabled())  # (forward runs without grad mode)

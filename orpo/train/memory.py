@@ -269,22 +269,28 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
+def step_budget(device: torch.device, local_processes: int, budget_gb: float | None) -> tuple[int | None, str]:
+    """(bytes a training step may allocate on `device`, where that figure comes from): `budget_gb`, else
+    `BUDGET_SHARE` of the free memory (a CPU's shared by the machine's processes); None where orpo cannot
+    read the free memory."""
+    if budget_gb is not None:
+        return int(budget_gb * 1e9), "--memory_budget_gb"
+    free = free_memory(device, local_processes)
+    if free is None:
+        return None, f"orpo cannot read the free memory of {device.type}"
+    shared = f", shared by {local_processes} processes" if device.type == "cpu" and local_processes > 1 else ""
+    return int(BUDGET_SHARE * free), f"{BUDGET_SHARE:.0%} of the {_gb(free)} free on {device.type}{shared}"
+
+
 def plan_checkpointing(shape: DecoderShape, lengths: list[tuple[int, int, int]], batch_size: int, packing: bool,
                        attention: str, activation_bytes: int, chunk_size: int, weights_on_device: bool,
                        device: torch.device, local_processes: int, budget_gb: float | None) -> tuple[int | None, str]:
     """(every_n_layers or None for no checkpointing, the reason for the run log) for a run on
     `device` whose training pairs have `lengths` (prompt, chosen, rejected), each process taking
     `batch_size` pairs per micro-batch; `budget_gb` None = `BUDGET_SHARE` of the free memory."""
-    if budget_gb is not None:
-        budget, where = int(budget_gb * 1e9), "--memory_budget_gb"
-    else:
-        free = free_memory(device, local_processes)
-        if free is None:
-            return 1, (f"on: orpo cannot read the free memory of {device.type}; "
-                       "--activation_checkpointing false turns it off")
-        budget = int(BUDGET_SHARE * free)
-        shared = f", shared by {local_processes} processes" if device.type == "cpu" and local_processes > 1 else ""
-        where = f"{BUDGET_SHARE:.0%} of the {_gb(free)} free on {device.type}{shared}"
+    budget, where = step_budget(device, local_processes, budget_gb)
+    if budget is None:
+        return 1, f"on: {where}; --activation_checkpointing false turns it off"
     tokens, pair_lengths = largest_micro_batch(lengths, batch_size, packing, attention)
     every, need = choose_checkpointing(shape, tokens, pair_lengths, activation_bytes, chunk_size, weights_on_device,
                                        budget)
@@ -296,3 +302,23 @@ def plan_checkpointing(shape: DecoderShape, lengths: list[tuple[int, int, int]],
                        f"that way, within the budget of {_gb(budget)} ({where}); without recompute it would not fit")
     fits = "within" if need <= budget else "over"
     return 1, f"on, every layer: {step} that way, {fits} the budget of {_gb(budget)} ({where})"
+
+
+def plan_head_probs(shape: DecoderShape, lengths: list[tuple[int, int, int]], batch_size: int, packing: bool,
+                    attention: str, activation_bytes: int, chunk_size: int, weights_on_device: bool,
+                    device: torch.device, local_processes: int, budget_gb: float | None) -> tuple[bool, str]:
+    """(keep the output head's softmax for backward?, the reason for the run log): yes where the largest
+    micro-batch's step without recompute, plus that softmax (its tokens × vocabulary × 4 bytes, fp32;
+    logprobs.token_logprobs(keep_probs=True)), fits the budget (`plan_checkpointing`'s arguments). Backward
+    then skips the head's second matmul and log-softmax over the vocabulary."""
+    budget, where = step_budget(device, local_processes, budget_gb)
+    if budget is None:
+        return False, f"recomputed in backward: {where}"
+    tokens, pair_lengths = largest_micro_batch(lengths, batch_size, packing, attention)
+    need = step_bytes(shape, tokens, pair_lengths, activation_bytes, (), chunk_size, weights_on_device)
+    probs = tokens * shape.vocab * 4
+    if need + probs <= budget:
+        return True, (f"kept from the forward ({_gb(probs)} for {tokens} tokens; the step then needs about "
+                      f"{_gb(need + probs)}, within the budget of {_gb(budget)} ({where}))")
+    return False, (f"recomputed in backward (keeping it, {_gb(probs)}, would bring the step to {_gb(need + probs)}, "
+                   f"over the budget of {_gb(budget)} ({where}))")

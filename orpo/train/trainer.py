@@ -30,13 +30,14 @@ from orpo.ops.packing import nll_token_count
 from orpo.ops.moe import router_balancing, router_token_mask
 from orpo.ops.route import choose_route
 from orpo.ops.scoring import record_tensor, records_from_tensor, summarize
+from orpo.train.allocator import keep_freed_memory
 from orpo.train.callbacks import (MetricsJsonlCallback, MetricTotals, NonFiniteGuard, ReportCallback,
                                   disable_dropout)
 from orpo.train.checkpoints import (completed_step, mark_complete, mark_finished, read_counters, resolve_resume,
                                     save_config_as_json)
 from orpo.train.config import ORPOConfig, prepare_data, stream_data
 from orpo.train.internals import TrainerAdapter, ensure_trainer_contract
-from orpo.train.memory import decoder_shape, plan_checkpointing
+from orpo.train.memory import decoder_shape, plan_checkpointing, plan_head_probs
 from orpo.train.models import load_model, load_tokenizer
 from orpo.train.progress import ProgressReporter
 from orpo.train.report import METRICS_FILE
@@ -89,6 +90,7 @@ class ORPOTrainer(TrainerAdapter):
         pad_id = args.padding_value if args.padding_value is not None else processing_class.pad_token_id
         if args.choose_checkpointing:
             self._choose_checkpointing(model, train_pairs, args)
+        self.keep_head_probs, self.head_probs_reason = self._choose_head_probs(model, train_pairs, args)
         super().__init__(
             model=model,
             args=args,
@@ -107,6 +109,9 @@ class ORPOTrainer(TrainerAdapter):
         logger.info("precision: %s", getattr(self.args, "precision_reason", "bf16" if self.args.bf16 else "fp32"))
         if hasattr(self, "checkpointing_reason"):
             logger.info("activation checkpointing: %s", self.checkpointing_reason)
+        logger.info("output head softmax: %s", self.head_probs_reason)
+        if self.args.reuse_cpu_memory and self.args.device.type == "cpu" and not keep_freed_memory():
+            logger.info("reuse_cpu_memory: not available here (needs glibc malloc); large tensors use fresh pages")
         if self.args.fsdp and not self.is_fsdp_enabled:
             # accelerate builds its FSDP state only for GPU-type devices; processes on CPU (use_cpu) get DDP
             logger.warning("fsdp is set, but accelerate did not set up FSDP (it does so only on GPUs and other "
@@ -174,29 +179,45 @@ class ORPOTrainer(TrainerAdapter):
             else:
                 every, reason = 1, ("on: the model is sharded (DeepSpeed/FSDP) and orpo does not estimate sharded "
                                     "memory; --activation_checkpointing false turns it off")
-        elif isinstance(pairs, PairStream) and longest_pair(*pairs.limits) is None:
-            every, reason = 1, "on: streamed data without max_length to size it by"
-        elif pairs is None or (not isinstance(pairs, PairStream) and not len(pairs)):
-            every, reason = 1, "on: no training data to size it by"
+        elif isinstance(unsized := self._memory_inputs(model, pairs, args), str):
+            every, reason = 1, f"on: {unsized}"
         else:
-            # a stream is sized by the longest pair its length limits let through, in every micro-batch
-            lengths = ([longest_pair(*pairs.limits)] * args.per_device_train_batch_size if isinstance(pairs, PairStream)
-                       else [tuple(lengths) for lengths in pair_lengths(pairs).tolist()])
-            lm = causal_lm(model)
-            shape = decoder_shape(lm, lm.config.get_text_config())
-            on_device = next(lm.parameters()).device.type == args.device.type
-            every, reason = plan_checkpointing(
-                shape, lengths,
-                args.per_device_train_batch_size, self.route.packing, self.route.attention,
-                2 if args.bf16 or args.fp16 else shape.weight_bytes, args.logprob_chunk_size, on_device, args.device,
-                int(os.environ.get("LOCAL_WORLD_SIZE", "1")), args.memory_budget_gb,
-            )
+            every, reason = plan_checkpointing(*unsized)
         args.activation_checkpointing = args.gradient_checkpointing = every is not None
         if every is not None and every > 1:
             args.activation_checkpointing_kwargs = {**(args.activation_checkpointing_kwargs or {}), "every_n_layers": every}
             args.gradient_checkpointing_kwargs = args.activation_checkpointing_kwargs
         args.choose_checkpointing = False
         self.checkpointing_reason = reason
+
+    def _choose_head_probs(self, model, pairs, args: ORPOConfig) -> tuple[bool, str]:
+        """(keep the output head's softmax for backward?, why): `keep_head_probs` if set; else kept where the
+        step fits the memory budget without recompute (memory.plan_head_probs)."""
+        if args.keep_head_probs is not None:
+            return args.keep_head_probs, f"--keep_head_probs {str(args.keep_head_probs).lower()}"
+        if args.gradient_checkpointing or args.deepspeed or args.fsdp:
+            return False, "recomputed in backward: memory is what this run saves (activation checkpointing or sharding)"
+        unsized = self._memory_inputs(model, pairs, args)
+        if isinstance(unsized, str):
+            return False, f"recomputed in backward: {unsized}"
+        return plan_head_probs(*unsized)
+
+    def _memory_inputs(self, model, pairs, args: ORPOConfig) -> tuple | str:
+        """The arguments of memory.plan_checkpointing / plan_head_probs for this model, data and config,
+        or why the data gives none."""
+        if isinstance(pairs, PairStream) and longest_pair(*pairs.limits) is None:
+            return "streamed data without max_length to size it by"
+        if pairs is None or (not isinstance(pairs, PairStream) and not len(pairs)):
+            return "no training data to size it by"
+        # a stream is sized by the longest pair its length limits let through, in every micro-batch
+        lengths = ([longest_pair(*pairs.limits)] * args.per_device_train_batch_size if isinstance(pairs, PairStream)
+                   else [tuple(lengths) for lengths in pair_lengths(pairs).tolist()])
+        lm = causal_lm(model)
+        shape = decoder_shape(lm, lm.config.get_text_config())
+        on_device = next(lm.parameters()).device.type == args.device.type
+        return (shape, lengths, args.per_device_train_batch_size, self.route.packing, self.route.attention,
+                2 if args.bf16 or args.fp16 else shape.weight_bytes, args.logprob_chunk_size, on_device, args.device,
+                int(os.environ.get("LOCAL_WORLD_SIZE", "1")), args.memory_budget_gb)
 
     def _prepare(self, dataset, tokenizer, args: ORPOConfig, split: str):
         """`dataset` through the one data path with this config's data fields (config.prepare_data);
@@ -241,7 +262,8 @@ class ORPOTrainer(TrainerAdapter):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             self._step_rows += inputs["pair_index"].tolist()
-        logps = pair_logps(model, inputs, self.args.logprob_chunk_size, head=self.route.head)
+        logps = pair_logps(model, inputs, self.args.logprob_chunk_size, head=self.route.head,
+                           keep_probs=self.keep_head_probs)
         batch_nll_tokens = nll_token_count(inputs["target_kind"], self.args.nll_scope)
         if num_items_in_batch is None:  # evaluation: normalise over this batch alone
             nll_tokens, pairs = batch_nll_tokens, inputs["num_pairs"]

@@ -410,3 +410,50 @@ def test_transformed_peak_tensor_is_one_chunk_of_logits():
         (token_logprobs(h, w, targets, chunk_size=chunk, bias=bias, scale=0.5, softcap=2.0) * up).sum().backward()
     assert mode.largest <= max(chunk * v, v * h_dim, n * h_dim) == 512
     assert bias.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transform", [*TRANSFORMS, "low-rank"])
+def test_keep_probs_gives_the_recomputed_gradients_bit_for_bit(dtype, transform):
+    """keep_probs only moves where the softmax is computed (the forward, kept, instead of backward's
+    recompute of the same logits): values and every gradient are identical, for chunk sizes that do
+    (1) and do not (3) divide N = 7; with a softcap it is ignored (backward also needs tanh')."""
+    inputs, options, targets, up = make_transformed(dtype, TRANSFORMS.get(transform, dict(low_rank=True)))
+    for chunk_size in (1, 3):
+        out, grads = run_all(token_logprobs, inputs, options, targets, up, chunk_size=chunk_size)
+        kept, kept_grads = run_all(token_logprobs, inputs, options, targets, up, chunk_size=chunk_size, keep_probs=True)
+        assert torch.equal(out, kept)
+        assert set(grads) == set(kept_grads) == set(inputs)
+        for name in grads:
+            assert torch.equal(grads[name], kept_grads[name]), name
+
+
+def test_keep_probs_saves_the_softmax_and_skips_the_second_head_matmul():
+    """The memory it trades: the forward keeps [N, V] fp32 in chunks; backward then runs two matmuls per
+    chunk (hidden and weight gradients) instead of three. A second backward (retain_graph) recomputes."""
+    n, chunk = 12, 4
+    hidden, weight, targets, up = make(torch.float32, n=n, seed=11)
+    h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
+    out = token_logprobs(h, w, targets, chunk_size=chunk, keep_probs=True)
+    kept = out.grad_fn.probs
+    assert [tuple(p.shape) for p in kept] == [(chunk, V)] * (n // chunk)
+    with _CountMatmuls() as matmuls:
+        (out * up).sum().backward(retain_graph=True)
+    assert matmuls.count == 2 * (n // chunk)
+    first = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    (out * up).sum().backward()
+    assert torch.equal(h.grad, first[0]) and torch.equal(w.grad, first[1])
+    with torch.no_grad():  # nothing kept without gradients
+        assert token_logprobs(h, w, targets, chunk_size=chunk, keep_probs=True).grad_fn is None
+
+
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.count += 1
+        return func(*args, **(kwargs or {}))

@@ -12,6 +12,7 @@ from orpo.ops.attention import use_span_attention
 from orpo.ops.forward import batch_collator, pair_logps
 from orpo.train.memory import (DecoderShape, LayerShape, choose_checkpointing, decoder_shape, free_memory,
                                kept_activation_bytes, largest_micro_batch, layer_activation_bytes, plan_checkpointing,
+                               plan_head_probs,
                                recomputed_layers, step_bytes)
 
 SMALL = DecoderShape.uniform(layers=4, hidden=4, intermediate=8, kv_width=2, vocab=10, norms_per_layer=2, params=1000,
@@ -214,6 +215,22 @@ def test_plan_checkpointing_says_why():
     assert every == 1 and reason.startswith("on, every layer:") and "over the budget of 0.5 GB" in reason
     every, reason = plan_checkpointing(big, lengths, 4, True, "spans", 4, 1024, True, torch.device("meta"), 1, None)
     assert every == 1 and "cannot read the free memory of meta" in reason
+
+
+def test_plan_head_probs_keeps_the_softmax_only_where_the_step_still_fits():
+    """4 pairs of 300 + 200 + 200 tokens in one call: 2800 tokens, so the kept softmax is
+    2800 × 49152 × 4 = 550,502,400 bytes on top of the step without recompute."""
+    lengths = [(300, 200, 200)] * 8
+    big = DecoderShape.uniform(layers=30, hidden=576, intermediate=1536, kv_width=192, vocab=49152, norms_per_layer=2,
+                               params=134_515_008, trainable=134_515_008, weight_bytes=4)
+    need = step_bytes(big, 2800, [(300, 200)] * 4, 4, (), 1024, True)
+    plan = lambda budget: plan_head_probs(big, lengths, 4, True, "spans", 4, 1024, True, torch.device("cpu"), 1, budget)
+    keep, reason = plan((need + 550_502_400) / 1e9)
+    assert keep and reason.startswith("kept from the forward (0.6 GB for 2800 tokens")
+    keep, reason = plan((need + 550_502_400 - 1000) / 1e9)
+    assert not keep and reason.startswith("recomputed in backward (keeping it, 0.6 GB")
+    keep, reason = plan_head_probs(big, lengths, 4, True, "spans", 4, 1024, True, torch.device("meta"), 1, None)
+    assert not keep and "cannot read the free memory of meta" in reason
 
 
 def test_free_memory_of_the_cpu_is_shared_by_its_processes():

@@ -527,3 +527,13 @@ def test_moe_training_logs_aux_loss_and_its_loss_includes_it(tmp_path):
     trainer.train()
     log = next(r for r in trainer.state.log_history if "loss" in r and "aux_loss" in r)
     assert log["loss"] == pytest.approx(log["nll"] + 0.1 * log["or_loss"] + 0.5 * log["aux_loss"], rel=1e-4)
+
+
+def test_reuse_cpu_memory_keeps_freed_memory_on_the_cpu_only_when_asked(tmp_path, monkeypatch):
+    """config.reuse_cpu_memory (default true) sets malloc up once per trainer on the CPU (train/allocator.py)."""
+    calls = []
+    monkeypatch.setattr("orpo.train.trainer.keep_freed_memory", lambda: calls.append(1) or True)
+    make_trainer(tmp_path / "on", tiny_llama(), pairs(2))
+    assert calls == [1]
+    make_trainer(tmp_path / "off", tiny_llama(), pairs(2), reuse_cpu_memory=False)
+    assert calls == [1]
