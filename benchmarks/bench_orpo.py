@@ -27,6 +27,7 @@ RUNS = {
     "trl": ("trl", {}),
     "trl-fastest": ("trl", {"gradient_checkpointing": False}),
     "orpo-recompute": ("orpo", {"activation_checkpointing": True}),
+    "orpo-selective": ("orpo", {"activation_checkpointing": True, "selective_checkpointing": True}),
     # a step budget under which the planner recomputes what keeps SmolLM2's whole process near 5 GB
     "orpo-lean": ("orpo", {"memory_budget_gb": LEAN_BUDGET_GB}),
     "orpo-fused-adamw": ("orpo", {"optim": "adamw_torch_fused"}),

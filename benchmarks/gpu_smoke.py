@@ -212,7 +212,8 @@ def train_run(config, state, pairs, tokenizer, device, out, name, steps, **overr
 
 def estimated_step_bytes(trainer, pairs) -> int:
     """train/memory.py's estimate of what a step of the largest micro-batch allocates beyond the weights,
-    with the trainer's checkpointing (every n-th layer or none), for comparison with the measured peak."""
+    with the trainer's checkpointing (every n-th layer, selective or full, or none), for comparison with the
+    measured peak."""
     lm = trainer.model
     shape = decoder_shape(lm, lm.config.get_text_config())
     args = trainer.args
@@ -222,7 +223,7 @@ def estimated_step_bytes(trainer, pairs) -> int:
     every = (args.activation_checkpointing_kwargs or {}).get("every_n_layers", 1)
     checkpointed = recomputed_layers(shape.layers, every) if args.activation_checkpointing else ()
     return step_bytes(shape, tokens, pair_lengths, 2 if args.bf16 or args.fp16 else 4, checkpointed,
-                      args.logprob_chunk_size, True)
+                      args.logprob_chunk_size, True, selective=bool(args.selective_checkpointing))
 
 
 def check_training(config, state, pairs, tokenizer, device, out, steps, results):

@@ -1,7 +1,8 @@
-"""Tiny offline models and tokenizers shared by the tests (no hub access)."""
+"""Tiny offline models and tokenizers shared by the tests (no hub access), and an op counter."""
 import torch
 import transformers
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+from torch.utils._python_dispatch import TorchDispatchMode
 
 VOCAB = 64
 WORDS = "<unk> <pad> \n user assistant system the sky is blue green red yes no why what ok good bad a b c".split(" ")
@@ -81,3 +82,19 @@ def byte_level_chatml_tokenizer(corpus=("the sky is blue, what is 2 + 2? Hello t
                                                pad_token="<pad>")
     tok.chat_template = chatml_tokenizer().chat_template
     return tok
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run (by overload) while active: `with OpCounter() as counter: ...; counter.counts`."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func] = self.counts.get(func, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def matmuls(self) -> int:
+        """mm and addmm calls (nn.Linear's, the output head's)."""
+        return self.counts.get(torch.ops.aten.mm.default, 0) + self.counts.get(torch.ops.aten.addmm.default, 0)

@@ -11,6 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 from orpo.errors import OrpoError
+from orpo.train.recompute import selective_checkpoint_kwargs
 from orpo.train.report import METRICS_FILE, write_report
 
 logger = logging.getLogger(__name__)
@@ -122,3 +123,20 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+
+
+class SelectiveCheckpointing(TrainerCallback):
+    """With `selective_checkpointing`, the layers the Trainer checkpoints keep their matmul and attention
+    outputs (train/recompute.py). The Trainer enables checkpointing from `activation_checkpointing_kwargs`,
+    which must stay JSON (it is saved with the config) and so cannot hold the policy's function: this enables
+    it again, through the same public model method, with that function, before the first step."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not (args.activation_checkpointing and args.selective_checkpointing):
+            return
+        checkpoint_kwargs = dict(args.activation_checkpointing_kwargs or {})
+        every_n_layers = checkpoint_kwargs.pop("every_n_layers", 1)
+        offload = checkpoint_kwargs.pop("offload", False)
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=selective_checkpoint_kwargs(checkpoint_kwargs),
+            every_n_layers=every_n_layers, offload=offload)

@@ -123,12 +123,22 @@ class ORPOConfig(TrainingArguments):
         metadata={
             "help": "Recompute activations in backward: far less memory for about a fifth more time. Default (unset): "
             "orpo estimates the largest micro-batch's memory and recomputes only when it does not fit "
-            "--memory_budget_gb (none, every n-th layer, or every layer); the run log says which and why. "
+            "--memory_budget_gb (none, every n-th layer selectively, or every layer fully: --selective_checkpointing); "
+            "the run log says which and why. "
             "true/false decide; --activation_checkpointing_kwargs '{\"every_n_layers\": 2}' keeps every other "
             "layer's activations.",
             "nargs": "?",  # a bare --activation_checkpointing means true, as in TrainingArguments and TRL
             "const": True,
         },
+    )
+    selective_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Layers recomputed in backward keep their matmul and attention outputs and recompute only "
+                  "the element-wise work (norms, activations, rotary, casts; train/recompute.py): about half of "
+                  "their activations' memory, and no matmul runs twice. Default (unset): orpo's memory planner "
+                  "chooses it before full recompute when it chooses activation checkpointing; full recompute where "
+                  "--activation_checkpointing true is set by hand.",
+                  "nargs": "?", "const": True},
     )
     memory_budget_gb: float | None = field(
         default=None,

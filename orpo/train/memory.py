@@ -10,8 +10,12 @@ copies, one chunk of the output head), and compares it with a budget (`--memory_
 | fits | choice |
 | --- | --- |
 | every layer's activations | off |
-| activations of the layers not in every n-th | `every_n_layers = n` (transformers checkpoints layers 0, n, 2n, ...) |
-| neither | on, every layer |
+| every n-th layer keeping only its matmul and attention outputs | selective, `every_n_layers = n` (transformers checkpoints layers 0, n, 2n, ...; train/recompute.py) |
+| neither | full recompute, every layer |
+
+Selective recompute keeps about half of a layer's activations and recomputes only its element-wise work,
+so it goes first; full recompute keeps only each layer's input. `--selective_checkpointing true/false`
+restricts the choice to one kind (false: every n-th layer fully recomputed).
 
 The estimate sums the decoder layers, each with its own widths: layers can differ (Gemma 4's full-attention
 layers have wider heads and other key/value heads than its sliding ones, its kv-shared layers reuse an earlier
@@ -171,14 +175,23 @@ def _norm_width(name: str, hidden: int, query: int, kv: int) -> int:
 
 
 def layer_activation_bytes(shape: DecoderShape, tokens: int, pair_lengths: list[tuple[int, int]],
-                           activation_bytes: int) -> list[int]:
+                           activation_bytes: int, selective: bool = False) -> list[int]:
     """Bytes each decoder layer keeps for backward (module formula), in layer order, for `tokens` tokens in one
-    call, `pair_lengths` the (prompt, rejected) lengths of its pairs in the span layout ([] otherwise)."""
+    call, `pair_lengths` the (prompt, rejected) lengths of its pairs in the span layout ([] otherwise).
+
+    `selective`: what a layer under selective recompute keeps (train/recompute.py), its matmul and fused
+    attention outputs only, per token a · (2q + 2kv + 2i + 2h): the query, key and value projections, the
+    attention output, its o_proj, the MLP's gate and up, its down projection (+ a · (h + e) for Gemma 3n/4's
+    per-layer input gate and projection); the span layout's per-pair keys, values and mask are recomputed."""
     a, h = activation_bytes, shape.hidden
     c = 5 if a < 4 else 2
     result = []
     for layer in shape.per_layer:
         kv = 0 if layer.shares_kv else 2 * layer.kv_width
+        if selective:
+            per_token = a * (2 * layer.query + kv + 2 * layer.intermediate + 2 * h)
+            result.append(tokens * (per_token + (a * (h + layer.per_layer_input) if layer.per_layer_input else 0)))
+            continue
         per_token = a * (4 * layer.intermediate + kv + 3 * layer.query + c * h) + 8 * layer.norm_width
         if layer.per_layer_input:
             per_token += a * h + 12 * layer.per_layer_input
@@ -193,32 +206,37 @@ def recomputed_layers(layers: int, every_n_layers: int) -> range:
 
 
 def kept_activation_bytes(shape: DecoderShape, tokens: int, pair_lengths: list[tuple[int, int]],
-                          activation_bytes: int, recomputed: int | Collection[int] = ()) -> int:
-    """Activation bytes a forward keeps for backward, the `recomputed` layers checkpointed (they keep only
-    their fp32 input, and backward recomputes one layer at a time, so the largest of them adds its own).
+                          activation_bytes: int, recomputed: int | Collection[int] = (), selective: bool = False) -> int:
+    """Activation bytes a forward keeps for backward, the `recomputed` layers checkpointed: they keep their fp32
+    input, and nothing else (full recompute) or their matmul and attention outputs (`selective`); backward
+    recomputes one layer at a time, so the largest of them adds what it does not keep.
 
     Which layers are recomputed matters where layers differ, and is known: `recomputed` is their indices
     (`recomputed_layers`), and the sum is exact per layer. A bare count (as older callers pass) is bounded
     from above: the smallest layers are taken for the recomputed ones, and the largest layer's recompute."""
     per_layer = layer_activation_bytes(shape, tokens, pair_lengths, activation_bytes)
+    partial = (layer_activation_bytes(shape, tokens, pair_lengths, activation_bytes, selective=True) if selective
+               else [0] * len(per_layer))
     if isinstance(recomputed, int):
-        count, order = recomputed, sorted(per_layer)
-        kept = sum(order[count:]) + (order[-1] if count else 0)
+        chosen = set(sorted(range(len(per_layer)), key=per_layer.__getitem__)[:recomputed])
+        transient = range(len(per_layer)) if recomputed else ()
     else:
-        chosen = set(recomputed)
-        count = len(chosen)
-        kept = (sum(b for i, b in enumerate(per_layer) if i not in chosen)
-                + max((per_layer[i] for i in chosen), default=0))
+        chosen = transient = set(recomputed)
+    count = len(chosen)
+    kept = (sum(per_layer[i] if i not in chosen else partial[i] for i in range(len(per_layer)))
+            + max((per_layer[i] - partial[i] for i in transient), default=0))
     per_layer_inputs = 12 * sum(layer.per_layer_input for layer in shape.per_layer)  # Gemma 3n/4, fp32
     return (kept + count * tokens * shape.hidden * 4
             + tokens * (shape.hidden * (8 + activation_bytes) + per_layer_inputs))  # final norm, head input
 
 
 def step_bytes(shape: DecoderShape, tokens: int, pair_lengths: list[tuple[int, int]], activation_bytes: int,
-               checkpointed_layers: int | Collection[int], chunk_size: int, weights_on_device: bool) -> int:
+               checkpointed_layers: int | Collection[int], chunk_size: int, weights_on_device: bool,
+               selective: bool = False) -> int:
     """Memory a training step allocates on its device beyond what is in use before training, with
-    `checkpointed_layers` recomputed: their indices, or their number (`kept_activation_bytes`)."""
-    kept = kept_activation_bytes(shape, tokens, pair_lengths, activation_bytes, checkpointed_layers)
+    `checkpointed_layers` recomputed (`selective`ly or fully): their indices, or their number
+    (`kept_activation_bytes`)."""
+    kept = kept_activation_bytes(shape, tokens, pair_lengths, activation_bytes, checkpointed_layers, selective)
     head_chunk = min(chunk_size, tokens) * shape.vocab * (8 + activation_bytes)  # fp32 logits and probs, one chunk
     autocast_copies = shape.params * activation_bytes if activation_bytes < shape.weight_bytes else 0
     training_state = shape.trainable * (shape.weight_bytes + OPTIMIZER_BYTES)  # gradients, optimizer
@@ -226,16 +244,29 @@ def step_bytes(shape: DecoderShape, tokens: int, pair_lengths: list[tuple[int, i
     return kept + head_chunk + autocast_copies + training_state + weights
 
 
+def checkpointing_options(layers: int, selective: bool | None) -> list[tuple[int | None, bool]]:
+    """(every_n_layers, selective) choices from the most memory and the least recompute to the least memory:
+    none; then every n-th layer, n = layers .. 1, recomputed selectively (`selective` None or True) or fully
+    (`selective` False); with `selective` None (orpo decides) last full recompute of every layer."""
+    everies = range(layers, 0, -1)
+    if selective is None:
+        return [(None, False)] + [(every, True) for every in everies] + [(1, False)]
+    return [(None, False)] + [(every, selective) for every in everies]
+
+
 def choose_checkpointing(shape: DecoderShape, tokens: int, pair_lengths: list[tuple[int, int]],
                          activation_bytes: int, chunk_size: int, weights_on_device: bool,
-                         budget: int) -> tuple[int | None, int]:
-    """(every_n_layers, estimated bytes) of the fewest checkpointed layers whose step fits `budget`:
-    None = no checkpointing, n = transformers' every n-th layer (1 = every layer, also when nothing fits)."""
-    options = [(None, ())] + [(every, recomputed_layers(shape.layers, every)) for every in range(shape.layers, 0, -1)]
-    for every, checkpointed in options:  # fewest checkpointed layers first; the last, every == 1, always returns
-        need = step_bytes(shape, tokens, pair_lengths, activation_bytes, checkpointed, chunk_size, weights_on_device)
-        if need <= budget or every == 1:
-            return every, need
+                         budget: int, selective: bool | None = None) -> tuple[int | None, bool, int]:
+    """(every_n_layers, selective, estimated bytes) of the first of `checkpointing_options` whose step fits
+    `budget`: every_n_layers None = no checkpointing, n = transformers' every n-th layer (the last option,
+    every layer, also when nothing fits)."""
+    options = checkpointing_options(shape.layers, selective)
+    for index, (every, selective_) in enumerate(options):
+        checkpointed = () if every is None else recomputed_layers(shape.layers, every)
+        need = step_bytes(shape, tokens, pair_lengths, activation_bytes, checkpointed, chunk_size, weights_on_device,
+                          selective_)
+        if need <= budget or index == len(options) - 1:
+            return every, selective_, need
 
 
 def largest_micro_batch(lengths: list[tuple[int, int, int]], batch_size: int, packing: bool,
@@ -284,24 +315,29 @@ def step_budget(device: torch.device, local_processes: int, budget_gb: float | N
 
 def plan_checkpointing(shape: DecoderShape, lengths: list[tuple[int, int, int]], batch_size: int, packing: bool,
                        attention: str, activation_bytes: int, chunk_size: int, weights_on_device: bool,
-                       device: torch.device, local_processes: int, budget_gb: float | None) -> tuple[int | None, str]:
-    """(every_n_layers or None for no checkpointing, the reason for the run log) for a run on
-    `device` whose training pairs have `lengths` (prompt, chosen, rejected), each process taking
-    `batch_size` pairs per micro-batch; `budget_gb` None = `BUDGET_SHARE` of the free memory."""
+                       device: torch.device, local_processes: int, budget_gb: float | None,
+                       selective: bool | None = None) -> tuple[int | None, bool, str]:
+    """(every_n_layers or None for no checkpointing, selective recompute?, the reason for the run log) for a run
+    on `device` whose training pairs have `lengths` (prompt, chosen, rejected), each process taking
+    `batch_size` pairs per micro-batch; `budget_gb` None = `BUDGET_SHARE` of the free memory; `selective`
+    None = orpo decides (`checkpointing_options`), True/False = the user's `selective_checkpointing`."""
     budget, where = step_budget(device, local_processes, budget_gb)
     if budget is None:
-        return 1, f"on: {where}; --activation_checkpointing false turns it off"
+        return 1, bool(selective), f"on: {where}; --activation_checkpointing false turns it off"
     tokens, pair_lengths = largest_micro_batch(lengths, batch_size, packing, attention)
-    every, need = choose_checkpointing(shape, tokens, pair_lengths, activation_bytes, chunk_size, weights_on_device,
-                                       budget)
+    every, selective, need = choose_checkpointing(shape, tokens, pair_lengths, activation_bytes, chunk_size,
+                                                  weights_on_device, budget, selective)
     step = f"a step of the largest micro-batch ({tokens} tokens) needs about {_gb(need)}"
     if every is None:
-        return None, f"off: {step}, within the budget of {_gb(budget)} ({where})"
+        return None, False, f"off: {step}, within the budget of {_gb(budget)} ({where})"
+    how = ("selective (matmul and attention outputs kept, the element-wise work recomputed)" if selective
+           else "full recompute")
     if every > 1:
-        return every, (f"every {every} layers (activation_checkpointing_kwargs every_n_layers={every}): {step} "
-                       f"that way, within the budget of {_gb(budget)} ({where}); without recompute it would not fit")
+        return every, selective, (f"every {every} layers, {how} (activation_checkpointing_kwargs "
+                                  f"every_n_layers={every}): {step} that way, within the budget of {_gb(budget)} "
+                                  f"({where}); without recompute it would not fit")
     fits = "within" if need <= budget else "over"
-    return 1, f"on, every layer: {step} that way, {fits} the budget of {_gb(budget)} ({where})"
+    return 1, selective, f"on, every layer, {how}: {step} that way, {fits} the budget of {_gb(budget)} ({where})"
 
 
 def plan_head_probs(shape: DecoderShape, lengths: list[tuple[int, int, int]], batch_size: int, packing: bool,

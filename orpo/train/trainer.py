@@ -32,7 +32,7 @@ from orpo.ops.route import choose_route
 from orpo.ops.scoring import record_tensor, records_from_tensor, summarize
 from orpo.train.allocator import keep_freed_memory
 from orpo.train.callbacks import (MetricsJsonlCallback, MetricTotals, NonFiniteGuard, ReportCallback,
-                                  disable_dropout)
+                                  SelectiveCheckpointing, disable_dropout)
 from orpo.train.checkpoints import (completed_step, mark_complete, mark_finished, read_counters, resolve_resume,
                                     save_config_as_json)
 from orpo.train.config import ORPOConfig, prepare_data, stream_data
@@ -122,6 +122,7 @@ class ORPOTrainer(TrainerAdapter):
         self.add_callback(ProgressReporter())
         self.add_callback(NonFiniteGuard(self))
         self.add_callback(ReportCallback())
+        self.add_callback(SelectiveCheckpointing())
         self._train_totals = MetricTotals()  # since the last training log; evaluations never touch them
         self._eval_prefix: str | None = None  # metric_key_prefix of the evaluation under way
         self._eval_records: list[dict] = []  # per-pair records of that evaluation, all ranks
@@ -173,6 +174,7 @@ class ORPOTrainer(TrainerAdapter):
     def _choose_checkpointing(self, model, pairs, args: ORPOConfig) -> None:
         """Neither activation_checkpointing nor its old name set: choose it for this data on this device
         (memory.py), once per config, before the Trainer reads it."""
+        selective = bool(args.selective_checkpointing)  # unless the planner decides: full recompute
         if args.deepspeed or args.fsdp:
             if (args.fsdp_config or {}).get("activation_checkpointing"):
                 every, reason = None, "off: FSDP's own activation checkpointing is set (fsdp_config)"
@@ -182,7 +184,8 @@ class ORPOTrainer(TrainerAdapter):
         elif isinstance(unsized := self._memory_inputs(model, pairs, args), str):
             every, reason = 1, f"on: {unsized}"
         else:
-            every, reason = plan_checkpointing(*unsized)
+            every, selective, reason = plan_checkpointing(*unsized, args.selective_checkpointing)
+        args.selective_checkpointing = selective and every is not None
         args.activation_checkpointing = args.gradient_checkpointing = every is not None
         if every is not None and every > 1:
             args.activation_checkpointing_kwargs = {**(args.activation_checkpointing_kwargs or {}), "every_n_layers": every}

@@ -146,6 +146,18 @@ def test_layer_activation_bytes_worked_example():
     assert layer_activation_bytes(SMALL, 10, [], 4) == [2880] * 4
 
 
+def test_selective_layer_bytes_worked_example():
+    """SMALL's layers under selective recompute keep their matmul and attention outputs only, per token
+    a·(2q + 2kv + 2i + 2h): fp32 4·(8 + 4 + 16 + 8) = 144 → 1440 for 10 tokens (half of 2880); the pair's
+    keys, values and mask are recomputed. Every layer selective: 4·1440 kept + 10·4·4·4 fp32 inputs + one
+    layer's recompute of what it does not keep (2880 − 1440) + final norm and head input 480 = 8320."""
+    assert layer_activation_bytes(SMALL, 10, [(2, 3)], 4, selective=True) == [1440] * 4
+    assert layer_activation_bytes(SMALL, 10, [], 2, selective=True) == [720] * 4
+    assert kept_activation_bytes(SMALL, 10, [], 4, recomputed_layers(4, 1), selective=True) == 8320
+    assert kept_activation_bytes(SMALL, 10, [], 4, 4, selective=True) == 8320  # a count: alike layers, the same
+    assert step_bytes(SMALL, 10, [], 4, range(4), 4, True, selective=True) == 8320 + 480 + 12000
+
+
 def test_step_bytes_worked_example():
     """fp32, 10 tokens, no pair term, chunk 4 (of 10 tokens), weights on the device:
     layers 4·2880 + final norm and head input 10·4·(8+4) = 11520 + 480 = 12000
@@ -184,13 +196,21 @@ def test_layers_of_different_widths_are_summed_each_and_recomputed_where_transfo
 
 def test_choose_checkpointing_takes_the_fewest_recomputed_layers_that_fit():
     args = (SMALL, 10, [], 4, 4, True)
-    off, need_off = choose_checkpointing(*args, budget=10**9)
-    assert off is None and need_off == 24480
-    # every 4th layer = layer 0 only: 3·2880 + 10·4·4 + 2880 (recompute) + 480 + 480 + 12000 = 24640 > need_off
+    assert choose_checkpointing(*args, budget=10**9) == (None, False, 24480)
+    # full recompute only (selective_checkpointing false):
+    # every 4th layer = layer 0 only: 3·2880 + 10·4·4 + 2880 (recompute) + 480 + 480 + 12000 = 24640 > off
     # every 3rd = layers 0 and 3: 2·2880 + 2·160 + 2880 + 480 + 480 + 12000 = 21920 (every 2nd checkpoints two too)
-    assert choose_checkpointing(*args, budget=22000) == (3, 21920)
-    assert choose_checkpointing(*args, budget=17000) == (1, 16480)
-    assert choose_checkpointing(*args, budget=1) == (1, 16480)  # nothing fits: every layer
+    assert choose_checkpointing(*args, budget=22000, selective=False) == (3, False, 21920)
+    assert choose_checkpointing(*args, budget=17000, selective=False) == (1, False, 16480)
+    assert choose_checkpointing(*args, budget=1, selective=False) == (1, False, 16480)  # nothing fits: every layer
+    # orpo decides: selective first (a layer keeps 1440 of 2880), full recompute of every layer last
+    # selective every 3rd: 2·2880 + 2·1440 + 2·160 + 1440 (one recompute) + 480 + 480 + 12000 = 23360
+    # selective every layer: 4·1440 + 4·160 + 1440 + 480 + 480 + 12000 = 20800
+    assert choose_checkpointing(*args, budget=23500) == (3, True, 23360)
+    assert choose_checkpointing(*args, budget=21000) == (1, True, 20800)
+    assert choose_checkpointing(*args, budget=17000) == (1, False, 16480)
+    assert choose_checkpointing(*args, budget=1) == (1, False, 16480)
+    assert choose_checkpointing(*args, budget=17000, selective=True) == (1, True, 20800)  # the user's kind only
 
 
 def test_largest_micro_batch_per_layout():
@@ -206,15 +226,21 @@ def test_plan_checkpointing_says_why():
     big = DecoderShape.uniform(layers=30, hidden=576, intermediate=1536, kv_width=192, vocab=49152, norms_per_layer=2,
                                params=134_515_008, trainable=134_515_008, weight_bytes=4)
     plan = lambda gb: plan_checkpointing(big, lengths, 4, True, "spans", 4, 1024, True, torch.device("cpu"), 1, gb)
-    every, reason = plan(100)
-    assert every is None and reason.startswith("off: a step of the largest micro-batch (2800 tokens) needs about")
+    every, selective, reason = plan(100)
+    assert every is None and not selective
+    assert reason.startswith("off: a step of the largest micro-batch (2800 tokens) needs about")
     assert reason.endswith("within the budget of 100.0 GB (--memory_budget_gb)")
-    every, reason = plan(5.0)
-    assert every is not None and 1 < every < 30 and f"every_n_layers={every}" in reason
-    every, reason = plan(0.5)
-    assert every == 1 and reason.startswith("on, every layer:") and "over the budget of 0.5 GB" in reason
-    every, reason = plan_checkpointing(big, lengths, 4, True, "spans", 4, 1024, True, torch.device("meta"), 1, None)
-    assert every == 1 and "cannot read the free memory of meta" in reason
+    every, selective, reason = plan(6.0)  # no recompute: 6.3 GB, selective every layer: 4.4 GB
+    assert every is not None and 1 < every < 30 and selective and f"every_n_layers={every}" in reason
+    assert f"every {every} layers, selective (matmul and attention outputs kept" in reason
+    every, selective, reason = plan(4.5)
+    assert (every, selective) == (1, True) and reason.startswith("on, every layer, selective")
+    every, selective, reason = plan(0.5)
+    assert (every, selective) == (1, False) and reason.startswith("on, every layer, full recompute:")
+    assert "over the budget of 0.5 GB" in reason
+    every, selective, reason = plan_checkpointing(big, lengths, 4, True, "spans", 4, 1024, True, torch.device("meta"),
+                                                  1, None)
+    assert (every, selective) == (1, False) and "cannot read the free memory of meta" in reason
 
 
 def test_plan_head_probs_keeps_the_softmax_only_where_the_step_still_fits():

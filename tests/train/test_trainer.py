@@ -20,7 +20,7 @@ from orpo.data.render import TokenizedPair
 from orpo.train.config import ORPOConfig
 from orpo.train.report import METRICS_FILE
 from orpo.train.trainer import ORPOTrainer
-from tiny import VOCAB, chatml_tokenizer, tiny_llama
+from tiny import VOCAB, OpCounter, chatml_tokenizer, tiny_llama
 
 def pairs(n=8, seed=0, high=VOCAB):
     rng = torch.Generator().manual_seed(seed)
@@ -312,7 +312,7 @@ def test_activation_checkpointing_unset_is_chosen_for_the_data_and_the_memory(tm
     assert "activation checkpointing: off: a step of the largest micro-batch" in caplog.text
     tight = make_trainer(tmp_path, tiny_llama(), pairs(), memory_budget_gb=1e-6)
     assert tight.args.activation_checkpointing is True
-    assert tight.checkpointing_reason.startswith("on, every layer:") and "over the budget of 0.0 GB" in tight.checkpointing_reason
+    assert tight.checkpointing_reason.startswith("on, every layer, full recompute:") and "over the budget of 0.0 GB" in tight.checkpointing_reason
     tight.train()
     assert tight.model.is_activation_checkpointing  # the Trainer applied the choice
 
@@ -322,6 +322,28 @@ def test_activation_checkpointing_unset_is_chosen_for_the_data_and_the_memory(tm
     on = make_trainer(tmp_path, tiny_llama(), pairs(), activation_checkpointing=True)
     assert on.args.activation_checkpointing is True and not hasattr(on, "checkpointing_reason")
     assert ORPOConfig(output_dir=str(tmp_path), activation_checkpointing=False).gradient_checkpointing is False
+
+
+def test_selective_checkpointing_is_what_the_trainer_applies(tmp_path, caplog):
+    """Forced (--selective_checkpointing with a budget nothing fits) the plan is selective recompute of every
+    layer, and a training step runs the matmuls of a step without recompute (full recompute runs more) and
+    trains the same weights bit for bit."""
+    def one_step(**overrides):  # the head's softmax recomputed in all three (kept only without recompute)
+        trainer = make_trainer(tmp_path / str(len(overrides)) / str(overrides.get("activation_checkpointing")),
+                               tiny_llama(), pairs(), max_steps=1, keep_head_probs=False, **overrides)
+        with OpCounter() as counter:
+            trainer.train()
+        return trainer, counter.matmuls(), torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+    with caplog.at_level("INFO", logger="orpo.train.trainer"):
+        selective, matmuls, weights = one_step(selective_checkpointing=True, memory_budget_gb=1e-6)
+    assert selective.args.activation_checkpointing and selective.args.selective_checkpointing
+    assert "activation checkpointing: on, every layer, selective (matmul and attention outputs kept" in caplog.text
+    _, matmuls_none, weights_none = one_step(activation_checkpointing=False)
+    full, matmuls_full, weights_full = one_step(activation_checkpointing=True)
+    assert not full.args.selective_checkpointing  # set by hand: full recompute unless asked
+    assert matmuls == matmuls_none < matmuls_full
+    assert torch.equal(weights, weights_none) and torch.equal(weights_full, weights_none)
 
 
 def test_streamed_data_is_sized_by_the_longest_pair_its_limits_let_through(tmp_path, monkeypatch):
