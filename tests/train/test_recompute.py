@@ -17,7 +17,7 @@ from tiny import OpCounter
 SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16)
 FAMILIES = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config,  # + q/k norms
-            "gemma3": transformers.Gemma3TextConfig}  # + pre/post feed-forward norms, GELU, softcapped-free sdpa
+            "gemma3": transformers.Gemma3TextConfig}  # + pre/post feed-forward norms, GELU
 
 
 def model_and_batch(config_class, seed=0):
