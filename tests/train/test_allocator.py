@@ -30,20 +30,21 @@ print(sum(faults_of_one_tensor() for _ in range({MEASURED})))
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc malloc's")
 
 
-def second_allocation_faults(mode: str) -> tuple[str, int]:
+def steady_state_faults(mode: str) -> tuple[str, int]:
+    """(what keep_freed_memory returned, or "system"; minor page faults of the MEASURED tensors)."""
     out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True).stdout.split()
     return out[0], int(out[1])
 
 
 @glibc
 def test_kept_memory_is_reused_without_page_faults():
-    status, faults = second_allocation_faults("keep")
+    status, faults = steady_state_faults("keep")
     assert status == "True"
-    assert faults < PAGES_PER_TENSOR, faults  # ten tensors fault in less than one tensor's pages
+    assert faults < 1000, faults  # ten tensors of 16,384 pages each: reused, not faulted in again
 
 
 @glibc
 def test_without_it_a_large_tensor_gets_fresh_pages():
     """The baseline the setting changes (if glibc ever stops mapping 64 MiB afresh, the setting is moot)."""
-    _, faults = second_allocation_faults("system")
+    _, faults = steady_state_faults("system")
     assert faults > MEASURED * PAGES_PER_TENSOR * 0.9, faults

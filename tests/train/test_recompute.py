@@ -58,8 +58,7 @@ def test_selective_recompute_gives_the_gradients_of_no_recompute(family):
 def test_selective_recompute_runs_no_matmul_twice_and_recomputes_the_element_wise_work():
     """Two layers' forward and backward: full recompute runs each layer's projections again but the last (torch's
     recompute stops once it has what backward needs, and down_proj's output is only added to the residual: 12 more
-    mm/addmm);
-    selective runs exactly the matmuls of no recompute, and more element-wise ops (the norms' again)."""
+    mm/addmm); selective runs exactly the matmuls of no recompute, and more element-wise ops (the norms' again)."""
     model, _, batch = model_and_batch(FAMILIES["llama"])
     counts = {}
     for recompute in (None, "selective", "full"):
