@@ -21,7 +21,7 @@ Rules (the subtle part of preference training, and where other trainers go wrong
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from jinja2 import TemplateError
 
@@ -48,6 +48,10 @@ class TokenizedPair:
     chosen_ids:   the chosen assistant turn up to and including its end-of-turn token; never empty.
     rejected_ids: the same for the rejected turn; never empty.
     index:        the source row (0-based).
+    vision_inputs: for a prompt with images, the image processor's tensors for them, as a batch of one
+                  prompt (pixel_values and, per family, image_grid_thw, image_sizes, ...): the model
+                  encodes them into the prompt's image placeholder tokens, in order (ops/vision.py).
+                  None for a text-only pair. Not part of equality (tensors).
     Every chosen/rejected token is a training target; prompt tokens are NLL targets only when
     nll_scope == "full".
     """
@@ -56,6 +60,7 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     index: int = 0
+    vision_inputs: dict | None = field(default=None, compare=False)
 
     @property
     def shared_length(self) -> int:

@@ -134,8 +134,10 @@ def sliding_window(config) -> int | None:
 
 
 def use_span_attention(model: torch.nn.Module) -> None:
-    """Switch a transformers model from SDPA to span attention (identical without `pair_spans`)."""
-    config = model.config
+    """Switch a transformers model's language model from SDPA to span attention (identical without
+    `pair_spans`). A vision-language model's vision tower keeps SDPA: the model passes its call's
+    keyword arguments, `pair_spans` included, to the vision tower too, whose tokens are patches."""
+    config = model.config.get_text_config()
     current = config._attn_implementation
     if current == ATTENTION:
         return
@@ -146,4 +148,5 @@ def use_span_attention(model: torch.nn.Module) -> None:
         )
     AttentionInterface.register(ATTENTION, span_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
-    model.set_attn_implementation(ATTENTION)
+    text_only = config is model.config
+    model.set_attn_implementation(ATTENTION if text_only else {"text_config": ATTENTION})

@@ -18,19 +18,26 @@ The prompt is computed once, not twice, and padding is only the tail of each row
 Padded layout (`packing=False`, for debugging): pair i gives row 2i = prompt+chosen and row 2i+1 =
 prompt+rejected, right-padded, with a 2D padding mask. Prompt targets (prompt tokens 1..p−1, for
 nll_scope="full") come from the chosen row only.
+
+Pairs with images (TokenizedPair.vision_inputs) add their image inputs in the order their prompts
+appear in the rows (vision.py: once per pair prefix-shared, twice padded); with `rope_index` (an M-RoPE
+model, vision.rope_index_of) the batch also gets `rope_position_ids` [3, rows, T], the model's own
+positions of each sequence, which the model call takes as its position ids.
 """
 from __future__ import annotations
 
 import torch
 
 from orpo.data.render import TokenizedPair
+from orpo.ops.vision import RopeIndex, concat_vision_inputs, pair_rope_positions
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 KINDS = 3
 PACKED_ATTENTION = ("spans", "mask")  # how the prefix-shared layout's attention is computed
 
 
-def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_padded(pairs: list[TokenizedPair], pad_token_id: int, rope_index: RopeIndex | None = None
+                   ) -> dict[str, torch.Tensor]:
     """Build a padded batch.
 
     Returns a dict of tensors:
@@ -38,6 +45,8 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, t
       target_ids, target_source, target_pair, target_kind: [N] (int64), one entry per target token
       pair_index: [B] each pair's TokenizedPair.index (its row in the dataset, for error messages)
       num_pairs: [] (B); num_tokens: [] the non-padding tokens the model processes
+      with images: their inputs (vision.concat_vision_inputs, each prompt's twice: chosen row, rejected
+      row) and, with `rope_index`, rope_position_ids [3, 2·B, T] (padding at 0)
     """
     sequences, ids, source, pair_of, kind_of = [], [], [], [], []
     width = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
@@ -59,7 +68,7 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, t
         input_ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention_mask[r, : len(seq)] = 1
     position_ids = torch.arange(width).expand(len(sequences), width).clone()
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
@@ -67,7 +76,14 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, t
         "pair_index": _pair_index(pairs),
         "num_pairs": torch.tensor(len(pairs)),
         "num_tokens": attention_mask.sum(),
+        **concat_vision_inputs([pair.vision_inputs for pair in pairs for _ in range(2)]),
     }
+    if rope_index is not None:
+        rope = torch.zeros((3, len(sequences), width), dtype=torch.long)
+        for r, seq in enumerate(sequences):
+            rope[:, r, : len(seq)] = rope_index(seq, pairs[r // 2].vision_inputs)
+        batch["rope_position_ids"] = rope
+    return batch
 
 
 def _target_spec(ids: list[int], source: list[int], pair_of: list[int], kind_of: list[int]) -> dict:
@@ -116,15 +132,17 @@ def choose_rows(lengths: list[int], attention_width: int) -> list[list[int]]:
 
 
 def collate_prefix_shared(
-    pairs: list[TokenizedPair], pad_token_id: int, attention: str = "spans", attention_width: int = 2048
+    pairs: list[TokenizedPair], pad_token_id: int, attention: str = "spans", attention_width: int = 2048,
+    rope_index: RopeIndex | None = None,
 ) -> dict[str, torch.Tensor]:
     """Build a prefix-shared batch (layout in the module docstring).
 
     attention="spans": all pairs in one row, no padding; the attention is computed per pair from
     `pair_spans` (attention.py), so there is no attention_mask. attention="mask": rows chosen by
     `choose_rows`, attention_mask a dense bool [rows, 1, T, T] for any mask-honouring attention.
-    Returns the keys of `collate_padded`, plus pair_spans [B, 5] int64: row, offset and the
-    prompt, chosen and rejected lengths of each pair, pairs of a row in offset order.
+    Returns the keys of `collate_padded` (image inputs once per pair, in row order), plus pair_spans
+    [B, 5] int64: row, offset and the prompt, chosen and rejected lengths of each pair, pairs of a row
+    in offset order.
     """
     if attention not in PACKED_ATTENTION:
         raise ValueError(f"attention must be one of {PACKED_ATTENTION}, got {attention!r}")
@@ -133,6 +151,7 @@ def collate_prefix_shared(
     width = max(sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    rope = torch.zeros((3, len(rows), width), dtype=torch.long) if rope_index is not None else None
     # per token: which pair of the row it belongs to (−1 = padding) and its branch (PROMPT/CHOSEN/REJECTED)
     owner = torch.full((len(rows), width), -1, dtype=torch.long)
     branch = torch.zeros((len(rows), width), dtype=torch.long)
@@ -146,6 +165,9 @@ def collate_prefix_shared(
             base = r * width + offset
             input_ids[r, offset : offset + n] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
             position_ids[r, offset : offset + n] = torch.cat([torch.arange(p + c), torch.arange(p, n - c)])
+            if rope is not None:
+                rope[:, r, offset : offset + n] = pair_rope_positions(
+                    rope_index, pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, pair.vision_inputs)
             owner[r, offset : offset + n] = i
             branch[r, offset + p : offset + p + c] = CHOSEN
             branch[r, offset + p + c : offset + n] = REJECTED
@@ -168,7 +190,10 @@ def collate_prefix_shared(
         "pair_index": _pair_index(pairs),
         "num_pairs": torch.tensor(len(pairs)),
         "num_tokens": torch.tensor(sum(lengths)),
+        **concat_vision_inputs([pairs[i].vision_inputs for row in rows for i in row]),
     }
+    if rope is not None:
+        batch["rope_position_ids"] = rope
     if attention == "mask":
         batch["attention_mask"] = prefix_shared_mask(owner, branch)
     return batch

@@ -33,6 +33,7 @@ from orpo.errors import OrpoError
 from orpo.ops.attention import ATTENTION, sliding_window, use_span_attention
 from orpo.ops.forward import batch_to, causal_lm, chunked_head_reason, input_device, pair_logps
 from orpo.ops.packing import collate_padded, collate_prefix_shared
+from orpo.ops.vision import reference_inputs, rope_index_of
 
 LAYOUTS = ("spans", "mask", "padded")
 HEADS = ("chunked", "logits")
@@ -110,8 +111,8 @@ def candidate_routes(lm: torch.nn.Module, packing: bool | None, attention: str |
                               "row of its own (in a shared row the chosen answer's state would reach the rejected one)")]
     elif attention is not None:
         layouts = [(attention, f"--packed_attention {attention}")]
-    elif lm.config._attn_implementation not in ("sdpa", ATTENTION):
-        layouts = [("mask", f"the model runs {lm.config._attn_implementation!r} attention, which takes the "
+    elif (impl := lm.config.get_text_config()._attn_implementation) not in ("sdpa", ATTENTION):
+        layouts = [("mask", f"the model runs {impl!r} attention, which takes the "
                             "prefix-shared layout as a dense mask")]
     else:
         layouts = [("spans", "attention-only model with SDPA"), ("mask", "attention-only model")]
@@ -148,15 +149,18 @@ def probe_pairs(lm: torch.nn.Module) -> list[TokenizedPair]:
 def separate_logp_means(model: torch.nn.Module, pairs: list[TokenizedPair]) -> torch.Tensor:
     """[pairs, 2] fp32 mean log-prob of the chosen and the rejected completion tokens, each sequence
     (prompt + completion) in a model call of its own: batch 1, no padding, no mask, the model's logits
-    with an fp32 log-softmax. The definition the routes are held to."""
+    with an fp32 log-softmax; a pair's images as its processor gives them, the model computing its own
+    positions. The definition the routes are held to."""
     device = input_device(model)
+    lm = causal_lm(model)
     means = []
     for pair in pairs:
         p = len(pair.prompt_ids)
         row = []
         for completion in (pair.chosen_ids, pair.rejected_ids):
             ids = torch.tensor([pair.prompt_ids + completion], device=device)
-            logp = model(input_ids=ids, use_cache=False).logits[0, p - 1 : -1].float().log_softmax(-1)
+            extra = batch_to(reference_inputs(lm, ids, pair.vision_inputs), device)
+            logp = model(input_ids=ids, use_cache=False, **extra).logits[0, p - 1 : -1].float().log_softmax(-1)
             row.append(logp.gather(1, ids[0, p:, None]).mean())
         means.append(torch.stack(row))
     return torch.stack(means).cpu()
@@ -165,10 +169,11 @@ def separate_logp_means(model: torch.nn.Module, pairs: list[TokenizedPair]) -> t
 @torch.no_grad()
 def route_logp_means(model: torch.nn.Module, pairs: list[TokenizedPair], route: Route) -> torch.Tensor:
     """[pairs, 2] the same quantities as `separate_logp_means`, computed on `route` (one call)."""
+    rope_index = rope_index_of(causal_lm(model))
     if route.packing:
-        batch = collate_prefix_shared(pairs, 0, attention=route.attention)
+        batch = collate_prefix_shared(pairs, 0, attention=route.attention, rope_index=rope_index)
     else:
-        batch = collate_padded(pairs, pad_token_id=0)
+        batch = collate_padded(pairs, pad_token_id=0, rope_index=rope_index)
     logps = pair_logps(model, batch_to(batch, input_device(model)), 64, head=route.head)
     return torch.stack([logps.logps_chosen, logps.logps_rejected], dim=1).float().cpu()
 
