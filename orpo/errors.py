@@ -31,5 +31,9 @@ LABEL_TIE = "tie"
 LABEL_MISSING = "missing label"
 LABEL_UNMAPPED = "unmapped label"
 TIED_RATINGS = "tied ratings"
+IMAGE_COUNT = "images do not match the prompt"  # image placeholders in the prompt vs images in the row
+UNREADABLE_IMAGE = "unreadable image"  # a missing file, bytes that are no image
+TEXT_ONLY_MODEL = "images for a text-only model"  # prepare_dataset turns it into one OrpoError line
 DROP_REASONS = (TOO_LONG, SAME_RESPONSES, SAME_AFTER_TRUNCATION, EMPTY_RESPONSE, WRONG_TYPES, UNKNOWN_ROLE,
-                NON_TEXT, TEMPLATE_ERROR, LABEL_TIE, LABEL_MISSING, LABEL_UNMAPPED, TIED_RATINGS)
+                NON_TEXT, TEMPLATE_ERROR, LABEL_TIE, LABEL_MISSING, LABEL_UNMAPPED, TIED_RATINGS, IMAGE_COUNT,
+                UNREADABLE_IMAGE, TEXT_ONLY_MODEL)

@@ -93,3 +93,37 @@ def image_pair(family: str, sizes: list[tuple[int, int]], lengths: tuple[int, in
     for i in range(len(images)):
         prompt += image_placeholder(family, vision_inputs, i) + text(2)
     return TokenizedPair(prompt, text(c), text(r), index=index, vision_inputs=vision_inputs)
+
+
+PARTS_CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>' }}{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""ChatML whose messages may hold content parts, an image part written as LLaVA's "<image>"."""
+
+
+def llava_processor():
+    """A LLaVA processor over a byte-level ChatML tokenizer with an "<image>" token: each "<image>" of a
+    prompt becomes 4 image tokens (a 28 × 28 crop in 14-pixel patches); PIL image processing."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from tiny import byte_level_chatml_tokenizer
+
+    tokenizer = byte_level_chatml_tokenizer(
+        corpus=("the sky is blue, what is in the picture? A dog on a beach. A cat. Describe it.",))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = PARTS_CHATML
+    processor = transformers.LlavaProcessor(
+        image_processor=LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=PARTS_CHATML)
+    return processor
+
+
+def write_image(path, height=20, width=30, seed=0):
+    """A seeded random RGB PNG at `path` (parent directories made); returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    random_image(height, width, seed).save(path)
+    return path

@@ -35,10 +35,21 @@ Wherever messages are read:
   loss_weight, tool ids) are ignored.
 - content may be a list of parts, [{"type": "text", "text" (or "value"): ...}, ...]: the text parts
   are joined with no separator, as chat templates that take content parts render consecutive text
-  parts; any other part (image, audio, reasoning, ...) drops the row.
+  parts; an image part ({"type": "image"}) in a prompt keeps the content as parts (images below); any
+  other part (audio, video, reasoning, ...), or an image in an answer, drops the row.
 - the loss is on the final assistant turn(s): every earlier turn, assistant turns included, is prompt.
 - the prompt column is "prompt", else "instruction" (RowFormat.prompt_columns names others); several
   are joined: their non-empty stripped texts, a blank line between, as one user turn.
+
+Images (vision-language data): an `images` column (a list; or `image`, one) holds the row's images
+as file paths (relative to the data file), bytes, {"bytes", "path"} dicts (datasets' Image feature)
+or PIL images, in the order of the prompt's image placeholders:
+- TRL's shape: {"type": "image"} parts in the prompt messages' content;
+- LLaMA-Factory's: "<image>" in the prompt's text, which becomes an image part where it stands;
+- no placeholder at all: the images go before the text of the first user turn (as TRL places them).
+The prompt's content is then a list of parts, [{"type": "image"}, {"type": "text", "text": ...}], as
+vision chat templates take it, and `PreferencePair.images` holds the images as found (read by
+images.py). As many placeholders as images, or the row is dropped (IMAGE_COUNT).
 
 Rows that cannot be trained on raise `DroppedPair` with one of the reasons in `orpo.errors`;
 `rows_to_pairs` counts them.
@@ -52,10 +63,12 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from orpo.errors import (EMPTY_RESPONSE, LABEL_MISSING, LABEL_TIE, LABEL_UNMAPPED, NON_TEXT, SAME_RESPONSES,
-                         TIED_RATINGS, UNKNOWN_ROLE, WRONG_TYPES, DroppedPair, OrpoError)
+from orpo.errors import (EMPTY_RESPONSE, IMAGE_COUNT, LABEL_MISSING, LABEL_TIE, LABEL_UNMAPPED, NON_TEXT,
+                         SAME_RESPONSES, TIED_RATINGS, UNKNOWN_ROLE, WRONG_TYPES, DroppedPair, OrpoError)
 
-Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str, or parts with an image}
+IMAGE_PART = {"type": "image"}
+IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's image placeholder in text
 
 SHAPE_STRINGS = "prompt/chosen/rejected strings"
 SHAPE_CONVERSATIONAL = "conversational"
@@ -80,6 +93,8 @@ class PreferencePair:
     rejected: the dispreferred assistant turn(s).
     index:    the row number in the source dataset (0-based), for error messages and per-pair output.
     shape:    the row's detected shape (one of SHAPES).
+    images:   the images of the prompt's image parts, in order, as the row holds them (paths, bytes,
+              {"bytes", "path"} dicts or PIL images); () for a text-only pair.
     """
 
     prompt: list[Message]
@@ -87,6 +102,7 @@ class PreferencePair:
     rejected: list[Message]
     index: int = 0
     shape: str = ""
+    images: tuple = ()
 
 
 BINARIZE = ("best_vs_random", "best_vs_worst")  # rated completions → one pair per row
@@ -154,11 +170,13 @@ class _Columns:
     turns: str | None = None  # ShareGPT turns: the column of the prompt turns
     labels: tuple[str, ...] = ()  # label-based pairwise: the label columns
     completions: str | None = None  # rated completions
+    images: str | None = None  # the row's images (vision-language data)
 
 
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 _PROMPTS = ("prompt", "instruction")  # the default prompt column: the first of these a dataset has
 _TURNS = ("conversations", "messages")  # ShareGPT turns: the first of these a dataset has
+_IMAGES = ("images", "image")  # the images column: the first of these a dataset has
 ACCEPTED_SHAPES = ("prompt (or instruction) + chosen + rejected, as strings or message lists; chosen + rejected alone "
              "(whole conversations, or texts sharing their start); conversations or messages + chosen + rejected "
              "(ShareGPT); chosen_messages + rejected_messages; instruction + completions (rated); two answer "
@@ -214,19 +232,20 @@ def resolve_columns(names: list[str], fmt: RowFormat, source: str) -> _Columns:
 
     need(*(fmt.prompt_columns or ()))  # only names the user asked for must exist
     prompt = tuple(fmt.prompt_columns or next(((c,) for c in _PROMPTS if c in names), ()))
+    images = next((c for c in _IMAGES if c in names), None)
     if fmt.response_columns:
         labels = tuple(fmt.label_columns or ("label",))
         need(*(prompt or _PROMPTS[:1]), *fmt.response_columns, *labels)
-        return _Columns(prompt, labels=labels)
+        return _Columns(prompt, labels=labels, images=images)
     if "completions" in names and "chosen" not in names and not (fmt.chosen_column or fmt.rejected_column):
         need(*(prompt or _PROMPTS[:1]))
-        return _Columns(prompt, completions="completions")
+        return _Columns(prompt, completions="completions", images=images)
     messages = "chosen" not in names and {"chosen_messages", "rejected_messages"} <= set(names)
     chosen = fmt.chosen_column or ("chosen_messages" if messages else "chosen")
     rejected = fmt.rejected_column or ("rejected_messages" if messages else "rejected")
     need(chosen, rejected)
     turns = None if fmt.prompt_columns else next((c for c in _TURNS if c in names), None)
-    return _Columns(prompt, chosen, rejected, turns)
+    return _Columns(prompt, chosen, rejected, turns, images=images)
 
 
 def _row_shape(row: dict, columns: _Columns) -> str:
@@ -270,12 +289,77 @@ def _pair(row: dict, index: int, shape: str, columns: _Columns, fmt: RowFormat) 
             prompt = _messages(row.get(columns.turns), columns.turns, "user")
         else:
             prompt = _prompt(row, columns.prompt)
-    if not "".join(m["content"] for m in prompt).strip():
+    images = _images(row.get(columns.images), columns.images) if columns.images else ()
+    prompt = _place_images(prompt, len(images))
+    if not "".join(message_text(m) for m in prompt).strip() and not images:
         raise DroppedPair(WRONG_TYPES, "prompt is empty")
     if prompt[-1]["role"] == "assistant":
         raise DroppedPair(WRONG_TYPES, "prompt ends with an assistant turn, expected a user or system turn")
     _check_replies(chosen, rejected)
-    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, index=index, shape=shape)
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, index=index, shape=shape, images=images)
+
+
+def message_text(message: Message) -> str:
+    """The text of a message: its content string, or its text parts joined (image parts left out)."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+
+
+def _images(value, column: str) -> tuple:
+    """The images of a row's images column: a list of them, or one; None or [] → ()."""
+    if _missing(value):
+        return ()
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    for i, item in enumerate(items):
+        is_pil = type(item).__module__.startswith("PIL.")
+        is_file = isinstance(item, dict) and (item.get("bytes") is not None or item.get("path") is not None)
+        if not (isinstance(item, (str, bytes)) or is_file or is_pil):
+            raise DroppedPair(WRONG_TYPES, f"{column}[{i}] is {_kind(item)}, expected a file path, bytes, "
+                                           "{'bytes', 'path'} or a PIL image")
+    return tuple(items)
+
+
+def _place_images(prompt: list[Message], images: int) -> list[Message]:
+    """The prompt with one image part per image: its {"type": "image"} parts, else its "<image>"
+    placeholders turned into parts, else the images before the first user turn's text. Raises
+    IMAGE_COUNT where the placeholders are not as many as the images."""
+    parts = sum(isinstance(m["content"], list) and m["content"].count(IMAGE_PART) for m in prompt)
+    if not images:
+        if parts:
+            raise DroppedPair(IMAGE_COUNT, f"the prompt has {parts} image part(s) and the row no images")
+        return prompt
+    if not parts:
+        marked = sum(message_text(m).count(IMAGE_PLACEHOLDER) for m in prompt)
+        if marked:
+            prompt, parts = [{**m, "content": _split_placeholders(m["content"])} for m in prompt], marked
+        else:
+            first = next((i for i, m in enumerate(prompt) if m["role"] == "user"), 0)
+            text = _as_parts(prompt[first]["content"])
+            prompt = [*prompt[:first], {**prompt[first], "content": [IMAGE_PART] * images + text},
+                      *prompt[first + 1:]]
+            parts = images
+    if parts != images:
+        raise DroppedPair(IMAGE_COUNT, f"the prompt has {parts} image placeholder(s) and the row {images} image(s)")
+    return prompt
+
+
+def _as_parts(content) -> list[dict]:
+    if isinstance(content, list):
+        return content
+    return [{"type": "text", "text": content}] if content else []
+
+
+def _split_placeholders(content):
+    """Text with "<image>" placeholders → parts, each placeholder an image part where it stands."""
+    if isinstance(content, list) or IMAGE_PLACEHOLDER not in content:
+        return content
+    parts = []
+    for i, text in enumerate(content.split(IMAGE_PLACEHOLDER)):
+        if i:
+            parts.append(IMAGE_PART)
+        if text:
+            parts.append({"type": "text", "text": text})
+    return parts
 
 
 def _kind(value) -> str:
@@ -321,24 +405,30 @@ def _message(message, where: str) -> Message:
     return {"role": role, "content": _text(_get(message, "content", "value"), f"{where} content")}
 
 
-def _text(content, where: str) -> str:
-    """A string, or content parts: the text parts joined with no separator (as chat templates do)."""
+def _text(content, where: str) -> str | list[dict]:
+    """A string, or content parts: the text parts joined with no separator (as chat templates do); with
+    image parts, the parts: images and the text runs between them, [{"type": "image"}, {"type": "text",
+    "text": ...}, ...]."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise DroppedPair(WRONG_TYPES, f"{where} is {_kind(content)}, expected a string or a list of text parts")
-    texts = []
+    runs = [""]
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         text = _get(part, "text", "value") if kind == "text" else None
         if isinstance(text, str):
-            texts.append(text)
+            runs[-1] += text
+        elif kind == "image":
+            runs += [IMAGE_PART, ""]
         elif isinstance(kind, str) and kind != "text":
-            raise DroppedPair(NON_TEXT, f"{where} part {j} is {kind!r}, expected text only")
+            raise DroppedPair(NON_TEXT, f"{where} part {j} is {kind!r}, expected text or image parts")
         else:
             raise DroppedPair(WRONG_TYPES, f"{where} part {j} is {part!r:.60}, expected "
                                            "{'type': 'text', 'text': a string}")
-    return "".join(texts)
+    if len(runs) == 1:
+        return runs[0]
+    return [run if run == IMAGE_PART else {"type": "text", "text": run} for run in runs if run]
 
 
 def _prompt(row: dict, columns: tuple[str, ...]) -> list[Message]:
@@ -459,6 +549,8 @@ def _rating(completion, where: str, key: str) -> float:
 
 def _check_replies(chosen: list[Message], rejected: list[Message]) -> None:
     for field, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if any(not isinstance(m["content"], str) for m in msgs):
+            raise DroppedPair(NON_TEXT, f"{field} has an image part: an answer is text")
         if not "".join(m["content"] for m in msgs).strip():
             raise DroppedPair(EMPTY_RESPONSE, f"{field} is empty")
     for field, msgs in (("chosen", chosen), ("rejected", rejected)):

@@ -27,11 +27,12 @@ import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 
 from orpo.data.formats import RowFormat, read_row, resolve_columns
+from orpo.data.images import is_processor
 from orpo.data.load import EncodedRows, decode_rows, encode_rows, load_rows
 from orpo.data.render import TokenizedPair, render_pair
 from orpo.data.store import (PAIR_COLUMNS, PAIRS_FILE, PairTable, cache_key, dataset_fingerprint, file_fingerprint,
                              is_prepared_dir, publish, read_prepared, tokenizer_fingerprint)
-from orpo.errors import DroppedPair, OrpoError
+from orpo.errors import TEXT_ONLY_MODEL, DroppedPair, OrpoError
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ _OUTCOME_FEATURES = datasets.Features({
     "chosen_ids": datasets.Sequence(datasets.Value("int32")),
     "rejected_ids": datasets.Sequence(datasets.Value("int32")),
     "index": datasets.Value("int64"),
+    "images": datasets.Sequence(datasets.Value("binary")),  # the prompt's image files, [] for text
     "shape": datasets.Value("string"),  # "" where the row fits no shape
     "drop": datasets.Value("string"),  # the drop reason, "" for a kept pair
     "detail": datasets.Value("string"),
@@ -134,6 +136,8 @@ def prepare_dataset(
     source:     a file path or hub dataset id (read by `load_rows`, `split` of a hub dataset), a prepared set's
                 directory (`orpo data prepare --output`), a `datasets.Dataset`, a list of row dicts, or a list
                 of `TokenizedPair`s or a PairTable (kept as they are).
+    tokenizer:  the model's tokenizer, or a vision-language model's processor (pairs with images need one;
+                image paths are relative to the data file's directory).
     name:       how messages name the data (default: the path, or "dataset").
     num_proc:   processes preparing the rows (None: `default_num_proc`).
     cache_dir:  the cache of prepared sets (None: `default_cache_dir()`); use_cache False: neither read nor
@@ -145,6 +149,7 @@ def prepare_dataset(
         return source
     if isinstance(source, PairTable):
         return PreparedData(source, len(source))
+    processor = tokenizer if is_processor(tokenizer) else None
     if isinstance(source, list) and source and all(isinstance(p, TokenizedPair) for p in source):
         return PreparedData(list(source), len(source))
     start = time.perf_counter()
@@ -154,30 +159,37 @@ def prepare_dataset(
               "skip_bad_rows": skip_bad_rows, "split": split}
     # as prepared.json will hold them (tuples as lists), so a set read back compares equal
     key_parts = json.loads(json.dumps({"tokenizer": tokenizer_fingerprint(tokenizer), "fields": fields}, default=str))
+    image_root = None
     if isinstance(source, (str, Path)) and is_prepared_dir(source):
-        prepared = _read_set(source, key_parts, start)
+        prepared = _read_set(source, key_parts, start, processor)
     else:
         rows = None
         if isinstance(source, (str, Path)) and Path(source).expanduser().is_file():
             key_parts["source"] = file_fingerprint(Path(source).expanduser())  # before reading it: a hit skips that
+            image_root = Path(source).expanduser().resolve().parent
         else:
             rows = load_rows(str(source), split, skip_bad_rows) if isinstance(source, (str, Path)) else source
             key_parts["source"] = _rows_fingerprint(rows, name)
         entry = Path(cache_dir or default_cache_dir()) / cache_key(key_parts) if use_cache else None
         if entry is not None and is_prepared_dir(entry):
-            prepared = _read_set(entry, key_parts, start, cached=True)
+            prepared = _read_set(entry, key_parts, start, processor, cached=True)
         else:
             work = _work_dir(entry)
             try:
                 if rows is None:  # JSON rows go onto disk as they are read (work/rows.arrow)
                     rows = load_rows(str(source), split, skip_bad_rows, work_dir=work)
                 prepared = _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length,
-                                         max_completion_length, name, num_proc, work, entry, key_parts, start)
+                                         max_completion_length, name, num_proc, work, entry, key_parts, start,
+                                         image_root)
             finally:
                 if entry is not None:  # published (renamed away), or failed half-way
                     shutil.rmtree(work, ignore_errors=True)
         if output_dir is not None:
             _copy_set(prepared, entry, Path(output_dir), key_parts)
+    if TEXT_ONLY_MODEL in prepared.drops:
+        raise OrpoError(f"{name}, row {prepared.first_rows[TEXT_ONLY_MODEL]}: {prepared.drops[TEXT_ONLY_MODEL]} pair(s) "
+                        "have images, and the model is text-only (its tokenizer has no image processor); train a "
+                        "vision-language model (loaded with its processor), or leave out the rows with images")
     if strict and prepared.drops:
         reason, row = min(prepared.first_rows.items(), key=lambda item: item[1])
         raise OrpoError(f"{name}, row {row}: pair dropped ({reason}) and --strict is set; {prepared.report()}")
@@ -197,9 +209,9 @@ def _rows_fingerprint(rows, name: str) -> str:
                     f"or a list of rows, got {type(rows).__name__}")
 
 
-def _read_set(path, key_parts: dict, start: float, cached: bool = False) -> PreparedData:
+def _read_set(path, key_parts: dict, start: float, processor, cached: bool = False) -> PreparedData:
     """A prepared set; one that was prepared with another tokenizer or other data fields is one line."""
-    pairs, meta = read_prepared(path)
+    pairs, meta = read_prepared(path, processor)
     made = meta.get("key_parts", {})
     changed = [part for part in ("tokenizer", "fields") if made.get(part) != key_parts[part]]
     if changed:
@@ -225,7 +237,8 @@ def _work_dir(entry: Path | None) -> Path:
 
 
 def _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length, max_completion_length, name: str,
-                  num_proc: int | None, work: Path, entry: Path | None, key_parts: dict, start: float) -> PreparedData:
+                  num_proc: int | None, work: Path, entry: Path | None, key_parts: dict, start: float,
+                  image_root: Path | None) -> PreparedData:
     if isinstance(rows, list):  # each row as it is: Arrow would unify (or refuse) fields whose type changes
         rows = encode_rows(rows, work)
     columns = resolve_columns(list(rows.column_names), row_format, name)
@@ -241,7 +254,7 @@ def _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length, ma
             desc=f"preparing {name} ({workers} process{'es' * (workers > 1)})",
             fn_kwargs=dict(pickled=pickled, columns=columns, row_format=row_format, tokenizer=tokenizer,
                            max_length=max_length, max_prompt_length=max_prompt_length,
-                           max_completion_length=max_completion_length),
+                           max_completion_length=max_completion_length, image_root=image_root),
         )
         drops, first_rows, first_details, shapes = _count(outcomes)
         if sum(drops.values()) == len(rows):  # nothing to keep (zero usable pairs: an error below)
@@ -255,12 +268,13 @@ def _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length, ma
             path.unlink()
     meta = {"rows": len(rows), "drops": drops, "first_rows": first_rows, "first_details": first_details,
             "shapes": shapes, "key_parts": key_parts, "source": name}
+    processor = tokenizer if is_processor(tokenizer) else None
     if entry is not None:
         publish(work, entry, meta)
-        pairs, _ = read_prepared(entry)
+        pairs, _ = read_prepared(entry, processor)
         origin = f"prepared with {workers} process{'es' * (workers > 1)}, cached at {entry}"
     else:
-        pairs = PairTable(datasets.Dataset.from_file(str(work / PAIRS_FILE)))
+        pairs = PairTable(datasets.Dataset.from_file(str(work / PAIRS_FILE)), processor)
         origin = f"prepared with {workers} process{'es' * (workers > 1)} (cache off)"
     return PreparedData(pairs, len(rows), Counter(drops), first_rows, first_details, Counter(shapes),
                         time.perf_counter() - start, origin)
@@ -285,20 +299,21 @@ def _progress(show: bool):
 
 
 def prepare_row(row: dict, index: int, columns, row_format: RowFormat, tokenizer, max_length, max_prompt_length,
-                max_completion_length) -> tuple[str | None, TokenizedPair | DroppedPair]:
+                max_completion_length, image_root: Path | None = None) -> tuple[str | None, TokenizedPair | DroppedPair]:
     """One source row → (its shape or None, its TokenizedPair or the DroppedPair saying why not): shaped
-    (formats.read_row), rendered and truncated (render.render_pair). Every path from rows to ids runs this."""
+    (formats.read_row), rendered and truncated (render.render_pair; image paths relative to `image_root`).
+    Every path from rows to ids runs this."""
     shape, pair = read_row(row, index, columns, row_format)
     if not isinstance(pair, DroppedPair):
         try:
-            pair = render_pair(pair, tokenizer, max_length, max_prompt_length, max_completion_length)
+            pair = render_pair(pair, tokenizer, max_length, max_prompt_length, max_completion_length, image_root)
         except DroppedPair as drop:  # rendering drops join the same counts
             pair = drop
     return shape, pair
 
 
 def _prepare_batch(batch: dict, indices: list[int], pickled: bool, columns, row_format: RowFormat, tokenizer,
-                   max_length, max_prompt_length, max_completion_length) -> dict:
+                   max_length, max_prompt_length, max_completion_length, image_root: Path | None) -> dict:
     """One block of rows → one outcome per row (`_OUTCOME_FEATURES`): the pair's ids, or why it was dropped."""
     if pickled:
         rows = decode_rows(batch)
@@ -307,10 +322,10 @@ def _prepare_batch(batch: dict, indices: list[int], pickled: bool, columns, row_
     out = {name: [] for name in _OUTCOME_FEATURES}
     for index, row in zip(indices, rows):
         shape, pair = prepare_row(row, index, columns, row_format, tokenizer, max_length, max_prompt_length,
-                                  max_completion_length)
+                                  max_completion_length, image_root)
         dropped = isinstance(pair, DroppedPair)
-        for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            out[column].append([] if dropped else getattr(pair, column))
+        for column in ("prompt_ids", "chosen_ids", "rejected_ids", "images"):
+            out[column].append([] if dropped else list(getattr(pair, column)))
         out["index"].append(index)
         out["shape"].append(shape or "")
         out["drop"].append(pair.reason if dropped else "")

@@ -18,15 +18,24 @@ Rules (the subtle part of preference training, and where other trainers go wrong
   after truncation as SAME_AFTER_TRUNCATION.
 * Truncation (TRL's names) is in `truncate`. Before rendering, message texts far longer than the
   limits could use are cut (`clip_pair`), so a 50 MB answer costs no more than a long one.
+* Images (vision-language models): `tokenizer` is then the model's processor. Its chat template renders
+  the prompt with its image parts, and the processor itself tokenizes the prompt with the images, so
+  each image placeholder becomes as many image tokens as that image gets (its size decides); the
+  answers are text, tokenized by the processor's tokenizer. A prompt with image tokens is never cut:
+  one over max_prompt_length is dropped (TOO_LONG). Image pairs for a plain tokenizer (a text-only
+  model) are TEXT_ONLY_MODEL, which prepare.py reports as one error.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from jinja2 import TemplateError
 
-from orpo.errors import EMPTY_RESPONSE, SAME_AFTER_TRUNCATION, TEMPLATE_ERROR, TOO_LONG, DroppedPair, OrpoError
+from orpo.errors import (EMPTY_RESPONSE, SAME_AFTER_TRUNCATION, TEMPLATE_ERROR, TEXT_ONLY_MODEL, TOO_LONG, DroppedPair,
+                         OrpoError)
 from orpo.data.formats import PreferencePair
+from orpo.data.images import TEXT_KEYS, decode_image, is_processor, read_image, text_tokenizer
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -48,10 +57,12 @@ class TokenizedPair:
     chosen_ids:   the chosen assistant turn up to and including its end-of-turn token; never empty.
     rejected_ids: the same for the rejected turn; never empty.
     index:        the source row (0-based).
+    images:       the prompt's images as image file bytes (images.read_image), in placeholder order;
+                  () for a text-only pair.
     vision_inputs: for a prompt with images, the image processor's tensors for them, as a batch of one
                   prompt (pixel_values and, per family, image_grid_thw, image_sizes, ...): the model
-                  encodes them into the prompt's image placeholder tokens, in order (ops/vision.py).
-                  None for a text-only pair. Not part of equality (tensors).
+                  encodes them into the prompt's image tokens, in order (ops/vision.py). None for a
+                  text-only pair. Not part of equality (tensors; `images` is).
     Every chosen/rejected token is a training target; prompt tokens are NLL targets only when
     nll_scope == "full".
     """
@@ -60,6 +71,7 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     index: int = 0
+    images: tuple = ()
     vision_inputs: dict | None = field(default=None, compare=False)
 
     @property
@@ -129,13 +141,23 @@ def template_error_message(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def _render_prompt(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
+def _render_prompt(tokenizer, messages: list[dict], images: tuple[bytes, ...] = ()) -> tuple[str, list[int], dict | None]:
+    """(prompt text, prompt ids, the images' inputs or None); `tokenizer` may be a processor, which then
+    tokenizes the prompt with its `images` (each placeholder expanded to that image's tokens)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if adds_bos(tokenizer) and ids[:1] != [bos]:
+    words = text_tokenizer(tokenizer)
+    vision_inputs = None
+    if images:
+        output = tokenizer(text=[text], images=[decode_image(data) for data in images], add_special_tokens=False,
+                           return_tensors="pt")
+        ids = output["input_ids"][0].tolist()
+        vision_inputs = {key: value for key, value in output.items() if key not in TEXT_KEYS}
+    else:
+        ids = words(text, add_special_tokens=False)["input_ids"]
+    bos = words.bos_token_id
+    if adds_bos(words) and ids[:1] != [bos]:
         ids = [bos] + ids  # the model was trained with BOS; the template didn't write it
-    return text, ids
+    return text, ids, vision_inputs
 
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
@@ -168,6 +190,7 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
 
 def _completion_text(pair: PreferencePair, answer: list, prompt_text: str, tokenizer) -> str:
     full = tokenizer.apply_chat_template(pair.prompt + answer, tokenize=False)
+    tokenizer = text_tokenizer(tokenizer)
     if not full.startswith(prompt_text):
         raise OrpoError(
             f"row {pair.index}: the chat template renders the prompt differently with and without "
@@ -182,11 +205,12 @@ def _completion_text(pair: PreferencePair, answer: list, prompt_text: str, token
 
 
 def truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length,
-             max_completion_length, bos_token_id):
+             max_completion_length, bos_token_id, cut_prompt: bool = True):
     """Apply TRL's length limits (None = no limit) and return (prompt, chosen, rejected) lists.
 
     1. completions longer than max_completion_length are cut from the right;
-    2. a prompt longer than max_prompt_length keeps its end (a leading BOS token is kept);
+    2. a prompt longer than max_prompt_length keeps its end (a leading BOS token is kept); with
+       `cut_prompt` False (a prompt with image tokens) it is not cut: DroppedPair(TOO_LONG);
     3. if prompt + longest completion > max_length, completions are cut from the right to fit;
        if no completion token would be left → DroppedPair(TOO_LONG). Never returns an empty completion.
     """
@@ -197,6 +221,9 @@ def truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length
     prompt, chosen, rejected = list(prompt_ids), list(chosen_ids), list(rejected_ids)
     if max_completion_length is not None:
         chosen, rejected = chosen[:max_completion_length], rejected[:max_completion_length]
+    if max_prompt_length is not None and len(prompt) > max_prompt_length and not cut_prompt:
+        raise DroppedPair(TOO_LONG, f"the prompt with its image tokens is {len(prompt)} tokens, over "
+                                    f"max_prompt_length={max_prompt_length} (image tokens are not cut)")
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
         # The end of the prompt (the latest turn + generation prompt) matters most; BOS must stay first.
         head = prompt[:1] if bos_token_id is not None and prompt[:1] == [bos_token_id] else []
@@ -259,14 +286,20 @@ def clip_pair(pair: PreferencePair, max_length: int | None, max_prompt_length: i
 
 
 def render_pair(pair: PreferencePair, tokenizer, max_length: int | None,
-                max_prompt_length: int | None, max_completion_length: int | None) -> TokenizedPair:
-    """Render `pair` through the tokenizer's chat template and tokenize it (rules in the module doc)."""
+                max_prompt_length: int | None, max_completion_length: int | None,
+                image_root: Path | None = None) -> TokenizedPair:
+    """Render `pair` through the chat template of `tokenizer` (a tokenizer, or a vision-language model's
+    processor) and tokenize it (rules in the module doc); image paths are relative to `image_root`."""
+    if pair.images and not is_processor(tokenizer):
+        raise DroppedPair(TEXT_ONLY_MODEL, f"the prompt has {len(pair.images)} image(s) and the model's tokenizer "
+                                           "no image processor")
+    images = tuple(read_image(entry, image_root, f"images[{i}]") for i, entry in enumerate(pair.images))
     pair = clip_pair(pair, max_length, max_prompt_length, max_completion_length)
+    words = text_tokenizer(tokenizer)
     try:
-        prompt_text, prompt_ids = _render_prompt(tokenizer, pair.prompt)
+        prompt_text, prompt_ids, vision_inputs = _render_prompt(tokenizer, pair.prompt, images)
         chosen_ids, rejected_ids = (
-            tokenizer(_completion_text(pair, answer, prompt_text, tokenizer),
-                      add_special_tokens=False)["input_ids"]
+            words(_completion_text(pair, answer, prompt_text, tokenizer), add_special_tokens=False)["input_ids"]
             for answer in (pair.chosen, pair.rejected)
         )
     except TEMPLATE_ERRORS as err:  # one bad row must not abort the run
@@ -275,9 +308,9 @@ def render_pair(pair: PreferencePair, tokenizer, max_length: int | None,
         raise DroppedPair(EMPTY_RESPONSE, "the chat template rendered an empty completion")
     prompt_ids, chosen_ids, rejected_ids = truncate(
         prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length, max_completion_length,
-        tokenizer.bos_token_id,
+        words.bos_token_id, cut_prompt=not images,
     )
     if chosen_ids == rejected_ids:  # no preference left to learn
         raise DroppedPair(SAME_AFTER_TRUNCATION, f"both answers are the same {len(chosen_ids)} tokens "
                                                  "within the length limits")
-    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, pair.index)
+    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, pair.index, images, vision_inputs)

@@ -3,11 +3,14 @@
 A prepared set is a directory (written by `prepare_dataset`, into the cache or where `orpo data prepare
 --output` says):
     pairs.arrow     one row per kept pair: prompt_ids, chosen_ids, rejected_ids (int32 lists), index (the
-                    source row); an Arrow file written and memory-mapped by `datasets`
+                    source row), images (the prompt's image files' bytes, [] for text); an Arrow file
+                    written and memory-mapped by `datasets`
     prepared.json   what preparation counted (rows read, drops by reason with their first rows and
                     details, row shapes) and the parts of its key (`key_parts`)
 `PairTable` reads one pair at a time from the mapped file: the pairs are not held as Python objects, so
-a process's memory does not grow with their number, and every rank of a job maps the same pages.
+a process's memory does not grow with their number, and every rank of a job maps the same pages. Given
+a vision-language model's processor, it also turns a pair's stored images into the model's image inputs
+(images.image_inputs) as it reads the pair.
 
 The cache key hashes everything that changes the ids: the source's content, the tokenizer (vocabulary,
 special tokens, chat template), every data field, and the code that turns rows into ids (`CODE_VERSION`:
@@ -28,35 +31,42 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 
+from orpo.data.images import image_inputs, is_processor
 from orpo.data.render import TokenizedPair
 
-PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "index")
+PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "index", "images")
 PAIRS_FILE = "pairs.arrow"
 META_FILE = "prepared.json"
-_DATA_LAYER = ("load.py", "formats.py", "render.py", "prepare.py", "store.py")
+_DATA_LAYER = ("load.py", "formats.py", "images.py", "render.py", "prepare.py", "store.py")
 CODE_VERSION = hashlib.sha256(b"".join((Path(__file__).parent / name).read_bytes() for name in _DATA_LAYER)).hexdigest()[:16]
 
 
 class PairTable(Sequence):
     """TokenizedPairs of a `datasets.Dataset` with PAIR_COLUMNS (memory-mapped from a prepared set), read
     one at a time. `table[i]` is a TokenizedPair, `table[a:b]` a PairTable of those pairs, `lengths()`
-    their token counts without reading the ids."""
+    their token counts without reading the ids. `processor`: a vision-language model's, which makes a
+    pair's image inputs from its stored images as the pair is read (None: the pairs carry no inputs)."""
 
-    def __init__(self, table: datasets.Dataset):
+    def __init__(self, table: datasets.Dataset, processor=None):
         self.table = table
+        self.processor = processor
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return PairTable(self.table.select(range(*i.indices(len(self)))))
-        row = self.table[operator.index(i)]  # ints and numpy ints (samplers); 1.5 is a TypeError
-        return TokenizedPair(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"], row["index"])
+            return PairTable(self.table.select(range(*i.indices(len(self)))), self.processor)
+        return self._pair(self.table[operator.index(i)])  # ints and numpy ints (samplers); 1.5 is a TypeError
 
     def __iter__(self):
         for row in self.table:
-            yield TokenizedPair(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"], row["index"])
+            yield self._pair(row)
+
+    def _pair(self, row: dict) -> TokenizedPair:
+        images = tuple(row.get("images") or ())
+        inputs = image_inputs(self.processor, list(images)) if images and self.processor is not None else None
+        return TokenizedPair(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"], row["index"], images, inputs)
 
     def __eq__(self, other) -> bool:  # the same pairs in the same order, as a list of them would be
         return isinstance(other, (PairTable, list)) and len(self) == len(other) and list(self) == list(other)
@@ -94,7 +104,11 @@ def file_fingerprint(path: str | Path) -> str:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of what the tokenizer makes of text: its class, vocabulary and rules (datasets' Hasher, as
-    `datasets.map` hashes a tokenizer it is given), special tokens and chat template."""
+    `datasets.map` hashes a tokenizer it is given), special tokens and chat template. For a processor:
+    its tokenizer's, its chat template and its image processor's settings (which decide image token counts)."""
+    if is_processor(tokenizer):
+        return Hasher.hash((type(tokenizer).__name__, tokenizer_fingerprint(tokenizer.tokenizer),
+                            getattr(tokenizer, "chat_template", None), tokenizer.image_processor.to_json_string()))
     return Hasher.hash((type(tokenizer).__name__, tokenizer, getattr(tokenizer, "chat_template", None),
                         str(tokenizer.special_tokens_map)))
 
@@ -111,11 +125,11 @@ def is_prepared_dir(path: str | Path) -> bool:
     return (path / META_FILE).is_file() and (path / PAIRS_FILE).is_file()
 
 
-def read_prepared(path: str | Path) -> tuple[PairTable, dict]:
-    """The pairs of the prepared set at `path`, memory-mapped, and its prepared.json."""
+def read_prepared(path: str | Path, processor=None) -> tuple[PairTable, dict]:
+    """The pairs of the prepared set at `path`, memory-mapped (`processor`: PairTable's), and its prepared.json."""
     path = Path(path)
     meta = json.loads((path / META_FILE).read_text())
-    return PairTable(datasets.Dataset.from_file(str(path / PAIRS_FILE))), meta
+    return PairTable(datasets.Dataset.from_file(str(path / PAIRS_FILE)), processor), meta
 
 
 def publish(work_dir: Path, entry: Path, meta: dict) -> None:

@@ -22,6 +22,7 @@ rows): a column that first appears after them is not read.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import datasets
 import torch
@@ -30,7 +31,7 @@ from orpo.data.formats import PairsFromRows, RowFormat, resolve_columns
 from orpo.data.load import stream_rows
 from orpo.data.prepare import format_drop_report, prepare_row
 from orpo.data.store import is_prepared_dir
-from orpo.errors import DroppedPair, OrpoError
+from orpo.errors import TEXT_ONLY_MODEL, DroppedPair, OrpoError
 
 COLUMN_PEEK_ROWS = 1000
 
@@ -59,6 +60,8 @@ class PairStream(torch.utils.data.IterableDataset):
         self.name = name or (source if isinstance(source, str) else "stream")
         self.tokenizer, self.row_format = tokenizer, row_format
         self.limits = (max_length, max_prompt_length, max_completion_length)
+        is_file = isinstance(source, str) and Path(source).expanduser().is_file()
+        self.image_root = Path(source).expanduser().resolve().parent if is_file else None  # image paths' base
         self.shuffle_buffer, self.seed, self.passes = shuffle_buffer, seed, passes
         self.rows, self.kept, self.pass_number = 0, 0, 0
         self.counts = PairsFromRows()  # drops (first row and detail per reason) and shapes; its pairs stay empty
@@ -86,7 +89,11 @@ class PairStream(torch.utils.data.IterableDataset):
             rows.set_epoch(pass_number)  # datasets reseeds the buffer for each epoch
         for item in rows:
             shape, pair = prepare_row(item["row"], item["index"], self.columns, self.row_format, self.tokenizer,
-                                      *self.limits)
+                                      *self.limits, self.image_root)
+            if isinstance(pair, DroppedPair) and pair.reason == TEXT_ONLY_MODEL:
+                raise OrpoError(f"{self.name}, row {item['index']}: the pair has images, and the model is text-only "
+                                "(its tokenizer has no image processor); train a vision-language model (loaded with "
+                                "its processor), or leave out the rows with images")
             self.rows += 1
             if shape is not None:
                 self.counts.shapes[shape] += 1

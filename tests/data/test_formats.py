@@ -13,8 +13,8 @@ import pytest
 from orpo.data.formats import (SHAPE_CONVERSATIONAL, SHAPE_CONVERSATIONS, SHAPE_HH, SHAPE_LABELS, SHAPE_MESSAGES,
                                SHAPE_PREFIX, SHAPE_RATED, SHAPE_SHAREGPT, SHAPE_STRINGS, PairsFromRows,
                                PreferencePair, RowFormat, rows_to_pairs)
-from orpo.errors import (EMPTY_RESPONSE, LABEL_MISSING, LABEL_TIE, LABEL_UNMAPPED, NON_TEXT, SAME_RESPONSES,
-                         TIED_RATINGS, UNKNOWN_ROLE, WRONG_TYPES, OrpoError)
+from orpo.errors import (EMPTY_RESPONSE, IMAGE_COUNT, LABEL_MISSING, LABEL_TIE, LABEL_UNMAPPED, NON_TEXT,
+                         SAME_RESPONSES, TIED_RATINGS, UNKNOWN_ROLE, WRONG_TYPES, OrpoError)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ACCEPTED = ("accepted shapes: prompt (or instruction) + chosen + rejected, as strings or message lists; chosen + "
@@ -36,8 +36,15 @@ def S(text):
     return {"role": "system", "content": text}
 
 
-def P(prompt, chosen, rejected, shape, index=0):
-    return PreferencePair(prompt, chosen, rejected, index=index, shape=shape)
+def P(prompt, chosen, rejected, shape, index=0, images=()):
+    return PreferencePair(prompt, chosen, rejected, index=index, shape=shape, images=images)
+
+
+IMG = {"type": "image"}
+
+
+def T(text):
+    return {"type": "text", "text": text}
 
 
 def fixture(name):
@@ -195,7 +202,8 @@ def test_llamafactory_v1_chosen_messages():
         P([U("Is the sky blue?")], [A("Yes, on a clear day.")], [A("No, it is green.")], SHAPE_MESSAGES, index=0),
         P([S("You are a math tutor."), U("What is 3 * 3?"), A("9."), U("And 9 * 9?")], [A("81.")], [A("18.")],
           SHAPE_MESSAGES, index=1)]
-    assert drops_of(got) == {2: (NON_TEXT, "chosen_messages[1] content part 0 is 'reasoning', expected text only"),
+    assert drops_of(got) == {2: (NON_TEXT, "chosen_messages[1] content part 0 is 'reasoning', expected text or image "
+                                                "parts"),
                              3: (UNKNOWN_ROLE, "chosen_messages[1] has role 'tool', expected system, user (human) "
                                                "or assistant (gpt)")}
     assert got.shapes == Counter({SHAPE_MESSAGES: 4})
@@ -264,13 +272,73 @@ def test_sharegpt_whole_conversations_in_chosen_rejected():
 # --- content parts ------------------------------------------------------------------------------------
 
 def test_trl_content_parts():
-    """TRL's vision DPO format (HuggingFaceH4/rlaif-v_formatted): text parts join with no separator,
-    image parts cannot be trained on."""
+    """TRL's DPO format with content parts (HuggingFaceH4/rlaif-v_formatted without its images): text parts
+    join with no separator."""
     got = rows_to_pairs(fixture("trl_content_parts.jsonl"))
-    assert got.pairs == [P([U("Translate: chat")], [A("cat")], [A("chair")], SHAPE_CONVERSATIONAL, 1),
-                         P([S("You count."), U("1, 2, next?")], [A("3")], [A("5")], SHAPE_CONVERSATIONAL, 2)]
-    assert got.drops == Counter({NON_TEXT: 2})
-    assert drops_of(got) == {0: (NON_TEXT, "prompt[0] content part 0 is 'image', expected text only")}
+    assert got.pairs == [P([U("Translate: chat")], [A("cat")], [A("chair")], SHAPE_CONVERSATIONAL, 0),
+                         P([S("You count."), U("1, 2, next?")], [A("3")], [A("5")], SHAPE_CONVERSATIONAL, 1)]
+    assert not got.drops
+
+
+def test_trl_vision():
+    """TRL's vision DPO format (HuggingFaceH4/rlaif-v_formatted): a prompt with image parts keeps them where
+    they stand, and the images column's entries in their order."""
+    got = rows_to_pairs(fixture("trl_vision.jsonl"))
+    assert got.pairs == [
+        P([U([IMG, T("What is in the picture?")])], [A("A dog on a beach.")], [A("A cat.")], SHAPE_CONVERSATIONAL, 0,
+          images=("images/0001.jpg",)),
+        P([U([T("Describe it."), IMG])], [A("Two red apples.")], [A("A banana.")], SHAPE_CONVERSATIONAL, 1,
+          images=("images/0002.jpg",)),
+    ]
+    assert not got.drops
+
+
+def test_image_parts_between_text_runs_keep_their_place():
+    row = {"images": [b"a", b"b"], "chosen": "x", "rejected": "y", "prompt": [
+        {"role": "user", "content": [T("Compare "), IMG, T("and "), T("this: "), IMG]}]}
+    assert pair(row).prompt == [U([T("Compare "), IMG, T("and this: "), IMG])]
+    assert pair(row).images == (b"a", b"b")
+
+
+def test_llamafactory_image_placeholders_become_image_parts():
+    """LLaMA-Factory's multimodal ShareGPT data: "<image>" in the text, the paths in `images`."""
+    row = {"conversations": [{"from": "human", "value": "<image>What is this?"}],
+           "chosen": {"from": "gpt", "value": "A dog."}, "rejected": {"from": "gpt", "value": "A cat."},
+           "images": ["demo/1.jpg"]}
+    assert pair(row) == P([U([IMG, T("What is this?")])], [A("A dog.")], [A("A cat.")], SHAPE_SHAREGPT,
+                          images=("demo/1.jpg",))
+
+
+def test_images_without_a_placeholder_go_before_the_first_user_turns_text():
+    """As TRL places them (RLAIF-V style rows: one `image`, a string question)."""
+    row = {"image": {"bytes": b"png", "path": None}, "prompt": "What is shown?", "chosen": "A tree.",
+           "rejected": "A car."}
+    assert pair(row) == P([U([IMG, T("What is shown?")])], [A("A tree.")], [A("A car.")], SHAPE_STRINGS,
+                          images=({"bytes": b"png", "path": None},))
+    system_first = {**row, "prompt": [S("Be brief."), U("What?")]}
+    assert pair(system_first).prompt == [S("Be brief."), U([IMG, T("What?")])]
+
+
+def test_without_images_a_literal_image_placeholder_is_text():
+    assert pair({"prompt": "Write <image> tags.", "chosen": "ok", "rejected": "no"}).prompt == [
+        U("Write <image> tags.")]
+
+
+@pytest.mark.parametrize("row, detail", [
+    ({"images": ["a.jpg"], "prompt": "<image> vs <image>?", "chosen": "x", "rejected": "y"},
+     "the prompt has 2 image placeholder(s) and the row 1 image(s)"),
+    ({"images": [], "prompt": [{"role": "user", "content": [IMG, T("Hi")]}], "chosen": "x", "rejected": "y"},
+     "the prompt has 1 image part(s) and the row no images"),
+])
+def test_placeholders_and_images_must_match(row, detail):
+    assert drop(row) == (IMAGE_COUNT, detail)
+
+
+def test_an_image_in_an_answer_and_a_bad_image_entry_are_drops():
+    row = {"images": ["a.jpg"], "prompt": "Q?", "chosen": [{"role": "assistant", "content": [IMG]}], "rejected": "y"}
+    assert drop(row) == (NON_TEXT, "chosen has an image part: an answer is text")
+    assert drop({"images": [5], "prompt": "Q?", "chosen": "x", "rejected": "y"}) == (
+        WRONG_TYPES, "images[0] is int, expected a file path, bytes, {'bytes', 'path'} or a PIL image")
 
 
 @pytest.mark.parametrize("content, detail", [

@@ -235,3 +235,63 @@ def test_prepared_pairs_are_memory_mapped_not_held(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["n"] == 20000 and result["tokens"] == result["read"] > 2_000_000
     assert result["grew"] < 0.1 * 25 * result["tokens"], result
+
+
+# --- images -----------------------------------------------------------------------------------------------
+
+def image_rows(tmp_path):
+    """A JSON-lines file in TRL's vision shape whose image paths are relative to it; row 1's file is missing,
+    row 2 is text only."""
+    from vision_models import write_image
+
+    write_image(tmp_path / "pics" / "dog.png", seed=1)
+    write_image(tmp_path / "pics" / "cat.png", 40, 16, seed=2)
+    rows = [
+        {"images": ["pics/dog.png", "pics/cat.png"], "chosen": "A dog and a cat.", "rejected": "Two dogs.",
+         "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                 {"type": "text", "text": "What is in the picture?"}]}]},
+        {"images": ["pics/none.png"], "prompt": "Describe it.", "chosen": "A cat.", "rejected": "A dog."},
+        {"images": [], "prompt": "what is blue?", "chosen": "the sky", "rejected": "a cat"},
+    ]
+    path = tmp_path / "vision.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_image_pairs_are_prepared_with_their_images_and_a_missing_one_is_a_counted_drop(tmp_path, num_proc):
+    import torch
+
+    from orpo.data.formats import PreferencePair
+    from orpo.data.render import render_pair
+    from vision_models import llava_processor
+
+    processor = llava_processor()
+    path = image_rows(tmp_path)
+    prepared = prepare_dataset(str(path), processor, max_length=256, max_prompt_length=128, num_proc=num_proc,
+                               cache_dir=tmp_path / "cache")
+    assert dict(prepared.drops) == {"unreadable image": 1}
+    assert prepared.first_details == {"unreadable image": "images[0] 'pics/none.png': No such file or directory"}
+    first, text = prepared.pairs
+    assert (first.index, text.index) == (0, 2)
+    expected = render_pair(PreferencePair(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                      {"type": "text", "text": "What is in the picture?"}]}],
+        [{"role": "assistant", "content": "A dog and a cat."}], [{"role": "assistant", "content": "Two dogs."}],
+        images=((tmp_path / "pics" / "dog.png").read_bytes(), (tmp_path / "pics" / "cat.png").read_bytes())),
+        processor, 256, 128, None)
+    assert first == expected  # ids and the stored image files
+    assert torch.equal(first.vision_inputs["pixel_values"], expected.vision_inputs["pixel_values"])  # made on read
+    assert text.images == () and text.vision_inputs is None
+    again = prepare_dataset(str(path), processor, max_length=256, max_prompt_length=128, cache_dir=tmp_path / "cache")
+    assert again.origin.startswith("read from the cache") and list(again.pairs) == list(prepared.pairs)
+    assert torch.equal(again.pairs[0].vision_inputs["pixel_values"], expected.vision_inputs["pixel_values"])
+
+
+def test_image_pairs_for_a_text_only_model_are_one_line(tmp_path):
+    path = image_rows(tmp_path)
+    with pytest.raises(OrpoError) as err:
+        prepare_dataset(str(path), byte_level_chatml_tokenizer(), cache_dir=tmp_path / "cache")
+    assert str(err.value) == (f"{path}, row 0: 2 pair(s) have images, and the model is text-only (its tokenizer has "
+                              "no image processor); train a vision-language model (loaded with its processor), or "
+                              "leave out the rows with images")

@@ -326,3 +326,66 @@ def test_clip_pair_keeps_exactly_the_tokens_truncation_keeps(monkeypatch):
 def test_no_limits_no_clipping():
     big = pair(chosen="Hello " * 100_000)
     assert render.clip_pair(big, None, None, None) == big
+
+
+# --- images (a vision-language model's processor) ------------------------------------------------------
+
+def image_pair(images=1, prompt_text="Describe it."):
+    from vision_models import random_image
+
+    content = [{"type": "image"}] * images + [{"type": "text", "text": prompt_text}]
+    return PreferencePair([{"role": "user", "content": content}], [{"role": "assistant", "content": "A dog on a beach."}],
+                          [{"role": "assistant", "content": "A cat."}],
+                          images=tuple(random_image(20, 30, seed=i) for i in range(images)))
+
+
+def test_an_image_prompt_is_tokenized_by_the_processor_with_its_images():
+    """The processor's template writes "<image>" where the part stands and the processor expands it to the
+    image's 4 tokens; the answers are text tokens of the processor's tokenizer, ending at <|im_end|>."""
+    from vision_models import llava_processor
+
+    processor = llava_processor()
+    tok = processor.tokenizer
+    got = render_pair(image_pair(), processor, 256, 128, None)
+    image = tok.convert_tokens_to_ids("<image>")
+    expected_prompt = (tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"] + [image] * 4
+                       + tok("Describe it.<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+    assert got.prompt_ids == expected_prompt
+    assert got.chosen_ids == tok("A dog on a beach.<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert got.rejected_ids == tok("A cat.<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert got.vision_inputs.keys() == {"pixel_values"} and got.vision_inputs["pixel_values"].shape == (1, 3, 28, 28)
+    assert len(got.images) == 1 and got.images[0].startswith(b"\x89PNG")  # stored as an image file
+
+
+def test_an_image_prompt_is_never_cut():
+    from vision_models import llava_processor
+
+    processor = llava_processor()
+    prompt_tokens = len(render_pair(image_pair(2), processor, None, None, None).prompt_ids)
+    with pytest.raises(DroppedPair) as drop:
+        render_pair(image_pair(2), processor, None, prompt_tokens - 1, None)
+    assert (drop.value.reason, drop.value.detail) == (
+        TOO_LONG, f"the prompt with its image tokens is {prompt_tokens} tokens, over "
+                  f"max_prompt_length={prompt_tokens - 1} (image tokens are not cut)")
+    assert render_pair(image_pair(2), processor, None, prompt_tokens, None).prompt_ids  # at the limit: kept
+
+
+def test_images_for_a_text_only_tokenizer_are_that_drop():
+    from orpo.errors import TEXT_ONLY_MODEL
+
+    tok = word_level_tokenizer(WORDS, ["<|im_start|>", "<|im_end|>"], CHATML, eos="<|im_end|>")
+    with pytest.raises(DroppedPair) as drop:
+        render_pair(image_pair(), tok, 256, 128, None)
+    assert (drop.value.reason, drop.value.detail) == (
+        TEXT_ONLY_MODEL, "the prompt has 1 image(s) and the model's tokenizer no image processor")
+
+
+def test_a_text_pair_renders_alike_through_the_processor_and_its_tokenizer():
+    from vision_models import llava_processor
+
+    processor = llava_processor()
+    text = PreferencePair([{"role": "user", "content": "what is in the picture?"}],
+                          [{"role": "assistant", "content": "A dog."}], [{"role": "assistant", "content": "A cat."}])
+    processor.tokenizer.chat_template = processor.chat_template
+    assert render_pair(text, processor, 256, 128, None) == render_pair(text, processor.tokenizer, 256, 128, None)
+    assert render_pair(text, processor, 256, 128, None).vision_inputs is None

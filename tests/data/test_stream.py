@@ -134,3 +134,20 @@ def test_memory_does_not_grow_with_the_rows_read(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["n"] == 20_000 and result["tokens"] > 3_000_000
     assert result["grew"] < 20 * 2**20, result
+
+
+def test_streamed_image_pairs_are_the_prepared_ones_and_a_text_only_model_is_one_line(tmp_path):
+    import torch
+
+    from test_prepare import image_rows
+    from vision_models import llava_processor
+
+    processor = llava_processor()
+    path = str(image_rows(tmp_path))
+    streamed = PairStream(path, processor, max_length=256, max_prompt_length=128, passes=1, shuffle_buffer=0)
+    pairs = list(streamed)
+    prepared = prepare_dataset(path, processor, max_length=256, max_prompt_length=128, cache_dir=tmp_path / "cache")
+    assert pairs == list(prepared.pairs) and dict(streamed.drops) == dict(prepared.drops) == {"unreadable image": 1}
+    assert torch.equal(pairs[0].vision_inputs["pixel_values"], prepared.pairs[0].vision_inputs["pixel_values"])
+    with pytest.raises(OrpoError, match=r", row 0: the pair has images, and the model is text-only"):
+        list(PairStream(path, byte_level_chatml_tokenizer(), passes=1))

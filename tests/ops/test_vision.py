@@ -12,7 +12,7 @@ from orpo.ops.packing import collate_prefix_shared
 from orpo.ops.route import Route, route_logp_means, separate_logp_means
 from orpo.ops.vision import (VISION_PREFIX, concat_vision_inputs, mm_token_type_ids, pair_rope_positions,
                              rope_index_of, vision_model_inputs)
-from tests.vision_models import FAMILIES, IMAGE, VIDEO, VISION_END, VISION_START, image_pair, tiny_vision_model
+from vision_models import FAMILIES, IMAGE, VIDEO, VISION_END, VISION_START, image_pair, tiny_vision_model
 
 
 def test_concat_vision_inputs_joins_each_tensor_in_order_under_the_batch_prefix():
