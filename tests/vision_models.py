@@ -8,6 +8,8 @@ no torchvision). Images are small seeded random RGB arrays.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 import transformers
@@ -26,7 +28,10 @@ QWEN_VISION = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio
                    num_position_embeddings=64, initializer_range=0.2)
 QWEN_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
                 vision_end_token_id=VISION_END)
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
+BOI, EOI = 74, 75  # Gemma 3's begin/end of image
+FAKE, GLOBAL = 76, 77  # Idefics3's <fake_token_around_image>, <global-img>
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3", "idefics3", "smolvlm", "llava_onevision")
+PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]  # LLaVA-OneVision's crop grids, in pixels
 
 
 def _qwen_config(family: str):
@@ -46,14 +51,61 @@ def _llava_config():
                                     image_token_index=IMAGE, image_seq_length=4)
 
 
+def _gemma3_config():
+    """Gemma 3: a sliding layer and a global one (window 8, shorter than the prompts), 56-pixel images
+    pooled to 4 tokens that attend to each other both ways."""
+    text = {**TEXT, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8,
+            "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=56, patch_size=14)
+    return transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                     boi_token_index=BOI, eoi_token_index=EOI, image_token_index=IMAGE,
+                                     initializer_range=0.2)
+
+
+def _idefics3_config(family: str):
+    """Idefics3 / SmolVLM: 56-pixel images (crops), 16 patches each, pixel-shuffled by 2 to 4 tokens."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=56,
+                  patch_size=14, initializer_range=0.2)
+    config_class = transformers.Idefics3Config if family == "idefics3" else transformers.SmolVLMConfig
+    return config_class(text_config={**TEXT, "model_type": "llama"}, vision_config=vision, image_token_id=IMAGE,
+                        scale_factor=2)
+
+
+def _llava_onevision_config():
+    """LLaVA-OneVision: 28-pixel crops of an any-resolution grid (1 to 4 crops plus the whole image)."""
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    return transformers.LlavaOnevisionConfig(text_config={**TEXT, "model_type": "qwen2"}, vision_config=vision,
+                                             image_token_index=IMAGE, video_token_index=VIDEO,
+                                             image_grid_pinpoints=PINPOINTS)
+
+
 def tiny_vision_model(family: str, seed: int = 0) -> torch.nn.Module:
-    config = _llava_config() if family == "llava" else _qwen_config(family)
+    configs = {"llava": _llava_config, "gemma3": _gemma3_config, "idefics3": lambda: _idefics3_config("idefics3"),
+               "smolvlm": lambda: _idefics3_config("smolvlm"), "llava_onevision": _llava_onevision_config}
+    config = configs[family]() if family in configs else _qwen_config(family)
     torch.manual_seed(seed)
     model = transformers.AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
+    if family == "gemma3":  # its projection starts at zero: every image token would be the same vector
+        torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.5)
     return model.eval()
 
 
 def image_processor(family: str):
+    if family == "llava_onevision":
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil)
+        return LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, crop_size={"height": 28, "width": 28},
+                                               image_grid_pinpoints=PINPOINTS)
+    if family in ("idefics3", "smolvlm"):  # one 56-pixel crop per image (no splitting)
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+        return Idefics3ImageProcessorPil(size={"longest_edge": 56}, max_image_size={"longest_edge": 56},
+                                         do_image_splitting=False)
+    if family == "gemma3":
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+        return Gemma3ImageProcessorPil(size={"height": 56, "width": 56})
     if family == "llava":
         from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
         return LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
@@ -72,6 +124,15 @@ def image_placeholder(family: str, vision_inputs: dict, image: int) -> list[int]
     """The ids the processor writes for image number `image` of `vision_inputs`."""
     if family == "llava":
         return [IMAGE] * 4
+    if family == "gemma3":
+        return [BOI] + [IMAGE] * 4 + [EOI]
+    if family in ("idefics3", "smolvlm"):
+        return [FAKE, GLOBAL] + [IMAGE] * 4 + [FAKE]
+    if family == "llava_onevision":  # its token count depends on the image's crops: the model's own count
+        one = {key: vision_inputs[key][image:image + 1] for key in ("pixel_values", "image_sizes")}
+        with torch.no_grad():
+            features = tiny_vision_model(family).model.get_image_features(**one).pooler_output
+        return [IMAGE] * sum(len(f) for f in features)
     t, h, w = vision_inputs["image_grid_thw"][image].tolist()
     return [VISION_START] + [IMAGE] * (t * h * w // 4) + [VISION_END]
 
@@ -87,7 +148,8 @@ def image_pair(family: str, sizes: list[tuple[int, int]], lengths: tuple[int, in
 
     images = [random_image(h, w, seed * 10 + i) for i, (h, w) in enumerate(sizes)]
     processor = image_processor(family)
-    vision_inputs = dict(processor(images=images, return_tensors="pt"))
+    nested = family in ("idefics3", "smolvlm")  # these take one list of images per prompt
+    vision_inputs = dict(processor(images=[images] if nested else images, return_tensors="pt"))
     p, c, r = lengths
     prompt = text(p)
     for i in range(len(images)):
@@ -127,3 +189,42 @@ def write_image(path, height=20, width=30, seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)
     random_image(height, width, seed).save(path)
     return path
+
+
+def save_tiny_llava(path, seed=0):
+    """A tiny random LLaVA sized for `llava_processor()`'s tokenizer, saved with that processor as a Hugging
+    Face directory (what `orpo train --model` takes); returns the path."""
+    processor = llava_processor()
+    tokenizer = processor.tokenizer
+    text = {**TEXT, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id}
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32)
+    config = transformers.LlavaConfig(text_config=transformers.LlamaConfig(**text), vision_config=vision,
+                                      image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=4)
+    torch.manual_seed(seed)
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def vision_training_data(tmp_path):
+    """A tiny LLaVA directory and a JSON-lines file of six image pairs (TRL's shape) and one text pair."""
+    rows = []
+    for i in range(6):
+        write_image(tmp_path / "data" / "pics" / f"{i}.png", 20 + i, 30, seed=i)
+        rows.append({"images": [f"pics/{i}.png"], "chosen": "A dog on a beach.", "rejected": "A cat." if i % 2 else "no",
+                     "prompt": [{"role": "user", "content": [{"type": "image"},
+                                                             {"type": "text", "text": "what is in the picture?"}]}]})
+    rows.append({"prompt": "what is blue?", "chosen": "the sky", "rejected": "a cat"})
+    path = tmp_path / "data" / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return save_tiny_llava(tmp_path / "model"), str(path)
+
+
+if __name__ == "__main__":  # the README's vision example: python tests/vision_models.py DIR
+    import sys
+    from pathlib import Path
+
+    model, data = vision_training_data(Path(sys.argv[1]))
+    print(f"tiny vision-language model: {model}\nimage pairs: {data}")

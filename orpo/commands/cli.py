@@ -229,12 +229,14 @@ def parse_subcommand_args(command: str, argv: list[str]):
 def cmd_eval(argv: list[str]) -> int:
     from orpo.commands.compare import compare_records, format_comparison
     from orpo.commands.evaluate import evaluate_model
+    from orpo.data.images import text_tokenizer
     from orpo.ops.scoring import summarize
     from orpo.train.allocator import keep_freed_memory
 
     args = parse_subcommand_args("eval", argv)
     tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
-    if args.compare and _load_tokenizer(args.compare, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+    vocab = text_tokenizer(tokenizer).get_vocab()
+    if args.compare and text_tokenizer(_load_tokenizer(args.compare, args.trust_remote_code)).get_vocab() != vocab:
         raise OrpoError(f"--compare {args.compare}: its tokenizer differs from that of {args.model}; the two models "
                         "must score the same token ids")
     prepared = _prepare(args.dataset, args.dataset_split, tokenizer, args)
@@ -246,7 +248,7 @@ def cmd_eval(argv: list[str]) -> int:
         if args.reuse_cpu_memory and next(model.parameters()).device.type == "cpu":
             keep_freed_memory()  # train/allocator.py; the reference path alike
         logger.info("scoring %d pairs with %s (%s path)", len(pairs), name, "reference" if args.reference else "fast")
-        records[name] = evaluate_model(model, pairs, tokenizer.pad_token_id, args.nll_scope, args.reference,
+        records[name] = evaluate_model(model, pairs, text_tokenizer(tokenizer).pad_token_id, args.nll_scope, args.reference,
                                        args.batch_size, args.packing, args.packed_attention, args.logprob_chunk_size,
                                        args.batch_tokens, args.bf16 is True)  # unset: fp32 (see the flag's help)
         del model
@@ -278,21 +280,42 @@ def cmd_prepare(argv: list[str]) -> int:
     return 0
 
 
+def _show_prompt(tokenizer, pair, image_token_id: int | None) -> str:
+    """The prompt's text, each run of image tokens shown as one placeholder with the image's size and its
+    token count: "<image 1: 30x20 px, 4 tokens>"."""
+    from itertools import groupby
+
+    from orpo.data.images import decode_image
+
+    parts, image = [], 0
+    for is_image, run in groupby(pair.prompt_ids, key=lambda i: image_token_id is not None and i == image_token_id):
+        run = list(run)
+        if is_image and image < len(pair.images):
+            width, height = decode_image(pair.images[image]).size
+            image += 1
+            parts.append(f"<image {image}: {width}x{height} px, {len(run)} tokens>")
+        else:
+            parts.append(tokenizer.decode(run))
+    return "".join(parts)
+
+
 def cmd_inspect(argv: list[str]) -> int:
+    from orpo.data.images import text_tokenizer
     from orpo.data.store import pair_lengths
 
     args = parse_subcommand_args("data inspect", argv)
     tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
     prepared = _prepare(args.dataset, args.dataset_split, tokenizer, args)
+    words = text_tokenizer(tokenizer)
     mark = ("\033[1;32m", "\033[0m") if sys.stdout.isatty() else ("[[", "]]")
     for pair in prepared.pairs[: args.n]:
         print(f"=== row {pair.index}: prompt {len(pair.prompt_ids)} tokens, chosen {len(pair.chosen_ids)}, "
               f"rejected {len(pair.rejected_ids)}  (trained tokens in {mark[0]}{mark[1]})")
         print("--- prompt (an NLL target only with nll_scope=full)")
-        print(tokenizer.decode(pair.prompt_ids))
+        print(_show_prompt(words, pair, getattr(tokenizer, "image_token_id", None)))
         for name, ids in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
             print(f"--- {name}")
-            print(mark[0] + tokenizer.decode(ids) + mark[1])
+            print(mark[0] + words.decode(ids) + mark[1])
     print("=== statistics")
     for name, lengths in zip(("prompt", "chosen", "rejected"), pair_lengths(prepared.pairs).T):
         print(f"{name:>8} tokens: min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()}")

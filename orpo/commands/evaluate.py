@@ -3,8 +3,8 @@
 The fast path (default) is the training path without gradients (orpo.ops.scoring.score_pairs):
 prefix-shared packing, the chunked head at target positions only, batches bounded in tokens.
 The reference path (`--reference`) shares no code with it on purpose: every sequence
-(prompt+chosen, prompt+rejected) goes through a plain, unpacked transformers forward and the
-log-probs come from the full logits in fp32. The tests hold the fast path to the reference one.
+(prompt+chosen, prompt+rejected) goes through a plain, unpacked transformers forward (with its images,
+the model computing its own positions) and the log-probs come from the full logits in fp32. The tests hold the fast path to the reference one.
 Both give the records of orpo.ops.scoring (same fields, same summary).
 """
 from __future__ import annotations
@@ -16,15 +16,18 @@ import torch
 from orpo.data.render import TokenizedPair
 from orpo.errors import OrpoError
 from orpo.ops.loss import log_odds_ratio
-from orpo.ops.route import choose_route
+from orpo.ops.route import choose_route, image_probe_pairs
 from orpo.ops.scoring import score_pairs
+from orpo.ops.vision import concat_vision_inputs, reference_inputs, vision_model_inputs
 
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def sequence_logps(model, sequences: list[list[int]], pad_token_id: int) -> list[torch.Tensor]:
-    """For each token sequence, [len−1] fp32 log-probs of tokens 1.. given their prefix."""
+def sequence_logps(model, sequences: list[list[int]], pad_token_id: int,
+                   vision_inputs: list[dict | None] | None = None) -> list[torch.Tensor]:
+    """For each token sequence, [len−1] fp32 log-probs of tokens 1.. given their prefix; `vision_inputs`:
+    each sequence's image inputs (None: text), given to the model as its processor would batch them."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -32,7 +35,9 @@ def sequence_logps(model, sequences: list[list[int]], pad_token_id: int) -> list
         input_ids[row, : len(seq)] = torch.tensor(seq)
         attention_mask[row, : len(seq)] = 1
     device = next(model.parameters()).device
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    images = vision_model_inputs(concat_vision_inputs(vision_inputs or []))
+    extra = {key: value.to(device) for key, value in reference_inputs(model, input_ids, images).items()}
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **extra).logits
     out = []
     for row, seq in enumerate(sequences):
         logp = torch.log_softmax(logits[row, : len(seq) - 1].float(), dim=-1)
@@ -51,7 +56,7 @@ def reference_records(
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
         sequences = [seq for p in batch for seq in (p.prompt_ids + p.chosen_ids, p.prompt_ids + p.rejected_ids)]
-        logps = sequence_logps(model, sequences, pad_token_id)
+        logps = sequence_logps(model, sequences, pad_token_id, [p.vision_inputs for p in batch for _ in range(2)])
         for i, pair in enumerate(batch):
             p = len(pair.prompt_ids)
             chosen, rejected = logps[2 * i], logps[2 * i + 1]
@@ -96,6 +101,6 @@ def evaluate_model(
             raise OrpoError("--reference runs the model in its own dtype; --bf16 is for the fast path "
                             "(for a bf16 reference, --dtype bfloat16)")
         return reference_records(model, pairs, pad_token_id, nll_scope, batch_size)
-    route = choose_route(model, packing, attention)
+    route = choose_route(model, packing, attention, image_probe_pairs(pairs))
     logger.info("route: %s", route.describe())
     return score_pairs(model, pairs, pad_token_id, nll_scope, route, chunk_size, batch_tokens, bf16)

@@ -57,6 +57,29 @@ def read_image(entry, root: Path | None, where: str) -> bytes:
     return data
 
 
+def image_files(value, root: Path | None) -> list[str]:
+    """The files a row's images column names (`value`: one entry or a list; paths resolved against `root`,
+    {"path"} dicts without bytes), for the prepared-data cache to notice an image edited in place."""
+    entries = value if isinstance(value, (list, tuple)) else [value]
+    files = []
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("bytes") is None:
+            entry = entry.get("path")
+        if isinstance(entry, str):
+            path = Path(entry).expanduser()
+            files.append(str(path if path.is_absolute() or root is None else root / path))
+    return files
+
+
+def file_stamp(path: str) -> list[int] | None:
+    """[size, modification time in ns] of a file, None where there is none: what the cache compares."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def decode_image(data: bytes) -> Image.Image:
     """An RGB PIL image from image file bytes (what image processors expect)."""
     with Image.open(io.BytesIO(data)) as image:

@@ -27,11 +27,11 @@ import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 
 from orpo.data.formats import RowFormat, read_row, resolve_columns
-from orpo.data.images import is_processor
+from orpo.data.images import file_stamp, image_files, is_processor
 from orpo.data.load import EncodedRows, decode_rows, encode_rows, load_rows
 from orpo.data.render import TokenizedPair, render_pair
-from orpo.data.store import (PAIR_COLUMNS, PAIRS_FILE, PairTable, cache_key, dataset_fingerprint, file_fingerprint,
-                             is_prepared_dir, publish, read_prepared, tokenizer_fingerprint)
+from orpo.data.store import (META_FILE, PAIR_COLUMNS, PAIRS_FILE, PairTable, cache_key, dataset_fingerprint,
+                             file_fingerprint, is_prepared_dir, publish, read_prepared, tokenizer_fingerprint)
 from orpo.errors import TEXT_ONLY_MODEL, DroppedPair, OrpoError
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ _OUTCOME_FEATURES = datasets.Features({
     "rejected_ids": datasets.Sequence(datasets.Value("int32")),
     "index": datasets.Value("int64"),
     "images": datasets.Sequence(datasets.Value("binary")),  # the prompt's image files, [] for text
+    "image_files": datasets.Sequence(datasets.Value("string")),  # the files its images column names (the cache)
     "shape": datasets.Value("string"),  # "" where the row fits no shape
     "drop": datasets.Value("string"),  # the drop reason, "" for a kept pair
     "detail": datasets.Value("string"),
@@ -171,9 +172,10 @@ def prepare_dataset(
             rows = load_rows(str(source), split, skip_bad_rows) if isinstance(source, (str, Path)) else source
             key_parts["source"] = _rows_fingerprint(rows, name)
         entry = Path(cache_dir or default_cache_dir()) / cache_key(key_parts) if use_cache else None
+        prepared = None
         if entry is not None and is_prepared_dir(entry):
             prepared = _read_set(entry, key_parts, start, processor, cached=True)
-        else:
+        if prepared is None:
             work = _work_dir(entry)
             try:
                 if rows is None:  # JSON rows go onto disk as they are read (work/rows.arrow)
@@ -209,8 +211,14 @@ def _rows_fingerprint(rows, name: str) -> str:
                     f"or a list of rows, got {type(rows).__name__}")
 
 
-def _read_set(path, key_parts: dict, start: float, processor, cached: bool = False) -> PreparedData:
-    """A prepared set; one that was prepared with another tokenizer or other data fields is one line."""
+def _read_set(path, key_parts: dict, start: float, processor, cached: bool = False) -> PreparedData | None:
+    """A prepared set; one that was prepared with another tokenizer or other data fields is one line. A cache
+    entry whose image files changed since (size or modification time) is removed: None, prepare again."""
+    if cached and (changed := _changed_image_files(path)):
+        logger.info("%s: %d image file(s) changed since the set was prepared (first: %s); preparing it again",
+                    path, len(changed), changed[0])
+        shutil.rmtree(path, ignore_errors=True)
+        return None
     pairs, meta = read_prepared(path, processor)
     made = meta.get("key_parts", {})
     changed = [part for part in ("tokenizer", "fields") if made.get(part) != key_parts[part]]
@@ -224,6 +232,12 @@ def _read_set(path, key_parts: dict, start: float, processor, cached: bool = Fal
     origin = f"read from the cache ({path})" if cached else f"read from the prepared set {path}"
     return PreparedData(pairs, meta["rows"], Counter(meta["drops"]), meta["first_rows"], meta["first_details"],
                         Counter(meta["shapes"]), time.perf_counter() - start, origin)
+
+
+def _changed_image_files(path) -> list[str]:
+    """The image files a prepared set read whose size or modification time is not what it was then."""
+    meta = json.loads((Path(path) / META_FILE).read_text())
+    return [file for file, stamp in meta.get("image_files", {}).items() if file_stamp(file) != stamp]
 
 
 def _work_dir(entry: Path | None) -> Path:
@@ -257,6 +271,7 @@ def _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length, ma
                            max_completion_length=max_completion_length, image_root=image_root),
         )
         drops, first_rows, first_details, shapes = _count(outcomes)
+        files = sorted({file for row in outcomes.with_format("arrow")["image_files"].to_pylist() for file in row})
         if sum(drops.values()) == len(rows):  # nothing to keep (zero usable pairs: an error below)
             return PreparedData([], len(rows), Counter(drops), first_rows, first_details, Counter(shapes))
         kept = outcomes.filter(lambda drop: [not d for d in drop], input_columns="drop", batched=True,
@@ -267,6 +282,7 @@ def _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length, ma
         if path.name != PAIRS_FILE:
             path.unlink()
     meta = {"rows": len(rows), "drops": drops, "first_rows": first_rows, "first_details": first_details,
+            "image_files": {file: file_stamp(file) for file in files},
             "shapes": shapes, "key_parts": key_parts, "source": name}
     processor = tokenizer if is_processor(tokenizer) else None
     if entry is not None:
@@ -327,6 +343,7 @@ def _prepare_batch(batch: dict, indices: list[int], pickled: bool, columns, row_
         for column in ("prompt_ids", "chosen_ids", "rejected_ids", "images"):
             out[column].append([] if dropped else list(getattr(pair, column)))
         out["index"].append(index)
+        out["image_files"].append(image_files(row.get(columns.images), image_root) if columns.images else [])
         out["shape"].append(shape or "")
         out["drop"].append(pair.reason if dropped else "")
         out["detail"].append(pair.detail if dropped else "")

@@ -81,7 +81,14 @@ class TokenizedPair:
 
 
 def ensure_chat_template(tokenizer) -> list[str]:
-    """Give `tokenizer` a chat template and a pad token if it lacks them; return the warnings to log."""
+    """Give `tokenizer` a chat template and a pad token if it lacks them; return the warnings to log. A
+    processor without a chat template takes its tokenizer's; the pad token is its tokenizer's."""
+    if is_processor(tokenizer):
+        warnings = ensure_chat_template(tokenizer.tokenizer)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = tokenizer.tokenizer.chat_template
+            warnings.append("processor has no chat template; using its tokenizer's")
+        return warnings
     warnings = []
     if tokenizer.chat_template is None:
         vocab = tokenizer.get_vocab()

@@ -14,7 +14,9 @@ a vision-language model's processor, it also turns a pair's stored images into t
 
 The cache key hashes everything that changes the ids: the source's content, the tokenizer (vocabulary,
 special tokens, chat template), every data field, and the code that turns rows into ids (`CODE_VERSION`:
-the data layer's own source, so an edit to it, released or not, never reads a stale set).
+the data layer's own source, so an edit to it, released or not, never reads a stale set). Image files the
+rows name are not in the key (it is computed before the rows are read): prepared.json stamps each with its
+size and modification time, and prepare.py prepares an entry again when a stamp changed.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from orpo.ops.head import chunked_head, unsupported_reason
 from orpo.ops.moe import (RouterBalancing, capture_router_logits, router_aux_loss, router_balancing,
                           router_logits_off, router_token_mask)
 from orpo.ops.packing import CHOSEN, PROMPT, REJECTED, collate_padded, collate_prefix_shared, segment_sums
-from orpo.ops.vision import rope_index_of, vision_model_inputs
+from orpo.ops.vision import image_block_token, rope_index_of, vision_model_inputs
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -53,13 +53,13 @@ def batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, 
 def batch_collator(model: torch.nn.Module, pad_token_id: int, layout: str) -> Callable:
     """TokenizedPairs → one batch of `layout` ("spans", "mask" or "padded"; packing.py), for `model`."""
     lm = causal_lm(model)
-    rope_index = rope_index_of(lm)  # M-RoPE models: the model's own positions of each sequence
+    # vision-language models: M-RoPE positions, image tokens that attend both ways (vision.py)
+    images = dict(rope_index=rope_index_of(lm), image_token=image_block_token(lm))
     if layout == "padded":
-        return partial(collate_padded, pad_token_id=pad_token_id, rope_index=rope_index)
+        return partial(collate_padded, pad_token_id=pad_token_id, **images)
     # attention costs as much as the linear layers at a row width of about 3 × hidden size
     width = 3 * lm.config.get_text_config().hidden_size
-    return partial(collate_prefix_shared, pad_token_id=pad_token_id, attention=layout, attention_width=width,
-                   rope_index=rope_index)
+    return partial(collate_prefix_shared, pad_token_id=pad_token_id, attention=layout, attention_width=width, **images)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
@@ -68,6 +68,8 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     positions = batch.get("rope_position_ids", batch["position_ids"])
     inputs = dict(input_ids=batch["input_ids"], position_ids=positions, use_cache=False, logits_to_keep=0,
                   **vision_model_inputs(batch))
+    if "token_type_ids" in batch:  # padded rows of a model that builds its image attention itself (Gemma 3)
+        inputs["token_type_ids"] = batch["token_type_ids"]
     if "attention_mask" in batch:
         inputs["attention_mask"] = batch["attention_mask"]
     else:  # span attention (attention.py) reads the layout from pair_spans

@@ -22,22 +22,26 @@ nll_scope="full") come from the chosen row only.
 Pairs with images (TokenizedPair.vision_inputs) add their image inputs in the order their prompts
 appear in the rows (vision.py: once per pair prefix-shared, twice padded); with `rope_index` (an M-RoPE
 model, vision.rope_index_of) the batch also gets `rope_position_ids` [3, rows, T], the model's own
-positions of each sequence, which the model call takes as its position ids.
+positions of each sequence, which the model call takes as its position ids. With `image_token` (a model
+whose image tokens attend to all tokens of their image both ways, Gemma 3: vision.image_block_token)
+the padded layout passes `token_type_ids` for the model to build that attention itself, and the mask
+layout adds it to its mask; span attention has no such blocks and refuses those pairs.
 """
 from __future__ import annotations
 
 import torch
 
 from orpo.data.render import TokenizedPair
-from orpo.ops.vision import RopeIndex, concat_vision_inputs, pair_rope_positions
+from orpo.errors import OrpoError
+from orpo.ops.vision import RopeIndex, concat_vision_inputs, image_blocks, pair_rope_positions
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 KINDS = 3
 PACKED_ATTENTION = ("spans", "mask")  # how the prefix-shared layout's attention is computed
 
 
-def collate_padded(pairs: list[TokenizedPair], pad_token_id: int, rope_index: RopeIndex | None = None
-                   ) -> dict[str, torch.Tensor]:
+def collate_padded(pairs: list[TokenizedPair], pad_token_id: int, rope_index: RopeIndex | None = None,
+                   image_token: int | None = None) -> dict[str, torch.Tensor]:
     """Build a padded batch.
 
     Returns a dict of tensors:
@@ -46,7 +50,8 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int, rope_index: Ro
       pair_index: [B] each pair's TokenizedPair.index (its row in the dataset, for error messages)
       num_pairs: [] (B); num_tokens: [] the non-padding tokens the model processes
       with images: their inputs (vision.concat_vision_inputs, each prompt's twice: chosen row, rejected
-      row) and, with `rope_index`, rope_position_ids [3, 2·B, T] (padding at 0)
+      row) and, with `rope_index`, rope_position_ids [3, 2·B, T] (padding at 0); with `image_token`,
+      token_type_ids [2·B, T] (1 = that token)
     """
     sequences, ids, source, pair_of, kind_of = [], [], [], [], []
     width = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
@@ -83,6 +88,8 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int, rope_index: Ro
         for r, seq in enumerate(sequences):
             rope[:, r, : len(seq)] = rope_index(seq, pairs[r // 2].vision_inputs)
         batch["rope_position_ids"] = rope
+    if image_token is not None:
+        batch["token_type_ids"] = (input_ids == image_token).long()
     return batch
 
 
@@ -133,7 +140,7 @@ def choose_rows(lengths: list[int], attention_width: int) -> list[list[int]]:
 
 def collate_prefix_shared(
     pairs: list[TokenizedPair], pad_token_id: int, attention: str = "spans", attention_width: int = 2048,
-    rope_index: RopeIndex | None = None,
+    rope_index: RopeIndex | None = None, image_token: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Build a prefix-shared batch (layout in the module docstring).
 
@@ -194,22 +201,30 @@ def collate_prefix_shared(
     }
     if rope is not None:
         batch["rope_position_ids"] = rope
+    blocks = image_blocks(input_ids, image_token) if image_token is not None else None
     if attention == "mask":
-        batch["attention_mask"] = prefix_shared_mask(owner, branch)
+        batch["attention_mask"] = prefix_shared_mask(owner, branch, blocks)
+    elif blocks is not None and bool((blocks >= 0).any()):
+        raise OrpoError("span attention cannot let a prompt's image tokens attend to each other both ways, as this "
+                        "model's do; use --packed_attention mask")
     return batch
 
 
-def prefix_shared_mask(owner: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+def prefix_shared_mask(owner: torch.Tensor, branch: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean [rows, 1, T, T] SDPA mask from per-token pair ids (−1 = padding) and branches [rows, T].
 
     query q may attend key k iff k ≤ q, same pair, and k is a prompt token or in q's branch;
     a padding query attends only to itself, so no row of the mask is empty (SDPA would give NaN).
+    `blocks` [rows, T] (vision.image_blocks: one number per image's run of tokens, −1 elsewhere): tokens of
+    one image also attend to each other's later tokens.
     """
     width = owner.shape[1]
     q, k = torch.arange(width)[:, None], torch.arange(width)[None, :]
     same_pair = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0)
     visible_branch = (branch[:, None, :] == PROMPT) | (branch[:, None, :] == branch[:, :, None])
     mask = same_pair & visible_branch & (k <= q)
+    if blocks is not None:
+        mask |= (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
     mask |= torch.eye(width, dtype=torch.bool)  # padding sees itself; real tokens already do
     return mask[:, None]
 

@@ -33,7 +33,7 @@ from orpo.errors import OrpoError
 from orpo.ops.attention import ATTENTION, sliding_window, use_span_attention
 from orpo.ops.forward import batch_to, causal_lm, chunked_head_reason, input_device, pair_logps
 from orpo.ops.packing import collate_padded, collate_prefix_shared
-from orpo.ops.vision import reference_inputs, rope_index_of
+from orpo.ops.vision import image_block_token, reference_inputs, rope_index_of
 
 LAYOUTS = ("spans", "mask", "padded")
 HEADS = ("chunked", "logits")
@@ -126,10 +126,14 @@ def candidate_routes(lm: torch.nn.Module, packing: bool | None, attention: str |
     return [Route(layout, head, reason + extra) for head in heads for layout, reason in layouts]
 
 
+_MULTIMODAL_WORDS = ("image", "video", "vision", "audio", "boi", "eoi", "boa", "eoa")
+
+
 def probe_pairs(lm: torch.nn.Module) -> list[TokenizedPair]:
     """Three seeded random pairs, long enough to cross a sliding window of up to 1000 tokens (and
     any short convolution or recurrent state), with unequal prompt/chosen/rejected lengths and a
-    one-token chosen answer; no sequence is longer than the model's positions."""
+    one-token chosen answer; no sequence is longer than the model's positions; text only (no image or
+    video placeholder ids)."""
     config = lm.config.get_text_config()
     vocab = config.vocab_size
     windows = [w for w in (sliding_window(config), getattr(config, "attention_window_size", None)) if w]
@@ -137,12 +141,31 @@ def probe_pairs(lm: torch.nn.Module) -> list[TokenizedPair]:
     n = max(48, window + 16) if window <= 1000 else 48
     n = min(n, getattr(config, "max_position_embeddings", None) or n)  # the longest sequence is n tokens
     rng = torch.Generator().manual_seed(0)
+    # a vision-language model's image/video placeholder ids would ask for images the probe does not have
+    multimodal = {value for key, value in vars(lm.config).items() if isinstance(value, int)
+                  and key.endswith(("_token_id", "_token_index")) and any(w in key for w in _MULTIMODAL_WORDS)}
+    plain = next(i for i in range(3, max(vocab, 4) + len(multimodal) + 1) if i not in multimodal)
 
     def ids(k: int) -> list[int]:
-        return torch.randint(3, max(vocab, 4), (k,), generator=rng).tolist()
+        return [plain if i in multimodal else i for i in torch.randint(3, max(vocab, 4), (k,), generator=rng).tolist()]
 
     shapes = [(n // 2, n // 2 - 3, n // 2 - 7), (5, n // 3, n // 2), (n // 3, 1, 4)]
     return [TokenizedPair(ids(p), ids(c), ids(r), index=i) for i, (p, c, r) in enumerate(shapes)]
+
+
+def image_probe_pairs(pairs, count: int = 2, scan: int = 64, answer_tokens: int = 16) -> list[TokenizedPair]:
+    """Up to `count` pairs with images among the first `scan` of `pairs` (a PairTable or a list), their
+    answers cut to `answer_tokens` (the prompt, image tokens and all, as it is): what the route is probed
+    with for images, cheaply."""
+    found = []
+    for i in range(min(scan, len(pairs))):
+        pair = pairs[i]
+        if pair.vision_inputs:
+            found.append(TokenizedPair(pair.prompt_ids, pair.chosen_ids[:answer_tokens], pair.rejected_ids[:answer_tokens],
+                                       pair.index, pair.images, pair.vision_inputs))
+            if len(found) == count:
+                break
+    return found
 
 
 @torch.no_grad()
@@ -169,11 +192,12 @@ def separate_logp_means(model: torch.nn.Module, pairs: list[TokenizedPair]) -> t
 @torch.no_grad()
 def route_logp_means(model: torch.nn.Module, pairs: list[TokenizedPair], route: Route) -> torch.Tensor:
     """[pairs, 2] the same quantities as `separate_logp_means`, computed on `route` (one call)."""
-    rope_index = rope_index_of(causal_lm(model))
+    lm = causal_lm(model)
+    images = dict(rope_index=rope_index_of(lm), image_token=image_block_token(lm))
     if route.packing:
-        batch = collate_prefix_shared(pairs, 0, attention=route.attention, rope_index=rope_index)
+        batch = collate_prefix_shared(pairs, 0, attention=route.attention, **images)
     else:
-        batch = collate_padded(pairs, pad_token_id=0, rope_index=rope_index)
+        batch = collate_padded(pairs, pad_token_id=0, **images)
     logps = pair_logps(model, batch_to(batch, input_device(model)), 64, head=route.head)
     return torch.stack([logps.logps_chosen, logps.logps_rejected], dim=1).float().cpu()
 
@@ -206,15 +230,17 @@ def probe_route(model: torch.nn.Module, route: Route, pairs: list[TokenizedPair]
     return None
 
 
-def choose_route(model: torch.nn.Module, packing: bool | None = None, attention: str | None = None) -> Route:
+def choose_route(model: torch.nn.Module, packing: bool | None = None, attention: str | None = None,
+                 image_pairs: list[TokenizedPair] = ()) -> Route:
     """The first candidate route (`candidate_routes`) that reproduces separate forwards of the probe
     pairs, with the model set up for it (span attention switched on for "spans"). A forced route
     (`packing` False, or `attention` given) that does not is refused in one line; so is a model no
-    route reproduces. The model's train/eval mode is restored."""
+    route reproduces. The model's train/eval mode is restored. `image_pairs`: a vision-language model's
+    pairs with images (a few of the data's: `image_probe_pairs`), probed beside the text pairs."""
     lm = causal_lm(model)
     name = type(lm).__name__
     candidates = candidate_routes(lm, packing, attention)
-    pairs = probe_pairs(lm)
+    pairs = probe_pairs(lm) + list(image_pairs)
     was_training = model.training
     model.eval()
     failures = []
@@ -226,6 +252,8 @@ def choose_route(model: torch.nn.Module, packing: bool | None = None, attention:
             problem = probe_route(model, route, pairs, expected)
             if problem is None:
                 reason = route.reason
+                if image_pairs:
+                    reason += f" (probed with {len(image_pairs)} of the data's image pairs too)"
                 if failures:
                     reason += f" (not {'; not '.join(failures)})"
                 return Route(route.layout, route.head, reason)

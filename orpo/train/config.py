@@ -185,6 +185,12 @@ class ORPOConfig(TrainingArguments):
         default=None, metadata={"help": "Maximum completion tokens; longer completions are cut from the right."}
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the model."})
+    freeze_vision_tower: bool = field(
+        default=True,
+        metadata={"help": "Vision-language models: keep the vision tower (the image encoder: Qwen-VL's visual, "
+                          "LLaVA's and Gemma 3's vision_tower, Idefics3's vision_model) frozen, as LLaMA-Factory does "
+                          "by default; the language model and the projector between them train. false trains it too."},
+    )
     padding_value: int | None = field(
         default=None, metadata={"help": "Pad token id for batches; None uses the tokenizer's pad token."}
     )

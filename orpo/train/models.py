@@ -1,6 +1,10 @@
 """Loading models and tokenizers (hub id, local directory or local .gguf file), and the offline
 SmolLM2-135M-Instruct that the demo and the real-model tests use.
 
+A vision-language model (a config with a `vision_config`: Qwen2-VL, LLaVA, Gemma 3, ...) is loaded as
+transformers' image-text-to-text model with its processor (tokenizer, image processor and chat template)
+in place of a tokenizer: the data path tokenizes image prompts with it (data/render.py).
+
 A `.gguf` file is dequantised on load by transformers' gguf support; the quantization config it
 leaves behind is dropped so that a saved model is a plain safetensors checkpoint.
 """
@@ -55,14 +59,35 @@ def is_hub_model_id(name_or_path: str) -> bool:
                 or Path(name_or_path).expanduser().exists())
 
 
+def is_vision_language(config) -> bool:
+    """Whether a transformers config is a vision-language model's (it has a vision tower's config)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def _is_vision_language_dir(path: str, kwargs: dict, trust_remote_code: bool) -> bool:
+    from transformers import AutoConfig
+
+    if "gguf_file" in kwargs:
+        return False
+    try:
+        return is_vision_language(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    except (OSError, ValueError):  # no config (a tokenizer-only directory): a tokenizer
+        return False
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+    """The model's tokenizer; for a vision-language model its processor (AutoProcessor: the tokenizer,
+    the image processor and the chat template), which prepares image pairs."""
+    from transformers import AutoProcessor, AutoTokenizer
 
     path, kwargs = _from_pretrained_args(name_or_path)
+    vision = _is_vision_language_dir(path, kwargs, trust_remote_code)
+    loader = AutoProcessor if vision else AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    except OSError as err:
-        raise OrpoError(f"{name_or_path}: cannot load a tokenizer: {_first_line(err)}") from None
+        return loader.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ImportError, ValueError) as err:
+        what = "a processor" if vision else "a tokenizer"
+        raise OrpoError(f"{name_or_path}: cannot load {what}: {_first_line(err)}") from None
 
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")  # the weights dtypes a model can be loaded in, by name
@@ -70,21 +95,22 @@ GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # the storage of a GGUF file's m
 
 
 def load_model(name_or_path: str, dtype=DTYPES[0], trust_remote_code: bool = False, **kwargs):
-    """AutoModelForCausalLM from a hub id, a local directory or a .gguf file, in `dtype` (a torch.dtype or a
-    name of DTYPES)."""
+    """AutoModelForCausalLM (a vision-language model: AutoModelForImageTextToText) from a hub id, a local
+    directory or a .gguf file, in `dtype` (a torch.dtype or a name of DTYPES)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
 
     path, extra = _from_pretrained_args(name_or_path)
+    vision = _is_vision_language_dir(path, extra, trust_remote_code)
+    loader = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **kwargs
-        )
+        model = loader.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **kwargs)
     except OSError as err:
-        raise OrpoError(f"{name_or_path}: cannot load a causal LM: {_first_line(err)}") from None
+        what = "vision-language model" if vision else "causal LM"
+        raise OrpoError(f"{name_or_path}: cannot load a {what}: {_first_line(err)}") from None
     if "gguf_file" in extra:
         # The weights are dequantised: what is left of the GGUF quantizer would only make
         # save_pretrained write a quantization_config that no loader can honour.

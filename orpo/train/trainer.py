@@ -20,6 +20,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
+from orpo.data.images import text_tokenizer
 from orpo.data.render import TokenizedPair, ensure_chat_template, longest_pair
 from orpo.data.store import pair_lengths
 from orpo.data.stream import PairStream
@@ -28,8 +29,9 @@ from orpo.ops.forward import batch_collator, causal_lm, pair_logps
 from orpo.ops.loss import orpo_loss
 from orpo.ops.packing import nll_token_count
 from orpo.ops.moe import router_balancing, router_token_mask
-from orpo.ops.route import choose_route
+from orpo.ops.route import choose_route, image_probe_pairs
 from orpo.ops.scoring import record_tensor, records_from_tensor, summarize
+from orpo.ops.vision import vision_tower
 from orpo.train.allocator import keep_freed_memory
 from orpo.train.callbacks import (MetricsJsonlCallback, MetricTotals, NonFiniteGuard, ReportCallback,
                                   SelectiveCheckpointing, disable_dropout)
@@ -49,7 +51,7 @@ class ORPOTrainer(TrainerAdapter):
     """ORPO trainer. Takes TRL's arguments: `model` (a model or a name/path), `args` (ORPOConfig),
     `train_dataset`/`eval_dataset` (a `datasets.Dataset`, a list of rows in any shape orpo.data reads, a
     file path or hub id, or data already prepared by `prepare_dataset`; read with the config's data
-    fields), `processing_class` (the tokenizer), `peft_config` (LoRA)."""
+    fields), `processing_class` (the tokenizer; a vision-language model's processor), `peft_config` (LoRA)."""
 
     def __init__(
         self,
@@ -81,13 +83,16 @@ class ORPOTrainer(TrainerAdapter):
             model = get_peft_model(model, peft_config)
         if args.disable_dropout:
             disable_dropout(model)
-        self.route = choose_route(model, args.packing, args.packed_attention)  # the layout and head (route.py)
-        self.router_balancing = router_balancing(causal_lm(model))  # MoE load balancing (moe.py), or None
-
+        if args.freeze_vision_tower and (tower := vision_tower(causal_lm(model))) is not None:
+            tower.requires_grad_(False)  # LoRA adapters inside it too: LoRA trains the language model
         self.prepared = {}
         train_pairs = self._prepare(train_dataset, processing_class, args, "train")
         eval_pairs = self._prepare(eval_dataset, processing_class, args, "eval")
-        pad_id = args.padding_value if args.padding_value is not None else processing_class.pad_token_id
+        # the layout and head (route.py), probed with a few of the data's image pairs where it has some
+        images = image_probe_pairs(train_pairs) if train_pairs is not None and not isinstance(train_pairs, PairStream) else []
+        self.route = choose_route(model, args.packing, args.packed_attention, images)
+        self.router_balancing = router_balancing(causal_lm(model))  # MoE load balancing (moe.py), or None
+        pad_id = args.padding_value if args.padding_value is not None else text_tokenizer(processing_class).pad_token_id
         if args.choose_checkpointing:
             self._choose_checkpointing(model, train_pairs, args)
         self.keep_head_probs, self.head_probs_reason = self._choose_head_probs(model, train_pairs, args)

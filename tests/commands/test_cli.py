@@ -742,3 +742,35 @@ def test_export_errors_are_one_line(model_dir, tmp_path, capsys):
     assert main(["export", str(model_dir), "--gguf", str(tmp_path / "m.gguf")]) == 2  # a WordLevel tokenizer
     assert error_line(capsys.readouterr().err).startswith("orpo: error: cannot write a WordLevel tokenizer to GGUF")
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "Modelfile").exists()
+
+
+def test_image_pairs_train_from_the_cli_and_python_with_identical_pairs(tmp_path, monkeypatch):
+    """A vision-language model directory (tiny LLaVA with its processor) and image pairs with paths relative
+    to the data file: `orpo train` trains on the pairs Python prepares, and saves the processor."""
+    from orpo import ORPOConfig, ORPOTrainer
+    from vision_models import vision_training_data
+
+    model_dir, data = vision_training_data(tmp_path)
+    seen = []
+    real_train = ORPOTrainer.train
+
+    def spy(self, *args, **kwargs):
+        seen.append(list(self.train_dataset))
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(ORPOTrainer, "train", spy)
+    assert main(["train", "--model", model_dir, "--dataset", data, "--output_dir", str(tmp_path / "cli"),
+                 *_flags(ONE_STEP)]) == 0
+    ORPOTrainer(model_dir, args=ORPOConfig(output_dir=str(tmp_path / "python"), **ONE_STEP), train_dataset=data).train()
+    assert seen[0] == seen[1] and sum(bool(pair.images) for pair in seen[0]) == 6
+    assert (tmp_path / "cli" / "processor_config.json").is_file()  # reloads as a processor, images and all
+
+
+def test_inspect_shows_each_image_as_its_placeholder_and_size(tmp_path, capsys):
+    from vision_models import vision_training_data
+
+    model_dir, data = vision_training_data(tmp_path)
+    assert main(["data", "inspect", "--model", model_dir, "--dataset", data, "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "<|im_start|>user\n<image 1: 30x20 px, 4 tokens>what is in the picture?<|im_end|>" in out
+    assert "[[A dog on a beach.<|im_end|>]]" in out

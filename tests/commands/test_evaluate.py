@@ -48,3 +48,20 @@ def test_evaluate_model_fast_and_reference_agree_and_bf16_is_for_the_fast_path()
     assert [r["chosen_logp_mean"] for r in bf16] == pytest.approx([r["chosen_logp_mean"] for r in fast], rel=0.05)
     with pytest.raises(OrpoError, match="--reference runs the model in its own dtype"):
         evaluate_model(model, PAIRS, 0, reference=True, bf16=True)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "gemma3"])
+def test_image_pairs_score_alike_on_the_fast_and_the_reference_path(family):
+    """The reference path batches each sequence with its images as a processor would (padded rows, the model's
+    own positions and masks: M-RoPE for Qwen2-VL, image blocks for Gemma 3); the fast path lays each image
+    prompt out once."""
+    from vision_models import image_pair, tiny_vision_model
+
+    model = tiny_vision_model(family)
+    size = (56, 84) if family == "qwen2_vl" else (28, 28)
+    pairs = [image_pair(family, [size], (5, 7, 4), seed=1, index=0),
+             image_pair(family, [size, size], (3, 1, 6), seed=2, index=1)]
+    reference = evaluate_model(model, pairs, 0, reference=True, batch_size=2)
+    fast = evaluate_model(model, pairs, 0)
+    for field in ("chosen_logp_mean", "rejected_logp_mean", "log_odds", "nll_sum"):
+        assert [r[field] for r in fast] == pytest.approx([r[field] for r in reference], rel=1e-6, abs=1e-5), field

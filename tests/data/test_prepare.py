@@ -295,3 +295,28 @@ def test_image_pairs_for_a_text_only_model_are_one_line(tmp_path):
     assert str(err.value) == (f"{path}, row 0: 2 pair(s) have images, and the model is text-only (its tokenizer has "
                               "no image processor); train a vision-language model (loaded with its processor), or "
                               "leave out the rows with images")
+
+
+def test_an_image_edited_in_place_is_prepared_again_not_read_from_the_cache(tmp_path, caplog):
+    """The cache keys on the data file; the image files it names are stamped (size, modification time) when
+    the set is prepared, and a changed stamp (or a missing file that appears) is a miss."""
+    import logging
+    import os
+
+    from vision_models import llava_processor, write_image
+
+    processor = llava_processor()
+    path = image_rows(tmp_path)
+    prepare = lambda: prepare_dataset(str(path), processor, max_length=256, max_prompt_length=128,  # noqa: E731
+                                      cache_dir=tmp_path / "cache")
+    first = prepare()
+    assert prepare().origin.startswith("read from the cache")
+    dog = tmp_path / "pics" / "dog.png"
+    write_image(dog, 30, 30, seed=9)  # another picture in the same file
+    os.utime(dog, ns=(1, 1))
+    with caplog.at_level(logging.INFO, logger="orpo.data.prepare"):
+        again = prepare()
+    assert again.origin.startswith("prepared with") and "image file(s) changed" in caplog.text
+    assert again.pairs[0].images[0] == dog.read_bytes() != first.pairs[0].images[0]
+    write_image(tmp_path / "pics" / "none.png", seed=3)  # row 1's missing file appears
+    assert dict(prepare().drops) == {} and len(prepare().pairs) == 3

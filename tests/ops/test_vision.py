@@ -9,9 +9,9 @@ import torch
 from orpo.ops.attention import ATTENTION, use_span_attention
 from orpo.ops.forward import pair_logps
 from orpo.ops.packing import collate_prefix_shared
-from orpo.ops.route import Route, route_logp_means, separate_logp_means
-from orpo.ops.vision import (VISION_PREFIX, concat_vision_inputs, mm_token_type_ids, pair_rope_positions,
-                             rope_index_of, vision_model_inputs)
+from orpo.ops.route import Route, choose_route, probe_route, route_logp_means, separate_logp_means
+from orpo.ops.vision import (VISION_PREFIX, concat_vision_inputs, image_block_token, image_blocks, mm_token_type_ids,
+                             pair_rope_positions, rope_index_of, vision_model_inputs, vision_tower)
 from vision_models import FAMILIES, IMAGE, VIDEO, VISION_END, VISION_START, image_pair, tiny_vision_model
 
 
@@ -24,6 +24,12 @@ def test_concat_vision_inputs_joins_each_tensor_in_order_under_the_batch_prefix(
     assert joined[VISION_PREFIX + "image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4]]
     assert vision_model_inputs({"input_ids": torch.zeros(1), **joined}).keys() == {"pixel_values", "image_grid_thw"}
     assert concat_vision_inputs([None, None]) == {}
+    # Idefics3's [prompts, images, ...]: a prompt with fewer images is padded with all-zero images, as its
+    # processor batches them (the model drops those)
+    one, two = torch.ones(1, 1, 3, 2, 2), torch.full((1, 2, 3, 2, 2), 2.0)
+    batched = concat_vision_inputs([{"pixel_values": one}, {"pixel_values": two}])[VISION_PREFIX + "pixel_values"]
+    assert batched.shape == (2, 2, 3, 2, 2)
+    assert batched[0, 0].eq(1).all() and batched[0, 1].eq(0).all() and batched[1].eq(2).all()
     with pytest.raises(ValueError, match="same keys"):
         concat_vision_inputs([first, {"pixel_values": torch.ones(1, 3)}])
 
@@ -60,37 +66,60 @@ def test_rope_index_of_is_none_for_one_dimensional_positions():
 
 def image_pairs(family):
     big = [(64, 96)] if family == "qwen3_vl" else [(56, 84)]  # Qwen3-VL patches are 16 pixels, the others 14
+    # (Gemma 3 and LLaVA resize every image to one size: 4 image tokens each)
     two = [(32, 32), (64, 32)] if family == "qwen3_vl" else [(28, 28), (56, 42)]
     return [image_pair(family, big, (5, 7, 4), seed=1, index=0),
             image_pair(family, two, (3, 1, 6), seed=2, index=1),  # two images, a one-token chosen answer
             image_pair(family, big, (6, 5, 5), seed=3, index=2)]
 
 
-def encoded_rows(model, pairs, route):
-    """(route's [pairs, 2] mean log-probs, image rows its vision tower encoded in the call)."""
-    tower = getattr(model.model, "visual", None) or model.model.vision_tower
+def encoded_rows(model, compute):
+    """(what `compute()` returns, the image rows the model's vision tower encoded meanwhile)."""
     seen = []
-    hook = tower.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+    hook = vision_tower(model).register_forward_pre_hook(lambda module, args, kwargs: seen.append(
         (args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))).shape[0]), with_kwargs=True)
     try:
-        return route_logp_means(model, pairs, route), sum(seen)
+        return compute(), sum(seen)
     finally:
         hook.remove()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_layout_equals_separate_forwards_and_prefix_sharing_encodes_each_image_once(family):
+    """Gemma 3's image tokens attend to each other both ways: the mask layout adds those blocks, span
+    attention has none and refuses such pairs (the route then takes the mask)."""
     model = tiny_vision_model(family)
     pairs = image_pairs(family)
-    expected = separate_logp_means(model, pairs)  # each sequence alone, the model's own positions
-    once = sum(pair.vision_inputs["pixel_values"].shape[0] for pair in pairs)
-    for layout, head, encoded in (("padded", "chunked", 2 * once), ("mask", "chunked", once),
-                                  ("spans", "chunked", once), ("spans", "logits", once)):
+    # each sequence alone, the model's own positions and masks: each pair's images encoded twice
+    expected, twice = encoded_rows(model, lambda: separate_logp_means(model, pairs))
+    once = twice // 2
+    spans = [] if family == "gemma3" else [("spans", "chunked", once), ("spans", "logits", once)]
+    for layout, head, encoded in [("padded", "chunked", 2 * once), ("mask", "chunked", once), *spans]:
         if layout == "spans":
             use_span_attention(model)
-        got, rows = encoded_rows(model, pairs, Route(layout, head))
+        got, rows = encoded_rows(model, lambda: route_logp_means(model, pairs, Route(layout, head)))
         assert (got - expected).abs().max() < 2e-6, (layout, head, got, expected)
         assert rows == encoded, (layout, rows, encoded)
+    if family == "gemma3":
+        use_span_attention(model)
+        assert probe_route(model, Route("spans"), pairs, expected) == (
+            "span attention cannot let a prompt's image tokens attend to each other both ways, as this model's do; "
+            "use --packed_attention mask")
+        assert choose_route(model, image_pairs=pairs).layout == "mask"
+
+
+def test_gemma3_image_tokens_attend_both_ways_and_that_changes_the_answer():
+    """The negative control of the test above: Gemma 3 read without its image blocks (token_type_ids) gives
+    other log-probs, so the mask layout's blocks are tested, not idle."""
+    model = tiny_vision_model("gemma3")
+    pair = image_pairs("gemma3")[0]
+    ids = torch.tensor([pair.prompt_ids + pair.chosen_ids])
+    with torch.no_grad():
+        causal = model(input_ids=ids, **pair.vision_inputs).logits[0, len(pair.prompt_ids):]
+        blocks = model(input_ids=ids, token_type_ids=(ids == IMAGE).long(), **pair.vision_inputs).logits[0, len(pair.prompt_ids):]
+    assert (causal - blocks).abs().max() > 1e-3
+    assert image_block_token(model) == IMAGE and image_block_token(tiny_vision_model("llava")) is None
+    assert image_blocks(torch.tensor([[5, IMAGE, IMAGE, 6, IMAGE, 7]]), IMAGE).tolist() == [[-1, 0, 0, -1, 1, -1]]
 
 
 def test_without_the_models_positions_the_layout_is_wrong():
@@ -111,3 +140,13 @@ def test_span_attention_replaces_the_language_models_attention_only():
     use_span_attention(model)
     assert model.config.get_text_config()._attn_implementation == ATTENTION
     assert model.config.vision_config._attn_implementation == "sdpa"  # its tokens are patches, not pairs
+
+
+def test_the_route_probe_pairs_of_a_vision_language_model_hold_no_placeholder_ids():
+    """Random probe ids must not ask for images the probe has none of (Qwen2-VL's vocabulary holds them)."""
+    from orpo.ops.route import probe_pairs
+
+    model = tiny_vision_model("qwen2_vl")
+    ids = {i for pair in probe_pairs(model) for i in pair.prompt_ids + pair.chosen_ids + pair.rejected_ids}
+    assert not ids & {IMAGE, VIDEO, VISION_START, VISION_END}
+    assert choose_route(model, image_pairs=image_pairs("qwen2_vl")[:2]).layout == "spans"

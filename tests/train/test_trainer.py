@@ -559,3 +559,87 @@ def test_reuse_cpu_memory_keeps_freed_memory_on_the_cpu_only_when_asked(tmp_path
     assert calls == [1]
     make_trainer(tmp_path / "off", tiny_llama(), pairs(2), reuse_cpu_memory=False)
     assert calls == [1]
+
+
+# --- vision-language models --------------------------------------------------------------------------------
+
+def naive_vision_orpo_loss(model, batch_pairs, beta):
+    """naive_orpo_loss for pairs with images: each sequence in a call of its own with its images, the model
+    computing its own positions (ops.vision.reference_inputs); nll_scope "full"."""
+    from orpo.ops.vision import reference_inputs
+
+    nll_sum, nll_count, or_terms = 0.0, 0, []
+    for pair in batch_pairs:
+        ell = {}
+        for name, completion in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+            seq = torch.tensor([pair.prompt_ids + completion])
+            logits = model(input_ids=seq, **reference_inputs(model, seq, pair.vision_inputs)).logits
+            logp = logits.float().log_softmax(-1)[0, :-1].gather(1, seq[0, 1:, None])[:, 0]
+            p = len(pair.prompt_ids)
+            ell[name] = logp[p - 1:].double().mean()
+            if name == "chosen":
+                nll_sum, nll_count = nll_sum - logp.double().sum(), nll_count + len(logp)
+        log_odds = {k: v - torch.log1p(-torch.exp(v)) for k, v in ell.items()}
+        or_terms.append(-torch.nn.functional.logsigmoid(log_odds["chosen"] - log_odds["rejected"]))
+    return nll_sum / nll_count + beta * torch.stack(or_terms).mean()
+
+
+def trainable_grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("family, layout", [("qwen2_vl", layout) for layout in LAYOUTS]
+                         + [("gemma3", "mask"), ("gemma3", "padded")])
+def test_vision_language_loss_and_gradients_match_separate_forwards(tmp_path, family, layout):
+    """Qwen2-VL (M-RoPE) and Gemma 3 (image tokens attending both ways) with images in the prompts: the
+    trainer's loss and gradients equal the paper's loss over separate forwards of each sequence with its
+    images; the vision tower is frozen (no gradient)."""
+    from orpo.ops.vision import vision_tower
+    from vision_models import image_pair, tiny_vision_model
+
+    data = [image_pair(family, [(56, 84)], (5, 7, 4), seed=1, index=0),
+            image_pair(family, [(28, 28), (56, 42)], (3, 1, 6), seed=2, index=1)]
+    trainer = make_trainer(tmp_path, tiny_vision_model(family), data, **LAYOUTS[layout])
+    model = trainer.model.train()
+    assert not any(p.requires_grad for p in vision_tower(model).parameters())
+    batch = trainer.data_collator(data)
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=trainer._get_num_items_in_batch([batch], "cpu"))
+    loss.backward()
+    fast = trainable_grads(model)
+    model.zero_grad()
+    reference = naive_vision_orpo_loss(model, data, 0.1)
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6, abs=1e-6)
+    torch.testing.assert_close(fast, trainable_grads(model), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_vision_language_training_freezes_the_vision_tower_unless_told(tmp_path, freeze):
+    from vision_models import vision_training_data
+
+    model_dir, data = vision_training_data(tmp_path)
+    args = ORPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4, report_to="none",
+                      save_strategy="no", report=False, disable_tqdm=True, use_cpu=True, freeze_vision_tower=freeze)
+    trainer = ORPOTrainer(model_dir, args=args, train_dataset=data)
+    inner = trainer.model.model
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    tower = {f"model.vision_tower.{name}" for name, _ in inner.vision_tower.named_parameters()}
+    assert any(name.startswith("model.language_model.") for name in changed)
+    assert any(name.startswith("model.multi_modal_projector.") for name in changed)
+    assert bool(changed & tower) is not freeze
+
+
+def test_the_route_is_probed_with_the_datas_image_pairs(tmp_path, monkeypatch):
+    """With a layout that gets images wrong (here: one position per token for Qwen2-VL's M-RoPE), every route
+    fails the image probe and the run stops in one line instead of training on wrong log-probs."""
+    from orpo.ops import forward, route
+    from vision_models import image_pair, tiny_vision_model
+
+    data = [image_pair("qwen2_vl", [(56, 84)], (5, 7, 4), seed=1, index=0)]
+    assert make_trainer(tmp_path, tiny_vision_model("qwen2_vl"), data).route.layout == "spans"
+    monkeypatch.setattr(route, "rope_index_of", lambda model: None)
+    monkeypatch.setattr(forward, "rope_index_of", lambda model: None)
+    with pytest.raises(OrpoError, match="no batch layout reproduces the model's separate forwards"):
+        make_trainer(tmp_path, tiny_vision_model("qwen2_vl"), data)
