@@ -209,7 +209,8 @@ def save_tiny_llava(path, seed=0):
 
 
 def vision_training_data(tmp_path):
-    """A tiny LLaVA directory and a JSON-lines file of six image pairs (TRL's shape) and one text pair."""
+    """A tiny LLaVA directory and a JSON-lines file of six image pairs (TRL's shape) and one text pair, with
+    prompts.jsonl beside it (two image prompts for `orpo generate`)."""
     rows = []
     for i in range(6):
         write_image(tmp_path / "data" / "pics" / f"{i}.png", 20 + i, 30, seed=i)
@@ -219,6 +220,8 @@ def vision_training_data(tmp_path):
     rows.append({"prompt": "what is blue?", "chosen": "the sky", "rejected": "a cat"})
     path = tmp_path / "data" / "train.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prompts = [{"id": i, "prompt": "what is in the picture?", "images": [f"pics/{i}.png"]} for i in range(2)]
+    (tmp_path / "data" / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in prompts))
     return save_tiny_llava(tmp_path / "model"), str(path)
 
 

@@ -348,7 +348,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from orpo.commands.generate import generate_answers, read_prompts, write_side_by_side
+    from orpo.commands.generate import generate_answers, prompt_text, read_prompts, write_side_by_side
 
     prompts = read_prompts(args.prompts)[: args.limit]
     models = [args.model] + ([args.compare] if args.compare else [])
@@ -360,7 +360,7 @@ def cmd_generate(args) -> int:
         answers[name] = generate_answers(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
                                          args.seed, args.batch_size)
     records = [
-        {"id": p["id"], "prompt": p["messages"][-1]["content"], "answers": {m: answers[m][i] for m in models}}
+        {"id": p["id"], "prompt": prompt_text(p["messages"]), "answers": {m: answers[m][i] for m in models}}
         for i, p in enumerate(prompts)
     ]
     html_path = str(Path(args.output).with_suffix(".html"))

@@ -1,9 +1,11 @@
 """`orpo generate`: answers of one or two models to the same prompts, side by side (jsonl + HTML).
 
 Prompts come from a JSON-lines file: `{"prompt": "..."}`, `{"prompt": [messages]}`, or MT-Bench's
-`{"question_id": 81, "turns": ["...", ...]}` (the first turn). Each prompt is encoded exactly as
-training encodes it (`render.encode_prompt`); an answer ends at EOS or the chat template's end of
-turn (`render.stop_token_ids`); decoding is greedy unless `temperature > 0`.
+`{"question_id": 81, "turns": ["...", ...]}` (the first turn); for a vision-language model a prompt may
+have `images` (paths relative to the file, placed as in training data: formats.py). Each prompt is
+encoded exactly as training encodes it (`render.encode_prompt`, with its images the processor's
+`render.encode_image_prompt`); an answer ends at EOS or the chat template's end of turn
+(`render.stop_token_ids`); decoding is greedy unless `temperature > 0`.
 """
 from __future__ import annotations
 
@@ -12,8 +14,13 @@ import json
 
 import torch
 
-from orpo.data.render import encode_prompt, stop_token_ids
-from orpo.errors import OrpoError
+from pathlib import Path
+
+from orpo.data.formats import IMAGE_PART, place_images
+from orpo.data.images import is_processor, read_image, text_tokenizer
+from orpo.data.render import encode_image_prompt, encode_prompt, stop_token_ids
+from orpo.errors import DroppedPair, OrpoError
+from orpo.ops.vision import reference_inputs
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -40,7 +47,14 @@ def read_prompts(path: str) -> list[dict]:
                 messages = prompt
             else:
                 raise OrpoError(f"{path}, line {n}: expected a 'prompt' (text or messages) or MT-Bench 'turns'")
-            prompts.append({"id": row.get("question_id", row.get("id", n - 1)), "messages": messages})
+            images = row.get("images") or ([row["image"]] if row.get("image") is not None else [])
+            try:
+                messages = place_images(messages, len(images))
+                images = tuple(read_image(entry, Path(path).resolve().parent, f"images[{i}]")
+                               for i, entry in enumerate(images))
+            except DroppedPair as problem:
+                raise OrpoError(f"{path}, line {n}: {problem.detail}") from None
+            prompts.append({"id": row.get("question_id", row.get("id", n - 1)), "messages": messages, "images": images})
     if not prompts:
         raise OrpoError(f"{path}: no prompts")
     return prompts
@@ -50,25 +64,48 @@ def generate_kwargs(model, tokenizer, temperature: float) -> dict:
     """`model.generate` arguments shared by generate and chat: stop at EOS or the end of turn,
     pad with the pad token, greedy at temperature 0 and sampling above."""
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-    return dict(eos_token_id=stop_token_ids(tokenizer, model.generation_config),
-                pad_token_id=tokenizer.pad_token_id, **sampling)
+    words = text_tokenizer(tokenizer)
+    return dict(eos_token_id=stop_token_ids(words, model.generation_config), pad_token_id=words.pad_token_id, **sampling)
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int, temperature: float,
                      seed: int, batch_size: int) -> list[str]:
-    """One answer per prompt (left-padded batches; only the new tokens are decoded)."""
+    """One answer per prompt (left-padded batches; only the new tokens are decoded). A prompt with images
+    (`tokenizer`: the model's processor) is generated alone, with its images' inputs."""
     torch.manual_seed(seed)
     model.eval()
     kwargs = generate_kwargs(model, tokenizer, temperature)
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        batch = [{"input_ids": encode_prompt(tokenizer, p["messages"])} for p in prompts[start : start + batch_size]]
-        inputs = tokenizer.pad(batch, padding_side="left", return_tensors="pt").to(model.device)  # own side untouched
+    words = text_tokenizer(tokenizer)
+    answers = [None] * len(prompts)
+    text_only = [i for i, p in enumerate(prompts) if not p.get("images")]
+    for start in range(0, len(text_only), batch_size):
+        chunk = text_only[start : start + batch_size]
+        batch = [{"input_ids": encode_prompt(tokenizer, prompts[i]["messages"])} for i in chunk]
+        inputs = words.pad(batch, padding_side="left", return_tensors="pt").to(model.device)  # own side untouched
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
-        new = output[:, inputs["input_ids"].shape[1] :]
-        answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        for i, text in zip(chunk, words.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)):
+            answers[i] = text.strip()
+    for i, prompt in enumerate(prompts):
+        if prompt.get("images"):
+            if not is_processor(tokenizer):
+                raise OrpoError(f"prompt {prompt['id']} has images, and the model is text-only (its tokenizer has no "
+                                "image processor)")
+            ids, vision_inputs = encode_image_prompt(tokenizer, prompt["messages"], prompt["images"])
+            input_ids = torch.tensor([ids])
+            extra = {key: value.to(model.device) for key, value in reference_inputs(model, input_ids, vision_inputs).items()}
+            output = model.generate(input_ids=input_ids.to(model.device), attention_mask=torch.ones_like(input_ids).to(
+                model.device), max_new_tokens=max_new_tokens, **extra, **kwargs)
+            answers[i] = words.decode(output[0, len(ids):], skip_special_tokens=True).strip()
     return answers
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """The last message's text for the side-by-side table, an image part shown as <image>."""
+    content = messages[-1]["content"]
+    if isinstance(content, str):
+        return content
+    return "".join("<image>" if part == IMAGE_PART else part.get("text", "") for part in content)
 
 
 def write_side_by_side(records: list[dict], models: list[str], jsonl_path: str, html_path: str) -> None:

@@ -290,7 +290,7 @@ def _pair(row: dict, index: int, shape: str, columns: _Columns, fmt: RowFormat) 
         else:
             prompt = _prompt(row, columns.prompt)
     images = _images(row.get(columns.images), columns.images) if columns.images else ()
-    prompt = _place_images(prompt, len(images))
+    prompt = place_images(prompt, len(images))
     if not "".join(message_text(m) for m in prompt).strip() and not images:
         raise DroppedPair(WRONG_TYPES, "prompt is empty")
     if prompt[-1]["role"] == "assistant":
@@ -319,7 +319,7 @@ def _images(value, column: str) -> tuple:
     return tuple(items)
 
 
-def _place_images(prompt: list[Message], images: int) -> list[Message]:
+def place_images(prompt: list[Message], images: int) -> list[Message]:
     """The prompt with one image part per image: its {"type": "image"} parts, else its "<image>"
     placeholders turned into parts, else the images before the first user turn's text. Raises
     IMAGE_COUNT where the placeholders are not as many as the images."""

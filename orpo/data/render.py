@@ -167,12 +167,19 @@ def _render_prompt(tokenizer, messages: list[dict], images: tuple[bytes, ...] = 
     return text, ids, vision_inputs
 
 
-def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+def encode_prompt(tokenizer, messages: list[dict], images: tuple[bytes, ...] = ()) -> list[int]:
     """The prompt ids training uses, and so the ids generation must feed the model: `messages`
     through the chat template with the generation prompt, tokenized with add_special_tokens=False,
-    with BOS prepended iff the tokenizer normally adds one and the template did not write it.
-    Raises what the template raises (TEMPLATE_ERRORS)."""
-    return _render_prompt(tokenizer, messages)[1]
+    with BOS prepended iff the tokenizer normally adds one and the template did not write it. With
+    `images` (image file bytes; `tokenizer` a processor) use `encode_image_prompt`, which also returns
+    their inputs. Raises what the template raises (TEMPLATE_ERRORS)."""
+    return _render_prompt(tokenizer, messages, images)[1]
+
+
+def encode_image_prompt(processor, messages: list[dict], images: tuple[bytes, ...]) -> tuple[list[int], dict | None]:
+    """(`encode_prompt`'s ids, the images' inputs for the model) of a prompt with image parts."""
+    _, ids, vision_inputs = _render_prompt(processor, messages, images)
+    return ids, vision_inputs
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:

@@ -11,6 +11,7 @@ at the end of a run (main process, after the final save); library users call `wr
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def _source_name(source) -> str:
 
 
 def _front_matter(base_model: str, hub_ids: set[str], sources: list[str], license: str | None, adapter: bool,
-                  lora: bool) -> str:
+                  lora: bool, vision: bool = False) -> str:
     meta = {}
     if base_model in hub_ids:
         meta["base_model"] = base_model
@@ -78,7 +79,7 @@ def _front_matter(base_model: str, hub_ids: set[str], sources: list[str], licens
     if datasets:
         meta["datasets"] = datasets
     meta["tags"] = ["orpo", "preference-optimization"] + (["lora"] if lora else [])
-    meta["pipeline_tag"] = "text-generation"
+    meta["pipeline_tag"] = "image-text-to-text" if vision else "text-generation"
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
@@ -129,7 +130,25 @@ def _metrics_section(train_records: list[dict], eval_records: list[dict], plots:
     return lines
 
 
-def _usage_section(model_path: str, adapter: bool) -> list[str]:
+def _usage_section(model_path: str, adapter: bool, vision: bool = False) -> list[str]:
+    if vision:  # a vision-language model: its processor takes the image with the chat template's text
+        if adapter:
+            load = ["from peft import PeftConfig, PeftModel", "from PIL import Image",
+                    "from transformers import AutoModelForImageTextToText, AutoProcessor", "",
+                    f'base = PeftConfig.from_pretrained("{model_path}").base_model_name_or_path',
+                    f'model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), "{model_path}")']
+        else:
+            load = ["from PIL import Image", "from transformers import AutoModelForImageTextToText, AutoProcessor", "",
+                    f'model = AutoModelForImageTextToText.from_pretrained("{model_path}")']
+        load += [f'processor = AutoProcessor.from_pretrained("{model_path}")',
+                'messages = [{"role": "user", "content": [{"type": "image"}, '
+                '{"type": "text", "text": "What is in this picture?"}]}]',
+                "text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)",
+                'inputs = processor(text=[text], images=[Image.open("picture.jpg").convert("RGB")], return_tensors="pt")',
+                "output = model.generate(**inputs, max_new_tokens=256)",
+                'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))']
+        note = f"Or answer a file of prompts with images: `orpo generate --model {model_path} --prompts PROMPTS.jsonl`."
+        return ["## Usage", "", "```python", *load, "```", "", note, ""]
     if adapter:
         load = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
                 f'model = AutoPeftModelForCausalLM.from_pretrained("{model_path}")']
@@ -152,7 +171,7 @@ def _usage_section(model_path: str, adapter: bool) -> list[str]:
 def render_card(name: str, base_model: str, data: dict[str, tuple[object, PreparedData]], settings: dict[str, object],
                 train_records: list[dict], eval_records: list[dict], plots: list[str], report: str | None = None,
                 model_path: str = ".", hub_ids: set[str] = frozenset(), license: str | None = None,
-                adapter: bool = False) -> str:
+                adapter: bool = False, vision: bool = False) -> str:
     """The model card's text (README.md).
 
     name:          the card's title (e.g. the output directory's name).
@@ -166,6 +185,7 @@ def render_card(name: str, base_model: str, data: dict[str, tuple[object, Prepar
     hub_ids:       which of base_model and the data sources are hub ids: only those go into the front matter
                    (the hub takes repository ids there, not local paths).
     license:       the base model's license, if known. `adapter`: the directory holds a peft adapter.
+    vision:        a vision-language model (pipeline image-text-to-text; the usage snippet passes an image).
     """
     sources = [s for s, _ in data.values() if isinstance(s, str)]
     lines = [f"# {name}", ""]
@@ -178,8 +198,8 @@ def render_card(name: str, base_model: str, data: dict[str, tuple[object, Prepar
     lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {k} | {_number(v)} |" for k, v in settings.items()] + [""]
     lines += _metrics_section(train_records, eval_records, plots, report)
-    lines += _usage_section(model_path, adapter)
-    lines.insert(0, _front_matter(base_model, hub_ids, sources, license, adapter, "LoRA" in settings))
+    lines += _usage_section(model_path, adapter, vision)
+    lines.insert(0, _front_matter(base_model, hub_ids, sources, license, adapter, "LoRA" in settings, vision))
     return "\n".join(lines)
 
 
@@ -204,6 +224,18 @@ def base_license(base_model: str) -> str | None:
     return license if isinstance(license, str) else None
 
 
+def _is_vision_language_dir(output_dir: str) -> bool:
+    """Whether the directory holds a vision-language model or an adapter for one: the trainer saved a processor
+    with an image processor beside it, or its config.json has a vision tower's config."""
+    if any(os.path.isfile(os.path.join(output_dir, name)) for name in ("processor_config.json", "preprocessor_config.json")):
+        return True
+    path = os.path.join(output_dir, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("vision_config") is not None
+
+
 def write_card(output_dir: str, base_model: str, settings: dict[str, object], train: tuple[object, PreparedData],
                eval: tuple[object, PreparedData] | None = None, license: str | None = None) -> str:
     """Write OUTPUT_DIR/README.md for a run that trained `base_model` on `train` (source, PreparedData) with
@@ -218,7 +250,8 @@ def write_card(output_dir: str, base_model: str, settings: dict[str, object], tr
     hub_ids |= {s for s, _ in data.values() if isinstance(s, str) and is_hub_dataset_id(s)}
     text = render_card(os.path.basename(os.path.abspath(output_dir)), base_model, data, settings, train_records,
                        eval_records, plots, report, model_path=output_dir, hub_ids=hub_ids,
-                       license=license or base_license(base_model), adapter=is_adapter_dir(output_dir))
+                       license=license or base_license(base_model), adapter=is_adapter_dir(output_dir),
+                       vision=_is_vision_language_dir(output_dir))
     path = os.path.join(output_dir, CARD_FILE)
     with open(path, "w") as f:
         f.write(text)

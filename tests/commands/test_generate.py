@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from orpo.commands import demo
 from orpo.commands.chat import chat_loop
@@ -124,3 +125,47 @@ def test_generation_stops_at_the_end_of_turn_not_only_at_eos():
     out = io.StringIO()
     history = chat_loop(scripted(tiny_chat_model(tok), tok, run_on), tok, ["why"], out, max_new_tokens=6)
     assert history[-1] == {"role": "assistant", "content": "the sky"} and out.getvalue() == "the sky\n"
+
+
+def test_image_prompts_are_generated_with_their_images_as_the_processor_feeds_them(tmp_path, capsys):
+    """A prompt row with `images` (a path relative to the prompts file) → the processor's prompt ids and
+    image inputs → model.generate; the answer equals generating from the processor's own output."""
+    from transformers import AutoProcessor
+
+    from orpo.train.models import load_model
+    from vision_models import vision_training_data, write_image
+
+    model_dir, _ = vision_training_data(tmp_path)
+    write_image(tmp_path / "q" / "pic.png", 20, 30, seed=5)
+    prompts = tmp_path / "q" / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "img", "prompt": "what is in the picture?", "images": ["pic.png"]}) + "\n"
+                       + json.dumps({"id": "text", "prompt": "what is blue?"}) + "\n")
+    out = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", model_dir, "--prompts", str(prompts), "--max_new_tokens", "5",
+                 "--output", str(out)]) == 0
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert records["img"]["prompt"] == "<image>what is in the picture?"
+
+    processor, model = AutoProcessor.from_pretrained(model_dir), load_model(model_dir)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                          "text": "what is in the picture?"}]}], add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[Image.open(tmp_path / "q" / "pic.png").convert("RGB")], return_tensors="pt",
+                       add_special_tokens=False)
+    output = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
+                            eos_token_id=processor.tokenizer.eos_token_id)
+    expected = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert records["img"]["answers"][model_dir] == expected and expected
+
+
+def test_image_prompts_for_a_text_only_model_are_one_line(tmp_path):
+    from vision_models import write_image
+
+    write_image(tmp_path / "pic.png")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "what is this?", "images": ["pic.png"]}) + "\n")
+    with pytest.raises(OrpoError, match="prompt 0 has images, and the model is text-only"):
+        generate_answers(tiny_chat_model(chatml_tokenizer()), chatml_tokenizer(), read_prompts(str(prompts)), 2, 0.0,
+                         0, 1)
+    prompts.write_text(json.dumps({"prompt": "what is this?", "images": ["none.png"]}) + "\n")
+    with pytest.raises(OrpoError, match=r"prompts.jsonl, line 1: images\[0\] 'none.png': No such file or directory"):
+        read_prompts(str(prompts))

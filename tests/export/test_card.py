@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from huggingface_hub import ModelCard
 
 from orpo.data.prepare import prepare_dataset
@@ -124,4 +125,26 @@ def test_the_usage_snippet_runs(run_dir, capsys):
     text = _write(run_dir, "org/base").read_text()
     (snippet,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     exec(snippet.replace("max_new_tokens=256", "max_new_tokens=4"), {})
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_vision_language_runs_card_names_its_pipeline_and_its_usage_snippet_runs_with_an_image(tmp_path, capsys,
+                                                                                              lora):
+    """`orpo train` on a tiny LLaVA (full, or a LoRA adapter): the card's front matter says image-text-to-text
+    and its snippet, given a picture, loads the model and processor and generates."""
+    from orpo.commands.cli import main
+    from vision_models import vision_training_data, write_image
+
+    model_dir, data = vision_training_data(tmp_path)
+    out = tmp_path / "run"
+    flags = ["--use_peft", "true", "--lora_target_modules", "q_proj", "v_proj"] if lora else []
+    assert main(["train", "--model", model_dir, "--dataset", data, "--output_dir", str(out), "--max_steps", "1",
+                 "--report_to", "none", "--save_strategy", "no", "--report", "false", *flags]) == 0
+    text = (out / "README.md").read_text()
+    assert yaml.safe_load(text.split("---")[1])["pipeline_tag"] == "image-text-to-text"
+    (snippet,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    write_image(tmp_path / "picture.jpg", 30, 30)
+    capsys.readouterr()
+    exec(snippet.replace("max_new_tokens=256", "max_new_tokens=4").replace('"picture.jpg"', repr(str(tmp_path / "picture.jpg"))), {})
     assert capsys.readouterr().out.strip()
