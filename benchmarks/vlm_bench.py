@@ -39,8 +39,8 @@ def build_model():
     text = dict(vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
                 num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                 rope_scaling={"rope_type": "default", "mrope_section": [16, 8, 8]})
-    vision = dict(depth=4, embed_dim=256, hidden_size=512, num_heads=4, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, in_chans=3)
+    vision = dict(depth=4, embed_dim=256, hidden_size=512, num_heads=4, mlp_ratio=4, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
     config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE,
                                         video_token_id=VIDEO, vision_start_token_id=VISION_START,
                                         vision_end_token_id=VISION_END)
@@ -127,7 +127,8 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=448, help="image side in pixels (448: 256 image tokens)")
     parser.add_argument("--layouts", default="spans,padded")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--bf16", type=lambda v: v.lower() == "true", default=False, help="bf16 autocast (default fp32)")
+    parser.add_argument("--bf16", type=lambda v: v.lower() == "true", default=False,
+                        help="bf16 autocast (default fp32)")
     parser.add_argument("--out", default="vlm_bench.json")
     parser.add_argument("--worker", choices=list(LAYOUTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -140,7 +141,8 @@ def main() -> None:
                        str(args.batch), "--image", str(args.image), "--bf16", str(args.bf16).lower()]
             done = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
             if done.returncode != 0:
-                runs.append({"layout": layout, "status": "crashed", "error": (done.stderr.strip().splitlines() or [""])[-1]})
+                error = (done.stderr.strip().splitlines() or [""])[-1]
+                runs.append({"layout": layout, "status": "crashed", "error": error})
             else:
                 runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps(runs[-1]), file=sys.stderr)

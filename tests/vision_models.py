@@ -214,7 +214,8 @@ def vision_training_data(tmp_path):
     rows = []
     for i in range(6):
         write_image(tmp_path / "data" / "pics" / f"{i}.png", 20 + i, 30, seed=i)
-        rows.append({"images": [f"pics/{i}.png"], "chosen": "A dog on a beach.", "rejected": "A cat." if i % 2 else "no",
+        rows.append({"images": [f"pics/{i}.png"], "chosen": "A dog on a beach.",
+                     "rejected": "A cat." if i % 2 else "no",
                      "prompt": [{"role": "user", "content": [{"type": "image"},
                                                              {"type": "text", "text": "what is in the picture?"}]}]})
     rows.append({"prompt": "what is blue?", "chosen": "the sky", "rejected": "a cat"})
@@ -223,6 +224,124 @@ def vision_training_data(tmp_path):
     prompts = [{"id": i, "prompt": "what is in the picture?", "images": [f"pics/{i}.png"]} for i in range(2)]
     (tmp_path / "data" / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in prompts))
     return save_tiny_llava(tmp_path / "model"), str(path)
+
+
+# --- processors: each family's own processor over a word-level tokenizer whose special ids are the tiny models' ---
+
+SPECIAL_STRINGS = {  # ids IMAGE, VIDEO, VISION_START, VISION_END, BOI, EOI, FAKE, GLOBAL (70..77) by family
+    "llava": ["<image>"],
+    "qwen": ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"],
+    "gemma3": ["<image_soft_token>", "<unused1>", "<unused2>", "<unused3>", "<start_of_image>", "<end_of_image>"],
+    "idefics3": ["<image>", "<unused1>", "<unused2>", "<unused3>", "<unused4>", "<unused5>",
+                 "<fake_token_around_image>", "<global-img>"],
+    "llava_onevision": ["<image>", "<video>"],
+}
+IMAGE_IN_TEMPLATE = {"llava": "<image>", "qwen": "<|vision_start|><|image_pad|><|vision_end|>",
+                     "gemma3": "<start_of_image>", "idefics3": "<image>", "llava_onevision": "<image>"}
+
+
+PROCESSOR_FAMILIES = ("llava", "gemma3", "idefics3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
+SAVED_PROCESSORS = ("llava", "gemma3", "idefics3")  # the others save and load only beside torchvision
+
+
+def image_tokens(family: str, vision_inputs: dict) -> int:
+    """How many image tokens the family's processor gives the (first) image of `vision_inputs`."""
+    if family.startswith("qwen"):
+        return int(vision_inputs["image_grid_thw"][0].prod()) // 4
+    if family == "llava_onevision":
+        return len(image_placeholder(family, vision_inputs, 0))
+    return 4
+
+
+def _kind(family: str) -> str:
+    return "qwen" if family.startswith("qwen") else family
+
+
+def family_tokenizer(family: str):
+    """A word-level ChatML tokenizer of VOCAB ids: the tests' words, fillers, then the family's special tokens
+    at the tiny models' ids (70...) and <|im_start|>, <|im_end|> at 78, 79; its chat template writes an image
+    part as the family's processor expects it."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    from tiny import WORDS
+
+    specials = SPECIAL_STRINGS[_kind(family)]
+    specials = specials + [f"<unused{i}>" for i in range(len(specials), 8)]
+    words = list(dict.fromkeys(WORDS + "picture dog cat beach on in".split()))
+    words += [f"w{i}" for i in range(IMAGE - len(words))]
+    vocab = {word: i for i, word in enumerate(words + specials + ["<|im_start|>", "<|im_end|>"])}
+    assert len(vocab) == VOCAB and vocab[specials[0]] == IMAGE
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", "removed"),
+                                                     pre_tokenizers.Split("\n", "isolated"),
+                                                     pre_tokenizers.Punctuation("isolated")])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + ["<|im_start|>",
+                                                                                                  "<|im_end|>"]])
+    extra = ({"boi_token": specials[4], "eoi_token": specials[5], "image_token": specials[0]}
+             if family == "gemma3" else {})
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                                     pad_token="<pad>", unk_token="<unk>", extra_special_tokens=extra)
+    tokenizer.chat_template = PARTS_CHATML.replace("'<image>'", repr(IMAGE_IN_TEMPLATE[_kind(family)]))
+    return tokenizer
+
+
+def family_processor(family: str):
+    """The family's own processor (PIL image processing, the tiny models' sizes) over `family_tokenizer`.
+    Qwen-VL and LLaVA-OneVision processors also want a video processor, which needs torchvision (not installable
+    beside this project's CPU torch): they get none, and these tests pass no video. (SmolVLM's processor reads
+    its video processor even for images, and needs num2words: SmolVLM is checked with Idefics3's processing in
+    tests/ops/test_vision.py.)"""
+    tokenizer = family_tokenizer(family)
+    images = image_processor(family)
+    template = tokenizer.chat_template
+    if family == "llava":
+        return transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
+                                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                           chat_template=template)
+    if family == "gemma3":
+        return transformers.Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=4,
+                                            chat_template=template)
+    if family == "idefics3":
+        return transformers.Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
+                                              chat_template=template)
+    processor_class = {"qwen2_vl": transformers.Qwen2VLProcessor, "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
+                       "qwen3_vl": transformers.Qwen3VLProcessor,
+                       "llava_onevision": transformers.LlavaOnevisionProcessor}[family]
+
+    class WithoutVideo(processor_class):
+        def check_argument_for_proper_class(self, name, argument):
+            if name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(name, argument)
+
+        def save_pretrained(self, directory, **kwargs):  # what there is: the tokenizer and the image processor
+            self.tokenizer.save_pretrained(directory)
+            self.image_processor.save_pretrained(directory)
+
+    extra = {"llava_onevision": dict(num_image_tokens=4, vision_feature_select_strategy="full")}.get(family, {})
+    return WithoutVideo(image_processor=images, tokenizer=tokenizer, video_processor=None, chat_template=template,
+                        **extra)
+
+
+def image_rows_files(tmp_path) -> tuple[str, str]:
+    """Two JSON-lines files of image pairs, image paths relative to them: TRL's shape ({"type": "image"} parts;
+    three image pairs and a text pair) and LLaMA-Factory's ("<image>" in ShareGPT turns; two image pairs)."""
+    trl, llamafactory = [], []
+    for i in range(5):
+        write_image(tmp_path / "pics" / f"{i}.png", 40 + 8 * i, 60, seed=i)
+        if i >= 3:
+            llamafactory.append({"conversations": [{"from": "human", "value": "<image>what is in the picture?"}],
+                                 "chosen": {"from": "gpt", "value": "a dog on the beach"},
+                                 "rejected": {"from": "gpt", "value": "a cat"}, "images": [f"pics/{i}.png"]})
+        else:
+            trl.append({"images": [f"pics/{i}.png"], "chosen": "a dog", "rejected": "the sky is blue",
+                        "prompt": [{"role": "user", "content": [{"type": "image"},
+                                                                {"type": "text", "text": "what is in the picture?"}]}]})
+    trl.append({"prompt": "what is blue?", "chosen": "the sky", "rejected": "a cat"})
+    paths = tmp_path / "trl.jsonl", tmp_path / "llamafactory.jsonl"
+    for path, rows in zip(paths, (trl, llamafactory)):
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(paths[0]), str(paths[1])
 
 
 if __name__ == "__main__":  # the README's vision example: python tests/vision_models.py DIR

@@ -248,8 +248,9 @@ def cmd_eval(argv: list[str]) -> int:
         if args.reuse_cpu_memory and next(model.parameters()).device.type == "cpu":
             keep_freed_memory()  # train/allocator.py; the reference path alike
         logger.info("scoring %d pairs with %s (%s path)", len(pairs), name, "reference" if args.reference else "fast")
-        records[name] = evaluate_model(model, pairs, text_tokenizer(tokenizer).pad_token_id, args.nll_scope, args.reference,
-                                       args.batch_size, args.packing, args.packed_attention, args.logprob_chunk_size,
+        pad_id = text_tokenizer(tokenizer).pad_token_id
+        records[name] = evaluate_model(model, pairs, pad_id, args.nll_scope, args.reference, args.batch_size,
+                                       args.packing, args.packed_attention, args.logprob_chunk_size,
                                        args.batch_tokens, args.bf16 is True)  # unset: fp32 (see the flag's help)
         del model
     if args.compare:

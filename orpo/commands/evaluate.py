@@ -4,7 +4,8 @@ The fast path (default) is the training path without gradients (orpo.ops.scoring
 prefix-shared packing, the chunked head at target positions only, batches bounded in tokens.
 The reference path (`--reference`) shares no code with it on purpose: every sequence
 (prompt+chosen, prompt+rejected) goes through a plain, unpacked transformers forward (with its images,
-the model computing its own positions) and the log-probs come from the full logits in fp32. The tests hold the fast path to the reference one.
+the model computing its own positions) and the log-probs come from the full logits in fp32. The tests
+hold the fast path to the reference one.
 Both give the records of orpo.ops.scoring (same fields, same summary).
 """
 from __future__ import annotations

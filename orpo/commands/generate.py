@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import html
 import json
+from pathlib import Path
 
 import torch
-
-from pathlib import Path
 
 from orpo.data.formats import IMAGE_PART, place_images
 from orpo.data.images import is_processor, read_image, text_tokenizer
@@ -65,7 +64,8 @@ def generate_kwargs(model, tokenizer, temperature: float) -> dict:
     pad with the pad token, greedy at temperature 0 and sampling above."""
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     words = text_tokenizer(tokenizer)
-    return dict(eos_token_id=stop_token_ids(words, model.generation_config), pad_token_id=words.pad_token_id, **sampling)
+    return dict(eos_token_id=stop_token_ids(words, model.generation_config), pad_token_id=words.pad_token_id,
+                **sampling)
 
 
 @torch.no_grad()
@@ -84,7 +84,8 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
         batch = [{"input_ids": encode_prompt(tokenizer, prompts[i]["messages"])} for i in chunk]
         inputs = words.pad(batch, padding_side="left", return_tensors="pt").to(model.device)  # own side untouched
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
-        for i, text in zip(chunk, words.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)):
+        new = words.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        for i, text in zip(chunk, new):
             answers[i] = text.strip()
     for i, prompt in enumerate(prompts):
         if prompt.get("images"):
@@ -93,9 +94,10 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
                                 "image processor)")
             ids, vision_inputs = encode_image_prompt(tokenizer, prompt["messages"], prompt["images"])
             input_ids = torch.tensor([ids])
-            extra = {key: value.to(model.device) for key, value in reference_inputs(model, input_ids, vision_inputs).items()}
-            output = model.generate(input_ids=input_ids.to(model.device), attention_mask=torch.ones_like(input_ids).to(
-                model.device), max_new_tokens=max_new_tokens, **extra, **kwargs)
+            inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                      **reference_inputs(model, input_ids, vision_inputs)}  # as its processor would batch it
+            inputs = {key: value.to(model.device) for key, value in inputs.items()}
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
             answers[i] = words.decode(output[0, len(ids):], skip_special_tokens=True).strip()
     return answers
 

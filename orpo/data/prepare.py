@@ -189,7 +189,8 @@ def prepare_dataset(
         if output_dir is not None:
             _copy_set(prepared, entry, Path(output_dir), key_parts)
     if TEXT_ONLY_MODEL in prepared.drops:
-        raise OrpoError(f"{name}, row {prepared.first_rows[TEXT_ONLY_MODEL]}: {prepared.drops[TEXT_ONLY_MODEL]} pair(s) "
+        first, count = prepared.first_rows[TEXT_ONLY_MODEL], prepared.drops[TEXT_ONLY_MODEL]
+        raise OrpoError(f"{name}, row {first}: {count} pair(s) "
                         "have images, and the model is text-only (its tokenizer has no image processor); train a "
                         "vision-language model (loaded with its processor), or leave out the rows with images")
     if strict and prepared.drops:
@@ -315,7 +316,8 @@ def _progress(show: bool):
 
 
 def prepare_row(row: dict, index: int, columns, row_format: RowFormat, tokenizer, max_length, max_prompt_length,
-                max_completion_length, image_root: Path | None = None) -> tuple[str | None, TokenizedPair | DroppedPair]:
+                max_completion_length, image_root: Path | None = None
+                ) -> tuple[str | None, TokenizedPair | DroppedPair]:
     """One source row → (its shape or None, its TokenizedPair or the DroppedPair saying why not): shaped
     (formats.read_row), rendered and truncated (render.render_pair; image paths relative to `image_root`).
     Every path from rows to ids runs this."""

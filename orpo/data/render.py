@@ -148,7 +148,8 @@ def template_error_message(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def _render_prompt(tokenizer, messages: list[dict], images: tuple[bytes, ...] = ()) -> tuple[str, list[int], dict | None]:
+def _render_prompt(tokenizer, messages: list[dict], images: tuple[bytes, ...] = ()
+                   ) -> tuple[str, list[int], dict | None]:
     """(prompt text, prompt ids, the images' inputs or None); `tokenizer` may be a processor, which then
     tokenizes the prompt with its `images` (each placeholder expanded to that image's tokens)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -136,7 +136,8 @@ def _usage_section(model_path: str, adapter: bool, vision: bool = False) -> list
             load = ["from peft import PeftConfig, PeftModel", "from PIL import Image",
                     "from transformers import AutoModelForImageTextToText, AutoProcessor", "",
                     f'base = PeftConfig.from_pretrained("{model_path}").base_model_name_or_path',
-                    f'model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), "{model_path}")']
+                    "model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base),",
+                    f'                                  "{model_path}")']
         else:
             load = ["from PIL import Image", "from transformers import AutoModelForImageTextToText, AutoProcessor", "",
                     f'model = AutoModelForImageTextToText.from_pretrained("{model_path}")']
@@ -144,7 +145,8 @@ def _usage_section(model_path: str, adapter: bool, vision: bool = False) -> list
                 'messages = [{"role": "user", "content": [{"type": "image"}, '
                 '{"type": "text", "text": "What is in this picture?"}]}]',
                 "text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)",
-                'inputs = processor(text=[text], images=[Image.open("picture.jpg").convert("RGB")], return_tensors="pt")',
+                'image = Image.open("picture.jpg").convert("RGB")',
+                'inputs = processor(text=[text], images=[image], return_tensors="pt")',
                 "output = model.generate(**inputs, max_new_tokens=256)",
                 'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))']
         note = f"Or answer a file of prompts with images: `orpo generate --model {model_path} --prompts PROMPTS.jsonl`."
@@ -227,7 +229,8 @@ def base_license(base_model: str) -> str | None:
 def _is_vision_language_dir(output_dir: str) -> bool:
     """Whether the directory holds a vision-language model or an adapter for one: the trainer saved a processor
     with an image processor beside it, or its config.json has a vision tower's config."""
-    if any(os.path.isfile(os.path.join(output_dir, name)) for name in ("processor_config.json", "preprocessor_config.json")):
+    processor_files = ("processor_config.json", "preprocessor_config.json")
+    if any(os.path.isfile(os.path.join(output_dir, name)) for name in processor_files):
         return True
     path = os.path.join(output_dir, "config.json")
     if not os.path.isfile(path):

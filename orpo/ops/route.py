@@ -161,8 +161,8 @@ def image_probe_pairs(pairs, count: int = 2, scan: int = 64, answer_tokens: int 
     for i in range(min(scan, len(pairs))):
         pair = pairs[i]
         if pair.vision_inputs:
-            found.append(TokenizedPair(pair.prompt_ids, pair.chosen_ids[:answer_tokens], pair.rejected_ids[:answer_tokens],
-                                       pair.index, pair.images, pair.vision_inputs))
+            found.append(TokenizedPair(pair.prompt_ids, pair.chosen_ids[:answer_tokens],
+                                       pair.rejected_ids[:answer_tokens], pair.index, pair.images, pair.vision_inputs))
             if len(found) == count:
                 break
     return found

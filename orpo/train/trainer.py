@@ -89,7 +89,8 @@ class ORPOTrainer(TrainerAdapter):
         train_pairs = self._prepare(train_dataset, processing_class, args, "train")
         eval_pairs = self._prepare(eval_dataset, processing_class, args, "eval")
         # the layout and head (route.py), probed with a few of the data's image pairs where it has some
-        images = image_probe_pairs(train_pairs) if train_pairs is not None and not isinstance(train_pairs, PairStream) else []
+        sized = train_pairs is not None and not isinstance(train_pairs, PairStream)
+        images = image_probe_pairs(train_pairs) if sized else []
         self.route = choose_route(model, args.packing, args.packed_attention, images)
         self.router_balancing = router_balancing(causal_lm(model))  # MoE load balancing (moe.py), or None
         pad_id = args.padding_value if args.padding_value is not None else text_tokenizer(processing_class).pad_token_id

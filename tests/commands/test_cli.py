@@ -774,3 +774,38 @@ def test_inspect_shows_each_image_as_its_placeholder_and_size(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "<|im_start|>user\n<image 1: 30x20 px, 4 tokens>what is in the picture?<|im_end|>" in out
     assert "[[A dog on a beach.<|im_end|>]]" in out
+
+
+@pytest.mark.parametrize("family", ["gemma3", "idefics3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+def test_image_pairs_train_from_the_cli_on_each_family(tmp_path, family, monkeypatch):
+    """`orpo train` on a saved vision-language model directory: the model (AutoModelForImageTextToText) and its
+    processor (AutoProcessor) load, and LLaMA-Factory-shaped image rows train with them (TRL's shape: the LLaVA
+    test above). Processors whose video processor needs torchvision cannot be saved or loaded here: the CLI
+    gets those from the tests' builder instead of AutoProcessor."""
+    from orpo.train import models
+    from vision_models import SAVED_PROCESSORS, family_processor, image_rows_files, tiny_vision_model
+
+    model_dir = tmp_path / "model"
+    tiny_vision_model(family).save_pretrained(model_dir)
+    if family in SAVED_PROCESSORS:
+        family_processor(family).save_pretrained(model_dir)
+    else:
+        monkeypatch.setattr(models, "load_tokenizer", lambda name, trust_remote_code=False: family_processor(family))
+    _, llamafactory = image_rows_files(tmp_path)
+    assert main(["train", "--model", str(model_dir), "--dataset", llamafactory, "--output_dir", str(tmp_path / "out"),
+                 "--save_strategy", "no", *_flags({**ONE_STEP, "per_device_train_batch_size": 2})]) == 0
+    assert json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
+
+
+def test_image_pairs_evaluate_and_compare_two_vision_language_models(tmp_path, capsys):
+    """`orpo eval --compare` on image pairs: both models score the same pairs (their processors' tokenizers
+    agree), pair by pair."""
+    from vision_models import save_tiny_llava, vision_training_data
+
+    model_dir, data = vision_training_data(tmp_path)
+    other = save_tiny_llava(tmp_path / "other", seed=1)
+    out = tmp_path / "compare.jsonl"
+    assert main(["eval", "--model", model_dir, "--compare", other, "--dataset", data, "--output", str(out)]) == 0
+    summary = json.loads(out.read_text().splitlines()[-1])["summary"]
+    assert summary["pairs"] == 7 and summary["a"]["pairs"] == summary["b"]["pairs"] == 7
+    assert summary["a"]["log_odds"] != summary["b"]["log_odds"]

@@ -147,8 +147,8 @@ def test_image_prompts_are_generated_with_their_images_as_the_processor_feeds_th
     assert records["img"]["prompt"] == "<image>what is in the picture?"
 
     processor, model = AutoProcessor.from_pretrained(model_dir), load_model(model_dir)
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
-                                          "text": "what is in the picture?"}]}], add_generation_prompt=True, tokenize=False)
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the picture?"}]}]
+    text = processor.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
     inputs = processor(text=[text], images=[Image.open(tmp_path / "q" / "pic.png").convert("RGB")], return_tensors="pt",
                        add_special_tokens=False)
     output = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,

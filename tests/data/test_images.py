@@ -31,7 +31,8 @@ def test_every_way_to_name_an_image_gives_its_file_bytes(tmp_path):
 def test_a_missing_file_and_bytes_that_are_no_image_are_drops_naming_the_entry(tmp_path):
     with pytest.raises(DroppedPair) as missing:
         read_image("pics/none.jpg", tmp_path, "images[1]")
-    assert (missing.value.reason, missing.value.detail) == (UNREADABLE_IMAGE, "images[1] 'pics/none.jpg': No such file or directory")
+    assert (missing.value.reason, missing.value.detail) == (
+        UNREADABLE_IMAGE, "images[1] 'pics/none.jpg': No such file or directory")
     with pytest.raises(DroppedPair) as garbage:
         read_image(b"not an image", None, "images[0]")
     assert garbage.value.reason == UNREADABLE_IMAGE

@@ -334,8 +334,8 @@ def image_pair(images=1, prompt_text="Describe it."):
     from vision_models import random_image
 
     content = [{"type": "image"}] * images + [{"type": "text", "text": prompt_text}]
-    return PreferencePair([{"role": "user", "content": content}], [{"role": "assistant", "content": "A dog on a beach."}],
-                          [{"role": "assistant", "content": "A cat."}],
+    return PreferencePair([{"role": "user", "content": content}],
+                          [{"role": "assistant", "content": "A dog on a beach."}], [{"role": "assistant", "content": "A cat."}],
                           images=tuple(random_image(20, 30, seed=i) for i in range(images)))
 
 

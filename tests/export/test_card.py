@@ -146,5 +146,6 @@ def test_a_vision_language_runs_card_names_its_pipeline_and_its_usage_snippet_ru
     (snippet,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     write_image(tmp_path / "picture.jpg", 30, 30)
     capsys.readouterr()
-    exec(snippet.replace("max_new_tokens=256", "max_new_tokens=4").replace('"picture.jpg"', repr(str(tmp_path / "picture.jpg"))), {})
+    snippet = snippet.replace("max_new_tokens=256", "max_new_tokens=4")
+    exec(snippet.replace('"picture.jpg"', repr(str(tmp_path / "picture.jpg"))), {})
     assert capsys.readouterr().out.strip()

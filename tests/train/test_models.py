@@ -55,6 +55,27 @@ def test_missing_model_path_is_one_clear_error():
         load_model("/tmp/missing.gguf")
 
 
+def test_a_vision_language_directory_loads_as_its_model_and_processor(tmp_path):
+    """A config with a vision tower → AutoModelForImageTextToText and AutoProcessor; a Qwen-VL directory
+    whose video processor cannot load (no torchvision) is one line saying why."""
+    import importlib.util
+
+    from vision_models import family_tokenizer, image_processor, save_tiny_llava, tiny_vision_model
+
+    llava = save_tiny_llava(tmp_path / "llava")
+    assert type(load_model(llava)).__name__ == "LlavaForConditionalGeneration"
+    assert type(load_tokenizer(llava)).__name__ == "LlavaProcessor"
+    qwen = tmp_path / "qwen"
+    tiny_vision_model("qwen2_vl").save_pretrained(qwen)
+    family_tokenizer("qwen2_vl").save_pretrained(qwen)
+    image_processor("qwen2_vl").save_pretrained(qwen)
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(OrpoError, match=r": cannot load a processor: Qwen2VLVideoProcessor requires the "
+                                            r"Torchvision library") as err:
+            load_tokenizer(str(qwen))
+        assert "\n" not in str(err.value)
+
+
 def test_hub_model_ids_are_what_the_loaders_take_from_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "uf").mkdir(parents=True)

@@ -643,3 +643,30 @@ def test_the_route_is_probed_with_the_datas_image_pairs(tmp_path, monkeypatch):
     monkeypatch.setattr(forward, "rope_index_of", lambda model: None)
     with pytest.raises(OrpoError, match="no batch layout reproduces the model's separate forwards"):
         make_trainer(tmp_path, tiny_vision_model("qwen2_vl"), data)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3", "idefics3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+                                    "llava_onevision"])
+def test_image_rows_in_both_shapes_train_from_python_on_each_family(tmp_path, family):
+    """TRL-shaped rows (training) and LLaMA-Factory-shaped rows (evaluation) → the family's own processor →
+    pairs with each image's tokens → a route probed with them → one training step and an evaluation."""
+    from vision_models import IMAGE as IMAGE_ID, family_processor, image_rows_files, image_tokens, tiny_vision_model
+
+    trl, llamafactory = image_rows_files(tmp_path)
+    args = ORPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4, report_to="none",
+                      save_strategy="no", report=False, disable_tqdm=True, use_cpu=True, per_device_eval_batch_size=2)
+    trainer = ORPOTrainer(tiny_vision_model(family), args=args, train_dataset=trl, eval_dataset=llamafactory,
+                          processing_class=family_processor(family))
+    train, held_out = trainer.prepared["train"], trainer.prepared["eval"]
+    assert (train.kept, held_out.kept, dict(train.drops), dict(held_out.drops)) == (4, 2, {}, {})
+    assert dict(held_out.shapes) == {"ShareGPT turns": 2}
+    for pair in [*train.pairs, *held_out.pairs]:  # each image as many tokens as its processor gives it
+        if not pair.images:
+            assert pair.prompt_ids.count(IMAGE_ID) == 0 and pair.vision_inputs is None
+            continue
+        assert pair.prompt_ids.count(IMAGE_ID) == image_tokens(family, pair.vision_inputs)
+    assert "probed with 2 of the data's image pairs too" in trainer.route.reason
+    assert trainer.route.layout == ("mask" if family == "gemma3" else "spans")
+    output = trainer.train()
+    assert output.global_step == 1 and torch.isfinite(torch.tensor(output.training_loss))
+    assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
