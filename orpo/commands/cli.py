@@ -89,6 +89,7 @@ def _load_tokenizer(name: str, trust_remote_code: bool = False):
 def cmd_train(argv: list[str]) -> int:
     model_args, data_args, config = parse_train_args(argv)
     from orpo.train.checkpoints import RunFinished, check_unfinished
+    from orpo.train.config import changed_settings
     from orpo.train.trainer import ORPOTrainer
 
     try:  # a rerun of a finished run (a requeued job, say) trains nothing and succeeds
@@ -127,6 +128,8 @@ def cmd_train(argv: list[str]) -> int:
             target_modules=model_args.lora_target_modules,
             task_type="CAUSAL_LM",
         )
+    output_existed = Path(config.output_dir).exists()
+    changed = changed_settings(config)  # before the trainer makes its own choices (recompute, head softmax)
     trainer = ORPOTrainer(
         model=model,
         args=config,
@@ -135,6 +138,11 @@ def cmd_train(argv: list[str]) -> int:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    if model_args.dry_run:
+        print(dry_run_report(trainer, model_args, data_args, train, eval_data, changed))
+        if not output_existed and Path(config.output_dir).is_dir() and not any(Path(config.output_dir).iterdir()):
+            Path(config.output_dir).rmdir()  # the Trainer makes output_dir; a dry run leaves nothing behind
+        return 0
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     step = trainer.state.global_step
     if eval_data is not None and not any("eval_runtime" in r and r.get("step") == step for r in trainer.state.log_history):
@@ -168,6 +176,43 @@ def cmd_train(argv: list[str]) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def dry_run_report(trainer, model_args, data_args, train, eval_data, changed: dict) -> str:
+    """What `orpo train --dry_run` prints: the model, the settings that differ from the defaults (`changed`:
+    config.changed_settings), the data's rows and drops, the route, precision and recompute chosen, and the
+    step's memory against the budget."""
+    from orpo.data.stream import PairStream
+    from orpo.ops.forward import causal_lm
+
+    params = list(trainer.model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    changed = {k: v for k, v in changed.items() if k != "output_dir"}
+
+    def data(source, prepared) -> str:
+        if isinstance(prepared, PairStream):
+            return f"{source}: streamed (rows are read, tokenized and counted as training takes them)"
+        return f"{source}: {prepared.report()}".replace(":\n  ", ": ").replace("\n  ", "; ")  # one line
+
+    lines = [
+        f"dry run of orpo train into {trainer.args.output_dir}: nothing is trained, no weights are written",
+        f"model: {model_args.model} ({type(causal_lm(trainer.model)).__name__}, "
+        f"{sum(p.numel() for p in params):,} parameters, {trainable:,} trainable"
+        f"{', LoRA' if model_args.use_peft else ''})",
+        "settings changed from the defaults: " + (", ".join(f"{k}={v}" for k, v in changed.items()) or "none"),
+        f"train data: {data(data_args.dataset, train)}",
+    ]
+    if eval_data is not None:
+        lines.append(f"eval data: {data(data_args.eval_dataset, eval_data)}")
+    lines += [f"route: {trainer.route.describe()}", f"precision: {trainer.args.precision_reason}"]
+    if hasattr(trainer, "checkpointing_reason"):
+        lines.append(f"activation checkpointing: {trainer.checkpointing_reason}")
+    else:
+        kwargs = trainer.args.activation_checkpointing_kwargs or {}
+        lines.append(f"activation checkpointing: {'on' if trainer.args.gradient_checkpointing else 'off'} (as set"
+                     f"{', every ' + str(kwargs['every_n_layers']) + ' layers' if 'every_n_layers' in kwargs else ''})")
+    lines += [f"output head softmax: {trainer.head_probs_reason}", f"memory: {trainer.memory_estimate()}"]
+    return "\n".join(lines)
 
 
 def _prepare(source: str, split: str, tokenizer, args):

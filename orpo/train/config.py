@@ -49,6 +49,13 @@ class ModelArguments:
         default="f16", metadata={"help": "Storage of the GGUF file's matrices (norms stay f32).",
                                  "choices": list(GGUF_OUTTYPES)},
     )
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Print what the run would do and stop: the settings that differ from the defaults, the "
+                  "data's rows and drops, the route, precision and recompute orpo chose, and the memory a step "
+                  "needs per device and whether it fits. The data is prepared (and cached) and the model loaded; "
+                  "nothing is trained and no weights are written."},
+    )
 
 
 @dataclass
@@ -488,3 +495,15 @@ def to_row_format(args) -> RowFormat:
         label_map=label_map, rating_key=args.rating_key, binarize=args.binarize,
         seed=args.data_seed if args.data_seed is not None else args.seed,
     )
+
+
+DEVICE_DERIVED = ("use_cpu", "dataloader_pin_memory")  # set in __post_init__ from the device and precision
+
+
+def changed_settings(config: ORPOConfig) -> dict:
+    """The ORPOConfig fields whose value differs from a config built with defaults only (the same output_dir):
+    what a run's settings change, as `to_dict` gives them. orpo's own decisions (bf16 when unset) are the
+    defaults' too, and the fields it derives from them (DEVICE_DERIVED) are left out."""
+    ours, defaults = config.to_dict(), type(config)(output_dir=config.output_dir).to_dict()
+    return {name: value for name, value in ours.items()
+            if value != defaults.get(name) and name not in DEVICE_DERIVED}

@@ -358,3 +358,24 @@ def plan_head_probs(shape: DecoderShape, lengths: list[tuple[int, int, int]], ba
                       f"{_gb(need + probs)}, within the budget of {_gb(budget)} ({where}))")
     return False, (f"recomputed in backward (keeping it, {_gb(probs)}, would bring the step to {_gb(need + probs)}, "
                    f"over the budget of {_gb(budget)} ({where}))")
+
+
+def estimate_step(shape: DecoderShape, lengths: list[tuple[int, int, int]], batch_size: int, packing: bool,
+                  attention: str, activation_bytes: int, chunk_size: int, weights_on_device: bool,
+                  device: torch.device, local_processes: int, budget_gb: float | None,
+                  every_n_layers: int | None, selective: bool, keep_head_probs: bool) -> tuple[int, int | None, str]:
+    """(bytes, budget or None, one line) for the largest micro-batch's step as the run is set up (`plan_checkpointing`'s
+    arguments, then its recompute: every n-th layer or None, selective or full; the head's softmax kept or not):
+    what `orpo train --dry_run` prints, per device."""
+    budget, where = step_budget(device, local_processes, budget_gb)
+    tokens, pair_lengths = largest_micro_batch(lengths, batch_size, packing, attention)
+    checkpointed = () if every_n_layers is None else recomputed_layers(shape.layers, every_n_layers)
+    need = step_bytes(shape, tokens, pair_lengths, activation_bytes, checkpointed, chunk_size, weights_on_device,
+                      selective)
+    if keep_head_probs:
+        need += tokens * shape.vocab * 4
+    step = f"a step of the largest micro-batch ({tokens} tokens) needs about {_gb(need)} on {device.type}"
+    if budget is None:
+        return need, None, f"{step}; {where}, so whether it fits is not known"
+    fits = "fits" if need <= budget else "does not fit"
+    return need, budget, f"{step}: it {fits} the budget of {_gb(budget)} ({where})"

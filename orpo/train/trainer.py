@@ -39,7 +39,7 @@ from orpo.train.checkpoints import (completed_step, mark_complete, mark_finished
                                     save_config_as_json)
 from orpo.train.config import ORPOConfig, prepare_data, stream_data
 from orpo.train.internals import TrainerAdapter, ensure_trainer_contract
-from orpo.train.memory import decoder_shape, plan_checkpointing, plan_head_probs
+from orpo.train.memory import decoder_shape, estimate_step, plan_checkpointing, plan_head_probs
 from orpo.train.models import load_model, load_tokenizer
 from orpo.train.progress import ProgressReporter
 from orpo.train.report import METRICS_FILE
@@ -210,6 +210,18 @@ class ORPOTrainer(TrainerAdapter):
         if isinstance(unsized, str):
             return False, f"recomputed in backward: {unsized}"
         return plan_head_probs(*unsized)
+
+    def memory_estimate(self) -> str:
+        """One line: the largest micro-batch's step memory as this run is set up (its recompute and kept head
+        softmax) against the budget, per device (memory.estimate_step); or why there is none."""
+        if self.args.deepspeed or self.args.fsdp:
+            return "not estimated: the model is sharded (DeepSpeed/FSDP), and orpo does not estimate sharded memory"
+        unsized = self._memory_inputs(self.model, self.train_dataset, self.args)
+        if isinstance(unsized, str):
+            return f"not estimated: {unsized}"
+        kwargs = self.args.activation_checkpointing_kwargs or {}
+        every = kwargs.get("every_n_layers", 1) if self.args.gradient_checkpointing else None
+        return estimate_step(*unsized, every, bool(self.args.selective_checkpointing), self.keep_head_probs)[2]
 
     def _memory_inputs(self, model, pairs, args: ORPOConfig) -> tuple | str:
         """The arguments of memory.plan_checkpointing / plan_head_probs for this model, data and config,

@@ -809,3 +809,39 @@ def test_image_pairs_evaluate_and_compare_two_vision_language_models(tmp_path, c
     summary = json.loads(out.read_text().splitlines()[-1])["summary"]
     assert summary["pairs"] == 7 and summary["a"]["pairs"] == summary["b"]["pairs"] == 7
     assert summary["a"]["log_odds"] != summary["b"]["log_odds"]
+
+
+def test_dry_run_reports_config_data_route_precision_and_memory_and_writes_nothing(model_dir, data_dir, tmp_path,
+                                                                                   capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", str(model_dir), "--dataset", str(data_dir / "one_bad.jsonl"), "--output_dir", str(out),
+            "--max_steps", "3", "--beta", "0.2", "--bf16", "false", "--dry_run", "true"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"dry run of orpo train into {out}: nothing is trained, no weights are written"
+    assert lines[1].startswith(f"model: {model_dir} (LlamaForCausalLM, ") and lines[1].endswith(" trainable)")
+    assert lines[2] == "settings changed from the defaults: max_steps=3, bf16=False, beta=0.2"  # in field order
+    assert lines[3] == (f"train data: {data_dir / 'one_bad.jsonl'}: kept 2 of 3 pairs; dropped 1: chosen == rejected 1 "
+                        "(first at row 1)")
+    assert lines[4].startswith("route: prefix-shared spans") and lines[5] == "precision: fp32: --bf16 false"
+    assert lines[6].startswith("activation checkpointing: off: a step of the largest micro-batch")
+    assert lines[7].startswith("output head softmax: kept from the forward")
+    assert lines[8].startswith("memory: a step of the largest micro-batch (") and " GB on cpu: it fits the budget" in lines[8]
+    assert len(lines) == 9 and not out.exists()  # no output directory, no weights
+    assert main(args + ["--memory_budget_gb", "0.000001", "--activation_checkpointing", "true"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[6] == "activation checkpointing: on (as set)"
+    assert lines[7] == ("output head softmax: recomputed in backward: memory is what this run saves (activation "
+                        "checkpointing or sharding)")
+    assert "it does not fit the budget of 0.0 GB (--memory_budget_gb)" in lines[8] and not out.exists()
+
+
+def test_dry_run_of_a_config_file(model_dir, data_dir, tmp_path, capsys):
+    """`orpo train --config RECIPE --dry_run`: the file's settings are the run's, reported, nothing written."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {model_dir}\ndataset: {data_dir / 'prefs.jsonl'}\noutput_dir: {tmp_path / 'run'}\n"
+                      "max_steps: 5\nlearning_rate: 1.0e-5\n")
+    assert main(["train", "--config", str(recipe), "--dry_run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[2] == "settings changed from the defaults: max_steps=5, learning_rate=1e-05"
+    assert lines[-1].startswith("memory: ") and not (tmp_path / "run").exists()

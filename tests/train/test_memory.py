@@ -10,10 +10,9 @@ from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttri
 from orpo.data.render import TokenizedPair
 from orpo.ops.attention import use_span_attention
 from orpo.ops.forward import batch_collator, pair_logps
-from orpo.train.memory import (DecoderShape, LayerShape, choose_checkpointing, decoder_shape, free_memory,
-                               kept_activation_bytes, largest_micro_batch, layer_activation_bytes, plan_checkpointing,
-                               plan_head_probs,
-                               recomputed_layers, step_bytes)
+from orpo.train.memory import (DecoderShape, LayerShape, choose_checkpointing, decoder_shape, estimate_step,
+                               free_memory, kept_activation_bytes, largest_micro_batch, layer_activation_bytes,
+                               plan_checkpointing, plan_head_probs, recomputed_layers, step_bytes)
 
 SMALL = DecoderShape.uniform(layers=4, hidden=4, intermediate=8, kv_width=2, vocab=10, norms_per_layer=2, params=1000,
                              trainable=1000, weight_bytes=4)
@@ -257,6 +256,26 @@ def test_plan_head_probs_keeps_the_softmax_only_where_the_step_still_fits():
     assert not keep and reason.startswith("recomputed in backward (keeping it, 0.6 GB")
     keep, reason = plan_head_probs(big, lengths, 4, True, "spans", 4, 1024, True, torch.device("meta"), 1, None)
     assert not keep and "cannot read the free memory of meta" in reason
+
+
+def test_estimate_step_is_the_step_as_set_up_against_the_budget():
+    """The dry run's line: the same bytes as step_bytes for the run's recompute (every 2nd layer, selective:
+    layers 0, 2, ... of 30), plus the kept head softmax (2800 × 49152 × 4 = 550,502,400 bytes) when kept."""
+    lengths = [(300, 200, 200)] * 8
+    big = DecoderShape.uniform(layers=30, hidden=576, intermediate=1536, kv_width=192, vocab=49152, norms_per_layer=2,
+                               params=134_515_008, trainable=134_515_008, weight_bytes=4)
+    args = (big, lengths, 4, True, "spans", 4, 1024, True, torch.device("cpu"), 1)
+    need, budget, line = estimate_step(*args, 100.0, 2, True, False)
+    assert need == step_bytes(big, 2800, [(300, 200)] * 4, 4, range(0, 30, 2), 1024, True, True)
+    assert budget == 100e9 and line == (f"a step of the largest micro-batch (2800 tokens) needs about {need / 1e9:.1f} "
+                                        "GB on cpu: it fits the budget of 100.0 GB (--memory_budget_gb)")
+    kept, _, _ = estimate_step(*args, 100.0, None, False, True)
+    assert kept == step_bytes(big, 2800, [(300, 200)] * 4, 4, (), 1024, True) + 550_502_400
+    assert estimate_step(*args, 0.5, None, False, False)[2].endswith("it does not fit the budget of 0.5 GB "
+                                                                     "(--memory_budget_gb)")
+    meta = estimate_step(big, lengths, 4, True, "spans", 4, 1024, True, torch.device("meta"), 1, None, 1, False, False)
+    assert meta[1] is None and meta[2].endswith("orpo cannot read the free memory of meta, so whether it fits is "
+                                                "not known")
 
 
 def test_free_memory_of_the_cpu_is_shared_by_its_processes():
