@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from orpo.data.formats import IMAGE_PART, place_images
+from orpo.data.formats import IMAGE_COLUMNS, IMAGE_PART, place_images, read_images
 from orpo.data.images import is_processor, read_image, text_tokenizer
 from orpo.data.render import encode_image_prompt, encode_prompt, stop_token_ids
 from orpo.errors import DroppedPair, OrpoError
@@ -46,8 +46,9 @@ def read_prompts(path: str) -> list[dict]:
                 messages = prompt
             else:
                 raise OrpoError(f"{path}, line {n}: expected a 'prompt' (text or messages) or MT-Bench 'turns'")
-            images = row.get("images") or ([row["image"]] if row.get("image") is not None else [])
+            column = next((c for c in IMAGE_COLUMNS if c in row), None)
             try:
+                images = read_images(row.get(column), column) if column else ()
                 messages = place_images(messages, len(images))
                 images = tuple(read_image(entry, Path(path).resolve().parent, f"images[{i}]")
                                for i, entry in enumerate(images))

@@ -176,7 +176,7 @@ class _Columns:
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 _PROMPTS = ("prompt", "instruction")  # the default prompt column: the first of these a dataset has
 _TURNS = ("conversations", "messages")  # ShareGPT turns: the first of these a dataset has
-_IMAGES = ("images", "image")  # the images column: the first of these a dataset has
+IMAGE_COLUMNS = ("images", "image")  # the images column: the first of these a dataset has
 ACCEPTED_SHAPES = ("prompt (or instruction) + chosen + rejected, as strings or message lists; chosen + rejected alone "
              "(whole conversations, or texts sharing their start); conversations or messages + chosen + rejected "
              "(ShareGPT); chosen_messages + rejected_messages; instruction + completions (rated); two answer "
@@ -232,7 +232,7 @@ def resolve_columns(names: list[str], fmt: RowFormat, source: str) -> _Columns:
 
     need(*(fmt.prompt_columns or ()))  # only names the user asked for must exist
     prompt = tuple(fmt.prompt_columns or next(((c,) for c in _PROMPTS if c in names), ()))
-    images = next((c for c in _IMAGES if c in names), None)
+    images = next((c for c in IMAGE_COLUMNS if c in names), None)
     if fmt.response_columns:
         labels = tuple(fmt.label_columns or ("label",))
         need(*(prompt or _PROMPTS[:1]), *fmt.response_columns, *labels)
@@ -289,7 +289,7 @@ def _pair(row: dict, index: int, shape: str, columns: _Columns, fmt: RowFormat) 
             prompt = _messages(row.get(columns.turns), columns.turns, "user")
         else:
             prompt = _prompt(row, columns.prompt)
-    images = _images(row.get(columns.images), columns.images) if columns.images else ()
+    images = read_images(row.get(columns.images), columns.images) if columns.images else ()
     prompt = place_images(prompt, len(images))
     if not "".join(message_text(m) for m in prompt).strip() and not images:
         raise DroppedPair(WRONG_TYPES, "prompt is empty")
@@ -305,8 +305,9 @@ def message_text(message: Message) -> str:
     return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
 
 
-def _images(value, column: str) -> tuple:
-    """The images of a row's images column: a list of them, or one; None or [] → ()."""
+def read_images(value, column: str) -> tuple:
+    """The images of a row's images column `column`: a list of them, or one; None or [] → (). Raises
+    DroppedPair(WRONG_TYPES) for an entry that is no path, bytes, {"bytes", "path"} or PIL image."""
     if _missing(value):
         return ()
     items = list(value) if isinstance(value, (list, tuple)) else [value]

@@ -30,16 +30,25 @@ def text_tokenizer(tokenizer):
     return tokenizer.tokenizer if is_processor(tokenizer) else tokenizer
 
 
+def _file(entry, root: Path | None) -> Path | None:
+    """The file an image entry names: a path (relative to `root` when not absolute), or a {"bytes", "path"}
+    dict without bytes; None for bytes and PIL images."""
+    if isinstance(entry, dict) and entry.get("bytes") is None:
+        entry = entry.get("path")
+    if not isinstance(entry, str):
+        return None
+    path = Path(entry).expanduser()
+    return path if path.is_absolute() or root is None else root / path
+
+
 def read_image(entry, root: Path | None, where: str) -> bytes:
     """The bytes of the image file `entry` names (a path, relative to `root` when not absolute; bytes; a
     {"bytes", "path"} dict; a PIL image, saved as PNG). Raises DroppedPair(UNREADABLE_IMAGE) where there
     is no such file or PIL cannot decode it."""
     if isinstance(entry, dict):
-        entry = entry["bytes"] if entry.get("bytes") is not None else entry["path"]
-    if isinstance(entry, str):
-        path = Path(entry).expanduser()
-        if not path.is_absolute() and root is not None:
-            path = root / path
+        entry = entry["bytes"] if entry.get("bytes") is not None else entry.get("path")
+    path = _file(entry, root)
+    if path is not None:
         try:
             data = path.read_bytes()
         except OSError as err:
@@ -61,14 +70,7 @@ def image_files(value, root: Path | None) -> list[str]:
     """The files a row's images column names (`value`: one entry or a list; paths resolved against `root`,
     {"path"} dicts without bytes), for the prepared-data cache to notice an image edited in place."""
     entries = value if isinstance(value, (list, tuple)) else [value]
-    files = []
-    for entry in entries:
-        if isinstance(entry, dict) and entry.get("bytes") is None:
-            entry = entry.get("path")
-        if isinstance(entry, str):
-            path = Path(entry).expanduser()
-            files.append(str(path if path.is_absolute() or root is None else root / path))
-    return files
+    return [str(path) for entry in entries if (path := _file(entry, root)) is not None]
 
 
 def file_stamp(path: str) -> list[int] | None:

@@ -160,14 +160,13 @@ def prepare_dataset(
               "skip_bad_rows": skip_bad_rows, "split": split}
     # as prepared.json will hold them (tuples as lists), so a set read back compares equal
     key_parts = json.loads(json.dumps({"tokenizer": tokenizer_fingerprint(tokenizer), "fields": fields}, default=str))
-    image_root = None
+    root = image_root(source)
     if isinstance(source, (str, Path)) and is_prepared_dir(source):
         prepared = _read_set(source, key_parts, start, processor)
     else:
         rows = None
         if isinstance(source, (str, Path)) and Path(source).expanduser().is_file():
             key_parts["source"] = file_fingerprint(Path(source).expanduser())  # before reading it: a hit skips that
-            image_root = Path(source).expanduser().resolve().parent
         else:
             rows = load_rows(str(source), split, skip_bad_rows) if isinstance(source, (str, Path)) else source
             key_parts["source"] = _rows_fingerprint(rows, name)
@@ -182,23 +181,35 @@ def prepare_dataset(
                     rows = load_rows(str(source), split, skip_bad_rows, work_dir=work)
                 prepared = _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length,
                                          max_completion_length, name, num_proc, work, entry, key_parts, start,
-                                         image_root)
+                                         root)
             finally:
                 if entry is not None:  # published (renamed away), or failed half-way
                     shutil.rmtree(work, ignore_errors=True)
         if output_dir is not None:
             _copy_set(prepared, entry, Path(output_dir), key_parts)
     if TEXT_ONLY_MODEL in prepared.drops:
-        first, count = prepared.first_rows[TEXT_ONLY_MODEL], prepared.drops[TEXT_ONLY_MODEL]
-        raise OrpoError(f"{name}, row {first}: {count} pair(s) "
-                        "have images, and the model is text-only (its tokenizer has no image processor); train a "
-                        "vision-language model (loaded with its processor), or leave out the rows with images")
+        raise text_only_model_error(name, prepared.first_rows[TEXT_ONLY_MODEL],
+                                    f"{prepared.drops[TEXT_ONLY_MODEL]} pair(s) have images")
     if strict and prepared.drops:
         reason, row = min(prepared.first_rows.items(), key=lambda item: item[1])
         raise OrpoError(f"{name}, row {row}: pair dropped ({reason}) and --strict is set; {prepared.report()}")
     if not len(prepared.pairs):
         raise OrpoError(f"{name}: zero usable pairs; {prepared.report()}")
     return prepared
+
+
+def image_root(source) -> Path | None:
+    """The directory image paths in `source`'s rows are relative to: a data file's own directory; None for
+    other sources (paths then relative to the working directory)."""
+    if isinstance(source, (str, Path)) and Path(source).expanduser().is_file():
+        return Path(source).expanduser().resolve().parent
+    return None
+
+
+def text_only_model_error(name: str, row: int, what: str) -> OrpoError:
+    """The one line for image pairs given to a text-only model (`what`: how many pairs have images)."""
+    return OrpoError(f"{name}, row {row}: {what}, and the model is text-only (its tokenizer has no image processor); "
+                     "train a vision-language model (loaded with its processor), or leave out the rows with images")
 
 
 def _rows_fingerprint(rows, name: str) -> str:

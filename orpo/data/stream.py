@@ -22,14 +22,13 @@ rows): a column that first appears after them is not read.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import datasets
 import torch
 
 from orpo.data.formats import PairsFromRows, RowFormat, resolve_columns
 from orpo.data.load import stream_rows
-from orpo.data.prepare import format_drop_report, prepare_row
+from orpo.data.prepare import format_drop_report, image_root, prepare_row, text_only_model_error
 from orpo.data.store import is_prepared_dir
 from orpo.errors import TEXT_ONLY_MODEL, DroppedPair, OrpoError
 
@@ -60,8 +59,7 @@ class PairStream(torch.utils.data.IterableDataset):
         self.name = name or (source if isinstance(source, str) else "stream")
         self.tokenizer, self.row_format = tokenizer, row_format
         self.limits = (max_length, max_prompt_length, max_completion_length)
-        is_file = isinstance(source, str) and Path(source).expanduser().is_file()
-        self.image_root = Path(source).expanduser().resolve().parent if is_file else None  # image paths' base
+        self.image_root = image_root(source)
         self.shuffle_buffer, self.seed, self.passes = shuffle_buffer, seed, passes
         self.rows, self.kept, self.pass_number = 0, 0, 0
         self.counts = PairsFromRows()  # drops (first row and detail per reason) and shapes; its pairs stay empty
@@ -91,9 +89,7 @@ class PairStream(torch.utils.data.IterableDataset):
             shape, pair = prepare_row(item["row"], item["index"], self.columns, self.row_format, self.tokenizer,
                                       *self.limits, self.image_root)
             if isinstance(pair, DroppedPair) and pair.reason == TEXT_ONLY_MODEL:
-                raise OrpoError(f"{self.name}, row {item['index']}: the pair has images, and the model is text-only "
-                                "(its tokenizer has no image processor); train a vision-language model (loaded with "
-                                "its processor), or leave out the rows with images")
+                raise text_only_model_error(self.name, item["index"], "the pair has images")
             self.rows += 1
             if shape is not None:
                 self.counts.shapes[shape] += 1

@@ -31,9 +31,8 @@ import torch
 from orpo.data.render import TokenizedPair
 from orpo.errors import OrpoError
 from orpo.ops.attention import ATTENTION, sliding_window, use_span_attention
-from orpo.ops.forward import batch_to, causal_lm, chunked_head_reason, input_device, pair_logps
-from orpo.ops.packing import collate_padded, collate_prefix_shared
-from orpo.ops.vision import image_block_token, reference_inputs, rope_index_of
+from orpo.ops.forward import batch_collator, batch_to, causal_lm, chunked_head_reason, input_device, pair_logps
+from orpo.ops.vision import reference_inputs
 
 LAYOUTS = ("spans", "mask", "padded")
 HEADS = ("chunked", "logits")
@@ -192,12 +191,7 @@ def separate_logp_means(model: torch.nn.Module, pairs: list[TokenizedPair]) -> t
 @torch.no_grad()
 def route_logp_means(model: torch.nn.Module, pairs: list[TokenizedPair], route: Route) -> torch.Tensor:
     """[pairs, 2] the same quantities as `separate_logp_means`, computed on `route` (one call)."""
-    lm = causal_lm(model)
-    images = dict(rope_index=rope_index_of(lm), image_token=image_block_token(lm))
-    if route.packing:
-        batch = collate_prefix_shared(pairs, 0, attention=route.attention, **images)
-    else:
-        batch = collate_padded(pairs, pad_token_id=0, **images)
+    batch = batch_collator(model, 0, route.layout)(pairs)  # the collator training and scoring use
     logps = pair_logps(model, batch_to(batch, input_device(model)), 64, head=route.head)
     return torch.stack([logps.logps_chosen, logps.logps_rejected], dim=1).float().cpu()
 

@@ -200,9 +200,16 @@ def layer_activation_bytes(shape: DecoderShape, tokens: int, pair_lengths: list[
     return result
 
 
-def recomputed_layers(layers: int, every_n_layers: int) -> range:
-    """The layers transformers checkpoints with `every_n_layers` (activation_checkpointing_kwargs): 0, n, 2n, ..."""
-    return range(0, layers, every_n_layers)
+def recomputed_layers(layers: int, every_n_layers: int | None) -> range:
+    """The layers transformers checkpoints with `every_n_layers` (activation_checkpointing_kwargs): 0, n, 2n, ...;
+    none for None (no checkpointing)."""
+    return range(0) if every_n_layers is None else range(0, layers, every_n_layers)
+
+
+def head_probs_bytes(shape: DecoderShape, tokens: int) -> int:
+    """The output head's softmax kept from the forward for `tokens` tokens (logprobs.token_logprobs(keep_probs=True)):
+    tokens × vocabulary × 4 bytes, fp32."""
+    return tokens * shape.vocab * 4
 
 
 def kept_activation_bytes(shape: DecoderShape, tokens: int, pair_lengths: list[tuple[int, int]],
@@ -262,9 +269,8 @@ def choose_checkpointing(shape: DecoderShape, tokens: int, pair_lengths: list[tu
     every layer, also when nothing fits)."""
     options = checkpointing_options(shape.layers, selective)
     for index, (every, selective_) in enumerate(options):
-        checkpointed = () if every is None else recomputed_layers(shape.layers, every)
-        need = step_bytes(shape, tokens, pair_lengths, activation_bytes, checkpointed, chunk_size, weights_on_device,
-                          selective_)
+        need = step_bytes(shape, tokens, pair_lengths, activation_bytes, recomputed_layers(shape.layers, every),
+                          chunk_size, weights_on_device, selective_)
         if need <= budget or index == len(options) - 1:
             return every, selective_, need
 
@@ -352,7 +358,7 @@ def plan_head_probs(shape: DecoderShape, lengths: list[tuple[int, int, int]], ba
         return False, f"recomputed in backward: {where}"
     tokens, pair_lengths = largest_micro_batch(lengths, batch_size, packing, attention)
     need = step_bytes(shape, tokens, pair_lengths, activation_bytes, (), chunk_size, weights_on_device)
-    probs = tokens * shape.vocab * 4
+    probs = head_probs_bytes(shape, tokens)
     if need + probs <= budget:
         return True, (f"kept from the forward ({_gb(probs)} for {tokens} tokens; the step then needs about "
                       f"{_gb(need + probs)}, within the budget of {_gb(budget)} ({where}))")
@@ -369,11 +375,10 @@ def estimate_step(shape: DecoderShape, lengths: list[tuple[int, int, int]], batc
     what `orpo train --dry_run` prints, per device."""
     budget, where = step_budget(device, local_processes, budget_gb)
     tokens, pair_lengths = largest_micro_batch(lengths, batch_size, packing, attention)
-    checkpointed = () if every_n_layers is None else recomputed_layers(shape.layers, every_n_layers)
-    need = step_bytes(shape, tokens, pair_lengths, activation_bytes, checkpointed, chunk_size, weights_on_device,
-                      selective)
+    need = step_bytes(shape, tokens, pair_lengths, activation_bytes, recomputed_layers(shape.layers, every_n_layers),
+                      chunk_size, weights_on_device, selective)
     if keep_head_probs:
-        need += tokens * shape.vocab * 4
+        need += head_probs_bytes(shape, tokens)
     step = f"a step of the largest micro-batch ({tokens} tokens) needs about {_gb(need)} on {device.type}"
     if budget is None:
         return need, None, f"{step}; {where}, so whether it fits is not known"

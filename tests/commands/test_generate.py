@@ -169,3 +169,13 @@ def test_image_prompts_for_a_text_only_model_are_one_line(tmp_path):
     prompts.write_text(json.dumps({"prompt": "what is this?", "images": ["none.png"]}) + "\n")
     with pytest.raises(OrpoError, match=r"prompts.jsonl, line 1: images\[0\] 'none.png': No such file or directory"):
         read_prompts(str(prompts))
+
+
+def test_a_prompt_image_entry_of_the_wrong_type_is_one_line(tmp_path):
+    """The prompts file's images column is read as training data's is (formats.read_images)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "what is this?", "images": [5]}) + "\n")
+    with pytest.raises(OrpoError) as err:
+        read_prompts(str(prompts))
+    assert str(err.value) == (f"{prompts}, line 1: images[0] is int, expected a file path, bytes, {{'bytes', 'path'}} "
+                              "or a PIL image")

@@ -634,13 +634,12 @@ def test_vision_language_training_freezes_the_vision_tower_unless_told(tmp_path,
 def test_the_route_is_probed_with_the_datas_image_pairs(tmp_path, monkeypatch):
     """With a layout that gets images wrong (here: one position per token for Qwen2-VL's M-RoPE), every route
     fails the image probe and the run stops in one line instead of training on wrong log-probs."""
-    from orpo.ops import forward, route
+    from orpo.ops import forward
     from vision_models import image_pair, tiny_vision_model
 
     data = [image_pair("qwen2_vl", [(56, 84)], (5, 7, 4), seed=1, index=0)]
     assert make_trainer(tmp_path, tiny_vision_model("qwen2_vl"), data).route.layout == "spans"
-    monkeypatch.setattr(route, "rope_index_of", lambda model: None)
-    monkeypatch.setattr(forward, "rope_index_of", lambda model: None)
+    monkeypatch.setattr(forward, "rope_index_of", lambda model: None)  # the collator probes and training use
     with pytest.raises(OrpoError, match="no batch layout reproduces the model's separate forwards"):
         make_trainer(tmp_path, tiny_vision_model("qwen2_vl"), data)
 
