@@ -293,7 +293,7 @@ trainer.accelerator.end_training()
 
 def check_fsdp2(results, out):
     """`orpo`'s FSDP2 path on the GPU as accelerate sets it up there (one process under torchrun): the
-    README's fsdp.json with the head's Linear a unit of its own that reshards after forward, a sharded
+    docs/distributed.md's fsdp.json with the head's Linear a unit of its own that reshards after forward, a sharded
     checkpoint, and the consolidated final model, loaded back."""
     import subprocess
 

@@ -63,14 +63,21 @@ def parse_train_args(argv: list[str]):
     return tuple(parsed)
 
 
-def _load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, on_accelerator: bool = True):
+def _load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, on_accelerator: bool = True,
+                init_kwargs: dict | None = None):
     """The model, on this machine's accelerator (CUDA, MPS, XPU, ...) if it has one and `on_accelerator`
-    (training leaves placement to the Trainer)."""
+    (training leaves placement to the Trainer); `init_kwargs`: more keywords for from_pretrained
+    (--model_init_kwargs, e.g. {"output_router_logits": true} or {"attn_implementation": "eager"})."""
     import torch
 
     from orpo.train.models import load_model
 
-    model = load_model(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    init_kwargs = dict(init_kwargs or {})
+    for key in ("dtype", "torch_dtype", "trust_remote_code"):
+        if key in init_kwargs:
+            raise OrpoError(f"--model_init_kwargs: {key} has its own flag (--{key.removeprefix('torch_')}); "
+                            "give it there")
+    model = load_model(name, dtype=dtype, trust_remote_code=trust_remote_code, **init_kwargs)
     if on_accelerator and torch.accelerator.is_available():
         model.to(torch.accelerator.current_accelerator())
     return model
@@ -107,7 +114,8 @@ def cmd_train(argv: list[str]) -> int:
     else:
         train = _prepare(data_args.dataset, data_args.dataset_split, tokenizer, config)
     eval_data = _prepare(data_args.eval_dataset, data_args.eval_split, tokenizer, config) if data_args.eval_dataset else None
-    model = _load_model(model_args.model, model_args.dtype, config.trust_remote_code, on_accelerator=False)
+    model = _load_model(model_args.model, model_args.dtype, config.trust_remote_code, on_accelerator=False,
+                        init_kwargs=config.model_init_kwargs)
     if model_args.export_gguf:  # a model the export refuses is refused before it is trained
         from orpo.export.gguf import check_exportable
 

@@ -171,8 +171,8 @@ class ORPOConfig(TrainingArguments):
     beta: float = field(
         default=0.1,
         metadata={"help": "λ, the weight of the odds-ratio loss (paper: λ; official code: alpha; TRL: beta). 0.1 is TRL's "
-                  "default; for small models the authors advise 0.5-1.0, and on SmolLM2-135M (README: alignment "
-                  "benchmark) 0.5-1.0 separated chosen from rejected on the trained pairs 3-4x more than 0.1."},
+                  "default; for small models the authors advise 0.5-1.0, and on SmolLM2-135M (docs/benchmarks.md: "
+                  "alignment benchmark) 0.5-1.0 separated chosen from rejected on the trained pairs 3-4x more than 0.1."},
     )
     nll_scope: str = field(
         default="full",
@@ -277,7 +277,7 @@ class ORPOConfig(TrainingArguments):
     dataset_cache: bool = field(
         default=True,
         metadata={"help": "Keep prepared data in the cache and reuse it when the source's content, the tokenizer, "
-                  "every data option and orpo's data code are the same (README: Data)."},
+                  "every data option and orpo's data code are the same (docs/data.md)."},
     )
     dataset_cache_dir: str | None = field(
         default=None,
@@ -322,7 +322,9 @@ class ORPOConfig(TrainingArguments):
     )
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
-        metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained when the model is a string."},
+        metadata={"help": "Keyword arguments for from_pretrained when the model is a string (orpo train: always), "
+                          "e.g. '{\"output_router_logits\": true}' for a mixture-of-experts model's load-balancing "
+                          "loss or '{\"attn_implementation\": \"eager\"}'. The dtype has its own flag."},
     )
     # --- accepted for TRL compatibility (TRL's ORPOConfig fields) ---
     # TRL's names, types and defaults, so every flag of HfArgumentParser(trl.experimental.orpo.ORPOConfig)
@@ -388,6 +390,8 @@ class ORPOConfig(TrainingArguments):
         if self.streaming:
             _check_streaming(self)
         super().__post_init__()
+        if self.deepspeed and self.use_cpu and self.world_size > 1:
+            _init_deepspeed_comm_on_cpu()
         if self.streaming:
             # every process reads the whole stream and keeps its share of each global batch (accelerate's
             # IterableDatasetShard); rank 0 batching for all (dispatch_batches, accelerate's default for
@@ -413,6 +417,16 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _init_deepspeed_comm_on_cpu() -> None:
+    """DeepSpeed's communication over the gloo group of CPU ranks. accelerate starts it only for accelerators; left
+    unstarted, DeepSpeed counts a world of 1 process, and ZeRO-3's model init (transformers' `deepspeed.zero.Init`
+    in `from_pretrained`, which `orpo train` calls) rejects the batch sizes the Trainer filled in for all ranks."""
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+
 def _check_engine_configs(args) -> None:
     """--deepspeed and --fsdp_config problems as one line (TrainingArguments raises them as tracebacks)."""
     if args.deepspeed and not _installed("deepspeed"):
@@ -423,7 +437,7 @@ def _check_engine_configs(args) -> None:
             raise OrpoError(f"--{flag} {value}: no such file")
     if args.fsdp and args.local_rank == -1 and os.environ.get("LOCAL_RANK", "-1") == "-1":
         raise OrpoError("--fsdp shards the model over several processes: launch with torchrun or accelerate "
-                        "(torchrun --nproc_per_node N -m orpo train ...; README: FSDP2)")
+                        "(torchrun --nproc_per_node N -m orpo train ...; docs/distributed.md)")
 
 
 def prepare_data(args, source, tokenizer, split: str = "train", name: str | None = None,

@@ -7,9 +7,14 @@ in place of a tokenizer: the data path tokenizes image prompts with it (data/ren
 
 A `.gguf` file is dequantised on load by transformers' gguf support; the quantization config it
 leaves behind is dropped so that a saved model is a plain safetensors checkpoint.
+
+A model loaded under DeepSpeed ZeRO-3 has its weights partitioned over the ranks from `from_pretrained` on
+(transformers' `deepspeed.zero.Init`): `whole_weights_per_call` gathers each module's for its own call, for the
+forwards that run before DeepSpeed's engine exists (the route probe).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -119,6 +124,40 @@ def load_model(name_or_path: str, dtype=DTYPES[0], trust_remote_code: bool = Fal
         model.hf_quantizer = None
         model.is_quantized = False
     return model
+
+
+@contextlib.contextmanager
+def whole_weights_per_call(model):
+    """Within: each module of `model` whose weights ZeRO-3 partitioned over the ranks has them gathered for its own
+    call and partitioned again after it, as DeepSpeed's engine does in training (one module's weights whole at a
+    time). Every rank must make the same calls (the gathers are collective). Without ZeRO-3, nothing changes."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    import deepspeed
+
+    open_gathers = {}
+
+    def gather(module, args):
+        stack = contextlib.ExitStack()
+        stack.enter_context(deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False))))
+        open_gathers[id(module)] = stack
+
+    def release(module, args, output):
+        open_gathers.pop(id(module)).close()
+
+    owners = [module for module in model.modules() if next(module.parameters(recurse=False), None) is not None]
+    handles = [hook(module) for module in owners for hook in (lambda m: m.register_forward_pre_hook(gather),
+                                                              lambda m: m.register_forward_hook(release))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for stack in open_gathers.values():  # a call that raised
+            stack.close()
 
 
 def _first_line(err: Exception) -> str:

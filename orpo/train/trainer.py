@@ -40,7 +40,7 @@ from orpo.train.checkpoints import (completed_step, mark_complete, mark_finished
 from orpo.train.config import ORPOConfig, prepare_data, stream_data
 from orpo.train.internals import TrainerAdapter, ensure_trainer_contract
 from orpo.train.memory import decoder_shape, estimate_step, plan_checkpointing, plan_head_probs
-from orpo.train.models import load_model, load_tokenizer
+from orpo.train.models import load_model, load_tokenizer, whole_weights_per_call
 from orpo.train.progress import ProgressReporter
 from orpo.train.report import METRICS_FILE
 
@@ -91,7 +91,8 @@ class ORPOTrainer(TrainerAdapter):
         # the layout and head (route.py), probed with a few of the data's image pairs where it has some
         sized = train_pairs is not None and not isinstance(train_pairs, PairStream)
         images = image_probe_pairs(train_pairs) if sized else []
-        self.route = choose_route(model, args.packing, args.packed_attention, images)
+        with whole_weights_per_call(model):  # ZeRO-3 partitioned them at load; the probe runs before the engine
+            self.route = choose_route(model, args.packing, args.packed_attention, images)
         self.router_balancing = router_balancing(causal_lm(model))  # MoE load balancing (moe.py), or None
         pad_id = args.padding_value if args.padding_value is not None else text_tokenizer(processing_class).pad_token_id
         if args.choose_checkpointing:

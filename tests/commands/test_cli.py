@@ -845,3 +845,23 @@ def test_dry_run_of_a_config_file(model_dir, data_dir, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[2] == "settings changed from the defaults: max_steps=5, learning_rate=1e-05"
     assert lines[-1].startswith("memory: ") and not (tmp_path / "run").exists()
+
+
+def test_model_init_kwargs_reach_the_model_orpo_train_loads(data_dir, tmp_path, capsys):
+    """--model_init_kwargs go to from_pretrained: a mixture-of-experts model loaded with output_router_logits
+    trains with the load-balancing loss (aux_loss in the metrics), without it with none. The dtype has its own
+    flag, so a dtype among them is one line."""
+    from family_models import save_family_model
+
+    model = save_family_model("qwen2_moe", tmp_path / "moe", chatml_tokenizer())
+    for name, init in (("balanced", {"output_router_logits": True}), ("plain", None)):
+        flags = _flags({**ONE_STEP, "logging_steps": 1, **({"model_init_kwargs": init} if init else {})})
+        assert main(["train", "--model", model, "--dataset", str(data_dir / "prefs.jsonl"),
+                     "--output_dir", str(tmp_path / name), *flags]) == 0
+        step = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        assert ("aux_loss" in step) == (name == "balanced"), step
+    assert step["nll"] > 0
+    capsys.readouterr()
+    assert main(["train", "--model", model, "--dataset", str(data_dir / "prefs.jsonl"), "--output_dir",
+                 str(tmp_path / "dtype"), "--model_init_kwargs", '{"dtype": "bfloat16"}', *_flags(ONE_STEP)]) == 2
+    assert error_line(capsys.readouterr().err) == "orpo: error: --model_init_kwargs: dtype has its own flag (--dtype); give it there"

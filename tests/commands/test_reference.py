@@ -1,10 +1,10 @@
-"""reference.py: the config reference is generated from the field help, and the README carries the current one."""
+"""reference.py: the config reference is generated from the field help, and docs/configuration.md carries the current one."""
 import dataclasses
 from pathlib import Path
 
-from orpo.commands.reference import BEGIN, END, config_reference, declared_fields, fields_table, replace_block
+from orpo.commands.reference import BEGIN, END, PAGE, config_reference, declared_fields, fields_table, replace_block
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REFERENCE_PAGE = Path(__file__).resolve().parents[2] / PAGE
 
 
 @dataclasses.dataclass
@@ -46,6 +46,6 @@ def test_orpo_fields_in_the_reference():
     assert "`--per_device_train_batch_size`" not in block  # inherited unchanged from TrainingArguments
 
 
-def test_readme_carries_the_current_reference():
-    text = README.read_text()
-    assert replace_block(text, config_reference()) == text, "run: python -m orpo.commands.reference README.md"
+def test_the_page_carries_the_current_reference():
+    text = REFERENCE_PAGE.read_text()
+    assert replace_block(text, config_reference()) == text, "run: python -m orpo.commands.reference"

@@ -4,6 +4,8 @@ The reference is the definition: each sequence (prompt + chosen, prompt + reject
 no padding, the model's own logits (`separate_logp_means`). Models are tiny random ones built from
 configs (no hub access).
 """
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -195,7 +197,7 @@ def test_a_head_the_chunked_head_cannot_compute_gets_the_models_own_logits():
 
 # The family matrix: tiny random models of every causal-LM family of transformers that builds offline
 # (tests/family_models.py), each on the route orpo chooses by itself; FAST_FAMILIES by default, the others
-# with `pytest -m slow`. EXPECTED_ROUTES is the README's family table (test_readme_family_table).
+# with `pytest -m slow`. EXPECTED_ROUTES is docs/models.md's family table (test_family_table_page).
 EXPECTED_ROUTES = {
     **dict.fromkeys((
         "afmoe", "apertus", "apertus1p5_text", "arcee", "aria_text", "axk1", "beam", "biogpt", "bitnet", "codegen",
@@ -278,10 +280,10 @@ def test_every_family_trains_exactly_on_the_route_orpo_chooses(model_type, tmp_p
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_readme_family_table():
-    """The README's family table lists exactly EXPECTED_ROUTES (regenerate: python tests/family_models.py README.md)."""
+def test_family_table_page():
+    """docs/models.md's family table lists exactly EXPECTED_ROUTES (regenerate: python tests/family_models.py docs/models.md)."""
     from family_models import README_BEGIN, family_table
 
-    readme = open("README.md").read()
-    start = readme.index(README_BEGIN)
-    assert readme[start:].startswith(family_table(EXPECTED_ROUTES))
+    page = (Path(__file__).resolve().parents[2] / "docs" / "models.md").read_text()
+    start = page.index(README_BEGIN)
+    assert page[start:].startswith(family_table(EXPECTED_ROUTES))

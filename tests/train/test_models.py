@@ -15,7 +15,8 @@ from orpo.errors import OrpoError
 from orpo.commands.evaluate import reference_records
 from orpo.ops.forward import pair_logps
 from orpo.ops.loss import log_odds_ratio
-from orpo.train.models import fetch_smollm2, is_hub_model_id, load_model, load_tokenizer, smollm2_gguf
+from orpo.train.models import (fetch_smollm2, is_hub_model_id, load_model, load_tokenizer, smollm2_gguf,
+                               whole_weights_per_call)
 from orpo.ops.attention import use_span_attention
 from orpo.ops.packing import collate_padded, collate_prefix_shared
 from orpo.data.prepare import prepare_dataset
@@ -74,6 +75,20 @@ def test_a_vision_language_directory_loads_as_its_model_and_processor(tmp_path):
                                             r"Torchvision library") as err:
             load_tokenizer(str(qwen))
         assert "\n" not in str(err.value)
+
+
+def test_whole_weights_per_call_changes_nothing_without_zero3():
+    """Without DeepSpeed ZeRO-3 the context adds no hooks and the forward is the same. With ZeRO-3 (weights
+    partitioned at load) it gathers each module's weights for its call: `orpo train` with the ZeRO-3 recipe on
+    2 CPU ranks probes its route through it (tests/test_recipes.py; without it that run stops at the probe)."""
+    from tiny import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    before = model(input_ids=ids).logits
+    with whole_weights_per_call(model):
+        assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+        assert torch.equal(model(input_ids=ids).logits, before)
 
 
 def test_hub_model_ids_are_what_the_loaders_take_from_the_hub(tmp_path, monkeypatch):

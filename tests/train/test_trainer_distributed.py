@@ -9,13 +9,9 @@ per rank (`probe-rank{N}.json`: the engine, the FSDP units, the output head's we
 the model's forward and as the head's own call sees it, the launcher's environment), so a launch that silently
 fell back to plain DDP fails its test. One fast case of each kind runs by default; `pytest -m slow` runs the rest.
 
-FSDP on CPU: accelerate (1.15) sets up FSDP only for GPU-type devices. On CPU (use_cpu, which orpo sets under
-torchrun without an accelerator) its AcceleratorState drops the FSDP plugin the Trainer passes and the run trains
-as DDP (orpo warns). RUN makes the two assignments AcceleratorState makes for FSDP on a GPU when they were skipped
-for the CPU (`fsdp_on_cpu`); everything after that is accelerate's and the Trainer's own FSDP2 path: fully_shard
-(accelerate's fsdp2_prepare_model), sharded checkpoints and their loading, the full state dict for saving.
+FSDP on CPU: accelerate sets FSDP up only on GPUs; RUN makes it do so on CPU as it does on a GPU
+(tests/cpu_fsdp.py), and everything after that is accelerate's and the Trainer's own FSDP2 path.
 """
-import importlib.util
 import json
 import os
 import re
@@ -33,7 +29,7 @@ from orpo.train.checkpoints import COMPLETE_MARKER
 from orpo.train.report import METRICS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
-README = REPO / "README.md"
+PAGE = REPO / "docs" / "distributed.md"
 STEP_KEYS = ("loss", "nll", "or_loss", "log_odds", "accuracy", "tokens")
 EVAL_KEYS = ("eval_pairs", "eval_accuracy", "eval_log_odds", "eval_nll", "eval_loss")
 
@@ -43,23 +39,8 @@ import torch
 import transformers
 from orpo import ORPOConfig, ORPOTrainer
 from orpo.data.render import TokenizedPair
+from cpu_fsdp import fsdp_on_cpu
 from tiny import VOCAB, chatml_tokenizer, tiny_llama
-
-
-def fsdp_on_cpu():
-    """What accelerate's AcceleratorState does for FSDP on a GPU, for CPU processes (the module docstring)."""
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    init = AcceleratorState.__init__
-
-    def patched(state, *args, fsdp_plugin=None, **kwargs):
-        init(state, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and state.distributed_type == DistributedType.MULTI_CPU:
-            state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-            state.fsdp_plugin = fsdp_plugin
-
-    AcceleratorState.__init__ = patched
 
 
 out, batch, accumulation, spec = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
@@ -292,7 +273,7 @@ def test_two_ranks_equal_one_process_and_gradient_accumulation(tmp_path, one_pro
 
 def test_two_nodes_equal_one_process(tmp_path, one_process):
     """Two torchrun agents, `--nnodes 2 --nproc_per_node 1 --node_rank 0|1` with a c10d rendezvous on a free
-    port (what two machines run, README: several machines): one process per "node", the result of one process."""
+    port (what two machines run, docs/distributed.md: several machines): one process per "node", the result of one process."""
     run = launch(tmp_path / "nodes", {}, two_nodes(), batch=2)
     assert_same_run(run, one_process(), "two nodes")
     probes = [run.probe(rank) for rank in (0, 1)]
@@ -305,11 +286,11 @@ def test_two_nodes_equal_one_process(tmp_path, one_process):
 
 
 @pytest.mark.slow
-def test_two_machines_through_accelerate_launch_with_the_readme_config(tmp_path, one_process):
-    """Two `accelerate launch --config_file` with the README's several-machines config, each with its own
-    --machine_rank and this machine's address and a free port in place of the README's: the result of one process."""
+def test_two_machines_through_accelerate_launch_with_the_documented_config(tmp_path, one_process):
+    """Two `accelerate launch --config_file` with the several-machines config of docs/distributed.md, each with its own
+    --machine_rank and this machine's address and a free port in place of the page's: the result of one process."""
     config = tmp_path / "multi.yaml"
-    config.write_text(readme_block("yaml", "num_machines: 2"))
+    config.write_text(page_block("yaml", "num_machines: 2"))
     port = str(_free_port())
     launchers = [[sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
                   "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port]
@@ -325,22 +306,22 @@ def test_two_machines_through_accelerate_launch_with_the_readme_config(tmp_path,
 # --- FSDP2 ---------------------------------------------------------------------------------------------------
 
 
-def readme_block(language: str, containing: str) -> str:
-    """The README's one fenced `language` block that contains `containing`: the configs the README shows are the
+def page_block(language: str, containing: str) -> str:
+    """The one fenced `language` block that contains `containing`: of docs/distributed.md: the configs it shows are the
     ones these tests run."""
-    blocks = re.findall(rf"^```{language}\n(.*?)^```$", README.read_text(), flags=re.M | re.S)
+    blocks = re.findall(rf"^```{language}\n(.*?)^```$", PAGE.read_text(), flags=re.M | re.S)
     found = [block for block in blocks if containing in block]
-    assert len(found) == 1, f"README.md: {len(found)} ```{language} blocks contain {containing!r}"
+    assert len(found) == 1, f"docs/distributed.md: {len(found)} ```{language} blocks contain {containing!r}"
     return found[0]
 
 
-def readme_fsdp_config() -> dict:
-    """README (FSDP2): the fsdp.json passed as --fsdp_config."""
-    return json.loads(readme_block("json", '"fsdp_version"'))
+def page_fsdp_config() -> dict:
+    """docs/distributed.md (FSDP2): the fsdp.json passed as --fsdp_config."""
+    return json.loads(page_block("json", '"fsdp_version"'))
 
 
 def fsdp_args(**config):
-    return {"fsdp": True, "fsdp_config": {**readme_fsdp_config(), **config}}
+    return {"fsdp": True, "fsdp_config": {**page_fsdp_config(), **config}}
 
 
 def assert_fsdp2(run: Run, head_resharded: bool):
@@ -357,7 +338,7 @@ def assert_fsdp2(run: Run, head_resharded: bool):
 
 
 def test_fsdp2_sharded_checkpoint_sigkill_resume_equals_one_process(tmp_path, one_process):
-    """FSDP2 with the README's --fsdp_config (decoder layers as units, reshard after forward, sharded
+    """FSDP2 with the --fsdp_config of docs/distributed.md (decoder layers as units, reshard after forward, sharded
     checkpoints), 2 ranks × 2 pairs, tied embeddings: rank 0 is SIGKILLed at the start of step 3, after
     checkpoint-2 is complete; the same run relaunched with resume_from_checkpoint="latest" loads the sharded
     checkpoint and ends as one process over the 3 steps does: the losses of steps 1–2 (before the kill) and 3
@@ -421,11 +402,11 @@ def test_fsdp2_lora_on_q_proj_and_lm_head(tmp_path, one_process):
 
 
 @pytest.mark.slow
-def test_fsdp2_through_accelerate_launch_with_the_readme_config(tmp_path, one_process):
-    """`accelerate launch --config_file` with the README's accelerate config (FSDP2), nothing FSDP in the
+def test_fsdp2_through_accelerate_launch_with_the_documented_config(tmp_path, one_process):
+    """`accelerate launch --config_file` with the accelerate config of docs/distributed.md (FSDP2), nothing FSDP in the
     training arguments: accelerate's environment sets FSDP up, and the run equals one process."""
     config = tmp_path / "fsdp.yaml"
-    config.write_text(readme_block("yaml", "distributed_type: FSDP"))
+    config.write_text(page_block("yaml", "distributed_type: FSDP"))
     accelerate = [[sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                    "--num_processes", "2"]]  # flags override the config file's values
     run = launch(tmp_path / "accelerate", {}, accelerate, batch=2)
@@ -436,25 +417,10 @@ def test_fsdp2_through_accelerate_launch_with_the_readme_config(tmp_path, one_pr
 # --- DeepSpeed -----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def deepspeed_environment(tmp_path_factory):
-    """DeepSpeed (skipped where it is not installed) and where it compiles its ops: DeepSpeed builds a shared-memory
-    communication op with g++ at the first start on CPU (~35 s), kept for the module, or in $TORCH_EXTENSIONS_DIR."""
-    if importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("DeepSpeed is not installed (pip install -e '.[deepspeed]')")
-    if shutil.which("g++") is None:
-        pytest.skip("DeepSpeed on CPU compiles an op with g++, which is not installed")
-    directory = os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
-    # the op is built with ninja, which pip installs beside the interpreter (or in a --target's bin)
-    binaries = [str(Path(sys.executable).parent)] + [
-        os.path.join(p, "bin") for p in sys.path if os.path.isfile(os.path.join(p, "bin", "ninja"))]
-    return {"TORCH_EXTENSIONS_DIR": directory, "PATH": os.pathsep.join(binaries + [os.environ["PATH"]])}
-
-
 def zero_config(stage: int) -> dict:
-    """The README's ZeRO-3 config (stage 2: the same with stage 2), plus, for stage 3, settings that keep no
+    """The ZeRO-3 config of docs/distributed.md (stage 2: the same with stage 2), plus, for stage 3, settings that keep no
     parameter gathered between uses: lm_head.weight is an empty partition outside its module's call, every step."""
-    config = json.loads(readme_block("json", '"zero_optimization"'))
+    config = json.loads(page_block("json", '"zero_optimization"'))
     config["zero_optimization"]["stage"] = stage
     if stage == 3:
         config["zero_optimization"].update(

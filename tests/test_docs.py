@@ -1,6 +1,14 @@
-"""README.md: its examples run. Every ```bash block runs, in order, in one shell (on a tiny model instead of
-SmolLM2, with the real data files); the TRL migration diff runs with orpo after its one changed line; and
-every `orpo` command appears in a block that runs (`orpo demo` is `make demo`)."""
+"""README.md and the pages of docs/: their examples run and their links lead somewhere.
+
+Every ```bash block runs, README first, then the pages in PAGES order, in one shell (on a tiny model instead of
+SmolLM2, with the real data files); the TRL migration diff runs with orpo after its one changed line; every `orpo`
+command appears in a block that runs (`orpo demo` is `make demo`); every relative link names a file that exists
+and, with a #fragment, a heading of that file; and the README stays a five-minute read.
+
+```sh blocks are what this suite's machine cannot run: the setup itself (make), launches on GPUs, several machines
+or hub models, Ollama and llama.cpp. What they launch is tested elsewhere: each recipe trains a step on a stand-in
+(tests/test_recipes.py), the FSDP2, ZeRO-3 and two-machine launches of docs/distributed.md run on CPU ranks with
+the page's own configs (tests/train/test_trainer_distributed.py)."""
 import json
 import os
 import re
@@ -13,6 +21,11 @@ from tiny import byte_level_chatml_tokenizer, save_tiny_chat_model
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+# docs/ in the order their blocks run (after the README's quick start, whose runs/uf the export page uses)
+PAGES = ["quickstart", "data", "vision", "configuration", "migrating-from-trl", "evaluation", "precision-and-memory",
+         "distributed", "export", "models", "recipes", "benchmarks", "errors"]
+DOCS = [README] + [REPO / "docs" / f"{name}.md" for name in PAGES]
+README_MAX_LINES = 250
 SHARED = Path("/work/shared")  # ../shared of the repository on this machine and on CI
 
 
@@ -23,11 +36,12 @@ def code_blocks(text: str, language: str) -> list[tuple[int, str]]:
 
 
 def _workdir(tmp_path) -> tuple[Path, str]:
-    """A repository-like directory (its tests/ are the repository's: the data fixtures) whose ../shared is
+    """A repository-like directory (its tests/ and recipes/ are the repository's) whose ../shared is
     the real data, and a tiny model beside it with a byte-level tokenizer (real texts keep distinct ids)."""
     (tmp_path / "shared").symlink_to(SHARED)
     (tmp_path / "repo").mkdir()
-    (tmp_path / "repo" / "tests").symlink_to(REPO / "tests")
+    for name in ("tests", "recipes"):
+        (tmp_path / "repo" / name).symlink_to(REPO / name)
     with open(SHARED / "data" / "ultrafeedback_1k_train.jsonl") as f:  # BPE merges: about 4 characters a token
         corpus = [text for line, _ in zip(f, range(300)) for text in json.loads(line).values() if isinstance(text, str)]
     tokenizer = byte_level_chatml_tokenizer(corpus, vocab_size=2000)
@@ -40,8 +54,39 @@ def _run(command: list[str], cwd: Path, timeout: int, **kwargs) -> subprocess.Co
                           stdin=subprocess.DEVNULL, **kwargs)
 
 
+def test_every_page_of_docs_is_run():
+    assert sorted(p.name for p in (REPO / "docs").glob("*.md")) == sorted(p.name for p in DOCS[1:])
+
+
+def test_the_readme_is_short():
+    assert len(README.read_text().splitlines()) <= README_MAX_LINES
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors of a Markdown text's headings: lower case, punctuation dropped, spaces as hyphens
+    (headings inside fenced blocks are not headings)."""
+    text = re.sub(r"^ *```.*?^ *```$", "", text, flags=re.M | re.S)
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def test_relative_links_lead_to_a_file_and_heading():
+    broken = []
+    for page in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target}: no such file")
+            elif anchor and anchor not in heading_anchors(linked.read_text()):
+                broken.append(f"{page.name}: {target}: no such heading")
+    assert not broken, broken
+
+
 def test_every_command_is_shown_in_a_block_that_runs():
-    shown = {m.group(1) for _, code in code_blocks(README.read_text(), "bash")
+    shown = {m.group(1) for page in DOCS for _, code in code_blocks(page.read_text(), "bash")
              for m in re.finditer(r"\borpo(?:\.cli)? ([a-z][\w-]*)", code)}
     subparsers = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(subparsers.choices) - {"demo"} <= shown, set(subparsers.choices) - shown
@@ -53,8 +98,8 @@ def test_bash_blocks_run(tmp_path):
     activation line is skipped (this Python's environment is already the one)."""
     work, tiny = _workdir(tmp_path)
     script = ["set -euo pipefail"]
-    for line_number, code in code_blocks(README.read_text(), "bash"):
-        script.append(f"echo '=== README.md line {line_number}' >&2")
+    for page, (line_number, code) in ((page, block) for page in DOCS for block in code_blocks(page.read_text(), "bash")):
+        script.append(f"echo '=== {page.relative_to(REPO)} line {line_number}' >&2")
         for line in code.splitlines():
             if line.strip() == ". .venv/bin/activate":
                 continue
@@ -83,7 +128,7 @@ def test_bash_blocks_run(tmp_path):
 
 
 def test_trl_migration_diff_runs_with_only_the_import_changed(tmp_path):
-    ((_, diff),) = code_blocks(README.read_text(), "diff")
+    ((_, diff),) = code_blocks((REPO / "docs" / "migrating-from-trl.md").read_text(), "diff")
     lines = diff.splitlines()
     before = [line[1:] for line in lines if line[:1] in (" ", "-", "")]
     after = [line[1:] for line in lines if line[:1] in (" ", "+", "")]
