@@ -78,7 +78,8 @@ SOURCES = {
     "Qwen/Qwen2.5-1.5B-Instruct": "https://huggingface.co/onnx-community/Qwen2.5-1.5B-Instruct (config.json, "
                                   "_name_or_path Qwen/Qwen2.5-1.5B-Instruct); parameters: Qwen's card, 1.54B",
     "Qwen/Qwen2.5-7B-Instruct": "https://huggingface.co/yongsen-teo/qwen25 (config.json, _name_or_path "
-                                "Qwen/Qwen2.5-7B-Instruct); parameters: https://huggingface.co/Qwen/Qwen2.5-7B-Instruct-GGUF, 7.61B",
+                                "Qwen/Qwen2.5-7B-Instruct); parameters: "
+                                "https://huggingface.co/Qwen/Qwen2.5-7B-Instruct-GGUF, 7.61B",
     "allenai/OLMoE-1B-7B-0924-Instruct": "https://huggingface.co/allenai/OLMoE-1B-7B-0924-Instruct/commit/"
                                          "39708a5226617a7695cc9f8bb2c50decd9af7afd (config.json); parameters: 6.92B "
                                          "(its GGUF page)",
@@ -138,7 +139,8 @@ def memory_line(name: str) -> str:
     settings = (shape, lengths, batch, True, "spans", activation_bytes, recipe.get("logprob_chunk_size", 1024),
                 False, torch.device(hardware.device), 1, BUDGET_SHARE * hardware.memory_gb)
     every, selective, _ = plan_checkpointing(*settings)
-    keep, _ = plan_head_probs(*settings)
+    # as ORPOTrainer._choose_head_probs: a run that recomputes keeps no head softmax
+    keep = every is None and plan_head_probs(*settings)[0]
     need, budget, _ = estimate_step(*settings, every, selective, keep)
     recompute = ("off" if every is None else f"every {every} layers" if every > 1 else "every layer") + \
                 (", selective" if every is not None and selective else "")

@@ -288,8 +288,9 @@ def cmd_eval(argv: list[str]) -> int:
 
     args = parse_subcommand_args("eval", argv)
     tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
-    vocab = text_tokenizer(tokenizer).get_vocab()
-    if args.compare and text_tokenizer(_load_tokenizer(args.compare, args.trust_remote_code)).get_vocab() != vocab:
+    words = text_tokenizer(tokenizer)
+    other = text_tokenizer(_load_tokenizer(args.compare, args.trust_remote_code)) if args.compare else words
+    if other.get_vocab() != words.get_vocab():
         raise OrpoError(f"--compare {args.compare}: its tokenizer differs from that of {args.model}; the two models "
                         "must score the same token ids")
     prepared = _prepare(args.dataset, args.dataset_split, tokenizer, args)
@@ -301,9 +302,8 @@ def cmd_eval(argv: list[str]) -> int:
         if args.reuse_cpu_memory and next(model.parameters()).device.type == "cpu":
             keep_freed_memory()  # train/allocator.py; the reference path alike
         logger.info("scoring %d pairs with %s (%s path)", len(pairs), name, "reference" if args.reference else "fast")
-        pad_id = text_tokenizer(tokenizer).pad_token_id
-        records[name] = evaluate_model(model, pairs, pad_id, args.nll_scope, args.reference, args.batch_size,
-                                       args.packing, args.packed_attention, args.logprob_chunk_size,
+        records[name] = evaluate_model(model, pairs, words.pad_token_id, args.nll_scope, args.reference,
+                                       args.batch_size, args.packing, args.packed_attention, args.logprob_chunk_size,
                                        args.batch_tokens, args.bf16 is True)  # unset: fp32 (see the flag's help)
         del model
     if args.compare:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from orpo.data.formats import IMAGE_COLUMNS, IMAGE_PART, place_images, read_images
-from orpo.data.images import is_processor, read_image, text_tokenizer
+from orpo.data.formats import IMAGE_COLUMNS, IMAGE_PART, prompt_images
+from orpo.data.images import is_processor, read_image_files, text_tokenizer
 from orpo.data.render import encode_image_prompt, encode_prompt, stop_token_ids
 from orpo.errors import DroppedPair, OrpoError
 from orpo.ops.vision import reference_inputs
@@ -46,12 +46,9 @@ def read_prompts(path: str) -> list[dict]:
                 messages = prompt
             else:
                 raise OrpoError(f"{path}, line {n}: expected a 'prompt' (text or messages) or MT-Bench 'turns'")
-            column = next((c for c in IMAGE_COLUMNS if c in row), None)
             try:
-                images = read_images(row.get(column), column) if column else ()
-                messages = place_images(messages, len(images))
-                images = tuple(read_image(entry, Path(path).resolve().parent, f"images[{i}]")
-                               for i, entry in enumerate(images))
+                messages, images = prompt_images(messages, row, next((c for c in IMAGE_COLUMNS if c in row), None))
+                images = read_image_files(images, Path(path).resolve().parent)
             except DroppedPair as problem:
                 raise OrpoError(f"{path}, line {n}: {problem.detail}") from None
             prompts.append({"id": row.get("question_id", row.get("id", n - 1)), "messages": messages, "images": images})

@@ -289,8 +289,7 @@ def _pair(row: dict, index: int, shape: str, columns: _Columns, fmt: RowFormat) 
             prompt = _messages(row.get(columns.turns), columns.turns, "user")
         else:
             prompt = _prompt(row, columns.prompt)
-    images = read_images(row.get(columns.images), columns.images) if columns.images else ()
-    prompt = place_images(prompt, len(images))
+    prompt, images = prompt_images(prompt, row, columns.images)
     if not "".join(message_text(m) for m in prompt).strip() and not images:
         raise DroppedPair(WRONG_TYPES, "prompt is empty")
     if prompt[-1]["role"] == "assistant":
@@ -318,6 +317,13 @@ def read_images(value, column: str) -> tuple:
             raise DroppedPair(WRONG_TYPES, f"{column}[{i}] is {_kind(item)}, expected a file path, bytes, "
                                            "{'bytes', 'path'} or a PIL image")
     return tuple(items)
+
+
+def prompt_images(prompt: list[Message], row: dict, column: str | None) -> tuple[list[Message], tuple]:
+    """(the prompt with one image part per image, the row's images): the images of its column `column` (None:
+    the row has no images column) placed in the prompt (`read_images`, `place_images`; their DroppedPairs)."""
+    images = read_images(row.get(column), column) if column else ()
+    return place_images(prompt, len(images)), images
 
 
 def place_images(prompt: list[Message], images: int) -> list[Message]:

@@ -66,6 +66,11 @@ def read_image(entry, root: Path | None, where: str) -> bytes:
     return data
 
 
+def read_image_files(entries, root: Path | None) -> tuple[bytes, ...]:
+    """`read_image` of each of a row's image entries, named `images[i]` in its DroppedPair."""
+    return tuple(read_image(entry, root, f"images[{i}]") for i, entry in enumerate(entries))
+
+
 def image_files(value, root: Path | None) -> list[str]:
     """The files a row's images column names (`value`: one entry or a list; paths resolved against `root`,
     {"path"} dicts without bytes), for the prepared-data cache to notice an image edited in place."""

@@ -35,7 +35,7 @@ from jinja2 import TemplateError
 from orpo.errors import (EMPTY_RESPONSE, SAME_AFTER_TRUNCATION, TEMPLATE_ERROR, TEXT_ONLY_MODEL, TOO_LONG, DroppedPair,
                          OrpoError)
 from orpo.data.formats import PreferencePair
-from orpo.data.images import TEXT_KEYS, decode_image, is_processor, read_image, text_tokenizer
+from orpo.data.images import TEXT_KEYS, decode_image, is_processor, read_image_files, text_tokenizer
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -168,13 +168,13 @@ def _render_prompt(tokenizer, messages: list[dict], images: tuple[bytes, ...] = 
     return text, ids, vision_inputs
 
 
-def encode_prompt(tokenizer, messages: list[dict], images: tuple[bytes, ...] = ()) -> list[int]:
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """The prompt ids training uses, and so the ids generation must feed the model: `messages`
     through the chat template with the generation prompt, tokenized with add_special_tokens=False,
-    with BOS prepended iff the tokenizer normally adds one and the template did not write it. With
-    `images` (image file bytes; `tokenizer` a processor) use `encode_image_prompt`, which also returns
-    their inputs. Raises what the template raises (TEMPLATE_ERRORS)."""
-    return _render_prompt(tokenizer, messages, images)[1]
+    with BOS prepended iff the tokenizer normally adds one and the template did not write it. A prompt
+    with images: `encode_image_prompt`, which also returns their inputs. Raises what the template
+    raises (TEMPLATE_ERRORS)."""
+    return _render_prompt(tokenizer, messages)[1]
 
 
 def encode_image_prompt(processor, messages: list[dict], images: tuple[bytes, ...]) -> tuple[list[int], dict | None]:
@@ -308,7 +308,7 @@ def render_pair(pair: PreferencePair, tokenizer, max_length: int | None,
     if pair.images and not is_processor(tokenizer):
         raise DroppedPair(TEXT_ONLY_MODEL, f"the prompt has {len(pair.images)} image(s) and the model's tokenizer "
                                            "no image processor")
-    images = tuple(read_image(entry, image_root, f"images[{i}]") for i, entry in enumerate(pair.images))
+    images = read_image_files(pair.images, image_root)
     pair = clip_pair(pair, max_length, max_prompt_length, max_completion_length)
     words = text_tokenizer(tokenizer)
     try:
