@@ -36,7 +36,7 @@ from orpo.data.render import TokenizedPair
 from orpo.ops.scoring import summarize
 from orpo.train.config import ORPOConfig, prepare_data
 from orpo.train.models import fetch_smollm2, load_model, load_tokenizer
-from orpo.train.trainer import ORPOTrainer
+from orpo.run.trainer import ORPOTrainer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {

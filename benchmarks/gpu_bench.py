@@ -98,7 +98,7 @@ def run_orpo(model, rows, tokenizer, device, out, steps, batch):
     timer = StepTimer(device)
     trainer.add_callback(timer)
     trainer.train()
-    return timer.seconds, getattr(trainer, "checkpointing_reason", "")
+    return timer.seconds, trainer.plan.choice("activation checkpointing").reason
 
 
 def run_trl(model, rows, tokenizer, device, out, steps, batch):

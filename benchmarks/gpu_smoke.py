@@ -203,8 +203,8 @@ def train_run(config, state, pairs, tokenizer, device, out, name, steps, **overr
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "step_memory_gib": (torch.cuda.max_memory_allocated() - in_use) / 2**30 if device.type == "cuda" else None,
         "estimated_step_gib": estimated_step_bytes(trainer, pairs) / 2**30,
-        "bf16": trainer.args.bf16, "precision": trainer.args.precision_reason,
-        "checkpointing": getattr(trainer, "checkpointing_reason", f"set: {trainer.args.activation_checkpointing}"),
+        "bf16": trainer.args.bf16, "precision": trainer.plan.choice("precision").reason,
+        "checkpointing": trainer.plan.choice("activation checkpointing").reason,
         "nonfinite_skipped": trainer.nonfinite_skipped,
     }
     return trainer, figures
@@ -218,8 +218,8 @@ def estimated_step_bytes(trainer, pairs) -> int:
     shape = decoder_shape(lm, lm.config.get_text_config())
     args = trainer.args
     tokens, pair_lengths = largest_micro_batch([(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids))
-                                                for p in pairs], args.per_device_train_batch_size, trainer.route.packing,
-                                               trainer.route.attention)
+                                                for p in pairs], args.per_device_train_batch_size, trainer.plan.route.packing,
+                                               trainer.plan.route.attention)
     every = (args.activation_checkpointing_kwargs or {}).get("every_n_layers", 1)
     checkpointed = recomputed_layers(shape.layers, every) if args.activation_checkpointing else ()
     return step_bytes(shape, tokens, pair_lengths, 2 if args.bf16 or args.fp16 else 4, checkpointed,
@@ -281,8 +281,7 @@ trainer = ORPOTrainer(model=transformers.LlamaForCausalLM(config), train_dataset
                                       save_steps=2, report_to="none", disable_tqdm=True, report=False,
                                       bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
                                       fsdp=True, fsdp_config=fsdp_config))
-trainer.train()
-trainer.save_model()
+trainer.train()  # and the model saved (run/finish.py)
 head = trainer.accelerator.unwrap_model(trainer.model_wrapped).lm_head
 print(json.dumps({"distributed_type": str(trainer.accelerator.distributed_type),
                   "lm_head_weight": type(head.weight).__name__,

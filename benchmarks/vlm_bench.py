@@ -102,8 +102,8 @@ def worker(args) -> None:
             if record.getMessage().startswith("route: "):
                 routes.append(record.getMessage()[len("route: "):])
 
-    logging.getLogger("orpo.train.trainer").addHandler(RouteLog())
-    logging.getLogger("orpo.train.trainer").setLevel(logging.INFO)
+    logging.getLogger("orpo.run.trainer").addHandler(RouteLog())
+    logging.getLogger("orpo.run.trainer").setLevel(logging.INFO)
     with tempfile.TemporaryDirectory() as tmp:
         config = ORPOConfig(output_dir=tmp, per_device_train_batch_size=args.batch, num_train_epochs=1,
                             learning_rate=1e-6, report_to="none", save_strategy="no", report=False, disable_tqdm=True,

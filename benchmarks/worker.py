@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 
 from orpo.data.formats import rows_to_pairs  # noqa: E402
 from orpo.data.load import load_rows  # noqa: E402
@@ -128,6 +128,17 @@ def version(name):
         return None
 
 
+class TrainingClock(TrainerCallback):
+    """Seconds from the Trainer's on_train_begin to its on_train_end: the training loop of either trainer, without
+    what follows it (orpo saves the model and its card after it; TRL does not)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.start
+
+
 def peak_rss_gb():
     with open("/proc/self/status") as f:
         for line in f:
@@ -185,9 +196,10 @@ def main():
         profiler = StepProfiler(model.config.get_text_config().vocab_size, first=4, steps=a.profile_steps)
         trainer.add_callback(profiler)
 
-    start = time.perf_counter()
+    clock = TrainingClock()  # the training loop alone: orpo's train() also saves the model and its card after it
+    trainer.add_callback(clock)
     trainer.train()
-    seconds = time.perf_counter() - start
+    seconds = clock.seconds
 
     shutil.rmtree(config.output_dir, ignore_errors=True)  # orpo writes metrics.jsonl there
     trained = len(trainer.train_dataset)
@@ -207,8 +219,9 @@ def main():
         "peak_rss_gb": round(peak_rss_gb(), 3), "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "checkpointing_every_n_layers": (trainer.args.gradient_checkpointing_kwargs or {}).get("every_n_layers", 1)
         if trainer.args.gradient_checkpointing else None,
-        "checkpointing_reason": getattr(trainer, "checkpointing_reason", None),
-        "precision": getattr(trainer.args, "precision_reason", None),
+        "checkpointing_reason": trainer.plan.choice("activation checkpointing").reason
+        if hasattr(trainer, "plan") else None,
+        "precision": trainer.plan.choice("precision").reason if hasattr(trainer, "plan") else None,
         "loss_logged": loss, "config": a.config,
         **({"profile": profiler.table(top=6)} if profiler else {}),
         "versions": {k: version(k) for k in ("torch", "transformers", "trl", "orpo")},

@@ -10,7 +10,7 @@ def __getattr__(name):
 
         return ORPOConfig
     if name == "ORPOTrainer":
-        from orpo.train.trainer import ORPOTrainer
+        from orpo.run.trainer import ORPOTrainer
 
         return ORPOTrainer
     raise AttributeError(name)

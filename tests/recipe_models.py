@@ -2,7 +2,7 @@
 recipe is written for.
 
 `python tests/recipe_models.py` rewrites the `# memory:` line of every recipe in recipes/ with orpo's own estimate
-(orpo/train/memory.py: the planner's `plan_checkpointing` and `plan_head_probs`, then `estimate_step`, as a run
+(orpo/run/plan.py: the plan's `plan_recompute` and `plan_head`, then `estimate_step`, as a run
 makes them), computed on the model built from its published config on the meta device (no weights, nothing
 downloaded), with the recipe's LoRA and frozen vision tower, for the longest pairs its length limits let through
 (`render.longest_pair`: what orpo sizes a stream by), in bf16 autocast on a GPU, and against a budget of 80% of
@@ -118,9 +118,11 @@ def meta_model(hub_id: str, recipe: dict) -> torch.nn.Module:
 
 def memory_line(name: str) -> str:
     """The `# memory:` line of recipe `name` (the module docstring)."""
+    from orpo.commands.cli import parse_train_args
     from orpo.data.render import longest_pair
     from orpo.ops.forward import causal_lm
-    from orpo.train.memory import decoder_shape, estimate_step, plan_checkpointing, plan_head_probs
+    from orpo.run.plan import plan_head, plan_recompute
+    from orpo.train.memory import decoder_shape, estimate_step
 
     recipe, hardware = read_recipe(name), HARDWARE[name]
     model = meta_model(recipe["model"], recipe)
@@ -138,9 +140,10 @@ def memory_line(name: str) -> str:
     activation_bytes = 2 if hardware.device == "cuda" else 4  # bf16 autocast on GPUs from Ampere on; the CPU: fp32
     settings = (shape, lengths, batch, True, "spans", activation_bytes, recipe.get("logprob_chunk_size", 1024),
                 False, torch.device(hardware.device), 1, BUDGET_SHARE * hardware.memory_gb)
-    every, selective, _ = plan_checkpointing(*settings)
-    # as ORPOTrainer._choose_head_probs: a run that recomputes keeps no head softmax
-    keep = every is None and plan_head_probs(*settings)[0]
+    _, _, config = parse_train_args(["--config", str(RECIPES / name)])
+    recompute = plan_recompute(config, settings)  # the run's plan, in the order a run decides
+    keep, _ = plan_head(config, recompute, settings)
+    every, selective = recompute.every_n_layers, recompute.selective
     need, budget, _ = estimate_step(*settings, every, selective, keep)
     recompute = ("off" if every is None else f"every {every} layers" if every > 1 else "every layer") + \
                 (", selective" if every is not None and selective else "")

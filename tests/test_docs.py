@@ -8,7 +8,7 @@ and, with a #fragment, a heading of that file; and the README stays a five-minut
 ```sh blocks are what this suite's machine cannot run: the setup itself (make), launches on GPUs, several machines
 or hub models, Ollama and llama.cpp. What they launch is tested elsewhere: each recipe trains a step on a stand-in
 (tests/test_recipes.py), the FSDP2, ZeRO-3 and two-machine launches of docs/distributed.md run on CPU ranks with
-the page's own configs (tests/train/test_trainer_distributed.py)."""
+the page's own configs (tests/run/test_trainer_distributed.py)."""
 import json
 import os
 import re

@@ -4,7 +4,7 @@ as the recipe says: LoRA, FSDP2, ZeRO-3, the router loss, the vision tower), and
 tests/recipe_models.py computes, on a config whose parameter count is its model card's.
 
 The sharded recipes run under torchrun with 2 CPU ranks (gloo), FSDP2 set up as on a GPU (tests/cpu_fsdp.py); the
-multi-node one as one machine's 2 ranks (the two-machine launch itself: tests/train/test_trainer_distributed.py)."""
+multi-node one as one machine's 2 ranks (the two-machine launch itself: tests/run/test_trainer_distributed.py)."""
 import json
 import math
 import os
@@ -89,13 +89,13 @@ def _stand_in(name: str, tmp_path: Path, stand_in_data, monkeypatch) -> list[str
     model_type = PUBLISHED[read_recipe(name)["model"]][0]
     train, evaluation, tokenizer = stand_in_data
     if model_type == "qwen2_vl":
-        from orpo.train import models
+        from orpo.run import setup
         from vision_models import family_processor, image_rows_files, tiny_vision_model
 
         model = tmp_path / "model"
         tiny_vision_model(model_type).save_pretrained(model)
         # its processor needs torchvision (for the video processor) to load: the tests' builder stands in for it
-        monkeypatch.setattr(models, "load_tokenizer", lambda path, trust_remote_code=False: family_processor(model_type))
+        monkeypatch.setattr(setup, "load_tokenizer", lambda path, trust_remote_code=False: family_processor(model_type))
         train = evaluation = image_rows_files(tmp_path)[0]
     else:
         model = save_family_model(model_type, tmp_path / "model", tokenizer)

@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 
 from orpo.errors import OrpoError
+from orpo.ranges import Range
 from orpo.train.models import DTYPES, GGUF_OUTTYPES  # cheap: the config module imports transformers, so it is imported lazily
 
 logger = logging.getLogger("orpo")
@@ -33,20 +34,31 @@ def _read_yaml_config(path: str) -> dict:
     return values
 
 
+def _parser(dataclasses_, prog: str):
+    """transformers' HfArgumentParser whose errors (an unknown choice, a value of the wrong type) are one
+    OrpoError line, without argparse's usage block (hundreds of flags for orpo train)."""
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message):
+            raise OrpoError(f"{self.prog}: {message}; see {self.prog} --help")
+
+    return Parser(dataclasses_, prog=prog)
+
+
 def parse_train_args(argv: list[str]):
     """(ModelArguments, DataArguments, ORPOConfig) from flags and an optional --config YAML.
 
     The YAML file's values become the parser's defaults (typed, so `null` works), and flags given
-    on the command line override them.
+    on the command line override them. `--dtype` is the model's dtype, which ORPOTrainer reads from
+    `model_init_kwargs` (as TRL does): it is written there.
     """
-    from transformers import HfArgumentParser
-
     from orpo.train.config import DataArguments, ModelArguments, ORPOConfig
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, ORPOConfig), prog="orpo train")
+    parser = _parser((ModelArguments, DataArguments, ORPOConfig), prog="orpo train")
     parser.set_defaults(output_dir="orpo-output")
     if known.config:
         values = _read_yaml_config(known.config)
@@ -57,170 +69,95 @@ def parse_train_args(argv: list[str]):
         for key in values:
             actions[key].required = False  # given by the file
         parser.set_defaults(**values)
-    *parsed, remaining = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
+    model_args, data_args, config, remaining = parser.parse_args_into_dataclasses(args=rest,
+                                                                                  return_remaining_strings=True)
     if remaining:
         raise OrpoError(f"orpo train: unknown options {remaining}; see orpo train --help")
-    return tuple(parsed)
+    init_kwargs = config.model_init_kwargs or {}
+    for key in ("dtype", "torch_dtype"):
+        if key in init_kwargs:
+            raise OrpoError(f"--model_init_kwargs: {key} has its own flag (--dtype); give it there")
+    if model_args.dtype != "float32":
+        config = dataclasses.replace(config, model_init_kwargs={**init_kwargs, "dtype": model_args.dtype})
+    return model_args, data_args, config
 
 
-def _load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, on_accelerator: bool = True,
-                init_kwargs: dict | None = None):
-    """The model, on this machine's accelerator (CUDA, MPS, XPU, ...) if it has one and `on_accelerator`
-    (training leaves placement to the Trainer); `init_kwargs`: more keywords for from_pretrained
-    (--model_init_kwargs, e.g. {"output_router_logits": true} or {"attn_implementation": "eager"})."""
+def cmd_train(argv: list[str]) -> int:
+    """`orpo train`: the flags parsed, then what a Python user writes (ORPOTrainer(...).train()); --dry_run
+    prints the run's plan instead of training."""
+    model_args, data_args, config = parse_train_args(argv)
+    from orpo.run.launch import end_process
+    from orpo.run.trainer import ORPOTrainer
+    from orpo.train.checkpoints import RunFinished, check_output_dir
+
+    peft_config = None
+    if model_args.use_peft:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+                                 lora_dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
+                                 task_type="CAUSAL_LM")
+    output_existed = Path(config.output_dir).exists()
+    try:
+        # the command starts a fresh run unless told to resume: an output_dir with files is refused now
+        check_output_dir(config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir,
+                         config.previous_run, config.max_steps)
+        trainer = ORPOTrainer(model=model_args.model, args=config, train_dataset=data_args.dataset,
+                              eval_dataset=data_args.eval_dataset, peft_config=peft_config)
+    except RunFinished as finished:  # a rerun of a finished run (a requeued job, say) trains nothing and succeeds
+        logger.warning("%s", finished)
+        return 0
+    if model_args.dry_run:
+        print(dry_run_report(trainer, model_args, data_args, config))
+        if not output_existed and Path(config.output_dir).is_dir() and not any(Path(config.output_dir).iterdir()):
+            Path(config.output_dir).rmdir()  # the Trainer makes output_dir; a dry run leaves nothing behind
+        return 0
+    trainer.train()
+    end_process(trainer.accelerator, trainer.args.world_size)
+    return 0
+
+
+def dry_run_report(trainer, model_args, data_args, config) -> str:
+    """What `orpo train --dry_run` prints: the model, the settings that differ from the defaults
+    (config.changed_settings), then the run's plan: every choice with its reason (run/plan.py)."""
+    from orpo.ops.forward import causal_lm
+    from orpo.train.config import changed_settings
+
+    params = list(trainer.model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    changed = {k: v for k, v in changed_settings(config).items() if k != "output_dir"}
+    lines = [
+        f"dry run of orpo train into {config.output_dir}: every input checked, nothing trained, nothing written "
+        "to output_dir",
+        f"model: {model_args.model} ({type(causal_lm(trainer.model)).__name__}, "
+        f"{sum(p.numel() for p in params):,} parameters, {trainable:,} trainable"
+        f"{', LoRA' if model_args.use_peft else ''})",
+        "settings changed from the defaults: " + (", ".join(f"{k}={v}" for k, v in changed.items()) or "none"),
+    ]
+    return "\n".join(lines + trainer.plan.lines())
+
+
+def _load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """The model, on this machine's accelerator (CUDA, MPS, XPU, ...) if it has one: for the commands that
+    score or generate (training loads through ORPOTrainer, and the Trainer places the model)."""
     import torch
 
     from orpo.train.models import load_model
 
-    init_kwargs = dict(init_kwargs or {})
-    for key in ("dtype", "torch_dtype", "trust_remote_code"):
-        if key in init_kwargs:
-            raise OrpoError(f"--model_init_kwargs: {key} has its own flag (--{key.removeprefix('torch_')}); "
-                            "give it there")
-    model = load_model(name, dtype=dtype, trust_remote_code=trust_remote_code, **init_kwargs)
-    if on_accelerator and torch.accelerator.is_available():
+    model = load_model(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    if torch.accelerator.is_available():
         model.to(torch.accelerator.current_accelerator())
     return model
 
 
 def _load_tokenizer(name: str, trust_remote_code: bool = False):
-    from orpo.train.models import load_tokenizer
     from orpo.data.render import ensure_chat_template
+    from orpo.train.models import load_tokenizer
 
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     for warning in ensure_chat_template(tokenizer):
         logger.warning("warning: %s", warning)
     return tokenizer
-
-
-def cmd_train(argv: list[str]) -> int:
-    model_args, data_args, config = parse_train_args(argv)
-    from orpo.train.checkpoints import RunFinished, check_unfinished
-    from orpo.train.config import changed_settings
-    from orpo.train.trainer import ORPOTrainer
-
-    try:  # a rerun of a finished run (a requeued job, say) trains nothing and succeeds
-        check_unfinished(config.output_dir, config.resume_from_checkpoint, config.max_steps)
-    except RunFinished as finished:
-        logger.warning("%s", finished)
-        return 0
-
-    tokenizer = _load_tokenizer(model_args.model, config.trust_remote_code)
-    # Prepared before the model loads, so a data problem ends the run in seconds.
-    if config.streaming:  # its first rows read now: a source that cannot be read ends the run here too
-        from orpo.train.config import stream_data
-
-        train = stream_data(config, data_args.dataset, tokenizer, data_args.dataset_split)
-    else:
-        train = _prepare(data_args.dataset, data_args.dataset_split, tokenizer, config)
-    eval_data = _prepare(data_args.eval_dataset, data_args.eval_split, tokenizer, config) if data_args.eval_dataset else None
-    model = _load_model(model_args.model, model_args.dtype, config.trust_remote_code, on_accelerator=False,
-                        init_kwargs=config.model_init_kwargs)
-    if model_args.export_gguf:  # a model the export refuses is refused before it is trained
-        from orpo.export.gguf import check_exportable
-
-        check_exportable(model.config.get_text_config(), tokenizer)
-    peft_config = None
-    if model_args.use_peft:
-        from peft import LoraConfig
-
-        targets = model_args.lora_target_modules or []
-        if "lm_head" in targets and model.config.get_text_config().tie_word_embeddings:
-            raise OrpoError(f"{model_args.model}: lm_head shares its weight with the input embedding (tied), so "
-                            "merging its LoRA adapter into the saved model would change the embedding too; leave "
-                            "lm_head out of --lora_target_modules")
-        peft_config = LoraConfig(
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
-            target_modules=model_args.lora_target_modules,
-            task_type="CAUSAL_LM",
-        )
-    output_existed = Path(config.output_dir).exists()
-    changed = changed_settings(config)  # before the trainer makes its own choices (recompute, head softmax)
-    trainer = ORPOTrainer(
-        model=model,
-        args=config,
-        train_dataset=train,
-        eval_dataset=eval_data,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-    if model_args.dry_run:
-        print(dry_run_report(trainer, model_args, data_args, train, eval_data, changed))
-        if not output_existed and Path(config.output_dir).is_dir() and not any(Path(config.output_dir).iterdir()):
-            Path(config.output_dir).rmdir()  # the Trainer makes output_dir; a dry run leaves nothing behind
-        return 0
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    step = trainer.state.global_step
-    if eval_data is not None and not any("eval_runtime" in r and r.get("step") == step for r in trainer.state.log_history):
-        trainer.evaluate()  # the final model on the eval set (metrics.jsonl; eval_pairs.jsonl with --save_eval_pairs)
-    if model_args.use_peft:
-        trainer.model = trainer.model.merge_and_unload()
-    trainer.save_model(config.output_dir)
-    logger.info("saved the trained model and tokenizer to %s", config.output_dir)
-    if trainer.is_world_process_zero():  # its model card beside it, as the report is written (by the main process)
-        from orpo.export.card import card_settings, write_card
-
-        try:
-            logger.info("model card: %s", write_card(
-                config.output_dir, model_args.model, card_settings(config, step, peft_config), (data_args.dataset, train),
-                (data_args.eval_dataset, eval_data) if eval_data is not None else None))
-        except OrpoError as err:  # e.g. an unreadable metrics.jsonl: the trained model is saved all the same
-            logger.warning("no model card: %s", err)
-        if model_args.export_gguf:
-            from orpo.commands.export import run_export
-
-            run_export(config.output_dir, model_args.export_gguf, model_args.export_outtype)
-    # trackers finish and, under torchrun, the process group is destroyed: a rank that exits with its
-    # gloo/NCCL threads still running can abort ("terminate called without an active exception")
-    trainer.accelerator.end_training()
-    if trainer.args.world_size > 1:
-        # Even so, a gloo rank still aborts in the interpreter's teardown now and then (about 1 launch in
-        # 5 on 2 CPU cores; the thread behind it is not found), failing a run that has written everything.
-        # Everything is written and closed here, so the rank skips the teardown.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
-
-
-def dry_run_report(trainer, model_args, data_args, train, eval_data, changed: dict) -> str:
-    """What `orpo train --dry_run` prints: the model, the settings that differ from the defaults (`changed`:
-    config.changed_settings), the data's rows and drops, the route, precision and recompute chosen, and the
-    step's memory against the budget."""
-    from orpo.data.stream import PairStream
-    from orpo.ops.forward import causal_lm
-
-    params = list(trainer.model.parameters())
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    changed = {k: v for k, v in changed.items() if k != "output_dir"}
-
-    def data(source, prepared) -> str:
-        if isinstance(prepared, PairStream):
-            return f"{source}: streamed (rows are read, tokenized and counted as training takes them)"
-        return f"{source}: {prepared.report()}".replace(":\n  ", ": ").replace("\n  ", "; ")  # one line
-
-    lines = [
-        f"dry run of orpo train into {trainer.args.output_dir}: nothing is trained, no weights are written",
-        f"model: {model_args.model} ({type(causal_lm(trainer.model)).__name__}, "
-        f"{sum(p.numel() for p in params):,} parameters, {trainable:,} trainable"
-        f"{', LoRA' if model_args.use_peft else ''})",
-        "settings changed from the defaults: " + (", ".join(f"{k}={v}" for k, v in changed.items()) or "none"),
-        f"train data: {data(data_args.dataset, train)}",
-    ]
-    if eval_data is not None:
-        lines.append(f"eval data: {data(data_args.eval_dataset, eval_data)}")
-    lines += [f"route: {trainer.route.describe()}", f"precision: {trainer.args.precision_reason}"]
-    if hasattr(trainer, "checkpointing_reason"):
-        lines.append(f"activation checkpointing: {trainer.checkpointing_reason}")
-    else:
-        kwargs = trainer.args.activation_checkpointing_kwargs or {}
-        lines.append(f"activation checkpointing: {'on' if trainer.args.gradient_checkpointing else 'off'} (as set"
-                     f"{', every ' + str(kwargs['every_n_layers']) + ' layers' if 'every_n_layers' in kwargs else ''})")
-    lines += [f"output head softmax: {trainer.head_probs_reason}", f"memory: {trainer.memory_estimate()}"]
-    return "\n".join(lines)
 
 
 def _prepare(source: str, split: str, tokenizer, args):
@@ -230,8 +167,11 @@ def _prepare(source: str, split: str, tokenizer, args):
 
 
 def subcommand_flags(name: str, sources: list[tuple[type, tuple[str, ...]]]) -> type:
-    """A dataclass holding the named fields of each source dataclass, with their types, defaults and
-    help unchanged: the flags of `orpo eval` and `orpo data inspect` are the training fields themselves."""
+    """A dataclass holding the named fields of each source dataclass, with their types, defaults, help and
+    ranges unchanged, checked as the config checks them (`config.check_fields`: ranges, choices, conflicts):
+    the flags of `orpo eval` and `orpo data inspect` are the training fields themselves."""
+    from orpo.train.config import check_fields
+
     specs = []
     for cls, names in sources:
         hints = typing.get_type_hints(cls)
@@ -244,7 +184,7 @@ def subcommand_flags(name: str, sources: list[tuple[type, tuple[str, ...]]]) -> 
             specs.append((n, hints[n], dataclasses.field(metadata=f.metadata, **default)))
     required_first = sorted(specs, key=lambda spec: not (spec[2].default is dataclasses.MISSING
                                                          and spec[2].default_factory is dataclasses.MISSING))
-    return dataclasses.make_dataclass(name, required_first)
+    return dataclasses.make_dataclass(name, required_first, namespace={"__post_init__": check_fields})
 
 
 DATA_FIELDS = ("prompt_column", "chosen_column", "rejected_column", "response_columns", "label_column", "label_map",
@@ -256,19 +196,17 @@ EVAL_FIELDS = ("beta", "nll_scope", "packing", "packed_attention", "logprob_chun
 
 
 def _subcommand_parser(command: str):
-    from transformers import HfArgumentParser
-
     from orpo.train.config import (DataArguments, EvalArguments, InspectArguments, ModelArguments, ORPOConfig,
                                    PrepareArguments)
 
     sources = [(ModelArguments, ("model", "dtype") if command == "eval" else ("model",)),
-               (DataArguments, ("dataset", "dataset_split")),
-               (ORPOConfig, ("trust_remote_code", *DATA_FIELDS) + (EVAL_FIELDS if command == "eval" else ()))]
+               (DataArguments, ("dataset",)),
+               (ORPOConfig, ("dataset_split", "trust_remote_code", *DATA_FIELDS) + (EVAL_FIELDS if command == "eval" else ()))]
     sources.append({"eval": (EvalArguments, ("output", "limit", "compare", "reference", "batch_tokens", "batch_size")),
                     "data inspect": (InspectArguments, ("n",)),
                     "data prepare": (PrepareArguments, ("output",))}[command])
     flags = subcommand_flags(command.title().replace(" ", "") + "Flags", sources)
-    return HfArgumentParser(flags, prog=f"orpo {command}")
+    return _parser(flags, prog=f"orpo {command}")
 
 
 def parse_subcommand_args(command: str, argv: list[str]):
@@ -284,9 +222,13 @@ def cmd_eval(argv: list[str]) -> int:
     from orpo.commands.evaluate import evaluate_model
     from orpo.data.images import text_tokenizer
     from orpo.ops.scoring import summarize
+    from orpo.run.checks import check_writable_file
     from orpo.train.allocator import keep_freed_memory
+    from orpo.train.report import write_pair_records
 
     args = parse_subcommand_args("eval", argv)
+    if args.output:  # written after every pair is scored: checked before anything is loaded
+        check_writable_file("output", args.output)
     tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
     words = text_tokenizer(tokenizer)
     other = text_tokenizer(_load_tokenizer(args.compare, args.trust_remote_code)) if args.compare else words
@@ -315,17 +257,21 @@ def cmd_eval(argv: list[str]) -> int:
         per_pair, summary = records[args.model], summarize(records[args.model], args.beta)
         print(json.dumps(summary))
     if args.output:
-        with open(args.output, "w") as f:
-            f.writelines(json.dumps(record) + "\n" for record in per_pair)
-            f.write(json.dumps({"summary": summary}) + "\n")
+        write_pair_records(args.output, per_pair, summary)
     return 0
 
 
 def cmd_prepare(argv: list[str]) -> int:
     """Prepare a dataset ahead of training (the cache, and `--output DIR`), printing what was kept and where."""
+    from orpo.data.store import is_prepared_dir
+    from orpo.run.checks import check_writable_dir
     from orpo.train.config import prepare_data
 
     args = parse_subcommand_args("data prepare", argv)
+    if args.output:  # checked before the data is prepared
+        check_writable_dir("output", args.output)
+        if Path(args.output).is_dir() and any(Path(args.output).iterdir()) and not is_prepared_dir(args.output):
+            raise OrpoError(f"--output {args.output}: exists and is not empty; name a new directory")
     tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
     prepared = prepare_data(args, args.dataset, tokenizer, args.dataset_split, output_dir=args.output)
     print(prepared.report())
@@ -403,7 +349,11 @@ def cmd_report(args) -> int:
 
 def cmd_generate(args) -> int:
     from orpo.commands.generate import generate_answers, prompt_text, read_prompts, write_side_by_side
+    from orpo.run.checks import check_writable_file
 
+    html_path = str(Path(args.output).with_suffix(".html"))
+    for path in (args.output, html_path):  # written after every answer is generated: checked first
+        check_writable_file("output", path)
     prompts = read_prompts(args.prompts)[: args.limit]
     models = [args.model] + ([args.compare] if args.compare else [])
     answers = {}
@@ -417,7 +367,6 @@ def cmd_generate(args) -> int:
         {"id": p["id"], "prompt": prompt_text(p["messages"]), "answers": {m: answers[m][i] for m in models}}
         for i, p in enumerate(prompts)
     ]
-    html_path = str(Path(args.output).with_suffix(".html"))
     write_side_by_side(records, models, args.output, html_path)
     print(f"{args.output}\n{html_path}")
     return 0
@@ -460,9 +409,22 @@ def cmd_chat(args) -> int:
     return 0
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one OrpoError line (main prints it, exit code 2), without the usage block."""
+
+    def error(self, message):
+        raise OrpoError(f"{self.prog}: {message}; see {self.prog} --help")
+
+
+# The numeric flags of the argparse subcommands (the others take ORPOConfig's fields, with their ranges).
+SEED = Range(int, 0, 2**32 - 1)
+COUNT = Range(int, 1)
+TEMPERATURE = Range(float, 0, note="0: greedy")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orpo", description="Exact, fast ORPO training for Hugging Face causal LMs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _ArgumentParser(prog="orpo", description="Exact, fast ORPO training for Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
     sub.add_parser("train", help="train a model with ORPO (all flags: orpo train --help)", add_help=False)
 
     sub.add_parser("eval", help="ORPO metrics of a model on preference data, without training (orpo eval --help)",
@@ -476,8 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="offline ORPO demo on SmolLM2-135M-Instruct (a few minutes on CPU)")
     demo.add_argument("--output_dir", default="orpo-demo")
-    demo.add_argument("--max_steps", type=int, default=None)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--max_steps", type=COUNT, default=None)
+    demo.add_argument("--seed", type=SEED, default=0)
     demo.add_argument("--sft_baseline", "--sft-baseline", action="store_true",
                       help="also train SFT only (beta 0, same data, steps and learning rate) and show it as a column: "
                       "what the odds-ratio term adds over the NLL on the chosen answers")
@@ -492,18 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare", help="a second model, e.g. the one before training")
     gen.add_argument("--prompts", required=True, help="jsonl: {'prompt': ...} or MT-Bench {'turns': [...]} rows")
     gen.add_argument("--output", default="generations.jsonl", help="jsonl path; the HTML goes next to it")
-    gen.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    gen.add_argument("--max_new_tokens", type=int, default=256)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--batch_size", type=int, default=4)
+    gen.add_argument("--limit", type=COUNT, default=None, help="only the first N prompts")
+    gen.add_argument("--max_new_tokens", type=COUNT, default=256)
+    gen.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy")
+    gen.add_argument("--seed", type=SEED, default=0)
+    gen.add_argument("--batch_size", type=COUNT, default=4)
 
     chat = sub.add_parser("chat", help="talk to a model through its chat template (/reset, /system TEXT, /exit)")
     chat.add_argument("model", help="hub id, local directory or .gguf file, e.g. the output_dir of orpo train")
     chat.add_argument("--system", help="system prompt")
-    chat.add_argument("--max_new_tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--max_new_tokens", type=COUNT, default=256)
+    chat.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy")
+    chat.add_argument("--seed", type=SEED, default=0)
     chat.add_argument("--dtype", default="float32", choices=DTYPES)
 
     report = sub.add_parser("report", help="report.html and PNG plots from a training run's metrics.jsonl")

@@ -129,7 +129,7 @@ def run_demo(output_dir: str = "orpo-demo", max_steps: int | None = None, seed: 
     writing the aligned model as that GGUF file (`export_outtype`), with an Ollama Modelfile beside it."""
     from orpo.train.models import fetch_smollm2, load_model, load_tokenizer
     from orpo.train.config import ORPOConfig, prepare_data
-    from orpo.train.trainer import ORPOTrainer
+    from orpo.run.trainer import ORPOTrainer
 
     start = time.perf_counter()
     out = Path(output_dir)
@@ -170,8 +170,7 @@ def run_demo(output_dir: str = "orpo-demo", max_steps: int | None = None, seed: 
     for name, beta in runs:
         trainer = ORPOTrainer(model=load_model(str(model_dir)), args=config(name, beta), train_dataset=train_rows,
                               processing_class=tokenizer)
-        trainer.train()
-        trainer.save_model(trainer.args.output_dir)
+        trainer.train()  # and saved, with its card (run/finish.py)
         # measured as saved: without the autocast wrapper accelerate puts on forward for mixed-precision training,
         # under which the route's fp32 probe against separate forwards would fail by bf16 rounding
         trained = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)

@@ -2,7 +2,8 @@
 peft adapter merged into its base model first where that is what the directory holds.
 
 The steps are orpo/export's (`merge.py`, `gguf.py`, `modelfile.py`); this module chains them and says
-what it wrote. `orpo train --export_gguf` and `orpo demo --export_gguf` end with the same call.
+what it wrote. `orpo train --export_gguf` (run/finish.py) and `orpo demo --export_gguf` end with the same
+GGUF and Modelfile writer (`modelfile.export_for_llama_cpp`).
 """
 from __future__ import annotations
 
@@ -13,10 +14,6 @@ from pathlib import Path
 from orpo.errors import OrpoError
 
 logger = logging.getLogger(__name__)
-
-
-def megabytes(size: int) -> str:
-    return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
 
 
 def run_export(model_dir: str, gguf: str | None = None, outtype: str = "f16", modelfile: bool = True,
@@ -30,9 +27,14 @@ def run_export(model_dir: str, gguf: str | None = None, outtype: str = "f16", mo
     merge:     the same without keeping the merged model (it goes to a temporary directory).
     """
     from orpo.export.merge import is_adapter_dir, merge_adapter
+    from orpo.run.checks import check_writable_dir, check_writable_file
 
     if gguf is None and merged is None:
         raise OrpoError("orpo export: nothing to write; give --gguf FILE and/or --merged DIR")
+    if gguf is not None:
+        check_writable_file("gguf", gguf)
+    if merged is not None:
+        check_writable_dir("merged", merged)
     if (merged or merge) and not is_adapter_dir(model_dir):
         raise OrpoError(f"{model_dir}: not a peft adapter directory (no adapter_config.json), so there is nothing to "
                         "merge; export it without --merge / --merged")
@@ -51,15 +53,9 @@ def run_export(model_dir: str, gguf: str | None = None, outtype: str = "f16", mo
 
 
 def _write_gguf(model_dir: str, gguf: str, outtype: str, modelfile: bool) -> None:
-    from orpo.export.gguf import export_gguf
-    from orpo.export.modelfile import write_modelfile
-    from orpo.train.models import load_tokenizer
+    from orpo.export.modelfile import export_for_llama_cpp
 
-    exported = export_gguf(Path(model_dir).expanduser().resolve(), gguf, outtype)
-    print(f"{exported.path}: {megabytes(exported.size)}, {exported.outtype}, {exported.architecture}, "
-          f"{exported.tensors} tensors" + ("" if exported.chat_template else ", no chat template"))
-    if modelfile:
-        path, notes = write_modelfile(exported.path, load_tokenizer(str(model_dir)))
-        for note in notes:
-            logger.warning("warning: %s", note)
-        print(f"{path}: ollama create NAME -f {path}")
+    lines, notes = export_for_llama_cpp(model_dir, gguf, outtype, modelfile)
+    for note in notes:
+        logger.warning("warning: %s", note)
+    print("\n".join(lines))

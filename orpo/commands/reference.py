@@ -24,9 +24,13 @@ def _default(f: dataclasses.Field) -> str:
 
 
 def _help(f: dataclasses.Field) -> str:
+    from orpo.train.config import RANGES
+
     text = " ".join(f.metadata.get("help", "").split()).replace("|", "\\|")
     choices = f.metadata.get("choices")
-    return f"{text} One of: {', '.join(f'`{c}`' for c in choices)}." if choices else text
+    if choices:
+        return f"{text} One of: {', '.join(f'`{c}`' for c in choices)}."
+    return f"{text} Accepted: {RANGES[f.name].describe()}." if f.name in RANGES else text
 
 
 def fields_table(fields: list[dataclasses.Field]) -> str:

@@ -62,6 +62,8 @@ class PreparedData:
     pairs:         a PairTable (memory-mapped) for prepared rows; a list where the source was TokenizedPairs.
     seconds:       how long preparing (or reading the prepared set) took; origin: where the pairs came from
                    ("prepared ...", "read from the cache ...", "read from the prepared set ...").
+    name:          how messages name the source; fingerprint: a hash of its content and of everything that
+                   made its ids (the cache key), which a checkpoint's stamp compares on resume.
     """
 
     pairs: PairTable | list[TokenizedPair]
@@ -72,6 +74,8 @@ class PreparedData:
     shapes: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     origin: str = ""
+    name: str = ""
+    fingerprint: str = ""
 
     @property
     def kept(self) -> int:
@@ -149,10 +153,12 @@ def prepare_dataset(
     if isinstance(source, PreparedData):
         return source
     if isinstance(source, PairTable):
-        return PreparedData(source, len(source))
+        return PreparedData(source, len(source), name=name or "pairs",
+                            fingerprint="table:" + dataset_fingerprint(source.table))
     processor = tokenizer if is_processor(tokenizer) else None
     if isinstance(source, list) and source and all(isinstance(p, TokenizedPair) for p in source):
-        return PreparedData(list(source), len(source))
+        ids = [(p.prompt_ids, p.chosen_ids, p.rejected_ids, p.images) for p in source]
+        return PreparedData(list(source), len(source), name=name or "pairs", fingerprint="pairs:" + Hasher.hash(ids))
     start = time.perf_counter()
     name = name or (str(source) if isinstance(source, (str, Path)) else "dataset")
     fields = {"row_format": dataclasses.asdict(row_format), "max_length": max_length,
@@ -195,7 +201,7 @@ def prepare_dataset(
         raise OrpoError(f"{name}, row {row}: pair dropped ({reason}) and --strict is set; {prepared.report()}")
     if not len(prepared.pairs):
         raise OrpoError(f"{name}: zero usable pairs; {prepared.report()}")
-    return prepared
+    return dataclasses.replace(prepared, name=name, fingerprint=cache_key(key_parts))
 
 
 def image_root(source) -> Path | None:

@@ -6,8 +6,8 @@ and the pairs dropped from it by reason, the ORPO settings, the final training a
 from the run's metrics.jsonl, the report's plots (by relative path) and how to load the model.
 
 `render_card` is pure (explicit arguments → text); `write_card` gathers the run's files and writes
-README.md; `card_settings` picks the settings a card shows from a config. `orpo train` writes the card
-at the end of a run (main process, after the final save); library users call `write_card` themselves.
+README.md; `card_settings` picks the settings a card shows from a config. Every run writes its card at its
+end (main process, after the final save: run/finish.py), from Python and `orpo train` alike.
 """
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def _usage_section(model_path: str, adapter: bool, vision: bool = False) -> list
 def render_card(name: str, base_model: str, data: dict[str, tuple[object, PreparedData]], settings: dict[str, object],
                 train_records: list[dict], eval_records: list[dict], plots: list[str], report: str | None = None,
                 model_path: str = ".", hub_ids: set[str] = frozenset(), license: str | None = None,
-                adapter: bool = False, vision: bool = False) -> str:
+                adapter: bool = False, vision: bool = False, choices: list[str] = ()) -> str:
     """The model card's text (README.md).
 
     name:          the card's title (e.g. the output directory's name).
@@ -188,6 +188,7 @@ def render_card(name: str, base_model: str, data: dict[str, tuple[object, Prepar
                    (the hub takes repository ids there, not local paths).
     license:       the base model's license, if known. `adapter`: the directory holds a peft adapter.
     vision:        a vision-language model (pipeline image-text-to-text; the usage snippet passes an image).
+    choices:       what orpo chose for the run and why, one line each (the run's plan: `Plan.lines()`).
     """
     sources = [s for s, _ in data.values() if isinstance(s, str)]
     lines = [f"# {name}", ""]
@@ -199,6 +200,9 @@ def render_card(name: str, base_model: str, data: dict[str, tuple[object, Prepar
     lines += _data_section(data)
     lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {k} | {_number(v)} |" for k, v in settings.items()] + [""]
+    if choices:
+        lines += ["## How orpo ran it", "", "Each choice orpo made for this run, and why (`orpo_plan.json`):", ""]
+        lines += [f"- {choice}" for choice in choices] + [""]
     lines += _metrics_section(train_records, eval_records, plots, report)
     lines += _usage_section(model_path, adapter, vision)
     lines.insert(0, _front_matter(base_model, hub_ids, sources, license, adapter, "LoRA" in settings, vision))
@@ -240,10 +244,11 @@ def _is_vision_language_dir(output_dir: str) -> bool:
 
 
 def write_card(output_dir: str, base_model: str, settings: dict[str, object], train: tuple[object, PreparedData],
-               eval: tuple[object, PreparedData] | None = None, license: str | None = None) -> str:
+               eval: tuple[object, PreparedData] | None = None, license: str | None = None,
+               choices: list[str] = ()) -> str:
     """Write OUTPUT_DIR/README.md for a run that trained `base_model` on `train` (source, PreparedData) with
-    `settings` (`card_settings`), held out `eval` if any; metrics and plots are read from the directory,
-    the license from the base model's card when not given. Returns the card's path."""
+    `settings` (`card_settings`) and the plan's `choices`, held out `eval` if any; metrics and plots are read
+    from the directory, the license from the base model's card when not given. Returns the card's path."""
     metrics = os.path.join(output_dir, METRICS_FILE)
     train_records, eval_records = read_metrics(metrics) if os.path.isfile(metrics) else ([], [])
     plots = [name for name in PLOTS if os.path.isfile(os.path.join(output_dir, name))]
@@ -254,7 +259,7 @@ def write_card(output_dir: str, base_model: str, settings: dict[str, object], tr
     text = render_card(os.path.basename(os.path.abspath(output_dir)), base_model, data, settings, train_records,
                        eval_records, plots, report, model_path=output_dir, hub_ids=hub_ids,
                        license=license or base_license(base_model), adapter=is_adapter_dir(output_dir),
-                       vision=_is_vision_language_dir(output_dir))
+                       vision=_is_vision_language_dir(output_dir), choices=choices)
     path = os.path.join(output_dir, CARD_FILE)
     with open(path, "w") as f:
         f.write(text)

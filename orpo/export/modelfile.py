@@ -136,3 +136,25 @@ def write_modelfile(gguf_path: str | Path, tokenizer) -> tuple[Path, list[str]]:
     path = gguf_path.parent / "Modelfile"
     path.write_text(text)
     return path, notes
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+def export_for_llama_cpp(model_dir: str | Path, gguf: str | Path, outtype: str = "f16",
+                         modelfile: bool = True) -> tuple[list[str], list[str]]:
+    """The model in `model_dir` written as the GGUF file `gguf` (gguf.export_gguf; matrices in `outtype`) and,
+    unless `modelfile` is False, the Ollama Modelfile beside it: what `orpo export --gguf` and the end of
+    `orpo train --export_gguf` do. Returns (one line per file written, the Modelfile's notes)."""
+    from orpo.export.gguf import export_gguf
+    from orpo.train.models import load_tokenizer
+
+    exported = export_gguf(Path(model_dir).expanduser().resolve(), gguf, outtype)
+    lines = [f"{exported.path}: {megabytes(exported.size)}, {exported.outtype}, {exported.architecture}, "
+             f"{exported.tensors} tensors" + ("" if exported.chat_template else ", no chat template")]
+    notes = []
+    if modelfile:
+        path, notes = write_modelfile(exported.path, load_tokenizer(str(model_dir)))
+        lines.append(f"{path}: ollama create NAME -f {path}")
+    return lines, notes

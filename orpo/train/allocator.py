@@ -13,8 +13,8 @@ sizes for anyway, is reached once and not given back between steps), and the hea
 it holds a few freed large blocks side by side (a 64-byte-aligned request does not always fit the hole
 of a freed one of the same size: a loop of 64 MiB tensors stops growing after six, 384 MiB).
 
-`ORPOConfig.reuse_cpu_memory` (default on) switches it on for runs on the CPU; elsewhere (other C
-libraries, GPUs) nothing changes.
+`ORPOConfig.reuse_cpu_memory` (default on) switches it on for runs on the CPU (the run's plan decides, the
+trainer sets it when training starts); elsewhere (other C libraries, GPUs) nothing changes.
 """
 from __future__ import annotations
 
@@ -29,10 +29,15 @@ MMAP_THRESHOLD_BYTES = 1 << 30  # tensors below 1 GiB come from the heap
 NEVER_TRIM = -1  # man mallopt: -1 disables trimming
 
 
+def has_glibc_malloc() -> bool:
+    """Whether this process's C library is glibc (Linux), whose malloc `keep_freed_memory` sets."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
     """Set glibc malloc's mmap and trim thresholds (module docstring) for this process; True if set,
     False where the C library is not glibc (musl, macOS, Windows) or refused a value."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not has_glibc_malloc():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -39,6 +39,17 @@ class MetricTotals:
         row = torch.stack([torch.as_tensor(values[key], device=device).detach().to(dtype) for key in self.KEYS])
         self.totals = row if self.totals is None else self.totals + row
 
+    def add_batch(self, logps, nll_sum: torch.Tensor, nll_tokens: torch.Tensor, or_loss: torch.Tensor,
+                  log_odds: torch.Tensor, num_pairs: torch.Tensor, num_tokens: torch.Tensor) -> None:
+        """One training micro-batch: its PairLogps (ops/forward.py), NLL sum and token count, per-pair odds-ratio
+        losses and log-odds, and the batch's pair and token counts."""
+        aux, tokens = logps.router_aux_loss, logps.router_tokens
+        self.add(nll_sum=nll_sum, nll_tokens=nll_tokens, or_sum=or_loss.sum(), log_odds_sum=log_odds.sum(),
+                 logps_chosen_sum=logps.logps_chosen.sum(), logps_rejected_sum=logps.logps_rejected.sum(),
+                 correct=(log_odds > 0).sum(), pairs=num_pairs, tokens=num_tokens,
+                 router_aux_sum=aux * tokens if aux is not None else 0.0,
+                 router_tokens=tokens if tokens is not None else 0)
+
     def summary(self, reduce) -> dict[str, float]:
         """Means of the totals after `reduce` (e.g. a sum over ranks); {} if nothing was added."""
         if self.totals is None:
@@ -60,6 +71,25 @@ class MetricTotals:
             # MoE load balancing (moe.py): token-weighted mean over the micro-batches, unscaled by its coef
             **({"aux_loss": t["router_aux_sum"] / t["router_tokens"]} if t["router_tokens"] else {}),
         }
+
+
+class RunLoss:
+    """The mean step loss of the steps one train() call applied: `first_step` and `skipped_before` are the run's
+    global step and skipped (non-finite) steps when the call began; each rank adds its share of each step's loss
+    (the ranks' shares sum to it), a non-finite step adds nothing."""
+
+    def __init__(self, first_step: int = 0, skipped_before: int = 0):
+        self.first_step, self.skipped_before = first_step, skipped_before
+        self.total = torch.zeros(())
+
+    def add(self, loss: torch.Tensor) -> None:
+        share = torch.where(torch.isfinite(loss), loss.detach().float(), 0.0)
+        self.total = self.total.to(share.device) + share
+
+    def mean(self, global_step: int, skipped: int, reduce) -> float:
+        """Over the steps applied since the call began; `reduce` sums a tensor over ranks."""
+        applied = global_step - self.first_step - (skipped - self.skipped_before)
+        return reduce(self.total).item() / max(applied, 1)
 
 
 class MetricsJsonlCallback(TrainerCallback):

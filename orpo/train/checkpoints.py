@@ -9,15 +9,25 @@ A run that finished writes `FINISHED_MARKER` into its output directory: resuming
 (a rerun of the same command, a requeued job) trains nothing and says so. Every save holds the
 config as JSON (`CONFIG_FILE`) instead of transformers' pickled `training_args.bin`, so nothing in
 an output directory needs unpickling: the other state files load with `torch.load(weights_only=True)`.
+
+Never resume another run, never lose one: each completion marker holds the run's stamp (its settings, model
+and data: `run_stamp`), and a resume from a checkpoint stamped otherwise is refused in one line naming what
+differs (`check_stamp`; `--force_resume` overrides). A new run in an output directory that holds a previous
+run (`--overwrite_output_dir`) removes that run, or moves it aside, when training starts (`clear_previous_run`),
+so none of its checkpoints can be resumed as the new run's and its metrics.jsonl is not continued.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 
 from orpo.errors import OrpoError
+from orpo.train.report import METRICS_FILE, PLAN_FILE, read_metric_lines
+
+logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "orpo_checkpoint_complete.json"
 FINISHED_MARKER = "orpo_run_finished.json"
@@ -49,15 +59,17 @@ def write_atomically(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def mark_complete(checkpoint_dir: str, step: int, counters: dict[str, int] | None = None) -> None:
+def mark_complete(checkpoint_dir: str, step: int, counters: dict[str, int] | None = None,
+                  stamp: dict | None = None) -> None:
     """fsync every file of `checkpoint_dir`, then atomically write its completion marker, which also
-    holds the trainer's `counters` at that step (e.g. nonfinite_skipped), restored on resume."""
+    holds the trainer's `counters` at that step (e.g. nonfinite_skipped), restored on resume, and the run's
+    `stamp` (`run_stamp`), checked on resume."""
     for root, _, files in os.walk(checkpoint_dir):
         for name in files:
             _fsync(os.path.join(root, name))
         _fsync(root, directory=True)
     files = sorted(os.listdir(checkpoint_dir))
-    record = json.dumps({"step": step, "files": files, "counters": counters or {}})
+    record = json.dumps({"step": step, "files": files, "counters": counters or {}, "stamp": stamp})
     write_atomically(os.path.join(checkpoint_dir, COMPLETE_MARKER), record)
     _fsync(checkpoint_dir, directory=True)
 
@@ -118,6 +130,51 @@ def read_counters(checkpoint_dir: str) -> dict[str, int]:
         return json.load(f).get("counters", {})
 
 
+def run_stamp(settings: dict, model: str, data: dict[str, tuple[str, str]]) -> dict:
+    """What made a run, as its checkpoints record it: `settings` (config.stamp_settings), the `model` trained
+    (as given: hub id, path or the name a model object carries) and `data`: role ("train", "eval") → (source as
+    given, fingerprint of its content and preparation)."""
+    return {"settings": settings, "model": model, "data": {role: list(value) for role, value in data.items()}}
+
+
+def stamp_differences(made: dict, now: dict) -> list[str]:
+    """What differs between the stamp a checkpoint was `made` with and the run's stamp `now`, one phrase each
+    ("learning_rate 1e-05 (now 2e-05)", "other train data: a.jsonl (now b.jsonl)"); only the parts both stamps
+    have are compared (a stamp made before the data was prepared has none)."""
+    differences = []
+    if "settings" in made and "settings" in now:
+        before, after = made["settings"], now["settings"]
+        differences += [f"{name} {before.get(name)!r} (now {after.get(name)!r})" for name in sorted(set(before) | set(after))
+                        if before.get(name) != after.get(name)]
+    if "model" in made and "model" in now and made["model"] != now["model"]:
+        differences.append(f"the model {made['model']} (now {now['model']})")
+    for role in sorted(set(made.get("data", {})) & set(now.get("data", {}))):
+        (source, fingerprint), (source_now, fingerprint_now) = made["data"][role], now["data"][role]
+        if fingerprint != fingerprint_now:
+            same = "its content or preparation changed" if source == source_now else f"now {source_now}"
+            differences.append(f"other {role} data: {source} ({same})")
+    return differences
+
+
+def check_stamp(checkpoint_dir: str, stamp: dict, force: bool) -> list[str]:
+    """Refuse (one OrpoError line) to resume from `checkpoint_dir` when its stamp differs from the run's `stamp`,
+    unless `force`; returns the differences (logged when forced). A checkpoint written before checkpoints were
+    stamped is not checked."""
+    with open(os.path.join(checkpoint_dir, COMPLETE_MARKER)) as f:
+        made = json.load(f).get("stamp")
+    if made is None:
+        logger.warning("%s has no stamp of the settings and data that made it (an older orpo wrote it): resuming "
+                       "it unchecked", checkpoint_dir)
+        return []
+    differences = stamp_differences(made, stamp)
+    if differences and not force:
+        shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
+        raise OrpoError(f"resume_from_checkpoint: {checkpoint_dir} was made by another run ({shown}); resume with the "
+                        "settings and data that made it, start a new run with --overwrite_output_dir, or pass "
+                        "--force_resume to resume it anyway")
+    return differences
+
+
 def checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """(step, path) of every checkpoint-N directory in `output_dir`, oldest first."""
     if not os.path.isdir(output_dir):
@@ -144,23 +201,28 @@ def remove_incomplete(output_dir: str) -> list[str]:
     return removed
 
 
-def resolve_resume(
-    output_dir: str, resume: str | bool | None, overwrite: bool, is_main: bool, metrics_file: str, max_steps: int = -1
-) -> str | None:
-    """The checkpoint path to pass to Trainer.train, after checking `output_dir`.
+RUN_FILES = (METRICS_FILE, PLAN_FILE, CONFIG_FILE, FINISHED_MARKER)  # any of them: the directory holds an orpo run
 
-    resume True / "latest" / "true": the newest complete checkpoint (None if there is none: a fresh
-    start); incomplete ones are deleted; RunFinished if the run in `output_dir` finished and
-    `max_steps` does not extend it (check_unfinished). A path: must be a complete checkpoint.
-    None/False: a fresh start, refused if `output_dir` has files unless `overwrite`. `metrics_file` (JSON lines
-    with a "step") keeps only the records up to the resumed step, so a resumed run's log has no
-    steps twice. Only the main process (`is_main`) deletes or rewrites files.
-    """
+
+def holds_run(output_dir: str) -> bool:
+    """Whether `output_dir` holds what an orpo run writes (its logs, plan, config, markers or checkpoints)."""
+    return any(os.path.exists(os.path.join(output_dir, name)) for name in RUN_FILES) or bool(checkpoints(output_dir))
+
+
+def _entries(output_dir: str) -> list[str]:
+    return sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+
+
+def check_output_dir(output_dir: str, resume: str | bool | None, overwrite: bool, previous_run: str,
+                     max_steps: int = -1) -> None:
+    """Whether a run may start in `output_dir` as asked, before anything is loaded (nothing is written):
+
+    resume True / "latest": RunFinished where its run finished and `max_steps` does not extend it.
+    resume a path: it must be a complete checkpoint.
+    no resume: an output_dir with files is refused unless `overwrite`; with `overwrite` and `previous_run`
+    "remove", a directory whose files no orpo run wrote is refused (orpo deletes only runs it wrote)."""
     if is_latest(resume):
         check_unfinished(output_dir, resume, max_steps)
-        if is_main:
-            remove_incomplete(output_dir)
-        path = latest_complete(output_dir)
     elif isinstance(resume, str) and resume:
         if not os.path.isdir(resume):
             raise OrpoError(f"resume_from_checkpoint: {resume}: no such checkpoint directory")
@@ -169,28 +231,81 @@ def resolve_resume(
                 f"resume_from_checkpoint: {resume} is incomplete (its save was interrupted, or it was not written "
                 f"by orpo); use --resume_from_checkpoint latest for the newest complete one"
             )
+    elif existing := _entries(output_dir):
+        shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+        if not overwrite:
+            raise OrpoError(
+                f"output_dir {output_dir} already has files ({shown}); pass --overwrite_output_dir to start a new run "
+                "there (the previous one is removed), or --resume_from_checkpoint latest to continue its run"
+            )
+        if previous_run == "remove" and not holds_run(output_dir):
+            raise OrpoError(f"output_dir {output_dir} has files that no orpo run wrote ({shown}); orpo removes only "
+                            "runs it wrote: choose another output_dir, or --previous_run move to move them aside")
+
+
+def clear_previous_run(output_dir: str, previous_run: str) -> str | None:
+    """Before a new run trains in `output_dir`: its previous run removed ("remove": every entry) or moved
+    aside ("move": the directory renamed to OUTPUT_DIR.previous-N, N the first free, and made again).
+    Returns where it went (None: removed, or nothing was there)."""
+    existing = _entries(output_dir)
+    if not existing:
+        return None
+    if previous_run == "move":
+        n = 1
+        while os.path.exists(f"{output_dir.rstrip(os.sep)}.previous-{n}"):
+            n += 1
+        aside = f"{output_dir.rstrip(os.sep)}.previous-{n}"
+        os.rename(output_dir, aside)
+        os.makedirs(output_dir)
+        logger.info("output_dir: the previous run moved to %s", aside)
+        return aside
+    for name in existing:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    logger.info("output_dir: the previous run's %d entries removed (%s)", len(existing),
+                ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else ""))
+    return None
+
+
+def resolve_resume(output_dir: str, resume: str | bool | None, overwrite: bool, previous_run: str, is_main: bool,
+                   max_steps: int = -1) -> str | None:
+    """The checkpoint path to pass to Trainer.train, as training starts (`check_output_dir` again, then:)
+
+    resume True / "latest": the newest complete checkpoint (None if there is none: a fresh start); incomplete
+    ones are deleted. A path: that checkpoint. None/False: a fresh start; with `overwrite` the previous run is
+    cleared (`clear_previous_run`). metrics.jsonl keeps only the records up to the resumed step, so a resumed
+    run's log has no steps twice. Only the main process (`is_main`) deletes, moves or rewrites files."""
+    check_output_dir(output_dir, resume, overwrite, previous_run, max_steps)
+    if is_latest(resume):
+        if is_main:
+            remove_incomplete(output_dir)
+        path = latest_complete(output_dir)
+    elif isinstance(resume, str) and resume:
         path = resume
     else:
-        existing = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
-        if existing and not overwrite:
-            shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
-            raise OrpoError(
-                f"output_dir {output_dir} already has files ({shown}); pass --overwrite_output_dir to train into it, "
-                "or --resume_from_checkpoint latest to continue its run"
-            )
         path = None
+        if is_main and overwrite:
+            clear_previous_run(output_dir, previous_run)
     if is_main:
         if os.path.isfile(os.path.join(output_dir, FINISHED_MARKER)):  # training (again) from here on
             os.remove(os.path.join(output_dir, FINISHED_MARKER))
-        _keep_metrics_until(metrics_file, completed_step(path) if path else 0)
+        keep_metrics_until(os.path.join(output_dir, METRICS_FILE), completed_step(path) if path else 0)
     return path
 
 
-def _keep_metrics_until(metrics_file: str, step: int) -> None:
+def keep_metrics_until(metrics_file: str, step: int) -> int:
+    """Rewrite `metrics_file` with only its records up to `step`; a partial last line (a kill during a log
+    write) is dropped and counted. Returns the records dropped."""
     if not os.path.isfile(metrics_file):
-        return
-    with open(metrics_file) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        return 0
+    records, partial = read_metric_lines(metrics_file)
+    kept = [record for record in records if record.get("step", 0) <= step]
+    if partial:
+        logger.warning("%s: its last line was partial (a kill during a log write): dropped", metrics_file)
     with open(metrics_file + ".tmp", "w") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(record) + "\n" for record in kept)
     os.replace(metrics_file + ".tmp", metrics_file)
+    return len(records) - len(kept) + partial

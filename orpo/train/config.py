@@ -7,9 +7,11 @@ Names shared with TRL's `ORPOConfig` keep TRL's meaning.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,18 +22,20 @@ from orpo.data.formats import BINARIZE, RowFormat
 from orpo.data.prepare import PreparedData, prepare_dataset
 from orpo.data.stream import PairStream
 from orpo.errors import OrpoError
+from orpo.ranges import Range
 from orpo.ops.packing import PACKED_ATTENTION
 from orpo.train.models import DTYPES, GGUF_OUTTYPES
-from orpo.train.precision import default_bf16
-
 
 
 @dataclass
 class ModelArguments:
+    """The model `orpo train` trains, and how (the rest of the run is ORPOConfig)."""
+
     model: str = field(metadata={"help": "Hub id, local Hugging Face directory, or local .gguf file."})
     dtype: str = field(
         default="float32",
-        metadata={"help": "Weights dtype to load the model in.", "choices": list(DTYPES)},
+        metadata={"help": "Weights dtype to load the model in (orpo train: model_init_kwargs' dtype, as in TRL).",
+                  "choices": list(DTYPES)},
     )
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -40,22 +44,17 @@ class ModelArguments:
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Module names to adapt; default: peft's choice for the architecture."}
     )
-    export_gguf: str | None = field(
-        default=None,
-        metadata={"help": "After training, also write the saved model as this GGUF file for llama.cpp, with an Ollama "
-                  "Modelfile beside it (what orpo export OUTPUT_DIR --gguf FILE does); checked before training."},
-    )
-    export_outtype: str = field(
-        default="f16", metadata={"help": "Storage of the GGUF file's matrices (norms stay f32).",
-                                 "choices": list(GGUF_OUTTYPES)},
-    )
     dry_run: bool = field(
         default=False,
-        metadata={"help": "Print what the run would do and stop: the settings that differ from the defaults, the "
-                  "data's rows and drops, the route, precision and recompute orpo chose, and the memory a step "
-                  "needs per device and whether it fits. The data is prepared (and cached) and the model loaded; "
-                  "nothing is trained and no weights are written."},
+        metadata={"help": "Print what the run would do and stop: every check a run makes, the settings that differ "
+                  "from the defaults, the data's rows and drops, every choice orpo made with its reason (route, "
+                  "precision, recompute, head softmax, memory per device, what happens to output_dir, what is "
+                  "saved and exported). The data is prepared (and cached) and the model loaded; nothing is "
+                  "trained and nothing is written to output_dir."},
     )
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass
@@ -64,11 +63,7 @@ class DataArguments:
 
     dataset: str = field(metadata={"help": "Preference data: .jsonl/.json/.parquet/.csv (.gz too), a hub dataset id, "
                                            "or a directory written by orpo data prepare --output."})
-    dataset_split: str = field(
-        default="train", metadata={"help": "Split of a hub dataset.", "aliases": ["--split"]}
-    )
     eval_dataset: str | None = field(default=None, metadata={"help": "Optional evaluation preference data."})
-    eval_split: str = field(default="test", metadata={"help": "Split of a hub eval dataset."})
 
 
 @dataclass
@@ -114,6 +109,7 @@ class PrepareArguments:
 
 ON_NONFINITE = ("skip", "stop")
 NLL_SCOPES = ("full", "completion")
+PREVIOUS_RUN = ("remove", "move")
 
 
 @dataclass
@@ -124,7 +120,8 @@ class ORPOConfig(TrainingArguments):
 
     # TrainingArguments fields whose defaults differ (TRL's ORPO defaults)
     learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate for AdamW."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps (below 1: a fraction of "
+                                                       "the run's steps)."})
     activation_checkpointing: bool | None = field(
         default=None,
         metadata={
@@ -232,6 +229,11 @@ class ORPOConfig(TrainingArguments):
                   "force it. orpo eval: unset means fp32, so scores compare across machines."},
     )
     # --- how rows are read (orpo.data: every shape is detected per row; these map other names) ---
+    dataset_split: str = field(
+        default="train", metadata={"help": "Split of a hub dataset given by its id (training data).",
+                                   "aliases": ["--split"]}
+    )
+    eval_split: str = field(default="test", metadata={"help": "Split of a hub eval dataset given by its id."})
     prompt_column: str | None = field(
         default=None,
         metadata={"help": "Column holding the prompt (default: prompt, else instruction). Several, comma-separated (instruction,input), "
@@ -318,13 +320,38 @@ class ORPOConfig(TrainingArguments):
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Train into an output_dir that already has files (without it, orpo refuses)."},
+        metadata={"help": "Start a new run in an output_dir that holds a previous run: that run (its checkpoints, "
+                  "logs, model and report) is removed, or moved aside with --previous_run move, when training "
+                  "starts, so nothing of it is resumed or mixed into the new run's logs. Without it orpo refuses "
+                  "an output_dir with files."},
+    )
+    previous_run: str = field(
+        default="remove",
+        metadata={"help": "With --overwrite_output_dir: 'remove' deletes the previous run in output_dir; 'move' "
+                  "renames it to OUTPUT_DIR.previous-N beside it. A directory whose files no orpo run wrote is "
+                  "never removed (only moved).", "choices": list(PREVIOUS_RUN)},
+    )
+    force_resume: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint although it was made with other settings, another model or "
+                  "other data (orpo refuses such a resume by default, naming what differs; docs/errors.md)."},
+    )
+    export_gguf: str | None = field(
+        default=None,
+        metadata={"help": "After training, also write the saved model as this GGUF file for llama.cpp, with an Ollama "
+                  "Modelfile beside it (what orpo export OUTPUT_DIR --gguf FILE does); the model and the path are "
+                  "checked before training."},
+    )
+    export_outtype: str = field(
+        default="f16", metadata={"help": "Storage of the GGUF file's matrices (norms stay f32).",
+                                 "choices": list(GGUF_OUTTYPES)},
     )
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments for from_pretrained when the model is a string (orpo train: always), "
                           "e.g. '{\"output_router_logits\": true}' for a mixture-of-experts model's load-balancing "
-                          "loss or '{\"attn_implementation\": \"eager\"}'. The dtype has its own flag."},
+                          "loss or '{\"attn_implementation\": \"eager\"}'. Their dtype (as in TRL) is the "
+                          "weights' dtype; orpo train takes it as --dtype."},
     )
     # --- accepted for TRL compatibility (TRL's ORPOConfig fields) ---
     # TRL's names, types and defaults, so every flag of HfArgumentParser(trl.experimental.orpo.ORPOConfig)
@@ -351,80 +378,217 @@ class ORPOConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        for name, choices in (("nll_scope", NLL_SCOPES), ("packed_attention", PACKED_ATTENTION),
-                              ("on_nonfinite", ON_NONFINITE)):
-            value = getattr(self, name)
-            if value not in choices and not (name == "packed_attention" and value is None):  # None: orpo chooses
-                raise OrpoError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-        if self.beta < 0:
-            raise OrpoError(f"beta must be >= 0, got {self.beta}")
-        if not torch.cuda.is_available():
-            self.dataloader_pin_memory = False  # pinning needs an accelerator; avoids a warning per run
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-            # Launched by torchrun/accelerate on a machine without GPUs: TrainingArguments only sets up
-            # (gloo) data parallelism with use_cpu, and would otherwise train WORLD_SIZE unrelated copies.
-            self.use_cpu = True
-        if self.bf16 is None:  # orpo chooses (train/precision.py)
-            self.bf16, self.precision_reason = (False, "fp32 weights, fp16 autocast (--fp16)") if self.fp16 \
-                else default_bf16(self.use_cpu)
-        else:
-            self.precision_reason = f"{'bf16 autocast' if self.bf16 else 'fp32'}: --bf16 {str(self.bf16).lower()}"
-        if self.bf16 and not torch.accelerator.is_available():
-            # the CPU is the only device: transformers allows bf16 there only with use_cpu (else a traceback)
-            self.use_cpu = True
-        # activation_checkpointing unset and the old name not false: ORPOTrainer chooses from the data and
-        # the device's memory (train/memory.py). The parser cannot tell the old name's default (TRL's true)
-        # from a given true. TrainingArguments turns unset into False; the choice to make is kept here.
-        self.choose_checkpointing = self.activation_checkpointing is None and self.gradient_checkpointing is not False
-        if self.choose_checkpointing:
-            self.gradient_checkpointing = None  # not the deprecated alias's value: no warning, nothing to mirror
-        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
-            raise OrpoError(f"memory_budget_gb must be > 0, got {self.memory_budget_gb}")
-        # TRL-compatibility fields (the marked block above)
-        if self.is_encoder_decoder:
+        """Every field checked (its range, its choices, its conflicts with other fields: `check_fields`), then
+        TrainingArguments' own set-up, whose ValueErrors become one line. Nothing is decided here: what orpo
+        chooses for a run (precision, recompute, ...) is the run's plan (orpo/run/plan.py), on a copy."""
+        check_fields(self)
+        if self.is_encoder_decoder:  # TRL-compatibility field
             raise OrpoError("is_encoder_decoder=True: orpo trains decoder-only causal LMs only")
-        if isinstance(self.model_init_kwargs, str):
-            self.model_init_kwargs = json.loads(self.model_init_kwargs)
+        for name in ("model_init_kwargs", "label_map"):  # TrainingArguments parses JSON objects given as text
+            _check_json_object(name, getattr(self, name))
         to_row_format(self)  # inconsistent data options fail here, before any model is loaded
         _check_engine_configs(self)
-        if self.streaming:
-            _check_streaming(self)
-        super().__post_init__()
-        if self.deepspeed and self.use_cpu and self.world_size > 1:
-            _init_deepspeed_comm_on_cpu()
-        if self.streaming:
-            # every process reads the whole stream and keeps its share of each global batch (accelerate's
-            # IterableDatasetShard); rank 0 batching for all (dispatch_batches, accelerate's default for
-            # iterable data) would have to concatenate packed batches of different lengths
-            if self.accelerator_config.dispatch_batches:
-                raise OrpoError("--streaming shards the stream over processes by batches; accelerator_config "
-                                "dispatch_batches=true is not supported with it")
-            self.accelerator_config.dispatch_batches = False
+        if not torch.accelerator.is_available() and (self.bf16 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+            # The CPU is the only device: TrainingArguments accepts bf16 there, and sets up (gloo) data
+            # parallelism under torchrun/accelerate, only with use_cpu (else a ValueError, or WORLD_SIZE
+            # unrelated copies training the same model).
+            self.use_cpu = True
+        # activation_checkpointing unset and TRL's old name not false: orpo chooses (the run's plan). The parser
+        # cannot tell the old name's default (TRL's true) from a given true; TrainingArguments would turn both
+        # into true (with a deprecation warning), so the old name is set aside while it runs, and both stay unset.
+        chooses = self.activation_checkpointing is None and self.gradient_checkpointing is not False
+        if chooses:
+            self.gradient_checkpointing = None
+        try:
+            super().__post_init__()
+        except ValueError as err:  # TrainingArguments' own checks (strategies, schedulers, ...), as one line
+            raise OrpoError(_first_line(err)) from None
+        if chooses:
+            self.activation_checkpointing = self.gradient_checkpointing = None
+        if self.streaming and self.accelerator_config.dispatch_batches:
+            # every process reads the whole stream and keeps its share of each global batch (the plan turns
+            # dispatch_batches off); rank 0 batching for all would concatenate packed batches of other lengths
+            raise OrpoError("--streaming shards the stream over processes by batches; accelerator_config "
+                            "dispatch_batches=true is not supported with it")
+
+    @property
+    def chooses_checkpointing(self) -> bool:
+        """Whether orpo decides activation checkpointing for this config (neither name set by the user)."""
+        return self.activation_checkpointing is None
 
 
-def _check_streaming(args) -> None:
-    """--streaming's requirements, one line each."""
-    if args.max_steps is None or args.max_steps <= 0:
-        raise OrpoError("--streaming needs --max_steps: a stream has no length to count epochs by")
-    if args.dataloader_num_workers:
-        raise OrpoError("--streaming tokenizes in the training process (its drop counts are logged from there): "
-                        "leave --dataloader_num_workers at 0")
-    if args.streaming_shuffle_buffer < 0:
-        raise OrpoError(f"streaming_shuffle_buffer must be >= 0, got {args.streaming_shuffle_buffer}")
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_json_object(name: str, value) -> None:
+    """A JSON-object field given as text (a flag) must parse; TrainingArguments would raise a traceback."""
+    if not isinstance(value, str):
+        return
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise OrpoError(f"--{name}: invalid JSON ({err.msg}); expected an object, e.g. '{{\"key\": \"value\"}}'") \
+            from None
+    if not isinstance(parsed, dict):
+        raise OrpoError(f"--{name}: expected a JSON object, got {type(parsed).__name__}")
+
+
+# --- ranges and conflicts: every numeric field checked, before anything is loaded ---
+
+# What every numeric field of the configuration accepts, by field name: orpo's own fields (ORPOConfig,
+# ModelArguments, EvalArguments, InspectArguments) and those ORPOConfig inherits from TrainingArguments.
+# tests/train/test_config.py fails for a numeric field that has no entry, so a new field cannot skip the check.
+RANGES = {
+    # ORPOConfig
+    "beta": Range(float, 0),
+    "learning_rate": Range(float, 0),
+    "logging_steps": Range(float, 0, low_open=True, note="below 1: a fraction of the run's steps"),
+    "max_length": Range(int, 2, optional=True, note="a prompt token and an answer token"),
+    "max_prompt_length": Range(int, 1, optional=True),
+    "max_completion_length": Range(int, 1, optional=True),
+    "padding_value": Range(int, 0, optional=True),
+    "logprob_chunk_size": Range(int, 1),
+    "memory_budget_gb": Range(float, 0, low_open=True, optional=True),
+    "dataset_num_proc": Range(int, 1, optional=True),
+    "streaming_shuffle_buffer": Range(int, 0),
+    # ModelArguments (orpo train)
+    "lora_r": Range(int, 1),
+    "lora_alpha": Range(int, 1),
+    "lora_dropout": Range(float, 0, 1, high_open=True),
+    # EvalArguments (orpo eval), InspectArguments (orpo data inspect)
+    "limit": Range(int, 1, optional=True),
+    "batch_tokens": Range(int, 1),
+    "batch_size": Range(int, 1),
+    "n": Range(int, 0),
+    # inherited from TrainingArguments
+    "per_device_train_batch_size": Range(int, 1),
+    "per_device_eval_batch_size": Range(int, 1),
+    "gradient_accumulation_steps": Range(int, 1),
+    "eval_accumulation_steps": Range(int, 1, optional=True),
+    "num_train_epochs": Range(float, 0),
+    "max_steps": Range(int, 0, also=(-1,), note="-1: train num_train_epochs"),
+    "warmup_steps": Range(float, 0, note="below 1: a fraction of the run's steps"),
+    "weight_decay": Range(float, 0),
+    "adam_beta1": Range(float, 0, 1, high_open=True),
+    "adam_beta2": Range(float, 0, 1, high_open=True),
+    "adam_epsilon": Range(float, 0),
+    "max_grad_norm": Range(float, 0, note="0: no clipping"),
+    "label_smoothing_factor": Range(float, 0, 0, note="orpo's loss has no label smoothing"),
+    "neftune_noise_alpha": Range(float, 0, low_open=True, optional=True),
+    "torch_empty_cache_steps": Range(int, 1, optional=True),
+    "eval_steps": Range(float, 0, low_open=True, optional=True),
+    "eval_delay": Range(float, 0),
+    "save_steps": Range(float, 0, low_open=True),
+    "save_total_limit": Range(int, 1, optional=True),
+    "seed": Range(int, 0, 2**32 - 1),
+    "data_seed": Range(int, 0, 2**32 - 1, optional=True),
+    "dataloader_num_workers": Range(int, 0),
+    "dataloader_prefetch_factor": Range(int, 1, optional=True),
+    "ddp_bucket_cap_mb": Range(int, 1, optional=True),
+    "ddp_timeout": Range(int, 1),
+    "local_rank": Range(int, -1),
+}
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Values of several fields that contradict each other. `example`: one such set of values (the hostile-input
+    tests pass it as flags); `holds`: whether a config's values conflict; `message`: the one line."""
+
+    example: dict
+    holds: Callable[[Any], bool]
+    message: str
+
+
+def _changed(config, *names: str) -> bool:
+    """Whether any of the fields `names` of the dataclass `config` differs from the field's default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    return any(getattr(config, name) != defaults[name] for name in names)
+
+
+CONFLICTS = (
+    Conflict({"packing": False, "packed_attention": "spans"},
+             lambda c: c.packing is False and c.packed_attention is not None,
+             "--packed_attention applies to the prefix-shared layout, and --packing false lays each pair out as two "
+             "padded rows; leave one of them unset"),
+    Conflict({"activation_checkpointing": False, "selective_checkpointing": True},
+             lambda c: False in (c.activation_checkpointing, c.gradient_checkpointing) and c.selective_checkpointing,
+             "--selective_checkpointing says how recomputed layers are recomputed, and --activation_checkpointing "
+             "false recomputes none; leave one of them unset"),
+    Conflict({"bf16": True, "fp16": True}, lambda c: c.bf16 and c.fp16,
+             "--bf16 true and --fp16 true: choose one autocast precision"),
+    Conflict({"max_steps": 0, "num_train_epochs": 0}, lambda c: c.max_steps <= 0 and c.num_train_epochs == 0,
+             "--max_steps unset (or 0) and --num_train_epochs 0: nothing to train; set either to how long to train"),
+    Conflict({"streaming": True, "max_steps": -1}, lambda c: c.streaming and c.max_steps <= 0,
+             "--streaming needs --max_steps: a stream has no length to count epochs by"),
+    Conflict({"streaming": True, "max_steps": 5, "dataloader_num_workers": 2},
+             lambda c: c.streaming and c.dataloader_num_workers,
+             "--streaming tokenizes in the training process (its drop counts are logged from there): leave "
+             "--dataloader_num_workers at 0"),
+    Conflict({"streaming": True, "max_steps": 5, "train_sampling_strategy": "group_by_length"},
+             lambda c: c.streaming and c.train_sampling_strategy == "group_by_length",
+             "--train_sampling_strategy group_by_length sorts by the pairs' lengths, which a stream does not know "
+             "ahead; use it without --streaming"),
+    Conflict({"streaming_shuffle_buffer": 5, "streaming": False},
+             lambda c: not c.streaming and _changed(c, "streaming_shuffle_buffer"),
+             "--streaming_shuffle_buffer applies to --streaming, which is off"),
+    Conflict({"dataset_cache": False, "dataset_cache_dir": "cache"},
+             lambda c: not c.dataset_cache and c.dataset_cache_dir is not None,
+             "--dataset_cache_dir names the cache, and --dataset_cache false turns it off; leave one of them unset"),
+    Conflict({"resume_from_checkpoint": "latest", "overwrite_output_dir": True},
+             lambda c: bool(c.resume_from_checkpoint) and c.overwrite_output_dir,
+             "--resume_from_checkpoint continues the run in output_dir, and --overwrite_output_dir replaces it; "
+             "choose one"),
+    Conflict({"previous_run": "move", "overwrite_output_dir": False},
+             lambda c: _changed(c, "previous_run") and not c.overwrite_output_dir,
+             "--previous_run says what --overwrite_output_dir does with the previous run, and it is not set"),
+    Conflict({"force_resume": True, "resume_from_checkpoint": None},
+             lambda c: c.force_resume and not c.resume_from_checkpoint,
+             "--force_resume applies to --resume_from_checkpoint, which is not set"),
+    Conflict({"export_outtype": "q8_0", "export_gguf": None},
+             lambda c: _changed(c, "export_outtype") and not c.export_gguf,
+             "--export_outtype applies to --export_gguf, which is not set"),
+    Conflict({"fsdp": "full_shard", "deepspeed": "ds.json"}, lambda c: bool(c.fsdp) and bool(c.deepspeed),
+             "--fsdp and --deepspeed are two ways of sharding the model: choose one"),
+    # ModelArguments (orpo train)
+    Conflict({"lora_r": 8, "use_peft": False},
+             lambda c: not c.use_peft and _changed(c, "lora_r", "lora_alpha", "lora_dropout"),
+             "--lora_r, --lora_alpha and --lora_dropout apply to --use_peft, which is not set"),
+    Conflict({"lora_target_modules": ["q_proj"], "use_peft": False},
+             lambda c: not c.use_peft and c.lora_target_modules,
+             "--lora_target_modules applies to --use_peft, which is not set"),
+    # orpo eval
+    Conflict({"reference": True, "bf16": True}, lambda c: c.reference and c.bf16,
+             "--reference runs the model in its own dtype; --bf16 is for the fast path (for a bf16 reference, "
+             "--dtype bfloat16)"),
+    Conflict({"reference": True, "batch_tokens": 1000}, lambda c: c.reference and _changed(c, "batch_tokens"),
+             "--batch_tokens sizes the fast path's batches; --reference takes --batch_size pairs per call"),
+    Conflict({"batch_size": 2, "reference": False}, lambda c: not c.reference and _changed(c, "batch_size"),
+             "--batch_size sizes --reference's batches; the fast path takes --batch_tokens tokens per call"),
+)
+
+
+def check_fields(config) -> None:
+    """One OrpoError line for the first field of the dataclass `config` (ORPOConfig, ModelArguments, a
+    subcommand's flags) whose value is out of its range (RANGES) or not one of its choices, then for the
+    first of CONFLICTS that holds among the fields it has."""
+    names = {f.name for f in dataclasses.fields(config)}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if (accepted := RANGES.get(f.name)) is not None:
+            accepted.check(f.name, value)
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices and not (value is None and f.default is None):
+            raise OrpoError(f"--{f.name} {value!r}: accepted: {', '.join(map(str, choices))}")
+    for conflict in CONFLICTS:
+        if set(conflict.example) <= names and conflict.holds(config):
+            raise OrpoError(conflict.message)
 
 
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
-
-
-def _init_deepspeed_comm_on_cpu() -> None:
-    """DeepSpeed's communication over the gloo group of CPU ranks. accelerate starts it only for accelerators; left
-    unstarted, DeepSpeed counts a world of 1 process, and ZeRO-3's model init (transformers' `deepspeed.zero.Init`
-    in `from_pretrained`, which `orpo train` calls) rejects the batch sizes the Trainer filled in for all ranks."""
-    from deepspeed import comm
-
-    if not comm.is_initialized():
-        comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 
 
 def _check_engine_configs(args) -> None:
@@ -511,13 +675,40 @@ def to_row_format(args) -> RowFormat:
     )
 
 
-DEVICE_DERIVED = ("use_cpu", "dataloader_pin_memory")  # set in __post_init__ from the device and precision
+DEVICE_DERIVED = ("use_cpu",)  # set in __post_init__ where the CPU is the only device
 
 
 def changed_settings(config: ORPOConfig) -> dict:
     """The ORPOConfig fields whose value differs from a config built with defaults only (the same output_dir):
-    what a run's settings change, as `to_dict` gives them. orpo's own decisions (bf16 when unset) are the
-    defaults' too, and the fields it derives from them (DEVICE_DERIVED) are left out."""
+    what a run's settings change, as `to_dict` gives them; the fields derived from the machine (DEVICE_DERIVED)
+    are left out."""
     ours, defaults = config.to_dict(), type(config)(output_dir=config.output_dir).to_dict()
     return {name: value for name, value in ours.items()
             if value != defaults.get(name) and name not in DEVICE_DERIVED}
+
+
+# Fields a resumed run may change: they decide how long it trains, what it logs and saves, where, how fast and
+# with how much memory, not what a step computes (every route, recompute and head choice is exact). Every other
+# field is part of a checkpoint's stamp (`stamp_settings`): resuming with another value is refused unless
+# --force_resume, so a new field is stamped unless it is added here.
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "overwrite_output_dir", "previous_run", "resume_from_checkpoint", "force_resume", "max_steps",
+    "num_train_epochs", "logging_dir", "logging_strategy", "logging_steps", "logging_first_step",
+    "logging_nan_inf_filter", "save_strategy", "save_steps", "save_total_limit", "save_on_each_node",
+    "save_only_model", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size",
+    "eval_accumulation_steps", "eval_split", "report_to", "run_name", "project", "trackio_space_id",
+    "disable_tqdm", "log_level", "log_level_replica", "dataloader_num_workers", "dataloader_prefetch_factor",
+    "dataloader_persistent_workers", "dataloader_pin_memory", "push_to_hub", "hub_model_id", "hub_strategy",
+    "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "dataset_num_proc", "dataset_cache",
+    "dataset_cache_dir", "memory_budget_gb", "report", "save_eval_pairs", "export_gguf", "export_outtype",
+    "ddp_timeout", "local_rank", "use_cpu", "activation_checkpointing", "activation_checkpointing_kwargs",
+    "gradient_checkpointing", "gradient_checkpointing_kwargs", "selective_checkpointing", "keep_head_probs",
+    "logprob_chunk_size", "packing", "packed_attention", "reuse_cpu_memory", "on_nonfinite", "strict",
+    "trust_remote_code", "torch_empty_cache_steps", "include_num_input_tokens_seen", "skip_memory_metrics",
+})
+
+
+def stamp_settings(config: ORPOConfig) -> dict:
+    """The settings a checkpoint is stamped with: every field of `config` (as `to_dict` gives it) but
+    RESUMABLE_CHANGES."""
+    return {name: value for name, value in config.to_dict().items() if name not in RESUMABLE_CHANGES}

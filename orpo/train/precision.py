@@ -1,4 +1,5 @@
-"""Which precision a run trains in when `--bf16` is left to orpo (the default, `bf16=None`).
+"""Which precision a run trains in when `--bf16` is left to orpo (the default, `bf16=None`; the run's plan
+asks `choose_precision`).
 
 bf16 autocast where the device computes bf16 natively, fp32 elsewhere:
 
@@ -45,9 +46,12 @@ def choose_bf16(device_type: str, cuda_bf16: bool, flags: set[str]) -> tuple[boo
     return False, f"fp32: bf16 is not chosen automatically on {device_type}; --bf16 true turns it on"
 
 
-def default_bf16(use_cpu: bool) -> tuple[bool, str]:
-    """`choose_bf16` for the device this process trains on (the CPU with `use_cpu`)."""
-    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    device_type = "cpu" if use_cpu or accelerator is None else accelerator.type
-    cuda_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    return choose_bf16(device_type, cuda_bf16, cpu_flags() if device_type == "cpu" else set())
+def choose_precision(bf16: bool | None, fp16: bool, device: torch.device) -> tuple[bool, str]:
+    """(bf16 autocast on?, what and why, for the run log) for a run on `device`: the user's `bf16` / `fp16`
+    where set, else `choose_bf16` for the device (its native bf16 support, the CPU's flags)."""
+    if fp16:
+        return False, "fp16 autocast (fp32 weights): --fp16 true"
+    if bf16 is not None:
+        return bf16, f"{'bf16 autocast' if bf16 else 'fp32'}: --bf16 {str(bf16).lower()}"
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return choose_bf16(device.type, cuda_bf16, cpu_flags() if device.type == "cpu" else set())

@@ -16,6 +16,7 @@ import os
 from orpo.errors import OrpoError
 
 METRICS_FILE = "metrics.jsonl"
+PLAN_FILE = "orpo_plan.json"  # what the run decided and why (orpo/run/plan.py), written when training starts
 SMOOTH_FROM = 20  # logged training points from which plots add a trailing mean
 REPORT_FILE = "report.html"
 # file → (title, [(metric, label)], y-label, [(metric, label)] on a second axis)
@@ -29,24 +30,53 @@ PLOTS = {
 }
 
 
-def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) of a metrics.jsonl; eval keys lose their `eval_` prefix."""
+def read_metric_lines(path: str) -> tuple[list[dict], int]:
+    """(the records of a metrics.jsonl, in order; how many partial last lines were dropped: 0 or 1). A last line
+    that is not JSON is what a kill during a log write leaves: it is dropped. A bad line before it is one line."""
     if not os.path.isfile(path):
         raise OrpoError(f"{path}: no such file; `orpo report` needs the output_dir of an orpo training run")
-    train, evals = [], []
     with open(path) as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise OrpoError(f"{path}, line {n}: invalid JSON") from None
-            if any(key.startswith("eval_") for key in record):
-                evals.append({k.removeprefix("eval_"): v for k, v in record.items()})
-            elif "nll" in record:
-                train.append(record)
+        lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                return records, 1
+            raise OrpoError(f"{path}, line {n}: invalid JSON") from None
+    return records, 0
+
+
+def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a metrics.jsonl; eval keys lose their `eval_` prefix."""
+    train, evals = [], []
+    for record in read_metric_lines(path)[0]:
+        if any(key.startswith("eval_") for key in record):
+            evals.append({k.removeprefix("eval_"): v for k, v in record.items()})
+        elif "nll" in record:
+            train.append(record)
     return train, evals
+
+
+def write_pair_records(path: str, records: list[dict], summary: dict, **extra) -> None:
+    """Per-pair records (ops/scoring.py), one JSON line each, then a line with their `summary` (and `extra`, e.g.
+    the step): the file of `orpo eval --output` and of `save_eval_pairs`."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+        f.write(json.dumps({"summary": summary, **extra}) + "\n")
+
+
+def read_plan(output_dir: str) -> list[dict]:
+    """The choices of the run's plan (PLAN_FILE: name, value, reason each), [] for a run without one."""
+    path = os.path.join(output_dir, PLAN_FILE)
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as f:
+            return json.load(f)["choices"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise OrpoError(f"{path}: not a plan orpo wrote (invalid JSON or no choices)") from None
 
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -132,17 +162,23 @@ def write_report(output_dir: str) -> str:
         raise OrpoError(f"{os.path.join(output_dir, METRICS_FILE)}: no training records to plot")
     images = [name for name in PLOTS if plot(train, evals, name, os.path.join(output_dir, name))]
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{a}</td><td>{b}</td></tr>" for k, a, b in _summary_rows(train))
+    choices = "".join(f"<tr><td>{html.escape(c['name'])}</td><td>{html.escape(str(c['value']))}</td>"
+                      f"<td class=reason>{html.escape(c['reason'])}</td></tr>" for c in read_plan(output_dir))
+    plan = (f"<h2>What orpo chose for this run, and why</h2><table><tr><th>choice</th><th>value</th><th>reason</th></tr>"
+            f"{choices}</table>") if choices else ""
     figures = "".join(f'<figure><img src="{name}" alt="{html.escape(PLOTS[name][0])}"></figure>' for name in images)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>orpo report: {html.escape(output_dir)}</title>
 <style>body{{font-family:sans-serif;max-width:1500px;margin:2em auto}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 10px;text-align:right}} figure{{display:inline-block;margin:8px}}</style>
+td,th{{border:1px solid #ccc;padding:3px 10px;text-align:right}} td.reason{{text-align:left}}
+figure{{display:inline-block;margin:8px}}</style>
 </head><body>
 <h1>orpo training report</h1>
 <p>{html.escape(output_dir)}: {len(train)} logged training steps (last: step {train[-1]["step"]}),
 {len(evals)} evaluations. ORPO is working when chosen and rejected log-probs separate and log_odds rises.</p>
 <table><tr><th>metric</th><th>first log</th><th>last log</th></tr>{rows}</table>
 {figures}
+{plan}
 </body></html>
 """
     path = os.path.join(output_dir, REPORT_FILE)

@@ -353,7 +353,7 @@ def test_eval_records_and_summary(model_dir, data_dir, tmp_path, capsys):
 def test_eval_limit(model_dir, data_dir, tmp_path, capsys):
     output = tmp_path / "out.jsonl"
     assert main(["eval", "--model", str(model_dir), "--dataset", str(data_dir / "prefs.jsonl"),
-                 "--output", str(output), "--limit", "2", "--batch_size", "1"]) == 0
+                 "--output", str(output), "--limit", "2"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     lines = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(lines) == 3 and [r["index"] for r in lines[:2]] == [0, 1]
@@ -428,7 +428,7 @@ def test_train_end_to_end_subprocess(model_dir, data_dir, tmp_path):
                        "--report_to", "none", "--save_strategy", "no"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    assert "train data: kept 8 of 8 pairs" in result.stderr
+    assert f"train data: {data_dir / 'prefs.jsonl'}: kept 8 of 8 pairs" in result.stderr
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(model, LlamaForCausalLM)
@@ -450,8 +450,9 @@ def test_train_end_to_end_subprocess(model_dir, data_dir, tmp_path):
                       "--max_steps", "1", "--report_to", "none"], tmp_path)
     assert again.returncode == 2
     assert error_line(again.stderr).startswith(f"orpo: error: output_dir {out} already has files (README.md, chat_template")
-    assert error_line(again.stderr).endswith("; pass --overwrite_output_dir to train into it, "
-                                             "or --resume_from_checkpoint latest to continue its run")
+    assert error_line(again.stderr).endswith("; pass --overwrite_output_dir to start a new run there (the previous one "
+                                             "is removed), or --resume_from_checkpoint latest to continue its run")
+    assert "train data" not in again.stderr  # refused before the data is prepared
     assert load_file(out / "model.safetensors").keys() == trained.keys()  # untouched
     # the same command resumed (a requeued job): the run finished, so it trains nothing and succeeds
     rerun = run_orpo(["train", "--model", model_dir, "--dataset", data_dir / "prefs.jsonl", "--output_dir", out,
@@ -511,7 +512,7 @@ def test_train_peft_saves_merged_model(model_dir, data_dir, tmp_path, capsys):
 
 def test_config_yaml_with_flag_override(tmp_path):
     config = tmp_path / "train.yaml"
-    config.write_text("beta: 0.5\nmax_steps: 3\nlearning_rate: 0.001\nlora_target_modules: [q_proj, v_proj]\n")
+    config.write_text("beta: 0.5\nmax_steps: 3\nlearning_rate: 0.001\nuse_peft: true\nlora_target_modules: [q_proj, v_proj]\n")
     model_args, data_args, args = parse_train_args(["--config", str(config), "--model", "m", "--dataset", "d.jsonl",
                                                     "--beta", "0.25"])
     assert (args.beta, args.max_steps, args.learning_rate) == (0.25, 3, 0.001)
@@ -707,11 +708,12 @@ def test_export_writes_the_gguf_and_the_modelfile_beside_it(byte_model_dir, tmp_
 IDS_EXPORT = torch.tensor([[3, 14, 15, 92, 65]])
 
 
-def test_train_export_gguf_writes_the_trained_model_as_gguf(byte_model_dir, data_dir, tmp_path, capsys):
+def test_train_export_gguf_writes_the_trained_model_as_gguf(byte_model_dir, data_dir, tmp_path, caplog):
+    caplog.set_level("INFO")
     out, gguf = tmp_path / "run", tmp_path / "run" / "model.gguf"
     assert main(["train", "--model", str(byte_model_dir), "--dataset", str(data_dir / "prefs.jsonl"), "--output_dir",
                  str(out), "--export_gguf", str(gguf), "--export_outtype", "f32", *_flags(ONE_STEP)]) == 0
-    assert f"{gguf}: " in capsys.readouterr().out and (out / "Modelfile").is_file()
+    assert f"exported {gguf}: " in caplog.text and (out / "Modelfile").is_file()
     with torch.no_grad():  # the trained model, not the one it started from
         difference = (load_model(str(gguf))(IDS_EXPORT).logits - load_model(str(out))(IDS_EXPORT).logits).abs().max()
     assert difference <= 1e-4
@@ -782,7 +784,7 @@ def test_image_pairs_train_from_the_cli_on_each_family(tmp_path, family, monkeyp
     processor (AutoProcessor) load, and LLaMA-Factory-shaped image rows train with them (TRL's shape: the LLaVA
     test above). Processors whose video processor needs torchvision cannot be saved or loaded here: the CLI
     gets those from the tests' builder instead of AutoProcessor."""
-    from orpo.train import models
+    from orpo.run import setup
     from vision_models import SAVED_PROCESSORS, family_processor, image_rows_files, tiny_vision_model
 
     model_dir = tmp_path / "model"
@@ -790,7 +792,7 @@ def test_image_pairs_train_from_the_cli_on_each_family(tmp_path, family, monkeyp
     if family in SAVED_PROCESSORS:
         family_processor(family).save_pretrained(model_dir)
     else:
-        monkeypatch.setattr(models, "load_tokenizer", lambda name, trust_remote_code=False: family_processor(family))
+        monkeypatch.setattr(setup, "load_tokenizer", lambda name, trust_remote_code=False: family_processor(family))
     _, llamafactory = image_rows_files(tmp_path)
     assert main(["train", "--model", str(model_dir), "--dataset", llamafactory, "--output_dir", str(tmp_path / "out"),
                  "--save_strategy", "no", *_flags({**ONE_STEP, "per_device_train_batch_size": 2})]) == 0
@@ -818,22 +820,35 @@ def test_dry_run_reports_config_data_route_precision_and_memory_and_writes_nothi
             "--max_steps", "3", "--beta", "0.2", "--bf16", "false", "--dry_run", "true"]
     assert main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == f"dry run of orpo train into {out}: nothing is trained, no weights are written"
+    assert lines[0] == f"dry run of orpo train into {out}: every input checked, nothing trained, nothing written to " \
+                       "output_dir"
     assert lines[1].startswith(f"model: {model_dir} (LlamaForCausalLM, ") and lines[1].endswith(" trainable)")
     assert lines[2] == "settings changed from the defaults: max_steps=3, bf16=False, beta=0.2"  # in field order
-    assert lines[3] == (f"train data: {data_dir / 'one_bad.jsonl'}: kept 2 of 3 pairs; dropped 1: chosen == rejected 1 "
-                        "(first at row 1)")
-    assert lines[4].startswith("route: prefix-shared spans") and lines[5] == "precision: fp32: --bf16 false"
-    assert lines[6].startswith("activation checkpointing: off: a step of the largest micro-batch")
-    assert lines[7].startswith("output head softmax: kept from the forward")
-    assert lines[8].startswith("memory: a step of the largest micro-batch (") and " GB on cpu: it fits the budget" in lines[8]
-    assert len(lines) == 9 and not out.exists()  # no output directory, no weights
+    plan = dict(line.split(": ", 1) for line in lines[3:])  # the run's plan: every choice with its reason
+    assert list(plan) == ["train data", "output_dir", "route", "precision", "router load balancing",
+                          "activation checkpointing", "output head softmax", "memory", "CPU memory allocator",
+                          "final evaluation", "saved", "report", "export"]
+    assert plan["train data"].startswith(f"{data_dir / 'one_bad.jsonl'}: kept 2 of 3 pairs; dropped 1: chosen == "
+                                         "rejected 1 (first at row 1); ")
+    assert plan["output_dir"] == f"a new run in {out}"
+    assert plan["route"].startswith("prefix-shared spans") and plan["precision"] == "fp32: --bf16 false"
+    assert plan["activation checkpointing"].startswith("off: a step of the largest micro-batch")
+    assert plan["output head softmax"].startswith("kept from the forward")
+    assert plan["memory"].startswith("a step of the largest micro-batch (") and " GB on cpu: it fits the budget" in plan["memory"]
+    assert not out.exists()  # no output directory, no weights
     assert main(args + ["--memory_budget_gb", "0.000001", "--activation_checkpointing", "true"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[6] == "activation checkpointing: on (as set)"
-    assert lines[7] == ("output head softmax: recomputed in backward: memory is what this run saves (activation "
-                        "checkpointing or sharding)")
-    assert "it does not fit the budget of 0.0 GB (--memory_budget_gb)" in lines[8] and not out.exists()
+    plan = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines()[3:])
+    assert plan["activation checkpointing"] == "on, full recompute (as set)"
+    assert plan["output head softmax"] == ("recomputed in backward: memory is what this run saves (activation "
+                                           "checkpointing)")
+    assert "it does not fit the budget of 0.0 GB (--memory_budget_gb)" in plan["memory"] and not out.exists()
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    assert main(args + ["--overwrite_output_dir"]) == 0  # what would happen to the run there
+    plan = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines()[3:])
+    assert plan["output_dir"] == (f"a new run in {out}; the previous run there (1 entries) is removed when training "
+                                  "starts (--overwrite_output_dir)")
+    assert (out / "metrics.jsonl").is_file()
 
 
 def test_dry_run_of_a_config_file(model_dir, data_dir, tmp_path, capsys):
@@ -844,7 +859,7 @@ def test_dry_run_of_a_config_file(model_dir, data_dir, tmp_path, capsys):
     assert main(["train", "--config", str(recipe), "--dry_run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[2] == "settings changed from the defaults: max_steps=5, learning_rate=1e-05"
-    assert lines[-1].startswith("memory: ") and not (tmp_path / "run").exists()
+    assert any(line.startswith("memory: ") for line in lines) and not (tmp_path / "run").exists()
 
 
 def test_model_init_kwargs_reach_the_model_orpo_train_loads(data_dir, tmp_path, capsys):
@@ -865,3 +880,34 @@ def test_model_init_kwargs_reach_the_model_orpo_train_loads(data_dir, tmp_path, 
     assert main(["train", "--model", model, "--dataset", str(data_dir / "prefs.jsonl"), "--output_dir",
                  str(tmp_path / "dtype"), "--model_init_kwargs", '{"dtype": "bfloat16"}', *_flags(ONE_STEP)]) == 2
     assert error_line(capsys.readouterr().err) == "orpo: error: --model_init_kwargs: dtype has its own flag (--dtype); give it there"
+
+
+def test_a_python_run_and_a_cli_run_with_the_same_settings_write_the_same_files(model_dir, data_dir, tmp_path):
+    """`orpo train` is its flags parsed plus the call a Python user makes: the same files (model, tokenizer, card,
+    report and plots, metrics with the final evaluation, the plan, the finished marker), the same trained
+    weights and the same plan, but for the paths in it."""
+    from orpo import ORPOConfig, ORPOTrainer
+
+    settings = {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "report_to": "none",
+                "save_steps": 1, "disable_tqdm": True, "bf16": False, "learning_rate": 1e-3}
+    data, held_out = str(data_dir / "prefs.jsonl"), str(data_dir / "one_bad.jsonl")
+    assert main(["train", "--model", str(model_dir), "--dataset", data, "--eval_dataset", held_out, "--output_dir",
+                 str(tmp_path / "cli"), *_flags(settings)]) == 0
+    ORPOTrainer(model=str(model_dir), args=ORPOConfig(output_dir=str(tmp_path / "python"), **settings),
+                train_dataset=data, eval_dataset=held_out).train()
+
+    def files(run):
+        return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+
+    cli, python = tmp_path / "cli", tmp_path / "python"
+    assert files(cli) == files(python)
+    assert {"README.md", "model.safetensors", "metrics.jsonl", "orpo_plan.json", "orpo_run_finished.json",
+            "report.html", "loss.png", "checkpoint-2/orpo_checkpoint_complete.json"} <= set(files(cli))
+    weights = load_file(cli / "model.safetensors")
+    assert all(torch.equal(value, weights[key]) for key, value in load_file(python / "model.safetensors").items())
+    plans = [json.loads((run / "orpo_plan.json").read_text().replace(str(run), "OUT")) for run in (cli, python)]
+    assert [c["name"] for c in plans[0]["choices"]] == [c["name"] for c in plans[1]["choices"]]
+    assert plans[0]["stamp"] == plans[1]["stamp"] and plans[0]["choices"][-3:] == plans[1]["choices"][-3:]
+    evals = [[json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if "eval_loss" in line] for run in (cli, python)]
+    assert evals == [[2], [2]]

@@ -46,7 +46,7 @@ def test_sft_baseline_adds_a_column_trained_with_beta_zero(tmp_path, monkeypatch
     runs that differ only in beta; --export_gguf ends it with the aligned model as a GGUF file."""
     import orpo.train.models
     from orpo.commands import demo
-    from orpo.train.trainer import ORPOTrainer
+    from orpo.run.trainer import ORPOTrainer
     from tiny import byte_level_chatml_tokenizer, save_tiny_chat_model
 
     train, held_out = demo.make_pairs(seed=0)

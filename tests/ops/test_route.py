@@ -258,7 +258,7 @@ def test_every_family_trains_exactly_on_the_route_orpo_chooses(model_type, tmp_p
     the weights."""
     from family_models import causal_lm_types, tiny_family_model
     from orpo.train.config import ORPOConfig
-    from orpo.train.trainer import ORPOTrainer
+    from orpo.run.trainer import ORPOTrainer
     from tiny import chatml_tokenizer
 
     if model_type not in causal_lm_types():
@@ -274,7 +274,7 @@ def test_every_family_trains_exactly_on_the_route_orpo_chooses(model_type, tmp_p
     args = ORPOConfig(output_dir=str(tmp_path), report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
                       bf16=False, max_steps=1, per_device_train_batch_size=3, learning_rate=1e-3, logging_steps=1)
     trainer = ORPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=chatml_tokenizer())
-    assert trainer.route == route
+    assert trainer.plan.route == route
     output = trainer.train()
     assert torch.isfinite(torch.tensor(output.training_loss))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

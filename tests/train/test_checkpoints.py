@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from orpo.train.checkpoints import (
-    COMPLETE_MARKER, CONFIG_FILE, FINISHED_MARKER, PICKLED_ARGS, RunFinished, finished_step, is_complete,
-    latest_complete, mark_complete, mark_finished, read_counters, remove_incomplete, resolve_resume,
-    save_config_as_json,
+    COMPLETE_MARKER, CONFIG_FILE, FINISHED_MARKER, PICKLED_ARGS, RunFinished, check_output_dir, check_stamp,
+    finished_step, holds_run, is_complete, keep_metrics_until, latest_complete, mark_complete, mark_finished,
+    read_counters, remove_incomplete, resolve_resume, run_stamp, save_config_as_json, stamp_differences,
 )
 from orpo.errors import OrpoError
 
@@ -53,7 +53,7 @@ def test_only_marked_checkpoints_count(tmp_path):
     half = _checkpoint(tmp_path, 12, complete=False)
     (tmp_path / "checkpoint-x").mkdir()  # not a checkpoint name
     assert json.loads((tmp_path / "checkpoint-10" / COMPLETE_MARKER).read_text()) == {
-        "step": 10, "files": ["model.safetensors"], "counters": {}}
+        "step": 10, "files": ["model.safetensors"], "counters": {}, "stamp": None}
     assert not is_complete(str(half))
     assert latest_complete(str(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert remove_incomplete(str(tmp_path)) == [str(half)]
@@ -66,31 +66,93 @@ def test_latest_resumes_the_newest_complete_and_trims_the_metrics(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (2, 4, 5)))
     for resume in ("latest", "true", True):
-        assert resolve_resume(str(tmp_path), resume, False, True, str(metrics)) == str(tmp_path / "checkpoint-4")
+        assert resolve_resume(str(tmp_path), resume, False, "remove", True) == str(tmp_path / "checkpoint-4")
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 4]
     assert not (tmp_path / "checkpoint-6").exists()
 
 
 def test_latest_without_any_checkpoint_starts_fresh(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
-    assert resolve_resume(str(tmp_path), "latest", False, True, str(tmp_path / "metrics.jsonl")) is None
+    assert resolve_resume(str(tmp_path), "latest", False, "remove", True) is None
     assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 def test_an_incomplete_checkpoint_path_is_refused(tmp_path):
     half = _checkpoint(tmp_path, 6, complete=False)
     with pytest.raises(OrpoError, match=r"checkpoint-6 is incomplete \(its save was interrupted.*latest"):
-        resolve_resume(str(tmp_path), str(half), False, True, str(tmp_path / "m.jsonl"))
+        resolve_resume(str(tmp_path), str(half), False, "remove", True)
     with pytest.raises(OrpoError, match=r"nope: no such checkpoint directory"):
-        resolve_resume(str(tmp_path), str(tmp_path / "nope"), False, True, str(tmp_path / "m.jsonl"))
+        resolve_resume(str(tmp_path), str(tmp_path / "nope"), False, "remove", True)
 
 
 def test_an_output_dir_with_files_is_not_overwritten_without_the_flag(tmp_path):
-    (tmp_path / "model.safetensors").write_bytes(b"a trained model")
-    with pytest.raises(OrpoError, match=r"already has files \(model.safetensors\); pass --overwrite_output_dir"):
-        resolve_resume(str(tmp_path), None, False, True, str(tmp_path / "metrics.jsonl"))
-    assert resolve_resume(str(tmp_path), None, True, True, str(tmp_path / "metrics.jsonl")) is None
-    assert resolve_resume(str(tmp_path / "new"), None, False, True, str(tmp_path / "new" / "m.jsonl")) is None
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    with pytest.raises(OrpoError, match=r"already has files \(metrics.jsonl\); pass --overwrite_output_dir"):
+        resolve_resume(str(tmp_path), None, False, "remove", True)
+    assert resolve_resume(str(tmp_path / "new"), None, False, "remove", True) is None
+
+
+def test_overwriting_removes_the_previous_run_so_it_is_never_resumed_or_continued(tmp_path):
+    """The old run's checkpoints and logs go when the new run starts: a later --resume_from_checkpoint latest
+    finds no checkpoint of it, and the new run's metrics.jsonl does not continue the old one's."""
+    _checkpoint(tmp_path, 4, complete=True)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 9.0}) + "\n")
+    (tmp_path / "runs").mkdir()
+    assert resolve_resume(str(tmp_path), None, True, "remove", True) is None
+    assert list(tmp_path.iterdir()) == []
+    assert resolve_resume(str(tmp_path), "latest", False, "remove", True) is None  # nothing of it to resume
+
+
+def test_the_previous_run_can_be_moved_aside_instead(tmp_path):
+    run = tmp_path / "out"
+    _checkpoint(run, 4, complete=True)
+    (tmp_path / "out.previous-1").mkdir()  # taken: the next free number is used
+    assert resolve_resume(str(run), None, True, "move", True) is None
+    assert run.is_dir() and list(run.iterdir()) == []
+    assert (tmp_path / "out.previous-2" / "checkpoint-4" / COMPLETE_MARKER).is_file()
+
+
+def test_files_no_run_wrote_are_never_removed(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OrpoError, match=r"has files that no orpo run wrote \(notes.txt\); orpo removes only runs it "
+                                        r"wrote: choose another output_dir, or --previous_run move"):
+        check_output_dir(str(tmp_path), None, True, "remove", -1)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    check_output_dir(str(tmp_path), None, True, "move", -1)  # moving them aside is allowed
+    assert holds_run(str(tmp_path)) is False
+    _checkpoint(tmp_path, 2, complete=False)
+    assert holds_run(str(tmp_path)) is True
+
+
+def test_a_partial_last_metrics_line_is_dropped_and_counted(tmp_path, caplog):
+    """What a kill during a log write leaves: the resume keeps the records up to its step and drops the
+    partial line with a warning (it ended with a JSONDecodeError traceback before)."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 2, "loss": 1.0}) + "\n" + json.dumps({"step": 4}) + "\n" + '{"step": 5, "lo')
+    assert keep_metrics_until(str(metrics), 4) == 1
+    assert [json.loads(line) for line in metrics.read_text().splitlines()] == [{"step": 2, "loss": 1.0}, {"step": 4}]
+    assert "its last line was partial" in caplog.text
+    metrics.write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # a bad line before the last is not a kill's
+    with pytest.raises(OrpoError, match=r"metrics.jsonl, line 2: invalid JSON$"):
+        keep_metrics_until(str(metrics), 4)
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
+    stamp = run_stamp({"beta": 0.1, "learning_rate": 1e-6}, "tiny", {"train": ("a.jsonl", "f1")})
+    path = _checkpoint(tmp_path, 4, complete=False)
+    mark_complete(str(path), 4, stamp=stamp)
+    assert check_stamp(str(path), stamp, force=False) == []
+    other = run_stamp({"beta": 0.5, "learning_rate": 1e-6}, "other", {"train": ("a.jsonl", "f2")})
+    with pytest.raises(OrpoError, match=r"^resume_from_checkpoint: .*checkpoint-4 was made by another run \(beta 0.1 "
+                                        r"\(now 0.5\); the model tiny \(now other\); other train data: a.jsonl \(its "
+                                        r"content or preparation changed\)\); .* or pass --force_resume"):
+        check_stamp(str(path), other, force=False)
+    assert check_stamp(str(path), other, force=True) == [
+        "beta 0.1 (now 0.5)", "the model tiny (now other)", "other train data: a.jsonl (its content or preparation changed)"]
+    before_data = {"settings": stamp["settings"], "model": "tiny"}  # checked before the data is prepared
+    assert check_stamp(str(path), before_data, force=False) == []
+    assert stamp_differences(stamp, run_stamp(stamp["settings"], "tiny", {"train": ("b.jsonl", "f3")})) == [
+        "other train data: a.jsonl (now b.jsonl)"]
 
 
 def test_a_finished_run_is_not_resumed_by_latest(tmp_path):
@@ -102,14 +164,14 @@ def test_a_finished_run_is_not_resumed_by_latest(tmp_path):
     assert finished_step(str(tmp_path)) == 5
     for resume, max_steps in (("latest", 5), (True, -1), ("latest", 3)):
         with pytest.raises(RunFinished, match=r"this run finished at step 5; nothing to resume.*larger --max_steps"):
-            resolve_resume(str(tmp_path), resume, False, True, str(tmp_path / "m.jsonl"), max_steps)
+            resolve_resume(str(tmp_path), resume, False, "remove", True, max_steps)
     # a larger max_steps extends the run: resumed from its newest checkpoint
-    assert resolve_resume(str(tmp_path), "latest", False, True, str(tmp_path / "m.jsonl"), 9).endswith("checkpoint-4")
+    assert resolve_resume(str(tmp_path), "latest", False, "remove", True, 9).endswith("checkpoint-4")
     mark_finished(str(tmp_path), 5)
-    assert resolve_resume(str(tmp_path), str(tmp_path / "checkpoint-4"), False, True, str(tmp_path / "m.jsonl"))
+    assert resolve_resume(str(tmp_path), str(tmp_path / "checkpoint-4"), False, "remove", True)
     assert finished_step(str(tmp_path)) is None
     mark_finished(str(tmp_path), 5)
-    assert resolve_resume(str(tmp_path), None, True, True, str(tmp_path / "m.jsonl")) is None
+    assert resolve_resume(str(tmp_path), None, True, "remove", True) is None
     assert not (tmp_path / FINISHED_MARKER).exists()
 
 

@@ -209,17 +209,17 @@ def test_gradient_checkpointing_forms(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # the default does not warn
         (default,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
-    # unset: ORPOTrainer chooses (train/memory.py); TrainingArguments holds False until then
-    assert default.choose_checkpointing and default.activation_checkpointing is False
+    # unset: the run's plan chooses (train/memory.py); the config keeps it unset, the plan's copy holds the choice
+    assert default.chooses_checkpointing and default.activation_checkpointing is None
     for off in (["--no_gradient_checkpointing"], ["--no-gradient-checkpointing"], ["--gradient_checkpointing", "false"]):
         with pytest.warns(FutureWarning, match="gradient_checkpointing"):
             (config,) = parser.parse_args_into_dataclasses([*off, "--output_dir", str(tmp_path)])
         assert config.activation_checkpointing is False and config.gradient_checkpointing is False, off
     (config,) = parser.parse_args_into_dataclasses(
         ["--no_gradient_checkpointing", "--activation_checkpointing", "true", "--output_dir", str(tmp_path)])
-    assert config.activation_checkpointing is True and not config.choose_checkpointing  # the new name wins
+    assert config.activation_checkpointing is True and not config.chooses_checkpointing  # the new name wins
     (config,) = parser.parse_args_into_dataclasses(["--gradient_checkpointing", "true", "--output_dir", str(tmp_path)])
-    assert config.choose_checkpointing  # TRL's default, said: the parser cannot tell it from unset
+    assert config.chooses_checkpointing  # TRL's default, said: the parser cannot tell it from unset
 
 
 def test_remove_unused_columns_forms(tmp_path):
@@ -272,13 +272,12 @@ def test_streaming_problems_are_one_line_and_it_shards_by_batches(tmp_path):
         ORPOConfig(output_dir=str(tmp_path), streaming=True)
     with pytest.raises(OrpoError, match=r"^--streaming tokenizes in the training process .*--dataloader_num_workers"):
         ORPOConfig(output_dir=str(tmp_path), streaming=True, max_steps=2, dataloader_num_workers=2)
-    with pytest.raises(OrpoError, match=r"^streaming_shuffle_buffer must be >= 0, got -1"):
+    with pytest.raises(OrpoError, match=r"^--streaming_shuffle_buffer -1: out of range; accepted: an integer >= 0$"):
         ORPOConfig(output_dir=str(tmp_path), streaming=True, max_steps=2, streaming_shuffle_buffer=-1)
     with pytest.raises(OrpoError, match=r"^--streaming shards the stream over processes by batches"):
         ORPOConfig(output_dir=str(tmp_path), streaming=True, max_steps=2, accelerator_config={"dispatch_batches": True})
-    args = ORPOConfig(output_dir=str(tmp_path), streaming=True, max_steps=2)
-    assert args.accelerator_config.dispatch_batches is False  # accelerate's default for iterable data is True
-    assert ORPOConfig(output_dir=str(tmp_path)).accelerator_config.dispatch_batches is None
+    # the config keeps accelerate's default; the plan's copy turns dispatch_batches off (tests/run/test_plan.py)
+    assert ORPOConfig(output_dir=str(tmp_path), streaming=True, max_steps=2).accelerator_config.dispatch_batches is None
 
 
 @pytest.mark.parametrize("line", TRL_EXAMPLES)

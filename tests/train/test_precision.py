@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from orpo.train.config import ORPOConfig
-from orpo.train.precision import choose_bf16, cpu_flags, default_bf16
+from orpo.train.precision import choose_bf16, choose_precision, cpu_flags
 
 
 @pytest.mark.parametrize("device, cuda_bf16, flags, expected", [
@@ -29,14 +29,14 @@ def test_the_reason_names_what_was_found():
     assert "--bf16 true turns it on" in choose_bf16("mps", False, set())[1]
 
 
-def test_the_config_default_is_this_machines_choice(tmp_path):
+def test_unset_is_this_machines_choice_and_set_is_as_given(tmp_path):
     """bf16 unset: this machine's choice (bf16 on the CPUs of some CI machines, fp32 on others); set: as
-    given; with fp16: no bf16. The choice and its reason are logged when the trainer starts."""
-    chosen, reason = default_bf16(use_cpu=not torch.accelerator.is_available())
-    if not torch.accelerator.is_available():
-        assert chosen == any(flag in cpu_flags() for flag in ("amx_bf16", "avx512_bf16"))
-    args = ORPOConfig(output_dir=str(tmp_path))
-    assert args.bf16 is chosen and args.precision_reason == reason
-    assert ORPOConfig(output_dir=str(tmp_path), bf16=False).bf16 is False
-    fp16 = ORPOConfig(output_dir=str(tmp_path), fp16=True, use_cpu=True)
-    assert fp16.bf16 is False and "fp16" in fp16.precision_reason
+    given; with fp16: no bf16. The config itself keeps what the user gave (unset); the plan decides."""
+    cpu = torch.device("cpu")
+    chosen, reason = choose_precision(None, False, cpu)
+    assert chosen == any(flag in cpu_flags() for flag in ("amx_bf16", "avx512_bf16"))
+    assert (chosen, reason) == choose_bf16("cpu", False, cpu_flags())
+    assert choose_precision(False, False, cpu) == (False, "fp32: --bf16 false")
+    assert choose_precision(True, False, cpu) == (True, "bf16 autocast: --bf16 true")
+    assert choose_precision(None, True, cpu) == (False, "fp16 autocast (fp32 weights): --fp16 true")
+    assert ORPOConfig(output_dir=str(tmp_path)).bf16 is None  # never decided in the config

@@ -19,7 +19,7 @@ from orpo.ops.packing import collate_padded
 from orpo.data.render import TokenizedPair
 from orpo.train.config import ORPOConfig
 from orpo.train.report import METRICS_FILE
-from orpo.train.trainer import ORPOTrainer
+from orpo.run.trainer import ORPOTrainer
 from tiny import VOCAB, OpCounter, chatml_tokenizer, tiny_llama
 
 def pairs(n=8, seed=0, high=VOCAB):
@@ -175,7 +175,7 @@ def test_packed_attention_spans_switches_the_model_and_mask_leaves_it(tmp_path):
     assert spans.model.config._attn_implementation == "orpo_span_sdpa"
     mask = make_trainer(tmp_path / "b", tiny_llama(), pairs(), packed_attention="mask")
     assert mask.model.config._attn_implementation == "sdpa"
-    with pytest.raises(OrpoError, match="packed_attention must be one of spans, mask, got 'flex'"):
+    with pytest.raises(OrpoError, match="^--packed_attention 'flex': accepted: spans, mask$"):
         ORPOConfig(output_dir=str(tmp_path), packed_attention="flex")
 
 
@@ -207,7 +207,7 @@ def _poisoned_trainer(tmp_path, on_nonfinite):
 
 def test_nonfinite_step_is_skipped_counted_and_never_applied(tmp_path, caplog):
     trainer, weights = _poisoned_trainer(tmp_path, "skip")
-    with caplog.at_level("WARNING", logger="orpo.train.trainer"):
+    with caplog.at_level("WARNING", logger="orpo.run.trainer"):
         trainer.train()
     assert len(weights) == 4 and all(torch.isfinite(w).all() for w in weights)
     assert torch.equal(weights[2], weights[1])  # step 3 (pairs 4 and 5) changed nothing
@@ -226,9 +226,10 @@ def test_nonfinite_step_stops_with_the_step_and_rows(tmp_path):
 
 def test_named_eval_sets_get_their_own_prefix_and_pair_files(tmp_path):
     data = pairs()
-    trainer = make_trainer(tmp_path, tiny_llama(), data, per_device_train_batch_size=4, max_steps=1,
-                           save_eval_pairs=True)
-    trainer.eval_dataset = {"easy": data[:3], "hard": data[3:8]}
+    args = ORPOConfig(output_dir=str(tmp_path), report_to="none", save_strategy="no", disable_tqdm=True, bf16=False,
+                      per_device_train_batch_size=4, max_steps=1, save_eval_pairs=True)
+    trainer = ORPOTrainer(model=tiny_llama(), args=args, train_dataset=data,
+                          eval_dataset={"easy": data[:3], "hard": data[3:8]}, processing_class=chatml_tokenizer())
     metrics = trainer.evaluate()
     assert metrics["eval_easy_pairs"] == 3 and metrics["eval_hard_pairs"] == 5
     for name, expected in (("easy", data[:3]), ("hard", data[3:8])):
@@ -299,28 +300,31 @@ def test_nonfinite_skipped_survives_resume(tmp_path):
 
 
 def test_activation_checkpointing_unset_is_chosen_for_the_data_and_the_memory(tmp_path, caplog):
-    """Unset, the trainer decides (train/memory.py) and logs why; a budget below what a step needs
-    turns it on; set, either name decides and nothing is chosen."""
+    """Unset, the plan decides (train/memory.py) and the log says why; a budget below what a step needs
+    turns it on, and the Trainer applies it; set, either name decides and the plan says so."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # the default itself must not warn
-        assert ORPOConfig(output_dir=str(tmp_path)).choose_checkpointing is True
-    with caplog.at_level("INFO", logger="orpo.train.trainer"):
+        assert ORPOConfig(output_dir=str(tmp_path)).chooses_checkpointing is True
+    with caplog.at_level("INFO", logger="orpo.run.trainer"):
         roomy = make_trainer(tmp_path, tiny_llama(), pairs())
     assert roomy.args.activation_checkpointing is False and roomy.args.gradient_checkpointing is False
     assert "activation checkpointing: off: a step of the largest micro-batch" in caplog.text
     tight = make_trainer(tmp_path, tiny_llama(), pairs(), memory_budget_gb=1e-6)
     assert tight.args.activation_checkpointing is True
-    assert tight.checkpointing_reason.startswith("on, every layer, full recompute:") and "over the budget of 0.0 GB" in tight.checkpointing_reason
+    reason = tight.plan.choice("activation checkpointing").reason
+    assert reason.startswith("on, every layer, full recompute:") and "over the budget of 0.0 GB" in reason
     tight.train()
     assert tight.model.is_activation_checkpointing  # the Trainer applied the choice
 
     with pytest.warns(FutureWarning, match="gradient_checkpointing"):
         off = ORPOConfig(output_dir=str(tmp_path), gradient_checkpointing=False)
-    assert off.activation_checkpointing is False and off.gradient_checkpointing is False and not off.choose_checkpointing
+    assert off.activation_checkpointing is False and off.gradient_checkpointing is False
+    assert not off.chooses_checkpointing
     on = make_trainer(tmp_path, tiny_llama(), pairs(), activation_checkpointing=True)
-    assert on.args.activation_checkpointing is True and not hasattr(on, "checkpointing_reason")
+    assert on.args.activation_checkpointing is True
+    assert on.plan.choice("activation checkpointing").reason == "on, full recompute (as set)"
     assert ORPOConfig(output_dir=str(tmp_path), activation_checkpointing=False).gradient_checkpointing is False
 
 
@@ -335,7 +339,7 @@ def test_selective_checkpointing_is_what_the_trainer_applies(tmp_path, caplog):
             trainer.train()
         return trainer, counter.matmuls(), torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
 
-    with caplog.at_level("INFO", logger="orpo.train.trainer"):
+    with caplog.at_level("INFO", logger="orpo.run.trainer"):
         selective, matmuls, weights = one_step(selective_checkpointing=True, memory_budget_gb=1e-6)
     assert selective.args.activation_checkpointing and selective.args.selective_checkpointing
     assert "activation checkpointing: on, every layer, selective (matmul and attention outputs kept" in caplog.text
@@ -349,23 +353,25 @@ def test_selective_checkpointing_is_what_the_trainer_applies(tmp_path, caplog):
 def test_streamed_data_is_sized_by_the_longest_pair_its_limits_let_through(tmp_path, monkeypatch):
     """A stream has no lengths ahead: the memory planner gets per_device_train_batch_size pairs of
     render.longest_pair (max_length 64: 1 + 63 + 63 tokens each); without max_length it recomputes."""
-    import orpo.train.trainer as trainer_module
+    import orpo.run.plan as plan_module
 
     data = tmp_path / "prefs.jsonl"
     data.write_text(json.dumps({"prompt": "what", "chosen": "good", "rejected": "bad"}) + "\n")
     seen = []
-    real = trainer_module.plan_checkpointing
-    monkeypatch.setattr(trainer_module, "plan_checkpointing", lambda shape, lengths, *a: seen.append(lengths) or real(shape, lengths, *a))
+    real = plan_module.plan_checkpointing
+    monkeypatch.setattr(plan_module, "plan_checkpointing", lambda shape, lengths, *a: seen.append(lengths) or real(shape, lengths, *a))
     streamed = make_trainer(tmp_path, tiny_llama(), str(data), streaming=True, max_steps=1, max_length=64,
                             per_device_train_batch_size=3)
-    assert seen == [[(1, 63, 63)] * 3] and streamed.checkpointing_reason.startswith("off:")
+    assert seen == [[(1, 63, 63)] * 3]
+    assert streamed.plan.choice("activation checkpointing").reason.startswith("off:")
     unbounded = make_trainer(tmp_path, tiny_llama(), str(data), streaming=True, max_steps=1, max_length=None)
-    assert unbounded.checkpointing_reason == "on: streamed data without max_length to size it by"
+    assert unbounded.plan.choice("activation checkpointing").reason == (
+        "on: streamed data without max_length to size it by; --activation_checkpointing false turns it off")
     assert len(seen) == 1
 
 
 def test_memory_budget_must_be_positive(tmp_path):
-    with pytest.raises(OrpoError, match="memory_budget_gb must be > 0"):
+    with pytest.raises(OrpoError, match=r"^--memory_budget_gb 0: out of range; accepted: a finite number > 0 or unset$"):
         ORPOConfig(output_dir=str(tmp_path), memory_budget_gb=0)
 
 
@@ -530,7 +536,7 @@ def test_moe_loss_adds_the_router_aux_loss_counting_each_token_once(tmp_path, la
     prompt counted once (padding never), on every layout; training logs aux_loss."""
     data = pairs(4)
     trainer = make_trainer(tmp_path, tiny_mixtral(), data, beta=0.1, **LAYOUTS[layout])
-    assert trainer.router_balancing.coef == 0.5
+    assert trainer.plan.router_balancing.coef == 0.5
     model = trainer.model.train()
     batch = trainer.data_collator(data)
     totals = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
@@ -552,13 +558,17 @@ def test_moe_training_logs_aux_loss_and_its_loss_includes_it(tmp_path):
 
 
 def test_reuse_cpu_memory_keeps_freed_memory_on_the_cpu_only_when_asked(tmp_path, monkeypatch):
-    """config.reuse_cpu_memory (default true) sets malloc up once per trainer on the CPU (train/allocator.py)."""
+    """config.reuse_cpu_memory (default true): the plan decides, and training sets malloc up on the CPU
+    (train/allocator.py); nothing happens at construction."""
     calls = []
-    monkeypatch.setattr("orpo.train.trainer.keep_freed_memory", lambda: calls.append(1) or True)
-    make_trainer(tmp_path / "on", tiny_llama(), pairs(2))
+    monkeypatch.setattr("orpo.run.trainer.keep_freed_memory", lambda: calls.append(1) or True)
+    on = make_trainer(tmp_path / "on", tiny_llama(), pairs(2), max_steps=1)
+    assert calls == [] and on.plan.reuse_cpu_memory
+    on.train()
     assert calls == [1]
-    make_trainer(tmp_path / "off", tiny_llama(), pairs(2), reuse_cpu_memory=False)
-    assert calls == [1]
+    off = make_trainer(tmp_path / "off", tiny_llama(), pairs(2), reuse_cpu_memory=False, max_steps=1)
+    off.train()
+    assert calls == [1] and off.plan.choice("CPU memory allocator").reason == "the system's: --reuse_cpu_memory false"
 
 
 # --- vision-language models --------------------------------------------------------------------------------
@@ -638,7 +648,7 @@ def test_the_route_is_probed_with_the_datas_image_pairs(tmp_path, monkeypatch):
     from vision_models import image_pair, tiny_vision_model
 
     data = [image_pair("qwen2_vl", [(56, 84)], (5, 7, 4), seed=1, index=0)]
-    assert make_trainer(tmp_path, tiny_vision_model("qwen2_vl"), data).route.layout == "spans"
+    assert make_trainer(tmp_path, tiny_vision_model("qwen2_vl"), data).plan.route.layout == "spans"
     monkeypatch.setattr(forward, "rope_index_of", lambda model: None)  # the collator probes and training use
     with pytest.raises(OrpoError, match="no batch layout reproduces the model's separate forwards"):
         make_trainer(tmp_path, tiny_vision_model("qwen2_vl"), data)
@@ -664,8 +674,21 @@ def test_image_rows_in_both_shapes_train_from_python_on_each_family(tmp_path, fa
             assert pair.prompt_ids.count(IMAGE_ID) == 0 and pair.vision_inputs is None
             continue
         assert pair.prompt_ids.count(IMAGE_ID) == image_tokens(family, pair.vision_inputs)
-    assert "probed with 2 of the data's image pairs too" in trainer.route.reason
-    assert trainer.route.layout == ("mask" if family == "gemma3" else "spans")
+    assert "probed with 2 of the data's image pairs too" in trainer.plan.route.reason
+    assert trainer.plan.route.layout == ("mask" if family == "gemma3" else "spans")
     output = trainer.train()
     assert output.global_step == 1 and torch.isfinite(torch.tensor(output.training_loss))
     assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
+
+
+def test_constructing_and_training_leaves_the_config_as_the_user_passed_it(tmp_path):
+    """The plan decides on a copy (trainer.args); the config object the user passed keeps every value, unset
+    ones included, through construction, training and the finishing steps."""
+    args = ORPOConfig(output_dir=str(tmp_path), report_to="none", save_strategy="no", disable_tqdm=True,
+                      max_steps=2, per_device_train_batch_size=2, logging_steps=1, memory_budget_gb=1e-6)
+    before = args.to_dict()
+    trainer = ORPOTrainer(model=tiny_llama(), args=args, train_dataset=pairs(4), processing_class=chatml_tokenizer())
+    trainer.train()
+    assert args.to_dict() == before
+    assert (args.bf16, args.activation_checkpointing, args.keep_head_probs) == (None, None, None)
+    assert trainer.args is not args and trainer.args.activation_checkpointing is True  # the plan's choice

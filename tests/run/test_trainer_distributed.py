@@ -484,10 +484,10 @@ def test_two_ranks_prepare_the_data_once_and_stream_it_as_one_job(tmp_path):
         assert result.returncode == 0 or (saved and "terminate called without" in result.stderr), result.stderr[-3000:]
         runs[name] = (result.stderr, load_file(str(out / "model.safetensors")), Run(out, result).steps)
     log = runs["prepared"][0]
-    assert log.count("train data: kept 9 of 12 pairs; dropped 3: chosen == rejected 3 (first at row 2); prepared "
-                     f"with 1 process, cached at {cache}") == 1, log[-3000:]
-    assert log.count(f"train data: kept 9 of 12 pairs; dropped 3: chosen == rejected 3 (first at row 2); read from "
-                     f"the cache ({cache}") == 1, log[-3000:]
+    assert log.count(f"train data: {data}: kept 9 of 12 pairs; dropped 3: chosen == rejected 3 (first at row 2); "
+                     f"prepared with 1 process, cached at {cache}") == 1, log[-3000:]
+    assert log.count(f"train data: {data}: kept 9 of 12 pairs; dropped 3: chosen == rejected 3 (first at row 2); "
+                     f"read from the cache ({cache}") == 1, log[-3000:]
     assert len(list(cache.iterdir())) == 1
     assert_same_weights(runs["streamed"][1], runs["prepared"][1], "streamed", rel=1e-6)
     # rank 0 read what both ranks trained on, and the global batch after it (the loader's end-of-data check);

@@ -1,0 +1,80 @@
+"""checks.py: what can be checked before anything is loaded is checked then, one line each."""
+import os
+
+import pytest
+
+from orpo.errors import OrpoError
+from orpo.run.checks import check_before_loading, check_writable_dir, check_writable_file
+from orpo.train.checkpoints import mark_complete, run_stamp
+from orpo.train.config import ORPOConfig, stamp_settings
+
+
+def config(tmp_path, **fields):
+    return ORPOConfig(output_dir=str(tmp_path / "out"), report_to="none", **fields)
+
+
+def test_a_directory_that_cannot_be_written_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OrpoError, match=r"^--output_dir .*a_file: exists and is not a directory$"):
+        check_writable_dir("output_dir", str(blocker))
+    with pytest.raises(OrpoError, match=r"^--output_dir .*a_file/run: .*a_file is not a directory$"):
+        check_writable_dir("output_dir", str(blocker / "run"))
+    check_writable_dir("output_dir", str(tmp_path / "new" / "deeper"))  # made when the run starts
+    assert not (tmp_path / "new").exists()
+    if not os.access("/sys", os.W_OK) or os.geteuid() == 0:  # even root cannot make files in sysfs
+        with pytest.raises(OrpoError, match=r"^--output_dir /sys/orpo-run: cannot write in /sys \("):
+            check_writable_dir("output_dir", "/sys/orpo-run")
+
+
+def test_a_file_path_that_is_a_directory_or_cannot_be_written_is_one_line(tmp_path):
+    with pytest.raises(OrpoError, match=r"^--export_gguf .*: is a directory; name the file to write$"):
+        check_writable_file("export_gguf", str(tmp_path))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OrpoError, match=r"^--output .*a_file/out.jsonl: .*a_file is not a directory$"):
+        check_writable_file("output", str(blocker / "out.jsonl"))
+    check_writable_file("output", str(tmp_path / "sub" / "out.jsonl"))
+
+
+def test_paths_and_the_output_dir_state_are_checked_first(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(OrpoError, match=r"^--output_dir .*a_file: exists and is not a directory$"):
+        check_before_loading(ORPOConfig(output_dir=str(tmp_path / "a_file")), None, "m", False, 0)
+    with pytest.raises(OrpoError, match=r"^--export_gguf .*: is a directory"):
+        check_before_loading(config(tmp_path, export_gguf=str(tmp_path)), None, "m", False, 0)
+    with pytest.raises(OrpoError, match=r"^resume_from_checkpoint: .*nope: no such checkpoint directory$"):
+        check_before_loading(config(tmp_path), str(tmp_path / "nope"), "m", False, 0)
+
+
+def test_one_process_driving_several_gpus_is_refused(tmp_path):
+    with pytest.raises(OrpoError, match=r"^this process sees 4 GPUs, and transformers would drive them all from it "
+                                        r"with nn.DataParallel .*torchrun --nproc_per_node 4 -m orpo train"):
+        check_before_loading(config(tmp_path), None, "m", False, 4)
+
+
+def test_evaluation_without_eval_data_is_one_line(tmp_path):
+    with pytest.raises(OrpoError, match=r"^--eval_strategy steps evaluates during training, and no eval data is given"):
+        check_before_loading(config(tmp_path, eval_strategy="steps", eval_steps=2), None, "m", False, 0)
+    check_before_loading(config(tmp_path, eval_strategy="steps", eval_steps=2), None, "m", True, 0)
+
+
+def test_init_kwargs_for_a_model_object_are_one_line(tmp_path):
+    with pytest.raises(OrpoError, match=r'^model_init_kwargs \{"attn_implementation": "eager"\} apply when orpo '
+                                        r"loads the model, and the model was given already loaded"):
+        check_before_loading(config(tmp_path, model_init_kwargs={"attn_implementation": "eager"}), None, None,
+                             False, 0)
+
+
+def test_a_checkpoint_made_with_other_settings_or_another_model_is_refused_before_loading(tmp_path):
+    made = config(tmp_path, beta=0.1)
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    mark_complete(str(checkpoint), 2, stamp=run_stamp(stamp_settings(made), "tiny", {"train": ("a", "f")}))
+    check_before_loading(config(tmp_path, beta=0.1, max_steps=9), "latest", "tiny", False, 0)  # may change
+    with pytest.raises(OrpoError, match=r"checkpoint-2 was made by another run \(beta 0.1 \(now 0.5\)\)"):
+        check_before_loading(config(tmp_path, beta=0.5), "latest", "tiny", False, 0)
+    with pytest.raises(OrpoError, match=r"checkpoint-2 was made by another run \(the model tiny \(now other\)\)"):
+        check_before_loading(config(tmp_path), str(checkpoint), "other", False, 0)
+    check_before_loading(config(tmp_path, beta=0.5, force_resume=True, resume_from_checkpoint="latest"), "latest",
+                         "tiny", False, 0)
