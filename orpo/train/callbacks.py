@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 
+import accelerate
 import torch
+from accelerate.utils import DistributedType, gather_object
 from transformers import TrainerCallback
 
 from orpo.errors import OrpoError
@@ -117,34 +120,129 @@ class ReportCallback(TrainerCallback):
 
 
 class NonFiniteGuard(TrainerCallback):
-    """Before each optimizer step: if the (clipped, all-reduced) gradient has a NaN or inf, skip
-    the update or stop, per `on_nonfinite`, naming the step and the dataset rows of its pairs.
-    Skipping drops every gradient, so the optimizer leaves the weights and its state untouched.
+    """Every optimizer step whose (clipped, all-reduced) gradient has a NaN or inf is skipped or stops
+    the run, per `on_nonfinite`, on every rank alike, with one line naming the step and the dataset rows
+    of its pairs (all ranks' rows). Skipping leaves the weights and the optimizer's state untouched:
+    weights are never updated with non-finite values. How the step is skipped depends on the engine:
 
-    Under fp16 with a GradScaler, an overflowing step is the scaler's routine (it skips the update
-    and lowers its scale), so the guard leaves it to the scaler: not counted, never a stop. A
-    non-finite gradient is non-finite before and after unscaling alike (division by a finite
-    scale), so the check needs no unscale of its own."""
+    - one process, DDP, FSDP2 (`on_pre_optimizer_step`, after clipping, before `optimizer.step()`): every
+      rank checks its own gradients (FSDP2: its shards, the DTensors' local parts) and the verdict is
+      all-reduced over the ranks (one scalar), so all ranks decide alike even when only one rank's shard
+      holds the NaN; a skip drops every gradient (`p.grad = None`), so `optimizer.step()` updates nothing.
+      The learning-rate schedule advances as the Trainer steps it (the step counts).
+    - DeepSpeed ZeRO-1/2/3 (and its bf16/fp16 optimizers): the engine steps inside the last micro-batch's
+      backward, before this callback runs, with the gradients in its own partitioned buffers (`p.grad` is
+      empty). DeepSpeed's own check skips the update there: a step whose all-reduced gradient norm is NaN/inf
+      is an overflow to it, so it clears the gradients and leaves the weights, the optimizer state and its
+      learning-rate schedule as they were (DeepSpeed 0.19.8: in fp32, in fp16, and in bf16 unless the config
+      sets `bf16.check_grad_overflow` false). The guard reads that verdict (`engine.was_step_applied()`), the
+      same on every rank, and counts the step or stops. A step the engine applied although its gradient norm
+      is non-finite (its check off, or a DeepSpeed release without it) stops the run whatever `on_nonfinite`
+      says: the weights are no longer finite.
+    - DeepSpeed without ZeRO or mixed precision (stage 0, fp32): the engine steps a plain torch
+      optimizer; a step pre-hook on it (`register_step_pre_hook`, set at train begin) makes the check above
+      and drops the gradients before that optimizer steps.
+
+    Under fp16 (the Trainer's GradScaler, or DeepSpeed's loss scaler) an overflowing step is the
+    scaler's routine (it skips the update and lowers its scale), so the guard leaves it to the scaler:
+    not counted, never a stop. A non-finite gradient is non-finite before and after unscaling alike
+    (division by a finite scale), so the check needs no unscale of its own."""
 
     def __init__(self, trainer: "ORPOTrainer"):
         self.trainer = trainer
+        self._hooked = None  # the plain torch optimizer of a DeepSpeed engine this guard hooked
+        self._dropped_by_hook = False  # that hook dropped the current step's gradients
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        engine = deepspeed_engine(self.trainer.accelerator)
+        if engine is None:
+            return
+        optimizer = engine.optimizer
+        if isinstance(optimizer, torch.optim.Optimizer) and optimizer is not self._hooked:
+            # stage 0 without mixed precision: DeepSpeed steps the torch optimizer itself, unchecked
+            optimizer.register_step_pre_hook(self._before_engine_step)
+            self._hooked = optimizer
+        elif getattr(optimizer, "check_grad_overflow", None) is False and getattr(optimizer, "compute_grad_norm", None) is False:
+            logger.warning("DeepSpeed checks no gradients in this configuration (zero_optimization.compute_grad_norm "
+                           "false, no overflow check): a non-finite step would be applied and --on_nonfinite cannot act")
+
+    def _before_engine_step(self, optimizer, args, kwargs):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if nonfinite_gradients(params, self.trainer.accelerator):
+            for p in params:
+                p.grad = None
+            self._dropped_by_hook = True
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         trainer = self.trainer
         rows, trainer._step_rows = trainer._step_rows, []
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-            return
-        if getattr(trainer.accelerator, "scaler", None) is not None:
-            logger.info("step %d: fp16 gradient overflow; the GradScaler skips it", state.global_step + 1)
-            return
-        where = f"step {state.global_step + 1}: non-finite loss or gradient; dataset rows {sorted(set(rows))}"
+        step = state.global_step + 1
+        engine = deepspeed_engine(trainer.accelerator)
+        if engine is not None:
+            if not self._engine_skipped(engine, step, rows):
+                return
+        else:
+            if not nonfinite_gradients(model.parameters(), trainer.accelerator):
+                return
+            if getattr(trainer.accelerator, "scaler", None) is not None:
+                logger.info("step %d: fp16 gradient overflow; the GradScaler skips it", step)
+                return
+            for p in model.parameters():
+                p.grad = None
+        where = f"step {step}: non-finite loss or gradient; dataset rows {step_rows(rows, trainer.accelerator)}"
         if args.on_nonfinite == "stop":
             raise OrpoError(f"{where} (--on_nonfinite skip skips such steps)")
-        logger.warning("%s: optimizer step skipped", where)
+        if state.is_world_process_zero:  # every rank skips; one line for the job
+            logger.warning("%s: optimizer step skipped", where)
         trainer.nonfinite_skipped += 1
-        for p in model.parameters():
-            p.grad = None
+
+    def _engine_skipped(self, engine, step: int, rows: list[int]) -> bool:
+        """Whether the DeepSpeed engine's step that just ran skipped a non-finite update (not an fp16
+        overflow, the loss scaler's routine); stops if it applied one."""
+        if self._dropped_by_hook:
+            self._dropped_by_hook = False
+            return True
+        if engine.was_step_applied():
+            norm = engine.get_global_grad_norm()
+            if norm is not None and not (math.isfinite(float(norm)) and float(norm) >= 0):
+                raise OrpoError(
+                    f"step {step}: non-finite gradient, and DeepSpeed applied it (its check is off: "
+                    f"bf16.check_grad_overflow false, or a DeepSpeed release that applies such steps; 0.19.8 skips "
+                    f"them); the weights are no longer finite; dataset rows {step_rows(rows, self.trainer.accelerator)}")
+            return False
+        if engine.fp16_enabled():
+            logger.info("step %d: fp16 gradient overflow; DeepSpeed's loss scaler skips it", step)
+            return False
+        return True
+
+
+def deepspeed_engine(accelerator):
+    """The DeepSpeed engine accelerate prepared, or None when the run does not use DeepSpeed."""
+    if getattr(accelerator, "distributed_type", None) != DistributedType.DEEPSPEED:
+        return None
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is None:
+        raise OrpoError(f"accelerate {accelerate.__version__} runs DeepSpeed without Accelerator.deepspeed_engine_wrapped; "
+                        "orpo's non-finite guard (orpo/train/callbacks.py) reads the engine from it")
+    return wrapped.engine
+
+
+def nonfinite_gradients(parameters, accelerator) -> bool:
+    """Whether any of `parameters`' gradients on any rank has a NaN or inf. Each rank checks what it holds
+    (a DTensor's local shard), then one scalar is all-reduced, so every rank returns the same."""
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in parameters if p.grad is not None]
+    bad = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float() if grads else torch.zeros(())
+    if getattr(accelerator, "num_processes", 1) > 1:
+        bad = accelerator.reduce(bad.to(accelerator.device), reduction="sum")
+    return bool(bad > 0)
+
+
+def step_rows(rows: list[int], accelerator) -> list[int]:
+    """The dataset rows of a step on all ranks, sorted, each once (a collective where there are several)."""
+    if getattr(accelerator, "num_processes", 1) > 1:
+        rows = gather_object([rows])
+        rows = [row for part in rows for row in part]
+    return sorted(set(rows))
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -173,16 +173,16 @@ def two_nodes():
             for node in (0, 1)]
 
 
-def _start(commands, env, logs: Path) -> subprocess.CompletedProcess:
+def _start(commands, env, logs: Path, timeout=600) -> subprocess.CompletedProcess:
     """The launchers side by side (their output into files: a full pipe of one could stall the other), each in
-    a session of its own, so that one that outlives the timeout is ended with all its workers."""
+    a session of its own, so that one that outlives `timeout` seconds is ended with all its workers."""
     processes, outputs = [], [(logs.with_name(f"{logs.name}.{i}.out"), logs.with_name(f"{logs.name}.{i}.err"))
                               for i in range(len(commands))]
     try:
         for command, (stdout, stderr) in zip(commands, outputs):
             with open(stdout, "w") as out, open(stderr, "w") as err:
                 processes.append(subprocess.Popen(command, stdout=out, stderr=err, env=env, start_new_session=True))
-        codes = [process.wait(timeout=600) for process in processes]
+        codes = [process.wait(timeout=timeout) for process in processes]
     finally:
         for process in processes:
             if process.poll() is None:

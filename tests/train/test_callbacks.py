@@ -55,7 +55,7 @@ def _guard_step(scaler, on_nonfinite="skip", grad=float("inf")):
     for p in model.parameters():
         p.grad = torch.full_like(p, grad)
     NonFiniteGuard(trainer).on_pre_optimizer_step(SimpleNamespace(on_nonfinite=on_nonfinite),
-                                                  SimpleNamespace(global_step=4), None, model=model)
+                                                  SimpleNamespace(global_step=4, is_world_process_zero=True), None, model=model)
     return trainer, model
 
 
@@ -76,3 +76,107 @@ def test_guard_leaves_fp16_overflow_to_the_grad_scaler():
         trainer, model = _guard_step(torch.amp.GradScaler("cpu"), on_nonfinite=on_nonfinite)
         assert trainer.nonfinite_skipped == 0
         assert all(p.grad is not None and torch.isinf(p.grad).all() for p in model.parameters())
+
+
+def test_guard_takes_the_verdict_of_all_ranks(monkeypatch):
+    """Several processes: each rank's verdict is all-reduced (here a stand-in reduce that adds another rank's
+    non-finite verdict), so a rank whose own gradients are finite stops (or skips) with the others, naming the rows
+    of all ranks (gathered)."""
+    from orpo.train import callbacks
+
+    trainer = _Trainer(None)
+    trainer.accelerator = SimpleNamespace(scaler=None, num_processes=2, device=torch.device("cpu"),
+                                          reduce=lambda t, reduction: t + 1.0)
+    monkeypatch.setattr(callbacks, "gather_object", lambda parts: parts + [[7, 3]])  # the other rank's rows
+    model = torch.nn.Linear(2, 1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # finite here
+    with pytest.raises(OrpoError, match=r"^step 1: non-finite loss or gradient; dataset rows \[1, 3, 7\] \(--on_nonfinite"):
+        NonFiniteGuard(trainer).on_pre_optimizer_step(SimpleNamespace(on_nonfinite="stop"), SimpleNamespace(
+            global_step=0, is_world_process_zero=False), None, model=model)
+
+
+class _Engine:
+    """The DeepSpeed engine's public surface the guard reads."""
+
+    def __init__(self, applied=True, norm=1.0, fp16=False, optimizer=None):
+        self.applied, self.norm, self.fp16, self.optimizer = applied, norm, fp16, optimizer or SimpleNamespace(overflow=False)
+
+    def was_step_applied(self):
+        return self.applied
+
+    def get_global_grad_norm(self):
+        return self.norm
+
+    def fp16_enabled(self):
+        return self.fp16
+
+
+def _deepspeed_trainer(engine):
+    from accelerate.utils import DistributedType
+
+    trainer = _Trainer(None)
+    trainer.accelerator = SimpleNamespace(scaler=None, distributed_type=DistributedType.DEEPSPEED,
+                                          deepspeed_engine_wrapped=SimpleNamespace(engine=engine))
+    return trainer
+
+
+def _deepspeed_step(engine, on_nonfinite="skip", caplog=None):
+    trainer = _deepspeed_trainer(engine)
+    guard = NonFiniteGuard(trainer)
+    args, state = SimpleNamespace(on_nonfinite=on_nonfinite), SimpleNamespace(global_step=4, is_world_process_zero=True)
+    guard.on_train_begin(args, state, None)
+    guard.on_pre_optimizer_step(args, state, None, model=torch.nn.Linear(2, 1))  # p.grad: None, as under ZeRO
+    return trainer
+
+
+def test_guard_under_deepspeed_reads_the_engines_verdict():
+    """DeepSpeed steps inside the last backward, before the guard: a step its check skipped (was_step_applied
+    false) is counted or stops; under fp16 it is the loss scaler's routine; an applied step is left alone, unless
+    its gradient norm is non-finite (DeepSpeed's check off): then the weights are gone, and the run stops."""
+    assert _deepspeed_step(_Engine(applied=False, norm=float("inf"))).nonfinite_skipped == 1
+    with pytest.raises(OrpoError, match=r"^step 5: non-finite loss or gradient; dataset rows \[1, 3\] \(--on_nonfinite"):
+        _deepspeed_step(_Engine(applied=False), on_nonfinite="stop")
+    assert _deepspeed_step(_Engine(applied=False, fp16=True), on_nonfinite="stop").nonfinite_skipped == 0
+    assert _deepspeed_step(_Engine(applied=True, norm=0.5)).nonfinite_skipped == 0
+    assert _deepspeed_step(_Engine(applied=True, norm=None)).nonfinite_skipped == 0  # compute_grad_norm false
+    for norm in (float("nan"), -1.0):  # -1: the sentinel DeepSpeed's norm helpers return for inf/NaN
+        with pytest.raises(OrpoError, match=r"^step 5: non-finite gradient, and DeepSpeed applied it"):
+            _deepspeed_step(_Engine(applied=True, norm=norm))
+
+
+def test_guard_warns_when_deepspeed_checks_nothing(caplog):
+    unchecked = SimpleNamespace(overflow=False, check_grad_overflow=False, compute_grad_norm=False)
+    with caplog.at_level("WARNING"):
+        _deepspeed_step(_Engine(optimizer=unchecked))
+    assert "DeepSpeed checks no gradients in this configuration" in caplog.text
+
+
+def test_guard_hooks_the_plain_optimizer_deepspeed_steps_itself(monkeypatch):
+    """DeepSpeed stage 0 in fp32 steps the torch optimizer itself, with no check: the guard's step pre-hook drops
+    non-finite gradients before that step (weights untouched), and the guard then counts it. Hooked once."""
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine = _Engine(optimizer=optimizer)
+    trainer = _deepspeed_trainer(engine)
+    guard = NonFiniteGuard(trainer)
+    args, state = SimpleNamespace(on_nonfinite="skip"), SimpleNamespace(global_step=0, is_world_process_zero=True)
+    guard.on_train_begin(args, state, None)
+    guard.on_train_begin(args, state, None)  # a second train() on the same engine
+    from orpo.train import callbacks
+
+    checks, check = [], callbacks.nonfinite_gradients
+    monkeypatch.setattr(callbacks, "nonfinite_gradients", lambda *a: checks.append(1) or check(*a))
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    optimizer.step()  # what the engine does inside the last backward
+    assert len(checks) == 1  # one hook
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    guard.on_pre_optimizer_step(args, state, None, model=model)
+    assert trainer.nonfinite_skipped == 1
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # finite: stepped
+    guard.on_pre_optimizer_step(args, state, None, model=model)
+    assert trainer.nonfinite_skipped == 1 and not torch.equal(next(model.parameters()), before[0])
