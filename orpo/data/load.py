@@ -1,11 +1,13 @@
 """Loading preference rows from local files or the Hugging Face hub.
 
 Every problem with the user's input is reported as a one-line `OrpoError`; what the rows mean is
-read by `orpo.data.formats`.
+read by `orpo.data.formats`. A UTF-8 byte-order mark at the start of a file (Windows tools write one) is
+not part of its text.
 """
 from __future__ import annotations
 
 import atexit
+import codecs
 import contextlib
 import gzip
 import io
@@ -71,16 +73,20 @@ def _quiet_datasets():
 
 
 def _open(path: Path, gz: bool, mode: str):
+    """The file, gunzipped where `gz`; in text mode UTF-8 without a leading byte-order mark ("utf-8-sig")."""
     if "b" in mode:
         return gzip.open(path, mode) if gz else open(path, mode)
-    return gzip.open(path, mode, encoding="utf-8") if gz else open(path, mode, encoding="utf-8")
+    return gzip.open(path, mode, encoding="utf-8-sig") if gz else open(path, mode, encoding="utf-8-sig")
 
 
 def _is_blank(path: Path, gz: bool) -> bool:
+    """Whether the file holds nothing but whitespace (after a byte-order mark)."""
     with _open(path, gz, "rb") as f:
-        while chunk := f.read(1 << 16):
+        chunk = _without_bom(f.read(1 << 16))
+        while chunk:
             if chunk.strip():
                 return False
+            chunk = f.read(1 << 16)
     return True
 
 
@@ -171,7 +177,12 @@ def _json_list(path: Path, gz: bool) -> list[dict]:
 def _is_json_list(path: Path, gz: bool) -> bool:
     """Whether a .json/.jsonl file holds one JSON list rather than JSON lines."""
     with _open(path, gz, "rb") as f:
-        return f.read(1 << 16).lstrip().startswith(b"[")
+        return _without_bom(f.read(1 << 16)).lstrip().startswith(b"[")
+
+
+def _without_bom(raw: bytes) -> bytes:
+    """The bytes a file starts with, less a UTF-8 byte-order mark."""
+    return raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
 
 
 def _json_lines(path: Path, gz: bool, skip_bad_rows: bool) -> Iterator[dict]:
@@ -180,6 +191,8 @@ def _json_lines(path: Path, gz: bool, skip_bad_rows: bool) -> Iterator[dict]:
     bad, skipped = None, 0
     with _open(path, gz, "rb") as f:
         for n, raw in enumerate(f, start=1):
+            if n == 1:
+                raw = _without_bom(raw)
             if not raw.strip():
                 continue
             row, problem = _parse_line(raw)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import orpo.data.load as data
-from orpo.data.load import EncodedRows, is_hub_dataset_id, load_rows
+from orpo.data.load import EncodedRows, is_hub_dataset_id, load_rows, stream_rows
 from orpo.data.prepare import format_drop_report
 from orpo.errors import EMPTY_RESPONSE, SAME_RESPONSES, UNKNOWN_ROLE, WRONG_TYPES, OrpoError
 from orpo.data.formats import SHAPE_HH, SHAPE_STRINGS, rows_to_pairs
@@ -48,6 +48,32 @@ def test_load_rows_file_types(tmp_path, name):
     # JSON is read by orpo into EncodedRows (on disk, each row as it was); the others by datasets
     assert isinstance(rows, EncodedRows if ".json" in name else datasets.Dataset)
     assert list(rows) == ROWS and len(rows) == len(ROWS)
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.jsonl.gz", "rows.json", "rows.json.gz", "rows.csv", "rows.csv.gz"])
+def test_a_utf8_byte_order_mark_is_read_past(tmp_path, name):
+    """Files that Windows tools write start with a UTF-8 byte-order mark (Python's "utf-8-sig"): load_rows and
+    stream_rows read their rows, the first column's name and the first line's JSON without it."""
+    if ".jsonl" in name:
+        text = "".join(json.dumps(r) + "\n" for r in ROWS)
+    elif ".json" in name:
+        text = json.dumps(ROWS, indent=1)  # a JSON list
+    else:
+        text = pd.DataFrame(ROWS).to_csv(index=False)
+    raw = text.encode("utf-8-sig")
+    assert raw.startswith(b"\xef\xbb\xbf")
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    assert list(load_rows(str(path), work_dir=tmp_path)) == ROWS
+    assert list(stream_rows(str(path))) == list(enumerate(ROWS))
+
+
+def test_a_file_of_a_byte_order_mark_alone_has_no_rows(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf\n")
+    with pytest.raises(OrpoError) as info:
+        load_rows(str(path))
+    assert str(info.value) == f"{path}: no rows"
 
 
 def test_load_rows_mixed_types_across_rows(tmp_path):
