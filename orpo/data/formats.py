@@ -11,10 +11,10 @@ conversational: a prompt message list ending with a non-assistant turn, and assi
 whole conversations (UltraFeedback-binarized): chosen/rejected repeat the prompt turns; the shared
    leading turns become the prompt (a prompt column, if any, is ignored):
    {"prompt": "Hi?", "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", ...}], ...}
-implicit prompt (Human:/Assistant: turns), HH-RLHF: no prompt column, full texts sharing their turns
+implicit prompt (Human:/Assistant: turns; no prompt column), HH-RLHF: full texts sharing their turns
    {"chosen": "\\n\\nHuman: Hi?\\n\\nAssistant: Hello!", "rejected": "\\n\\nHuman: Hi?\\n\\nAssistant: No."}
-implicit prompt (shared prefix): plain texts whose longest common prefix, cut back to a whitespace
-   boundary, is the prompt: {"chosen": "Q: my pet is a cat", "rejected": "Q: my pet is a car"}
+implicit prompt (shared prefix; no prompt column): plain texts whose longest common prefix, cut back to a
+   whitespace boundary, is the prompt: {"chosen": "Q: my pet is a cat", "rejected": "Q: my pet is a car"}
 ShareGPT turns (LLaMA-Factory "sharegpt" preference data): the prompt turns in a `conversations` or
    `messages` column, the replies in chosen/rejected (one message, a list of them, or a string):
    {"conversations": [{"from": "human", "value": "Hi?"}], "chosen": {"from": "gpt", "value": "Hello!"}, ...}
@@ -73,14 +73,15 @@ IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's image placeholder in text
 SHAPE_STRINGS = "prompt/chosen/rejected strings"
 SHAPE_CONVERSATIONAL = "conversational"
 SHAPE_CONVERSATIONS = "whole conversations"
-SHAPE_HH = "implicit prompt (Human:/Assistant: turns)"
-SHAPE_PREFIX = "implicit prompt (shared prefix)"
+SHAPE_HH = "implicit prompt (Human:/Assistant: turns; no prompt column)"
+SHAPE_PREFIX = "implicit prompt (shared prefix; no prompt column)"
 SHAPE_SHAREGPT = "ShareGPT turns"
 SHAPE_MESSAGES = "chosen_messages/rejected_messages"
 SHAPE_LABELS = "label-based pairwise"
 SHAPE_RATED = "rated completions"
 SHAPES = (SHAPE_STRINGS, SHAPE_CONVERSATIONAL, SHAPE_CONVERSATIONS, SHAPE_HH, SHAPE_PREFIX, SHAPE_SHAREGPT,
           SHAPE_MESSAGES, SHAPE_LABELS, SHAPE_RATED)
+SHAPES_WITHOUT_PROMPT = (SHAPE_HH, SHAPE_PREFIX)  # shapes whose prompt is taken from the answers: no prompt column
 
 
 @dataclass(frozen=True)

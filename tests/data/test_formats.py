@@ -11,8 +11,8 @@ import datasets
 import pytest
 
 from orpo.data.formats import (SHAPE_CONVERSATIONAL, SHAPE_CONVERSATIONS, SHAPE_HH, SHAPE_LABELS, SHAPE_MESSAGES,
-                               SHAPE_PREFIX, SHAPE_RATED, SHAPE_SHAREGPT, SHAPE_STRINGS, PairsFromRows,
-                               PreferencePair, RowFormat, rows_to_pairs)
+                               SHAPE_PREFIX, SHAPE_RATED, SHAPE_SHAREGPT, SHAPE_STRINGS, SHAPES_WITHOUT_PROMPT,
+                               PairsFromRows, PreferencePair, RowFormat, rows_to_pairs)
 from orpo.errors import (EMPTY_RESPONSE, IMAGE_COUNT, LABEL_MISSING, LABEL_TIE, LABEL_UNMAPPED, NON_TEXT,
                          SAME_RESPONSES, TIED_RATINGS, UNKNOWN_ROLE, WRONG_TYPES, OrpoError)
 
@@ -210,6 +210,11 @@ def test_llamafactory_v1_chosen_messages():
 
 
 # --- implicit prompt --------------------------------------------------------------------------------
+
+def test_shapes_without_a_prompt_column_say_so_in_their_names():
+    assert SHAPES_WITHOUT_PROMPT == (SHAPE_HH, SHAPE_PREFIX) == (
+        "implicit prompt (Human:/Assistant: turns; no prompt column)", "implicit prompt (shared prefix; no prompt column)")
+
 
 def test_implicit_hh_rlhf_multi_turn():
     shared = "\n\nHuman: What is a pen?\n\nAssistant: A writing tool.\n\nHuman:  Any pranks with one? \n\nAssistant:"
