@@ -52,7 +52,7 @@ vision chat templates take it, and `PreferencePair.images` holds the images as f
 images.py). As many placeholders as images, or the row is dropped (IMAGE_COUNT).
 
 Rows that cannot be trained on raise `DroppedPair` with one of the reasons in `orpo.errors`;
-`rows_to_pairs` counts them.
+`rows_to_pairs` counts them (drops.DropCounts).
 """
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from orpo.data.drops import DropCounts
 from orpo.errors import (EMPTY_RESPONSE, IMAGE_COUNT, LABEL_MISSING, LABEL_TIE, LABEL_UNMAPPED, NON_TEXT,
                          SAME_RESPONSES, TIED_RATINGS, UNKNOWN_ROLE, WRONG_TYPES, DroppedPair, OrpoError)
 
@@ -140,25 +141,14 @@ class RowFormat:
 class PairsFromRows:
     """What `rows_to_pairs` made of a dataset.
 
-    pairs:         the usable pairs, in row order.
-    drops:         reason → number of rows dropped for it.
-    first_rows:    reason → the first (0-based) row dropped for it;
-    first_details: reason → what was wrong with that row (its `DroppedPair` detail).
-    shapes:        shape name → rows detected in that shape (kept, or dropped after detection).
+    pairs:  the usable pairs, in row order.
+    drops:  the rows dropped, by reason, with each reason's first row and its `DroppedPair` detail.
+    shapes: shape name → rows detected in that shape (kept, or dropped after detection).
     """
 
     pairs: list[PreferencePair] = field(default_factory=list)
-    drops: Counter = field(default_factory=Counter)
-    first_rows: dict[str, int] = field(default_factory=dict)
-    first_details: dict[str, str] = field(default_factory=dict)
+    drops: DropCounts = field(default_factory=DropCounts)
     shapes: Counter = field(default_factory=Counter)
-
-    def count_drop(self, drop: DroppedPair, index: int) -> None:
-        """Count `drop` of row `index`; the first row of each reason keeps its detail."""
-        self.drops[drop.reason] += 1
-        if drop.reason not in self.first_rows:
-            self.first_rows[drop.reason] = index
-            self.first_details[drop.reason] = drop.detail
 
 
 @dataclass(frozen=True)
@@ -204,7 +194,7 @@ def rows_to_pairs(rows, row_format: RowFormat = RowFormat(), source: str = "data
         if shape is not None:
             out.shapes[shape] += 1
         if isinstance(pair, DroppedPair):
-            out.count_drop(pair, index)
+            out.drops.count(pair.reason, index, pair.detail)
         else:
             out.pairs.append(pair)
     return out

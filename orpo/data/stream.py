@@ -12,9 +12,10 @@ shuffled anew (datasets' `set_epoch`), so the Trainer (which needs `max_steps` f
 a resume that skips the batches a checkpoint trained lands where the run was, whichever pass that is. A
 pass that keeps no pair is an error, not an endless loop.
 
-Drops are counted as rows are read: `rows`, `kept`, `drops`, `first_rows`, `first_details`, `shapes` are
-running totals since the stream was made (every pass, and a resume's re-read rows, included), `report()` the
-line the trainer logs. Row numbers are positions in the source (0-based), as in a prepared set.
+Drops are counted as rows are read: `rows`, `kept`, `drops` (drops.DropCounts: by reason with each one's
+first row and detail), `shapes` are running totals since the stream was made (every pass, and a resume's
+re-read rows, included), `report()` the line the trainer logs, the report of a prepared set with
+"read N rows (pass P): " before it. Row numbers are positions in the source (0-based), as in a prepared set.
 
 The columns are resolved from the first `COLUMN_PEEK_ROWS` rows (a prepared set resolves them from all
 rows): a column that first appears after them is not read.
@@ -26,9 +27,10 @@ from collections import Counter
 import datasets
 import torch
 
-from orpo.data.formats import PairsFromRows, RowFormat, resolve_columns
+from orpo.data.drops import DropCounts
+from orpo.data.formats import RowFormat, resolve_columns
 from orpo.data.load import stream_rows
-from orpo.data.prepare import format_drop_report, image_root, prepare_row, text_only_model_error
+from orpo.data.prepare import image_root, prepare_row, text_only_model_error
 from orpo.data.store import is_prepared_dir
 from orpo.errors import TEXT_ONLY_MODEL, DroppedPair, OrpoError
 
@@ -62,7 +64,7 @@ class PairStream(torch.utils.data.IterableDataset):
         self.image_root = image_root(source)
         self.shuffle_buffer, self.seed, self.passes = shuffle_buffer, seed, passes
         self.rows, self.kept, self.pass_number = 0, 0, 0
-        self.counts = PairsFromRows()  # drops (first row and detail per reason) and shapes; its pairs stay empty
+        self.drops, self.shapes = DropCounts(), Counter()
         names: dict[str, None] = {}
         for _, row in zip(range(COLUMN_PEEK_ROWS), _numbered(source, split, skip_bad_rows)):
             names.update(dict.fromkeys(row["row"]))
@@ -92,33 +94,17 @@ class PairStream(torch.utils.data.IterableDataset):
                 raise text_only_model_error(self.name, item["index"], "the pair has images")
             self.rows += 1
             if shape is not None:
-                self.counts.shapes[shape] += 1
+                self.shapes[shape] += 1
             if isinstance(pair, DroppedPair):
-                self.counts.count_drop(pair, item["index"])
+                self.drops.count(pair.reason, item["index"], pair.detail)
                 continue
             self.kept += 1
             yield pair
 
-    @property
-    def drops(self) -> Counter:
-        return self.counts.drops
-
-    @property
-    def first_rows(self) -> dict[str, int]:
-        return self.counts.first_rows
-
-    @property
-    def first_details(self) -> dict[str, str]:
-        return self.counts.first_details
-
-    @property
-    def shapes(self) -> Counter:
-        return self.counts.shapes
-
     def report(self) -> str:
-        """E.g. "read 1000 rows (pass 1): kept 995 of 1000 pairs; dropped 5: ..." (prepare.format_drop_report)."""
+        """E.g. "read 1000 rows (pass 1): kept 995 of 1000 pairs; dropped 5: ..." (drops.DropCounts.report)."""
         return (f"read {self.rows} rows (pass {max(self.pass_number, 1)}): "
-                + format_drop_report(self.rows, self.kept, self.drops, self.first_rows, self.first_details))
+                + self.drops.report(self.rows, self.kept))
 
 
 def _numbered(source, split: str, skip_bad_rows: bool):

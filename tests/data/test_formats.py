@@ -56,21 +56,21 @@ def fixture(name):
 def pair(row, **row_format):
     """The one pair of a one-row dataset (failing with the drop detail if it was dropped)."""
     got = rows_to_pairs([row], RowFormat(**row_format))
-    assert not got.drops, got.first_details
+    assert not got.drops, got.drops.first_details
     return got.pairs[0]
 
 
 def drop(row, **row_format):
     """(reason, detail) of a one-row dataset whose row is dropped."""
     got = rows_to_pairs([row], RowFormat(**row_format))
-    assert not got.pairs and sum(got.drops.values()) == 1, got
+    assert not got.pairs and got.drops.total == 1, got
     (reason,) = got.drops
-    return reason, got.first_details[reason]
+    return reason, got.drops.first_details[reason]
 
 
 def drops_of(got: PairsFromRows):
     """{row index: (reason, detail)} of the first row dropped for each reason."""
-    return {got.first_rows[reason]: (reason, got.first_details[reason]) for reason in got.drops}
+    return {got.drops.first_rows[reason]: (reason, got.drops.first_details[reason]) for reason in got.drops}
 
 
 # --- rows_to_pairs: counting, column resolution ---------------------------------------------------
@@ -85,9 +85,9 @@ def test_rows_to_pairs_counts_drops_first_rows_details_and_shapes():
     got = rows_to_pairs(rows)
     assert got.pairs == [P([U("Hi?")], [A("Hello!")], [A("Go away.")], SHAPE_STRINGS, index=0),
                          P([U("2+2?")], [A("4")], [A("5")], SHAPE_CONVERSATIONAL, index=2)]
-    assert got.drops == Counter({SAME_RESPONSES: 2, EMPTY_RESPONSE: 1, WRONG_TYPES: 1})
-    assert got.first_rows == {SAME_RESPONSES: 1, EMPTY_RESPONSE: 3, WRONG_TYPES: 5}
-    assert got.first_details == {SAME_RESPONSES: "", EMPTY_RESPONSE: "chosen is empty",
+    assert dict(got.drops) == {SAME_RESPONSES: 2, EMPTY_RESPONSE: 1, WRONG_TYPES: 1}
+    assert got.drops.first_rows == {SAME_RESPONSES: 1, EMPTY_RESPONSE: 3, WRONG_TYPES: 5}
+    assert got.drops.first_details == {SAME_RESPONSES: "", EMPTY_RESPONSE: "chosen is empty",
                                  WRONG_TYPES: "chosen is int, expected a string or a list of messages"}
     assert got.shapes == Counter({SHAPE_STRINGS: 5, SHAPE_CONVERSATIONAL: 1})
 
@@ -371,7 +371,7 @@ def test_pandalm_three_annotators_strict_majority():
           [A("Questions? Let me know.")], [A("If you have any questions, please do let me know.")], SHAPE_LABELS, 0),
         P([U("Come up with a search query about coding.")], [A("how to learn python")], [A("coding")], SHAPE_LABELS, 1),
         P([U("Suggest a movie genre.")], [A("Comedy.")], [A("Movies.")], SHAPE_LABELS, 4)]
-    assert got.drops == Counter({LABEL_TIE: 2})
+    assert dict(got.drops) == {LABEL_TIE: 2}
     assert drops_of(got) == {2: (LABEL_TIE, "annotator1=0, annotator2=0, annotator3=0 → tie, tie, tie: "
                                             "no strict majority of the 3 votes")}
     assert got.shapes == Counter({SHAPE_LABELS: 5})

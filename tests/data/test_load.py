@@ -11,7 +11,6 @@ import pytest
 
 import orpo.data.load as data
 from orpo.data.load import EncodedRows, is_hub_dataset_id, load_rows, stream_rows
-from orpo.data.prepare import format_drop_report
 from orpo.errors import EMPTY_RESPONSE, SAME_RESPONSES, UNKNOWN_ROLE, WRONG_TYPES, OrpoError
 from orpo.data.formats import SHAPE_HH, SHAPE_STRINGS, rows_to_pairs
 
@@ -82,7 +81,7 @@ def test_load_rows_mixed_types_across_rows(tmp_path):
         json.dumps({"prompt": [{"role": "user", "content": "Yo"}], "chosen": "c", "rejected": "d"})])
     got = rows_to_pairs(load_rows(str(path)))
     assert [p.prompt for p in got.pairs] == [[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "Yo"}]]
-    assert got.drops == Counter()
+    assert not got.drops
 
 
 def test_jsonl_is_read_without_the_datasets_json_builder(tmp_path, monkeypatch):
@@ -207,32 +206,32 @@ def test_drop_report_of_rows_to_pairs():
             {"prompt": "p", "chosen": "", "rejected": "r"}, {"prompt": "p", "chosen": "x", "rejected": "x"},
             {"prompt": "p", "chosen": 3, "rejected": "r"}]
     got = rows_to_pairs(rows)
-    assert format_drop_report(len(rows), len(got.pairs), got.drops, got.first_rows) == (
+    assert got.drops.report(len(rows), len(got.pairs)) == (
         "kept 2 of 6 pairs; dropped 4:\n"
         "  chosen == rejected 2 (first at row 1)\n"
-        "  empty response 1 (first at row 3)\n"
-        "  wrong types 1 (first at row 5)")
+        "  empty response 1 (first at row 3: chosen is empty)\n"
+        "  wrong types 1 (first at row 5: chosen is int, expected a string or a list of messages)")
 
 
 def test_real_ultrafeedback():
     rows = load_rows(ULTRAFEEDBACK)
     assert len(rows) == 1000
     got = rows_to_pairs(rows, source=ULTRAFEEDBACK)
-    assert got.drops == Counter({SAME_RESPONSES: 4, EMPTY_RESPONSE: 2})
-    assert got.first_rows == {SAME_RESPONSES: 306, EMPTY_RESPONSE: 478}
-    assert got.first_details == {SAME_RESPONSES: "", EMPTY_RESPONSE: "rejected is empty"}
+    assert dict(got.drops) == {SAME_RESPONSES: 4, EMPTY_RESPONSE: 2}
+    assert got.drops.first_rows == {SAME_RESPONSES: 306, EMPTY_RESPONSE: 478}
+    assert got.drops.first_details == {SAME_RESPONSES: "", EMPTY_RESPONSE: "rejected is empty"}
     assert got.shapes == Counter({SHAPE_STRINGS: 1000})
     assert len(got.pairs) == 994
-    assert format_drop_report(len(rows), len(got.pairs), got.drops, got.first_rows) == (
+    assert got.drops.report(len(rows), len(got.pairs)) == (
         "kept 994 of 1000 pairs; dropped 6:\n  chosen == rejected 4 (first at row 306)\n"
-        "  empty response 2 (first at row 478)")
+        "  empty response 2 (first at row 478: rejected is empty)")
 
 
 def test_real_hh_rlhf():
     rows = load_rows(HH_RLHF)
     assert len(rows) == 2312
     got = rows_to_pairs(rows, source=HH_RLHF)
-    assert got.drops == Counter({EMPTY_RESPONSE: 4}) and got.first_rows == {EMPTY_RESPONSE: 86}
+    assert dict(got.drops) == {EMPTY_RESPONSE: 4} and got.drops.first_rows == {EMPTY_RESPONSE: 86}
     assert got.shapes == Counter({SHAPE_HH: 2312})
     pairs = got.pairs
     assert len(pairs) == 2308
@@ -289,7 +288,7 @@ def test_hostile_input(tmp_path, name):
     else:
         kept, reason = expected
         got = rows_to_pairs(load_rows(str(path)))
-        assert len(got.pairs) == kept and set(got.drops) == {reason} and got.first_rows[reason] == 2
+        assert len(got.pairs) == kept and set(got.drops) == {reason} and got.drops.first_rows[reason] == 2
 
 
 @pytest.mark.parametrize("name", ["invalid_utf8.jsonl", "deeply_nested.jsonl", "one_bad_line.jsonl"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orpo.errors import OrpoError
-from orpo.data.prepare import PreparedData, format_drop_report, prepare_dataset
+from orpo.data.prepare import PreparedData, prepare_dataset
 from tiny import byte_level_chatml_tokenizer, chatml_tokenizer
 
 ROWS = [
@@ -26,7 +26,7 @@ def test_drops_are_counted_by_reason_with_their_first_row():
                                max_completion_length=None, name="prefs.jsonl")
     assert [p.index for p in prepared.pairs] == [0, 4]
     assert dict(prepared.drops) == {"chosen == rejected": 1, "too long": 1, "wrong types": 1}
-    assert prepared.first_rows == {"chosen == rejected": 1, "too long": 2, "wrong types": 3}
+    assert prepared.drops.first_rows == {"chosen == rejected": 1, "too long": 2, "wrong types": 3}
     assert prepared.report().startswith("kept 2 of 5 pairs; dropped 3")
 
 
@@ -99,22 +99,6 @@ def test_a_source_of_another_type_is_one_line():
         prepare_dataset(stream, chatml_tokenizer())
 
 
-def test_drop_report_worked_by_hand():
-    """5 dropped of 1000: one reason → one line; several → one indented line each, most frequent first,
-    with the first row and, where known, its problem."""
-    from collections import Counter
-
-    assert format_drop_report(1000, 995, Counter({"chosen == rejected": 5}), {"chosen == rejected": 17}) == (
-        "kept 995 of 1000 pairs; dropped 5: chosen == rejected 5 (first at row 17)")
-    assert format_drop_report(3, 3, Counter(), {}) == "kept 3 of 3 pairs"
-    assert format_drop_report(10, 6, Counter({"too long": 1, "chat template error": 3}),
-                              {"too long": 4, "chat template error": 2},
-                              {"chat template error": "roles must alternate"}) == (
-        "kept 6 of 10 pairs; dropped 4:\n"
-        "  chat template error 3 (first at row 2: roles must alternate)\n"
-        "  too long 1 (first at row 4)")
-
-
 # --- preparation in several processes, the cache, prepared sets ------------------------------------------
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -145,7 +129,7 @@ def one_process_reference(rows, tokenizer, row_format, max_length, max_prompt_le
         try:
             pairs.append(render_pair(pair, tokenizer, max_length, max_prompt_length, None))
         except DroppedPair as drop:
-            read.count_drop(drop, pair.index)
+            read.drops.count(drop.reason, pair.index, drop.detail)
     return pairs, read
 
 
@@ -165,9 +149,7 @@ def test_any_number_of_processes_gives_todays_pairs_and_drops(source, tmp_path):
     for num_proc in (1, 2, 3):
         got = prepare_dataset(data, tok, fmt, 256, 128, num_proc=num_proc, cache_dir=tmp_path / f"cache{num_proc}")
         assert got.pairs == pairs, num_proc
-        assert (got.rows, dict(got.drops), got.first_rows, got.first_details, dict(got.shapes)) == (
-            len(rows), dict(read.drops), read.first_rows, read.first_details, dict(read.shapes)), num_proc
-        assert got.report() == format_drop_report(len(rows), len(pairs), read.drops, read.first_rows, read.first_details)
+        assert (got.rows, got.drops, dict(got.shapes)) == (len(rows), read.drops, dict(read.shapes)), num_proc
 
 
 def test_the_second_preparation_reads_the_cache_and_any_change_misses_it(tmp_path):
@@ -178,8 +160,7 @@ def test_the_second_preparation_reads_the_cache_and_any_change_misses_it(tmp_pat
     assert first.origin.startswith("prepared with 1 process, cached at " + str(cache))
     again = prepare_dataset(str(path), tok, max_length=14, max_prompt_length=None, cache_dir=cache)
     assert again.origin.startswith("read from the cache") and again.pairs == first.pairs
-    assert (again.rows, again.drops, again.first_rows, again.first_details, again.shapes) == (
-        first.rows, first.drops, first.first_rows, first.first_details, first.shapes)
+    assert (again.rows, again.drops, again.shapes) == (first.rows, first.drops, first.shapes)
     assert len(list(cache.iterdir())) == 1
     # another length limit, another template, other content: each a new entry
     prepare_dataset(str(path), tok, max_length=15, max_prompt_length=None, cache_dir=cache)
@@ -271,7 +252,7 @@ def test_image_pairs_are_prepared_with_their_images_and_a_missing_one_is_a_count
     prepared = prepare_dataset(str(path), processor, max_length=256, max_prompt_length=128, num_proc=num_proc,
                                cache_dir=tmp_path / "cache")
     assert dict(prepared.drops) == {"unreadable image": 1}
-    assert prepared.first_details == {"unreadable image": "images[0] 'pics/none.png': No such file or directory"}
+    assert prepared.drops.first_details == {"unreadable image": "images[0] 'pics/none.png': No such file or directory"}
     first, text = prepared.pairs
     assert (first.index, text.index) == (0, 2)
     expected = render_pair(PreferencePair(

@@ -34,9 +34,8 @@ def test_streamed_pairs_and_drops_equal_the_prepared_sets(source, tmp_path):
     prepared = prepare_dataset(data, tok, fmt, 256, 128, use_cache=False, num_proc=1)
     stream = PairStream(data, tok, fmt, 256, 128, shuffle_buffer=0, passes=1)
     assert list(stream) == list(prepared.pairs)
-    assert (stream.rows, stream.kept, dict(stream.drops), stream.first_rows, stream.first_details, dict(stream.shapes)) \
-        == (prepared.rows, len(prepared.pairs), dict(prepared.drops), prepared.first_rows, prepared.first_details,
-            dict(prepared.shapes))
+    assert (stream.rows, stream.kept, stream.drops, dict(stream.shapes)) \
+        == (prepared.rows, len(prepared.pairs), prepared.drops, dict(prepared.shapes))
     assert stream.report() == f"read {prepared.rows} rows (pass 1): {prepared.report()}"
 
 
