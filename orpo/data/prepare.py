@@ -4,8 +4,10 @@
 prepare`, the demo and the benchmarks call. It loads rows (load.py), reads each row's shape (formats.py),
 renders and truncates it (render.py) in `datasets.map` (`num_proc` processes, each a contiguous block
 of rows; a row's outcome depends on it and its index only, so any number of processes gives the same
-pairs), counts every dropped pair once, by reason (drops.DropCounts), and writes the kept pairs as a prepared
-set (store.py): into the cache, keyed by everything that changes the ids, and read memory-mapped.
+pairs), counts every dropped pair once, by reason, with the lines skipped as unreadable (drops.DropCounts),
+and writes the kept pairs as a prepared set (store.py): into the cache, keyed by everything that changes the
+ids, and read memory-mapped. What was counted is recorded with the set, so a set read back (from the cache or
+`--output`) reports the same.
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ _OUTCOME_FEATURES = datasets.Features({
 class PreparedData:
     """The pairs kept from `rows` source rows, and what happened to the others.
 
-    drops:         the dropped pairs by reason, each reason's first row (0-based) and what was wrong with it.
+    drops:         the dropped pairs by reason (each reason's first row, 0-based, and what was wrong with it)
+                   and the lines skipped as unreadable.
     shapes:        detected row shape → rows read in that shape.
     pairs:         a PairTable (memory-mapped) for prepared rows; a list where the source was TokenizedPairs.
     seconds:       how long preparing (or reading the prepared set) took; origin: where the pairs came from
@@ -141,11 +144,12 @@ def prepare_dataset(
     if isinstance(source, (str, Path)) and is_prepared_dir(source):
         prepared = _read_set(source, key_parts, start, processor)
     else:
-        rows = None
+        rows, skipped = None, DropCounts()  # skipped: the lines load_rows skips (--skip_bad_rows)
         if isinstance(source, (str, Path)) and Path(source).expanduser().is_file():
             key_parts["source"] = file_fingerprint(Path(source).expanduser())  # before reading it: a hit skips that
         else:
-            rows = load_rows(str(source), split, skip_bad_rows) if isinstance(source, (str, Path)) else source
+            rows = load_rows(str(source), split, skip_bad_rows, drops=skipped) if isinstance(source, (str, Path)) \
+                else source
             key_parts["source"] = _rows_fingerprint(rows, name)
         entry = Path(cache_dir or default_cache_dir()) / cache_key(key_parts) if use_cache else None
         prepared = None
@@ -155,8 +159,8 @@ def prepare_dataset(
             work = _work_dir(entry)
             try:
                 if rows is None:  # JSON rows go onto disk as they are read (work/rows.arrow)
-                    rows = load_rows(str(source), split, skip_bad_rows, work_dir=work)
-                prepared = _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length,
+                    rows = load_rows(str(source), split, skip_bad_rows, work_dir=work, drops=skipped)
+                prepared = _prepare_rows(rows, skipped, tokenizer, row_format, max_length, max_prompt_length,
                                          max_completion_length, name, num_proc, work, entry, key_parts, start,
                                          root)
             finally:
@@ -239,9 +243,10 @@ def _work_dir(entry: Path | None) -> Path:
     return work
 
 
-def _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length, max_completion_length, name: str,
-                  num_proc: int | None, work: Path, entry: Path | None, key_parts: dict, start: float,
-                  image_root: Path | None) -> PreparedData:
+def _prepare_rows(rows, drops: DropCounts, tokenizer, row_format, max_length, max_prompt_length,
+                  max_completion_length, name: str, num_proc: int | None, work: Path, entry: Path | None,
+                  key_parts: dict, start: float, image_root: Path | None) -> PreparedData:
+    """`rows` prepared into `work` (`drops`: the lines skipped reading them; the rows' drops are added to it)."""
     if isinstance(rows, list):  # each row as it is: Arrow would unify (or refuse) fields whose type changes
         rows = encode_rows(rows, work)
     columns = resolve_columns(list(rows.column_names), row_format, name)
@@ -259,7 +264,7 @@ def _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length, ma
                            max_length=max_length, max_prompt_length=max_prompt_length,
                            max_completion_length=max_completion_length, image_root=image_root),
         )
-        drops, shapes = _count(outcomes)
+        shapes = _count(outcomes, drops)
         files = sorted({file for row in outcomes.with_format("arrow")["image_files"].to_pylist() for file in row})
         if drops.total == len(rows):  # nothing to keep (zero usable pairs: an error below)
             return PreparedData([], len(rows), drops, shapes)
@@ -338,15 +343,14 @@ def _prepare_batch(batch: dict, indices: list[int], pickled: bool, columns, row_
     return out
 
 
-def _count(outcomes: datasets.Dataset) -> tuple[DropCounts, Counter]:
-    """(the outcomes' drops, counted in row order; rows per shape in order of first row)."""
+def _count(outcomes: datasets.Dataset, drops: DropCounts) -> Counter:
+    """The outcomes' drops added to `drops` in row order; rows per shape in order of first row."""
     table = outcomes.with_format("arrow")[:]
     shapes = Counter(shape for shape in table["shape"].to_pylist() if shape)
     dropped = table.filter(pc.not_equal(table["drop"], ""))
-    drops = DropCounts()
     for index, reason, detail in zip(*(dropped[c].to_pylist() for c in ("index", "drop", "detail"))):
         drops.count(reason, index, detail)
-    return drops, shapes
+    return shapes
 
 
 def _counted_meta(rows: int, drops: DropCounts, shapes: Counter) -> dict:

@@ -13,9 +13,10 @@ a resume that skips the batches a checkpoint trained lands where the run was, wh
 pass that keeps no pair is an error, not an endless loop.
 
 Drops are counted as rows are read: `rows`, `kept`, `drops` (drops.DropCounts: by reason with each one's
-first row and detail), `shapes` are running totals since the stream was made (every pass, and a resume's
-re-read rows, included), `report()` the line the trainer logs, the report of a prepared set with
-"read N rows (pass P): " before it. Row numbers are positions in the source (0-based), as in a prepared set.
+first row and detail, and the lines skipped as unreadable), `shapes` are running totals since the stream was
+made (every pass, and a resume's re-read rows, included), `report()` the line the trainer logs, the report of
+a prepared set with "read N rows (pass P): " before it. Row numbers are positions in the source (0-based), as
+in a prepared set.
 
 The columns are resolved from the first `COLUMN_PEEK_ROWS` rows (a prepared set resolves them from all
 rows): a column that first appears after them is not read.
@@ -66,7 +67,8 @@ class PairStream(torch.utils.data.IterableDataset):
         self.rows, self.kept, self.pass_number = 0, 0, 0
         self.drops, self.shapes = DropCounts(), Counter()
         names: dict[str, None] = {}
-        for _, row in zip(range(COLUMN_PEEK_ROWS), _numbered(source, split, skip_bad_rows)):
+        peeked = DropCounts()  # lines skipped before the first pass: each pass counts its own
+        for _, row in zip(range(COLUMN_PEEK_ROWS), _numbered(source, split, skip_bad_rows, peeked)):
             names.update(dict.fromkeys(row["row"]))
         if not names:
             raise OrpoError(f"{self.name}: no rows")
@@ -82,8 +84,8 @@ class PairStream(torch.utils.data.IterableDataset):
             pass_number += 1
 
     def _one_pass(self, pass_number: int):
-        rows = datasets.IterableDataset.from_generator(
-            _numbered, gen_kwargs={"source": self.source, "split": self.split, "skip_bad_rows": self.skip_bad_rows})
+        rows = datasets.IterableDataset.from_generator(_numbered, gen_kwargs={
+            "source": self.source, "split": self.split, "skip_bad_rows": self.skip_bad_rows, "drops": self.drops})
         if self.shuffle_buffer > 1:
             rows = rows.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             rows.set_epoch(pass_number)  # datasets reseeds the buffer for each epoch
@@ -107,8 +109,9 @@ class PairStream(torch.utils.data.IterableDataset):
                 + self.drops.report(self.rows, self.kept))
 
 
-def _numbered(source, split: str, skip_bad_rows: bool):
-    """{"index": row number, "row": row} of `source` (a path or hub id, or a datasets.IterableDataset)."""
-    rows = stream_rows(source, split, skip_bad_rows) if isinstance(source, str) else enumerate(source)
+def _numbered(source, split: str, skip_bad_rows: bool, drops: DropCounts):
+    """{"index": row number, "row": row} of `source` (a path or hub id, or a datasets.IterableDataset); lines
+    skipped as unreadable are counted into `drops`."""
+    rows = stream_rows(source, split, skip_bad_rows, drops) if isinstance(source, str) else enumerate(source)
     for index, row in rows:
         yield {"index": index, "row": row}

@@ -2,8 +2,9 @@
 
 Its YAML front matter is what the hub reads (base_model, library_name, license, datasets, tags,
 pipeline_tag); its text is what a reader needs to trust and reuse the model: the base model, the data
-and the pairs dropped from it by reason (data.drops.DropCounts), the ORPO settings, the final training and
-held-out metrics from the run's metrics.jsonl, the report's plots (by relative path) and how to load the model.
+and the pairs dropped from it by reason (and the lines skipped as unreadable: data.drops.DropCounts), the ORPO
+settings, the final training and held-out metrics from the run's metrics.jsonl, the report's plots (by relative
+path) and how to load the model.
 
 `render_card` is pure (explicit arguments → text); `write_card` gathers the run's files and writes
 README.md; `card_settings` picks the settings a card shows from a config. `orpo train` writes the card
@@ -98,6 +99,9 @@ def _data_section(data: dict[str, tuple[object, PreparedData]]) -> list[str]:
                   "| reason | " + " | ".join(data) + " |", "| --- |" + " --- |" * len(data)]
         lines += [f"| {reason} | " + " | ".join(str(p.drops.get(reason, 0)) for _, p in data.values()) + " |"
                   for reason in reasons]
+    skipped = [f"{role}: {p.drops.skipped_text()}" for role, (_, p) in data.items() if p.drops.skipped_lines]
+    if skipped:  # lines of a JSON-lines file that were no rows (--skip_bad_rows): not in the rows counted
+        lines += ["", "Unreadable lines skipped (--skip_bad_rows), not counted as rows: " + "; ".join(skipped) + "."]
     return lines + [""]
 
 

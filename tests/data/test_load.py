@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import orpo.data.load as data
+from orpo.data.drops import DropCounts
 from orpo.data.load import EncodedRows, is_hub_dataset_id, load_rows, stream_rows
 from orpo.errors import EMPTY_RESPONSE, SAME_RESPONSES, UNKNOWN_ROLE, WRONG_TYPES, OrpoError
 from orpo.data.formats import SHAPE_HH, SHAPE_STRINGS, rows_to_pairs
@@ -299,6 +300,19 @@ def test_skip_bad_rows_skips_and_counts_the_bad_line(tmp_path, name, caplog):
         rows = load_rows(str(path), skip_bad_rows=True)
     assert list(rows) == GOOD
     assert f"{path}: skipped 1 bad line (first: line 3: " in caplog.text
+
+
+def test_skipped_lines_are_counted_into_drop_counts_instead_of_a_warning(tmp_path, caplog):
+    """What prepare_dataset and PairStream do: the skipped lines go into the data report (and a prepared set)."""
+    path = tmp_path / "one_bad_line.jsonl"
+    path.write_bytes(CORPUS["one_bad_line.jsonl"][0] + b"[1, 2]\n")
+    expected = DropCounts(skipped_lines=2, first_skipped_line=3,
+                          first_skipped_problem="invalid JSON (Expecting value at column 1)")
+    read, streamed = DropCounts(), DropCounts()
+    with caplog.at_level("WARNING", logger="orpo.data.load"):
+        assert list(load_rows(str(path), skip_bad_rows=True, work_dir=tmp_path, drops=read)) == GOOD
+        assert [row for _, row in stream_rows(str(path), skip_bad_rows=True, drops=streamed)] == GOOD
+    assert read == streamed == expected and caplog.text == ""
 
 
 def test_prompt_only_file_is_one_line():

@@ -196,6 +196,29 @@ def test_a_prepared_set_is_trained_from_and_refuses_other_options(tmp_path):
         prepare_dataset(ROWS, tok, max_length=15, max_prompt_length=None, cache_dir=tmp_path / "c", output_dir=out)
 
 
+def test_a_cache_hit_and_a_prepared_set_report_what_the_first_run_did_skipped_lines_included(tmp_path):
+    tok = chatml_tokenizer()
+    path = tmp_path / "prefs.jsonl"
+    lines = [json.dumps(row) for row in ROWS]
+    path.write_text("\n".join([*lines[:2], "{not json", *lines[2:], "[1, 2]"]) + "\n")
+    report = ("kept 2 of 5 pairs; skipped 2 bad lines (first: line 3: invalid JSON (Expecting property name enclosed "
+              "in double quotes at column 2)); dropped 3:\n"
+              "  chosen == rejected 1 (first at row 1)\n"
+              "  too long 1 (first at row 2: prompt of 20 tokens leaves no room for the completion within max_length=14)\n"
+              "  wrong types 1 (first at row 3: chosen is int, expected a string or a list of messages)")
+    prepare = lambda **kw: prepare_dataset(str(path), tok, max_length=14, max_prompt_length=None,  # noqa: E731
+                                           skip_bad_rows=True, cache_dir=tmp_path / "cache", **kw)
+    first = prepare(num_proc=2)
+    assert first.origin.startswith("prepared with 2 processes") and first.report() == report
+    again = prepare()
+    assert again.origin.startswith("read from the cache") and again.report() == first.report()
+    assert (again.drops.skipped_lines, again.drops.first_skipped_line) == (2, 3)
+    written = prepare(output_dir=tmp_path / "prepared")  # orpo data prepare --output, then --dataset DIR
+    read = prepare_dataset(str(tmp_path / "prepared"), tok, max_length=14, max_prompt_length=None, skip_bad_rows=True)
+    assert read.origin == f"read from the prepared set {tmp_path / 'prepared'}"
+    assert written.report() == read.report() == report and read.drops == first.drops
+
+
 def test_prepared_pairs_are_memory_mapped_not_held(tmp_path):
     """20,000 pairs (6M tokens) prepared, then every pair read: the process's anonymous memory (RssAnon: not
     the file's pages, which the kernel shares between ranks and can drop) grows by under a tenth of what the

@@ -39,6 +39,19 @@ def test_streamed_pairs_and_drops_equal_the_prepared_sets(source, tmp_path):
     assert stream.report() == f"read {prepared.rows} rows (pass 1): {prepared.report()}"
 
 
+def test_the_stream_counts_skipped_lines_in_every_pass_as_a_prepared_set_does(tmp_path):
+    tok = chatml_tokenizer()
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS[:2]) + "{not json\n")
+    prepared = prepare_dataset(str(data), tok, skip_bad_rows=True, use_cache=False)
+    one = PairStream(str(data), tok, skip_bad_rows=True, shuffle_buffer=0, passes=1)
+    assert len(list(one)) == 1 and one.report() == f"read 2 rows (pass 1): {prepared.report()}"
+    two = PairStream(str(data), tok, skip_bad_rows=True, shuffle_buffer=0, passes=2)  # running totals: each pass
+    assert len(list(two)) == 2 and two.report() == (
+        "read 4 rows (pass 2): kept 2 of 4 pairs; skipped 2 bad lines (first: line 3: invalid JSON (Expecting "
+        "property name enclosed in double quotes at column 2)); dropped 2: chosen == rejected 2 (first at row 1)")
+
+
 def test_parquet_csv_and_a_datasets_stream_are_read_as_their_rows(tmp_path):
     rows = [r for r in ROWS if isinstance(r["chosen"], str)]  # one type per column: what parquet/csv hold
     tok = chatml_tokenizer()
