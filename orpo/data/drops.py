@@ -66,15 +66,16 @@ class DropCounts(Mapping):
         return (f"skipped {self.skipped_lines} bad line{'s' * (self.skipped_lines > 1)} "
                 f"(first: line {self.first_skipped_line}: {self.first_skipped_problem})")
 
-    def report(self, rows: int, kept: int) -> str:
-        """The data report of `rows` source rows of which `kept` pairs were kept, e.g.
+    def report(self, rows: int, kept: int, columns: str = "") -> str:
+        """The data report of `rows` source rows of which `kept` pairs were kept, with `columns` (what the
+        columns not read say, formats.UnreadColumns.text; "" for none) in it. E.g.
         "kept 995 of 1000 pairs; dropped 5: chosen == rejected 5 (first at row 17)".
 
-        After the kept pairs: the skipped lines, then the drops. Several drop reasons get one indented line
-        each, most frequent first; a reason's first detail, where known, follows its row ("first at row 3:
-        Conversation roles must alternate"). Only the reasons' lines break the line, each as "\\n  ", so a
-        caller that wants one line can join them with "; "."""
-        clauses = [f"kept {kept} of {rows} pairs", self.skipped_text()]
+        After the kept pairs, in this order: the skipped lines, `columns`, the drops. Several drop reasons get
+        one indented line each, most frequent first; a reason's first detail, where known, follows its row
+        ("first at row 3: Conversation roles must alternate"). Only the reasons' lines break the line, each as
+        "\\n  ", so a caller that wants one line can join them with "; "."""
+        clauses = [f"kept {kept} of {rows} pairs", self.skipped_text(), columns]
         head = "; ".join(clause for clause in clauses if clause)
         if not self.counts:
             return head

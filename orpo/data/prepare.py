@@ -5,9 +5,9 @@ prepare`, the demo and the benchmarks call. It loads rows (load.py), reads each 
 renders and truncates it (render.py) in `datasets.map` (`num_proc` processes, each a contiguous block
 of rows; a row's outcome depends on it and its index only, so any number of processes gives the same
 pairs), counts every dropped pair once, by reason, with the lines skipped as unreadable (drops.DropCounts),
-and writes the kept pairs as a prepared set (store.py): into the cache, keyed by everything that changes the
-ids, and read memory-mapped. What was counted is recorded with the set, so a set read back (from the cache or
-`--output`) reports the same.
+names the columns no row's shape read (formats.UnreadColumns), and writes the kept pairs as a prepared set
+(store.py): into the cache, keyed by everything that changes the ids, and read memory-mapped. What was
+counted is recorded with the set, so a set read back (from the cache or `--output`) reports the same.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 
 from orpo.data.drops import DropCounts, format_drop_report  # noqa: F401 (format_drop_report: imported from here)
-from orpo.data.formats import RowFormat, read_row, resolve_columns
+from orpo.data.formats import RowFormat, UnreadColumns, prompt_candidates, read_row, resolve_columns, unread_columns
 from orpo.data.images import file_stamp, image_files, is_processor
 from orpo.data.load import EncodedRows, decode_rows, encode_rows, load_rows
 from orpo.data.render import TokenizedPair, render_pair
@@ -52,6 +52,7 @@ _OUTCOME_FEATURES = datasets.Features({
     "shape": datasets.Value("string"),  # "" where the row fits no shape
     "drop": datasets.Value("string"),  # the drop reason, "" for a kept pair
     "detail": datasets.Value("string"),
+    "prompt_candidates": datasets.Sequence(datasets.Value("string")),  # formats.prompt_candidates of the row
 })
 
 
@@ -59,18 +60,20 @@ _OUTCOME_FEATURES = datasets.Features({
 class PreparedData:
     """The pairs kept from `rows` source rows, and what happened to the others.
 
-    drops:         the dropped pairs by reason (each reason's first row, 0-based, and what was wrong with it)
-                   and the lines skipped as unreadable.
-    shapes:        detected row shape → rows read in that shape.
-    pairs:         a PairTable (memory-mapped) for prepared rows; a list where the source was TokenizedPairs.
-    seconds:       how long preparing (or reading the prepared set) took; origin: where the pairs came from
-                   ("prepared ...", "read from the cache ...", "read from the prepared set ...").
+    drops:          the dropped pairs by reason (each reason's first row, 0-based, and what was wrong with it)
+                    and the lines skipped as unreadable.
+    shapes:         detected row shape → rows read in that shape.
+    unread_columns: the source's columns that no row's shape read.
+    pairs:          a PairTable (memory-mapped) for prepared rows; a list where the source was TokenizedPairs.
+    seconds:        how long preparing (or reading the prepared set) took; origin: where the pairs came from
+                    ("prepared ...", "read from the cache ...", "read from the prepared set ...").
     """
 
     pairs: PairTable | list[TokenizedPair]
     rows: int
     drops: DropCounts = field(default_factory=DropCounts)
     shapes: Counter = field(default_factory=Counter)
+    unread_columns: UnreadColumns = UnreadColumns()
     seconds: float = 0.0
     origin: str = ""
 
@@ -79,9 +82,9 @@ class PreparedData:
         return len(self.pairs)
 
     def report(self) -> str:
-        """The data report (drops.DropCounts.report), e.g. "kept 995 of 1000 pairs; dropped 5: chosen == rejected
-        5 (first at row 17)"."""
-        return self.drops.report(self.rows, self.kept)
+        """The data report (drops.DropCounts.report), e.g. "kept 995 of 1000 pairs; columns not read: id;
+        dropped 5: chosen == rejected 5 (first at row 17)"."""
+        return self.drops.report(self.rows, self.kept, self.unread_columns.text())
 
 
 def default_cache_dir() -> Path:
@@ -224,7 +227,7 @@ def _read_set(path, key_parts: dict, start: float, processor, cached: bool = Fal
                         "options (orpo data prepare)")
     origin = f"read from the cache ({path})" if cached else f"read from the prepared set {path}"
     return PreparedData(pairs, meta["rows"], DropCounts.from_meta(meta), Counter(meta["shapes"]),
-                        time.perf_counter() - start, origin)
+                        UnreadColumns.from_meta(meta.get("unread_columns")), time.perf_counter() - start, origin)
 
 
 def _changed_image_files(path) -> list[str]:
@@ -249,7 +252,8 @@ def _prepare_rows(rows, drops: DropCounts, tokenizer, row_format, max_length, ma
     """`rows` prepared into `work` (`drops`: the lines skipped reading them; the rows' drops are added to it)."""
     if isinstance(rows, list):  # each row as it is: Arrow would unify (or refuse) fields whose type changes
         rows = encode_rows(rows, work)
-    columns = resolve_columns(list(rows.column_names), row_format, name)
+    names = list(rows.column_names)
+    columns = resolve_columns(names, row_format, name)
     pickled = isinstance(rows, EncodedRows)
     if pickled:
         rows = rows.table
@@ -264,10 +268,11 @@ def _prepare_rows(rows, drops: DropCounts, tokenizer, row_format, max_length, ma
                            max_length=max_length, max_prompt_length=max_prompt_length,
                            max_completion_length=max_completion_length, image_root=image_root),
         )
-        shapes = _count(outcomes, drops)
+        shapes, candidates = _count(outcomes, drops)
+        unread = unread_columns(names, columns, shapes, candidates)
         files = sorted({file for row in outcomes.with_format("arrow")["image_files"].to_pylist() for file in row})
         if drops.total == len(rows):  # nothing to keep (zero usable pairs: an error below)
-            return PreparedData([], len(rows), drops, shapes)
+            return PreparedData([], len(rows), drops, shapes, unread)
         kept = outcomes.filter(lambda drop: [not d for d in drop], input_columns="drop", batched=True,
                                cache_file_name=str(work / "kept.indices.arrow"))
         kept.select_columns(list(PAIR_COLUMNS)).flatten_indices(cache_file_name=str(work / PAIRS_FILE))
@@ -275,7 +280,7 @@ def _prepare_rows(rows, drops: DropCounts, tokenizer, row_format, max_length, ma
     for path in work.iterdir():
         if path.name != PAIRS_FILE:
             path.unlink()
-    meta = {**_counted_meta(len(rows), drops, shapes), "key_parts": key_parts, "source": name,
+    meta = {**_counted_meta(len(rows), drops, shapes, unread), "key_parts": key_parts, "source": name,
             "image_files": {file: file_stamp(file) for file in files}}
     processor = tokenizer if is_processor(tokenizer) else None
     if entry is not None:
@@ -285,7 +290,7 @@ def _prepare_rows(rows, drops: DropCounts, tokenizer, row_format, max_length, ma
     else:
         pairs = PairTable(datasets.Dataset.from_file(str(work / PAIRS_FILE)), processor)
         origin = f"prepared with {workers} process{'es' * (workers > 1)} (cache off)"
-    return PreparedData(pairs, len(rows), drops, shapes, time.perf_counter() - start, origin)
+    return PreparedData(pairs, len(rows), drops, shapes, unread, time.perf_counter() - start, origin)
 
 
 def _mkdir(path: Path) -> Path:
@@ -340,22 +345,24 @@ def _prepare_batch(batch: dict, indices: list[int], pickled: bool, columns, row_
         out["shape"].append(shape or "")
         out["drop"].append(pair.reason if dropped else "")
         out["detail"].append(pair.detail if dropped else "")
+        out["prompt_candidates"].append(prompt_candidates(row, shape, columns))
     return out
 
 
-def _count(outcomes: datasets.Dataset, drops: DropCounts) -> Counter:
-    """The outcomes' drops added to `drops` in row order; rows per shape in order of first row."""
+def _count(outcomes: datasets.Dataset, drops: DropCounts) -> tuple[Counter, set[str]]:
+    """The outcomes' drops added to `drops` in row order; (rows per shape in order of first row, the union of
+    the rows' prompt candidates)."""
     table = outcomes.with_format("arrow")[:]
     shapes = Counter(shape for shape in table["shape"].to_pylist() if shape)
     dropped = table.filter(pc.not_equal(table["drop"], ""))
     for index, reason, detail in zip(*(dropped[c].to_pylist() for c in ("index", "drop", "detail"))):
         drops.count(reason, index, detail)
-    return shapes
+    return shapes, set(pc.unique(pc.list_flatten(table["prompt_candidates"])).to_pylist())
 
 
-def _counted_meta(rows: int, drops: DropCounts, shapes: Counter) -> dict:
+def _counted_meta(rows: int, drops: DropCounts, shapes: Counter, unread: UnreadColumns) -> dict:
     """What preparation counted, as prepared.json holds it (`_read_set` reads it back)."""
-    return {"rows": rows, **drops.to_meta(), "shapes": dict(shapes)}
+    return {"rows": rows, **drops.to_meta(), "shapes": dict(shapes), "unread_columns": unread.to_meta()}
 
 
 def _copy_set(prepared: PreparedData, entry: Path | None, output_dir: Path, key_parts: dict) -> None:
@@ -369,5 +376,5 @@ def _copy_set(prepared: PreparedData, entry: Path | None, output_dir: Path, key_
         prepared.pairs.table.flatten_indices(cache_file_name=str(work / PAIRS_FILE))
     if output_dir.exists():
         output_dir.rmdir()
-    publish(work, output_dir, {**_counted_meta(prepared.rows, prepared.drops, prepared.shapes),
+    publish(work, output_dir, {**_counted_meta(prepared.rows, prepared.drops, prepared.shapes, prepared.unread_columns),
                                "key_parts": key_parts, "source": prepared.origin})

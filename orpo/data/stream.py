@@ -19,7 +19,7 @@ a prepared set with "read N rows (pass P): " before it. Row numbers are position
 in a prepared set.
 
 The columns are resolved from the first `COLUMN_PEEK_ROWS` rows (a prepared set resolves them from all
-rows): a column that first appears after them is not read.
+rows): a column that first appears after them is not read, nor named among the columns not read.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import datasets
 import torch
 
 from orpo.data.drops import DropCounts
-from orpo.data.formats import RowFormat, resolve_columns
+from orpo.data.formats import RowFormat, UnreadColumns, prompt_candidates, resolve_columns, unread_columns
 from orpo.data.load import stream_rows
 from orpo.data.prepare import image_root, prepare_row, text_only_model_error
 from orpo.data.store import is_prepared_dir
@@ -66,13 +66,15 @@ class PairStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.seed, self.passes = shuffle_buffer, seed, passes
         self.rows, self.kept, self.pass_number = 0, 0, 0
         self.drops, self.shapes = DropCounts(), Counter()
+        self.prompt_candidates: set[str] = set()  # formats.prompt_candidates of the rows read
         names: dict[str, None] = {}
         peeked = DropCounts()  # lines skipped before the first pass: each pass counts its own
         for _, row in zip(range(COLUMN_PEEK_ROWS), _numbered(source, split, skip_bad_rows, peeked)):
             names.update(dict.fromkeys(row["row"]))
         if not names:
             raise OrpoError(f"{self.name}: no rows")
-        self.columns = resolve_columns(list(names), row_format, self.name)
+        self.names = list(names)
+        self.columns = resolve_columns(self.names, row_format, self.name)
 
     def __iter__(self):
         pass_number = 0
@@ -97,16 +99,22 @@ class PairStream(torch.utils.data.IterableDataset):
             self.rows += 1
             if shape is not None:
                 self.shapes[shape] += 1
+                self.prompt_candidates.update(prompt_candidates(item["row"], shape, self.columns))
             if isinstance(pair, DroppedPair):
                 self.drops.count(pair.reason, item["index"], pair.detail)
                 continue
             self.kept += 1
             yield pair
 
+    @property
+    def unread_columns(self) -> UnreadColumns:
+        """The columns resolved from the first rows that no shape of the rows read so far read."""
+        return unread_columns(self.names, self.columns, self.shapes, self.prompt_candidates)
+
     def report(self) -> str:
         """E.g. "read 1000 rows (pass 1): kept 995 of 1000 pairs; dropped 5: ..." (drops.DropCounts.report)."""
         return (f"read {self.rows} rows (pass {max(self.pass_number, 1)}): "
-                + self.drops.report(self.rows, self.kept))
+                + self.drops.report(self.rows, self.kept, self.unread_columns.text()))
 
 
 def _numbered(source, split: str, skip_bad_rows: bool, drops: DropCounts):

@@ -24,7 +24,7 @@ def test_counting_keeps_the_first_row_and_detail_of_each_reason_and_the_first_sk
 
 def test_the_report_worked_by_hand():
     """5 dropped of 1000: one reason → one line; several → one indented line each, most frequent first, with
-    the first row and, where known, its problem; skipped lines come first."""
+    the first row and, where known, its problem; skipped lines and what the columns say come first."""
     one = DropCounts({"chosen == rejected": 5}, {"chosen == rejected": 17}, {"chosen == rejected": ""})
     assert one.report(1000, 995) == "kept 995 of 1000 pairs; dropped 5: chosen == rejected 5 (first at row 17)"
     assert DropCounts().report(3, 3) == "kept 3 of 3 pairs"
@@ -34,9 +34,9 @@ def test_the_report_worked_by_hand():
                                      "  chat template error 3 (first at row 2: roles must alternate)\n"
                                      "  too long 1 (first at row 4)")
     several.skip_line(12, "invalid JSON (Expecting value at column 1)")
-    assert several.report(10, 6) == (
+    assert several.report(10, 6, "columns not read: id") == (
         "kept 6 of 10 pairs; skipped 1 bad line (first: line 12: invalid JSON (Expecting value at column 1)); "
-        "dropped 4:\n"
+        "columns not read: id; dropped 4:\n"
         "  chat template error 3 (first at row 2: roles must alternate)\n"
         "  too long 1 (first at row 4)")
     skipped = DropCounts(skipped_lines=1, first_skipped_line=3, first_skipped_problem="a JSON array where an object "

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from orpo.errors import OrpoError
+from orpo.data.formats import RowFormat, UnreadColumns
 from orpo.data.prepare import PreparedData, prepare_dataset
 from tiny import byte_level_chatml_tokenizer, chatml_tokenizer
 
@@ -160,7 +161,8 @@ def test_the_second_preparation_reads_the_cache_and_any_change_misses_it(tmp_pat
     assert first.origin.startswith("prepared with 1 process, cached at " + str(cache))
     again = prepare_dataset(str(path), tok, max_length=14, max_prompt_length=None, cache_dir=cache)
     assert again.origin.startswith("read from the cache") and again.pairs == first.pairs
-    assert (again.rows, again.drops, again.shapes) == (first.rows, first.drops, first.shapes)
+    assert (again.rows, again.drops, again.shapes, again.unread_columns) == (
+        first.rows, first.drops, first.shapes, first.unread_columns)
     assert len(list(cache.iterdir())) == 1
     # another length limit, another template, other content: each a new entry
     prepare_dataset(str(path), tok, max_length=15, max_prompt_length=None, cache_dir=cache)
@@ -194,6 +196,29 @@ def test_a_prepared_set_is_trained_from_and_refuses_other_options(tmp_path):
         prepare_dataset(str(out), other, max_length=14, max_prompt_length=None)
     with pytest.raises(OrpoError, match=r"--output .*: exists and is not empty"):
         prepare_dataset(ROWS, tok, max_length=15, max_prompt_length=None, cache_dir=tmp_path / "c", output_dir=out)
+
+
+QUESTIONS = [  # a prompt column whose name the defaults do not know: the answers' shared start is the prompt
+    {"id": 0, "question": "why is the sky blue", "chosen": "the sky is blue", "rejected": "the sky is green"},
+    {"id": 1, "question": "what is good", "chosen": "good is kind", "rejected": "good is bad"},
+    {"id": 2, "question": "what", "chosen": "ok", "rejected": "ok"},  # chosen == rejected
+]
+
+
+def test_the_columns_no_shape_read_are_named_and_the_prompt_column_suggested(tmp_path):
+    tok = chatml_tokenizer()
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in QUESTIONS))
+    prepared = prepare_dataset(str(path), tok, cache_dir=tmp_path / "cache")
+    assert dict(prepared.shapes) == {"implicit prompt (shared prefix; no prompt column)": 3}
+    assert prepared.report() == (
+        "kept 2 of 3 pairs; columns not read: id, question (3 rows have an implicit prompt: --prompt_column question "
+        "reads it as the prompt); dropped 1: chosen == rejected 1 (first at row 2)")
+    assert prepare_dataset(str(path), tok, cache_dir=tmp_path / "cache").report() == prepared.report()  # the cache
+    named = prepare_dataset(str(path), tok, RowFormat(prompt_columns=("question",)), cache_dir=tmp_path / "cache")
+    assert dict(named.shapes) == {"prompt/chosen/rejected strings": 3}
+    assert named.report() == "kept 2 of 3 pairs; columns not read: id; dropped 1: chosen == rejected 1 (first at row 2)"
+    assert prepare_dataset(ROWS, tok, max_length=14, max_prompt_length=None).unread_columns == UnreadColumns()
 
 
 def test_a_cache_hit_and_a_prepared_set_report_what_the_first_run_did_skipped_lines_included(tmp_path):
