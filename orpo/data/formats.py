@@ -11,10 +11,10 @@ conversational: a prompt message list ending with a non-assistant turn, and assi
 whole conversations (UltraFeedback-binarized): chosen/rejected repeat the prompt turns; the shared
    leading turns become the prompt (a prompt column, if any, is ignored):
    {"prompt": "Hi?", "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", ...}], ...}
-implicit prompt (Human:/Assistant: turns), HH-RLHF: no prompt column, full texts sharing their turns
+implicit prompt (Human:/Assistant: turns; no prompt column), HH-RLHF: full texts sharing their turns
    {"chosen": "\\n\\nHuman: Hi?\\n\\nAssistant: Hello!", "rejected": "\\n\\nHuman: Hi?\\n\\nAssistant: No."}
-implicit prompt (shared prefix): plain texts whose longest common prefix, cut back to a whitespace
-   boundary, is the prompt: {"chosen": "Q: my pet is a cat", "rejected": "Q: my pet is a car"}
+implicit prompt (shared prefix; no prompt column): plain texts whose longest common prefix, cut back to a
+   whitespace boundary, is the prompt: {"chosen": "Q: my pet is a cat", "rejected": "Q: my pet is a car"}
 ShareGPT turns (LLaMA-Factory "sharegpt" preference data): the prompt turns in a `conversations` or
    `messages` column, the replies in chosen/rejected (one message, a list of them, or a string):
    {"conversations": [{"from": "human", "value": "Hi?"}], "chosen": {"from": "gpt", "value": "Hello!"}, ...}
@@ -52,7 +52,13 @@ vision chat templates take it, and `PreferencePair.images` holds the images as f
 images.py). As many placeholders as images, or the row is dropped (IMAGE_COUNT).
 
 Rows that cannot be trained on raise `DroppedPair` with one of the reasons in `orpo.errors`;
-`rows_to_pairs` counts them.
+`rows_to_pairs` counts them (drops.DropCounts).
+
+The columns each shape reads (`columns_read`): its prompt column(s), chosen and rejected (or the two response
+columns and the labels, or the completions; ShareGPT's turns column; whole conversations and implicit prompts
+no prompt column), and the images column. Any other column of the source is not read, and the data report
+names it (`UnreadColumns`): ids, scores, or a prompt column under a name the defaults do not know, which
+rows of a shape without a prompt column would otherwise never see (`--prompt_column NAME` reads it).
 """
 from __future__ import annotations
 
@@ -63,6 +69,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from orpo.data.drops import DropCounts
 from orpo.errors import (EMPTY_RESPONSE, IMAGE_COUNT, LABEL_MISSING, LABEL_TIE, LABEL_UNMAPPED, NON_TEXT,
                          SAME_RESPONSES, TIED_RATINGS, UNKNOWN_ROLE, WRONG_TYPES, DroppedPair, OrpoError)
 
@@ -73,14 +80,15 @@ IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's image placeholder in text
 SHAPE_STRINGS = "prompt/chosen/rejected strings"
 SHAPE_CONVERSATIONAL = "conversational"
 SHAPE_CONVERSATIONS = "whole conversations"
-SHAPE_HH = "implicit prompt (Human:/Assistant: turns)"
-SHAPE_PREFIX = "implicit prompt (shared prefix)"
+SHAPE_HH = "implicit prompt (Human:/Assistant: turns; no prompt column)"
+SHAPE_PREFIX = "implicit prompt (shared prefix; no prompt column)"
 SHAPE_SHAREGPT = "ShareGPT turns"
 SHAPE_MESSAGES = "chosen_messages/rejected_messages"
 SHAPE_LABELS = "label-based pairwise"
 SHAPE_RATED = "rated completions"
 SHAPES = (SHAPE_STRINGS, SHAPE_CONVERSATIONAL, SHAPE_CONVERSATIONS, SHAPE_HH, SHAPE_PREFIX, SHAPE_SHAREGPT,
           SHAPE_MESSAGES, SHAPE_LABELS, SHAPE_RATED)
+SHAPES_WITHOUT_PROMPT = (SHAPE_HH, SHAPE_PREFIX)  # shapes whose prompt is taken from the answers: no prompt column
 
 
 @dataclass(frozen=True)
@@ -139,25 +147,14 @@ class RowFormat:
 class PairsFromRows:
     """What `rows_to_pairs` made of a dataset.
 
-    pairs:         the usable pairs, in row order.
-    drops:         reason → number of rows dropped for it.
-    first_rows:    reason → the first (0-based) row dropped for it;
-    first_details: reason → what was wrong with that row (its `DroppedPair` detail).
-    shapes:        shape name → rows detected in that shape (kept, or dropped after detection).
+    pairs:  the usable pairs, in row order.
+    drops:  the rows dropped, by reason, with each reason's first row and its `DroppedPair` detail.
+    shapes: shape name → rows detected in that shape (kept, or dropped after detection).
     """
 
     pairs: list[PreferencePair] = field(default_factory=list)
-    drops: Counter = field(default_factory=Counter)
-    first_rows: dict[str, int] = field(default_factory=dict)
-    first_details: dict[str, str] = field(default_factory=dict)
+    drops: DropCounts = field(default_factory=DropCounts)
     shapes: Counter = field(default_factory=Counter)
-
-    def count_drop(self, drop: DroppedPair, index: int) -> None:
-        """Count `drop` of row `index`; the first row of each reason keeps its detail."""
-        self.drops[drop.reason] += 1
-        if drop.reason not in self.first_rows:
-            self.first_rows[drop.reason] = index
-            self.first_details[drop.reason] = drop.detail
 
 
 @dataclass(frozen=True)
@@ -169,6 +166,7 @@ class _Columns:
     rejected: str = "rejected"
     turns: str | None = None  # ShareGPT turns: the column of the prompt turns
     labels: tuple[str, ...] = ()  # label-based pairwise: the label columns
+    responses: tuple[str, ...] = ()  # label-based pairwise: the two response columns
     completions: str | None = None  # rated completions
     images: str | None = None  # the row's images (vision-language data)
 
@@ -203,7 +201,7 @@ def rows_to_pairs(rows, row_format: RowFormat = RowFormat(), source: str = "data
         if shape is not None:
             out.shapes[shape] += 1
         if isinstance(pair, DroppedPair):
-            out.count_drop(pair, index)
+            out.drops.count(pair.reason, index, pair.detail)
         else:
             out.pairs.append(pair)
     return out
@@ -236,7 +234,7 @@ def resolve_columns(names: list[str], fmt: RowFormat, source: str) -> _Columns:
     if fmt.response_columns:
         labels = tuple(fmt.label_columns or ("label",))
         need(*(prompt or _PROMPTS[:1]), *fmt.response_columns, *labels)
-        return _Columns(prompt, labels=labels, images=images)
+        return _Columns(prompt, labels=labels, responses=tuple(fmt.response_columns), images=images)
     if "completions" in names and "chosen" not in names and not (fmt.chosen_column or fmt.rejected_column):
         need(*(prompt or _PROMPTS[:1]))
         return _Columns(prompt, completions="completions", images=images)
@@ -246,6 +244,92 @@ def resolve_columns(names: list[str], fmt: RowFormat, source: str) -> _Columns:
     need(chosen, rejected)
     turns = None if fmt.prompt_columns else next((c for c in _TURNS if c in names), None)
     return _Columns(prompt, chosen, rejected, turns, images=images)
+
+
+def columns_read(shape: str, columns: _Columns) -> tuple[str, ...]:
+    """The columns a row of `shape` is read from: its prompt column(s) where the shape has them (whole
+    conversations take the prompt from the answers, and ignore a prompt column), its answers or what chooses
+    them, and the images column."""
+    if shape == SHAPE_LABELS:
+        read = (*columns.prompt, *columns.responses, *columns.labels)
+    elif shape == SHAPE_RATED:
+        read = (*columns.prompt, columns.completions)
+    elif shape in (SHAPE_STRINGS, SHAPE_CONVERSATIONAL):
+        read = (*columns.prompt, columns.chosen, columns.rejected)
+    elif shape == SHAPE_SHAREGPT:
+        read = (columns.turns, columns.chosen, columns.rejected)
+    else:  # whole conversations, chosen_messages/rejected_messages, SHAPES_WITHOUT_PROMPT
+        read = (columns.chosen, columns.rejected)
+    return read + ((columns.images,) if columns.images else ())
+
+
+def prompt_candidates(row: dict, shape: str | None, columns: _Columns) -> list[str]:
+    """The columns of a row of a shape without a prompt column (SHAPES_WITHOUT_PROMPT) that its shape does not
+    read and that hold text (a string with more than whitespace, or messages): each could be its prompt.
+    [] for a row of any other shape."""
+    if shape not in SHAPES_WITHOUT_PROMPT:
+        return []
+    read = columns_read(shape, columns)
+    return [name for name, value in row.items() if name not in read and _is_text(value)]
+
+
+def _is_text(value) -> bool:
+    """A string with more than whitespace, a message dict or a list of them (what a prompt column holds)."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    first = value[0] if isinstance(value, list) and value else value
+    return isinstance(first, dict) and _get(first, "role", "from") is not None
+
+
+@dataclass(frozen=True)
+class UnreadColumns:
+    """The columns of a source that no detected row shape read (`columns_read`), in the source's order.
+
+    names:               those columns (ids, scores, sources, a prompt column under another name, ...).
+    prompt_candidates:   those of them that held text in rows of a shape without a prompt column
+                         (`prompt_candidates`): each could be those rows' prompt (`--prompt_column NAME`).
+    rows_without_prompt: the rows of those shapes.
+    """
+
+    names: tuple[str, ...] = ()
+    prompt_candidates: tuple[str, ...] = ()
+    rows_without_prompt: int = 0
+
+    def text(self) -> str:
+        """What the data report says of them, e.g. "columns not read: id, question (1000 rows have an implicit
+        prompt: --prompt_column question reads it as the prompt)"; "" when every column was read."""
+        if not self.names:
+            return ""
+        text = "columns not read: " + ", ".join(self.names)
+        if not self.prompt_candidates:
+            return text
+        rows = f"{self.rows_without_prompt} row{' has' if self.rows_without_prompt == 1 else 's have'}"
+        reads = (f"--prompt_column {self.prompt_candidates[0]} reads it" if len(self.prompt_candidates) == 1 else
+                 "--prompt_column reads one of " + ", ".join(self.prompt_candidates))
+        return f"{text} ({rows} an implicit prompt: {reads} as the prompt)"
+
+    def to_meta(self) -> dict:
+        """Its fields as a prepared set's prepared.json holds them (`from_meta` reads them back)."""
+        return {"names": list(self.names), "prompt_candidates": list(self.prompt_candidates),
+                "rows_without_prompt": self.rows_without_prompt}
+
+    @classmethod
+    def from_meta(cls, meta: dict | None) -> UnreadColumns:
+        """The UnreadColumns of `to_meta`; None (a set prepared before they were recorded) reads as none."""
+        if meta is None:
+            return cls()
+        return cls(tuple(meta["names"]), tuple(meta["prompt_candidates"]), meta["rows_without_prompt"])
+
+
+def unread_columns(names, columns: _Columns, shapes: Counter, candidates) -> UnreadColumns:
+    """The UnreadColumns of a source with columns `names` resolved as `columns`, whose rows were detected in
+    `shapes` (shape → rows) and whose rows without a prompt column held text in `candidates` (the union of
+    their `prompt_candidates`). Nothing is named where no row's shape was detected (each row was dropped
+    before its shape said what it reads)."""
+    read = {name for shape in shapes for name in columns_read(shape, columns)}
+    unread = tuple(name for name in names if name not in read) if shapes else ()
+    return UnreadColumns(unread, tuple(name for name in unread if name in set(candidates)),
+                         sum(shapes.get(shape, 0) for shape in SHAPES_WITHOUT_PROMPT))
 
 
 def _row_shape(row: dict, columns: _Columns) -> str:
@@ -500,7 +584,7 @@ def _labelled(row: dict, columns: _Columns, fmt: RowFormat) -> tuple[list, list,
     """Label-based pairwise: each label column votes for a response column or "tie" (through the
     label map); a response that gets more than half of ALL the votes is chosen, otherwise it is a tie."""
     votes = [_vote(row.get(c), c, fmt.label_map or {}) for c in columns.labels]
-    a, b = fmt.response_columns
+    a, b = columns.responses
     winner = next((side for side in (a, b) if 2 * votes.count(side) > len(votes)), None)
     if winner is None:
         labels = ", ".join(f"{c}={row.get(c)!r}" for c in columns.labels)

@@ -1,11 +1,13 @@
 """Loading preference rows from local files or the Hugging Face hub.
 
 Every problem with the user's input is reported as a one-line `OrpoError`; what the rows mean is
-read by `orpo.data.formats`.
+read by `orpo.data.formats`. A UTF-8 byte-order mark at the start of a file (Windows tools write one) is
+not part of its text.
 """
 from __future__ import annotations
 
 import atexit
+import codecs
 import contextlib
 import gzip
 import io
@@ -21,6 +23,7 @@ from pathlib import Path
 import datasets
 import pyarrow as pa
 
+from orpo.data.drops import DropCounts
 from orpo.errors import OrpoError
 
 logger = logging.getLogger(__name__)
@@ -71,16 +74,20 @@ def _quiet_datasets():
 
 
 def _open(path: Path, gz: bool, mode: str):
+    """The file, gunzipped where `gz`; in text mode UTF-8 without a leading byte-order mark ("utf-8-sig")."""
     if "b" in mode:
         return gzip.open(path, mode) if gz else open(path, mode)
-    return gzip.open(path, mode, encoding="utf-8") if gz else open(path, mode, encoding="utf-8")
+    return gzip.open(path, mode, encoding="utf-8-sig") if gz else open(path, mode, encoding="utf-8-sig")
 
 
 def _is_blank(path: Path, gz: bool) -> bool:
+    """Whether the file holds nothing but whitespace (after a byte-order mark)."""
     with _open(path, gz, "rb") as f:
-        while chunk := f.read(1 << 16):
+        chunk = _without_bom(f.read(1 << 16))
+        while chunk:
             if chunk.strip():
                 return False
+            chunk = f.read(1 << 16)
     return True
 
 
@@ -171,35 +178,42 @@ def _json_list(path: Path, gz: bool) -> list[dict]:
 def _is_json_list(path: Path, gz: bool) -> bool:
     """Whether a .json/.jsonl file holds one JSON list rather than JSON lines."""
     with _open(path, gz, "rb") as f:
-        return f.read(1 << 16).lstrip().startswith(b"[")
+        return _without_bom(f.read(1 << 16)).lstrip().startswith(b"[")
 
 
-def _json_lines(path: Path, gz: bool, skip_bad_rows: bool) -> Iterator[dict]:
+def _without_bom(raw: bytes) -> bytes:
+    """The bytes a file starts with, less a UTF-8 byte-order mark."""
+    return raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+
+
+def _json_lines(path: Path, gz: bool, skip_bad_rows: bool, drops: DropCounts | None) -> Iterator[dict]:
     """The rows of a JSON-lines file, one at a time, read by orpo: each bad line is an error naming it, or,
-    with `skip_bad_rows`, skipped and counted in one warning at the end."""
-    bad, skipped = None, 0
+    with `skip_bad_rows`, skipped and counted in `drops` (`DropCounts.skip_line`; None: in one warning at the end)."""
+    skipped = DropCounts() if drops is None else drops
     with _open(path, gz, "rb") as f:
         for n, raw in enumerate(f, start=1):
+            if n == 1:
+                raw = _without_bom(raw)
             if not raw.strip():
                 continue
             row, problem = _parse_line(raw)
             if problem is None:
                 yield row
             elif skip_bad_rows:
-                bad, skipped = bad or f"line {n}: {problem}", skipped + 1
+                skipped.skip_line(n, problem)
             else:
                 raise OrpoError(f"{path}, line {n}: {problem}; expected one JSON object per line "
                                 "(--skip_bad_rows skips bad lines)")
-    if skipped:
-        logger.warning("%s: skipped %d bad line%s (first: %s)", path, skipped, "s" * (skipped > 1), bad)
+    if drops is None and skipped.skipped_lines:
+        logger.warning("%s: %s", path, skipped.skipped_text())
 
 
 def _load_local(path: Path, ext: str, gz: bool, skip_bad_rows: bool, work_dir: str | Path | None,
-                streaming: bool = False):
+                drops: DropCounts | None, streaming: bool = False):
     builder = _BUILDERS[ext]
     if builder == "json":
         # Read ourselves: line numbers in errors, per-line UTF-8 checks, bad lines skippable; onto disk as read.
-        rows = _json_rows(path, gz, skip_bad_rows)
+        rows = _json_rows(path, gz, skip_bad_rows, drops)
         return rows if streaming else encode_rows(rows, work_dir)
     if builder == "parquet" and gz:  # datasets does not decompress parquet itself
         import pyarrow.parquet as pq
@@ -211,12 +225,13 @@ def _load_local(path: Path, ext: str, gz: bool, skip_bad_rows: bool, work_dir: s
         return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
 
 
-def _json_rows(path: Path, gz: bool, skip_bad_rows: bool) -> Iterator[dict]:
+def _json_rows(path: Path, gz: bool, skip_bad_rows: bool, drops: DropCounts | None) -> Iterator[dict]:
     """The rows of a .json/.jsonl file: JSON lines one at a time, a whole-file JSON list read whole."""
-    yield from _json_list(path, gz) if _is_json_list(path, gz) else _json_lines(path, gz, skip_bad_rows)
+    yield from _json_list(path, gz) if _is_json_list(path, gz) else _json_lines(path, gz, skip_bad_rows, drops)
 
 
-def _load_file(path: Path, skip_bad_rows: bool, work_dir: str | Path | None, streaming: bool = False):
+def _load_file(path: Path, skip_bad_rows: bool, work_dir: str | Path | None, drops: DropCounts | None,
+               streaming: bool = False):
     ext, gz = _file_type(path)
     if not path.is_file():
         raise OrpoError(f"{path}: not a file; expected a .jsonl, .json, .parquet or .csv file")
@@ -226,7 +241,7 @@ def _load_file(path: Path, skip_bad_rows: bool, work_dir: str | Path | None, str
     try:
         if _is_blank(path, gz):
             raise OrpoError(f"{path}: no rows")
-        rows = _load_local(path, ext, gz, skip_bad_rows, work_dir, streaming)
+        rows = _load_local(path, ext, gz, skip_bad_rows, work_dir, drops, streaming)
     except Exception as e:
         raise _read_error(path, ext, e) from (None if isinstance(e, (OSError, EOFError, UnicodeDecodeError)) else e)
     if not streaming and len(rows) == 0:
@@ -248,18 +263,19 @@ def _read_error(path, ext: str, e: Exception) -> OrpoError:
 
 
 def load_rows(source: str, split: str = "train", skip_bad_rows: bool = False,
-              work_dir: str | Path | None = None) -> datasets.Dataset | EncodedRows:
+              work_dir: str | Path | None = None, drops: DropCounts | None = None) -> datasets.Dataset | EncodedRows:
     """Rows from a local .jsonl/.json/.parquet/.csv file (optionally .gz) or a hub dataset id.
 
     The hub is only tried when `source` is not an existing path and does not look like one.
     Raises `OrpoError` (one line) for every problem with the input; with `skip_bad_rows`, JSON
-    lines that cannot be read are skipped and counted instead. JSON rows come back as EncodedRows (in
-    `work_dir`, default a temporary directory), each exactly as read (a field whose type changes from row
-    to row is then checked row by row, and such rows dropped as "wrong types"); the others as a Dataset.
+    lines that cannot be read are skipped and counted instead, into `drops` (DropCounts.skip_line; None:
+    a warning says how many). JSON rows come back as EncodedRows (in `work_dir`, default a temporary
+    directory), each exactly as read (a field whose type changes from row to row is then checked row by
+    row, and such rows dropped as "wrong types"); the others as a Dataset.
     """
     path = Path(source).expanduser()
     if path.exists():
-        return _load_file(path, skip_bad_rows, work_dir)
+        return _load_file(path, skip_bad_rows, work_dir, drops)
     if _looks_like_path(source):
         raise OrpoError(f"{source}: no such file")
     try:
@@ -273,13 +289,15 @@ def load_rows(source: str, split: str = "train", skip_bad_rows: bool = False,
     return rows
 
 
-def stream_rows(source: str, split: str = "train", skip_bad_rows: bool = False) -> Iterator[tuple[int, dict]]:
+def stream_rows(source: str, split: str = "train", skip_bad_rows: bool = False,
+                drops: DropCounts | None = None) -> Iterator[tuple[int, dict]]:
     """(row number, row) of `source` one at a time, never all in memory; the rows `load_rows` reads, in the
-    same order and numbered the same (0-based). JSON lines are read by orpo, a JSON list whole, parquet/csv
-    and hub datasets by `datasets` with `streaming=True`. A problem met while reading is one `OrpoError`."""
+    same order and numbered the same (0-based), skipped lines counted alike. JSON lines are read by orpo, a
+    JSON list whole, parquet/csv and hub datasets by `datasets` with `streaming=True`. A problem met while
+    reading is one `OrpoError`."""
     path = Path(source).expanduser()
     if path.exists():
-        rows, ext = _load_file(path, skip_bad_rows, None, streaming=True), _file_type(path)[0]
+        rows, ext = _load_file(path, skip_bad_rows, None, drops, streaming=True), _file_type(path)[0]
     elif _looks_like_path(source):
         raise OrpoError(f"{source}: no such file")
     else:

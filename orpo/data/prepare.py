@@ -4,8 +4,10 @@
 prepare`, the demo and the benchmarks call. It loads rows (load.py), reads each row's shape (formats.py),
 renders and truncates it (render.py) in `datasets.map` (`num_proc` processes, each a contiguous block
 of rows; a row's outcome depends on it and its index only, so any number of processes gives the same
-pairs), counts every dropped pair once, by reason, and writes the kept pairs as a prepared set
-(store.py): into the cache, keyed by everything that changes the ids, and read memory-mapped.
+pairs), counts every dropped pair once, by reason, with the lines skipped as unreadable (drops.DropCounts),
+names the columns no row's shape read (formats.UnreadColumns), and writes the kept pairs as a prepared set
+(store.py): into the cache, keyed by everything that changes the ids, and read memory-mapped. What was
+counted is recorded with the set, so a set read back (from the cache or `--output`) reports the same.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import datasets
 import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 
-from orpo.data.formats import RowFormat, read_row, resolve_columns
+from orpo.data.drops import DropCounts, format_drop_report  # noqa: F401 (format_drop_report: imported from here)
+from orpo.data.formats import RowFormat, UnreadColumns, prompt_candidates, read_row, resolve_columns, unread_columns
 from orpo.data.images import file_stamp, image_files, is_processor
 from orpo.data.load import EncodedRows, decode_rows, encode_rows, load_rows
 from orpo.data.render import TokenizedPair, render_pair
@@ -49,6 +52,7 @@ _OUTCOME_FEATURES = datasets.Features({
     "shape": datasets.Value("string"),  # "" where the row fits no shape
     "drop": datasets.Value("string"),  # the drop reason, "" for a kept pair
     "detail": datasets.Value("string"),
+    "prompt_candidates": datasets.Sequence(datasets.Value("string")),  # formats.prompt_candidates of the row
 })
 
 
@@ -56,22 +60,22 @@ _OUTCOME_FEATURES = datasets.Features({
 class PreparedData:
     """The pairs kept from `rows` source rows, and what happened to the others.
 
-    drops:         reason → dropped pairs; first_rows / first_details: reason → the first such row
-                   (0-based) and what was wrong with it.
-    shapes:        detected row shape → rows read in that shape.
-    pairs:         a PairTable (memory-mapped) for prepared rows; a list where the source was TokenizedPairs.
-    seconds:       how long preparing (or reading the prepared set) took; origin: where the pairs came from
-                   ("prepared ...", "read from the cache ...", "read from the prepared set ...").
-    name:          how messages name the source; fingerprint: a hash of its content and of everything that
-                   made its ids (the cache key), which a checkpoint's stamp compares on resume.
+    drops:          the dropped pairs by reason (each reason's first row, 0-based, and what was wrong with it)
+                    and the lines skipped as unreadable.
+    shapes:         detected row shape → rows read in that shape.
+    unread_columns: the source's columns that no row's shape read.
+    pairs:          a PairTable (memory-mapped) for prepared rows; a list where the source was TokenizedPairs.
+    seconds:        how long preparing (or reading the prepared set) took; origin: where the pairs came from
+                    ("prepared ...", "read from the cache ...", "read from the prepared set ...").
+    name:           how messages name the source; fingerprint: a hash of its content and of everything that
+                    made its ids (the cache key), which a checkpoint's stamp compares on resume.
     """
 
     pairs: PairTable | list[TokenizedPair]
     rows: int
-    drops: Counter = field(default_factory=Counter)
-    first_rows: dict[str, int] = field(default_factory=dict)
-    first_details: dict[str, str] = field(default_factory=dict)
+    drops: DropCounts = field(default_factory=DropCounts)
     shapes: Counter = field(default_factory=Counter)
+    unread_columns: UnreadColumns = UnreadColumns()
     seconds: float = 0.0
     origin: str = ""
     name: str = ""
@@ -82,30 +86,9 @@ class PreparedData:
         return len(self.pairs)
 
     def report(self) -> str:
-        return format_drop_report(self.rows, self.kept, self.drops, self.first_rows, self.first_details)
-
-
-def format_drop_report(n_rows: int, n_kept: int, drops: Counter, first_rows: dict[str, int],
-                       first_details: dict[str, str] | None = None) -> str:
-    """E.g. "kept 995 of 1000 pairs; dropped 5: chosen == rejected 5 (first at row 17)".
-
-    Several reasons get one indented line each, most frequent first; a reason's first detail, where
-    known, follows its row ("first at row 3: Conversation roles must alternate").
-    """
-    first_details = first_details or {}
-    head = f"kept {n_kept} of {n_rows} pairs"
-    if not drops:
-        return head
-
-    def where(reason):
-        if reason not in first_rows:
-            return ""
-        detail = first_details.get(reason, "")
-        return f" (first at row {first_rows[reason]}{': ' + detail if detail else ''})"
-
-    parts = [f"{reason} {count}{where(reason)}" for reason, count in sorted(drops.items(), key=lambda kv: (-kv[1], kv[0]))]
-    head += f"; dropped {sum(drops.values())}:"
-    return f"{head} {parts[0]}" if len(parts) == 1 else "\n  ".join([head, *parts])
+        """The data report (drops.DropCounts.report), e.g. "kept 995 of 1000 pairs; columns not read: id;
+        dropped 5: chosen == rejected 5 (first at row 17)"."""
+        return self.drops.report(self.rows, self.kept, self.unread_columns.text())
 
 
 def default_cache_dir() -> Path:
@@ -170,11 +153,12 @@ def prepare_dataset(
     if isinstance(source, (str, Path)) and is_prepared_dir(source):
         prepared = _read_set(source, key_parts, start, processor)
     else:
-        rows = None
+        rows, skipped = None, DropCounts()  # skipped: the lines load_rows skips (--skip_bad_rows)
         if isinstance(source, (str, Path)) and Path(source).expanduser().is_file():
             key_parts["source"] = file_fingerprint(Path(source).expanduser())  # before reading it: a hit skips that
         else:
-            rows = load_rows(str(source), split, skip_bad_rows) if isinstance(source, (str, Path)) else source
+            rows = load_rows(str(source), split, skip_bad_rows, drops=skipped) if isinstance(source, (str, Path)) \
+                else source
             key_parts["source"] = _rows_fingerprint(rows, name)
         entry = Path(cache_dir or default_cache_dir()) / cache_key(key_parts) if use_cache else None
         prepared = None
@@ -184,8 +168,8 @@ def prepare_dataset(
             work = _work_dir(entry)
             try:
                 if rows is None:  # JSON rows go onto disk as they are read (work/rows.arrow)
-                    rows = load_rows(str(source), split, skip_bad_rows, work_dir=work)
-                prepared = _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length,
+                    rows = load_rows(str(source), split, skip_bad_rows, work_dir=work, drops=skipped)
+                prepared = _prepare_rows(rows, skipped, tokenizer, row_format, max_length, max_prompt_length,
                                          max_completion_length, name, num_proc, work, entry, key_parts, start,
                                          root)
             finally:
@@ -194,10 +178,10 @@ def prepare_dataset(
         if output_dir is not None:
             _copy_set(prepared, entry, Path(output_dir), key_parts)
     if TEXT_ONLY_MODEL in prepared.drops:
-        raise text_only_model_error(name, prepared.first_rows[TEXT_ONLY_MODEL],
+        raise text_only_model_error(name, prepared.drops.first_rows[TEXT_ONLY_MODEL],
                                     f"{prepared.drops[TEXT_ONLY_MODEL]} pair(s) have images")
     if strict and prepared.drops:
-        reason, row = min(prepared.first_rows.items(), key=lambda item: item[1])
+        reason, row = min(prepared.drops.first_rows.items(), key=lambda item: item[1])
         raise OrpoError(f"{name}, row {row}: pair dropped ({reason}) and --strict is set; {prepared.report()}")
     if not len(prepared.pairs):
         raise OrpoError(f"{name}: zero usable pairs; {prepared.report()}")
@@ -248,8 +232,8 @@ def _read_set(path, key_parts: dict, start: float, processor, cached: bool = Fal
         raise OrpoError(f"{path}: prepared with {what}{detail}; prepare it again with this tokenizer and these "
                         "options (orpo data prepare)")
     origin = f"read from the cache ({path})" if cached else f"read from the prepared set {path}"
-    return PreparedData(pairs, meta["rows"], Counter(meta["drops"]), meta["first_rows"], meta["first_details"],
-                        Counter(meta["shapes"]), time.perf_counter() - start, origin)
+    return PreparedData(pairs, meta["rows"], DropCounts.from_meta(meta), Counter(meta["shapes"]),
+                        UnreadColumns.from_meta(meta.get("unread_columns")), time.perf_counter() - start, origin)
 
 
 def _changed_image_files(path) -> list[str]:
@@ -268,12 +252,14 @@ def _work_dir(entry: Path | None) -> Path:
     return work
 
 
-def _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length, max_completion_length, name: str,
-                  num_proc: int | None, work: Path, entry: Path | None, key_parts: dict, start: float,
-                  image_root: Path | None) -> PreparedData:
+def _prepare_rows(rows, drops: DropCounts, tokenizer, row_format, max_length, max_prompt_length,
+                  max_completion_length, name: str, num_proc: int | None, work: Path, entry: Path | None,
+                  key_parts: dict, start: float, image_root: Path | None) -> PreparedData:
+    """`rows` prepared into `work` (`drops`: the lines skipped reading them; the rows' drops are added to it)."""
     if isinstance(rows, list):  # each row as it is: Arrow would unify (or refuse) fields whose type changes
         rows = encode_rows(rows, work)
-    columns = resolve_columns(list(rows.column_names), row_format, name)
+    names = list(rows.column_names)
+    columns = resolve_columns(names, row_format, name)
     pickled = isinstance(rows, EncodedRows)
     if pickled:
         rows = rows.table
@@ -288,10 +274,11 @@ def _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length, ma
                            max_length=max_length, max_prompt_length=max_prompt_length,
                            max_completion_length=max_completion_length, image_root=image_root),
         )
-        drops, first_rows, first_details, shapes = _count(outcomes)
+        shapes, candidates = _count(outcomes, drops)
+        unread = unread_columns(names, columns, shapes, candidates)
         files = sorted({file for row in outcomes.with_format("arrow")["image_files"].to_pylist() for file in row})
-        if sum(drops.values()) == len(rows):  # nothing to keep (zero usable pairs: an error below)
-            return PreparedData([], len(rows), Counter(drops), first_rows, first_details, Counter(shapes))
+        if drops.total == len(rows):  # nothing to keep (zero usable pairs: an error below)
+            return PreparedData([], len(rows), drops, shapes, unread)
         kept = outcomes.filter(lambda drop: [not d for d in drop], input_columns="drop", batched=True,
                                cache_file_name=str(work / "kept.indices.arrow"))
         kept.select_columns(list(PAIR_COLUMNS)).flatten_indices(cache_file_name=str(work / PAIRS_FILE))
@@ -299,9 +286,8 @@ def _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length, ma
     for path in work.iterdir():
         if path.name != PAIRS_FILE:
             path.unlink()
-    meta = {"rows": len(rows), "drops": drops, "first_rows": first_rows, "first_details": first_details,
-            "image_files": {file: file_stamp(file) for file in files},
-            "shapes": shapes, "key_parts": key_parts, "source": name}
+    meta = {**_counted_meta(len(rows), drops, shapes, unread), "key_parts": key_parts, "source": name,
+            "image_files": {file: file_stamp(file) for file in files}}
     processor = tokenizer if is_processor(tokenizer) else None
     if entry is not None:
         publish(work, entry, meta)
@@ -310,8 +296,7 @@ def _prepare_rows(rows, tokenizer, row_format, max_length, max_prompt_length, ma
     else:
         pairs = PairTable(datasets.Dataset.from_file(str(work / PAIRS_FILE)), processor)
         origin = f"prepared with {workers} process{'es' * (workers > 1)} (cache off)"
-    return PreparedData(pairs, len(rows), Counter(drops), first_rows, first_details, Counter(shapes),
-                        time.perf_counter() - start, origin)
+    return PreparedData(pairs, len(rows), drops, shapes, unread, time.perf_counter() - start, origin)
 
 
 def _mkdir(path: Path) -> Path:
@@ -366,20 +351,24 @@ def _prepare_batch(batch: dict, indices: list[int], pickled: bool, columns, row_
         out["shape"].append(shape or "")
         out["drop"].append(pair.reason if dropped else "")
         out["detail"].append(pair.detail if dropped else "")
+        out["prompt_candidates"].append(prompt_candidates(row, shape, columns))
     return out
 
 
-def _count(outcomes: datasets.Dataset) -> tuple[dict, dict, dict, dict]:
-    """(drops by reason, first row per reason, its detail, rows per shape), each in order of first row."""
+def _count(outcomes: datasets.Dataset, drops: DropCounts) -> tuple[Counter, set[str]]:
+    """The outcomes' drops added to `drops` in row order; (rows per shape in order of first row, the union of
+    the rows' prompt candidates)."""
     table = outcomes.with_format("arrow")[:]
     shapes = Counter(shape for shape in table["shape"].to_pylist() if shape)
     dropped = table.filter(pc.not_equal(table["drop"], ""))
-    drops, first_rows, first_details = Counter(), {}, {}
     for index, reason, detail in zip(*(dropped[c].to_pylist() for c in ("index", "drop", "detail"))):
-        drops[reason] += 1
-        if reason not in first_rows:
-            first_rows[reason], first_details[reason] = index, detail
-    return dict(drops), first_rows, first_details, dict(shapes)
+        drops.count(reason, index, detail)
+    return shapes, set(pc.unique(pc.list_flatten(table["prompt_candidates"])).to_pylist())
+
+
+def _counted_meta(rows: int, drops: DropCounts, shapes: Counter, unread: UnreadColumns) -> dict:
+    """What preparation counted, as prepared.json holds it (`_read_set` reads it back)."""
+    return {"rows": rows, **drops.to_meta(), "shapes": dict(shapes), "unread_columns": unread.to_meta()}
 
 
 def _copy_set(prepared: PreparedData, entry: Path | None, output_dir: Path, key_parts: dict) -> None:
@@ -393,6 +382,5 @@ def _copy_set(prepared: PreparedData, entry: Path | None, output_dir: Path, key_
         prepared.pairs.table.flatten_indices(cache_file_name=str(work / PAIRS_FILE))
     if output_dir.exists():
         output_dir.rmdir()
-    publish(work, output_dir, {"rows": prepared.rows, "drops": dict(prepared.drops), "first_rows": prepared.first_rows,
-                               "first_details": prepared.first_details, "shapes": dict(prepared.shapes),
+    publish(work, output_dir, {**_counted_meta(prepared.rows, prepared.drops, prepared.shapes, prepared.unread_columns),
                                "key_parts": key_parts, "source": prepared.origin})

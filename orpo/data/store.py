@@ -6,7 +6,9 @@ A prepared set is a directory (written by `prepare_dataset`, into the cache or w
                     source row), images (the prompt's image files' bytes, [] for text); an Arrow file
                     written and memory-mapped by `datasets`
     prepared.json   what preparation counted (rows read, drops by reason with their first rows and
-                    details, row shapes) and the parts of its key (`key_parts`)
+                    details and the lines skipped as unreadable: drops.DropCounts; row shapes; the columns
+                    not read: formats.UnreadColumns), so a set read back reports what its preparation did,
+                    and the parts of its key (`key_parts`)
 `PairTable` reads one pair at a time from the mapped file: the pairs are not held as Python objects, so
 a process's memory does not grow with their number, and every rank of a job maps the same pages. Given
 a vision-language model's processor, it also turns a pair's stored images into the model's image inputs
@@ -39,7 +41,7 @@ from orpo.data.render import TokenizedPair
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "index", "images")
 PAIRS_FILE = "pairs.arrow"
 META_FILE = "prepared.json"
-_DATA_LAYER = ("load.py", "formats.py", "images.py", "render.py", "prepare.py", "store.py")
+_DATA_LAYER = ("drops.py", "load.py", "formats.py", "images.py", "render.py", "prepare.py", "store.py")
 CODE_VERSION = hashlib.sha256(b"".join((Path(__file__).parent / name).read_bytes() for name in _DATA_LAYER)).hexdigest()[:16]
 
 

@@ -12,12 +12,14 @@ shuffled anew (datasets' `set_epoch`), so the Trainer (which needs `max_steps` f
 a resume that skips the batches a checkpoint trained lands where the run was, whichever pass that is. A
 pass that keeps no pair is an error, not an endless loop.
 
-Drops are counted as rows are read: `rows`, `kept`, `drops`, `first_rows`, `first_details`, `shapes` are
-running totals since the stream was made (every pass, and a resume's re-read rows, included), `report()` the
-line the trainer logs. Row numbers are positions in the source (0-based), as in a prepared set.
+Drops are counted as rows are read: `rows`, `kept`, `drops` (drops.DropCounts: by reason with each one's
+first row and detail, and the lines skipped as unreadable), `shapes` are running totals since the stream was
+made (every pass, and a resume's re-read rows, included), `report()` the line the trainer logs, the report of
+a prepared set with "read N rows (pass P): " before it. Row numbers are positions in the source (0-based), as
+in a prepared set.
 
 The columns are resolved from the first `COLUMN_PEEK_ROWS` rows (a prepared set resolves them from all
-rows): a column that first appears after them is not read.
+rows): a column that first appears after them is not read, nor named among the columns not read.
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ from collections import Counter
 import datasets
 import torch
 
-from orpo.data.formats import PairsFromRows, RowFormat, resolve_columns
+from orpo.data.drops import DropCounts
+from orpo.data.formats import RowFormat, UnreadColumns, prompt_candidates, resolve_columns, unread_columns
 from orpo.data.load import stream_rows
-from orpo.data.prepare import format_drop_report, image_root, prepare_row, text_only_model_error
+from orpo.data.prepare import image_root, prepare_row, text_only_model_error
 from orpo.data.store import is_prepared_dir
 from orpo.errors import TEXT_ONLY_MODEL, DroppedPair, OrpoError
 
@@ -62,13 +65,16 @@ class PairStream(torch.utils.data.IterableDataset):
         self.image_root = image_root(source)
         self.shuffle_buffer, self.seed, self.passes = shuffle_buffer, seed, passes
         self.rows, self.kept, self.pass_number = 0, 0, 0
-        self.counts = PairsFromRows()  # drops (first row and detail per reason) and shapes; its pairs stay empty
+        self.drops, self.shapes = DropCounts(), Counter()
+        self.prompt_candidates: set[str] = set()  # formats.prompt_candidates of the rows read
         names: dict[str, None] = {}
-        for _, row in zip(range(COLUMN_PEEK_ROWS), _numbered(source, split, skip_bad_rows)):
+        peeked = DropCounts()  # lines skipped before the first pass: each pass counts its own
+        for _, row in zip(range(COLUMN_PEEK_ROWS), _numbered(source, split, skip_bad_rows, peeked)):
             names.update(dict.fromkeys(row["row"]))
         if not names:
             raise OrpoError(f"{self.name}: no rows")
-        self.columns = resolve_columns(list(names), row_format, self.name)
+        self.names = list(names)
+        self.columns = resolve_columns(self.names, row_format, self.name)
 
     def __iter__(self):
         pass_number = 0
@@ -80,8 +86,8 @@ class PairStream(torch.utils.data.IterableDataset):
             pass_number += 1
 
     def _one_pass(self, pass_number: int):
-        rows = datasets.IterableDataset.from_generator(
-            _numbered, gen_kwargs={"source": self.source, "split": self.split, "skip_bad_rows": self.skip_bad_rows})
+        rows = datasets.IterableDataset.from_generator(_numbered, gen_kwargs={
+            "source": self.source, "split": self.split, "skip_bad_rows": self.skip_bad_rows, "drops": self.drops})
         if self.shuffle_buffer > 1:
             rows = rows.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             rows.set_epoch(pass_number)  # datasets reseeds the buffer for each epoch
@@ -92,37 +98,28 @@ class PairStream(torch.utils.data.IterableDataset):
                 raise text_only_model_error(self.name, item["index"], "the pair has images")
             self.rows += 1
             if shape is not None:
-                self.counts.shapes[shape] += 1
+                self.shapes[shape] += 1
+                self.prompt_candidates.update(prompt_candidates(item["row"], shape, self.columns))
             if isinstance(pair, DroppedPair):
-                self.counts.count_drop(pair, item["index"])
+                self.drops.count(pair.reason, item["index"], pair.detail)
                 continue
             self.kept += 1
             yield pair
 
     @property
-    def drops(self) -> Counter:
-        return self.counts.drops
-
-    @property
-    def first_rows(self) -> dict[str, int]:
-        return self.counts.first_rows
-
-    @property
-    def first_details(self) -> dict[str, str]:
-        return self.counts.first_details
-
-    @property
-    def shapes(self) -> Counter:
-        return self.counts.shapes
+    def unread_columns(self) -> UnreadColumns:
+        """The columns resolved from the first rows that no shape of the rows read so far read."""
+        return unread_columns(self.names, self.columns, self.shapes, self.prompt_candidates)
 
     def report(self) -> str:
-        """E.g. "read 1000 rows (pass 1): kept 995 of 1000 pairs; dropped 5: ..." (prepare.format_drop_report)."""
+        """E.g. "read 1000 rows (pass 1): kept 995 of 1000 pairs; dropped 5: ..." (drops.DropCounts.report)."""
         return (f"read {self.rows} rows (pass {max(self.pass_number, 1)}): "
-                + format_drop_report(self.rows, self.kept, self.drops, self.first_rows, self.first_details))
+                + self.drops.report(self.rows, self.kept, self.unread_columns.text()))
 
 
-def _numbered(source, split: str, skip_bad_rows: bool):
-    """{"index": row number, "row": row} of `source` (a path or hub id, or a datasets.IterableDataset)."""
-    rows = stream_rows(source, split, skip_bad_rows) if isinstance(source, str) else enumerate(source)
+def _numbered(source, split: str, skip_bad_rows: bool, drops: DropCounts):
+    """{"index": row number, "row": row} of `source` (a path or hub id, or a datasets.IterableDataset); lines
+    skipped as unreadable are counted into `drops`."""
+    rows = stream_rows(source, split, skip_bad_rows, drops) if isinstance(source, str) else enumerate(source)
     for index, row in rows:
         yield {"index": index, "row": row}

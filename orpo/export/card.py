@@ -2,8 +2,9 @@
 
 Its YAML front matter is what the hub reads (base_model, library_name, license, datasets, tags,
 pipeline_tag); its text is what a reader needs to trust and reuse the model: the base model, the data
-and the pairs dropped from it by reason, the ORPO settings, the final training and held-out metrics
-from the run's metrics.jsonl, the report's plots (by relative path) and how to load the model.
+and the pairs dropped from it by reason (and the lines skipped as unreadable: data.drops.DropCounts), the ORPO
+settings, the final training and held-out metrics from the run's metrics.jsonl, the report's plots (by relative
+path) and how to load the model.
 
 `render_card` is pure (explicit arguments → text); `write_card` gathers the run's files and writes
 README.md; `card_settings` picks the settings a card shows from a config. Every run writes its card at its
@@ -87,17 +88,20 @@ def _data_section(data: dict[str, tuple[object, PreparedData]]) -> list[str]:
     lines = ["## Data", "", "| | source | rows | pairs kept | pairs dropped |", "| --- | --- | --- | --- | --- |"]
     for role, (source, prepared) in data.items():
         lines.append(f"| {role} | `{_source_name(source)}` | {prepared.rows} | {prepared.kept} | "
-                     f"{sum(prepared.drops.values())} |")
+                     f"{prepared.drops.total} |")
     streamed = [role for role, (_, p) in data.items() if isinstance(p, PairStream)]
     if streamed:  # streamed data is counted as it is read: the rows training read, passes included
         lines += ["", f"Streamed ({', '.join(streamed)}): the rows read while training, counted as they were read."]
     reasons = sorted({r for _, p in data.values() for r in p.drops},
-                     key=lambda r: (-sum(p.drops[r] for _, p in data.values()), r))
+                     key=lambda r: (-sum(p.drops.get(r, 0) for _, p in data.values()), r))
     if reasons:
         lines += ["", "Dropped pairs by reason (counted once each as rows were read):", "",
                   "| reason | " + " | ".join(data) + " |", "| --- |" + " --- |" * len(data)]
         lines += [f"| {reason} | " + " | ".join(str(p.drops.get(reason, 0)) for _, p in data.values()) + " |"
                   for reason in reasons]
+    skipped = [f"{role}: {p.drops.skipped_text()}" for role, (_, p) in data.items() if p.drops.skipped_lines]
+    if skipped:  # lines of a JSON-lines file that were no rows (--skip_bad_rows): not in the rows counted
+        lines += ["", "Unreadable lines skipped (--skip_bad_rows), not counted as rows: " + "; ".join(skipped) + "."]
     return lines + [""]
 
 

@@ -261,6 +261,21 @@ def test_inspect_output(model_dir, data_dir, capsys):
     ]
 
 
+def test_inspect_names_the_columns_not_read_and_a_shape_without_a_prompt_column(model_dir, tmp_path, capsys):
+    dataset = write_jsonl(tmp_path / "questions.jsonl", [
+        {"question": "What is the sky ?", "chosen": "the sky is blue", "rejected": "the sky is green"},
+        {"question": "What is a cat ?", "chosen": "a cat is kind", "rejected": "a dog"}])
+    assert main(["data", "inspect", "--model", str(model_dir), "--dataset", str(dataset), "-n", "0"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "rows by shape: implicit prompt (shared prefix; no prompt column) 2",
+        "kept 2 of 2 pairs; columns not read: question (2 rows have an implicit prompt: --prompt_column question "
+        "reads it as the prompt)"]
+    assert main(["data", "inspect", "--model", str(model_dir), "--dataset", str(dataset), "-n", "0",
+                 "--prompt_column", "question"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == ["rows by shape: prompt/chosen/rejected strings 2",
+                                                         "kept 2 of 2 pairs"]
+
+
 def test_data_prepare_writes_a_set_that_inspect_and_train_read(model_dir, data_dir, tmp_path, capsys):
     """`orpo data prepare --output DIR` once; `--dataset DIR` then gives what the file gives, from the set."""
     prepared = tmp_path / "prepared"

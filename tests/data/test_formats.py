@@ -1,4 +1,5 @@
-"""Tests for orpo.data.formats: every row shape → exact PreferencePair, every drop reason, column resolution.
+"""Tests for orpo.data.formats: every row shape → exact PreferencePair, every drop reason, column resolution,
+the columns each shape reads and those no shape read.
 
 The fixtures/ files imitate public datasets, a few rows each (the source is named where they are read).
 """
@@ -11,8 +12,9 @@ import datasets
 import pytest
 
 from orpo.data.formats import (SHAPE_CONVERSATIONAL, SHAPE_CONVERSATIONS, SHAPE_HH, SHAPE_LABELS, SHAPE_MESSAGES,
-                               SHAPE_PREFIX, SHAPE_RATED, SHAPE_SHAREGPT, SHAPE_STRINGS, PairsFromRows,
-                               PreferencePair, RowFormat, rows_to_pairs)
+                               SHAPE_PREFIX, SHAPE_RATED, SHAPE_SHAREGPT, SHAPE_STRINGS, SHAPES_WITHOUT_PROMPT,
+                               PairsFromRows, PreferencePair, RowFormat, UnreadColumns, columns_read,
+                               prompt_candidates, resolve_columns, rows_to_pairs, unread_columns)
 from orpo.errors import (EMPTY_RESPONSE, IMAGE_COUNT, LABEL_MISSING, LABEL_TIE, LABEL_UNMAPPED, NON_TEXT,
                          SAME_RESPONSES, TIED_RATINGS, UNKNOWN_ROLE, WRONG_TYPES, OrpoError)
 
@@ -56,21 +58,21 @@ def fixture(name):
 def pair(row, **row_format):
     """The one pair of a one-row dataset (failing with the drop detail if it was dropped)."""
     got = rows_to_pairs([row], RowFormat(**row_format))
-    assert not got.drops, got.first_details
+    assert not got.drops, got.drops.first_details
     return got.pairs[0]
 
 
 def drop(row, **row_format):
     """(reason, detail) of a one-row dataset whose row is dropped."""
     got = rows_to_pairs([row], RowFormat(**row_format))
-    assert not got.pairs and sum(got.drops.values()) == 1, got
+    assert not got.pairs and got.drops.total == 1, got
     (reason,) = got.drops
-    return reason, got.first_details[reason]
+    return reason, got.drops.first_details[reason]
 
 
 def drops_of(got: PairsFromRows):
     """{row index: (reason, detail)} of the first row dropped for each reason."""
-    return {got.first_rows[reason]: (reason, got.first_details[reason]) for reason in got.drops}
+    return {got.drops.first_rows[reason]: (reason, got.drops.first_details[reason]) for reason in got.drops}
 
 
 # --- rows_to_pairs: counting, column resolution ---------------------------------------------------
@@ -85,9 +87,9 @@ def test_rows_to_pairs_counts_drops_first_rows_details_and_shapes():
     got = rows_to_pairs(rows)
     assert got.pairs == [P([U("Hi?")], [A("Hello!")], [A("Go away.")], SHAPE_STRINGS, index=0),
                          P([U("2+2?")], [A("4")], [A("5")], SHAPE_CONVERSATIONAL, index=2)]
-    assert got.drops == Counter({SAME_RESPONSES: 2, EMPTY_RESPONSE: 1, WRONG_TYPES: 1})
-    assert got.first_rows == {SAME_RESPONSES: 1, EMPTY_RESPONSE: 3, WRONG_TYPES: 5}
-    assert got.first_details == {SAME_RESPONSES: "", EMPTY_RESPONSE: "chosen is empty",
+    assert dict(got.drops) == {SAME_RESPONSES: 2, EMPTY_RESPONSE: 1, WRONG_TYPES: 1}
+    assert got.drops.first_rows == {SAME_RESPONSES: 1, EMPTY_RESPONSE: 3, WRONG_TYPES: 5}
+    assert got.drops.first_details == {SAME_RESPONSES: "", EMPTY_RESPONSE: "chosen is empty",
                                  WRONG_TYPES: "chosen is int, expected a string or a list of messages"}
     assert got.shapes == Counter({SHAPE_STRINGS: 5, SHAPE_CONVERSATIONAL: 1})
 
@@ -126,6 +128,81 @@ def test_missing_user_given_or_needed_column(columns, row_format, missing):
     with pytest.raises(OrpoError) as info:
         rows_to_pairs([dict.fromkeys(columns, "x")], row_format)
     assert str(info.value) == f"dataset: missing column {missing!r}; columns found: {columns}; {ACCEPTED}"
+
+
+# --- columns read, and not read -------------------------------------------------------------------
+
+PANDALM = RowFormat(prompt_columns=("instruction", "input"), response_columns=("response1", "response2"),
+                    label_columns=("annotator1", "annotator2", "annotator3"),
+                    label_map={"0": "tie", "1": "response1", "2": "response2"})
+
+
+@pytest.mark.parametrize("shape, names, row_format, read", [
+    (SHAPE_STRINGS, ["id", "prompt", "chosen", "rejected", "images"], RowFormat(), ("prompt", "chosen", "rejected", "images")),
+    (SHAPE_CONVERSATIONAL, ["instruction", "input", "chosen", "rejected"], RowFormat(prompt_columns=("instruction", "input")),
+     ("instruction", "input", "chosen", "rejected")),
+    (SHAPE_CONVERSATIONS, ["prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen"], RowFormat(),
+     ("chosen", "rejected")),  # the prompt turns are in the answers: a prompt column is not read
+    (SHAPE_MESSAGES, ["chosen_messages", "rejected_messages", "id"], RowFormat(), ("chosen_messages", "rejected_messages")),
+    (SHAPE_SHAREGPT, ["conversations", "chosen", "rejected", "system"], RowFormat(), ("conversations", "chosen", "rejected")),
+    (SHAPE_LABELS, ["idx", "cmp_key", "instruction", "input", "response1", "response2", "annotator1", "annotator2",
+                    "annotator3"], PANDALM,
+     ("instruction", "input", "response1", "response2", "annotator1", "annotator2", "annotator3")),
+    (SHAPE_RATED, ["source", "instruction", "models", "completions"], RowFormat(), ("instruction", "completions")),
+    (SHAPE_HH, ["chosen", "rejected"], RowFormat(), ("chosen", "rejected")),
+    (SHAPE_PREFIX, ["question", "chosen", "rejected", "image"], RowFormat(), ("chosen", "rejected", "image")),
+])
+def test_the_columns_each_shape_reads(shape, names, row_format, read):
+    assert columns_read(shape, resolve_columns(names, row_format, "data.jsonl")) == read
+
+
+def test_prompt_candidates_are_the_text_columns_of_rows_without_a_prompt_column():
+    columns = resolve_columns(["id", "question", "blank", "meta", "turns", "chosen", "rejected"], RowFormat(), "d")
+    row = {"id": 1, "question": "Why is the sky blue?", "blank": " \n", "meta": {"lang": "en"}, "turns": [U("Hi?")],
+           "chosen": "It scatters blue light", "rejected": "It is painted"}
+    assert prompt_candidates(row, SHAPE_PREFIX, columns) == ["question", "turns"]
+    assert prompt_candidates(row, SHAPE_HH, columns) == ["question", "turns"]
+    strings = resolve_columns(["prompt", "source", "chosen", "rejected"], RowFormat(), "d")
+    assert prompt_candidates({"prompt": "p", "source": "reddit", "chosen": "a", "rejected": "b"}, SHAPE_STRINGS,
+                             strings) == []  # a prompt column: nothing to suggest
+    assert prompt_candidates(row, None, columns) == []  # a row whose shape was not detected
+
+
+def test_unread_columns_name_every_column_no_shape_read_and_suggest_the_prompt():
+    rows = [{"id": 1, "question": "why is the sky blue", "chosen": "the sky is blue", "rejected": "the sky is red",
+             "score": 0.5},
+            {"id": 2, "question": "", "chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected":
+             "\n\nHuman: Hi\n\nAssistant: Go", "score": 0.1}]
+    names = ["id", "question", "chosen", "rejected", "score"]
+    columns = resolve_columns(names, RowFormat(), "d")
+    got = rows_to_pairs(rows)
+    candidates = {name for i, row in enumerate(rows) for name in prompt_candidates(row, got.pairs[i].shape, columns)}
+    unread = unread_columns(names, columns, got.shapes, candidates)
+    assert unread == UnreadColumns(("id", "question", "score"), ("question",), 2)
+    assert unread.text() == ("columns not read: id, question, score (2 rows have an implicit prompt: "
+                             "--prompt_column question reads it as the prompt)")
+    # named with --prompt_column: read, nothing left to say of it
+    named = resolve_columns(names, RowFormat(prompt_columns=("question",)), "d")
+    assert unread_columns(names, named, Counter({SHAPE_STRINGS: 2}), set()) == UnreadColumns(("id", "score"))
+    assert UnreadColumns(("id", "score")).text() == "columns not read: id, score"
+    # whole conversations ignore a prompt column: named, but no suggestion (it would still not be read)
+    whole = resolve_columns(["prompt", "chosen", "rejected"], RowFormat(), "d")
+    assert unread_columns(["prompt", "chosen", "rejected"], whole, Counter({SHAPE_CONVERSATIONS: 5}), set()) == (
+        UnreadColumns(("prompt",)))
+    # several candidates, one row; every column read; no row's shape detected (each was dropped before)
+    assert UnreadColumns(("source", "question"), ("source", "question"), 1).text() == (
+        "columns not read: source, question (1 row has an implicit prompt: --prompt_column reads one of source, "
+        "question as the prompt)")
+    assert unread_columns(["chosen", "rejected"], whole, Counter({SHAPE_PREFIX: 3}), set()).text() == ""
+    assert unread_columns(names, columns, Counter(), {"question"}) == UnreadColumns()
+
+
+def test_unread_columns_go_into_prepared_json_and_back():
+    unread = UnreadColumns(("id", "question"), ("question",), 3)
+    meta = json.loads(json.dumps(unread.to_meta()))
+    assert meta == {"names": ["id", "question"], "prompt_candidates": ["question"], "rows_without_prompt": 3}
+    assert UnreadColumns.from_meta(meta) == unread
+    assert UnreadColumns.from_meta(None) == UnreadColumns()  # a set prepared before they were recorded
 
 
 # --- prompt/chosen/rejected strings, conversational ---------------------------------------------
@@ -210,6 +287,11 @@ def test_llamafactory_v1_chosen_messages():
 
 
 # --- implicit prompt --------------------------------------------------------------------------------
+
+def test_shapes_without_a_prompt_column_say_so_in_their_names():
+    assert SHAPES_WITHOUT_PROMPT == (SHAPE_HH, SHAPE_PREFIX) == (
+        "implicit prompt (Human:/Assistant: turns; no prompt column)", "implicit prompt (shared prefix; no prompt column)")
+
 
 def test_implicit_hh_rlhf_multi_turn():
     shared = "\n\nHuman: What is a pen?\n\nAssistant: A writing tool.\n\nHuman:  Any pranks with one? \n\nAssistant:"
@@ -366,7 +448,7 @@ def test_pandalm_three_annotators_strict_majority():
           [A("Questions? Let me know.")], [A("If you have any questions, please do let me know.")], SHAPE_LABELS, 0),
         P([U("Come up with a search query about coding.")], [A("how to learn python")], [A("coding")], SHAPE_LABELS, 1),
         P([U("Suggest a movie genre.")], [A("Comedy.")], [A("Movies.")], SHAPE_LABELS, 4)]
-    assert got.drops == Counter({LABEL_TIE: 2})
+    assert dict(got.drops) == {LABEL_TIE: 2}
     assert drops_of(got) == {2: (LABEL_TIE, "annotator1=0, annotator2=0, annotator3=0 → tie, tie, tie: "
                                             "no strict majority of the 3 votes")}
     assert got.shapes == Counter({SHAPE_LABELS: 5})

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 import orpo.data.load as data
-from orpo.data.load import EncodedRows, is_hub_dataset_id, load_rows
-from orpo.data.prepare import format_drop_report
+from orpo.data.drops import DropCounts
+from orpo.data.load import EncodedRows, is_hub_dataset_id, load_rows, stream_rows
 from orpo.errors import EMPTY_RESPONSE, SAME_RESPONSES, UNKNOWN_ROLE, WRONG_TYPES, OrpoError
 from orpo.data.formats import SHAPE_HH, SHAPE_STRINGS, rows_to_pairs
 
@@ -50,13 +50,39 @@ def test_load_rows_file_types(tmp_path, name):
     assert list(rows) == ROWS and len(rows) == len(ROWS)
 
 
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.jsonl.gz", "rows.json", "rows.json.gz", "rows.csv", "rows.csv.gz"])
+def test_a_utf8_byte_order_mark_is_read_past(tmp_path, name):
+    """Files that Windows tools write start with a UTF-8 byte-order mark (Python's "utf-8-sig"): load_rows and
+    stream_rows read their rows, the first column's name and the first line's JSON without it."""
+    if ".jsonl" in name:
+        text = "".join(json.dumps(r) + "\n" for r in ROWS)
+    elif ".json" in name:
+        text = json.dumps(ROWS, indent=1)  # a JSON list
+    else:
+        text = pd.DataFrame(ROWS).to_csv(index=False)
+    raw = text.encode("utf-8-sig")
+    assert raw.startswith(b"\xef\xbb\xbf")
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    assert list(load_rows(str(path), work_dir=tmp_path)) == ROWS
+    assert list(stream_rows(str(path))) == list(enumerate(ROWS))
+
+
+def test_a_file_of_a_byte_order_mark_alone_has_no_rows(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf\n")
+    with pytest.raises(OrpoError) as info:
+        load_rows(str(path))
+    assert str(info.value) == f"{path}: no rows"
+
+
 def test_load_rows_mixed_types_across_rows(tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", [
         json.dumps({"prompt": "Hi?", "chosen": "a", "rejected": "b"}),
         json.dumps({"prompt": [{"role": "user", "content": "Yo"}], "chosen": "c", "rejected": "d"})])
     got = rows_to_pairs(load_rows(str(path)))
     assert [p.prompt for p in got.pairs] == [[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "Yo"}]]
-    assert got.drops == Counter()
+    assert not got.drops
 
 
 def test_jsonl_is_read_without_the_datasets_json_builder(tmp_path, monkeypatch):
@@ -181,32 +207,32 @@ def test_drop_report_of_rows_to_pairs():
             {"prompt": "p", "chosen": "", "rejected": "r"}, {"prompt": "p", "chosen": "x", "rejected": "x"},
             {"prompt": "p", "chosen": 3, "rejected": "r"}]
     got = rows_to_pairs(rows)
-    assert format_drop_report(len(rows), len(got.pairs), got.drops, got.first_rows) == (
+    assert got.drops.report(len(rows), len(got.pairs)) == (
         "kept 2 of 6 pairs; dropped 4:\n"
         "  chosen == rejected 2 (first at row 1)\n"
-        "  empty response 1 (first at row 3)\n"
-        "  wrong types 1 (first at row 5)")
+        "  empty response 1 (first at row 3: chosen is empty)\n"
+        "  wrong types 1 (first at row 5: chosen is int, expected a string or a list of messages)")
 
 
 def test_real_ultrafeedback():
     rows = load_rows(ULTRAFEEDBACK)
     assert len(rows) == 1000
     got = rows_to_pairs(rows, source=ULTRAFEEDBACK)
-    assert got.drops == Counter({SAME_RESPONSES: 4, EMPTY_RESPONSE: 2})
-    assert got.first_rows == {SAME_RESPONSES: 306, EMPTY_RESPONSE: 478}
-    assert got.first_details == {SAME_RESPONSES: "", EMPTY_RESPONSE: "rejected is empty"}
+    assert dict(got.drops) == {SAME_RESPONSES: 4, EMPTY_RESPONSE: 2}
+    assert got.drops.first_rows == {SAME_RESPONSES: 306, EMPTY_RESPONSE: 478}
+    assert got.drops.first_details == {SAME_RESPONSES: "", EMPTY_RESPONSE: "rejected is empty"}
     assert got.shapes == Counter({SHAPE_STRINGS: 1000})
     assert len(got.pairs) == 994
-    assert format_drop_report(len(rows), len(got.pairs), got.drops, got.first_rows) == (
+    assert got.drops.report(len(rows), len(got.pairs)) == (
         "kept 994 of 1000 pairs; dropped 6:\n  chosen == rejected 4 (first at row 306)\n"
-        "  empty response 2 (first at row 478)")
+        "  empty response 2 (first at row 478: rejected is empty)")
 
 
 def test_real_hh_rlhf():
     rows = load_rows(HH_RLHF)
     assert len(rows) == 2312
     got = rows_to_pairs(rows, source=HH_RLHF)
-    assert got.drops == Counter({EMPTY_RESPONSE: 4}) and got.first_rows == {EMPTY_RESPONSE: 86}
+    assert dict(got.drops) == {EMPTY_RESPONSE: 4} and got.drops.first_rows == {EMPTY_RESPONSE: 86}
     assert got.shapes == Counter({SHAPE_HH: 2312})
     pairs = got.pairs
     assert len(pairs) == 2308
@@ -263,7 +289,7 @@ def test_hostile_input(tmp_path, name):
     else:
         kept, reason = expected
         got = rows_to_pairs(load_rows(str(path)))
-        assert len(got.pairs) == kept and set(got.drops) == {reason} and got.first_rows[reason] == 2
+        assert len(got.pairs) == kept and set(got.drops) == {reason} and got.drops.first_rows[reason] == 2
 
 
 @pytest.mark.parametrize("name", ["invalid_utf8.jsonl", "deeply_nested.jsonl", "one_bad_line.jsonl"])
@@ -274,6 +300,19 @@ def test_skip_bad_rows_skips_and_counts_the_bad_line(tmp_path, name, caplog):
         rows = load_rows(str(path), skip_bad_rows=True)
     assert list(rows) == GOOD
     assert f"{path}: skipped 1 bad line (first: line 3: " in caplog.text
+
+
+def test_skipped_lines_are_counted_into_drop_counts_instead_of_a_warning(tmp_path, caplog):
+    """What prepare_dataset and PairStream do: the skipped lines go into the data report (and a prepared set)."""
+    path = tmp_path / "one_bad_line.jsonl"
+    path.write_bytes(CORPUS["one_bad_line.jsonl"][0] + b"[1, 2]\n")
+    expected = DropCounts(skipped_lines=2, first_skipped_line=3,
+                          first_skipped_problem="invalid JSON (Expecting value at column 1)")
+    read, streamed = DropCounts(), DropCounts()
+    with caplog.at_level("WARNING", logger="orpo.data.load"):
+        assert list(load_rows(str(path), skip_bad_rows=True, work_dir=tmp_path, drops=read)) == GOOD
+        assert [row for _, row in stream_rows(str(path), skip_bad_rows=True, drops=streamed)] == GOOD
+    assert read == streamed == expected and caplog.text == ""
 
 
 def test_prompt_only_file_is_one_line():

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from orpo.errors import OrpoError
-from orpo.data.prepare import PreparedData, format_drop_report, prepare_dataset
+from orpo.data.formats import RowFormat, UnreadColumns
+from orpo.data.prepare import PreparedData, prepare_dataset
 from tiny import byte_level_chatml_tokenizer, chatml_tokenizer
 
 ROWS = [
@@ -26,7 +27,7 @@ def test_drops_are_counted_by_reason_with_their_first_row():
                                max_completion_length=None, name="prefs.jsonl")
     assert [p.index for p in prepared.pairs] == [0, 4]
     assert dict(prepared.drops) == {"chosen == rejected": 1, "too long": 1, "wrong types": 1}
-    assert prepared.first_rows == {"chosen == rejected": 1, "too long": 2, "wrong types": 3}
+    assert prepared.drops.first_rows == {"chosen == rejected": 1, "too long": 2, "wrong types": 3}
     assert prepared.report().startswith("kept 2 of 5 pairs; dropped 3")
 
 
@@ -99,22 +100,6 @@ def test_a_source_of_another_type_is_one_line():
         prepare_dataset(stream, chatml_tokenizer())
 
 
-def test_drop_report_worked_by_hand():
-    """5 dropped of 1000: one reason → one line; several → one indented line each, most frequent first,
-    with the first row and, where known, its problem."""
-    from collections import Counter
-
-    assert format_drop_report(1000, 995, Counter({"chosen == rejected": 5}), {"chosen == rejected": 17}) == (
-        "kept 995 of 1000 pairs; dropped 5: chosen == rejected 5 (first at row 17)")
-    assert format_drop_report(3, 3, Counter(), {}) == "kept 3 of 3 pairs"
-    assert format_drop_report(10, 6, Counter({"too long": 1, "chat template error": 3}),
-                              {"too long": 4, "chat template error": 2},
-                              {"chat template error": "roles must alternate"}) == (
-        "kept 6 of 10 pairs; dropped 4:\n"
-        "  chat template error 3 (first at row 2: roles must alternate)\n"
-        "  too long 1 (first at row 4)")
-
-
 # --- preparation in several processes, the cache, prepared sets ------------------------------------------
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -145,7 +130,7 @@ def one_process_reference(rows, tokenizer, row_format, max_length, max_prompt_le
         try:
             pairs.append(render_pair(pair, tokenizer, max_length, max_prompt_length, None))
         except DroppedPair as drop:
-            read.count_drop(drop, pair.index)
+            read.drops.count(drop.reason, pair.index, drop.detail)
     return pairs, read
 
 
@@ -165,9 +150,7 @@ def test_any_number_of_processes_gives_todays_pairs_and_drops(source, tmp_path):
     for num_proc in (1, 2, 3):
         got = prepare_dataset(data, tok, fmt, 256, 128, num_proc=num_proc, cache_dir=tmp_path / f"cache{num_proc}")
         assert got.pairs == pairs, num_proc
-        assert (got.rows, dict(got.drops), got.first_rows, got.first_details, dict(got.shapes)) == (
-            len(rows), dict(read.drops), read.first_rows, read.first_details, dict(read.shapes)), num_proc
-        assert got.report() == format_drop_report(len(rows), len(pairs), read.drops, read.first_rows, read.first_details)
+        assert (got.rows, got.drops, dict(got.shapes)) == (len(rows), read.drops, dict(read.shapes)), num_proc
 
 
 def test_the_second_preparation_reads_the_cache_and_any_change_misses_it(tmp_path):
@@ -178,8 +161,8 @@ def test_the_second_preparation_reads_the_cache_and_any_change_misses_it(tmp_pat
     assert first.origin.startswith("prepared with 1 process, cached at " + str(cache))
     again = prepare_dataset(str(path), tok, max_length=14, max_prompt_length=None, cache_dir=cache)
     assert again.origin.startswith("read from the cache") and again.pairs == first.pairs
-    assert (again.rows, again.drops, again.first_rows, again.first_details, again.shapes) == (
-        first.rows, first.drops, first.first_rows, first.first_details, first.shapes)
+    assert (again.rows, again.drops, again.shapes, again.unread_columns) == (
+        first.rows, first.drops, first.shapes, first.unread_columns)
     assert len(list(cache.iterdir())) == 1
     # another length limit, another template, other content: each a new entry
     prepare_dataset(str(path), tok, max_length=15, max_prompt_length=None, cache_dir=cache)
@@ -213,6 +196,52 @@ def test_a_prepared_set_is_trained_from_and_refuses_other_options(tmp_path):
         prepare_dataset(str(out), other, max_length=14, max_prompt_length=None)
     with pytest.raises(OrpoError, match=r"--output .*: exists and is not empty"):
         prepare_dataset(ROWS, tok, max_length=15, max_prompt_length=None, cache_dir=tmp_path / "c", output_dir=out)
+
+
+QUESTIONS = [  # a prompt column whose name the defaults do not know: the answers' shared start is the prompt
+    {"id": 0, "question": "why is the sky blue", "chosen": "the sky is blue", "rejected": "the sky is green"},
+    {"id": 1, "question": "what is good", "chosen": "good is kind", "rejected": "good is bad"},
+    {"id": 2, "question": "what", "chosen": "ok", "rejected": "ok"},  # chosen == rejected
+]
+
+
+def test_the_columns_no_shape_read_are_named_and_the_prompt_column_suggested(tmp_path):
+    tok = chatml_tokenizer()
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in QUESTIONS))
+    prepared = prepare_dataset(str(path), tok, cache_dir=tmp_path / "cache")
+    assert dict(prepared.shapes) == {"implicit prompt (shared prefix; no prompt column)": 3}
+    assert prepared.report() == (
+        "kept 2 of 3 pairs; columns not read: id, question (3 rows have an implicit prompt: --prompt_column question "
+        "reads it as the prompt); dropped 1: chosen == rejected 1 (first at row 2)")
+    assert prepare_dataset(str(path), tok, cache_dir=tmp_path / "cache").report() == prepared.report()  # the cache
+    named = prepare_dataset(str(path), tok, RowFormat(prompt_columns=("question",)), cache_dir=tmp_path / "cache")
+    assert dict(named.shapes) == {"prompt/chosen/rejected strings": 3}
+    assert named.report() == "kept 2 of 3 pairs; columns not read: id; dropped 1: chosen == rejected 1 (first at row 2)"
+    assert prepare_dataset(ROWS, tok, max_length=14, max_prompt_length=None).unread_columns == UnreadColumns()
+
+
+def test_a_cache_hit_and_a_prepared_set_report_what_the_first_run_did_skipped_lines_included(tmp_path):
+    tok = chatml_tokenizer()
+    path = tmp_path / "prefs.jsonl"
+    lines = [json.dumps(row) for row in ROWS]
+    path.write_text("\n".join([*lines[:2], "{not json", *lines[2:], "[1, 2]"]) + "\n")
+    report = ("kept 2 of 5 pairs; skipped 2 bad lines (first: line 3: invalid JSON (Expecting property name enclosed "
+              "in double quotes at column 2)); dropped 3:\n"
+              "  chosen == rejected 1 (first at row 1)\n"
+              "  too long 1 (first at row 2: prompt of 20 tokens leaves no room for the completion within max_length=14)\n"
+              "  wrong types 1 (first at row 3: chosen is int, expected a string or a list of messages)")
+    prepare = lambda **kw: prepare_dataset(str(path), tok, max_length=14, max_prompt_length=None,  # noqa: E731
+                                           skip_bad_rows=True, cache_dir=tmp_path / "cache", **kw)
+    first = prepare(num_proc=2)
+    assert first.origin.startswith("prepared with 2 processes") and first.report() == report
+    again = prepare()
+    assert again.origin.startswith("read from the cache") and again.report() == first.report()
+    assert (again.drops.skipped_lines, again.drops.first_skipped_line) == (2, 3)
+    written = prepare(output_dir=tmp_path / "prepared")  # orpo data prepare --output, then --dataset DIR
+    read = prepare_dataset(str(tmp_path / "prepared"), tok, max_length=14, max_prompt_length=None, skip_bad_rows=True)
+    assert read.origin == f"read from the prepared set {tmp_path / 'prepared'}"
+    assert written.report() == read.report() == report and read.drops == first.drops
 
 
 def test_prepared_pairs_are_memory_mapped_not_held(tmp_path):
@@ -271,7 +300,7 @@ def test_image_pairs_are_prepared_with_their_images_and_a_missing_one_is_a_count
     prepared = prepare_dataset(str(path), processor, max_length=256, max_prompt_length=128, num_proc=num_proc,
                                cache_dir=tmp_path / "cache")
     assert dict(prepared.drops) == {"unreadable image": 1}
-    assert prepared.first_details == {"unreadable image": "images[0] 'pics/none.png': No such file or directory"}
+    assert prepared.drops.first_details == {"unreadable image": "images[0] 'pics/none.png': No such file or directory"}
     first, text = prepared.pairs
     assert (first.index, text.index) == (0, 2)
     expected = render_pair(PreferencePair(

@@ -34,10 +34,36 @@ def test_streamed_pairs_and_drops_equal_the_prepared_sets(source, tmp_path):
     prepared = prepare_dataset(data, tok, fmt, 256, 128, use_cache=False, num_proc=1)
     stream = PairStream(data, tok, fmt, 256, 128, shuffle_buffer=0, passes=1)
     assert list(stream) == list(prepared.pairs)
-    assert (stream.rows, stream.kept, dict(stream.drops), stream.first_rows, stream.first_details, dict(stream.shapes)) \
-        == (prepared.rows, len(prepared.pairs), dict(prepared.drops), prepared.first_rows, prepared.first_details,
-            dict(prepared.shapes))
+    assert (stream.rows, stream.kept, stream.drops, dict(stream.shapes), stream.unread_columns) \
+        == (prepared.rows, len(prepared.pairs), prepared.drops, dict(prepared.shapes), prepared.unread_columns)
     assert stream.report() == f"read {prepared.rows} rows (pass 1): {prepared.report()}"
+
+
+def test_the_stream_counts_skipped_lines_in_every_pass_as_a_prepared_set_does(tmp_path):
+    tok = chatml_tokenizer()
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS[:2]) + "{not json\n")
+    prepared = prepare_dataset(str(data), tok, skip_bad_rows=True, use_cache=False)
+    one = PairStream(str(data), tok, skip_bad_rows=True, shuffle_buffer=0, passes=1)
+    assert len(list(one)) == 1 and one.report() == f"read 2 rows (pass 1): {prepared.report()}"
+    two = PairStream(str(data), tok, skip_bad_rows=True, shuffle_buffer=0, passes=2)  # running totals: each pass
+    assert len(list(two)) == 2 and two.report() == (
+        "read 4 rows (pass 2): kept 2 of 4 pairs; skipped 2 bad lines (first: line 3: invalid JSON (Expecting "
+        "property name enclosed in double quotes at column 2)); dropped 2: chosen == rejected 2 (first at row 1)")
+
+
+def test_the_stream_names_the_columns_not_read_as_a_prepared_set_does(tmp_path):
+    from test_prepare import QUESTIONS
+
+    tok = chatml_tokenizer()
+    data = write_jsonl(tmp_path / "questions.jsonl", QUESTIONS)
+    prepared = prepare_dataset(data, tok, use_cache=False)
+    one = PairStream(data, tok, shuffle_buffer=0, passes=1)
+    assert len(list(one)) == 2 and one.report() == f"read 3 rows (pass 1): {prepared.report()}"
+    two = PairStream(data, tok, shuffle_buffer=0, passes=2)
+    assert len(list(two)) == 4 and two.report() == (
+        "read 6 rows (pass 2): kept 4 of 6 pairs; columns not read: id, question (6 rows have an implicit prompt: "
+        "--prompt_column question reads it as the prompt); dropped 2: chosen == rejected 2 (first at row 2)")
 
 
 def test_parquet_csv_and_a_datasets_stream_are_read_as_their_rows(tmp_path):

@@ -1,5 +1,6 @@
 """export/card.py: the model card of a run, from a fixed metrics.jsonl and real drop counts; its front
 matter parses with huggingface_hub's model-card parser (offline)."""
+import json
 import re
 import shutil
 from pathlib import Path
@@ -111,6 +112,20 @@ def test_card_without_metrics_or_eval_and_with_lora(tmp_path):
     assert "| LoRA | r 4, alpha 8, dropout 0.0, modules q_proj, v_proj |" in text
     assert "| training | `rows given in Python` | 3 | 3 | 0 |" in text and "by reason" not in text
     assert "## Results" not in text
+
+
+def test_lines_skipped_as_unreadable_are_named_under_the_drops(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS[:4]) + "{not json\n[1]\n")
+    prepared = prepare_dataset(str(path), chatml_tokenizer(), skip_bad_rows=True, use_cache=False)
+    held_out = prepare_dataset(ROWS[:3], chatml_tokenizer())
+    text = render_card("run", "org/base", {"training": (str(path), prepared), "held-out": ("rows", held_out)},
+                       _settings(), [], [], [])
+    assert f"| training | `{path}` | 4 | 3 | 1 |" in text and "| chosen == rejected | 1 | 0 |" in text
+    assert ("\nUnreadable lines skipped (--skip_bad_rows), not counted as rows: training: skipped 2 bad lines (first: "
+            "line 5: invalid JSON (Expecting property name enclosed in double quotes at column 2)).\n") in text
+    assert "Unreadable lines" not in render_card("run", "org/base", {"held-out": ("rows", held_out)}, _settings(),
+                                                 [], [], [])
 
 
 def test_the_license_comes_from_a_local_base_models_card(tmp_path):
