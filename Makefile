@@ -34,7 +34,7 @@ test-floor:
 	$(FLOOR_VENV)/bin/python -c 'import transformers as t; from packaging.version import Version as V; \
 		assert V(t.__version__) == V("$(TRANSFORMERS_FLOOR)"), t.__version__; print("transformers", t.__version__)'
 	HF_HUB_OFFLINE=1 $(FLOOR_VENV)/bin/python -m pytest -q tests/train/test_internals.py tests/ops \
-		tests/run/test_trainer.py tests/train/test_checkpoints.py
+		tests/run/test_trainer.py tests/run/test_plan.py tests/run/test_finish.py tests/train/test_checkpoints.py
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info

@@ -29,7 +29,7 @@ from orpo.data.formats import rows_to_pairs  # noqa: E402
 from orpo.data.load import load_rows  # noqa: E402
 from orpo.train.models import fetch_smollm2  # noqa: E402
 from orpo.data.prepare import prepare_dataset  # noqa: E402
-from orpo.data.render import ensure_chat_template  # noqa: E402
+from orpo.data.render import LengthLimits, ensure_chat_template  # noqa: E402
 
 DATA = "/work/shared/data"
 ULTRAFEEDBACK = f"{DATA}/ultrafeedback_1k_train.jsonl"
@@ -88,7 +88,7 @@ def select_rows(candidates, tokenizer, n, max_length):
     rows, pairs = [], []
     for row in candidates:
         try:
-            pair = prepare_dataset([row], tokenizer, max_length=max_length, max_prompt_length=None).pairs[0]
+            pair = prepare_dataset([row], tokenizer, limits=LengthLimits(max_length, None)).pairs[0]
         except Exception:  # dropped (too long, ...): not a usable pair
             continue
         rows.append(row)

@@ -5,7 +5,7 @@ recipe is written for.
 (orpo/run/plan.py: the plan's `plan_recompute` and `plan_head`, then `estimate_step`, as a run
 makes them), computed on the model built from its published config on the meta device (no weights, nothing
 downloaded), with the recipe's LoRA and frozen vision tower, for the longest pairs its length limits let through
-(`render.longest_pair`: what orpo sizes a stream by), in bf16 autocast on a GPU, and against a budget of 80% of
+(`render.LengthLimits.longest_pair`: what orpo sizes a stream by), in bf16 autocast on a GPU, and against a budget of 80% of
 the device's memory (orpo's default share of the free memory). tests/test_recipes.py fails when a recipe's line
 differs from what this computes, and checks each config's parameter count against the one its model card states.
 
@@ -119,7 +119,7 @@ def meta_model(hub_id: str, recipe: dict) -> torch.nn.Module:
 def memory_line(name: str) -> str:
     """The `# memory:` line of recipe `name` (the module docstring)."""
     from orpo.commands.cli import parse_train_args
-    from orpo.data.render import longest_pair
+    from orpo.data.render import LengthLimits
     from orpo.ops.forward import causal_lm
     from orpo.run.plan import plan_head, plan_recompute
     from orpo.train.memory import decoder_shape, estimate_step
@@ -135,8 +135,8 @@ def memory_line(name: str) -> str:
     lm = causal_lm(model)
     shape = decoder_shape(lm, lm.config.get_text_config())
     batch = recipe["per_device_train_batch_size"]
-    lengths = [longest_pair(recipe.get("max_length", 1024), recipe.get("max_prompt_length", 512),
-                            recipe.get("max_completion_length"))] * batch
+    lengths = [LengthLimits(recipe.get("max_length", 1024), recipe.get("max_prompt_length", 512),
+                            recipe.get("max_completion_length")).longest_pair()] * batch
     activation_bytes = 2 if hardware.device == "cuda" else 4  # bf16 autocast on GPUs from Ampere on; the CPU: fp32
     settings = (shape, lengths, batch, True, "spans", activation_bytes, recipe.get("logprob_chunk_size", 1024),
                 False, torch.device(hardware.device), 1, BUDGET_SHARE * hardware.memory_gb)

@@ -1,10 +1,10 @@
 """The hostile-input matrix: every `orpo` command given what a user gets wrong.
 
 Generated, so that a new flag cannot skip it:
-- every numeric flag of every command with each value its range refuses (config.RANGES for the flags that are
+- every numeric flag of every command with each value its range refuses (validation.RANGES for the flags that are
   config fields; the Range types of the argparse subcommands), below and above the bounds, a fraction for
   integers, NaN and inf for numbers;
-- every pair of conflicting flags (config.CONFLICTS), on each command that has both;
+- every pair of conflicting flags (validation.CONFLICTS), on each command that has both;
 and written out: paths a command cannot write, output directories holding other things, and stale, foreign and
 partial checkpoints, plus the cases found by hand (model_init_kwargs, LoRA targets, a NaN model).
 
@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from orpo.commands.cli import _subcommand_parser, build_parser, main
 from orpo.ranges import Range
-from orpo.train.config import CONFLICTS, RANGES, DataArguments, ModelArguments, ORPOConfig
+from orpo.train.config import DataArguments, ModelArguments, ORPOConfig
+from orpo.train.validation import CONFLICTS, RANGES
 from tiny import save_tiny_chat_model
 
 ROWS = [{"prompt": "what is the sky", "chosen": "the sky is blue", "rejected": "the sky is red"},
@@ -104,7 +105,7 @@ def test_every_numeric_flag_of_every_command_has_a_range():
         for f in dataclasses.fields(cls):
             numeric = {int, float} & set(typing.get_args(hints[f.name]) or (hints[f.name],))
             if f.init and numeric and hints[f.name] is not bool:
-                assert f.name in RANGES, f"{cls.__name__}.{f.name} is numeric and has no entry in config.RANGES"
+                assert f.name in RANGES, f"{cls.__name__}.{f.name} is numeric and has no entry in validation.RANGES"
     for command in ("eval", "data inspect", "data prepare"):
         flags = _subcommand_parser(command).dataclass_types[0]
         for f in dataclasses.fields(flags):

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 import typing
 from pathlib import Path
@@ -168,9 +167,9 @@ def _prepare(source: str, split: str, tokenizer, args):
 
 def subcommand_flags(name: str, sources: list[tuple[type, tuple[str, ...]]]) -> type:
     """A dataclass holding the named fields of each source dataclass, with their types, defaults, help and
-    ranges unchanged, checked as the config checks them (`config.check_fields`: ranges, choices, conflicts):
+    ranges unchanged, checked as the config checks them (`validation.check_fields`: ranges, choices, conflicts):
     the flags of `orpo eval` and `orpo data inspect` are the training fields themselves."""
-    from orpo.train.config import check_fields
+    from orpo.train.validation import check_fields
 
     specs = []
     for cls, names in sources:

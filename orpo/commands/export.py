@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from pathlib import Path
 
 from orpo.errors import OrpoError
 

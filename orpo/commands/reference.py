@@ -24,7 +24,7 @@ def _default(f: dataclasses.Field) -> str:
 
 
 def _help(f: dataclasses.Field) -> str:
-    from orpo.train.config import RANGES
+    from orpo.train.validation import RANGES
 
     text = " ".join(f.metadata.get("help", "").split()).replace("|", "\\|")
     choices = f.metadata.get("choices")

@@ -32,7 +32,7 @@ from orpo.data.drops import DropCounts, format_drop_report  # noqa: F401 (format
 from orpo.data.formats import RowFormat, UnreadColumns, prompt_candidates, read_row, resolve_columns, unread_columns
 from orpo.data.images import file_stamp, image_files, is_processor
 from orpo.data.load import EncodedRows, decode_rows, encode_rows, load_rows
-from orpo.data.render import TokenizedPair, render_pair
+from orpo.data.render import LengthLimits, TokenizedPair, render_pair
 from orpo.data.store import (META_FILE, PAIR_COLUMNS, PAIRS_FILE, PairTable, cache_key, dataset_fingerprint,
                              file_fingerprint, is_prepared_dir, publish, read_prepared, tokenizer_fingerprint)
 from orpo.errors import TEXT_ONLY_MODEL, DroppedPair, OrpoError
@@ -107,9 +107,7 @@ def prepare_dataset(
     source,
     tokenizer,
     row_format: RowFormat = RowFormat(),
-    max_length: int | None = 1024,
-    max_prompt_length: int | None = 512,
-    max_completion_length: int | None = None,
+    limits: LengthLimits = LengthLimits(),
     strict: bool = False,
     skip_bad_rows: bool = False,
     split: str = "train",
@@ -144,8 +142,7 @@ def prepare_dataset(
         return PreparedData(list(source), len(source), name=name or "pairs", fingerprint="pairs:" + Hasher.hash(ids))
     start = time.perf_counter()
     name = name or (str(source) if isinstance(source, (str, Path)) else "dataset")
-    fields = {"row_format": dataclasses.asdict(row_format), "max_length": max_length,
-              "max_prompt_length": max_prompt_length, "max_completion_length": max_completion_length,
+    fields = {"row_format": dataclasses.asdict(row_format), **dataclasses.asdict(limits),
               "skip_bad_rows": skip_bad_rows, "split": split}
     # as prepared.json will hold them (tuples as lists), so a set read back compares equal
     key_parts = json.loads(json.dumps({"tokenizer": tokenizer_fingerprint(tokenizer), "fields": fields}, default=str))
@@ -169,9 +166,8 @@ def prepare_dataset(
             try:
                 if rows is None:  # JSON rows go onto disk as they are read (work/rows.arrow)
                     rows = load_rows(str(source), split, skip_bad_rows, work_dir=work, drops=skipped)
-                prepared = _prepare_rows(rows, skipped, tokenizer, row_format, max_length, max_prompt_length,
-                                         max_completion_length, name, num_proc, work, entry, key_parts, start,
-                                         root)
+                prepared = _prepare_rows(rows, skipped, tokenizer, row_format, limits, name, num_proc, work, entry,
+                                         key_parts, start, root)
             finally:
                 if entry is not None:  # published (renamed away), or failed half-way
                     shutil.rmtree(work, ignore_errors=True)
@@ -252,9 +248,9 @@ def _work_dir(entry: Path | None) -> Path:
     return work
 
 
-def _prepare_rows(rows, drops: DropCounts, tokenizer, row_format, max_length, max_prompt_length,
-                  max_completion_length, name: str, num_proc: int | None, work: Path, entry: Path | None,
-                  key_parts: dict, start: float, image_root: Path | None) -> PreparedData:
+def _prepare_rows(rows, drops: DropCounts, tokenizer, row_format, limits: LengthLimits, name: str,
+                  num_proc: int | None, work: Path, entry: Path | None, key_parts: dict, start: float,
+                  image_root: Path | None) -> PreparedData:
     """`rows` prepared into `work` (`drops`: the lines skipped reading them; the rows' drops are added to it)."""
     if isinstance(rows, list):  # each row as it is: Arrow would unify (or refuse) fields whose type changes
         rows = encode_rows(rows, work)
@@ -271,8 +267,7 @@ def _prepare_rows(rows, drops: DropCounts, tokenizer, row_format, max_length, ma
             cache_file_name=str(work / "outcomes.arrow"), new_fingerprint=cache_key({**key_parts, "step": "rows"}),
             desc=f"preparing {name} ({workers} process{'es' * (workers > 1)})",
             fn_kwargs=dict(pickled=pickled, columns=columns, row_format=row_format, tokenizer=tokenizer,
-                           max_length=max_length, max_prompt_length=max_prompt_length,
-                           max_completion_length=max_completion_length, image_root=image_root),
+                           limits=limits, image_root=image_root),
         )
         shapes, candidates = _count(outcomes, drops)
         unread = unread_columns(names, columns, shapes, candidates)
@@ -317,8 +312,8 @@ def _progress(show: bool):
             datasets.enable_progress_bars()
 
 
-def prepare_row(row: dict, index: int, columns, row_format: RowFormat, tokenizer, max_length, max_prompt_length,
-                max_completion_length, image_root: Path | None = None
+def prepare_row(row: dict, index: int, columns, row_format: RowFormat, tokenizer, limits: LengthLimits,
+                image_root: Path | None = None
                 ) -> tuple[str | None, TokenizedPair | DroppedPair]:
     """One source row → (its shape or None, its TokenizedPair or the DroppedPair saying why not): shaped
     (formats.read_row), rendered and truncated (render.render_pair; image paths relative to `image_root`).
@@ -326,14 +321,14 @@ def prepare_row(row: dict, index: int, columns, row_format: RowFormat, tokenizer
     shape, pair = read_row(row, index, columns, row_format)
     if not isinstance(pair, DroppedPair):
         try:
-            pair = render_pair(pair, tokenizer, max_length, max_prompt_length, max_completion_length, image_root)
+            pair = render_pair(pair, tokenizer, limits, image_root)
         except DroppedPair as drop:  # rendering drops join the same counts
             pair = drop
     return shape, pair
 
 
 def _prepare_batch(batch: dict, indices: list[int], pickled: bool, columns, row_format: RowFormat, tokenizer,
-                   max_length, max_prompt_length, max_completion_length, image_root: Path | None) -> dict:
+                   limits: LengthLimits, image_root: Path | None) -> dict:
     """One block of rows → one outcome per row (`_OUTCOME_FEATURES`): the pair's ids, or why it was dropped."""
     if pickled:
         rows = decode_rows(batch)
@@ -341,8 +336,7 @@ def _prepare_batch(batch: dict, indices: list[int], pickled: bool, columns, row_
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
     out = {name: [] for name in _OUTCOME_FEATURES}
     for index, row in zip(indices, rows):
-        shape, pair = prepare_row(row, index, columns, row_format, tokenizer, max_length, max_prompt_length,
-                                  max_completion_length, image_root)
+        shape, pair = prepare_row(row, index, columns, row_format, tokenizer, limits, image_root)
         dropped = isinstance(pair, DroppedPair)
         for column in ("prompt_ids", "chosen_ids", "rejected_ids", "images"):
             out[column].append([] if dropped else list(getattr(pair, column)))

@@ -16,7 +16,7 @@ Rules (the subtle part of preference training, and where other trainers go wrong
 * A pair the chat template refuses (roles that do not alternate, a system message it does not
   support) is dropped as TEMPLATE_ERROR with the template's message; one whose answers are the same
   after truncation as SAME_AFTER_TRUNCATION.
-* Truncation (TRL's names) is in `truncate`. Before rendering, message texts far longer than the
+* Truncation (TRL's names, `LengthLimits`) is in `truncate`. Before rendering, message texts far longer than the
   limits could use are cut (`clip_pair`), so a 50 MB answer costs no more than a long one.
 * Images (vision-language models): `tokenizer` is then the model's processor. Its chat template renders
   the prompt with its image parts, and the processor itself tokenizes the prompt with the images, so
@@ -219,9 +219,43 @@ def _completion_text(pair: PreferencePair, answer: list, prompt_text: str, token
     return text
 
 
-def truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length,
-             max_completion_length, bos_token_id, cut_prompt: bool = True):
-    """Apply TRL's length limits (None = no limit) and return (prompt, chosen, rejected) lists.
+@dataclass(frozen=True)
+class LengthLimits:
+    """TRL's three length limits, which travel together (None: no limit): prompt + completion tokens of each
+    sequence (`max_length`), prompt tokens (`max_prompt_length`), completion tokens (`max_completion_length`)."""
+
+    max_length: int | None = 1024
+    max_prompt_length: int | None = 512
+    max_completion_length: int | None = None
+
+    def __post_init__(self):
+        for name, limit in vars(self).items():
+            if limit is not None and limit < 1:
+                raise ValueError(f"{name} must be >= 1, got {limit}")
+
+    def longest_pair(self) -> tuple[int, int, int] | None:
+        """(prompt, chosen, rejected) token counts of the pair with the most tokens `truncate` lets through (its
+        prefix-shared row is the longest), or None when the limits do not bound it. With max_length L, prompt
+        p ≥ 1 and completion limit m: chosen = rejected = min(m, L − p), so p + 2·min(m, L − p) grows with p
+        while L − p ≥ m and shrinks after: p = L − m, kept within [1, min(max_prompt_length, L − 1)].
+        E.g. L=1024, no other limits: (1, 1023, 1023); L=1024, m=256, max_prompt_length 512: (512, 256, 256)."""
+        length, prompt_limit, completion_limit = self.max_length, self.max_prompt_length, self.max_completion_length
+        if length is None:
+            if prompt_limit is None or completion_limit is None:
+                return None
+            return prompt_limit, completion_limit, completion_limit
+        longest_prompt = min(prompt_limit or length - 1, length - 1)
+        prompt = 1 if completion_limit is None else min(max(length - completion_limit, 1), longest_prompt)
+        prompt = max(prompt, 1)
+        completion = min(completion_limit or length, length - prompt)
+        return prompt, completion, completion
+
+
+NO_LIMITS = LengthLimits(None, None, None)
+
+
+def truncate(prompt_ids, chosen_ids, rejected_ids, limits: LengthLimits, bos_token_id, cut_prompt: bool = True):
+    """Apply the length limits and return (prompt, chosen, rejected) lists.
 
     1. completions longer than max_completion_length are cut from the right;
     2. a prompt longer than max_prompt_length keeps its end (a leading BOS token is kept); with
@@ -229,10 +263,8 @@ def truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length
     3. if prompt + longest completion > max_length, completions are cut from the right to fit;
        if no completion token would be left → DroppedPair(TOO_LONG). Never returns an empty completion.
     """
-    for name, limit in (("max_length", max_length), ("max_prompt_length", max_prompt_length),
-                        ("max_completion_length", max_completion_length)):
-        if limit is not None and limit < 1:
-            raise ValueError(f"{name} must be >= 1, got {limit}")
+    max_length, max_prompt_length, max_completion_length = \
+        limits.max_length, limits.max_prompt_length, limits.max_completion_length
     prompt, chosen, rejected = list(prompt_ids), list(chosen_ids), list(rejected_ids)
     if max_completion_length is not None:
         chosen, rejected = chosen[:max_completion_length], rejected[:max_completion_length]
@@ -253,24 +285,6 @@ def truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length
     return prompt, chosen, rejected
 
 
-def longest_pair(max_length: int | None, max_prompt_length: int | None,
-                 max_completion_length: int | None) -> tuple[int, int, int] | None:
-    """(prompt, chosen, rejected) token counts of the pair with the most tokens `truncate` lets through (its
-    prefix-shared row is the longest), or None when the limits do not bound it. With max_length L, prompt
-    p ≥ 1 and completion limit m: chosen = rejected = min(m, L − p), so p + 2·min(m, L − p) grows with p
-    while L − p ≥ m and shrinks after: p = L − m, kept within [1, min(max_prompt_length, L − 1)].
-    E.g. L=1024, no other limits: (1, 1023, 1023); L=1024, m=256, max_prompt_length 512: (512, 256, 256)."""
-    if max_length is None:
-        if max_prompt_length is None or max_completion_length is None:
-            return None
-        return max_prompt_length, max_completion_length, max_completion_length
-    longest_prompt = min(max_prompt_length or max_length - 1, max_length - 1)
-    prompt = 1 if max_completion_length is None else min(max(max_length - max_completion_length, 1), longest_prompt)
-    prompt = max(prompt, 1)
-    completion = min(max_completion_length or max_length, max_length - prompt)
-    return prompt, completion, completion
-
-
 MAX_CHARS_PER_TOKEN = 256
 """No token of a real vocabulary spans more characters than this (BPE merges top out at a few
 dozen), so `limit × MAX_CHARS_PER_TOKEN` characters always hold more than `limit` tokens."""
@@ -285,13 +299,12 @@ def _clip(messages: list[dict], max_chars: int, keep_end: bool) -> list[dict]:
     return [{**m, "content": cut(m.get("content"))} for m in messages]
 
 
-def clip_pair(pair: PreferencePair, max_length: int | None, max_prompt_length: int | None,
-              max_completion_length: int | None) -> PreferencePair:
+def clip_pair(pair: PreferencePair, limits: LengthLimits) -> PreferencePair:
     """Cut message texts longer than the token limits could ever keep: prompt messages keep their
     end (the prompt is truncated from the left), answer messages their start. With at most
     MAX_CHARS_PER_TOKEN characters per token the kept tokens are the same as without the cut."""
-    prompt_limit = min((n for n in (max_prompt_length, max_length) if n is not None), default=None)
-    answer_limit = min((n for n in (max_completion_length, max_length) if n is not None), default=None)
+    prompt_limit = min((n for n in (limits.max_prompt_length, limits.max_length) if n is not None), default=None)
+    answer_limit = min((n for n in (limits.max_completion_length, limits.max_length) if n is not None), default=None)
     return replace(
         pair,
         prompt=pair.prompt if prompt_limit is None else _clip(pair.prompt, prompt_limit * MAX_CHARS_PER_TOKEN, True),
@@ -300,16 +313,14 @@ def clip_pair(pair: PreferencePair, max_length: int | None, max_prompt_length: i
     )
 
 
-def render_pair(pair: PreferencePair, tokenizer, max_length: int | None,
-                max_prompt_length: int | None, max_completion_length: int | None,
-                image_root: Path | None = None) -> TokenizedPair:
+def render_pair(pair: PreferencePair, tokenizer, limits: LengthLimits, image_root: Path | None = None) -> TokenizedPair:
     """Render `pair` through the chat template of `tokenizer` (a tokenizer, or a vision-language model's
     processor) and tokenize it (rules in the module doc); image paths are relative to `image_root`."""
     if pair.images and not is_processor(tokenizer):
         raise DroppedPair(TEXT_ONLY_MODEL, f"the prompt has {len(pair.images)} image(s) and the model's tokenizer "
                                            "no image processor")
     images = read_image_files(pair.images, image_root)
-    pair = clip_pair(pair, max_length, max_prompt_length, max_completion_length)
+    pair = clip_pair(pair, limits)
     words = text_tokenizer(tokenizer)
     try:
         prompt_text, prompt_ids, vision_inputs = _render_prompt(tokenizer, pair.prompt, images)
@@ -321,10 +332,8 @@ def render_pair(pair: PreferencePair, tokenizer, max_length: int | None,
         raise DroppedPair(TEMPLATE_ERROR, template_error_message(err)) from None
     if not chosen_ids or not rejected_ids:  # only possible with a template that renders no answer and no EOS
         raise DroppedPair(EMPTY_RESPONSE, "the chat template rendered an empty completion")
-    prompt_ids, chosen_ids, rejected_ids = truncate(
-        prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length, max_completion_length,
-        words.bos_token_id, cut_prompt=not images,
-    )
+    prompt_ids, chosen_ids, rejected_ids = truncate(prompt_ids, chosen_ids, rejected_ids, limits, words.bos_token_id,
+                                                    cut_prompt=not images)
     if chosen_ids == rejected_ids:  # no preference left to learn
         raise DroppedPair(SAME_AFTER_TRUNCATION, f"both answers are the same {len(chosen_ids)} tokens "
                                                  "within the length limits")

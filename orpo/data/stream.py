@@ -32,6 +32,7 @@ from orpo.data.drops import DropCounts
 from orpo.data.formats import RowFormat, UnreadColumns, prompt_candidates, resolve_columns, unread_columns
 from orpo.data.load import stream_rows
 from orpo.data.prepare import image_root, prepare_row, text_only_model_error
+from orpo.data.render import LengthLimits
 from orpo.data.store import is_prepared_dir
 from orpo.errors import TEXT_ONLY_MODEL, DroppedPair, OrpoError
 
@@ -48,8 +49,7 @@ class PairStream(torch.utils.data.IterableDataset):
     or whose first rows lack the columns `row_format` needs.
     """
 
-    def __init__(self, source, tokenizer, row_format: RowFormat = RowFormat(), max_length: int | None = 1024,
-                 max_prompt_length: int | None = 512, max_completion_length: int | None = None,
+    def __init__(self, source, tokenizer, row_format: RowFormat = RowFormat(), limits: LengthLimits = LengthLimits(),
                  skip_bad_rows: bool = False, split: str = "train", name: str | None = None,
                  shuffle_buffer: int = 10_000, seed: int = 0, passes: int | None = None):
         if not isinstance(source, (str, datasets.IterableDataset)):
@@ -61,7 +61,7 @@ class PairStream(torch.utils.data.IterableDataset):
         self.source, self.split, self.skip_bad_rows = source, split, skip_bad_rows
         self.name = name or (source if isinstance(source, str) else "stream")
         self.tokenizer, self.row_format = tokenizer, row_format
-        self.limits = (max_length, max_prompt_length, max_completion_length)
+        self.limits = limits
         self.image_root = image_root(source)
         self.shuffle_buffer, self.seed, self.passes = shuffle_buffer, seed, passes
         self.rows, self.kept, self.pass_number = 0, 0, 0
@@ -93,7 +93,7 @@ class PairStream(torch.utils.data.IterableDataset):
             rows.set_epoch(pass_number)  # datasets reseeds the buffer for each epoch
         for item in rows:
             shape, pair = prepare_row(item["row"], item["index"], self.columns, self.row_format, self.tokenizer,
-                                      *self.limits, self.image_root)
+                                      self.limits, self.image_root)
             if isinstance(pair, DroppedPair) and pair.reason == TEXT_ONLY_MODEL:
                 raise text_only_model_error(self.name, item["index"], "the pair has images")
             self.rows += 1

@@ -19,8 +19,9 @@ import tempfile
 from pathlib import Path
 
 from orpo.errors import OrpoError
-from orpo.train.checkpoints import check_output_dir, check_stamp, is_latest, latest_complete, run_stamp
-from orpo.train.config import ORPOConfig, stamp_settings
+from orpo.train.checkpoints import (check_output_dir, check_stamp, is_latest, latest_complete, run_stamp,
+                                    stamp_settings)
+from orpo.train.config import ORPOConfig
 
 
 def check_writable_dir(flag: str, path: str) -> None:

@@ -30,7 +30,6 @@ from pathlib import Path
 
 from orpo.data.images import text_tokenizer
 from orpo.data.prepare import PreparedData
-from orpo.data.render import longest_pair
 from orpo.data.store import pair_lengths
 from orpo.data.stream import PairStream
 from orpo.errors import OrpoError
@@ -39,8 +38,8 @@ from orpo.ops.moe import RouterBalancing, router_balancing
 from orpo.ops.route import Route, choose_route, image_probe_pairs
 from orpo.run.setup import Setup
 from orpo.train.allocator import has_glibc_malloc
-from orpo.train.checkpoints import is_latest, latest_complete, run_stamp
-from orpo.train.config import ORPOConfig, stamp_settings
+from orpo.train.checkpoints import is_latest, latest_complete, run_stamp, stamp_settings
+from orpo.train.config import ORPOConfig
 from orpo.train.memory import decoder_shape, estimate_step, plan_checkpointing, plan_head_probs
 from orpo.train.models import is_hub_model_id, whole_weights_per_call
 from orpo.train.precision import choose_precision
@@ -175,12 +174,12 @@ def step_inputs(model, pairs, config: ORPOConfig, route: Route, bf16: bool) -> t
     config, or why there are none (sharded weights, no data to size the step by)."""
     if config.deepspeed or config.fsdp:
         return "the model is sharded (DeepSpeed/FSDP), and orpo does not estimate sharded memory"
-    if isinstance(pairs, PairStream) and longest_pair(*pairs.limits) is None:
+    if isinstance(pairs, PairStream) and pairs.limits.longest_pair() is None:
         return "streamed data without max_length to size it by"
     if pairs is None or (isinstance(pairs, PreparedData) and not pairs.kept):
         return "no training data to size it by"
     # a stream is sized by the longest pair its length limits let through, in every micro-batch
-    lengths = ([longest_pair(*pairs.limits)] * config.per_device_train_batch_size if isinstance(pairs, PairStream)
+    lengths = ([pairs.limits.longest_pair()] * config.per_device_train_batch_size if isinstance(pairs, PairStream)
                else [tuple(lengths) for lengths in pair_lengths(pairs.pairs).tolist()])
     lm = causal_lm(model)
     shape = decoder_shape(lm, lm.config.get_text_config())

@@ -109,7 +109,8 @@ class ORPOTrainer(TrainerAdapter):
         self._step_rows: list[int] = []  # dataset rows of the current optimizer step (error messages)
         self.nonfinite_skipped = 0
         self._stream_drops_logged = 0  # streamed data: drops counted when the report line was last logged
-        self._run_loss = RunLoss()  # the steps of the train() call under way
+        self.run_loss = RunLoss()  # the loss of the steps of the train() call under way
+        self.add_callback(self.run_loss)
 
     @property
     def prepared(self) -> dict:
@@ -145,7 +146,7 @@ class ORPOTrainer(TrainerAdapter):
             self.load_checkpoint(resume)
             self.state = TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME))
             return finish_run(self, TrainOutput(self.state.global_step, 0.0, {}))
-        self._run_loss = RunLoss(completed_step(resume) if resume else 0, self.nonfinite_skipped)
+        self.run_loss.reset(completed_step(resume) if resume else 0, self.nonfinite_skipped)
         output = super().train(resume_from_checkpoint=resume, **kwargs)
         output = TrainOutput(output.global_step, output.metrics.get("train_loss", output.training_loss), output.metrics)
         return finish_run(self, output)
@@ -209,7 +210,7 @@ class ORPOTrainer(TrainerAdapter):
                 rows = self.accelerator.gather_for_metrics(record_tensor(logps, inputs["pair_index"], self.args.nll_scope))
                 self._eval_records += records_from_tensor(rows)
                 return (loss, {"log_odds": log_odds}) if return_outputs else loss
-            self._run_loss.add(loss)
+            self.run_loss.add(loss)
             self._train_totals.add_batch(logps, nll_sum, batch_nll_tokens, or_loss, log_odds, inputs["num_pairs"],
                                          inputs["num_tokens"])
         if num_items_in_batch is not None and self.accelerator.num_processes > 1:
@@ -247,7 +248,7 @@ class ORPOTrainer(TrainerAdapter):
             if tail:
                 super().log(tail)
             if "train_loss" in logs:  # transformers': rank-local steps since the last log
-                logs["train_loss"] = self._run_loss.mean(self.state.global_step, self.nonfinite_skipped, self._sum)
+                logs["train_loss"] = self.run_loss.mean(self.state.global_step, self.nonfinite_skipped, self._sum)
             if self.nonfinite_skipped:
                 logs["nonfinite_skipped"] = self.nonfinite_skipped
         else:

@@ -76,18 +76,29 @@ class MetricTotals:
         }
 
 
-class RunLoss:
-    """The mean step loss of the steps one train() call applied: `first_step` and `skipped_before` are the run's
-    global step and skipped (non-finite) steps when the call began; each rank adds its share of each step's loss
-    (the ranks' shares sum to it), a non-finite step adds nothing."""
+class RunLoss(TrainerCallback):
+    """The mean step loss of the steps one train() call applied. Each rank adds its share of each micro-batch's
+    loss (the ranks' shares of a step sum to its loss); a step's shares count once it ends, unless the
+    non-finite guard skipped it (`skip_step`), on every rank alike, so a step one rank made NaN adds nothing
+    from the others either. `reset` at the start of a train() call: the run's global step and skipped steps then."""
 
-    def __init__(self, first_step: int = 0, skipped_before: int = 0):
+    def __init__(self):
+        self.reset(0, 0)
+
+    def reset(self, first_step: int, skipped_before: int) -> None:
         self.first_step, self.skipped_before = first_step, skipped_before
-        self.total = torch.zeros(())
+        self.total, self.pending = torch.zeros(()), torch.zeros(())
 
     def add(self, loss: torch.Tensor) -> None:
         share = torch.where(torch.isfinite(loss), loss.detach().float(), 0.0)
-        self.total = self.total.to(share.device) + share
+        self.pending = self.pending.to(share.device) + share
+
+    def skip_step(self) -> None:
+        self.pending = torch.zeros(())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.total = self.total.to(self.pending.device) + self.pending
+        self.pending = torch.zeros(())
 
     def mean(self, global_step: int, skipped: int, reduce) -> float:
         """Over the steps applied since the call began; `reduce` sums a tensor over ranks."""
@@ -195,6 +206,7 @@ class NonFiniteGuard(TrainerCallback):
         if state.is_world_process_zero:  # every rank skips; one line for the job
             logger.warning("%s: optimizer step skipped", where)
         trainer.nonfinite_skipped += 1
+        trainer.run_loss.skip_step()  # the step's loss is no part of the run's mean on any rank
 
     def _engine_skipped(self, engine, step: int, rows: list[int]) -> bool:
         """Whether the DeepSpeed engine's step that just ran skipped a non-finite update (not an fp16

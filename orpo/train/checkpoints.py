@@ -130,8 +130,35 @@ def read_counters(checkpoint_dir: str) -> dict[str, int]:
         return json.load(f).get("counters", {})
 
 
+# Fields a resumed run may change: they decide how long it trains, what it logs and saves, where, how fast and
+# with how much memory, not what a step computes (every route, recompute and head choice is exact). Every other
+# field is part of a checkpoint's stamp (`stamp_settings`): resuming with another value is refused unless
+# --force_resume, so a new field is stamped unless it is added here.
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "overwrite_output_dir", "previous_run", "resume_from_checkpoint", "force_resume", "max_steps",
+    "num_train_epochs", "logging_dir", "logging_strategy", "logging_steps", "logging_first_step",
+    "logging_nan_inf_filter", "save_strategy", "save_steps", "save_total_limit", "save_on_each_node",
+    "save_only_model", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size",
+    "eval_accumulation_steps", "eval_split", "report_to", "run_name", "project", "trackio_space_id",
+    "disable_tqdm", "log_level", "log_level_replica", "dataloader_num_workers", "dataloader_prefetch_factor",
+    "dataloader_persistent_workers", "dataloader_pin_memory", "push_to_hub", "hub_model_id", "hub_strategy",
+    "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "dataset_num_proc", "dataset_cache",
+    "dataset_cache_dir", "memory_budget_gb", "report", "save_eval_pairs", "export_gguf", "export_outtype",
+    "ddp_timeout", "local_rank", "use_cpu", "activation_checkpointing", "activation_checkpointing_kwargs",
+    "gradient_checkpointing", "gradient_checkpointing_kwargs", "selective_checkpointing", "keep_head_probs",
+    "logprob_chunk_size", "packing", "packed_attention", "reuse_cpu_memory", "on_nonfinite", "strict",
+    "trust_remote_code", "torch_empty_cache_steps", "include_num_input_tokens_seen", "skip_memory_metrics",
+})
+
+
+def stamp_settings(config) -> dict:
+    """The settings a checkpoint is stamped with: every field of `config` (an ORPOConfig, as `to_dict` gives
+    it) but RESUMABLE_CHANGES."""
+    return {name: value for name, value in config.to_dict().items() if name not in RESUMABLE_CHANGES}
+
+
 def run_stamp(settings: dict, model: str, data: dict[str, tuple[str, str]]) -> dict:
-    """What made a run, as its checkpoints record it: `settings` (config.stamp_settings), the `model` trained
+    """What made a run, as its checkpoints record it: `settings` (`stamp_settings`), the `model` trained
     (as given: hub id, path or the name a model object carries) and `data`: role ("train", "eval") → (source as
     given, fingerprint of its content and preparation)."""
     return {"settings": settings, "model": model, "data": {role: list(value) for role, value in data.items()}}

@@ -7,11 +7,9 @@ Names shared with TRL's `ORPOConfig` keep TRL's meaning.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +18,10 @@ from transformers import TrainingArguments
 
 from orpo.data.formats import BINARIZE, RowFormat
 from orpo.data.prepare import PreparedData, prepare_dataset
+from orpo.data.render import LengthLimits
 from orpo.data.stream import PairStream
 from orpo.errors import OrpoError
-from orpo.ranges import Range
+from orpo.train.validation import check_fields
 from orpo.ops.packing import PACKED_ATTENTION
 from orpo.train.models import DTYPES, GGUF_OUTTYPES
 
@@ -435,158 +434,6 @@ def _check_json_object(name: str, value) -> None:
         raise OrpoError(f"--{name}: expected a JSON object, got {type(parsed).__name__}")
 
 
-# --- ranges and conflicts: every numeric field checked, before anything is loaded ---
-
-# What every numeric field of the configuration accepts, by field name: orpo's own fields (ORPOConfig,
-# ModelArguments, EvalArguments, InspectArguments) and those ORPOConfig inherits from TrainingArguments.
-# tests/train/test_config.py fails for a numeric field that has no entry, so a new field cannot skip the check.
-RANGES = {
-    # ORPOConfig
-    "beta": Range(float, 0),
-    "learning_rate": Range(float, 0),
-    "logging_steps": Range(float, 0, low_open=True, note="below 1: a fraction of the run's steps"),
-    "max_length": Range(int, 2, optional=True, note="a prompt token and an answer token"),
-    "max_prompt_length": Range(int, 1, optional=True),
-    "max_completion_length": Range(int, 1, optional=True),
-    "padding_value": Range(int, 0, optional=True),
-    "logprob_chunk_size": Range(int, 1),
-    "memory_budget_gb": Range(float, 0, low_open=True, optional=True),
-    "dataset_num_proc": Range(int, 1, optional=True),
-    "streaming_shuffle_buffer": Range(int, 0),
-    # ModelArguments (orpo train)
-    "lora_r": Range(int, 1),
-    "lora_alpha": Range(int, 1),
-    "lora_dropout": Range(float, 0, 1, high_open=True),
-    # EvalArguments (orpo eval), InspectArguments (orpo data inspect)
-    "limit": Range(int, 1, optional=True),
-    "batch_tokens": Range(int, 1),
-    "batch_size": Range(int, 1),
-    "n": Range(int, 0),
-    # inherited from TrainingArguments
-    "per_device_train_batch_size": Range(int, 1),
-    "per_device_eval_batch_size": Range(int, 1),
-    "gradient_accumulation_steps": Range(int, 1),
-    "eval_accumulation_steps": Range(int, 1, optional=True),
-    "num_train_epochs": Range(float, 0),
-    "max_steps": Range(int, 0, also=(-1,), note="-1: train num_train_epochs"),
-    "warmup_steps": Range(float, 0, note="below 1: a fraction of the run's steps"),
-    "weight_decay": Range(float, 0),
-    "adam_beta1": Range(float, 0, 1, high_open=True),
-    "adam_beta2": Range(float, 0, 1, high_open=True),
-    "adam_epsilon": Range(float, 0),
-    "max_grad_norm": Range(float, 0, note="0: no clipping"),
-    "label_smoothing_factor": Range(float, 0, 0, note="orpo's loss has no label smoothing"),
-    "neftune_noise_alpha": Range(float, 0, low_open=True, optional=True),
-    "torch_empty_cache_steps": Range(int, 1, optional=True),
-    "eval_steps": Range(float, 0, low_open=True, optional=True),
-    "eval_delay": Range(float, 0),
-    "save_steps": Range(float, 0, low_open=True),
-    "save_total_limit": Range(int, 1, optional=True),
-    "seed": Range(int, 0, 2**32 - 1),
-    "data_seed": Range(int, 0, 2**32 - 1, optional=True),
-    "dataloader_num_workers": Range(int, 0),
-    "dataloader_prefetch_factor": Range(int, 1, optional=True),
-    "ddp_bucket_cap_mb": Range(int, 1, optional=True),
-    "ddp_timeout": Range(int, 1),
-    "local_rank": Range(int, -1),
-}
-
-
-@dataclass(frozen=True)
-class Conflict:
-    """Values of several fields that contradict each other. `example`: one such set of values (the hostile-input
-    tests pass it as flags); `holds`: whether a config's values conflict; `message`: the one line."""
-
-    example: dict
-    holds: Callable[[Any], bool]
-    message: str
-
-
-def _changed(config, *names: str) -> bool:
-    """Whether any of the fields `names` of the dataclass `config` differs from the field's default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
-    return any(getattr(config, name) != defaults[name] for name in names)
-
-
-CONFLICTS = (
-    Conflict({"packing": False, "packed_attention": "spans"},
-             lambda c: c.packing is False and c.packed_attention is not None,
-             "--packed_attention applies to the prefix-shared layout, and --packing false lays each pair out as two "
-             "padded rows; leave one of them unset"),
-    Conflict({"activation_checkpointing": False, "selective_checkpointing": True},
-             lambda c: False in (c.activation_checkpointing, c.gradient_checkpointing) and c.selective_checkpointing,
-             "--selective_checkpointing says how recomputed layers are recomputed, and --activation_checkpointing "
-             "false recomputes none; leave one of them unset"),
-    Conflict({"bf16": True, "fp16": True}, lambda c: c.bf16 and c.fp16,
-             "--bf16 true and --fp16 true: choose one autocast precision"),
-    Conflict({"max_steps": 0, "num_train_epochs": 0}, lambda c: c.max_steps <= 0 and c.num_train_epochs == 0,
-             "--max_steps unset (or 0) and --num_train_epochs 0: nothing to train; set either to how long to train"),
-    Conflict({"streaming": True, "max_steps": -1}, lambda c: c.streaming and c.max_steps <= 0,
-             "--streaming needs --max_steps: a stream has no length to count epochs by"),
-    Conflict({"streaming": True, "max_steps": 5, "dataloader_num_workers": 2},
-             lambda c: c.streaming and c.dataloader_num_workers,
-             "--streaming tokenizes in the training process (its drop counts are logged from there): leave "
-             "--dataloader_num_workers at 0"),
-    Conflict({"streaming": True, "max_steps": 5, "train_sampling_strategy": "group_by_length"},
-             lambda c: c.streaming and c.train_sampling_strategy == "group_by_length",
-             "--train_sampling_strategy group_by_length sorts by the pairs' lengths, which a stream does not know "
-             "ahead; use it without --streaming"),
-    Conflict({"streaming_shuffle_buffer": 5, "streaming": False},
-             lambda c: not c.streaming and _changed(c, "streaming_shuffle_buffer"),
-             "--streaming_shuffle_buffer applies to --streaming, which is off"),
-    Conflict({"dataset_cache": False, "dataset_cache_dir": "cache"},
-             lambda c: not c.dataset_cache and c.dataset_cache_dir is not None,
-             "--dataset_cache_dir names the cache, and --dataset_cache false turns it off; leave one of them unset"),
-    Conflict({"resume_from_checkpoint": "latest", "overwrite_output_dir": True},
-             lambda c: bool(c.resume_from_checkpoint) and c.overwrite_output_dir,
-             "--resume_from_checkpoint continues the run in output_dir, and --overwrite_output_dir replaces it; "
-             "choose one"),
-    Conflict({"previous_run": "move", "overwrite_output_dir": False},
-             lambda c: _changed(c, "previous_run") and not c.overwrite_output_dir,
-             "--previous_run says what --overwrite_output_dir does with the previous run, and it is not set"),
-    Conflict({"force_resume": True, "resume_from_checkpoint": None},
-             lambda c: c.force_resume and not c.resume_from_checkpoint,
-             "--force_resume applies to --resume_from_checkpoint, which is not set"),
-    Conflict({"export_outtype": "q8_0", "export_gguf": None},
-             lambda c: _changed(c, "export_outtype") and not c.export_gguf,
-             "--export_outtype applies to --export_gguf, which is not set"),
-    Conflict({"fsdp": "full_shard", "deepspeed": "ds.json"}, lambda c: bool(c.fsdp) and bool(c.deepspeed),
-             "--fsdp and --deepspeed are two ways of sharding the model: choose one"),
-    # ModelArguments (orpo train)
-    Conflict({"lora_r": 8, "use_peft": False},
-             lambda c: not c.use_peft and _changed(c, "lora_r", "lora_alpha", "lora_dropout"),
-             "--lora_r, --lora_alpha and --lora_dropout apply to --use_peft, which is not set"),
-    Conflict({"lora_target_modules": ["q_proj"], "use_peft": False},
-             lambda c: not c.use_peft and c.lora_target_modules,
-             "--lora_target_modules applies to --use_peft, which is not set"),
-    # orpo eval
-    Conflict({"reference": True, "bf16": True}, lambda c: c.reference and c.bf16,
-             "--reference runs the model in its own dtype; --bf16 is for the fast path (for a bf16 reference, "
-             "--dtype bfloat16)"),
-    Conflict({"reference": True, "batch_tokens": 1000}, lambda c: c.reference and _changed(c, "batch_tokens"),
-             "--batch_tokens sizes the fast path's batches; --reference takes --batch_size pairs per call"),
-    Conflict({"batch_size": 2, "reference": False}, lambda c: not c.reference and _changed(c, "batch_size"),
-             "--batch_size sizes --reference's batches; the fast path takes --batch_tokens tokens per call"),
-)
-
-
-def check_fields(config) -> None:
-    """One OrpoError line for the first field of the dataclass `config` (ORPOConfig, ModelArguments, a
-    subcommand's flags) whose value is out of its range (RANGES) or not one of its choices, then for the
-    first of CONFLICTS that holds among the fields it has."""
-    names = {f.name for f in dataclasses.fields(config)}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if (accepted := RANGES.get(f.name)) is not None:
-            accepted.check(f.name, value)
-        choices = f.metadata.get("choices")
-        if choices is not None and value not in choices and not (value is None and f.default is None):
-            raise OrpoError(f"--{f.name} {value!r}: accepted: {', '.join(map(str, choices))}")
-    for conflict in CONFLICTS:
-        if set(conflict.example) <= names and conflict.holds(config):
-            raise OrpoError(conflict.message)
-
-
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -614,8 +461,7 @@ def prepare_data(args, source, tokenizer, split: str = "train", name: str | None
     of each machine with --save_on_each_node, else of the job); with the cache off each prepares its own."""
     def prepare():
         return prepare_dataset(
-            source, tokenizer, to_row_format(args), args.max_length, args.max_prompt_length,
-            args.max_completion_length, strict=args.strict, skip_bad_rows=args.skip_bad_rows, split=split,
+            source, tokenizer, to_row_format(args), length_limits(args), strict=args.strict, skip_bad_rows=args.skip_bad_rows, split=split,
             name=name, num_proc=args.dataset_num_proc, cache_dir=args.dataset_cache_dir,
             use_cache=args.dataset_cache, output_dir=output_dir,
         )
@@ -629,10 +475,15 @@ def prepare_data(args, source, tokenizer, split: str = "train", name: str | None
 def stream_data(args, source, tokenizer, split: str = "train", name: str | None = None) -> PairStream:
     """`source` as a PairStream (`orpo.data.stream`, `--streaming`) with the data fields of ORPOConfig `args`."""
     return PairStream(
-        source, tokenizer, to_row_format(args), args.max_length, args.max_prompt_length, args.max_completion_length,
+        source, tokenizer, to_row_format(args), length_limits(args),
         skip_bad_rows=args.skip_bad_rows, split=split, name=name, shuffle_buffer=args.streaming_shuffle_buffer,
         seed=args.data_seed if args.data_seed is not None else args.seed,
     )
+
+
+def length_limits(args) -> LengthLimits:
+    """The LengthLimits (orpo.data) of the length fields of `args` (ORPOConfig, or the flags of the data commands)."""
+    return LengthLimits(args.max_length, args.max_prompt_length, args.max_completion_length)
 
 
 def _names(value: str | None) -> tuple[str, ...] | None:
@@ -685,30 +536,3 @@ def changed_settings(config: ORPOConfig) -> dict:
     ours, defaults = config.to_dict(), type(config)(output_dir=config.output_dir).to_dict()
     return {name: value for name, value in ours.items()
             if value != defaults.get(name) and name not in DEVICE_DERIVED}
-
-
-# Fields a resumed run may change: they decide how long it trains, what it logs and saves, where, how fast and
-# with how much memory, not what a step computes (every route, recompute and head choice is exact). Every other
-# field is part of a checkpoint's stamp (`stamp_settings`): resuming with another value is refused unless
-# --force_resume, so a new field is stamped unless it is added here.
-RESUMABLE_CHANGES = frozenset({
-    "output_dir", "overwrite_output_dir", "previous_run", "resume_from_checkpoint", "force_resume", "max_steps",
-    "num_train_epochs", "logging_dir", "logging_strategy", "logging_steps", "logging_first_step",
-    "logging_nan_inf_filter", "save_strategy", "save_steps", "save_total_limit", "save_on_each_node",
-    "save_only_model", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size",
-    "eval_accumulation_steps", "eval_split", "report_to", "run_name", "project", "trackio_space_id",
-    "disable_tqdm", "log_level", "log_level_replica", "dataloader_num_workers", "dataloader_prefetch_factor",
-    "dataloader_persistent_workers", "dataloader_pin_memory", "push_to_hub", "hub_model_id", "hub_strategy",
-    "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "dataset_num_proc", "dataset_cache",
-    "dataset_cache_dir", "memory_budget_gb", "report", "save_eval_pairs", "export_gguf", "export_outtype",
-    "ddp_timeout", "local_rank", "use_cpu", "activation_checkpointing", "activation_checkpointing_kwargs",
-    "gradient_checkpointing", "gradient_checkpointing_kwargs", "selective_checkpointing", "keep_head_probs",
-    "logprob_chunk_size", "packing", "packed_attention", "reuse_cpu_memory", "on_nonfinite", "strict",
-    "trust_remote_code", "torch_empty_cache_steps", "include_num_input_tokens_seen", "skip_memory_metrics",
-})
-
-
-def stamp_settings(config: ORPOConfig) -> dict:
-    """The settings a checkpoint is stamped with: every field of `config` (as `to_dict` gives it) but
-    RESUMABLE_CHANGES."""
-    return {name: value for name, value in config.to_dict().items() if name not in RESUMABLE_CHANGES}

@@ -13,7 +13,7 @@ from orpo.commands.chat import chat_loop
 from orpo.commands.cli import main
 from orpo.commands.generate import generate_answers, read_prompts
 from orpo.data.formats import PreferencePair
-from orpo.data.render import render_pair
+from orpo.data.render import NO_LIMITS, render_pair
 from orpo.errors import OrpoError
 from tiny import WORDS, chatml_tokenizer, save_tiny_chat_model, tiny_chat_model, word_level_tokenizer
 
@@ -85,7 +85,7 @@ def test_generation_feeds_the_model_the_training_prompt_ids(monkeypatch):
     prompts = [[{"role": "user", "content": "why"}],
                [{"role": "system", "content": "be good"}, {"role": "user", "content": "what is the sky"}]]
     pairs = [render_pair(PreferencePair(p, [{"role": "assistant", "content": "blue"}],
-                                        [{"role": "assistant", "content": "red"}], i), tok, None, None, None)
+                                        [{"role": "assistant", "content": "red"}], i), tok, NO_LIMITS)
              for i, p in enumerate(prompts)]
     trained = [pair.prompt_ids for pair in pairs]
     assert all(ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1 for ids in trained)

@@ -11,6 +11,7 @@ import pytest
 from orpo.errors import OrpoError
 from orpo.data.formats import RowFormat, UnreadColumns
 from orpo.data.prepare import PreparedData, prepare_dataset
+from orpo.data.render import LengthLimits
 from tiny import byte_level_chatml_tokenizer, chatml_tokenizer
 
 ROWS = [
@@ -23,8 +24,7 @@ ROWS = [
 
 
 def test_drops_are_counted_by_reason_with_their_first_row():
-    prepared = prepare_dataset(ROWS, chatml_tokenizer(), max_length=14, max_prompt_length=None,
-                               max_completion_length=None, name="prefs.jsonl")
+    prepared = prepare_dataset(ROWS, chatml_tokenizer(), limits=LengthLimits(14, None, None), name="prefs.jsonl")
     assert [p.index for p in prepared.pairs] == [0, 4]
     assert dict(prepared.drops) == {"chosen == rejected": 1, "too long": 1, "wrong types": 1}
     assert prepared.drops.first_rows == {"chosen == rejected": 1, "too long": 2, "wrong types": 3}
@@ -33,12 +33,12 @@ def test_drops_are_counted_by_reason_with_their_first_row():
 
 def test_strict_names_the_first_dropped_row():
     with pytest.raises(OrpoError, match=r"^prefs\.jsonl, row 1: pair dropped \(chosen == rejected\) and --strict"):
-        prepare_dataset(ROWS, chatml_tokenizer(), max_length=14, max_prompt_length=None, strict=True, name="prefs.jsonl")
+        prepare_dataset(ROWS, chatml_tokenizer(), limits=LengthLimits(14, None, None), strict=True, name="prefs.jsonl")
 
 
 def test_zero_usable_pairs_is_an_error():
     with pytest.raises(OrpoError, match=r"^prefs\.jsonl: zero usable pairs; kept 0 of 2 pairs"):
-        prepare_dataset(ROWS[1:3], chatml_tokenizer(), max_length=14, max_prompt_length=None, name="prefs.jsonl")
+        prepare_dataset(ROWS[1:3], chatml_tokenizer(), limits=LengthLimits(14, None, None), name="prefs.jsonl")
 
 
 def test_a_50_mb_line_is_cheap(tmp_path):
@@ -50,8 +50,9 @@ def test_a_50_mb_line_is_cheap(tmp_path):
         f.write(json.dumps({"prompt": "why", "chosen": "the sky " * 6_250_000, "rejected": "no"}) + "\n")
     script = (
         "import json, sys, time; sys.path.insert(0, sys.argv[2]); "
-        "from orpo.data.prepare import PreparedData, format_drop_report, prepare_dataset; from tiny import chatml_tokenizer; t = time.time(); "
-        "p = prepare_dataset(sys.argv[1], chatml_tokenizer(), max_length=64, max_prompt_length=32); "
+        "from orpo.data.prepare import PreparedData, format_drop_report, prepare_dataset; from orpo.data.render import "
+        "LengthLimits; from tiny import chatml_tokenizer; t = time.time(); "
+        "p = prepare_dataset(sys.argv[1], chatml_tokenizer(), limits=LengthLimits(64, 32, None)); "
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
         "print(json.dumps({'lengths': [len(x.chosen_ids) for x in p.pairs], 'seconds': time.time() - t, "
         "'peak_gb': int(hwm) / 2**20}))"
@@ -61,8 +62,7 @@ def test_a_50_mb_line_is_cheap(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert os.path.getsize(path) > 50_000_000
-    short = prepare_dataset([{"prompt": "why", "chosen": "the sky", "rejected": "no"}], chatml_tokenizer(),
-                            max_length=64, max_prompt_length=32)
+    short = prepare_dataset([{"prompt": "why", "chosen": "the sky", "rejected": "no"}], chatml_tokenizer(), limits=LengthLimits(64, 32, None))
     assert result["lengths"][1] == 64 - len(short.pairs[0].prompt_ids)  # cut to fit max_length
     print(result)
     assert result["peak_gb"] < 1.5, result
@@ -76,16 +76,16 @@ def test_every_kind_of_source_gives_the_same_pairs(tmp_path):
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = chatml_tokenizer()
-    from_list = prepare_dataset(rows, tok, max_length=14, max_prompt_length=None)
-    from_file = prepare_dataset(str(path), tok, max_length=14, max_prompt_length=None)
-    from_dataset = prepare_dataset(datasets.Dataset.from_list(rows), tok, max_length=14, max_prompt_length=None)
+    from_list = prepare_dataset(rows, tok, limits=LengthLimits(14, None, None))
+    from_file = prepare_dataset(str(path), tok, limits=LengthLimits(14, None, None))
+    from_dataset = prepare_dataset(datasets.Dataset.from_list(rows), tok, limits=LengthLimits(14, None, None))
     assert from_list.pairs == from_file.pairs == from_dataset.pairs and len(from_list.pairs) == 2
     assert prepare_dataset(from_list, tok) is from_list  # prepared data passes through
     assert prepare_dataset(from_list.pairs, tok).pairs == from_list.pairs
 
 
 def test_prepared_data_counts_shapes():
-    prepared = prepare_dataset(ROWS, chatml_tokenizer(), max_length=14, max_prompt_length=None)
+    prepared = prepare_dataset(ROWS, chatml_tokenizer(), limits=LengthLimits(14, None, None))
     assert sum(prepared.shapes.values()) >= 4  # every row whose shape was recognised (row 3 has a number)
     assert isinstance(prepared, PreparedData)
 
@@ -128,7 +128,7 @@ def one_process_reference(rows, tokenizer, row_format, max_length, max_prompt_le
     pairs = []
     for pair in read.pairs:
         try:
-            pairs.append(render_pair(pair, tokenizer, max_length, max_prompt_length, None))
+            pairs.append(render_pair(pair, tokenizer, LengthLimits(max_length, max_prompt_length, None)))
         except DroppedPair as drop:
             read.drops.count(drop.reason, pair.index, drop.detail)
     return pairs, read
@@ -148,7 +148,8 @@ def test_any_number_of_processes_gives_todays_pairs_and_drops(source, tmp_path):
         rows = load_rows(data)
     pairs, read = one_process_reference(rows, tok, fmt, 256, 128)
     for num_proc in (1, 2, 3):
-        got = prepare_dataset(data, tok, fmt, 256, 128, num_proc=num_proc, cache_dir=tmp_path / f"cache{num_proc}")
+        got = prepare_dataset(data, tok, fmt, LengthLimits(256, 128), num_proc=num_proc,
+                              cache_dir=tmp_path / f"cache{num_proc}")
         assert got.pairs == pairs, num_proc
         assert (got.rows, got.drops, dict(got.shapes)) == (len(rows), read.drops, dict(read.shapes)), num_proc
 
@@ -157,24 +158,24 @@ def test_the_second_preparation_reads_the_cache_and_any_change_misses_it(tmp_pat
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     tok, cache = chatml_tokenizer(), tmp_path / "cache"
-    first = prepare_dataset(str(path), tok, max_length=14, max_prompt_length=None, cache_dir=cache)
+    first = prepare_dataset(str(path), tok, limits=LengthLimits(14, None, None), cache_dir=cache)
     assert first.origin.startswith("prepared with 1 process, cached at " + str(cache))
-    again = prepare_dataset(str(path), tok, max_length=14, max_prompt_length=None, cache_dir=cache)
+    again = prepare_dataset(str(path), tok, limits=LengthLimits(14, None, None), cache_dir=cache)
     assert again.origin.startswith("read from the cache") and again.pairs == first.pairs
     assert (again.rows, again.drops, again.shapes, again.unread_columns) == (
         first.rows, first.drops, first.shapes, first.unread_columns)
     assert len(list(cache.iterdir())) == 1
     # another length limit, another template, other content: each a new entry
-    prepare_dataset(str(path), tok, max_length=15, max_prompt_length=None, cache_dir=cache)
+    prepare_dataset(str(path), tok, limits=LengthLimits(15, None, None), cache_dir=cache)
     other = chatml_tokenizer()
     other.chat_template = other.chat_template.replace("m['content']", "m['content'] | trim")  # same text, new key
-    prepare_dataset(str(path), other, max_length=14, max_prompt_length=None, cache_dir=cache)
+    prepare_dataset(str(path), other, limits=LengthLimits(14, None, None), cache_dir=cache)
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS[::-1]))
-    changed = prepare_dataset(str(path), tok, max_length=14, max_prompt_length=None, cache_dir=cache)
+    changed = prepare_dataset(str(path), tok, limits=LengthLimits(14, None, None), cache_dir=cache)
     assert changed.origin.startswith("prepared") and [p.index for p in changed.pairs] == [0, 4]
     assert len(list(cache.iterdir())) == 4
     # turned off: nothing read or written
-    off = prepare_dataset(str(path), tok, max_length=14, max_prompt_length=None, cache_dir=cache, use_cache=False)
+    off = prepare_dataset(str(path), tok, limits=LengthLimits(14, None, None), cache_dir=cache, use_cache=False)
     assert off.origin == "prepared with 1 process (cache off)" and off.pairs == changed.pairs
     assert len(list(cache.iterdir())) == 4
 
@@ -182,20 +183,20 @@ def test_the_second_preparation_reads_the_cache_and_any_change_misses_it(tmp_pat
 def test_a_prepared_set_is_trained_from_and_refuses_other_options(tmp_path):
     tok = chatml_tokenizer()
     out = tmp_path / "prepared"
-    made = prepare_dataset(ROWS, tok, max_length=14, max_prompt_length=None, cache_dir=tmp_path / "c", output_dir=out)
-    read = prepare_dataset(str(out), tok, max_length=14, max_prompt_length=None)
+    made = prepare_dataset(ROWS, tok, limits=LengthLimits(14, None, None), cache_dir=tmp_path / "c", output_dir=out)
+    read = prepare_dataset(str(out), tok, limits=LengthLimits(14, None, None))
     assert read.origin == f"read from the prepared set {out}" and read.pairs == made.pairs
     assert read.report() == made.report() == "kept 2 of 5 pairs; dropped 3:\n  chosen == rejected 1 (first at row 1)\n" \
         "  too long 1 (first at row 2: prompt of 20 tokens leaves no room for the completion within max_length=14)\n" \
         "  wrong types 1 (first at row 3: chosen is int, expected a string or a list of messages)"
     with pytest.raises(OrpoError, match=r"prepared with other data options: max_length 14 \(now 20\)"):
-        prepare_dataset(str(out), tok, max_length=20, max_prompt_length=None)
+        prepare_dataset(str(out), tok, limits=LengthLimits(20, None, None))
     other = chatml_tokenizer()
     other.chat_template = "{{ messages[0]['content'] }}"
     with pytest.raises(OrpoError, match=r"prepared with another tokenizer; prepare it again"):
-        prepare_dataset(str(out), other, max_length=14, max_prompt_length=None)
+        prepare_dataset(str(out), other, limits=LengthLimits(14, None, None))
     with pytest.raises(OrpoError, match=r"--output .*: exists and is not empty"):
-        prepare_dataset(ROWS, tok, max_length=15, max_prompt_length=None, cache_dir=tmp_path / "c", output_dir=out)
+        prepare_dataset(ROWS, tok, limits=LengthLimits(15, None, None), cache_dir=tmp_path / "c", output_dir=out)
 
 
 QUESTIONS = [  # a prompt column whose name the defaults do not know: the answers' shared start is the prompt
@@ -218,7 +219,7 @@ def test_the_columns_no_shape_read_are_named_and_the_prompt_column_suggested(tmp
     named = prepare_dataset(str(path), tok, RowFormat(prompt_columns=("question",)), cache_dir=tmp_path / "cache")
     assert dict(named.shapes) == {"prompt/chosen/rejected strings": 3}
     assert named.report() == "kept 2 of 3 pairs; columns not read: id; dropped 1: chosen == rejected 1 (first at row 2)"
-    assert prepare_dataset(ROWS, tok, max_length=14, max_prompt_length=None).unread_columns == UnreadColumns()
+    assert prepare_dataset(ROWS, tok, limits=LengthLimits(14, None, None)).unread_columns == UnreadColumns()
 
 
 def test_a_cache_hit_and_a_prepared_set_report_what_the_first_run_did_skipped_lines_included(tmp_path):
@@ -231,15 +232,15 @@ def test_a_cache_hit_and_a_prepared_set_report_what_the_first_run_did_skipped_li
               "  chosen == rejected 1 (first at row 1)\n"
               "  too long 1 (first at row 2: prompt of 20 tokens leaves no room for the completion within max_length=14)\n"
               "  wrong types 1 (first at row 3: chosen is int, expected a string or a list of messages)")
-    prepare = lambda **kw: prepare_dataset(str(path), tok, max_length=14, max_prompt_length=None,  # noqa: E731
-                                           skip_bad_rows=True, cache_dir=tmp_path / "cache", **kw)
+    prepare = lambda **kw: prepare_dataset(str(path), tok, **kw, limits=LengthLimits(14, None, None),  # noqa: E731
+                                           skip_bad_rows=True, cache_dir=tmp_path / "cache")
     first = prepare(num_proc=2)
     assert first.origin.startswith("prepared with 2 processes") and first.report() == report
     again = prepare()
     assert again.origin.startswith("read from the cache") and again.report() == first.report()
     assert (again.drops.skipped_lines, again.drops.first_skipped_line) == (2, 3)
     written = prepare(output_dir=tmp_path / "prepared")  # orpo data prepare --output, then --dataset DIR
-    read = prepare_dataset(str(tmp_path / "prepared"), tok, max_length=14, max_prompt_length=None, skip_bad_rows=True)
+    read = prepare_dataset(str(tmp_path / "prepared"), tok, limits=LengthLimits(14, None, None), skip_bad_rows=True)
     assert read.origin == f"read from the prepared set {tmp_path / 'prepared'}"
     assert written.report() == read.report() == report and read.drops == first.drops
 
@@ -250,9 +251,10 @@ def test_prepared_pairs_are_memory_mapped_not_held(tmp_path):
     ids take as Python lists (about 25 bytes per token)."""
     script = (
         "import gc, json, sys; sys.path.insert(0, sys.argv[2]); from orpo.data.prepare import prepare_dataset; "
+        "from orpo.data.render import LengthLimits; "
         "from orpo.data.store import pair_lengths; from tiny import chatml_tokenizer\n"
         "rows = [{'prompt': 'why is the sky blue ' * 20, 'chosen': 'the sky is blue ' * 40, 'rejected': 'no ' * 30}] * 20000\n"
-        "p = prepare_dataset(rows, chatml_tokenizer(), max_length=1024, max_prompt_length=512, cache_dir=sys.argv[1])\n"
+        "p = prepare_dataset(rows, chatml_tokenizer(), limits=LengthLimits(1024, 512, None), cache_dir=sys.argv[1])\n"
         "del rows; gc.collect()\n"
         "def anon(): return int([l for l in open('/proc/self/status') if l.startswith('RssAnon')][0].split()[1]) * 1024\n"
         "before = anon(); read = sum(len(x.prompt_ids) + len(x.chosen_ids) + len(x.rejected_ids) for x in p.pairs)\n"
@@ -297,7 +299,7 @@ def test_image_pairs_are_prepared_with_their_images_and_a_missing_one_is_a_count
 
     processor = llava_processor()
     path = image_rows(tmp_path)
-    prepared = prepare_dataset(str(path), processor, max_length=256, max_prompt_length=128, num_proc=num_proc,
+    prepared = prepare_dataset(str(path), processor, limits=LengthLimits(256, 128, None), num_proc=num_proc,
                                cache_dir=tmp_path / "cache")
     assert dict(prepared.drops) == {"unreadable image": 1}
     assert prepared.drops.first_details == {"unreadable image": "images[0] 'pics/none.png': No such file or directory"}
@@ -308,11 +310,11 @@ def test_image_pairs_are_prepared_with_their_images_and_a_missing_one_is_a_count
                                       {"type": "text", "text": "What is in the picture?"}]}],
         [{"role": "assistant", "content": "A dog and a cat."}], [{"role": "assistant", "content": "Two dogs."}],
         images=((tmp_path / "pics" / "dog.png").read_bytes(), (tmp_path / "pics" / "cat.png").read_bytes())),
-        processor, 256, 128, None)
+        processor, LengthLimits(256, 128, None))
     assert first == expected  # ids and the stored image files
     assert torch.equal(first.vision_inputs["pixel_values"], expected.vision_inputs["pixel_values"])  # made on read
     assert text.images == () and text.vision_inputs is None
-    again = prepare_dataset(str(path), processor, max_length=256, max_prompt_length=128, cache_dir=tmp_path / "cache")
+    again = prepare_dataset(str(path), processor, limits=LengthLimits(256, 128, None), cache_dir=tmp_path / "cache")
     assert again.origin.startswith("read from the cache") and list(again.pairs) == list(prepared.pairs)
     assert torch.equal(again.pairs[0].vision_inputs["pixel_values"], expected.vision_inputs["pixel_values"])
 
@@ -336,7 +338,7 @@ def test_an_image_edited_in_place_is_prepared_again_not_read_from_the_cache(tmp_
 
     processor = llava_processor()
     path = image_rows(tmp_path)
-    prepare = lambda: prepare_dataset(str(path), processor, max_length=256, max_prompt_length=128,  # noqa: E731
+    prepare = lambda: prepare_dataset(str(path), processor, limits=LengthLimits(256, 128, None),  # noqa: E731
                                       cache_dir=tmp_path / "cache")
     first = prepare()
     assert prepare().origin.startswith("read from the cache")

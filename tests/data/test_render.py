@@ -10,7 +10,7 @@ from transformers import GenerationConfig
 from orpo.errors import SAME_AFTER_TRUNCATION, TEMPLATE_ERROR, TOO_LONG, DroppedPair, OrpoError
 from orpo.data.formats import PreferencePair
 from orpo.data import render
-from orpo.data.render import (DEFAULT_CHAT_TEMPLATE, encode_prompt, ensure_chat_template, render_pair,
+from orpo.data.render import (DEFAULT_CHAT_TEMPLATE, NO_LIMITS, LengthLimits, encode_prompt, ensure_chat_template, render_pair,
                               stop_token_ids, truncate)
 from tiny import word_level_tokenizer
 
@@ -82,7 +82,7 @@ def toks(tok, tp):
 
 def test_chatml_exact_tokens():
     tok = chatml()
-    p, c, r = toks(tok, render_pair(pair(), tok, None, None, None))
+    p, c, r = toks(tok, render_pair(pair(), tok, NO_LIMITS))
     assert p == ["<|im_start|>", "user", "\n", "Hi", "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"]
     assert c == ["Hello", "there", "!", "<|im_end|>"]
     assert r == ["Go", "away", "<|im_end|>"]
@@ -91,7 +91,7 @@ def test_chatml_exact_tokens():
 def test_llama3_exact_tokens_bos_once():
     tok = llama3()
     assert tok("Hi")["input_ids"][0] == tok.bos_token_id  # the tokenizer adds BOS ...
-    tp = render_pair(pair(), tok, None, None, None)
+    tp = render_pair(pair(), tok, NO_LIMITS)
     p, c, r = toks(tok, tp)
     # ... and the template writes it too: it must appear once.
     assert p == ["<|begin_of_text|>", "<|start_header_id|>", "user", "<|end_header_id|>", "\n", "\n", "Hi",
@@ -104,7 +104,7 @@ def test_llama3_exact_tokens_bos_once():
 
 def test_zephyr_exact_tokens_bos_prepended():
     tok = zephyr()
-    p, c, r = toks(tok, render_pair(pair(), tok, None, None, None))
+    p, c, r = toks(tok, render_pair(pair(), tok, NO_LIMITS))
     assert p == ["<s>", "<|user|>", "\n", "Hi", "</s>", "\n", "<|assistant|>", "\n"]
     assert c == ["Hello", "there", "!", "</s>"]
     assert r == ["Go", "away", "</s>"]
@@ -115,7 +115,7 @@ def test_invariants(make, eot):
     tok = make()
     prompt = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "Hi"},
               {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "What is 2 + 2 ?"}]
-    tp = render_pair(pair(prompt, "4", "5 !"), tok, None, None, None)
+    tp = render_pair(pair(prompt, "4", "5 !"), tok, NO_LIMITS)
     p, c, r = toks(tok, tp)
     ids = tp.prompt_ids + tp.chosen_ids + tp.rejected_ids
     if tok.bos_token_id is not None and make is not chatml:
@@ -129,7 +129,7 @@ def test_multi_turn_system_prompt_chatml():
     tok = chatml()
     prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Hi"},
               {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "What is 2 + 2 ?"}]
-    p, c, r = toks(tok, render_pair(pair(prompt, "4", "5"), tok, None, None, None))
+    p, c, r = toks(tok, render_pair(pair(prompt, "4", "5"), tok, NO_LIMITS))
     assert p == ["<|im_start|>", "system", "\n", "be", "brief", "<|im_end|>", "\n",
                  "<|im_start|>", "user", "\n", "Hi", "<|im_end|>", "\n",
                  "<|im_start|>", "assistant", "\n", "Hello", "<|im_end|>", "\n",
@@ -140,7 +140,7 @@ def test_multi_turn_system_prompt_chatml():
 
 def test_template_without_end_token_gets_one_eos():
     tok = make_tokenizer(["</s>"], PLAIN, eos="</s>")
-    p, c, r = toks(tok, render_pair(pair(), tok, None, None, None))
+    p, c, r = toks(tok, render_pair(pair(), tok, NO_LIMITS))
     assert p == ["user", ":", "Hi", "\n", "\n", "assistant", ":"]
     assert c == ["Hello", "there", "!", "</s>"] and r == ["Go", "away", "</s>"]
 
@@ -149,7 +149,7 @@ def test_prompt_rendered_differently_raises():
     template = "{% if messages[-1]['role'] == 'assistant' %}system : {% endif %}" + CHATML
     tok = make_tokenizer(["<|im_start|>", "<|im_end|>"], template, eos="<|im_end|>")
     with pytest.raises(OrpoError, match="row 7"):
-        render_pair(pair(index=7), tok, None, None, None)
+        render_pair(pair(index=7), tok, NO_LIMITS)
 
 
 def test_default_chat_template_and_pad():
@@ -158,7 +158,7 @@ def test_default_chat_template_and_pad():
     warnings = ensure_chat_template(tok)
     assert tok.chat_template == DEFAULT_CHAT_TEMPLATE and tok.pad_token == "<|im_end|>"
     assert len(warnings) == 2 and "chat template" in warnings[0] and "pad" in warnings[1]
-    p, c, _ = toks(tok, render_pair(pair(), tok, None, None, None))
+    p, c, _ = toks(tok, render_pair(pair(), tok, NO_LIMITS))
     assert p == ["<|im_start|>", "user", "\n", "Hi", "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"]
     assert c == ["Hello", "there", "!", "<|im_end|>"]
     assert ensure_chat_template(tok) == []  # idempotent
@@ -168,7 +168,7 @@ def test_default_chat_template_eos_fallback():
     tok = make_tokenizer(["<s>", "</s>"], None, bos="<s>", eos="</s>", add_bos=True)
     warnings = ensure_chat_template(tok)
     assert "'</s>'" in warnings[0] and "end of turn" in warnings[0] and tok.pad_token == "</s>"
-    tp = render_pair(pair(), tok, None, None, None)
+    tp = render_pair(pair(), tok, NO_LIMITS)
     p, c, _ = toks(tok, tp)
     im_start = ["<", "|", "im", "_", "start", "|", ">"]  # not in the vocab: plain text
     assert p == ["<s>", *im_start, "user", "\n", "Hi", "</s>", "\n", *im_start, "assistant", "\n"]
@@ -179,7 +179,7 @@ def test_default_chat_template_eos_fallback():
 def test_encode_prompt_is_the_training_prompt(make):
     tok = make()
     prompt = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "Hi"}]
-    assert encode_prompt(tok, prompt) == render_pair(pair(prompt), tok, None, None, None).prompt_ids
+    assert encode_prompt(tok, prompt) == render_pair(pair(prompt), tok, NO_LIMITS).prompt_ids
 
 
 def test_stop_token_ids_add_the_end_of_turn():
@@ -211,17 +211,17 @@ def test_template_error_drops_the_pair_with_its_message(template, message):
     tok = make_tokenizer(["</s>"], template, eos="</s>")
     system_first = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "Hi"}]
     with pytest.raises(DroppedPair) as e:
-        render_pair(pair(system_first), tok, None, None, None)
+        render_pair(pair(system_first), tok, NO_LIMITS)
     assert (e.value.reason, e.value.detail) == (TEMPLATE_ERROR, message)
 
 
 def test_answers_equal_after_truncation_drop_the_pair():
     tok = chatml()
     with pytest.raises(DroppedPair) as e:
-        render_pair(pair(chosen="Hello there !", rejected="Hello there ."), tok, None, None, 2)
+        render_pair(pair(chosen="Hello there !", rejected="Hello there ."), tok, LengthLimits(None, None, 2))
     assert (e.value.reason, e.value.detail) == (SAME_AFTER_TRUNCATION, "both answers are the same 2 tokens "
                                                                        "within the length limits")
-    _, c, r = toks(tok, render_pair(pair(chosen="Hello there !", rejected="Hello there ."), tok, None, None, 3))
+    _, c, r = toks(tok, render_pair(pair(chosen="Hello there !", rejected="Hello there ."), tok, LengthLimits(None, None, 3)))
     assert (c, r) == (["Hello", "there", "!"], ["Hello", "there", "."])  # one more token tells them apart
 
 
@@ -231,24 +231,24 @@ BOS = 100
 
 
 def test_truncate_completion_from_right():
-    assert truncate([BOS, 1], [2, 3, 4, 5], [6, 7], None, None, 3, BOS) == ([BOS, 1], [2, 3, 4], [6, 7])
+    assert truncate([BOS, 1], [2, 3, 4, 5], [6, 7], LengthLimits(None, None, 3), BOS) == ([BOS, 1], [2, 3, 4], [6, 7])
 
 
 def test_truncate_prompt_keeps_end_and_bos():
-    assert truncate([BOS, 1, 2, 3, 4], [5], [6], None, 3, None, BOS) == ([BOS, 3, 4], [5], [6])
-    assert truncate([1, 2, 3, 4], [5], [6], None, 2, None, BOS) == ([3, 4], [5], [6])  # no BOS to keep
-    assert truncate([1, 2, 3, 4], [5], [6], None, 2, None, None) == ([3, 4], [5], [6])
-    assert truncate([BOS, 1, 2], [5], [6], None, 1, None, BOS) == ([BOS], [5], [6])
+    assert truncate([BOS, 1, 2, 3, 4], [5], [6], LengthLimits(None, 3, None), BOS) == ([BOS, 3, 4], [5], [6])
+    assert truncate([1, 2, 3, 4], [5], [6], LengthLimits(None, 2, None), BOS) == ([3, 4], [5], [6])  # no BOS to keep
+    assert truncate([1, 2, 3, 4], [5], [6], LengthLimits(None, 2, None), None) == ([3, 4], [5], [6])
+    assert truncate([BOS, 1, 2], [5], [6], LengthLimits(None, 1, None), BOS) == ([BOS], [5], [6])
 
 
 def test_truncate_max_length_cuts_completions():
-    assert truncate([BOS, 1, 2], [3, 4, 5, 6], [7, 8], 5, None, None, BOS) == ([BOS, 1, 2], [3, 4], [7, 8])
-    assert truncate([BOS, 1], [3, 4], [7], 4, None, None, BOS) == ([BOS, 1], [3, 4], [7])  # fits
+    assert truncate([BOS, 1, 2], [3, 4, 5, 6], [7, 8], LengthLimits(5, None, None), BOS) == ([BOS, 1, 2], [3, 4], [7, 8])
+    assert truncate([BOS, 1], [3, 4], [7], LengthLimits(4, None, None), BOS) == ([BOS, 1], [3, 4], [7])  # fits
 
 
 def test_truncate_drops_when_prompt_leaves_no_room():
     with pytest.raises(DroppedPair) as e:
-        truncate([BOS, 1, 2, 3], [4], [5], 4, None, None, BOS)
+        truncate([BOS, 1, 2, 3], [4], [5], LengthLimits(4, None, None), BOS)
     assert e.value.reason == TOO_LONG
     assert str(e.value) == "too long: prompt of 4 tokens leaves no room for the completion within max_length=4"
 
@@ -260,7 +260,7 @@ def test_truncate_never_empty_completion():
                 for mcl in (None, 1, 2):
                     prompt = [BOS] + list(range(1, n_prompt))
                     try:
-                        p, c, r = truncate(prompt, [1, 2, 3], [4], max_length, mpl, mcl, BOS)
+                        p, c, r = truncate(prompt, [1, 2, 3], [4], LengthLimits(max_length, mpl, mcl), BOS)
                     except DroppedPair as e:
                         assert e.reason == TOO_LONG and len(prompt if mpl is None else
                                                             prompt[:mpl]) >= max_length
@@ -274,12 +274,12 @@ def test_longest_pair_worked_by_hand():
     """max_length 8: prompt p, completions min(m, 8 − p): no completion limit → p = 1 (1 + 7 + 7 = 15 tokens);
     m = 3 → p = 8 − 3 = 5 (5 + 3 + 3 = 11 > 1 + 3 + 3); max_prompt_length 2 caps p (2 + 3 + 3 = 8);
     no max_length: max_prompt_length and m, or unbounded."""
-    assert render.longest_pair(8, None, None) == (1, 7, 7)
-    assert render.longest_pair(8, 5, 3) == (5, 3, 3)
-    assert render.longest_pair(8, 2, 3) == (2, 3, 3)
-    assert render.longest_pair(8, None, 20) == (1, 7, 7)
-    assert render.longest_pair(None, 4, 3) == (4, 3, 3)
-    assert render.longest_pair(None, 4, None) is None and render.longest_pair(None, None, 3) is None
+    assert LengthLimits(8, None, None).longest_pair() == (1, 7, 7)
+    assert LengthLimits(8, 5, 3).longest_pair() == (5, 3, 3)
+    assert LengthLimits(8, 2, 3).longest_pair() == (2, 3, 3)
+    assert LengthLimits(8, None, 20).longest_pair() == (1, 7, 7)
+    assert LengthLimits(None, 4, 3).longest_pair() == (4, 3, 3)
+    assert LengthLimits(None, 4, None).longest_pair() is None and LengthLimits(None, None, 3).longest_pair() is None
 
 
 def test_longest_pair_is_the_longest_truncate_lets_through():
@@ -290,21 +290,21 @@ def test_longest_pair_is_the_longest_truncate_lets_through():
                 longest = 0
                 for n_prompt in range(1, 12):
                     try:
-                        p, c, r = truncate([7] * n_prompt, [1] * 30, [2] * 30, max_length, mpl, mcl, None)
+                        p, c, r = truncate([7] * n_prompt, [1] * 30, [2] * 30, LengthLimits(max_length, mpl, mcl), None)
                     except DroppedPair:
                         continue
                     longest = max(longest, len(p) + len(c) + len(r))
-                assert sum(render.longest_pair(max_length, mpl, mcl)) == longest, (max_length, mpl, mcl)
+                assert sum(LengthLimits(max_length, mpl, mcl).longest_pair()) == longest, (max_length, mpl, mcl)
 
 
 def test_render_pair_truncation_end_to_end():
     tok = zephyr()
-    tp = render_pair(pair(prompt=[{"role": "user", "content": "What is 2 + 2 ?"}]), tok, 8, 5, 3)
+    tp = render_pair(pair(prompt=[{"role": "user", "content": "What is 2 + 2 ?"}]), tok, LengthLimits(8, 5, 3))
     p, c, r = toks(tok, tp)
     assert p == ["<s>", "</s>", "\n", "<|assistant|>", "\n"]  # BOS kept, then the prompt's end
     assert c == ["Hello", "there", "!"] and r == ["Go", "away", "</s>"]
     with pytest.raises(DroppedPair, match="prompt of 5 tokens leaves no room"):
-        render_pair(pair(), tok, 5, 5, None)
+        render_pair(pair(), tok, LengthLimits(5, 5, None))
 
 
 def test_clip_pair_keeps_exactly_the_tokens_truncation_keeps(monkeypatch):
@@ -312,20 +312,20 @@ def test_clip_pair_keeps_exactly_the_tokens_truncation_keeps(monkeypatch):
     rendering, the ids are the same as rendering everything and truncating the tokens."""
     long_prompt = [{"role": "user", "content": " ".join(["Hi"] * 9000) + " there"}]
     big = pair(prompt=long_prompt, chosen=" ".join(["Hello", "there"] * 3000))
-    clipped = render.clip_pair(big, 64, 16, None)
+    clipped = render.clip_pair(big, LengthLimits(64, 16, None))
     assert len(clipped.prompt[0]["content"]) == 16 * render.MAX_CHARS_PER_TOKEN
     assert clipped.prompt[0]["content"].endswith("Hi there")  # the prompt keeps its end
     assert clipped.chosen[0]["content"] == big.chosen[0]["content"][: 64 * render.MAX_CHARS_PER_TOKEN]
     assert clipped.rejected == big.rejected  # short texts are untouched
-    fast = render_pair(big, chatml(), 64, 16, None)
+    fast = render_pair(big, chatml(), LengthLimits(64, 16, None))
     monkeypatch.setattr(render, "MAX_CHARS_PER_TOKEN", 10**9)  # no clipping
-    assert render_pair(big, chatml(), 64, 16, None) == fast
+    assert render_pair(big, chatml(), LengthLimits(64, 16, None)) == fast
     assert len(fast.prompt_ids) == 16 and len(fast.chosen_ids) == 64 - 16
 
 
 def test_no_limits_no_clipping():
     big = pair(chosen="Hello " * 100_000)
-    assert render.clip_pair(big, None, None, None) == big
+    assert render.clip_pair(big, NO_LIMITS) == big
 
 
 # --- images (a vision-language model's processor) ------------------------------------------------------
@@ -346,7 +346,7 @@ def test_an_image_prompt_is_tokenized_by_the_processor_with_its_images():
 
     processor = llava_processor()
     tok = processor.tokenizer
-    got = render_pair(image_pair(), processor, 256, 128, None)
+    got = render_pair(image_pair(), processor, LengthLimits(256, 128, None))
     image = tok.convert_tokens_to_ids("<image>")
     expected_prompt = (tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"] + [image] * 4
                        + tok("Describe it.<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
@@ -361,13 +361,13 @@ def test_an_image_prompt_is_never_cut():
     from vision_models import llava_processor
 
     processor = llava_processor()
-    prompt_tokens = len(render_pair(image_pair(2), processor, None, None, None).prompt_ids)
+    prompt_tokens = len(render_pair(image_pair(2), processor, NO_LIMITS).prompt_ids)
     with pytest.raises(DroppedPair) as drop:
-        render_pair(image_pair(2), processor, None, prompt_tokens - 1, None)
+        render_pair(image_pair(2), processor, LengthLimits(None, prompt_tokens - 1, None))
     assert (drop.value.reason, drop.value.detail) == (
         TOO_LONG, f"the prompt with its image tokens is {prompt_tokens} tokens, over "
                   f"max_prompt_length={prompt_tokens - 1} (image tokens are not cut)")
-    assert render_pair(image_pair(2), processor, None, prompt_tokens, None).prompt_ids  # at the limit: kept
+    assert render_pair(image_pair(2), processor, LengthLimits(None, prompt_tokens, None)).prompt_ids  # at the limit: kept
 
 
 def test_images_for_a_text_only_tokenizer_are_that_drop():
@@ -375,7 +375,7 @@ def test_images_for_a_text_only_tokenizer_are_that_drop():
 
     tok = word_level_tokenizer(WORDS, ["<|im_start|>", "<|im_end|>"], CHATML, eos="<|im_end|>")
     with pytest.raises(DroppedPair) as drop:
-        render_pair(image_pair(), tok, 256, 128, None)
+        render_pair(image_pair(), tok, LengthLimits(256, 128, None))
     assert (drop.value.reason, drop.value.detail) == (
         TEXT_ONLY_MODEL, "the prompt has 1 image(s) and the model's tokenizer no image processor")
 
@@ -387,5 +387,5 @@ def test_a_text_pair_renders_alike_through_the_processor_and_its_tokenizer():
     text = PreferencePair([{"role": "user", "content": "what is in the picture?"}],
                           [{"role": "assistant", "content": "A dog."}], [{"role": "assistant", "content": "A cat."}])
     processor.tokenizer.chat_template = processor.chat_template
-    assert render_pair(text, processor, 256, 128, None) == render_pair(text, processor.tokenizer, 256, 128, None)
-    assert render_pair(text, processor, 256, 128, None).vision_inputs is None
+    assert render_pair(text, processor, LengthLimits(256, 128, None)) == render_pair(text, processor.tokenizer, LengthLimits(256, 128, None))
+    assert render_pair(text, processor, LengthLimits(256, 128, None)).vision_inputs is None

@@ -14,6 +14,7 @@ from orpo.data.formats import RowFormat
 from orpo.data.prepare import prepare_dataset
 from orpo.data.stream import PairStream
 from orpo.errors import OrpoError
+from orpo.data.render import LengthLimits
 from test_prepare import FIXTURES, ROWS, SHARED, SOURCES
 from tiny import byte_level_chatml_tokenizer, chatml_tokenizer
 
@@ -31,8 +32,8 @@ def test_streamed_pairs_and_drops_equal_the_prepared_sets(source, tmp_path):
         data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
     else:
         data = str(FIXTURES / source if (FIXTURES / source).exists() else SHARED / source)
-    prepared = prepare_dataset(data, tok, fmt, 256, 128, use_cache=False, num_proc=1)
-    stream = PairStream(data, tok, fmt, 256, 128, shuffle_buffer=0, passes=1)
+    prepared = prepare_dataset(data, tok, fmt, LengthLimits(256, 128), use_cache=False, num_proc=1)
+    stream = PairStream(data, tok, fmt, LengthLimits(256, 128), shuffle_buffer=0, passes=1)
     assert list(stream) == list(prepared.pairs)
     assert (stream.rows, stream.kept, stream.drops, dict(stream.shapes), stream.unread_columns) \
         == (prepared.rows, len(prepared.pairs), prepared.drops, dict(prepared.shapes), prepared.unread_columns)
@@ -69,12 +70,12 @@ def test_the_stream_names_the_columns_not_read_as_a_prepared_set_does(tmp_path):
 def test_parquet_csv_and_a_datasets_stream_are_read_as_their_rows(tmp_path):
     rows = [r for r in ROWS if isinstance(r["chosen"], str)]  # one type per column: what parquet/csv hold
     tok = chatml_tokenizer()
-    expected = list(prepare_dataset(rows, tok, max_length=14, max_prompt_length=None, use_cache=False).pairs)
+    expected = list(prepare_dataset(rows, tok, limits=LengthLimits(14, None, None), use_cache=False).pairs)
     pd.DataFrame(rows).to_parquet(tmp_path / "rows.parquet")
     pd.DataFrame(rows).to_csv(tmp_path / "rows.csv", index=False)
     for source in (str(tmp_path / "rows.parquet"), str(tmp_path / "rows.csv"),
                    datasets.Dataset.from_list(rows).to_iterable_dataset()):
-        stream = PairStream(source, tok, max_length=14, max_prompt_length=None, shuffle_buffer=0, passes=1)
+        stream = PairStream(source, tok, limits=LengthLimits(14, None, None), shuffle_buffer=0, passes=1)
         assert list(stream) == expected, source
         assert [p.index for p in expected] == [0, 3]  # source row numbers, drops between them
 
@@ -117,7 +118,7 @@ def test_bad_input_is_one_line(tmp_path):
     with pytest.raises(OrpoError, match=r"missing column 'rejected'; columns found: \['prompt', 'chosen'\]"):
         PairStream(write_jsonl(tmp_path / "cols.jsonl", [{"prompt": "a", "chosen": "b"}]), tok)
     out = tmp_path / "prepared"
-    prepare_dataset(ROWS, tok, max_length=14, max_prompt_length=None, use_cache=False, output_dir=out)
+    prepare_dataset(ROWS, tok, limits=LengthLimits(14, None, None), use_cache=False, output_dir=out)
     with pytest.raises(OrpoError, match=r"a prepared set \(orpo data prepare\), read memory-mapped; train from it "
                                         r"without --streaming"):
         PairStream(str(out), tok)
@@ -125,17 +126,17 @@ def test_bad_input_is_one_line(tmp_path):
     good = json.dumps(ROWS[0]) + "\n"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(good * 1500 + "{not json\n")
-    stream = PairStream(str(bad), tok, max_length=14, max_prompt_length=None, shuffle_buffer=0, passes=1)
+    stream = PairStream(str(bad), tok, limits=LengthLimits(14, None, None), shuffle_buffer=0, passes=1)
     with pytest.raises(OrpoError, match=r"bad\.jsonl, line 1501: invalid JSON"):
         list(stream)
-    skipping = PairStream(str(bad), tok, max_length=14, max_prompt_length=None, shuffle_buffer=0, skip_bad_rows=True,
+    skipping = PairStream(str(bad), tok, limits=LengthLimits(14, None, None), shuffle_buffer=0, skip_bad_rows=True,
                           passes=1)
     assert len(list(skipping)) == 1500
     # a gzip file cut short
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(gzip.compress((good * 3000).encode())[:-40])
     with pytest.raises(OrpoError, match=r"cut\.jsonl\.gz: could not read it \("):
-        list(PairStream(str(cut), tok, max_length=14, max_prompt_length=None, shuffle_buffer=0, passes=1))
+        list(PairStream(str(cut), tok, limits=LengthLimits(14, None, None), shuffle_buffer=0, passes=1))
 
 
 def test_memory_does_not_grow_with_the_rows_read(tmp_path):
@@ -170,9 +171,9 @@ def test_streamed_image_pairs_are_the_prepared_ones_and_a_text_only_model_is_one
 
     processor = llava_processor()
     path = str(image_rows(tmp_path))
-    streamed = PairStream(path, processor, max_length=256, max_prompt_length=128, passes=1, shuffle_buffer=0)
+    streamed = PairStream(path, processor, limits=LengthLimits(256, 128, None), passes=1, shuffle_buffer=0)
     pairs = list(streamed)
-    prepared = prepare_dataset(path, processor, max_length=256, max_prompt_length=128, cache_dir=tmp_path / "cache")
+    prepared = prepare_dataset(path, processor, limits=LengthLimits(256, 128, None), cache_dir=tmp_path / "cache")
     assert pairs == list(prepared.pairs) and dict(streamed.drops) == dict(prepared.drops) == {"unreadable image": 1}
     assert torch.equal(pairs[0].vision_inputs["pixel_values"], prepared.pairs[0].vision_inputs["pixel_values"])
     with pytest.raises(OrpoError, match=r", row 0: the pair has images, and the model is text-only"):

@@ -5,8 +5,8 @@ import pytest
 
 from orpo.errors import OrpoError
 from orpo.run.checks import check_before_loading, check_writable_dir, check_writable_file
-from orpo.train.checkpoints import mark_complete, run_stamp
-from orpo.train.config import ORPOConfig, stamp_settings
+from orpo.train.checkpoints import mark_complete, run_stamp, stamp_settings
+from orpo.train.config import ORPOConfig
 
 
 def config(tmp_path, **fields):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from orpo.errors import OrpoError
-from orpo.train.callbacks import MetricTotals, NonFiniteGuard
+from orpo.train.callbacks import MetricTotals, NonFiniteGuard, RunLoss
 
 
 def _batch(nll_sum, nll_tokens, or_sum, correct, pairs, aux=0.0, router_tokens=0):
@@ -47,6 +47,7 @@ class _Trainer:
         self.accelerator = SimpleNamespace(scaler=scaler)
         self._step_rows = [3, 1]
         self.nonfinite_skipped = 0
+        self.run_loss = RunLoss()
 
 
 def _guard_step(scaler, on_nonfinite="skip", grad=float("inf")):
@@ -180,3 +181,24 @@ def test_guard_hooks_the_plain_optimizer_deepspeed_steps_itself(monkeypatch):
     optimizer.step()  # finite: stepped
     guard.on_pre_optimizer_step(args, state, None, model=model)
     assert trainer.nonfinite_skipped == 1 and not torch.equal(next(model.parameters()), before[0])
+
+
+def test_the_run_loss_counts_a_step_once_it_ends_and_never_a_skipped_one():
+    """Each rank's share of a step counts when the step ends; a step the guard skipped counts on no rank, even
+    where this rank's own share was finite (another rank's was NaN); the mean is over the applied steps."""
+    run = RunLoss()
+    run.reset(first_step=10, skipped_before=1)
+    run.add(torch.tensor(1.0))
+    run.add(torch.tensor(0.5))  # a second micro-batch of the same step
+    run.on_step_end(None, None, None)
+    run.add(torch.tensor(4.0))  # finite here, NaN on another rank: the guard skips the step everywhere
+    run.skip_step()
+    run.on_step_end(None, None, None)
+    run.add(torch.tensor(float("nan")))  # NaN here: adds nothing (and the guard skips it)
+    run.skip_step()
+    run.on_step_end(None, None, None)
+    run.add(torch.tensor(2.5))
+    run.on_step_end(None, None, None)
+    assert run.mean(global_step=14, skipped=3, reduce=lambda t: t) == pytest.approx((1.5 + 2.5) / 2)
+    guarded, _ = _guard_step(None)  # the guard's skip reaches the run loss
+    assert guarded.nonfinite_skipped == 1 and guarded.run_loss.pending.item() == 0.0

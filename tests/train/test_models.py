@@ -20,6 +20,7 @@ from orpo.train.models import (fetch_smollm2, is_hub_model_id, load_model, load_
 from orpo.ops.attention import use_span_attention
 from orpo.ops.packing import collate_padded, collate_prefix_shared
 from orpo.data.prepare import prepare_dataset
+from orpo.data.render import LengthLimits
 
 ULTRAFEEDBACK = "/work/shared/data/ultrafeedback_1k_train.jsonl"
 pytestmark = pytest.mark.real_model
@@ -39,7 +40,7 @@ def model(smollm2):
 def first_pairs(smollm2):
     tokenizer = load_tokenizer(str(smollm2))
     # max_length 384 keeps the suite short; the first 8 usable pairs at that length
-    prepared = prepare_dataset(ULTRAFEEDBACK, tokenizer, max_length=384, max_prompt_length=192)
+    prepared = prepare_dataset(ULTRAFEEDBACK, tokenizer, limits=LengthLimits(384, 192, None))
     return tokenizer, prepared.pairs[:8]
 
 
