@@ -54,13 +54,12 @@ def _check_nearest_dir(flag: str, path: str, directory: Path) -> None:
         raise OrpoError(f"--{flag} {path}: cannot write in {existing} ({err.strerror})") from None
 
 
-def check_before_loading(config: ORPOConfig, resume, model_name: str | None, has_eval: bool,
-                         local_gpus: int) -> None:
+def check_before_loading(config: ORPOConfig, model_name: str | None, has_eval: bool, local_gpus: int) -> None:
     """Stage 2 (module docstring): one OrpoError line for the first problem, in the order a user would fix them.
 
-    resume:      the run's resume_from_checkpoint (None, True/"latest" or a path).
     model_name:  the model as given (a hub id or path; None for a model object), for the checkpoint's stamp.
     has_eval:    whether eval data was given. local_gpus: the GPUs this process sees (transformers' n_gpu)."""
+    resume = config.resume_from_checkpoint
     check_writable_dir("output_dir", config.output_dir)
     if resume or config.overwrite_output_dir:
         # (a fresh start without overwrite_output_dir into a directory with files is refused by orpo train before
@@ -73,6 +72,8 @@ def check_before_loading(config: ORPOConfig, resume, model_name: str | None, has
                         "nn.DataParallel (slow, and not what orpo's step normalisation is built for): launch one "
                         f"process per GPU (torchrun --nproc_per_node {local_gpus} -m orpo train ...; "
                         "docs/distributed.md), or choose one GPU with CUDA_VISIBLE_DEVICES=0")
+    if "trust_remote_code" in (config.model_init_kwargs or {}):
+        raise OrpoError("--model_init_kwargs: trust_remote_code has its own flag (--trust_remote_code); give it there")
     if model_name is None and config.model_init_kwargs:
         raise OrpoError(f"model_init_kwargs {json.dumps(config.model_init_kwargs)} apply when orpo loads the model, "
                         "and the model was given already loaded: pass its name or path instead, or leave them unset")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,8 @@ from orpo.run.launch import start_process
 from orpo.train.callbacks import disable_dropout
 from orpo.train.config import ORPOConfig, prepare_data, stream_data
 from orpo.train.models import load_model, load_tokenizer
+
+logger = logging.getLogger(__name__)
 
 Data = PreparedData | PairStream
 
@@ -51,18 +54,17 @@ class Setup:
 
 
 def set_up(model, args: ORPOConfig, train_dataset=None, eval_dataset=None, processing_class=None,
-           peft_config=None, logger=None) -> Setup:
+           peft_config=None) -> Setup:
     """Steps 1-4 of the module docstring for ORPOTrainer's arguments (TRL's): `model` a name/path or a model,
     the datasets any source `prepare_data` reads (or data prepared already), `processing_class` None = the
     model's own, `peft_config` a peft config or None."""
     name = model if isinstance(model, str) else None
-    check_before_loading(args, args.resume_from_checkpoint, name, eval_dataset is not None, args.n_gpu)
+    check_before_loading(args, name, eval_dataset is not None, args.n_gpu)
     start_process(args)
     if processing_class is None:
         processing_class = load_tokenizer(name or model.name_or_path, args.trust_remote_code)
     for warning in ensure_chat_template(processing_class):
-        if logger is not None:
-            logger.warning("warning: %s", warning)
+        logger.warning("warning: %s", warning)
     if name is not None:
         model = _load(name, args)
     if peft_config is not None:
@@ -81,8 +83,6 @@ def _load(name: str, args: ORPOConfig) -> torch.nn.Module:
     """The model `name` with `model_init_kwargs` (their dtype, TRL's way to choose it, as the dtype), kept on the
     CPU (the Trainer places it); keyword arguments the model refuses are one line."""
     kwargs = dict(args.model_init_kwargs or {})
-    if "trust_remote_code" in kwargs:
-        raise OrpoError("--model_init_kwargs: trust_remote_code has its own flag (--trust_remote_code); give it there")
     dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", "float32"))
     try:
         return load_model(name, dtype=dtype, trust_remote_code=args.trust_remote_code, **kwargs)

@@ -74,7 +74,7 @@ class ORPOTrainer(TrainerAdapter):
             raise OrpoError(f"args must be an orpo.ORPOConfig, got {type(args).__name__}")
         if model is None:
             raise OrpoError("ORPOTrainer needs a model: its hub id or path, or a model object")
-        setup = set_up(model, args, train_dataset, eval_dataset, processing_class, peft_config, logger)
+        setup = set_up(model, args, train_dataset, eval_dataset, processing_class, peft_config)
         self.plan = plan_run(args, setup)
         self.setup = setup
         super().__init__(

@@ -40,30 +40,31 @@ def test_a_file_path_that_is_a_directory_or_cannot_be_written_is_one_line(tmp_pa
 def test_paths_and_the_output_dir_state_are_checked_first(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(OrpoError, match=r"^--output_dir .*a_file: exists and is not a directory$"):
-        check_before_loading(ORPOConfig(output_dir=str(tmp_path / "a_file")), None, "m", False, 0)
+        check_before_loading(ORPOConfig(output_dir=str(tmp_path / "a_file")), "m", False, 0)
     with pytest.raises(OrpoError, match=r"^--export_gguf .*: is a directory"):
-        check_before_loading(config(tmp_path, export_gguf=str(tmp_path)), None, "m", False, 0)
+        check_before_loading(config(tmp_path, export_gguf=str(tmp_path)), "m", False, 0)
     with pytest.raises(OrpoError, match=r"^resume_from_checkpoint: .*nope: no such checkpoint directory$"):
-        check_before_loading(config(tmp_path), str(tmp_path / "nope"), "m", False, 0)
+        check_before_loading(config(tmp_path, resume_from_checkpoint=str(tmp_path / "nope")), "m", False, 0)
 
 
 def test_one_process_driving_several_gpus_is_refused(tmp_path):
     with pytest.raises(OrpoError, match=r"^this process sees 4 GPUs, and transformers would drive them all from it "
                                         r"with nn.DataParallel .*torchrun --nproc_per_node 4 -m orpo train"):
-        check_before_loading(config(tmp_path), None, "m", False, 4)
+        check_before_loading(config(tmp_path), "m", False, 4)
 
 
 def test_evaluation_without_eval_data_is_one_line(tmp_path):
     with pytest.raises(OrpoError, match=r"^--eval_strategy steps evaluates during training, and no eval data is given"):
-        check_before_loading(config(tmp_path, eval_strategy="steps", eval_steps=2), None, "m", False, 0)
-    check_before_loading(config(tmp_path, eval_strategy="steps", eval_steps=2), None, "m", True, 0)
+        check_before_loading(config(tmp_path, eval_strategy="steps", eval_steps=2), "m", False, 0)
+    check_before_loading(config(tmp_path, eval_strategy="steps", eval_steps=2), "m", True, 0)
 
 
 def test_init_kwargs_for_a_model_object_are_one_line(tmp_path):
     with pytest.raises(OrpoError, match=r'^model_init_kwargs \{"attn_implementation": "eager"\} apply when orpo '
                                         r"loads the model, and the model was given already loaded"):
-        check_before_loading(config(tmp_path, model_init_kwargs={"attn_implementation": "eager"}), None, None,
-                             False, 0)
+        check_before_loading(config(tmp_path, model_init_kwargs={"attn_implementation": "eager"}), None, False, 0)
+    with pytest.raises(OrpoError, match=r"^--model_init_kwargs: trust_remote_code has its own flag"):
+        check_before_loading(config(tmp_path, model_init_kwargs={"trust_remote_code": True}), "m", False, 0)
 
 
 def test_a_checkpoint_made_with_other_settings_or_another_model_is_refused_before_loading(tmp_path):
@@ -71,10 +72,10 @@ def test_a_checkpoint_made_with_other_settings_or_another_model_is_refused_befor
     checkpoint = tmp_path / "out" / "checkpoint-2"
     checkpoint.mkdir(parents=True)
     mark_complete(str(checkpoint), 2, stamp=run_stamp(stamp_settings(made), "tiny", {"train": ("a", "f")}))
-    check_before_loading(config(tmp_path, beta=0.1, max_steps=9), "latest", "tiny", False, 0)  # may change
+    latest = dict(resume_from_checkpoint="latest")
+    check_before_loading(config(tmp_path, beta=0.1, max_steps=9, **latest), "tiny", False, 0)  # may change
     with pytest.raises(OrpoError, match=r"checkpoint-2 was made by another run \(beta 0.1 \(now 0.5\)\)"):
-        check_before_loading(config(tmp_path, beta=0.5), "latest", "tiny", False, 0)
+        check_before_loading(config(tmp_path, beta=0.5, **latest), "tiny", False, 0)
     with pytest.raises(OrpoError, match=r"checkpoint-2 was made by another run \(the model tiny \(now other\)\)"):
-        check_before_loading(config(tmp_path), str(checkpoint), "other", False, 0)
-    check_before_loading(config(tmp_path, beta=0.5, force_resume=True, resume_from_checkpoint="latest"), "latest",
-                         "tiny", False, 0)
+        check_before_loading(config(tmp_path, resume_from_checkpoint=str(checkpoint)), "other", False, 0)
+    check_before_loading(config(tmp_path, beta=0.5, force_resume=True, **latest), "tiny", False, 0)

@@ -34,9 +34,6 @@ def test_init_kwargs_the_model_refuses_are_one_line_before_the_data(tmp_path, mo
     with pytest.raises(OrpoError, match=r'^--model_init_kwargs \{"foo": 1\}: .* cannot be loaded with them '
                                         r"\(LlamaForCausalLM.__init__\(\) got an unexpected keyword argument 'foo'\)$"):
         set_up(save_tiny_chat_model(tmp_path / "m"), config(tmp_path, model_init_kwargs={"foo": 1}), ROWS)
-    with pytest.raises(OrpoError, match=r"^--model_init_kwargs: trust_remote_code has its own flag"):
-        set_up(save_tiny_chat_model(tmp_path / "m"), config(tmp_path, model_init_kwargs={"trust_remote_code": True}),
-               ROWS)
 
 
 def test_lora_targets_the_model_lacks_are_one_line(tmp_path):
