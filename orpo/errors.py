@@ -9,6 +9,13 @@ class OrpoError(Exception):
     """A problem with the user's input or setup, reported as one line (no traceback)."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name where it has none): what a one-line error quotes
+    of a library's error."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class DroppedPair(Exception):
     """Raised for a pair that cannot be trained on; `reason` is one of `DROP_REASONS`."""
 

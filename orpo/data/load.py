@@ -24,7 +24,7 @@ import datasets
 import pyarrow as pa
 
 from orpo.data.drops import DropCounts
-from orpo.errors import OrpoError
+from orpo.errors import OrpoError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _reason(error: BaseException) -> str:
     """The innermost cause's first line: datasets wraps the useful pyarrow/hub message."""
     while error.__cause__ is not None:
         error = error.__cause__
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = first_line(error)
     return text if len(text) <= 200 else text[:197] + "..."
 
 

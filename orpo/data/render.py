@@ -33,7 +33,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 
 from orpo.errors import (EMPTY_RESPONSE, SAME_AFTER_TRUNCATION, TEMPLATE_ERROR, TEXT_ONLY_MODEL, TOO_LONG, DroppedPair,
-                         OrpoError)
+                         OrpoError, first_line)
 from orpo.data.formats import PreferencePair
 from orpo.data.images import TEXT_KEYS, decode_image, is_processor, read_image_files, text_tokenizer
 
@@ -145,7 +145,7 @@ TEMPLATE_ERRORS = (TemplateError, ValueError, TypeError)
 
 def template_error_message(err: Exception) -> str:
     """The first line of a chat template's error, for a one-line report."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return first_line(err)
 
 
 def _render_prompt(tokenizer, messages: list[dict], images: tuple[bytes, ...] = ()

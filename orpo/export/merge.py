@@ -12,7 +12,7 @@ import json
 import logging
 import os
 
-from orpo.errors import OrpoError
+from orpo.errors import OrpoError, first_line
 from orpo.train.models import DTYPES, load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -104,8 +104,7 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir)
     except (OSError, ValueError, KeyError, RuntimeError) as err:  # missing/mismatched adapter weights
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise OrpoError(f"{adapter_dir}: cannot apply the adapter to {base}: {first}") from None
+        raise OrpoError(f"{adapter_dir}: cannot apply the adapter to {base}: {first_line(err)}") from None
     tied = _adapted_tied_embeddings(peft_model)
     if tied:
         raise OrpoError(f"{adapter_dir}: the adapter changes {' and '.join(tied)}, and {base} ties lm_head to the "

@@ -23,7 +23,7 @@ import torch
 from orpo.data.prepare import PreparedData
 from orpo.data.render import TokenizedPair, ensure_chat_template
 from orpo.data.stream import PairStream
-from orpo.errors import OrpoError
+from orpo.errors import OrpoError, first_line
 from orpo.ops.forward import causal_lm
 from orpo.ops.vision import vision_tower
 from orpo.run.checks import check_before_loading
@@ -89,9 +89,8 @@ def _load(name: str, args: ORPOConfig) -> torch.nn.Module:
     except (TypeError, ValueError, RuntimeError, AttributeError) as err:
         if not args.model_init_kwargs:
             raise
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise OrpoError(f"--model_init_kwargs {json.dumps(args.model_init_kwargs)}: {name} cannot be loaded with "
-                        f"them ({text})") from None
+                        f"them ({first_line(err)})") from None
 
 
 def _with_lora(model, peft_config):
@@ -108,8 +107,8 @@ def _with_lora(model, peft_config):
     try:
         return get_peft_model(model, peft_config)
     except ValueError as err:  # peft's NoMatchingPeftModuleError among them
-        text = str(err).strip().splitlines()[0]
-        raise OrpoError(f"--lora_target_modules {','.join(targets) or '(peft default)'}: {text}") from None
+        targets = ",".join(targets) or "(peft default)"
+        raise OrpoError(f"--lora_target_modules {targets}: {first_line(err)}") from None
 
 
 def prepare_source(dataset, tokenizer, args: ORPOConfig, role: str):

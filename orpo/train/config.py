@@ -20,7 +20,7 @@ from orpo.data.formats import BINARIZE, RowFormat
 from orpo.data.prepare import PreparedData, prepare_dataset
 from orpo.data.render import LengthLimits
 from orpo.data.stream import PairStream
-from orpo.errors import OrpoError
+from orpo.errors import OrpoError, first_line
 from orpo.train.validation import check_fields
 from orpo.ops.packing import PACKED_ATTENTION
 from orpo.train.models import DTYPES, GGUF_OUTTYPES
@@ -383,9 +383,8 @@ class ORPOConfig(TrainingArguments):
         check_fields(self)
         if self.is_encoder_decoder:  # TRL-compatibility field
             raise OrpoError("is_encoder_decoder=True: orpo trains decoder-only causal LMs only")
-        for name in ("model_init_kwargs", "label_map"):  # TrainingArguments parses JSON objects given as text
-            _check_json_object(name, getattr(self, name))
-        to_row_format(self)  # inconsistent data options fail here, before any model is loaded
+        _check_json_object("model_init_kwargs", self.model_init_kwargs)  # TrainingArguments would parse it
+        to_row_format(self)  # inconsistent data options (label_map's JSON too) fail here, before any model is loaded
         _check_engine_configs(self)
         if not torch.accelerator.is_available() and (self.bf16 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
             # The CPU is the only device: TrainingArguments accepts bf16 there, and sets up (gloo) data
@@ -401,7 +400,7 @@ class ORPOConfig(TrainingArguments):
         try:
             super().__post_init__()
         except ValueError as err:  # TrainingArguments' own checks (strategies, schedulers, ...), as one line
-            raise OrpoError(_first_line(err)) from None
+            raise OrpoError(first_line(err)) from None
         if chooses:
             self.activation_checkpointing = self.gradient_checkpointing = None
         if self.streaming and self.accelerator_config.dispatch_batches:
@@ -414,11 +413,6 @@ class ORPOConfig(TrainingArguments):
     def chooses_checkpointing(self) -> bool:
         """Whether orpo decides activation checkpointing for this config (neither name set by the user)."""
         return self.activation_checkpointing is None
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _check_json_object(name: str, value) -> None:

@@ -24,7 +24,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from orpo.errors import OrpoError
+from orpo.errors import OrpoError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         return loader.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ImportError, ValueError) as err:
         what = "a processor" if vision else "a tokenizer"
-        raise OrpoError(f"{name_or_path}: cannot load {what}: {_first_line(err)}") from None
+        raise OrpoError(f"{name_or_path}: cannot load {what}: {first_line(err)}") from None
 
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")  # the weights dtypes a model can be loaded in, by name
@@ -115,7 +115,7 @@ def load_model(name_or_path: str, dtype=DTYPES[0], trust_remote_code: bool = Fal
         model = loader.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **kwargs)
     except OSError as err:
         what = "vision-language model" if vision else "causal LM"
-        raise OrpoError(f"{name_or_path}: cannot load a {what}: {_first_line(err)}") from None
+        raise OrpoError(f"{name_or_path}: cannot load a {what}: {first_line(err)}") from None
     if "gguf_file" in extra:
         # The weights are dequantised: what is left of the GGUF quantizer would only make
         # save_pretrained write a quantization_config that no loader can honour.
@@ -158,11 +158,6 @@ def whole_weights_per_call(model):
             handle.remove()
         for stack in open_gathers.values():  # a call that raised
             stack.close()
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def fetch_smollm2(root: Path | None = None) -> Path:
