@@ -6,7 +6,8 @@ the final evaluation, the saved model, its card, the export). This class is the 
 middle: checkpoints, resume, schedulers, `report_to`, DeepSpeed and FSDP come from the Trainer; what it adds
 is the batch layout of the plan's route (packing.py), one model call per micro-batch (forward.py), the loss
 (loss.py) and exact metrics. It never changes the config it was given: the Trainer runs the plan's copy
-(`self.args`), with orpo's decisions written in.
+(`self.args`), with orpo's decisions written in. A subclass changes the loss in `batch_loss` and logs its own
+values with `add_metric` (docs/migrating-from-trl.md: what replaces each member of TRL's trainer).
 
 Normalisation (ARCHITECTURE.md): the NLL is a token mean and the odds-ratio term a pair mean
 over the whole optimizer step, so `step_totals` returns both totals for the step and `compute_loss`
@@ -85,6 +86,9 @@ class ORPOTrainer(TrainerAdapter):
             raise OrpoError(f"args must be an orpo.ORPOConfig, got {type(args).__name__}")
         if model is None:
             raise OrpoError("ORPOTrainer needs a model: its hub id or path, or a model object")
+        if kwargs.pop("data_collator", None) is not None:  # TRL's argument (None: its default, the same as orpo's)
+            raise OrpoError("ORPOTrainer takes no data_collator: it batches pairs in the layout of the model's route "
+                            "(trainer.data_collator, orpo/ops/packing.py)")
         setup = set_up(model, args, train_dataset, eval_dataset, processing_class, peft_config)
         self.plan = plan_run(args, setup)
         self.setup = setup
@@ -249,7 +253,8 @@ class ORPOTrainer(TrainerAdapter):
         """Log `name` as total / count, each summed over the micro-batches (and ranks) since the last log: the
         exact mean of a per-pair value `v` [pairs] is add_metric(name, v.sum(), len(v)). Called from
         `batch_loss`, training logs it with the step's metrics (metrics.jsonl, report_to), an evaluation as
-        `{prefix}_{name}`. Every rank must add the same names; a name orpo logs itself is refused when logged."""
+        `{prefix}_{name}` (across ranks, the pairs that fill the last evaluation batch by repeating count again: orpo's
+        own eval metrics drop them). Every rank must add the same names; a name already logged is refused."""
         self._added_metrics["train" if self._eval_prefix is None else "eval"].add(name, total, count)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
