@@ -241,12 +241,14 @@ class ORPOTrainer(TrainerAdapter):
         however the step is split into micro-batches and ranks. It runs in training and, without gradients,
         in evaluation (`model.training` is False there; `eval_loss` stays the ORPO loss of the per-pair
         records); `add_metric` logs a value of the subclass's own."""
-        loss, or_loss, log_odds = orpo_loss(logps.logps_chosen, logps.logps_rejected, logps.nll_sum(self.args.nll_scope),
-                                            self.args.beta, step.nll_tokens, step.pairs)
+        nll_sum = logps.nll_sum(self.args.nll_scope)
+        loss, or_loss, log_odds = orpo_loss(logps.logps_chosen, logps.logps_rejected, nll_sum, self.args.beta,
+                                            step.nll_tokens, step.pairs)
         if logps.router_aux_loss is not None:
             # coef · aux, each micro-batch weighted by its share of the step's counted tokens (all ranks),
             # so the step's term is coef times the token-weighted mean of the micro-batches' aux losses
-            loss = loss + self.plan.router_balancing.coef * logps.router_aux_loss * logps.router_tokens / step.router_tokens
+            coef = self.plan.router_balancing.coef
+            loss = loss + coef * logps.router_aux_loss * logps.router_tokens / step.router_tokens
         return loss, or_loss, log_odds
 
     def add_metric(self, name: str, total: torch.Tensor | float, count: torch.Tensor | float = 1) -> None:
@@ -319,6 +321,7 @@ class ORPOTrainer(TrainerAdapter):
         if metrics and self.nonfinite_skipped:
             metrics["nonfinite_skipped"] = self.nonfinite_skipped  # steps skipped so far
         added = self._added_metrics["train"].summary(lambda t: self._sum(t).cpu())
+        self._added_metrics["train"].reset()
         if metrics:
             metrics.update(_without_clash(added, {**logs, **metrics}, "training"))
         return metrics

@@ -87,6 +87,9 @@ class AddedMetrics:
     the micro-batches since the last log, on the device of the values added; logged as total / count."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self):
         self.totals: dict[str, torch.Tensor] = {}
 
     def add(self, name: str, total, count) -> None:
@@ -95,13 +98,12 @@ class AddedMetrics:
 
     def summary(self, reduce) -> dict[str, float]:
         """{name: total / count} after `reduce` (a sum over ranks: every rank must have added the same names),
-        names in sorted order; a name whose count is 0 is left out. Then reset."""
+        names in sorted order; a name whose count is 0 is left out."""
         names = sorted(self.totals)
         if not names:
             return {}
         device = self.totals[names[0]].device
         rows = reduce(torch.stack([self.totals[name].to(device) for name in names])).tolist()
-        self.totals = {}
         return {name: total / count for name, (total, count) in zip(names, rows) if count}
 
 
