@@ -209,20 +209,32 @@ class ORPOTrainer(TrainerAdapter):
                 # gather_for_metrics drops the pairs that even_batches repeats to fill the last batch
                 rows = self.accelerator.gather_for_metrics(record_tensor(logps, inputs["pair_index"], self.args.nll_scope))
                 self._eval_records += records_from_tensor(rows)
-                return (loss, {"log_odds": log_odds}) if return_outputs else loss
+                return (loss, self._outputs(logps, log_odds)) if return_outputs else loss
             self.run_loss.add(loss)
             self._train_totals.add_batch(logps, nll_sum, batch_nll_tokens, or_loss, log_odds, inputs["num_pairs"],
                                          inputs["num_tokens"])
         if num_items_in_batch is not None and self.accelerator.num_processes > 1:
             # DDP averages gradients over ranks; the loss is already normalised by global totals
             loss = loss * self.accelerator.num_processes
-        return (loss, {"log_odds": log_odds}) if return_outputs else loss
+        return (loss, self._outputs(logps, log_odds)) if return_outputs else loss
+
+    @staticmethod
+    def _outputs(logps, log_odds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """compute_loss's outputs: per pair, `log_odds` [pairs] and `logps` [pairs, 2] (chosen, rejected)."""
+        return {"log_odds": log_odds, "logps": torch.stack([logps.logps_chosen, logps.logps_rejected], dim=1)}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """(loss, predictions, labels) of one eval batch, as the Trainer's evaluation loop gathers them for
+        `compute_metrics` (an EvalPrediction): predictions [pairs, 2] the mean completion log-probs (chosen,
+        rejected) of each pair, labels [pairs] 0, the column of the preferred completion (so `argmax ==
+        label` is the pair's accuracy). Nothing but the loss when `prediction_loss_only`."""
         inputs = self.inputs_to_device(inputs)
         with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        logps = outputs["logps"]
+        return loss.detach(), logps, torch.zeros(len(logps), dtype=torch.long, device=logps.device)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """Trainer.evaluate on the training path without gradients. Metrics (`{prefix}_accuracy`,
