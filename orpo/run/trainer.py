@@ -204,24 +204,22 @@ class ORPOTrainer(TrainerAdapter):
             # so the step's term is coef times the token-weighted mean of the micro-batches' aux losses
             step_tokens = logps.router_tokens if num_items_in_batch is None else num_items_in_batch[2]
             loss = loss + self.plan.router_balancing.coef * logps.router_aux_loss * logps.router_tokens / step_tokens
+        # per pair: log_odds [pairs], logps [pairs, 2] (chosen, rejected), which prediction_step returns
+        outputs = {"log_odds": log_odds, "logps": torch.stack([logps.logps_chosen, logps.logps_rejected], dim=1)} \
+            if return_outputs else None
         with torch.no_grad():
             if not model.training:
                 # gather_for_metrics drops the pairs that even_batches repeats to fill the last batch
                 rows = self.accelerator.gather_for_metrics(record_tensor(logps, inputs["pair_index"], self.args.nll_scope))
                 self._eval_records += records_from_tensor(rows)
-                return (loss, self._outputs(logps, log_odds)) if return_outputs else loss
+                return (loss, outputs) if return_outputs else loss
             self.run_loss.add(loss)
             self._train_totals.add_batch(logps, nll_sum, batch_nll_tokens, or_loss, log_odds, inputs["num_pairs"],
                                          inputs["num_tokens"])
         if num_items_in_batch is not None and self.accelerator.num_processes > 1:
             # DDP averages gradients over ranks; the loss is already normalised by global totals
             loss = loss * self.accelerator.num_processes
-        return (loss, self._outputs(logps, log_odds)) if return_outputs else loss
-
-    @staticmethod
-    def _outputs(logps, log_odds: torch.Tensor) -> dict[str, torch.Tensor]:
-        """compute_loss's outputs: per pair, `log_odds` [pairs] and `logps` [pairs, 2] (chosen, rejected)."""
-        return {"log_odds": log_odds, "logps": torch.stack([logps.logps_chosen, logps.logps_rejected], dim=1)}
+        return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """(loss, predictions, labels) of one eval batch, as the Trainer's evaluation loop gathers them for

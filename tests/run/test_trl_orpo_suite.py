@@ -2,8 +2,10 @@
 
 Follows TRL's `tests/experimental/test_orpo_trainer.py` at TRL commit 6e4ab1f72f92fc96f829c76a6b6950176f111d1f:
 every case and assertion of `TestORPOTrainer` below is TRL's, with the import changed (`from orpo import
-ORPOConfig, ORPOTrainer`) and the hub replaced by local stand-ins built here (`stand_in`, `load_dataset`; nothing
-is downloaded). When TRL's file changes, port the change and update the commit above.
+ORPOConfig, ORPOTrainer`), the hub replaced by local stand-ins built here (each hub id wrapped in `stand_in(...)`,
+`load_dataset` a local function of the same call shape; nothing is downloaded), and one assertion replaced by
+orpo's equivalent (test_init_with_eval_dataset, below). When TRL's file changes, port the change and update the
+commit above.
 
 TRL's cases (`TestORPOTrainer`):
 - test_trust_remote_code: a model with custom modeling code is refused without trust_remote_code, loaded with it;
@@ -11,7 +13,8 @@ TRL's cases (`TestORPOTrainer`):
   xfail until that support is merged), [qwen-conversational_preference]: three steps with evaluation, every
   parameter changes;
 - test_init_with_eval_dataset[dataset], [dataset_dict], [none]: the eval data as one set, named sets (each
-  tokenized independently), or none;
+  tokenized independently), or none. Its assertion `"chosen_input_ids" in <a tokenized eval row>` reads TRL's
+  representation (a dict of columns); orpo's rows are `TokenizedPair`s, so it asserts their `chosen_ids` instead;
 - test_orpo_trainer_processing_class_autoloaded: the tokenizer loaded from the model when omitted;
 - test_orpo_trainer_with_lora[standard_preference, standard_implicit_prompt_preference,
   conversational_preference, conversational_implicit_prompt_preference]: LoRA over the four shapes, every
@@ -19,9 +22,15 @@ TRL's cases (`TestORPOTrainer`):
 - test_compute_metrics: the user's `compute_metrics` is called at each evaluation and its metrics are logged
   with the `eval_` prefix.
 
-Cases of the issue that TRL's file lacks (`TestBeyondTRLSuite`): the model tagged as TRL tags it, for full and
-LoRA models, and the saved card's tags taken from there; `model_init_kwargs` dtype respected for a model given by
-name; evaluation during training logged at the eval steps; gradient checkpointing.
+Cases of the issue that TRL's file lacks (`TestBeyondTRLSuite`):
+- test_model_tags[full], [lora]: the model tagged as TRL's trainers tag theirs (orpo's tags), the card's tags the
+  model's;
+- test_model_init_kwargs_dtype: `model_init_kwargs={"dtype": "bfloat16"}` respected for a model given by name;
+- test_evaluation_during_training: evaluations logged at the eval steps, `compute_metrics` given each eval pair's
+  log-probs (chosen, rejected) with label 0;
+- test_gradient_checkpointing[trl-name], [orpo-name], [both]: TRL's `gradient_checkpointing=True` (its default:
+  orpo's plan decides) and orpo's `activation_checkpointing=True` (recompute forced) train, with the losses of a
+  run without recompute.
 
 Stand-ins for TRL's hub ids: "trl-internal-testing/tiny-Qwen2ForCausalLM-2.5" a random tiny Qwen2ForCausalLM with
 a byte-level ChatML tokenizer trained on the Zen of Python (distinct ids for every text, no <unk>);
@@ -31,9 +40,12 @@ a directory whose config.json maps AutoModelForCausalLM to `RemoteForCausalLM` i
 code); "trl-internal-testing/zen" the Zen of Python (stdlib `this`) as pairs in TRL's four preference shapes, split
 as TRL's dataset is (test_size 0.1, not shuffled).
 """
+import atexit
 import codecs
 import functools
+import importlib.util
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -61,7 +73,9 @@ def zen_lines() -> list[str]:
 
 def zen_rows(config_name: str) -> dict[str, list]:
     """The Zen as preference pairs in one of TRL's four shapes: each aphorism split after its first half of words
-    (prompt | chosen), the rejected completion the next aphorism's second half."""
+    (prompt | chosen), the rejected completion the second half of the next aphorism whose second half differs from
+    the chosen one from the start of a word on (" than complex." vs " than complicated." would not: an implicit prompt
+    is the texts' common start, and TRL's stops where the texts differ, inside "compl")."""
     halves = []
     for line in zen_lines():
         words = line.split(" ")
@@ -69,7 +83,12 @@ def zen_rows(config_name: str) -> dict[str, list]:
         halves.append((" ".join(words[:cut]), " " + " ".join(words[cut:])))
     prompts = [p for p, _ in halves]
     chosen = [c for _, c in halves]
-    rejected = [halves[(i + 1) % len(halves)][1] for i in range(len(halves))]
+
+    def differs_at_a_word(a: str, b: str) -> bool:
+        same = next(i for i, (x, y) in enumerate(zip(a + "\0", b + "\1")) if x != y)
+        return same > 0 and a[same - 1] == " "
+
+    rejected = [next(r for _, r in halves[i + 1:] + halves[:i] if differs_at_a_word(c, r)) for i, c in enumerate(chosen)]
     if config_name == "standard_preference":
         return {"prompt": prompts, "chosen": chosen, "rejected": rejected}
     if config_name == "standard_implicit_prompt_preference":
@@ -156,7 +175,9 @@ STAND_INS = {
 
 @functools.cache
 def _stand_in_root() -> Path:
-    return Path(tempfile.mkdtemp(prefix="orpo-trl-stand-ins-"))
+    root = tempfile.mkdtemp(prefix="orpo-trl-stand-ins-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return Path(root)
 
 
 @functools.cache
@@ -176,7 +197,8 @@ class TrlTestCase:
 
 
 def require_peft(test):
-    return pytest.mark.skipif(__import__("importlib").util.find_spec("peft") is None, reason="needs peft")(test)
+    """TRL's tests/testing_utils.py require_peft: skip where peft is not installed."""
+    return pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="test requires peft")(test)
 
 
 # ---------------------------------------------------------------------------------------------------------------
