@@ -42,8 +42,10 @@ as TRL's dataset is (test_size 0.1, not shuffled).
 """
 import atexit
 import codecs
+import contextlib
 import functools
 import importlib.util
+import io
 import json
 import shutil
 import tempfile
@@ -65,7 +67,8 @@ from tiny import byte_level_chatml_tokenizer
 
 def zen_lines() -> list[str]:
     """The 19 aphorisms of the Zen of Python (stdlib `this`, rot13-encoded there)."""
-    import this  # noqa: F401  (prints the Zen once at import; its text is this.s)
+    with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints the Zen
+        import this
 
     text = codecs.decode(this.s, "rot13")
     return [line for line in text.splitlines()[2:] if line.strip()]
