@@ -225,7 +225,8 @@ class ORPOTrainer(TrainerAdapter):
         """(loss, predictions, labels) of one eval batch, as the Trainer's evaluation loop gathers them for
         `compute_metrics` (an EvalPrediction): predictions [pairs, 2] the mean completion log-probs (chosen,
         rejected) of each pair, labels [pairs] 0, the column of the preferred completion (so `argmax ==
-        label` is the pair's accuracy). Nothing but the loss when `prediction_loss_only`."""
+        label` is the pair's accuracy). Nothing but the loss when `prediction_loss_only` (Trainer.evaluate's
+        choice where no compute_metrics is given)."""
         inputs = self.inputs_to_device(inputs)
         with torch.no_grad():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
