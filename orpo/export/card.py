@@ -26,6 +26,10 @@ from orpo.train.models import is_hub_model_id
 from orpo.train.report import METRICS_FILE, PLOTS, REPORT_FILE, read_metrics
 
 CARD_FILE = "README.md"
+# the tags orpo adds to the model it trains (`model.add_model_tags`, as TRL's trainers do); the card's tags are the
+# model's. "orpo" is TRL's tag for the method and this library's name; TRL's "trl" tag is left out: on the hub it
+# says that TRL trained the model.
+MODEL_TAGS = ("orpo", "preference-optimization")
 # the metrics a card shows, in this order (metrics.jsonl keys; eval records without their eval_ prefix)
 CARD_METRICS = ("loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/rejected", "margin", "accuracy")
 PAPER = "[ORPO](https://arxiv.org/abs/2403.07691) (Odds Ratio Preference Optimization, Hong, Lee & Thorne 2024)"
@@ -69,7 +73,7 @@ def _source_name(source) -> str:
 
 
 def _front_matter(base_model: str, hub_ids: set[str], sources: list[str], license: str | None, adapter: bool,
-                  lora: bool, vision: bool = False) -> str:
+                  lora: bool, vision: bool = False, tags=MODEL_TAGS) -> str:
     meta = {}
     if base_model in hub_ids:
         meta["base_model"] = base_model
@@ -79,7 +83,7 @@ def _front_matter(base_model: str, hub_ids: set[str], sources: list[str], licens
     datasets = [s for s in dict.fromkeys(sources) if s in hub_ids]
     if datasets:
         meta["datasets"] = datasets
-    meta["tags"] = ["orpo", "preference-optimization"] + (["lora"] if lora else [])
+    meta["tags"] = list(dict.fromkeys([*tags, *(["lora"] if lora else [])]))
     meta["pipeline_tag"] = "image-text-to-text" if vision else "text-generation"
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
@@ -177,7 +181,7 @@ def _usage_section(model_path: str, adapter: bool, vision: bool = False) -> list
 def render_card(name: str, base_model: str, data: dict[str, tuple[object, PreparedData]], settings: dict[str, object],
                 train_records: list[dict], eval_records: list[dict], plots: list[str], report: str | None = None,
                 model_path: str = ".", hub_ids: set[str] = frozenset(), license: str | None = None,
-                adapter: bool = False, vision: bool = False, choices: list[str] = ()) -> str:
+                adapter: bool = False, vision: bool = False, choices: list[str] = (), tags=MODEL_TAGS) -> str:
     """The model card's text (README.md).
 
     name:          the card's title (e.g. the output directory's name).
@@ -193,6 +197,7 @@ def render_card(name: str, base_model: str, data: dict[str, tuple[object, Prepar
     license:       the base model's license, if known. `adapter`: the directory holds a peft adapter.
     vision:        a vision-language model (pipeline image-text-to-text; the usage snippet passes an image).
     choices:       what orpo chose for the run and why, one line each (the run's plan: `Plan.lines()`).
+    tags:          the front matter's tags: the trained model's `model_tags` ("lora" added for a LoRA run).
     """
     sources = [s for s, _ in data.values() if isinstance(s, str)]
     lines = [f"# {name}", ""]
@@ -209,7 +214,7 @@ def render_card(name: str, base_model: str, data: dict[str, tuple[object, Prepar
         lines += [f"- {choice}" for choice in choices] + [""]
     lines += _metrics_section(train_records, eval_records, plots, report)
     lines += _usage_section(model_path, adapter, vision)
-    lines.insert(0, _front_matter(base_model, hub_ids, sources, license, adapter, "LoRA" in settings, vision))
+    lines.insert(0, _front_matter(base_model, hub_ids, sources, license, adapter, "LoRA" in settings, vision, tags))
     return "\n".join(lines)
 
 
@@ -249,10 +254,11 @@ def _is_vision_language_dir(output_dir: str) -> bool:
 
 def write_card(output_dir: str, base_model: str, settings: dict[str, object], train: tuple[object, PreparedData],
                eval: tuple[object, PreparedData] | None = None, license: str | None = None,
-               choices: list[str] = ()) -> str:
+               choices: list[str] = (), tags=MODEL_TAGS) -> str:
     """Write OUTPUT_DIR/README.md for a run that trained `base_model` on `train` (source, PreparedData) with
-    `settings` (`card_settings`) and the plan's `choices`, held out `eval` if any; metrics and plots are read
-    from the directory, the license from the base model's card when not given. Returns the card's path."""
+    `settings` (`card_settings`) and the plan's `choices`, held out `eval` if any, tagged `tags` (the model's
+    `model_tags`); metrics and plots are read from the directory, the license from the base model's card when not
+    given. Returns the card's path."""
     metrics = os.path.join(output_dir, METRICS_FILE)
     train_records, eval_records = read_metrics(metrics) if os.path.isfile(metrics) else ([], [])
     plots = [name for name in PLOTS if os.path.isfile(os.path.join(output_dir, name))]
@@ -263,7 +269,7 @@ def write_card(output_dir: str, base_model: str, settings: dict[str, object], tr
     text = render_card(os.path.basename(os.path.abspath(output_dir)), base_model, data, settings, train_records,
                        eval_records, plots, report, model_path=output_dir, hub_ids=hub_ids,
                        license=license or base_license(base_model), adapter=is_adapter_dir(output_dir),
-                       vision=_is_vision_language_dir(output_dir), choices=choices)
+                       vision=_is_vision_language_dir(output_dir), choices=choices, tags=tags)
     path = os.path.join(output_dir, CARD_FILE)
     with open(path, "w") as f:
         f.write(text)

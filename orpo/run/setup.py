@@ -6,7 +6,8 @@
 2. the process set up for its launcher (`launch.start_process`);
 3. the tokenizer (or a vision-language model's processor), then the model (a name is loaded with
    `model_init_kwargs`; what the loader refuses is one line), LoRA applied (a target the model lacks is one
-   line), dropout disabled and a vision tower frozen as configured;
+   line), dropout disabled and a vision tower frozen as configured, the model tagged as TRL tags it
+   (`model.add_model_tags`: export.card.MODEL_TAGS, which the model card shows);
 4. the data, each source through the one data path (`config.prepare_data`, or `stream_data` for --streaming).
 
 Nothing is decided here: the plan (plan.py) decides from what this returns.
@@ -24,6 +25,7 @@ from orpo.data.prepare import PreparedData
 from orpo.data.render import TokenizedPair, ensure_chat_template
 from orpo.data.stream import PairStream
 from orpo.errors import OrpoError, first_line
+from orpo.export.card import MODEL_TAGS
 from orpo.ops.forward import causal_lm
 from orpo.ops.vision import vision_tower
 from orpo.run.checks import check_before_loading
@@ -67,6 +69,8 @@ def set_up(model, args: ORPOConfig, train_dataset=None, eval_dataset=None, proce
         logger.warning("warning: %s", warning)
     if name is not None:
         model = _load(name, args)
+    if hasattr(model, "add_model_tags"):  # before LoRA: a peft model reads and writes its base model's tags
+        model.add_model_tags(list(MODEL_TAGS))
     if peft_config is not None:
         model = _with_lora(model, peft_config)
     if args.disable_dropout:

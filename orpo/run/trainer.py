@@ -212,19 +212,22 @@ class ORPOTrainer(TrainerAdapter):
         else:
             step = StepTotals(*num_items_in_batch)
         loss, or_loss, log_odds = self.batch_loss(model, inputs, logps, step)
+        # per pair: log_odds [pairs], logps [pairs, 2] (chosen, rejected), which prediction_step returns
+        outputs = {"log_odds": log_odds, "logps": torch.stack([logps.logps_chosen, logps.logps_rejected], dim=1)} \
+            if return_outputs else None
         with torch.no_grad():
             if not model.training:
                 # gather_for_metrics drops the pairs that even_batches repeats to fill the last batch
                 rows = self.accelerator.gather_for_metrics(record_tensor(logps, inputs["pair_index"], self.args.nll_scope))
                 self._eval_records += records_from_tensor(rows)
-                return (loss, {"log_odds": log_odds}) if return_outputs else loss
+                return (loss, outputs) if return_outputs else loss
             self.run_loss.add(loss)
             self._train_totals.add_batch(logps, logps.nll_sum(self.args.nll_scope), batch_nll_tokens, or_loss, log_odds,
                                          inputs["num_pairs"], inputs["num_tokens"])
         if num_items_in_batch is not None and self.accelerator.num_processes > 1:
             # DDP averages gradients over ranks; the loss is already normalised by global totals
             loss = loss * self.accelerator.num_processes
-        return (loss, {"log_odds": log_odds}) if return_outputs else loss
+        return (loss, outputs) if return_outputs else loss
 
     def batch_loss(self, model, inputs: dict, logps: PairLogps, step: StepTotals
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -260,10 +263,18 @@ class ORPOTrainer(TrainerAdapter):
         self._added_metrics["train" if self._eval_prefix is None else "eval"].add(name, total, count)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """(loss, predictions, labels) of one eval batch, as the Trainer's evaluation loop gathers them for
+        `compute_metrics` (an EvalPrediction): predictions [pairs, 2] the mean completion log-probs (chosen,
+        rejected) of each pair, labels [pairs] 0, the column of the preferred completion (so `argmax ==
+        label` is the pair's accuracy). Nothing but the loss when `prediction_loss_only` (Trainer.evaluate's
+        choice where no compute_metrics is given)."""
         inputs = self.inputs_to_device(inputs)
         with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        logps = outputs["logps"]
+        return loss.detach(), logps, torch.zeros(len(logps), dtype=torch.long, device=logps.device)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """Trainer.evaluate on the training path without gradients. Metrics (`{prefix}_accuracy`,
