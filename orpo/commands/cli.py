@@ -151,10 +151,10 @@ def _load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fal
 
 def _load_tokenizer(name: str, trust_remote_code: bool = False):
     from orpo.data.render import ensure_chat_template
-    from orpo.train.models import load_tokenizer
+    from orpo.train.models import is_encoder_decoder, load_tokenizer
 
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
-    for warning in ensure_chat_template(tokenizer):
+    for warning in ensure_chat_template(tokenizer, is_encoder_decoder(name, trust_remote_code)):
         logger.warning("warning: %s", warning)
     return tokenizer
 

@@ -63,10 +63,14 @@ def set_up(model, args: ORPOConfig, train_dataset=None, eval_dataset=None, proce
     start_process(args)
     if processing_class is None:
         processing_class = load_tokenizer(name or model.name_or_path, args.trust_remote_code)
-    for warning in ensure_chat_template(processing_class):
-        logger.warning("warning: %s", warning)
     if name is not None:
         model = _load(name, args)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))  # the model's config, not the flag
+    if args.is_encoder_decoder and not encoder_decoder:
+        raise OrpoError(f"--is_encoder_decoder true: {name or type(model).__name__} is a decoder-only model (its "
+                        "config's is_encoder_decoder is false); leave the flag unset, orpo reads it from the model")
+    for warning in ensure_chat_template(processing_class, encoder_decoder):
+        logger.warning("warning: %s", warning)
     if peft_config is not None:
         model = _with_lora(model, peft_config)
     if args.disable_dropout:
