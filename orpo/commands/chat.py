@@ -96,6 +96,7 @@ def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, system: str |
         output = model.generate(torch.tensor([ids], device=model.device),
                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
                                 max_new_tokens=max_new_tokens, streamer=_StreamTo(tokenizer, out), **kwargs)
-        answer = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
+        new = output[0] if getattr(model.config, "is_encoder_decoder", False) else output[0, len(ids):]  # T5, BART
+        answer = tokenizer.decode(new, skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": answer})
     return messages

@@ -93,9 +93,12 @@ def cmd_train(argv: list[str]) -> int:
     if model_args.use_peft:
         from peft import LoraConfig
 
+        from orpo.train.models import is_encoder_decoder
+
+        seq2seq = is_encoder_decoder(model_args.model_name_or_path, config.trust_remote_code)  # T5, BART
         peft_config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                                  lora_dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
-                                 task_type="CAUSAL_LM")
+                                 task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
     output_existed = Path(config.output_dir).exists()
     try:
         # the command starts a fresh run unless told to resume: an output_dir with files is refused now
