@@ -95,7 +95,7 @@ def cmd_train(argv: list[str]) -> int:
 
         from orpo.train.models import is_encoder_decoder
 
-        seq2seq = is_encoder_decoder(model_args.model_name_or_path, config.trust_remote_code)  # T5, BART
+        seq2seq = is_encoder_decoder(model_args.model, config.trust_remote_code)  # T5, BART
         peft_config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                                  lora_dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
                                  task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
