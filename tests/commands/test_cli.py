@@ -958,7 +958,10 @@ def test_t5_trains_saves_and_evaluates_from_the_cli(data_dir, tmp_path, capsys):
     assert main(["train", *common, "--eval_dataset", prefs]) == 0
     trained = AutoModelForSeq2SeqLM.from_pretrained(out)
     assert isinstance(trained, T5ForConditionalGeneration)
-    assert AutoTokenizer.from_pretrained(out).chat_template is not None and (out / "README.md").is_file()
+    assert AutoTokenizer.from_pretrained(out).chat_template is not None
+    card = (out / "README.md").read_text()  # its usage loads and decodes an encoder-decoder model
+    assert "AutoModelForSeq2SeqLM.from_pretrained" in card and "tokenizer.decode(output[0], skip" in card
+    assert "pipeline_tag: text2text-generation" in card
     plan = json.loads((out / "orpo_plan.json").read_text())["choices"]
     assert {c["name"]: c["value"] for c in plan}["route"] == "encoder-decoder"
     assert {c["name"]: c["value"] for c in plan}["NLL"] == "completion"
