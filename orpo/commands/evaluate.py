@@ -17,6 +17,7 @@ import torch
 
 from orpo.data.render import TokenizedPair
 from orpo.errors import OrpoError
+from orpo.ops.forward import is_encoder_decoder
 from orpo.ops.loss import log_odds_ratio
 from orpo.ops.route import choose_route, image_probe_pairs
 from orpo.ops.scoring import score_pairs
@@ -55,21 +56,17 @@ def labelled_logps(model, prompts: list[list[int]], completions: list[list[int]]
     -100 (ignored, as the model's loss ignores them)."""
     device = next(model.parameters()).device
     input_ids = torch.full((len(prompts), max(map(len, prompts))), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
     labels = torch.full((len(completions), max(map(len, completions))), -100, dtype=torch.long)
     for row, (prompt, completion) in enumerate(zip(prompts, completions)):
         input_ids[row, : len(prompt)] = torch.tensor(prompt)
+        attention_mask[row, : len(prompt)] = 1
         labels[row, : len(completion)] = torch.tensor(completion)
-    attention_mask = _real(input_ids, prompts)
     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device),
                    use_cache=False).logits
     logp = logits.float().log_softmax(-1)
     return [logp[row, : len(c)].gather(1, labels[row, : len(c), None].to(device)).squeeze(1).cpu()
             for row, c in enumerate(completions)]
-
-
-def _real(input_ids: torch.Tensor, sequences: list[list[int]]) -> torch.Tensor:
-    """[rows, T] int64: 1 where `input_ids` holds a token of its sequence, 0 on padding."""
-    return (torch.arange(input_ids.shape[1])[None, :] < torch.tensor([len(s) for s in sequences])[:, None]).long()
 
 
 def reference_records(
@@ -80,7 +77,7 @@ def reference_records(
     was_training = model.training
     model.eval()
     records = []
-    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    encoder_decoder = is_encoder_decoder(model)
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
         if encoder_decoder:  # the decoder predicts the completions only: logps hold completion tokens

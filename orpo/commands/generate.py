@@ -19,6 +19,7 @@ from orpo.data.formats import IMAGE_COLUMNS, IMAGE_PART, prompt_images
 from orpo.data.images import is_processor, read_image_files, text_tokenizer
 from orpo.data.render import encode_image_prompt, encode_prompt, stop_token_ids
 from orpo.errors import DroppedPair, OrpoError
+from orpo.ops.forward import is_encoder_decoder
 from orpo.ops.vision import reference_inputs
 
 
@@ -81,7 +82,7 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
     for start in range(0, len(text_only), batch_size):
         chunk = text_only[start : start + batch_size]
         batch = [{"input_ids": encode_prompt(tokenizer, prompts[i]["messages"])} for i in chunk]
-        encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        encoder_decoder = is_encoder_decoder(model)
         side = "right" if encoder_decoder else "left"  # a decoder-only model continues the prompt's last token
         inputs = words.pad(batch, padding_side=side, return_tensors="pt").to(model.device)  # own side untouched
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)

@@ -181,7 +181,8 @@ def _usage_section(model_path: str, adapter: bool, vision: bool = False, encoder
 def render_card(name: str, base_model: str, data: dict[str, tuple[object, PreparedData]], settings: dict[str, object],
                 train_records: list[dict], eval_records: list[dict], plots: list[str], report: str | None = None,
                 model_path: str = ".", hub_ids: set[str] = frozenset(), license: str | None = None,
-                adapter: bool = False, vision: bool = False, choices: list[str] = (), encoder_decoder: bool = False) -> str:
+                adapter: bool = False, vision: bool = False, choices: list[str] = (),
+                encoder_decoder: bool = False) -> str:
     """The model card's text (README.md).
 
     name:          the card's title (e.g. the output directory's name).
@@ -196,6 +197,8 @@ def render_card(name: str, base_model: str, data: dict[str, tuple[object, Prepar
                    (the hub takes repository ids there, not local paths).
     license:       the base model's license, if known. `adapter`: the directory holds a peft adapter.
     vision:        a vision-language model (pipeline image-text-to-text; the usage snippet passes an image).
+    encoder_decoder: an encoder-decoder model or its adapter (T5, BART: AutoModelForSeq2SeqLM, pipeline
+                   text2text-generation; the usage snippet decodes the whole output).
     choices:       what orpo chose for the run and why, one line each (the run's plan: `Plan.lines()`).
     """
     sources = [s for s, _ in data.values() if isinstance(s, str)]

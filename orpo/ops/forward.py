@@ -74,7 +74,8 @@ def batch_collator(model: torch.nn.Module, pad_token_id: int, layout: str) -> Ca
     `model`."""
     lm = causal_lm(model)
     if layout == "encoder-decoder":
-        return partial(collate_encoder_decoder, pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id(lm))
+        start = decoder_start_token_id(lm)
+        return partial(collate_encoder_decoder, pad_token_id=pad_token_id, decoder_start_token_id=start)
     # vision-language models: M-RoPE positions, image tokens that attend both ways (vision.py)
     images = dict(rope_index=rope_index_of(lm), image_token=image_block_token(lm))
     if layout == "padded":

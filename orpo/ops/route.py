@@ -14,7 +14,8 @@ A route is a batch layout (packing.py) and an output head (forward.py), for one 
 `choose_route` decides from the model's structure where it can be read, then confirms the choice
 at start: the probe scores a few pairs on the route and compares their per-pair mean log-probs with
 separate, unpadded forwards of [prompt + chosen] and [prompt + rejected] (the definition of the
-ORPO quantities; an encoder-decoder model's: `model(input_ids=prompt, labels=completion)`). A route that disagrees is not used: the next one is probed and the log says why.
+ORPO quantities; an encoder-decoder model's: `model(input_ids=prompt, labels=completion)`). A route that
+disagrees is not used: the next one is probed and the log says why.
 
 Why structure first: prefix sharing lays chosen and rejected out in one row, so a layer whose state
 runs along the sequence (Mamba/SSM, linear attention such as gated DeltaNet, short causal
@@ -33,8 +34,8 @@ import torch
 from orpo.data.render import TokenizedPair
 from orpo.errors import OrpoError
 from orpo.ops.attention import ATTENTION, sliding_window, use_span_attention
-from orpo.ops.forward import (batch_collator, batch_to, causal_lm, chunked_head_reason, input_device, is_encoder_decoder,
-                              pair_logps)
+from orpo.ops.forward import (batch_collator, batch_to, causal_lm, chunked_head_reason, input_device,
+                              is_encoder_decoder, pair_logps)
 from orpo.ops.vision import reference_inputs
 
 LAYOUTS = ("spans", "mask", "padded", "encoder-decoder")
@@ -106,9 +107,9 @@ def candidate_routes(lm: torch.nn.Module, packing: bool | None, attention: str |
     if encoder_decoder:
         if packing is not None or attention is not None:
             flag = f"--packing {str(packing).lower()}" if packing is not None else f"--packed_attention {attention}"
-            raise OrpoError(f"{type(lm).__name__}: {flag} chooses a decoder-only layout, and this is an encoder-decoder "
-                            "model (its prompt goes through the encoder once per pair, chosen and rejected through "
-                            "the decoder); leave --packing and --packed_attention unset")
+            raise OrpoError(f"{type(lm).__name__}: {flag} chooses a decoder-only layout, and this is an "
+                            "encoder-decoder model (its prompt goes through the encoder once per pair, chosen and "
+                            "rejected through the decoder); leave --packing and --packed_attention unset")
         layouts = [("encoder-decoder", "encoder-decoder model: each prompt through the encoder once, chosen and "
                                        "rejected as two decoder rows reading its states")]
     elif packing is False:

@@ -6,7 +6,7 @@ with its reason, in one frozen `Plan`.
 | choice | decided from |
 | --- | --- |
 | route | the model's structure, then a probe against separate forwards (ops/route.py) |
-| NLL | an encoder-decoder model: the chosen completion, whatever --nll_scope (its decoder does not predict the prompt) |
+| NLL | an encoder-decoder model: the chosen completion whatever --nll_scope (its decoder does not predict the prompt) |
 | precision | --bf16 / --fp16 where set, else the device's native bf16 (train/precision.py) |
 | router load balancing | a MoE model loaded with output_router_logits (ops/moe.py) |
 | activation checkpointing | --activation_checkpointing / --selective_checkpointing where set, else the largest micro-batch's memory against the budget (train/memory.py) |
@@ -158,8 +158,9 @@ def plan_nll_scope(config: ORPOConfig, model) -> tuple[str, Choice | None]:
     if not is_encoder_decoder(model):
         return config.nll_scope, None
     given = f"--nll_scope {config.nll_scope}: " if config.nll_scope == "full" else ""
-    return "completion", Choice("NLL", "completion", f"the chosen completion's tokens ({given}an encoder-decoder "
-                                                     "model's decoder does not predict the prompt, its encoder's input)")
+    reason = (f"the chosen completion's tokens ({given}an encoder-decoder model's decoder does not predict the prompt, "
+              "its encoder's input)")
+    return "completion", Choice("NLL", "completion", reason)
 
 
 def training_args(config: ORPOConfig, bf16: bool, recompute: Recompute, keep_head_probs: bool,

@@ -86,9 +86,9 @@ def _is_vision_language_dir(path: str, kwargs: dict, trust_remote_code: bool) ->
     return config is not None and is_vision_language(config)
 
 
-def is_encoder_decoder(name_or_path: str, trust_remote_code: bool = False) -> bool:
-    """Whether the model `name_or_path` is an encoder-decoder model (T5, BART: its config's is_encoder_decoder),
-    read from its config without loading the weights; False where there is no config to read."""
+def loads_as_seq2seq(name_or_path: str, trust_remote_code: bool = False) -> bool:
+    """Whether `load_model` loads `name_or_path` as an encoder-decoder model (T5, BART: its config's
+    is_encoder_decoder), read from its config without loading the weights; False where there is no config."""
     path, kwargs = _from_pretrained_args(name_or_path)
     config = _model_config(path, kwargs, trust_remote_code)
     return bool(getattr(config, "is_encoder_decoder", False))

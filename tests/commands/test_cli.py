@@ -952,8 +952,8 @@ def test_t5_trains_saves_and_evaluates_from_the_cli(data_dir, tmp_path, capsys):
               "--disable_tqdm", "true", "--report", "false", "--learning_rate", "0.01"]
     assert main(["train", *common, "--export_gguf", str(tmp_path / "t5.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "orpo: error: GGUF export does not apply to encoder-decoder models (t5): llama.cpp runs decoder-only " \
-                      "ones; the saved safetensors model is the result (transformers loads it)"
+    assert err[-1] == ("orpo: error: GGUF export does not apply to encoder-decoder models (t5): llama.cpp runs "
+                       "decoder-only ones; the saved safetensors model is the result (transformers loads it)")
     assert not out.exists()
     assert main(["train", *common, "--eval_dataset", prefs]) == 0
     trained = AutoModelForSeq2SeqLM.from_pretrained(out)
