@@ -26,7 +26,7 @@ from orpo.data.render import TokenizedPair, ensure_chat_template
 from orpo.data.stream import PairStream
 from orpo.errors import OrpoError, first_line
 from orpo.export.card import MODEL_TAGS
-from orpo.ops.forward import causal_lm
+from orpo.ops.forward import causal_lm, is_encoder_decoder
 from orpo.ops.vision import vision_tower
 from orpo.run.checks import check_before_loading
 from orpo.run.launch import start_process
@@ -65,10 +65,14 @@ def set_up(model, args: ORPOConfig, train_dataset=None, eval_dataset=None, proce
     start_process(args)
     if processing_class is None:
         processing_class = load_tokenizer(name or model.name_or_path, args.trust_remote_code)
-    for warning in ensure_chat_template(processing_class):
-        logger.warning("warning: %s", warning)
     if name is not None:
         model = _load(name, args)
+    encoder_decoder = is_encoder_decoder(model)  # the model's config, not the flag
+    if args.is_encoder_decoder and not encoder_decoder:
+        raise OrpoError(f"--is_encoder_decoder true: {name or type(model).__name__} is a decoder-only model (its "
+                        "config's is_encoder_decoder is false); leave the flag unset, orpo reads it from the model")
+    for warning in ensure_chat_template(processing_class, encoder_decoder):
+        logger.warning("warning: %s", warning)
     if hasattr(model, "add_model_tags"):  # before LoRA: a peft model reads and writes its base model's tags
         model.add_model_tags(list(MODEL_TAGS))
     if peft_config is not None:

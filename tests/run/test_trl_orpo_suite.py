@@ -9,8 +9,8 @@ commit above.
 
 TRL's cases (`TestORPOTrainer`):
 - test_trust_remote_code: a model with custom modeling code is refused without trust_remote_code, loaded with it;
-- test_orpo_trainer[qwen-standard_preference], [t5-standard_implicit_prompt_preference] (encoder-decoder:
-  xfail until that support is merged), [qwen-conversational_preference]: three steps with evaluation, every
+- test_orpo_trainer[qwen-standard_preference], [t5-standard_implicit_prompt_preference],
+  [qwen-conversational_preference]: three steps with evaluation, every
   parameter changes;
 - test_init_with_eval_dataset[dataset], [dataset_dict], [none]: the eval data as one set, named sets (each
   tokenized independently), or none. Its assertion `"chosen_input_ids" in <a tokenized eval row>` reads TRL's
@@ -58,7 +58,7 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from orpo import ORPOConfig, ORPOTrainer
-from tiny import byte_level_chatml_tokenizer
+from tiny import byte_level_chatml_tokenizer, tiny_t5
 
 # ---------------------------------------------------------------------------------------------------------------
 # Local stand-ins for TRL's hub ids
@@ -137,12 +137,7 @@ def _t5(directory: Path) -> None:
                                                            special_tokens=[("</s>", backend.token_to_id("</s>"))])
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>",
                                                      unk_token="<unk>")
-    config = transformers.T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        pad_token_id=0, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
-    )
-    torch.manual_seed(0)
-    transformers.T5ForConditionalGeneration(config).save_pretrained(directory)
+    tiny_t5(vocab=len(tokenizer)).save_pretrained(directory)  # </s> is 1 and <pad> 0 here, as tiny_t5 says
     tokenizer.save_pretrained(directory)
 
 
@@ -246,8 +241,7 @@ class TestORPOTrainer(TrlTestCase):
         "name, config_name",
         [
             ("qwen", "standard_preference"),
-            pytest.param("t5", "standard_implicit_prompt_preference", marks=pytest.mark.xfail(
-                strict=True, reason="encoder-decoder support: branch encdec")),
+            ("t5", "standard_implicit_prompt_preference"),
             ("qwen", "conversational_preference"),
         ],
     )
