@@ -94,6 +94,8 @@ def _load(name: str, args: ORPOConfig) -> torch.nn.Module:
     dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", "float32"))
     try:
         return load_model(name, dtype=dtype, trust_remote_code=args.trust_remote_code, **kwargs)
+    except OrpoError:
+        raise  # already one line (custom code without trust_remote_code among them)
     except (TypeError, ValueError, RuntimeError, AttributeError) as err:
         if not args.model_init_kwargs:
             raise

@@ -24,7 +24,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from orpo.errors import OrpoError, first_line
+from orpo.errors import OrpoError, UntrustedCode, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,16 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         return loader.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ImportError, ValueError) as err:
         what = "a processor" if vision else "a tokenizer"
+        _refuse_untrusted_code(name_or_path, what, err)
         raise OrpoError(f"{name_or_path}: cannot load {what}: {first_line(err)}") from None
+
+
+def _refuse_untrusted_code(name_or_path: str, what: str, err: BaseException) -> None:
+    """transformers' refusal of a repository's own Python code (`err`, raised without trust_remote_code) as one line."""
+    if "trust_remote_code" in str(err):
+        raise UntrustedCode(f"{name_or_path}: cannot load {what}: it ships custom code, which runs only with "
+                            "--trust_remote_code true (trust_remote_code=True in ORPOConfig): pass it for code you "
+                            "have read and trust") from None
 
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")  # the weights dtypes a model can be loaded in, by name
@@ -130,8 +139,11 @@ def load_model(name_or_path: str, dtype=DTYPES[0], trust_remote_code: bool = Fal
     loader = AutoModelForImageTextToText if vision else AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     try:
         model = loader.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         what = "vision-language model" if vision else "sequence-to-sequence model" if seq2seq else "causal LM"
+        _refuse_untrusted_code(name_or_path, f"a {what}", err)
+        if isinstance(err, ValueError):
+            raise  # the caller words it (run/setup.py: model_init_kwargs the model refuses)
         raise OrpoError(f"{name_or_path}: cannot load a {what}: {first_line(err)}") from None
     if "gguf_file" in extra:
         # The weights are dequantised: what is left of the GGUF quantizer would only make
