@@ -318,3 +318,29 @@ def test_a_shown_output_differs_in_nothing_but_times_paths_and_the_machine():
     assert shows("…\nprecision: bf16 autocast: the CPU has bf16 units\n…", printed) is not None  # the same choice
     assert shows("model: /root/.cache/orpo/SmolLM2-135M-Instruct\n…", printed) is None
     assert shows("train data: kept 994 of 1000 pairs\n…", printed) is not None  # the first line, unless … before it
+
+
+# docs/errors.md's lines that a command prints before anything loads, and the flags of `orpo train` that make it
+ERRORS_BEFORE_LOADING = [
+    ["--logprob_chunk_size", "-4"], ["--beta", "nan"], ["--packed_attention", "spans", "--packing", "false"],
+    ["--max_steps", "0", "--num_train_epochs", "0"], ["--beta", "abc"], ["--export_gguf", "out/"], ["--streaming"],
+    ["--unknown_flag", "1"], ["--model_init_kwargs", '{"dtype": "float16"}'],
+]
+
+
+def test_the_errors_page_shows_the_lines_orpo_prints(tmp_path, capsys, monkeypatch):
+    """Each of these printed lines is a row of the errors page (its `...` standing for any text)."""
+    from orpo.commands.cli import main
+
+    rows = re.findall(r"^\| `(orpo: error: .*?)` \|", (REPO / "docs" / "errors.md").read_text(), flags=re.M)
+    documented = [re.compile(".*".join(re.escape(part) for part in row.split("..."))) for row in rows]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "prefs.jsonl").write_text('{"prompt": "2+2?", "chosen": "4", "rejected": "5"}\n')
+    undocumented = []
+    for flags in ERRORS_BEFORE_LOADING:
+        assert main(["train", "--model", "no-model", "--dataset", "prefs.jsonl", "--output_dir", "runs/x", *flags]) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("orpo: error: ")]
+        if not any(row.fullmatch(line) for row in documented):
+            undocumented.append(line)
+    assert not undocumented, undocumented
