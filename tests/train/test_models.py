@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orpo.commands import cli
-from orpo.errors import OrpoError
+from orpo.errors import OrpoError, UntrustedCode
 from orpo.commands.evaluate import reference_records
 from orpo.ops.forward import pair_logps
 from orpo.ops.loss import log_odds_ratio
@@ -21,6 +21,7 @@ from orpo.ops.attention import use_span_attention
 from orpo.ops.packing import collate_padded, collate_prefix_shared
 from orpo.data.prepare import prepare_dataset
 from orpo.data.render import LengthLimits
+from tiny import save_tiny_chat_model
 
 ULTRAFEEDBACK = "/work/shared/data/ultrafeedback_1k_train.jsonl"
 pytestmark = pytest.mark.real_model
@@ -55,6 +56,20 @@ def test_missing_model_path_is_one_clear_error():
         load_model("./no/such/model")
     with pytest.raises(OrpoError, match=r"missing\.gguf: no such GGUF file$"):
         load_model("/tmp/missing.gguf")
+
+
+def test_custom_code_without_trust_remote_code_is_one_line_and_a_value_error(tmp_path):
+    """A directory whose config maps the Auto classes to its own modeling file: refused before its code runs, as one
+    line naming the flag (the CLI prints it without a traceback) and, as transformers' refusal, a ValueError."""
+    save_tiny_chat_model(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_type"] = "own-model"  # a type transformers does not ship: only the directory's code can build it
+    config["auto_map"] = {"AutoConfig": "modeling_own.OwnConfig", "AutoModelForCausalLM": "modeling_own.OwnForCausalLM"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UntrustedCode, match="--trust_remote_code true") as refused:
+        load_model(str(tmp_path))
+    assert isinstance(refused.value, ValueError) and isinstance(refused.value, OrpoError)
+    assert "\n" not in str(refused.value)
 
 
 def test_a_vision_language_directory_loads_as_its_model_and_processor(tmp_path):
