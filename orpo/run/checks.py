@@ -4,7 +4,7 @@ Three moments, each before the next expensive step:
 
 1. the config's own fields (ranges, choices, conflicts): when it is constructed (`train/config.py`);
 2. `check_before_loading`: what the filesystem and the machine say, before any tokenizer, model or data is
-   loaded: every path the run will write, the state of output_dir (a previous run, a checkpoint to resume
+   loaded: every path the run will write, the `report_to` backends (installed?), the state of output_dir (a previous run, a checkpoint to resume
    and whether the same settings and model made it), the eval data the strategy needs, one process per GPU;
 3. what only the loaded model can say (that `model_init_kwargs` apply to it, that the LoRA targets exist in
    it): `run/setup.py` turns the loaders' refusals into one line, right after the load, before the data.
@@ -54,6 +54,43 @@ def _check_nearest_dir(flag: str, path: str, directory: Path) -> None:
         raise OrpoError(f"--{flag} {path}: cannot write in {existing} ({err.strerror})") from None
 
 
+# report_to backend → (transformers' availability function for it, in transformers.integrations; what installs it).
+# tensorboard is orpo's extra; the others are their own packages. kubeflow is not here: transformers adds it by
+# itself inside a Kubeflow TrainJob (an environment variable), there is nothing to install.
+REPORT_BACKENDS = {
+    "tensorboard": ("is_tensorboard_available", "pip install 'orpo[tensorboard]'"),
+    "wandb": ("is_wandb_available", "pip install wandb"),
+    "trackio": ("is_trackio_available", "pip install trackio"),
+    "mlflow": ("is_mlflow_available", "pip install mlflow"),
+    "comet_ml": ("is_comet_available", "pip install comet_ml"),
+    "neptune": ("is_neptune_available", "pip install neptune"),
+    "clearml": ("is_clearml_available", "pip install clearml"),
+    "dagshub": ("is_dagshub_available", "pip install dagshub mlflow"),
+    "dvclive": ("is_dvclive_available", "pip install dvclive"),
+    "codecarbon": ("is_codecarbon_available", "pip install codecarbon"),
+    "swanlab": ("is_swanlab_available", "pip install swanlab"),
+    "azure_ml": ("is_azureml_available", "pip install azureml-core"),
+    "flyte": ("is_flyte_deck_standard_available", "pip install flytekitplugins-deck-standard"),
+}
+
+
+def check_report_to(report_to: list[str]) -> None:
+    """One line for the first `report_to` backend the Trainer could not set up: a name transformers has no
+    callback for, or a backend that is not installed (transformers would stop with a traceback when the Trainer
+    is built, after the model and data were loaded). `report_to` as TrainingArguments leaves it: a list of
+    names ("all" already turned into the installed backends, "none" into [])."""
+    from transformers import integrations
+
+    for backend in report_to:
+        if backend not in integrations.INTEGRATION_TO_CALLBACK:
+            raise OrpoError(f"--report_to {backend}: not a backend transformers reports to; accepted: "
+                            f"{', '.join(integrations.INTEGRATION_TO_CALLBACK)}, all, none")
+        if backend in REPORT_BACKENDS:
+            available, install = REPORT_BACKENDS[backend]
+            if not getattr(integrations, available)():
+                raise OrpoError(f"--report_to {backend}: {backend} is not installed; {install} (or --report_to none)")
+
+
 def check_before_loading(config: ORPOConfig, model_name: str | None, has_eval: bool, local_gpus: int) -> None:
     """Stage 2 (module docstring): one OrpoError line for the first problem, in the order a user would fix them.
 
@@ -67,6 +104,7 @@ def check_before_loading(config: ORPOConfig, model_name: str | None, has_eval: b
         check_output_dir(config.output_dir, resume, config.overwrite_output_dir, config.previous_run, config.max_steps)
     if config.export_gguf:
         check_writable_file("export_gguf", config.export_gguf)
+    check_report_to(config.report_to)
     if local_gpus > 1:
         raise OrpoError(f"this process sees {local_gpus} GPUs, and transformers would drive them all from it with "
                         "nn.DataParallel (slow, and not what orpo's step normalisation is built for): launch one "
