@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from orpo.errors import OrpoError
+from orpo.run.launch import is_launched
 from orpo.train.checkpoints import (check_output_dir, check_stamp, is_latest, latest_complete, run_stamp,
                                     stamp_settings)
 from orpo.train.config import ORPOConfig
@@ -91,11 +92,14 @@ def check_report_to(report_to: list[str]) -> None:
                 raise OrpoError(f"--report_to {backend}: {backend} is not installed; {install} (or --report_to none)")
 
 
-def check_before_loading(config: ORPOConfig, model_name: str | None, has_eval: bool, local_gpus: int) -> None:
+def check_before_loading(config: ORPOConfig, model_name: str | None, has_eval: bool, local_gpus: int,
+                         planned_processes: int | None = None) -> None:
     """Stage 2 (module docstring): one OrpoError line for the first problem, in the order a user would fix them.
 
     model_name:  the model as given (a hub id or path; None for a model object), for the checkpoint's stamp.
-    has_eval:    whether eval data was given. local_gpus: the GPUs this process sees (transformers' n_gpu)."""
+    has_eval:    whether eval data was given. local_gpus: the GPUs this process sees (transformers' n_gpu).
+    planned_processes: None for a run in this process; N for a dry run that plans each process of a run of N
+                 processes launched elsewhere (`orpo train --dry_run` without a launcher), which needs none."""
     resume = config.resume_from_checkpoint
     check_writable_dir("output_dir", config.output_dir)
     if resume or config.overwrite_output_dir:
@@ -110,6 +114,12 @@ def check_before_loading(config: ORPOConfig, model_name: str | None, has_eval: b
                         "nn.DataParallel (slow, and not what orpo's step normalisation is built for): launch one "
                         f"process per GPU (torchrun --nproc_per_node {local_gpus} -m orpo train ...; "
                         "docs/distributed.md), or choose one GPU with CUDA_VISIBLE_DEVICES=0")
+    engine = "--fsdp" if config.fsdp else "--deepspeed" if config.deepspeed else None
+    if engine and planned_processes is None and not is_launched(config):
+        # (transformers: a ValueError when the Trainer is built; DeepSpeed: an MPI discovery that fails)
+        raise OrpoError(f"{engine} shards the model over several processes: launch with torchrun or accelerate "
+                        "(torchrun --nproc_per_node N -m orpo train ...; docs/distributed.md); --dry_run plans "
+                        "such a run without a launcher")
     if "trust_remote_code" in (config.model_init_kwargs or {}):
         raise OrpoError("--model_init_kwargs: trust_remote_code has its own flag (--trust_remote_code); give it there")
     if model_name is None and config.model_init_kwargs:

@@ -32,6 +32,7 @@ from orpo.ops.moe import router_token_mask
 from orpo.ops.packing import nll_token_count
 from orpo.ops.scoring import record_tensor, records_from_tensor, summarize
 from orpo.run.finish import FinalEvaluation, finish_run
+from orpo.run.launch import launched_processes
 from orpo.run.plan import plan_run
 from orpo.run.setup import is_tokenized, prepare_source, set_up, trainer_data
 from orpo.train.allocator import keep_freed_memory
@@ -75,7 +76,7 @@ class ORPOTrainer(TrainerAdapter):
         if model is None:
             raise OrpoError("ORPOTrainer needs a model: its hub id or path, or a model object")
         setup = set_up(model, args, train_dataset, eval_dataset, processing_class, peft_config)
-        self.plan = plan_run(args, setup)
+        self.plan = plan_run(args, setup, launched_processes(args))
         self.setup = setup
         super().__init__(
             model=setup.model,

@@ -840,7 +840,7 @@ def test_dry_run_reports_config_data_route_precision_and_memory_and_writes_nothi
     assert lines[1].startswith(f"model: {model_dir} (LlamaForCausalLM, ") and lines[1].endswith(" trainable)")
     assert lines[2] == "settings changed from the defaults: max_steps=3, bf16=False, beta=0.2"  # in field order
     plan = dict(line.split(": ", 1) for line in lines[3:])  # the run's plan: every choice with its reason
-    assert list(plan) == ["train data", "output_dir", "route", "precision", "router load balancing",
+    assert list(plan) == ["train data", "output_dir", "processes", "route", "precision", "router load balancing",
                           "activation checkpointing", "output head softmax", "memory", "CPU memory allocator",
                           "final evaluation", "saved", "report", "export"]
     assert plan["train data"].startswith(f"{data_dir / 'one_bad.jsonl'}: kept 2 of 3 pairs; dropped 1: chosen == "
