@@ -116,3 +116,25 @@ def test_report_to_all_and_none_are_what_transformers_makes_of_them(tmp_path, mo
     assert "tensorboard" not in everything and nothing == []
     check_report_to(everything)
     check_report_to(nothing)
+
+
+def test_a_sharded_run_without_a_launcher_is_one_line_unless_a_dry_run_plans_it(tmp_path, monkeypatch, request):
+    """--fsdp / --deepspeed in a process no launcher started (transformers: a ValueError when the Trainer is built;
+    DeepSpeed: an MPI discovery that fails); a dry run planning N processes launched elsewhere needs none."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from orpo.train import config as config_module
+
+    request.addfinalizer(unset_hf_deepspeed_config)  # later models must not load under ZeRO-3's init
+    monkeypatch.setattr(config_module, "_installed", lambda module: True)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for fields, flag in (({"fsdp": "full_shard"}, "--fsdp"), ({"deepspeed": {"zero_optimization": {"stage": 2}}},
+                                                              "--deepspeed")):
+        args = config(tmp_path, **fields)
+        with pytest.raises(OrpoError, match=rf"^{flag} shards the model over several processes: launch with torchrun "
+                                            r"or accelerate .*; --dry_run plans such a run without a launcher$"):
+            check_before_loading(args, "m", False, 0)
+        check_before_loading(args, "m", False, 0, planned_processes=8)
+        monkeypatch.setenv("LOCAL_RANK", "0")  # launched
+        check_before_loading(args, "m", False, 0)
+        monkeypatch.delenv("LOCAL_RANK")
