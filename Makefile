@@ -21,7 +21,7 @@ PLAIN_PY := $(RECIPE_VENV)/plain/bin/python
 
 .PHONY: setup recipe-venvs demo test test-floor clean
 
-setup: $(VENV)/.installed recipe-venvs
+setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,7 @@ $(RECIPE_VENV)/plain/.installed: pyproject.toml
 	$(PLAIN_PY) -m pip install -q -e .
 	touch $@
 
-# $(TORCH) again: pip keeps the plain venv's torch (an extra's newest release may want another, torchvision's does)
+# $(TORCH) again: pip keeps the plain venv's torch (an extra's newest release might ask for another)
 $(RECIPE_VENV)/%/.installed: $(RECIPE_VENV)/plain/.installed
 	rm -rf $(RECIPE_VENV)/$*
 	$(PYTHON) -m venv $(RECIPE_VENV)/$*
@@ -50,7 +50,7 @@ $(RECIPE_VENV)/%/.installed: $(RECIPE_VENV)/plain/.installed
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/orpo demo
 
-test: setup
+test: setup recipe-venvs
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-floor:

@@ -4,8 +4,9 @@ Three moments, each before the next expensive step:
 
 1. the config's own fields (ranges, choices, conflicts): when it is constructed (`train/config.py`);
 2. `check_before_loading`: what the filesystem and the machine say, before any tokenizer, model or data is
-   loaded: every path the run will write, the `report_to` backends (installed?), the state of output_dir (a previous run, a checkpoint to resume
-   and whether the same settings and model made it), the eval data the strategy needs, one process per GPU;
+   loaded: every path the run will write, the state of output_dir (a previous run, a checkpoint to resume
+   and whether the same settings and model made it), the `report_to` backends installed, one process per GPU,
+   a launcher for a sharded run (unless a dry run plans it), the eval data the strategy needs;
 3. what only the loaded model can say (that `model_init_kwargs` apply to it, that the LoRA targets exist in
    it): `run/setup.py` turns the loaders' refusals into one line, right after the load, before the data.
 
