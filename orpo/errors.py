@@ -9,6 +9,11 @@ class OrpoError(Exception):
     """A problem with the user's input or setup, reported as one line (no traceback)."""
 
 
+class UntrustedCode(OrpoError, ValueError):
+    """A model or tokenizer that ships its own Python code, loaded without trust_remote_code: one line, and a
+    ValueError, as transformers' (and TRL's) refusal is, so code that catches that keeps working."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type's name where it has none): what a one-line error quotes
     of a library's error."""

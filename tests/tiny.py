@@ -98,3 +98,63 @@ class OpCounter(TorchDispatchMode):
     def matmuls(self) -> int:
         """mm and addmm calls (nn.Linear's, the output head's)."""
         return self.counts.get(torch.ops.aten.mm.default, 0) + self.counts.get(torch.ops.aten.addmm.default, 0)
+
+
+def t5_tokenizer():
+    """A T5-like tokenizer: word level, "</s>" appended to every text by its post-processor (as T5's does), "<pad>"
+    (id 0, T5's decoder start) for padding, no BOS and no chat template."""
+    words = ["<pad>", "</s>", "<unk>", *WORDS[2:]]
+    tok = word_level_tokenizer(words, ["</s>"], None, eos="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.convert_tokens_to_ids("</s>"))])
+    return tok
+
+
+def bart_tokenizer():
+    """A BART-like tokenizer: word level, every text wrapped in "<s>" .. "</s>" by its post-processor (as BART's
+    is), "<pad>" for padding, no chat template."""
+    words = ["<s>", "<pad>", "</s>", "<unk>", *WORDS[2:]]
+    tok = word_level_tokenizer(words, ["<s>", "</s>"], None, bos="<s>", eos="</s>", pad_token="<pad>",
+                               unk_token="<unk>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B </s>",
+        special_tokens=[("<s>", tok.convert_tokens_to_ids("<s>")), ("</s>", tok.convert_tokens_to_ids("</s>"))])
+    return tok
+
+
+def tiny_t5(seed=0, flan=False, vocab=VOCAB):
+    """A random tiny T5ForConditionalGeneration in fp32: the original T5 (lm_head tied to the embedding, the
+    decoder output scaled by d_model**-0.5 before it, ReLU feed-forward) or, `flan`, T5 v1.1 / Flan-T5 (untied
+    lm_head, gated-GELU feed-forward). Pad 0 is the decoder start, as in T5."""
+    config = transformers.T5Config(
+        vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+        feed_forward_proj="gated-gelu" if flan else "relu", tie_word_embeddings=not flan,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, initializer_factor=1.0,
+    )
+    torch.manual_seed(seed)
+    return transformers.T5ForConditionalGeneration(config)
+
+
+def tiny_bart(seed=0, vocab=VOCAB):
+    """A random tiny BartForConditionalGeneration in fp32 (learned positions, final_logits_bias after the head);
+    "</s>" (2) starts the decoder, as in BART."""
+    config = transformers.BartConfig(
+        vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, init_std=0.2,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = transformers.BartForConditionalGeneration(config)
+    with torch.no_grad():  # a nonzero bias, so a head that skipped it would be caught
+        model.final_logits_bias.normal_(0, 0.5)
+    return model
+
+
+def save_tiny_t5(path, seed=0):
+    """tiny_t5 with t5_tokenizer, saved as a Hugging Face directory; returns the path."""
+    tok = t5_tokenizer()
+    tiny_t5(seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

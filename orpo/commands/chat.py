@@ -16,6 +16,7 @@ from transformers import TextStreamer
 
 from orpo.commands.generate import generate_kwargs
 from orpo.data.render import TEMPLATE_ERRORS, encode_prompt, template_error_message
+from orpo.ops.forward import is_encoder_decoder
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt), /exit"
 
@@ -96,6 +97,7 @@ def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, system: str |
         output = model.generate(torch.tensor([ids], device=model.device),
                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
                                 max_new_tokens=max_new_tokens, streamer=_StreamTo(tokenizer, out), **kwargs)
-        answer = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
+        new = output[0] if is_encoder_decoder(model) else output[0, len(ids):]  # T5, BART: the decoder's tokens
+        answer = tokenizer.decode(new, skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": answer})
     return messages

@@ -96,9 +96,12 @@ def cmd_train(argv: list[str]) -> int:
     if model_args.use_peft:
         from peft import LoraConfig
 
+        from orpo.train.models import loads_as_seq2seq
+
+        seq2seq = loads_as_seq2seq(model_args.model, config.trust_remote_code)  # T5, BART
         peft_config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                                  lora_dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
-                                 task_type="CAUSAL_LM")
+                                 task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
     output_existed = Path(config.output_dir).exists()
     try:
         # the command starts a fresh run unless told to resume: an output_dir with files is refused now
@@ -203,10 +206,10 @@ def _load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fal
 
 def _load_tokenizer(name: str, trust_remote_code: bool = False):
     from orpo.data.render import ensure_chat_template
-    from orpo.train.models import load_tokenizer
+    from orpo.train.models import load_tokenizer, loads_as_seq2seq
 
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
-    for warning in ensure_chat_template(tokenizer):
+    for warning in ensure_chat_template(tokenizer, loads_as_seq2seq(name, trust_remote_code)):
         logger.warning("warning: %s", warning)
     return tokenizer
 

@@ -4,7 +4,8 @@ The fast path (default) is the training path without gradients (orpo.ops.scoring
 prefix-shared packing, the chunked head at target positions only, batches bounded in tokens.
 The reference path (`--reference`) shares no code with it on purpose: every sequence
 (prompt+chosen, prompt+rejected) goes through a plain, unpacked transformers forward (with its images,
-the model computing its own positions) and the log-probs come from the full logits in fp32. The tests
+the model computing its own positions; an encoder-decoder model's as `model(input_ids=prompt, labels=completion)`)
+and the log-probs come from the full logits in fp32. The tests
 hold the fast path to the reference one.
 Both give the records of orpo.ops.scoring (same fields, same summary).
 """
@@ -16,6 +17,7 @@ import torch
 
 from orpo.data.render import TokenizedPair
 from orpo.errors import OrpoError
+from orpo.ops.forward import is_encoder_decoder
 from orpo.ops.loss import log_odds_ratio
 from orpo.ops.route import choose_route, image_probe_pairs
 from orpo.ops.scoring import score_pairs
@@ -46,6 +48,27 @@ def sequence_logps(model, sequences: list[list[int]], pad_token_id: int,
     return out
 
 
+@torch.no_grad()
+def labelled_logps(model, prompts: list[list[int]], completions: list[list[int]], pad_token_id: int
+                   ) -> list[torch.Tensor]:
+    """An encoder-decoder model's [len] fp32 log-probs of each completion given its prompt, as the model computes
+    them from `labels` (its own shift into the decoder's input): prompts and labels right-padded, padding labels
+    -100 (ignored, as the model's loss ignores them)."""
+    device = next(model.parameters()).device
+    input_ids = torch.full((len(prompts), max(map(len, prompts))), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full((len(completions), max(map(len, completions))), -100, dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        input_ids[row, : len(prompt)] = torch.tensor(prompt)
+        attention_mask[row, : len(prompt)] = 1
+        labels[row, : len(completion)] = torch.tensor(completion)
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device),
+                   use_cache=False).logits
+    logp = logits.float().log_softmax(-1)
+    return [logp[row, : len(c)].gather(1, labels[row, : len(c), None].to(device)).squeeze(1).cpu()
+            for row, c in enumerate(completions)]
+
+
 def reference_records(
     model, pairs: list[TokenizedPair], pad_token_id: int, nll_scope: str = "full", batch_size: int = 4
 ) -> list[dict]:
@@ -54,16 +77,22 @@ def reference_records(
     was_training = model.training
     model.eval()
     records = []
+    encoder_decoder = is_encoder_decoder(model)
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
-        sequences = [seq for p in batch for seq in (p.prompt_ids + p.chosen_ids, p.prompt_ids + p.rejected_ids)]
-        logps = sequence_logps(model, sequences, pad_token_id, [p.vision_inputs for p in batch for _ in range(2)])
+        if encoder_decoder:  # the decoder predicts the completions only: logps hold completion tokens
+            logps = labelled_logps(model, [p.prompt_ids for p in batch for _ in range(2)],
+                                   [c for p in batch for c in (p.chosen_ids, p.rejected_ids)], pad_token_id)
+        else:
+            sequences = [seq for p in batch for seq in (p.prompt_ids + p.chosen_ids, p.prompt_ids + p.rejected_ids)]
+            logps = sequence_logps(model, sequences, pad_token_id, [p.vision_inputs for p in batch for _ in range(2)])
         for i, pair in enumerate(batch):
             p = len(pair.prompt_ids)
             chosen, rejected = logps[2 * i], logps[2 * i + 1]
-            chosen_mean = chosen[p - 1 :].mean()
-            rejected_mean = rejected[p - 1 :].mean()
-            nll_tokens = chosen if nll_scope == "full" else chosen[p - 1 :]
+            first = 0 if encoder_decoder else p - 1  # where the completion's log-probs start
+            chosen_mean = chosen[first:].mean()
+            rejected_mean = rejected[first:].mean()
+            nll_tokens = chosen if nll_scope == "full" else chosen[first:]
             records.append(
                 {
                     "index": pair.index,

@@ -19,6 +19,7 @@ from orpo.data.formats import IMAGE_COLUMNS, IMAGE_PART, prompt_images
 from orpo.data.images import is_processor, read_image_files, text_tokenizer
 from orpo.data.render import encode_image_prompt, encode_prompt, stop_token_ids
 from orpo.errors import DroppedPair, OrpoError
+from orpo.ops.forward import is_encoder_decoder
 from orpo.ops.vision import reference_inputs
 
 
@@ -70,7 +71,8 @@ def generate_kwargs(model, tokenizer, temperature: float) -> dict:
 def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int, temperature: float,
                      seed: int, batch_size: int) -> list[str]:
     """One answer per prompt (left-padded batches; only the new tokens are decoded). A prompt with images
-    (`tokenizer`: the model's processor) is generated alone, with its images' inputs."""
+    (`tokenizer`: the model's processor) is generated alone, with its images' inputs. An encoder-decoder model
+    (T5, BART) reads the prompt with its encoder (right-padded) and returns only its decoder's tokens."""
     torch.manual_seed(seed)
     model.eval()
     kwargs = generate_kwargs(model, tokenizer, temperature)
@@ -80,9 +82,12 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
     for start in range(0, len(text_only), batch_size):
         chunk = text_only[start : start + batch_size]
         batch = [{"input_ids": encode_prompt(tokenizer, prompts[i]["messages"])} for i in chunk]
-        inputs = words.pad(batch, padding_side="left", return_tensors="pt").to(model.device)  # own side untouched
+        encoder_decoder = is_encoder_decoder(model)
+        side = "right" if encoder_decoder else "left"  # a decoder-only model continues the prompt's last token
+        inputs = words.pad(batch, padding_side=side, return_tensors="pt").to(model.device)  # own side untouched
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
-        new = words.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        new = words.batch_decode(output if encoder_decoder else output[:, inputs["input_ids"].shape[1] :],
+                                 skip_special_tokens=True)
         for i, text in zip(chunk, new):
             answers[i] = text.strip()
     for i, prompt in enumerate(prompts):

@@ -47,6 +47,17 @@ DEFAULT_CHAT_TEMPLATE = (
 `<|im_start|>{role}\\n{content}<|im_end|>\\n`, the generation prompt is `<|im_start|>assistant\\n`.
 If the vocabulary lacks `<|im_end|>`, the tokenizer's eos_token ends each turn instead."""
 
+ENCODER_DECODER_TEMPLATE = (
+    "{% for message in messages %}{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' or loop.last or messages[loop.index0 + 1]['role'] == 'assistant' %}"
+    "{{ eos_token }}{% else %}{{ '\n\n' }}{% endif %}{% endfor %}"
+)
+"""Set by `ensure_chat_template` on an encoder-decoder model's tokenizer without a chat template (T5, BART): the
+texts as they are, the prompt's messages joined by a blank line and ended by eos_token, each answer ended by
+eos_token; no roles, no generation prompt. So the encoder reads the prompt with the tokenizer's own special tokens
+("text</s>"; BART's tokenizer also puts "<s>" in front, `adds_bos`) and the decoder's targets are the answer with
+EOS exactly once ("answer</s>"), as `tokenizer(text)` gives them."""
+
 
 @dataclass(frozen=True)
 class TokenizedPair:
@@ -80,17 +91,24 @@ class TokenizedPair:
         return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 
-def ensure_chat_template(tokenizer) -> list[str]:
+def ensure_chat_template(tokenizer, encoder_decoder: bool = False) -> list[str]:
     """Give `tokenizer` a chat template and a pad token if it lacks them; return the warnings to log. A
-    processor without a chat template takes its tokenizer's; the pad token is its tokenizer's."""
+    processor without a chat template takes its tokenizer's; the pad token is its tokenizer's.
+    `encoder_decoder` (the model's config.is_encoder_decoder): a tokenizer without a template gets
+    ENCODER_DECODER_TEMPLATE, with no warning (the texts are what such a model reads)."""
     if is_processor(tokenizer):
-        warnings = ensure_chat_template(tokenizer.tokenizer)
+        warnings = ensure_chat_template(tokenizer.tokenizer, encoder_decoder)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = tokenizer.tokenizer.chat_template
             warnings.append("processor has no chat template; using its tokenizer's")
         return warnings
     warnings = []
-    if tokenizer.chat_template is None:
+    if tokenizer.chat_template is None and encoder_decoder:
+        if tokenizer.eos_token is None:
+            raise OrpoError("the encoder-decoder model's tokenizer has no chat template and no eos_token to end the "
+                            "prompt and the answers with")
+        tokenizer.chat_template = ENCODER_DECODER_TEMPLATE
+    elif tokenizer.chat_template is None:
         vocab = tokenizer.get_vocab()
         if "<|im_start|>" in vocab and "<|im_end|>" in vocab:
             tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE

@@ -26,6 +26,10 @@ from orpo.train.models import is_hub_model_id
 from orpo.train.report import METRICS_FILE, PLOTS, REPORT_FILE, read_metrics
 
 CARD_FILE = "README.md"
+# the tags orpo adds to the model it trains (`model.add_model_tags`, as TRL's trainers do); the card's tags are the
+# model's. "orpo" is TRL's tag for the method and this library's name; TRL's "trl" tag is left out: on the hub it
+# says that TRL trained the model.
+MODEL_TAGS = ("orpo", "preference-optimization")
 # the metrics a card shows, in this order (metrics.jsonl keys; eval records without their eval_ prefix)
 CARD_METRICS = ("loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/rejected", "margin", "accuracy")
 PAPER = "[ORPO](https://arxiv.org/abs/2403.07691) (Odds Ratio Preference Optimization, Hong, Lee & Thorne 2024)"
@@ -69,7 +73,7 @@ def _source_name(source) -> str:
 
 
 def _front_matter(base_model: str, hub_ids: set[str], sources: list[str], license: str | None, adapter: bool,
-                  lora: bool, vision: bool = False) -> str:
+                  lora: bool, vision: bool = False, encoder_decoder: bool = False, tags=MODEL_TAGS) -> str:
     meta = {}
     if base_model in hub_ids:
         meta["base_model"] = base_model
@@ -79,8 +83,9 @@ def _front_matter(base_model: str, hub_ids: set[str], sources: list[str], licens
     datasets = [s for s in dict.fromkeys(sources) if s in hub_ids]
     if datasets:
         meta["datasets"] = datasets
-    meta["tags"] = ["orpo", "preference-optimization"] + (["lora"] if lora else [])
-    meta["pipeline_tag"] = "image-text-to-text" if vision else "text-generation"
+    meta["tags"] = list(dict.fromkeys([*tags, *(["lora"] if lora else [])]))
+    meta["pipeline_tag"] = "image-text-to-text" if vision else "text2text-generation" if encoder_decoder \
+        else "text-generation"
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
@@ -134,7 +139,7 @@ def _metrics_section(train_records: list[dict], eval_records: list[dict], plots:
     return lines
 
 
-def _usage_section(model_path: str, adapter: bool, vision: bool = False) -> list[str]:
+def _usage_section(model_path: str, adapter: bool, vision: bool = False, encoder_decoder: bool = False) -> list[str]:
     if vision:  # a vision-language model: its processor takes the image with the chat template's text
         if adapter:
             load = ["from peft import PeftConfig, PeftModel", "from PIL import Image",
@@ -155,29 +160,33 @@ def _usage_section(model_path: str, adapter: bool, vision: bool = False) -> list
                 'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))']
         note = f"Or answer a file of prompts with images: `orpo generate --model {model_path} --prompts PROMPTS.jsonl`."
         return ["## Usage", "", "```python", *load, "```", "", note, ""]
+    kind = "Seq2SeqLM" if encoder_decoder else "CausalLM"  # T5, BART: AutoModelForSeq2SeqLM
     if adapter:
-        load = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
-                f'model = AutoPeftModelForCausalLM.from_pretrained("{model_path}")']
+        load = [f"from peft import AutoPeftModelFor{kind}", "from transformers import AutoTokenizer", "",
+                f'model = AutoPeftModelFor{kind}.from_pretrained("{model_path}")']
         note = (f"This directory holds a LoRA adapter. `orpo export {model_path} --merged OUT_DIR` (or "
                 "`orpo.export.merge.merge_adapter`) writes the merged model, which loads without peft.")
     else:
-        load = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                f'model = AutoModelForCausalLM.from_pretrained("{model_path}")']
+        load = [f"from transformers import AutoModelFor{kind}, AutoTokenizer", "",
+                f'model = AutoModelFor{kind}.from_pretrained("{model_path}")']
         note = f"Or talk to it in a terminal: `orpo chat {model_path}`."
+    # an encoder-decoder model's output is its decoder's tokens only; a decoder-only model's continues the prompt
+    answer = "output[0]" if encoder_decoder else 'output[0, inputs["input_ids"].shape[1]:]'
     return ["## Usage", "", "```python", *load,
             f'tokenizer = AutoTokenizer.from_pretrained("{model_path}")',
             'messages = [{"role": "user", "content": "Give me three tips for writing a good prompt."}]',
             "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
             "return_dict=True)",
             "output = model.generate(**inputs, max_new_tokens=256)",
-            'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+            f"print(tokenizer.decode({answer}, skip_special_tokens=True))",
             "```", "", note, ""]
 
 
 def render_card(name: str, base_model: str, data: dict[str, tuple[object, PreparedData]], settings: dict[str, object],
                 train_records: list[dict], eval_records: list[dict], plots: list[str], report: str | None = None,
                 model_path: str = ".", hub_ids: set[str] = frozenset(), license: str | None = None,
-                adapter: bool = False, vision: bool = False, choices: list[str] = ()) -> str:
+                adapter: bool = False, vision: bool = False, choices: list[str] = (),
+                encoder_decoder: bool = False, tags=MODEL_TAGS) -> str:
     """The model card's text (README.md).
 
     name:          the card's title (e.g. the output directory's name).
@@ -192,7 +201,10 @@ def render_card(name: str, base_model: str, data: dict[str, tuple[object, Prepar
                    (the hub takes repository ids there, not local paths).
     license:       the base model's license, if known. `adapter`: the directory holds a peft adapter.
     vision:        a vision-language model (pipeline image-text-to-text; the usage snippet passes an image).
+    encoder_decoder: an encoder-decoder model or its adapter (T5, BART: AutoModelForSeq2SeqLM, pipeline
+                   text2text-generation; the usage snippet decodes the whole output).
     choices:       what orpo chose for the run and why, one line each (the run's plan: `Plan.lines()`).
+    tags:          the front matter's tags: the trained model's `model_tags` ("lora" added for a LoRA run).
     """
     sources = [s for s, _ in data.values() if isinstance(s, str)]
     lines = [f"# {name}", ""]
@@ -208,8 +220,9 @@ def render_card(name: str, base_model: str, data: dict[str, tuple[object, Prepar
         lines += ["## How orpo ran it", "", "Each choice orpo made for this run, and why (`orpo_plan.json`):", ""]
         lines += [f"- {choice}" for choice in choices] + [""]
     lines += _metrics_section(train_records, eval_records, plots, report)
-    lines += _usage_section(model_path, adapter, vision)
-    lines.insert(0, _front_matter(base_model, hub_ids, sources, license, adapter, "LoRA" in settings, vision))
+    lines += _usage_section(model_path, adapter, vision, encoder_decoder)
+    lines.insert(0, _front_matter(base_model, hub_ids, sources, license, adapter, "LoRA" in settings, vision,
+                                  encoder_decoder, tags))
     return "\n".join(lines)
 
 
@@ -247,12 +260,26 @@ def _is_vision_language_dir(output_dir: str) -> bool:
         return json.load(f).get("vision_config") is not None
 
 
+def _is_encoder_decoder_dir(output_dir: str) -> bool:
+    """Whether the directory holds an encoder-decoder model (config.json's is_encoder_decoder: T5, BART) or an
+    adapter for one (adapter_config.json's task_type SEQ_2_SEQ_LM)."""
+    for name, key, value in (("config.json", "is_encoder_decoder", True),
+                             ("adapter_config.json", "task_type", "SEQ_2_SEQ_LM")):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                if json.load(f).get(key) == value:
+                    return True
+    return False
+
+
 def write_card(output_dir: str, base_model: str, settings: dict[str, object], train: tuple[object, PreparedData],
                eval: tuple[object, PreparedData] | None = None, license: str | None = None,
-               choices: list[str] = ()) -> str:
+               choices: list[str] = (), tags=MODEL_TAGS) -> str:
     """Write OUTPUT_DIR/README.md for a run that trained `base_model` on `train` (source, PreparedData) with
-    `settings` (`card_settings`) and the plan's `choices`, held out `eval` if any; metrics and plots are read
-    from the directory, the license from the base model's card when not given. Returns the card's path."""
+    `settings` (`card_settings`) and the plan's `choices`, held out `eval` if any, tagged `tags` (the model's
+    `model_tags`); metrics and plots are read from the directory, the license from the base model's card when not
+    given. Returns the card's path."""
     metrics = os.path.join(output_dir, METRICS_FILE)
     train_records, eval_records = read_metrics(metrics) if os.path.isfile(metrics) else ([], [])
     plots = [name for name in PLOTS if os.path.isfile(os.path.join(output_dir, name))]
@@ -263,7 +290,8 @@ def write_card(output_dir: str, base_model: str, settings: dict[str, object], tr
     text = render_card(os.path.basename(os.path.abspath(output_dir)), base_model, data, settings, train_records,
                        eval_records, plots, report, model_path=output_dir, hub_ids=hub_ids,
                        license=license or base_license(base_model), adapter=is_adapter_dir(output_dir),
-                       vision=_is_vision_language_dir(output_dir), choices=choices)
+                       vision=_is_vision_language_dir(output_dir), choices=choices,
+                       encoder_decoder=_is_encoder_decoder_dir(output_dir), tags=tags)
     path = os.path.join(output_dir, CARD_FILE)
     with open(path, "w") as f:
         f.write(text)

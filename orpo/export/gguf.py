@@ -99,6 +99,7 @@ def export_gguf(model_dir: str | Path, gguf_path: str | Path, outtype: str = "f1
         config = AutoConfig.from_pretrained(model_dir).get_text_config()
     except (OSError, ValueError) as err:
         raise OrpoError(f"{model_dir}: cannot read its config.json: {(str(err).strip().splitlines() or [''])[0]}") from None
+    check_decoder_only(config)
     architecture = gguf_architecture(config.model_type)
     check_uniform_layers(config, architecture)
     tokenizer = load_tokenizer(str(model_dir))
@@ -120,6 +121,7 @@ def export_gguf(model_dir: str | Path, gguf_path: str | Path, outtype: str = "f1
 def check_exportable(config, tokenizer) -> None:
     """Raise the OrpoError `export_gguf` would raise for a model with this (text) config and tokenizer,
     before anything is trained: `orpo train --export_gguf` checks at start."""
+    check_decoder_only(config)
     architecture = gguf_architecture(config.model_type)
     check_uniform_layers(config, architecture)
     hyperparameters(config, architecture)
@@ -147,6 +149,13 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
         raise OrpoError(f"{model_dir}: holds a LoRA adapter (adapter_config.json) without the full model's weights; "
                         "merge it into its base model first (use --merge)")
     raise OrpoError(f"{model_dir}: no model.safetensors (or model.safetensors.index.json) to export")
+
+
+def check_decoder_only(config) -> None:
+    """The one-line refusal for an encoder-decoder model (T5, BART): GGUF export does not apply to it."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise OrpoError(f"GGUF export does not apply to encoder-decoder models ({config.model_type}): llama.cpp runs "
+                        "decoder-only ones; the saved safetensors model is the result (transformers loads it)")
 
 
 def gguf_architecture(model_type: str) -> str:

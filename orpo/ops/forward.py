@@ -1,13 +1,15 @@
 """One model call per batch → per-pair completion log-probs and NLL sums.
 
 The model is called through its top-level forward, so DDP/FSDP/DeepSpeed wrappers and PEFT see a
-normal call. During that call its output head computes, instead of [rows, T, vocab] logits, the
+normal call (an encoder-decoder model too: its encoder reads each pair's prompt once, and its decoder, given
+chosen and rejected rows, reads each row's pair's encoder states: `encoder_states_per_row`). During that call its
+output head computes, instead of [rows, T, vocab] logits, the
 log-probs of the target tokens only, chunk by chunk (`head.chunked_head`): the head runs once, as
 the model's own call of it, so whatever engine shards its weight gathers it as usual.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -19,12 +21,13 @@ from orpo.ops.attention import ATTENTION, sliding_window
 from orpo.ops.head import chunked_head, unsupported_reason
 from orpo.ops.moe import (RouterBalancing, capture_router_logits, router_aux_loss, router_balancing,
                           router_logits_off, router_token_mask)
-from orpo.ops.packing import CHOSEN, PROMPT, REJECTED, collate_padded, collate_prefix_shared, segment_sums
+from orpo.ops.packing import (CHOSEN, PROMPT, REJECTED, collate_encoder_decoder, collate_padded, collate_prefix_shared,
+                              segment_sums)
 from orpo.ops.vision import image_block_token, rope_index_of, vision_model_inputs
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers *ForCausalLM inside DDP/PEFT/accelerate wrappers."""
+    """The transformers *ForCausalLM (or *ForConditionalGeneration) inside DDP/PEFT/accelerate wrappers."""
     while True:
         if hasattr(model, "get_base_model"):  # peft.PeftModel
             model = model.get_base_model()
@@ -50,9 +53,29 @@ def batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, 
     return {name: value.to(device) for name, value in batch.items()}
 
 
+def is_encoder_decoder(model: torch.nn.Module) -> bool:
+    """Whether `model` is an encoder-decoder model (T5, BART), as its config says."""
+    return bool(getattr(causal_lm(model).config, "is_encoder_decoder", False))
+
+
+def decoder_start_token_id(lm: torch.nn.Module) -> int:
+    """The id an encoder-decoder model's decoder input starts with (its config's, else its generation config's)."""
+    start = getattr(lm.config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(getattr(lm, "generation_config", None), "decoder_start_token_id", None)
+    if start is None:
+        raise OrpoError(f"{type(lm).__name__} has no decoder_start_token_id (config or generation config): orpo cannot "
+                        "build its decoder's input")
+    return start
+
+
 def batch_collator(model: torch.nn.Module, pad_token_id: int, layout: str) -> Callable:
-    """TokenizedPairs → one batch of `layout` ("spans", "mask" or "padded"; packing.py), for `model`."""
+    """TokenizedPairs → one batch of `layout` ("spans", "mask", "padded" or "encoder-decoder"; packing.py), for
+    `model`."""
     lm = causal_lm(model)
+    if layout == "encoder-decoder":
+        start = decoder_start_token_id(lm)
+        return partial(collate_encoder_decoder, pad_token_id=pad_token_id, decoder_start_token_id=start)
     # vision-language models: M-RoPE positions, image tokens that attend both ways (vision.py)
     images = dict(rope_index=rope_index_of(lm), image_token=image_block_token(lm))
     if layout == "padded":
@@ -64,7 +87,11 @@ def batch_collator(model: torch.nn.Module, pad_token_id: int, layout: str) -> Ca
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     """Keyword arguments of the model call for a batch of the layout (packing.py): with images, their
-    inputs, and M-RoPE positions where the batch has them (vision.py)."""
+    inputs, and M-RoPE positions where the batch has them (vision.py); an encoder-decoder batch's prompts and
+    decoder rows."""
+    if "decoder_input_ids" in batch:
+        names = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+        return dict({name: batch[name] for name in names}, use_cache=False)
     positions = batch.get("rope_position_ids", batch["position_ids"])
     inputs = dict(input_ids=batch["input_ids"], position_ids=positions, use_cache=False, logits_to_keep=0,
                   **vision_model_inputs(batch))
@@ -119,6 +146,26 @@ def no_mask_placeholder(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=torch.bool, device=input_ids.device).expand(rows, 1, width, width)
 
 
+@contextmanager
+def encoder_states_per_row(lm: torch.nn.Module, encoder_row: torch.Tensor):
+    """While active, the decoder of the encoder-decoder model `lm` (`get_decoder()`) reads, for its row r, the
+    encoder states and encoder attention mask of encoder row `encoder_row[r]` ([decoder rows] int64): the encoder
+    runs once over B prompts, the decoder over 2·B rows (chosen, rejected), and the index_select gives each row
+    its pair's states without computing them again (autograd sums both rows' gradients into them)."""
+
+    def per_row(module, args, kwargs):
+        for name in ("encoder_hidden_states", "encoder_attention_mask"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = kwargs[name].index_select(0, encoder_row.to(kwargs[name].device))
+        return args, kwargs
+
+    handle = lm.get_decoder().register_forward_pre_hook(per_row, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @dataclass
 class PairLogps:
     """Per-pair sums from one batch. All [pairs] fp32 except the counts (int64)."""
@@ -163,12 +210,14 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
         raise ValueError(f"head must be 'chunked' or 'logits', got {head!r}")
     lm = causal_lm(model)
     inputs = model_inputs(batch)
-    if "attention_mask" in batch:
+    encoder_decoder = "decoder_input_ids" in batch
+    if "attention_mask" in batch and not encoder_decoder:
         config = lm.config.get_text_config()
         inputs["attention_mask"] = dense_attention_mask(config, batch["attention_mask"], batch["position_ids"], lm.dtype)
     balancing = router_balancing(lm)
     inputs.update(router_logits_off(lm))  # the model's own aux loss would read the 4D mask as padding
-    with capture_router_logits(lm) if balancing else nullcontext() as captured:
+    rows = encoder_states_per_row(lm, batch["encoder_row"]) if encoder_decoder else nullcontext()
+    with rows, capture_router_logits(lm) if balancing else nullcontext() as captured:
         if head == "logits":
             logits = model(**inputs).logits
             target_logits = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["target_source"])

@@ -128,7 +128,8 @@ def _unknown_transform(lm: torch.nn.Module) -> str | None:
             value = getattr(owner, name, None)
             if value is not None and not (isinstance(value, (int, float)) and value == 1):
                 where = "" if owner is lm else "config."
-                return (f"{type(lm).__name__} has {where}{name}={value!r:.40}: its forward may change its head's "
+                shown = f" (a {list(value.shape)} tensor)" if isinstance(value, torch.Tensor) else f"={value!r:.40}"
+                return (f"{type(lm).__name__} has {where}{name}{shown}: its forward may change its head's "
                         "output in a way orpo's chunked head does not know")
     return None
 

@@ -19,6 +19,12 @@ Padded layout (`packing=False`, for debugging): pair i gives row 2i = prompt+cho
 prompt+rejected, right-padded, with a 2D padding mask. Prompt targets (prompt tokens 1..p−1, for
 nll_scope="full") come from the chosen row only.
 
+Encoder-decoder layout (`collate_encoder_decoder`, T5 / BART): the prompt is the encoder's input, one row per
+pair; chosen and rejected are two decoder rows per pair (2i, 2i+1), each reading its pair's encoder states
+(`encoder_row`). A decoder row is its completion shifted right behind the model's decoder start token, so
+completion token j is predicted by the decoder's hidden state at j. There are no prompt targets: the decoder
+does not predict the prompt.
+
 Pairs with images (TokenizedPair.vision_inputs) add their image inputs in the order their prompts
 appear in the rows (vision.py: once per pair prefix-shared, twice padded); with `rope_index` (an M-RoPE
 model, vision.rope_index_of) the batch also gets `rope_position_ids` [3, rows, T], the model's own
@@ -67,11 +73,7 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int, rope_index: Ro
                 source.append(row * width + t - 1)
                 pair_of.append(i)
                 kind_of.append(PROMPT if t < p else kind)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for r, seq in enumerate(sequences):
-        input_ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[r, : len(seq)] = 1
+    input_ids, attention_mask = _right_padded(sequences, pad_token_id)
     position_ids = torch.arange(width).expand(len(sequences), width).clone()
     batch = {
         "input_ids": input_ids,
@@ -91,6 +93,56 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int, rope_index: Ro
     if image_token is not None:
         batch["token_type_ids"] = (input_ids == image_token).long()
     return batch
+
+
+def collate_encoder_decoder(pairs: list[TokenizedPair], pad_token_id: int, decoder_start_token_id: int
+                            ) -> dict[str, torch.Tensor]:
+    """Build an encoder-decoder batch (module docstring).
+
+    Returns a dict of tensors:
+      input_ids, attention_mask: [B, P] the prompts, right-padded (P = longest prompt): the encoder's input
+      decoder_input_ids, decoder_attention_mask: [2·B, C] (C = longest completion) row 2i = chosen, 2i+1 = rejected
+        of pair i, each [decoder_start_token_id] + completion[:-1], right-padded: the model's own shift of labels
+        to decoder inputs (T5's `_shift_right`, BART's `shift_tokens_right`)
+      encoder_row: [2·B] the encoder row (pair) each decoder row reads (i for rows 2i and 2i+1)
+      target_ids, target_source, target_pair, target_kind: [N] one entry per completion token; source = decoder
+        row·C + j for completion token j
+      pair_index, num_pairs, num_tokens: as `collate_padded` (the tokens: each prompt once, each completion once)
+    """
+    prompts = [pair.prompt_ids for pair in pairs]
+    completions = [ids for pair in pairs for ids in (pair.chosen_ids, pair.rejected_ids)]
+    input_ids, attention_mask = _right_padded(prompts, pad_token_id)
+    decoder_input_ids, decoder_attention_mask = _right_padded(
+        [[decoder_start_token_id] + ids[:-1] for ids in completions], pad_token_id)
+    width = decoder_input_ids.shape[1]
+    ids, source, pair_of, kind_of = [], [], [], []
+    for row, completion in enumerate(completions):
+        ids += completion
+        source += range(row * width, row * width + len(completion))
+        pair_of += [row // 2] * len(completion)
+        kind_of += [CHOSEN if row % 2 == 0 else REJECTED] * len(completion)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "decoder_input_ids": decoder_input_ids,
+        "decoder_attention_mask": decoder_attention_mask,
+        "encoder_row": torch.arange(len(pairs)).repeat_interleave(2),
+        **_target_spec(ids, source, pair_of, kind_of),
+        "pair_index": _pair_index(pairs),
+        "num_pairs": torch.tensor(len(pairs)),
+        "num_tokens": attention_mask.sum() + decoder_attention_mask.sum(),
+    }
+
+
+def _right_padded(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([rows, T] ids right-padded with pad_token_id, [rows, T] int64 mask, 1 = a real token)."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for r, seq in enumerate(sequences):
+        ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[r, : len(seq)] = 1
+    return ids, mask
 
 
 def _target_spec(ids: list[int], source: list[int], pair_of: list[int], kind_of: list[int]) -> dict:

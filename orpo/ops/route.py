@@ -6,13 +6,16 @@ A route is a batch layout (packing.py) and an output head (forward.py), for one 
             "mask"    prefix-shared, one dense 4D mask for the model's own attention (any attention
                       implementation that honours a 4D mask: eager, sinks, ...)
             "padded"  prompt+chosen and prompt+rejected as separate right-padded rows (the prompt twice)
+            "encoder-decoder"  T5, BART (config.is_encoder_decoder): each prompt through the encoder once,
+                      chosen and rejected as two decoder rows reading their pair's encoder states
     head    "chunked" the chunked head at target positions only (logprobs.py), no [T, vocab] logits
             "logits"  the model's own logits, gathered at the targets (exact for any head, more memory)
 
 `choose_route` decides from the model's structure where it can be read, then confirms the choice
 at start: the probe scores a few pairs on the route and compares their per-pair mean log-probs with
 separate, unpadded forwards of [prompt + chosen] and [prompt + rejected] (the definition of the
-ORPO quantities). A route that disagrees is not used: the next one is probed and the log says why.
+ORPO quantities; an encoder-decoder model's: `model(input_ids=prompt, labels=completion)`). A route that
+disagrees is not used: the next one is probed and the log says why.
 
 Why structure first: prefix sharing lays chosen and rejected out in one row, so a layer whose state
 runs along the sequence (Mamba/SSM, linear attention such as gated DeltaNet, short causal
@@ -31,10 +34,11 @@ import torch
 from orpo.data.render import TokenizedPair
 from orpo.errors import OrpoError
 from orpo.ops.attention import ATTENTION, sliding_window, use_span_attention
-from orpo.ops.forward import batch_collator, batch_to, causal_lm, chunked_head_reason, input_device, pair_logps
+from orpo.ops.forward import (batch_collator, batch_to, causal_lm, chunked_head_reason, input_device,
+                              is_encoder_decoder, pair_logps)
 from orpo.ops.vision import reference_inputs
 
-LAYOUTS = ("spans", "mask", "padded")
+LAYOUTS = ("spans", "mask", "padded", "encoder-decoder")
 HEADS = ("chunked", "logits")
 
 
@@ -48,8 +52,8 @@ class Route:
 
     @property
     def packing(self) -> bool:
-        """True for the prefix-shared layouts (the prompt computed once)."""
-        return self.layout != "padded"
+        """True for the prefix-shared layouts (a decoder-only model's prompt computed once)."""
+        return self.layout in ("spans", "mask")
 
     @property
     def attention(self) -> str:
@@ -57,7 +61,8 @@ class Route:
         return self.layout if self.packing else "spans"
 
     def describe(self) -> str:
-        name = {"spans": "prefix-shared spans", "mask": "prefix-shared mask", "padded": "padded"}[self.layout]
+        name = {"spans": "prefix-shared spans", "mask": "prefix-shared mask", "padded": "padded",
+                "encoder-decoder": "encoder-decoder"}[self.layout]
         head = "" if self.head == "chunked" else ", the model's own logits"
         return f"{name}{head}: {self.reason}" if self.reason else f"{name}{head}"
 
@@ -94,10 +99,20 @@ def candidate_routes(lm: torch.nn.Module, packing: bool | None, attention: str |
     Forced (either given), only the layouts they name are candidates; a prefix-shared layout forced
     on a model whose layers carry state along the sequence is refused here, before any probe.
     Each layout is tried with the chunked head, then with the model's own logits; only with those
-    where the chunked head cannot reproduce the model's head (forward.chunked_head_reason)."""
-    stateful = sequence_state_layers(lm)
+    where the chunked head cannot reproduce the model's head (forward.chunked_head_reason). An encoder-decoder
+    model has one layout, "encoder-decoder"; --packing or --packed_attention set for it is refused here."""
+    encoder_decoder = is_encoder_decoder(lm)
+    stateful = [] if encoder_decoder else sequence_state_layers(lm)
     kinds = ", ".join(stateful)
-    if packing is False:
+    if encoder_decoder:
+        if packing is not None or attention is not None:
+            flag = f"--packing {str(packing).lower()}" if packing is not None else f"--packed_attention {attention}"
+            raise OrpoError(f"{type(lm).__name__}: {flag} chooses a decoder-only layout, and this is an "
+                            "encoder-decoder model (its prompt goes through the encoder once per pair, chosen and "
+                            "rejected through the decoder); leave --packing and --packed_attention unset")
+        layouts = [("encoder-decoder", "encoder-decoder model: each prompt through the encoder once, chosen and "
+                                       "rejected as two decoder rows reading its states")]
+    elif packing is False:
         layouts = [("padded", "--packing false")]
     elif stateful:
         if packing or attention:
@@ -115,7 +130,7 @@ def candidate_routes(lm: torch.nn.Module, packing: bool | None, attention: str |
                             "prefix-shared layout as a dense mask")]
     else:
         layouts = [("spans", "attention-only model with SDPA"), ("mask", "attention-only model")]
-    if packing is None and attention is None and not stateful:
+    if packing is None and attention is None and not stateful and not encoder_decoder:
         layouts.append(("padded", "no prefix-shared layout reproduced the model's separate forwards"))
     elif packing is True and attention is None and not stateful:
         layouts = [(layout, "--packing true") for layout, _ in layouts]
@@ -172,11 +187,21 @@ def separate_logp_means(model: torch.nn.Module, pairs: list[TokenizedPair]) -> t
     """[pairs, 2] fp32 mean log-prob of the chosen and the rejected completion tokens, each sequence
     (prompt + completion) in a model call of its own: batch 1, no padding, no mask, the model's logits
     with an fp32 log-softmax; a pair's images as its processor gives them, the model computing its own
-    positions. The definition the routes are held to."""
+    positions; an encoder-decoder model called as `model(input_ids=prompt, labels=completion)`, its own shift of
+    the labels into the decoder's input. The definition the routes are held to."""
     device = input_device(model)
     lm = causal_lm(model)
     means = []
     for pair in pairs:
+        if is_encoder_decoder(lm):
+            prompt = torch.tensor([pair.prompt_ids], device=device)
+            row = []
+            for completion in (pair.chosen_ids, pair.rejected_ids):
+                labels = torch.tensor([completion], device=device)
+                logp = model(input_ids=prompt, labels=labels, use_cache=False).logits[0].float().log_softmax(-1)
+                row.append(logp.gather(1, labels[0, :, None]).mean())
+            means.append(torch.stack(row))
+            continue
         p = len(pair.prompt_ids)
         row = []
         for completion in (pair.chosen_ids, pair.rejected_ids):

@@ -8,7 +8,8 @@
 3. the model saved in output_dir; a LoRA run's adapter merged into its base model (reloaded by name: the
    trainer's model keeps its adapters), saved as one model with the tokenizer (a base without a name or path:
    the adapter saved as it is);
-4. the model card (README.md: the run's data, settings, metrics and the plan's choices), on the main process;
+4. the model card (README.md: the run's data, settings, metrics and the plan's choices; the model's tags), on the
+   main process;
 5. the GGUF export (with its Ollama Modelfile), where asked;
 6. the finished marker (checkpoints.py), so a rerun of the same command trains nothing.
 """
@@ -21,7 +22,7 @@ import shutil
 from transformers import TrainerCallback
 
 from orpo.errors import OrpoError
-from orpo.export.card import card_settings, write_card
+from orpo.export.card import MODEL_TAGS, card_settings, write_card
 from orpo.export.merge import merge_adapter
 from orpo.export.modelfile import export_for_llama_cpp
 from orpo.train.checkpoints import mark_finished
@@ -34,11 +35,15 @@ ADAPTER_STAGING = ".lora-adapter"  # in output_dir: the adapter while it is merg
 class FinalEvaluation(TrainerCallback):
     """At the last step, an evaluation: the final model's held-out metrics. With eval_strategy "epoch" the
     epoch's end, which the last step ends, evaluates already; a step the "steps" strategy evaluates is
-    evaluated once (the flag is the same)."""
+    evaluated once (the flag is the same). The last step's training metrics are logged at that step, before the
+    evaluation (the Trainer logs, then evaluates), so the final evaluation is the record before the run's summary,
+    as in TRL (`log_history[-2]`)."""
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps and args.eval_strategy != "epoch":
-            control.should_evaluate = True
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+            if args.eval_strategy != "epoch":
+                control.should_evaluate = True
 
 
 def finish_run(trainer, output):
@@ -59,12 +64,13 @@ def finish_run(trainer, output):
     if trainer.is_world_process_zero():
         setup = trainer.setup
         evaluation = setup.eval if not isinstance(setup.eval, dict) else None
+        tags = getattr(trainer.accelerator.unwrap_model(trainer.model), "model_tags", None) or MODEL_TAGS
         try:
             logger.info("model card: %s", write_card(
                 args.output_dir, finish.base_model, card_settings(args, step, setup.peft_config),
                 (setup.sources.get("train"), setup.train),
                 (setup.sources.get("eval"), evaluation) if evaluation is not None else None,
-                choices=trainer.plan.lines()))
+                choices=trainer.plan.lines(), tags=tags))
         except OrpoError as err:  # e.g. an unreadable metrics.jsonl: the trained model is saved all the same
             logger.warning("no model card: %s", err)
         if finish.export_gguf:

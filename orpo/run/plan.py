@@ -7,6 +7,7 @@ run's processes and the device:
 | choice | decided from |
 | --- | --- |
 | route | the model's structure, then a probe against separate forwards (ops/route.py) |
+| NLL | an encoder-decoder model: the chosen completion whatever --nll_scope (its decoder does not predict the prompt) |
 | precision | --bf16 / --fp16 where set, else the device's native bf16 (train/precision.py) |
 | router load balancing | a MoE model loaded with output_router_logits (ops/moe.py) |
 | activation checkpointing | --activation_checkpointing / --selective_checkpointing where set, else the largest micro-batch's memory against the budget (train/memory.py) |
@@ -35,7 +36,7 @@ from orpo.data.prepare import PreparedData
 from orpo.data.store import pair_lengths
 from orpo.data.stream import PairStream
 from orpo.errors import OrpoError
-from orpo.ops.forward import causal_lm
+from orpo.ops.forward import causal_lm, is_encoder_decoder
 from orpo.ops.moe import RouterBalancing, router_balancing
 from orpo.ops.route import Route, choose_route, image_probe_pairs
 from orpo.run.setup import Setup
@@ -131,11 +132,13 @@ def plan_run(config: ORPOConfig, setup: Setup, processes: tuple[int, str]) -> Pl
     estimate = memory_estimate(memory_inputs, recompute, keep_head_probs)
     reuse = config.reuse_cpu_memory and device.type == "cpu" and has_glibc_malloc()
     finish = plan_finish(config, setup)
+    nll_scope, nll = plan_nll_scope(config, model)
     choices = [
         *_data_choices(setup),
         _output_dir_choice(config),
         _processes_choice(config, *processes),
         Choice("route", route.layout + ("" if route.head == "chunked" else "+logits"), route.describe()),
+        *([nll] if nll else []),
         Choice("precision", "bf16" if bf16 else "fp16" if config.fp16 else "fp32", precision),
         Choice("router load balancing", balancing.coef if balancing else None,
                f"loss + {balancing.coef:g} · aux_loss ({balancing.num_experts} experts, top-{balancing.top_k}; each "
@@ -150,11 +153,23 @@ def plan_run(config: ORPOConfig, setup: Setup, processes: tuple[int, str]) -> Pl
     pad_id = config.padding_value if config.padding_value is not None else \
         text_tokenizer(setup.processing_class).pad_token_id
     return Plan(route, balancing, keep_head_probs, reuse, pad_id, finish, stamp,
-                training_args(config, bf16, recompute, keep_head_probs, device.type), tuple(choices))
+                training_args(config, bf16, recompute, keep_head_probs, device.type, nll_scope), tuple(choices))
+
+
+def plan_nll_scope(config: ORPOConfig, model) -> tuple[str, Choice | None]:
+    """(the nll_scope the run computes, its Choice where it is not simply --nll_scope): an encoder-decoder model's
+    decoder predicts the completion only (the prompt is the encoder's input), so its NLL is the chosen completion's,
+    as TRL computes it; "full" (the default) then means that."""
+    if not is_encoder_decoder(model):
+        return config.nll_scope, None
+    given = f"--nll_scope {config.nll_scope}: " if config.nll_scope == "full" else ""
+    reason = (f"the chosen completion's tokens ({given}an encoder-decoder model's decoder does not predict the prompt, "
+              "its encoder's input)")
+    return "completion", Choice("NLL", "completion", reason)
 
 
 def training_args(config: ORPOConfig, bf16: bool, recompute: Recompute, keep_head_probs: bool,
-                  device_type: str) -> ORPOConfig:
+                  device_type: str, nll_scope: str | None = None) -> ORPOConfig:
     """A copy of `config` with the plan's values written in (TrainingArguments' own checks run on it again)."""
     on = recompute.every_n_layers is not None
     kwargs = dict(config.activation_checkpointing_kwargs or {})
@@ -165,6 +180,7 @@ def training_args(config: ORPOConfig, bf16: bool, recompute: Recompute, keep_hea
         gradient_checkpointing_kwargs=kwargs or None, selective_checkpointing=recompute.selective,
         keep_head_probs=keep_head_probs,
         dataloader_pin_memory=config.dataloader_pin_memory and device_type == "cuda",  # pinning needs CUDA
+        nll_scope=nll_scope or config.nll_scope,
     )
     if config.streaming:
         # every process reads the whole stream and keeps its share of each global batch (accelerate's
@@ -179,6 +195,8 @@ def step_inputs(model, pairs, config: ORPOConfig, route: Route, bf16: bool) -> t
     config, or why there are none (sharded weights, no data to size the step by)."""
     if config.deepspeed or config.fsdp:
         return "the model is sharded (DeepSpeed/FSDP), and orpo does not estimate sharded memory"
+    if is_encoder_decoder(model):
+        return "an encoder-decoder model, whose memory orpo does not estimate"
     if isinstance(pairs, PairStream) and pairs.limits.longest_pair() is None:
         return "streamed data without max_length to size it by"
     if pairs is None or (isinstance(pairs, PreparedData) and not pairs.kept):

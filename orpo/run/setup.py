@@ -6,7 +6,8 @@
 2. the process set up for its launcher (`launch.start_process`; not in a dry run planning a launched run);
 3. the tokenizer (or a vision-language model's processor), then the model (a name is loaded with
    `model_init_kwargs`; what the loader refuses is one line), LoRA applied (a target the model lacks is one
-   line), dropout disabled and a vision tower frozen as configured;
+   line), dropout disabled and a vision tower frozen as configured, the model tagged as TRL tags it
+   (`model.add_model_tags`: export.card.MODEL_TAGS, which the model card shows);
 4. the data, each source through the one data path (`config.prepare_data`, or `stream_data` for --streaming).
 
 Nothing is decided here: the plan (plan.py) decides from what this returns.
@@ -25,7 +26,8 @@ from orpo.data.prepare import PreparedData
 from orpo.data.render import TokenizedPair, ensure_chat_template
 from orpo.data.stream import PairStream
 from orpo.errors import OrpoError, first_line
-from orpo.ops.forward import causal_lm
+from orpo.export.card import MODEL_TAGS
+from orpo.ops.forward import causal_lm, is_encoder_decoder
 from orpo.ops.vision import vision_tower
 from orpo.run.checks import check_before_loading
 from orpo.run.launch import start_process
@@ -67,11 +69,17 @@ def set_up(model, args: ORPOConfig, train_dataset=None, eval_dataset=None, proce
         start_process(args)
     if processing_class is None:
         processing_class = load_tokenizer(name or model.name_or_path, args.trust_remote_code)
-    for warning in ensure_chat_template(processing_class):
-        logger.warning("warning: %s", warning)
     if name is not None:
         with unpartitioned_load(args.hf_deepspeed_config) if planned_processes and args.deepspeed else nullcontext():
             model = _load(name, args)
+    encoder_decoder = is_encoder_decoder(model)  # the model's config, not the flag
+    if args.is_encoder_decoder and not encoder_decoder:
+        raise OrpoError(f"--is_encoder_decoder true: {name or type(model).__name__} is a decoder-only model (its "
+                        "config's is_encoder_decoder is false); leave the flag unset, orpo reads it from the model")
+    for warning in ensure_chat_template(processing_class, encoder_decoder):
+        logger.warning("warning: %s", warning)
+    if hasattr(model, "add_model_tags"):  # before LoRA: a peft model reads and writes its base model's tags
+        model.add_model_tags(list(MODEL_TAGS))
     if peft_config is not None:
         model = _with_lora(model, peft_config)
     if args.disable_dropout:
@@ -91,6 +99,8 @@ def _load(name: str, args: ORPOConfig) -> torch.nn.Module:
     dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", "float32"))
     try:
         return load_model(name, dtype=dtype, trust_remote_code=args.trust_remote_code, **kwargs)
+    except OrpoError:
+        raise  # already one line (custom code without trust_remote_code among them)
     except (TypeError, ValueError, RuntimeError, AttributeError) as err:
         if not args.model_init_kwargs:
             raise

@@ -6,7 +6,8 @@ the final evaluation, the saved model, its card, the export). This class is the 
 middle: checkpoints, resume, schedulers, `report_to`, DeepSpeed and FSDP come from the Trainer; what it adds
 is the batch layout of the plan's route (packing.py), one model call per micro-batch (forward.py), the loss
 (loss.py) and exact metrics. It never changes the config it was given: the Trainer runs the plan's copy
-(`self.args`), with orpo's decisions written in.
+(`self.args`), with orpo's decisions written in. A subclass changes the loss in `batch_loss` and logs its own
+values with `add_metric` (docs/migrating-from-trl.md: what replaces each member of TRL's trainer).
 
 Normalisation (ARCHITECTURE.md): the NLL is a token mean and the odds-ratio term a pair mean
 over the whole optimizer step, so `step_totals` returns both totals for the step and `compute_loss`
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 from transformers.trainer import TRAINER_STATE_NAME
@@ -26,7 +28,7 @@ from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 from orpo.data.store import pair_lengths
 from orpo.data.stream import PairStream
 from orpo.errors import OrpoError
-from orpo.ops.forward import batch_collator, pair_logps
+from orpo.ops.forward import PairLogps, batch_collator, pair_logps
 from orpo.ops.loss import orpo_loss
 from orpo.ops.moe import router_token_mask
 from orpo.ops.packing import nll_token_count
@@ -36,8 +38,8 @@ from orpo.run.launch import launched_processes
 from orpo.run.plan import plan_run
 from orpo.run.setup import is_tokenized, prepare_source, set_up, trainer_data
 from orpo.train.allocator import keep_freed_memory
-from orpo.train.callbacks import (MetricsJsonlCallback, MetricTotals, NonFiniteGuard, ReportCallback, RunLoss,
-                                  SelectiveCheckpointing)
+from orpo.train.callbacks import (AddedMetrics, MetricsJsonlCallback, MetricTotals, NonFiniteGuard, ReportCallback,
+                                  RunLoss, SelectiveCheckpointing)
 from orpo.train.checkpoints import (check_stamp, completed_step, mark_complete, read_counters, resolve_resume,
                                     save_config_as_json)
 from orpo.train.config import ORPOConfig
@@ -46,6 +48,16 @@ from orpo.train.progress import ProgressReporter
 from orpo.train.report import PLAN_FILE, write_pair_records
 
 logger = logging.getLogger(__name__)
+
+
+class StepTotals(NamedTuple):
+    """The normalisers of a micro-batch's loss (`ORPOTrainer.batch_loss`): in training, the whole optimizer
+    step's NLL tokens, pairs and MoE router tokens, summed over its micro-batches and ranks (`step_totals`); in
+    evaluation, the batch's own. 0-dim tensors; router_tokens is None in evaluation without MoE balancing."""
+
+    nll_tokens: torch.Tensor
+    pairs: torch.Tensor
+    router_tokens: torch.Tensor | None
 
 
 class ORPOTrainer(TrainerAdapter):
@@ -75,6 +87,9 @@ class ORPOTrainer(TrainerAdapter):
             raise OrpoError(f"args must be an orpo.ORPOConfig, got {type(args).__name__}")
         if model is None:
             raise OrpoError("ORPOTrainer needs a model: its hub id or path, or a model object")
+        if kwargs.pop("data_collator", None) is not None:  # TRL's argument (None: its default, the same as orpo's)
+            raise OrpoError("ORPOTrainer takes no data_collator: it batches pairs in the layout of the model's route "
+                            "(trainer.data_collator, orpo/ops/packing.py)")
         setup = set_up(model, args, train_dataset, eval_dataset, processing_class, peft_config)
         self.plan = plan_run(args, setup, launched_processes(args))
         self.setup = setup
@@ -107,6 +122,7 @@ class ORPOTrainer(TrainerAdapter):
         self._train_totals = MetricTotals()  # since the last training log; evaluations never touch them
         self._eval_prefix: str | None = None  # metric_key_prefix of the evaluation under way
         self._eval_records: list[dict] = []  # per-pair records of that evaluation, all ranks
+        self._added_metrics = {"train": AddedMetrics(), "eval": AddedMetrics()}  # add_metric's, since the last log
         self._step_rows: list[int] = []  # dataset rows of the current optimizer step (error messages)
         self.nonfinite_skipped = 0
         self._stream_drops_logged = 0  # streamed data: drops counted when the report line was last logged
@@ -193,37 +209,73 @@ class ORPOTrainer(TrainerAdapter):
                            keep_probs=self.plan.keep_head_probs)
         batch_nll_tokens = nll_token_count(inputs["target_kind"], self.args.nll_scope)
         if num_items_in_batch is None:  # evaluation: normalise over this batch alone
-            nll_tokens, pairs = batch_nll_tokens, inputs["num_pairs"]
+            step = StepTotals(batch_nll_tokens, inputs["num_pairs"], logps.router_tokens)
         else:
-            nll_tokens, pairs = num_items_in_batch[0], num_items_in_batch[1]
-        nll_sum = logps.nll_sum(self.args.nll_scope)
-        loss, or_loss, log_odds = orpo_loss(
-            logps.logps_chosen, logps.logps_rejected, nll_sum, self.args.beta, nll_tokens, pairs
-        )
-        if logps.router_aux_loss is not None:
-            # coef · aux, each micro-batch weighted by its share of the step's counted tokens (all ranks),
-            # so the step's term is coef times the token-weighted mean of the micro-batches' aux losses
-            step_tokens = logps.router_tokens if num_items_in_batch is None else num_items_in_batch[2]
-            loss = loss + self.plan.router_balancing.coef * logps.router_aux_loss * logps.router_tokens / step_tokens
+            step = StepTotals(*num_items_in_batch)
+        loss, or_loss, log_odds = self.batch_loss(model, inputs, logps, step)
+        # per pair: log_odds [pairs], logps [pairs, 2] (chosen, rejected), which prediction_step returns
+        outputs = {"log_odds": log_odds, "logps": torch.stack([logps.logps_chosen, logps.logps_rejected], dim=1)} \
+            if return_outputs else None
         with torch.no_grad():
             if not model.training:
                 # gather_for_metrics drops the pairs that even_batches repeats to fill the last batch
                 rows = self.accelerator.gather_for_metrics(record_tensor(logps, inputs["pair_index"], self.args.nll_scope))
                 self._eval_records += records_from_tensor(rows)
-                return (loss, {"log_odds": log_odds}) if return_outputs else loss
+                return (loss, outputs) if return_outputs else loss
             self.run_loss.add(loss)
-            self._train_totals.add_batch(logps, nll_sum, batch_nll_tokens, or_loss, log_odds, inputs["num_pairs"],
-                                         inputs["num_tokens"])
+            self._train_totals.add_batch(logps, logps.nll_sum(self.args.nll_scope), batch_nll_tokens, or_loss, log_odds,
+                                         inputs["num_pairs"], inputs["num_tokens"])
         if num_items_in_batch is not None and self.accelerator.num_processes > 1:
             # DDP averages gradients over ranks; the loss is already normalised by global totals
             loss = loss * self.accelerator.num_processes
-        return (loss, {"log_odds": log_odds}) if return_outputs else loss
+        return (loss, outputs) if return_outputs else loss
+
+    def batch_loss(self, model, inputs: dict, logps: PairLogps, step: StepTotals
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One micro-batch's share of its optimizer step's loss: the ORPO loss (ops/loss.orpo_loss, Eq. 6)
+        nll_sum / step.nll_tokens + beta · Σ or_loss / step.pairs and, for a MoE model loaded with
+        output_router_logits, coef · aux_loss weighted by the batch's share of step.router_tokens. `logps` holds
+        the batch's per-pair log-prob sums from its one model call (ops/forward.PairLogps); `inputs` is the
+        batch (ops/packing.py). Returns (loss [], or_loss [pairs], log_odds [pairs]) as orpo_loss does; the
+        logged metrics (`nll`, `or_loss`, `log_odds`, `logps/*`, ...) are computed from `logps` and these.
+
+        The hook for subclasses: override it to add a term or change a reduction, calling
+        super().batch_loss(...) for ORPO's terms. A term added here is this batch's share of the step's term:
+        normalise its sum by `step`'s totals, not by this batch's counts, and the step's loss stays the same
+        however the step is split into micro-batches and ranks. It runs in training and, without gradients,
+        in evaluation (`model.training` is False there; `eval_loss` stays the ORPO loss of the per-pair
+        records); `add_metric` logs a value of the subclass's own."""
+        nll_sum = logps.nll_sum(self.args.nll_scope)
+        loss, or_loss, log_odds = orpo_loss(logps.logps_chosen, logps.logps_rejected, nll_sum, self.args.beta,
+                                            step.nll_tokens, step.pairs)
+        if logps.router_aux_loss is not None:
+            # coef · aux, each micro-batch weighted by its share of the step's counted tokens (all ranks),
+            # so the step's term is coef times the token-weighted mean of the micro-batches' aux losses
+            coef = self.plan.router_balancing.coef
+            loss = loss + coef * logps.router_aux_loss * logps.router_tokens / step.router_tokens
+        return loss, or_loss, log_odds
+
+    def add_metric(self, name: str, total: torch.Tensor | float, count: torch.Tensor | float = 1) -> None:
+        """Log `name` as total / count, each summed over the micro-batches (and ranks) since the last log: the
+        exact mean of a per-pair value `v` [pairs] is add_metric(name, v.sum(), len(v)). Called from
+        `batch_loss`, training logs it with the step's metrics (metrics.jsonl, report_to), an evaluation as
+        `{prefix}_{name}` (across ranks, the pairs that fill the last evaluation batch by repeating count again: orpo's
+        own eval metrics drop them). Every rank must add the same names; a name already logged is refused."""
+        self._added_metrics["train" if self._eval_prefix is None else "eval"].add(name, total, count)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """(loss, predictions, labels) of one eval batch, as the Trainer's evaluation loop gathers them for
+        `compute_metrics` (an EvalPrediction): predictions [pairs, 2] the mean completion log-probs (chosen,
+        rejected) of each pair, labels [pairs] 0, the column of the preferred completion (so `argmax ==
+        label` is the pair's accuracy). Nothing but the loss when `prediction_loss_only` (Trainer.evaluate's
+        choice where no compute_metrics is given)."""
         inputs = self.inputs_to_device(inputs)
         with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        logps = outputs["logps"]
+        return loss.detach(), logps, torch.zeros(len(logps), dtype=torch.long, device=logps.device)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """Trainer.evaluate on the training path without gradients. Metrics (`{prefix}_accuracy`,
@@ -234,10 +286,11 @@ class ORPOTrainer(TrainerAdapter):
         if eval_dataset is not None and not named and not is_tokenized(eval_dataset):
             eval_dataset = trainer_data(prepare_source(eval_dataset, self.processing_class, self.args, metric_key_prefix))
         outer, self._eval_prefix, self._eval_records = self._eval_prefix, metric_key_prefix, []
+        outer_added, self._added_metrics["eval"] = self._added_metrics["eval"], AddedMetrics()
         try:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
-            self._eval_prefix, self._eval_records = outer, []
+            self._eval_prefix, self._eval_records, self._added_metrics["eval"] = outer, [], outer_added
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._eval_prefix is not None and f"{self._eval_prefix}_runtime" in logs:
@@ -245,7 +298,7 @@ class ORPOTrainer(TrainerAdapter):
         elif "train_runtime" in logs:
             # the end-of-training summary: steps since the last log get a step record of their own,
             # so the summary holds only the Trainer's whole-run figures and every step is logged once
-            tail = self._train_metrics()
+            tail = self._train_metrics({})
             if tail:
                 super().log(tail)
             if "train_loss" in logs:  # transformers': rank-local steps since the last log
@@ -253,7 +306,7 @@ class ORPOTrainer(TrainerAdapter):
             if self.nonfinite_skipped:
                 logs["nonfinite_skipped"] = self.nonfinite_skipped
         else:
-            logs.update(self._train_metrics())  # in place: the Trainer keeps using this dict
+            logs.update(self._train_metrics(logs))  # in place: the Trainer keeps using this dict
             if "loss" in logs and isinstance(stream := self.setup.train, PairStream):
                 self._log_stream(stream, logs)
         super().log(logs, start_time)
@@ -272,12 +325,17 @@ class ORPOTrainer(TrainerAdapter):
         tensor = tensor.to(self.args.device)
         return self.accelerator.reduce(tensor, reduction="sum") if self.accelerator.num_processes > 1 else tensor
 
-    def _train_metrics(self) -> dict[str, float]:
-        """Exact means of the training micro-batches since the last log (summed over ranks), then reset."""
+    def _train_metrics(self, logs: dict[str, float]) -> dict[str, float]:
+        """Exact means of the training micro-batches since the last log (summed over ranks), with the metrics
+        `add_metric` added (a name already in `logs` or orpo's refused), then reset."""
         metrics = self._train_totals.summary(lambda t: self._sum(t).cpu())
         self._train_totals.reset()
         if metrics and self.nonfinite_skipped:
             metrics["nonfinite_skipped"] = self.nonfinite_skipped  # steps skipped so far
+        added = self._added_metrics["train"].summary(lambda t: self._sum(t).cpu())
+        self._added_metrics["train"].reset()
+        if metrics:
+            metrics.update(_without_clash(added, {**logs, **metrics}, "training"))
         return metrics
 
     def applied_steps(self) -> int:
@@ -292,8 +350,17 @@ class ORPOTrainer(TrainerAdapter):
             return
         summary = summarize(records, self.args.beta)
         logs.update({f"{prefix}_{key}": value for key, value in summary.items()})
+        added = self._added_metrics["eval"].summary(lambda t: self._sum(t).cpu())
+        logs.update(_without_clash({f"{prefix}_{key}": value for key, value in added.items()}, logs, "evaluation"))
         if self.args.save_eval_pairs and self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
             write_pair_records(os.path.join(self.args.output_dir, f"{prefix}_pairs.jsonl"),
                                sorted(records, key=lambda r: r["index"]), summary, step=self.state.global_step)
 
+
+def _without_clash(added: dict[str, float], logged: dict[str, float], where: str) -> dict[str, float]:
+    """`added` (add_metric's means), refused in one line if a name is already `logged` (orpo's or the Trainer's)."""
+    if clash := sorted(set(added) & set(logged)):
+        raise OrpoError(f"add_metric: {', '.join(clash)} is logged in {where} already (by orpo or the Trainer); "
+                        "give yours another name")
+    return added

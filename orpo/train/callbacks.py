@@ -20,6 +20,14 @@ from orpo.train.report import METRICS_FILE, write_report
 logger = logging.getLogger(__name__)
 
 
+def totals_row(values: list) -> torch.Tensor:
+    """`values` (0-dim tensors or numbers) as one detached row on the device of the first tensor among them
+    (CPU if none), in float64 where the device has it (not MPS: float32 there): sums that stay exact."""
+    device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    return torch.stack([torch.as_tensor(v, device=device).detach().to(dtype) for v in values])
+
+
 class MetricTotals:
     """Sums over the micro-batches since the last log, so logged values are exact means. They stay
     on the device of the values added (no host sync per micro-batch), in float64 where the device
@@ -37,9 +45,7 @@ class MetricTotals:
 
     def add(self, **values: torch.Tensor):
         """One micro-batch: a value (0-dim tensor or number) for every key of KEYS."""
-        device = next((v.device for v in values.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        row = torch.stack([torch.as_tensor(values[key], device=device).detach().to(dtype) for key in self.KEYS])
+        row = totals_row([values[key] for key in self.KEYS])
         self.totals = row if self.totals is None else self.totals + row
 
     def add_batch(self, logps, nll_sum: torch.Tensor, nll_tokens: torch.Tensor, or_loss: torch.Tensor,
@@ -74,6 +80,31 @@ class MetricTotals:
             # MoE load balancing (moe.py): token-weighted mean over the micro-batches, unscaled by its coef
             **({"aux_loss": t["router_aux_sum"] / t["router_tokens"]} if t["router_tokens"] else {}),
         }
+
+
+class AddedMetrics:
+    """The metrics a subclass of ORPOTrainer adds (`ORPOTrainer.add_metric`): name → [total, count], summed over
+    the micro-batches since the last log, on the device of the values added; logged as total / count."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.totals: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, total, count) -> None:
+        row = totals_row([total, count])
+        self.totals[name] = self.totals[name] + row.to(self.totals[name].device) if name in self.totals else row
+
+    def summary(self, reduce) -> dict[str, float]:
+        """{name: total / count} after `reduce` (a sum over ranks: every rank must have added the same names),
+        names in sorted order; a name whose count is 0 is left out."""
+        names = sorted(self.totals)
+        if not names:
+            return {}
+        device = self.totals[names[0]].device
+        rows = reduce(torch.stack([self.totals[name].to(device) for name in names])).tolist()
+        return {name: total / count for name, (total, count) in zip(names, rows) if count}
 
 
 class RunLoss(TrainerCallback):

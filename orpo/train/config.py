@@ -381,7 +381,8 @@ class ORPOConfig(TrainingArguments):
     )
     is_encoder_decoder: bool | None = field(
         default=None,
-        metadata={"help": "Accepted for TRL compatibility: orpo trains decoder-only causal LMs, so True is an error."},
+        metadata={"help": "Accepted for TRL compatibility; orpo reads it from the model's config (T5, BART: "
+                  "encoder-decoder), so it need not be set. True with a decoder-only model is an error."},
     )
 
     def __post_init__(self):
@@ -389,8 +390,6 @@ class ORPOConfig(TrainingArguments):
         TrainingArguments' own set-up, whose ValueErrors become one line. Nothing is decided here: what orpo
         chooses for a run (precision, recompute, ...) is the run's plan (orpo/run/plan.py), on a copy."""
         check_fields(self)
-        if self.is_encoder_decoder:  # TRL-compatibility field
-            raise OrpoError("is_encoder_decoder=True: orpo trains decoder-only causal LMs only")
         _check_json_object("model_init_kwargs", self.model_init_kwargs)  # TrainingArguments would parse it
         to_row_format(self)  # inconsistent data options (label_map's JSON too) fail here, before any model is loaded
         _check_engine_configs(self)

@@ -24,7 +24,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from orpo.errors import OrpoError, first_line
+from orpo.errors import OrpoError, UntrustedCode, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +69,29 @@ def is_vision_language(config) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
-def _is_vision_language_dir(path: str, kwargs: dict, trust_remote_code: bool) -> bool:
+def _model_config(path: str, kwargs: dict, trust_remote_code: bool):
+    """The transformers config of the model at `path`, or None (a GGUF file; a tokenizer-only directory)."""
     from transformers import AutoConfig
 
     if "gguf_file" in kwargs:
-        return False
+        return None
     try:
-        return is_vision_language(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):  # no config (a tokenizer-only directory): a tokenizer
-        return False
+        return None
+
+
+def _is_vision_language_dir(path: str, kwargs: dict, trust_remote_code: bool) -> bool:
+    config = _model_config(path, kwargs, trust_remote_code)
+    return config is not None and is_vision_language(config)
+
+
+def loads_as_seq2seq(name_or_path: str, trust_remote_code: bool = False) -> bool:
+    """Whether `load_model` loads `name_or_path` as an encoder-decoder model (T5, BART: its config's
+    is_encoder_decoder), read from its config without loading the weights; False where there is no config."""
+    path, kwargs = _from_pretrained_args(name_or_path)
+    config = _model_config(path, kwargs, trust_remote_code)
+    return bool(getattr(config, "is_encoder_decoder", False))
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -92,7 +106,16 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         return loader.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ImportError, ValueError) as err:
         what = "a processor" if vision else "a tokenizer"
+        _refuse_untrusted_code(name_or_path, what, err)
         raise OrpoError(f"{name_or_path}: cannot load {what}: {first_line(err)}") from None
+
+
+def _refuse_untrusted_code(name_or_path: str, what: str, err: BaseException) -> None:
+    """transformers' refusal of a repository's own Python code (`err`, raised without trust_remote_code) as one line."""
+    if "trust_remote_code" in str(err):
+        raise UntrustedCode(f"{name_or_path}: cannot load {what}: it ships custom code, which runs only with "
+                            "--trust_remote_code true (trust_remote_code=True in ORPOConfig): pass it for code you "
+                            "have read and trust") from None
 
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")  # the weights dtypes a model can be loaded in, by name
@@ -100,21 +123,27 @@ GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # the storage of a GGUF file's m
 
 
 def load_model(name_or_path: str, dtype=DTYPES[0], trust_remote_code: bool = False, **kwargs):
-    """AutoModelForCausalLM (a vision-language model: AutoModelForImageTextToText) from a hub id, a local
-    directory or a .gguf file, in `dtype` (a torch.dtype or a name of DTYPES)."""
+    """AutoModelForCausalLM (a vision-language model: AutoModelForImageTextToText; an encoder-decoder model such as
+    T5 or BART: AutoModelForSeq2SeqLM) from a hub id, a local directory or a .gguf file, in `dtype` (a torch.dtype
+    or a name of DTYPES)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
 
     path, extra = _from_pretrained_args(name_or_path)
-    vision = _is_vision_language_dir(path, extra, trust_remote_code)
-    loader = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    config = _model_config(path, extra, trust_remote_code)
+    vision = config is not None and is_vision_language(config)
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    loader = AutoModelForImageTextToText if vision else AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     try:
         model = loader.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **kwargs)
-    except OSError as err:
-        what = "vision-language model" if vision else "causal LM"
+    except (OSError, ValueError) as err:
+        what = "vision-language model" if vision else "sequence-to-sequence model" if seq2seq else "causal LM"
+        _refuse_untrusted_code(name_or_path, f"a {what}", err)
+        if isinstance(err, ValueError):
+            raise  # the caller words it (run/setup.py: model_init_kwargs the model refuses)
         raise OrpoError(f"{name_or_path}: cannot load a {what}: {first_line(err)}") from None
     if "gguf_file" in extra:
         # The weights are dequantised: what is left of the GGUF quantizer would only make

@@ -966,3 +966,71 @@ def test_a_python_run_and_a_cli_run_with_the_same_settings_write_the_same_files(
     evals = [[json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
               if "eval_loss" in line] for run in (cli, python)]
     assert evals == [[2], [2]]
+
+
+# ---- an encoder-decoder model (T5) ------------------------------------------------------------------------
+
+T5_ROWS = [{"prompt": "the sky is", "chosen": "blue", "rejected": "green"},
+           {"prompt": "why ?", "chosen": "yes good", "rejected": "no bad"},
+           {"prompt": "what is a", "chosen": "b c", "rejected": "ok"},
+           {"prompt": "the sky", "chosen": "is blue", "rejected": "is red"}]
+
+
+def test_t5_trains_saves_and_evaluates_from_the_cli(data_dir, tmp_path, capsys):
+    """`orpo train` on a saved tiny T5 directory (loaded as a sequence-to-sequence model) trains, saves the model,
+    its tokenizer (with the template it was trained with) and the card; `orpo eval` scores the result, the fast
+    path as the reference; --export_gguf is refused in one line before training."""
+    from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
+
+    from tiny import save_tiny_t5
+
+    t5 = save_tiny_t5(tmp_path / "t5")
+    prefs = str(write_jsonl(tmp_path / "t5.jsonl", T5_ROWS))
+    out = tmp_path / "out"
+    common = ["--model", t5, "--dataset", prefs, "--output_dir", str(out), "--max_steps", "2",
+              "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no",
+              "--disable_tqdm", "true", "--report", "false", "--learning_rate", "0.01"]
+    assert main(["train", *common, "--export_gguf", str(tmp_path / "t5.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("orpo: error: GGUF export does not apply to encoder-decoder models (t5): llama.cpp runs "
+                       "decoder-only ones; the saved safetensors model is the result (transformers loads it)")
+    assert not out.exists()
+    assert main(["train", *common, "--eval_dataset", prefs]) == 0
+    trained = AutoModelForSeq2SeqLM.from_pretrained(out)
+    assert isinstance(trained, T5ForConditionalGeneration)
+    assert AutoTokenizer.from_pretrained(out).chat_template is not None
+    card = (out / "README.md").read_text()  # its usage loads and decodes an encoder-decoder model
+    assert "AutoModelForSeq2SeqLM.from_pretrained" in card and "tokenizer.decode(output[0], skip" in card
+    assert "pipeline_tag: text2text-generation" in card
+    plan = json.loads((out / "orpo_plan.json").read_text())["choices"]
+    assert {c["name"]: c["value"] for c in plan}["route"] == "encoder-decoder"
+    assert {c["name"]: c["value"] for c in plan}["NLL"] == "completion"
+    results = {}
+    for name, flags in (("fast", []), ("reference", ["--reference"])):
+        results[name] = tmp_path / f"{name}.jsonl"
+        assert main(["eval", "--model", str(out), "--dataset", prefs, "--output", str(results[name]), *flags]) == 0
+    fast, reference = ([json.loads(line) for line in results[n].read_text().splitlines()] for n in results)
+    assert len(fast) == len(T5_ROWS) + 1
+    for got, want in zip(fast[:-1], reference[:-1]):
+        assert got["nll_tokens"] == want["nll_tokens"] == got["chosen_tokens"]  # the completion only
+        for key in ("chosen_logp_mean", "rejected_logp_mean", "log_odds", "nll_sum"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5)
+
+
+def test_t5_with_lora_from_the_cli_saves_the_merged_model(tmp_path):
+    """--use_peft on T5: the adapter is peft's SEQ_2_SEQ_LM (its default targets for T5, q and v) and the run saves
+    it merged into its base: a plain T5 whose attention weights moved."""
+    from safetensors.torch import load_file as load_weights
+
+    from tiny import save_tiny_t5
+
+    t5 = save_tiny_t5(tmp_path / "t5")
+    prefs = str(write_jsonl(tmp_path / "t5.jsonl", T5_ROWS))
+    out = tmp_path / "out"
+    assert main(["train", "--model", t5, "--dataset", prefs, "--output_dir", str(out), "--max_steps", "2",
+                 "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no",
+                 "--disable_tqdm", "true", "--report", "false", "--use_peft", "--learning_rate", "0.05"]) == 0
+    base, merged = load_weights(f"{t5}/model.safetensors"), load_weights(out / "model.safetensors")
+    assert merged.keys() == base.keys()
+    moved = {name for name in base if not torch.equal(base[name], merged[name])}
+    assert moved and all(name.endswith((".q.weight", ".v.weight")) for name in moved)

@@ -179,3 +179,26 @@ def test_a_prompt_image_entry_of_the_wrong_type_is_one_line(tmp_path):
         read_prompts(str(prompts))
     assert str(err.value) == (f"{prompts}, line 1: images[0] is int, expected a file path, bytes, {{'bytes', 'path'}} "
                               "or a PIL image")
+
+
+def test_an_encoder_decoder_model_reads_the_training_prompt_and_answers_with_its_decoder(monkeypatch):
+    """T5: the encoder is fed the prompt ids training used (right-padded), and the answer is the decoder's tokens
+    (what generate returns for an encoder-decoder model), stopping at EOS; chat does the same."""
+    from orpo.data.render import ensure_chat_template
+    from tiny import t5_tokenizer, tiny_t5
+
+    tok = t5_tokenizer()
+    ensure_chat_template(tok, encoder_decoder=True)
+    model = tiny_t5()
+    prompts = [[{"role": "user", "content": "why"}], [{"role": "user", "content": "what is the sky"}]]
+    trained = [render_pair(PreferencePair(p, [{"role": "assistant", "content": "blue"}],
+                                          [{"role": "assistant", "content": "red"}], i), tok, NO_LIMITS).prompt_ids
+               for i, p in enumerate(prompts)]
+    assert trained[0] == tok("why")["input_ids"]
+    scripted(model, tok, ["the", "sky", "</s>"] * 2)  # one step of the script per decoder step, both rows
+    seen = record_generate(model, monkeypatch)
+    answers = generate_answers(model, tok, [{"messages": p} for p in prompts], 5, 0.0, 0, batch_size=2)
+    assert seen == trained and answers == ["the sky", "the sky"]
+    seen.clear()
+    history = chat_loop(model, tok, ["why"], io.StringIO(), max_new_tokens=5)
+    assert seen == trained[:1] and history[-1] == {"role": "assistant", "content": "the sky"}

@@ -389,3 +389,49 @@ def test_a_text_pair_renders_alike_through_the_processor_and_its_tokenizer():
     processor.tokenizer.chat_template = processor.chat_template
     assert render_pair(text, processor, LengthLimits(256, 128, None)) == render_pair(text, processor.tokenizer, LengthLimits(256, 128, None))
     assert render_pair(text, processor, LengthLimits(256, 128, None)).vision_inputs is None
+
+
+# ---- encoder-decoder models (T5, BART): no chat template ------------------------------------------------
+
+def _answer(text):
+    return [{"role": "assistant", "content": text}]
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_pair_is_the_tokenizers_own_ids(family):
+    """An encoder-decoder model's tokenizer without a chat template gets ENCODER_DECODER_TEMPLATE, silently: the
+    prompt is the text with the tokenizer's own special tokens (T5: "... </s>"; BART: "<s> ... </s>"), each answer
+    the text with EOS exactly once at its end; a system message joins the prompt with a blank line."""
+    from tiny import bart_tokenizer, t5_tokenizer
+
+    tok = t5_tokenizer() if family == "t5" else bart_tokenizer()
+    assert ensure_chat_template(tok, encoder_decoder=True) == []
+    assert tok.chat_template == render.ENCODER_DECODER_TEMPLATE
+    pair = PreferencePair([{"role": "user", "content": "the sky is"}], _answer("blue"), _answer("green red"))
+    got = render_pair(pair, tok, NO_LIMITS)
+    words = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = [tok.eos_token_id]
+    bos = [tok.bos_token_id] if family == "bart" else []
+    assert got.prompt_ids == tok("the sky is")["input_ids"] == bos + words("the sky is") + eos
+    assert got.chosen_ids == words("blue") + eos and got.rejected_ids == words("green red") + eos
+    assert encode_prompt(tok, pair.prompt) == got.prompt_ids  # generation prompts the encoder the same way
+    system = PreferencePair([{"role": "system", "content": "ok"}, {"role": "user", "content": "why"}], _answer("yes"),
+                            _answer("no"))
+    assert render_pair(system, tok, NO_LIMITS).prompt_ids == bos + words("ok") + words("\n\n") + words("why") + eos
+
+
+def test_encoder_decoder_truncation_keeps_the_prompts_end_and_never_empties_an_answer():
+    """T5: a long prompt keeps its end (its "</s>" included); an answer is cut from the right, never to nothing."""
+    from tiny import t5_tokenizer
+
+    tok = t5_tokenizer()
+    ensure_chat_template(tok, encoder_decoder=True)
+    pair = PreferencePair([{"role": "user", "content": "the sky is blue green red"}], _answer("yes good"),
+                          _answer("no bad ok"))
+    got = render_pair(pair, tok, LengthLimits(max_length=5, max_prompt_length=3, max_completion_length=None))
+    assert got.prompt_ids == tok("green red", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert got.chosen_ids == tok("yes good", add_special_tokens=False)["input_ids"]
+    assert got.rejected_ids == tok("no bad", add_special_tokens=False)["input_ids"]
+    with pytest.raises(DroppedPair) as drop:
+        render_pair(pair, tok, LengthLimits(max_length=3, max_prompt_length=3, max_completion_length=None))
+    assert drop.value.reason == TOO_LONG

@@ -109,6 +109,10 @@ def test_card_without_metrics_or_eval_and_with_lora(tmp_path):
     prepared = prepare_dataset(ROWS[:3], chatml_tokenizer())
     text = render_card("run", "org/base", {"training": (ROWS[:3], prepared)}, settings, [], [], [], hub_ids={"org/base"})
     assert ModelCard(text).data.to_dict()["tags"] == ["orpo", "preference-optimization", "lora"]
+    # the tags are the trained model's (`model_tags`, which may hold the user's own and "lora" already): once each
+    text = render_card("run", "org/base", {"training": (ROWS[:3], prepared)}, settings, [], [], [],
+                       tags=["mine", "orpo", "lora"])
+    assert ModelCard(text).data.to_dict()["tags"] == ["mine", "orpo", "lora"]
     assert "| LoRA | r 4, alpha 8, dropout 0.0, modules q_proj, v_proj |" in text
     assert "| training | `rows given in Python` | 3 | 3 | 0 |" in text and "by reason" not in text
     assert "## Results" not in text

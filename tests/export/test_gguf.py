@@ -347,3 +347,24 @@ def test_q8_0_tensors_are_llama_cpps_own_quantization(smollm2_source, tmp_path):
     for name, tensor in mine.items():
         assert tensor.tensor_type == theirs[name].tensor_type, name
         assert np.array_equal(np.asarray(tensor.data), np.asarray(theirs[name].data)), name
+
+
+def test_an_encoder_decoder_model_is_refused_in_one_line(tmp_path, capsys):
+    """GGUF export (llama.cpp) does not apply to T5 / BART: one line, from `orpo export --gguf` and from the check
+    `orpo train --export_gguf` makes at plan time (tests/commands/test_cli.py runs that one)."""
+    from orpo.commands.cli import main
+    from orpo.export.gguf import check_exportable
+    from tiny import save_tiny_t5, t5_tokenizer, tiny_t5
+
+    line = ("GGUF export does not apply to encoder-decoder models (t5): llama.cpp runs decoder-only ones; the saved "
+            "safetensors model is the result (transformers loads it)")
+    with pytest.raises(OrpoError) as err:
+        check_exportable(tiny_t5().config, t5_tokenizer())
+    assert str(err.value) == line
+    model_dir = save_tiny_t5(tmp_path / "t5")
+    with pytest.raises(OrpoError) as err:
+        export_gguf(model_dir, str(tmp_path / "t5.gguf"))
+    assert str(err.value) == line
+    assert main(["export", model_dir, "--gguf", str(tmp_path / "t5.gguf")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"orpo: error: {line}"
+    assert not (tmp_path / "t5.gguf").exists()

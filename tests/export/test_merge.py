@@ -121,3 +121,27 @@ def test_a_prompt_learning_adapter_has_nothing_to_merge(tmp_path):
         json.dumps({"peft_type": "PROMPT_TUNING", "base_model_name_or_path": "org/base"}))
     with pytest.raises(OrpoError, match="a PROMPT_TUNING adapter has no weights to merge"):
         merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "out"))
+
+
+def test_a_t5_adapter_merges_into_a_plain_t5(tmp_path):
+    """An encoder-decoder adapter (peft SEQ_2_SEQ_LM on T5) merged into its base computes the adapter model's
+    logits and loads as T5ForConditionalGeneration (load_model reads the config: AutoModelForSeq2SeqLM)."""
+    from transformers import T5ForConditionalGeneration
+
+    from tiny import save_tiny_t5
+
+    base = save_tiny_t5(tmp_path / "base")
+    model = get_peft_model(load_model(base), LoraConfig(r=4, lora_alpha=8, task_type="SEQ_2_SEQ_LM"))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.2)
+        model.save_pretrained(tmp_path / "adapter")
+        labels = torch.tensor([[7, 8, 1]])
+        expected = model.eval()(input_ids=IDS[:1, :5], labels=labels).logits
+    merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    merged = load_model(str(tmp_path / "merged"))
+    assert type(merged) is T5ForConditionalGeneration
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=IDS[:1, :5], labels=labels).logits, expected, atol=1e-5, rtol=0)

@@ -25,7 +25,8 @@ is never a target.
 import pytest
 import torch
 
-from orpo.ops.packing import CHOSEN, KINDS, PROMPT, REJECTED, collate_padded, nll_token_count, segment_sums
+from orpo.ops.packing import (CHOSEN, KINDS, PROMPT, REJECTED, collate_encoder_decoder, collate_padded, nll_token_count,
+                               segment_sums)
 from orpo.data.render import TokenizedPair
 
 P, C, R = PROMPT, CHOSEN, REJECTED
@@ -223,3 +224,46 @@ def test_choose_rows_trades_padding_against_attention():
     w = 10⁹: 30, 24, 32, 22 → one row.  w = 10: 60, 52.8, 83.2, 70.4 → [10] [6 6]."""
     assert choose_rows([10, 6, 6], attention_width=10**9) == [[0, 1, 2]]
     assert choose_rows([10, 6, 6], attention_width=10) == [[0], [1, 2]]
+
+
+# ---- encoder-decoder layout ---------------------------------------------------------------------------
+
+ENCODER_DECODER_PAIRS = [TokenizedPair([7, 8, 9, 1], [10, 11, 1], [12, 1], index=3),
+                         TokenizedPair([13, 1], [14, 1], [15, 16, 17, 1], index=5)]
+
+
+def test_encoder_decoder_batch_names_every_token_of_two_t5_pairs():
+    """T5 pairs (EOS 1, pad 0 = the decoder start): each prompt once as an encoder row; chosen and rejected as
+    decoder rows 2i, 2i+1, each the completion shifted right behind the start token; completion token j is
+    predicted at decoder position j; no prompt targets."""
+    batch = collate_encoder_decoder(ENCODER_DECODER_PAIRS, pad_token_id=0, decoder_start_token_id=0)
+    assert batch["input_ids"].tolist() == [[7, 8, 9, 1], [13, 1, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["decoder_input_ids"].tolist() == [[0, 10, 11, 0], [0, 12, 0, 0], [0, 14, 0, 0], [0, 15, 16, 17]]
+    assert batch["decoder_attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch["encoder_row"].tolist() == [0, 0, 1, 1]
+    assert batch["target_ids"].tolist() == [10, 11, 1, 12, 1, 14, 1, 15, 16, 17, 1]
+    assert batch["target_source"].tolist() == [0, 1, 2, 4, 5, 8, 9, 12, 13, 14, 15]  # row · 4 + j
+    assert batch["target_pair"].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    assert batch["target_kind"].tolist() == [CHOSEN] * 3 + [REJECTED] * 2 + [CHOSEN] * 2 + [REJECTED] * 4
+    assert PROMPT not in batch["target_kind"].tolist()
+    assert batch["pair_index"].tolist() == [3, 5] and int(batch["num_pairs"]) == 2
+    assert int(batch["num_tokens"]) == 6 + 11  # each prompt once, each completion once
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_decoder_inputs_are_the_models_own_shift_of_the_labels(family):
+    """decoder_input_ids equal what the model itself makes of the completions as labels (T5's _shift_right, BART's
+    shift_tokens_right, behind its decoder_start_token_id) on every real position."""
+    from tiny import tiny_bart, tiny_t5
+
+    model = tiny_t5() if family == "t5" else tiny_bart()
+    pad, start = model.config.pad_token_id, model.config.decoder_start_token_id
+    batch = collate_encoder_decoder(ENCODER_DECODER_PAIRS, pad_token_id=pad, decoder_start_token_id=start)
+    completions = [c for pair in ENCODER_DECODER_PAIRS for c in (pair.chosen_ids, pair.rejected_ids)]
+    labels = torch.full((len(completions), 4), -100)
+    for row, completion in enumerate(completions):
+        labels[row, : len(completion)] = torch.tensor(completion)
+    own = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    real = batch["decoder_attention_mask"].bool()
+    assert torch.equal(batch["decoder_input_ids"][real], own[real])

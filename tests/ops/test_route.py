@@ -287,3 +287,35 @@ def test_family_table_page():
     page = (Path(__file__).resolve().parents[2] / "docs" / "models.md").read_text()
     start = page.index(README_BEGIN)
     assert page[start:].startswith(family_table(EXPECTED_ROUTES))
+
+
+# ---- encoder-decoder models ---------------------------------------------------------------------------
+
+def _encoder_decoder(family):
+    from tiny import tiny_bart, tiny_t5
+
+    return {"t5": tiny_t5, "flan-t5": lambda: tiny_t5(flan=True), "bart": tiny_bart}[family]()
+
+
+@pytest.mark.parametrize("family,head", [("t5", "chunked"), ("flan-t5", "chunked"), ("bart", "logits")])
+def test_encoder_decoder_route_equals_separate_forwards(family, head):
+    """T5 (tied head behind its d_model**-0.5 scale), Flan-T5 (untied, gated-GELU) and BART (final_logits_bias after
+    its head, so its own logits): the encoder-decoder route's per-pair mean log-probs equal
+    model(input_ids=prompt, labels=completion) of each sequence alone, to fp32 rounding."""
+    model = _encoder_decoder(family)
+    route = choose_route(model)
+    assert (route.layout, route.head) == ("encoder-decoder", head)
+    assert not route.packing
+    pairs = probe_pairs(model)
+    expected = separate_logp_means(model, pairs)
+    torch.testing.assert_close(route_logp_means(model, pairs, route), expected, rtol=1e-6, atol=2e-6)
+    if head == "logits":  # BART: the chunked head would miss final_logits_bias; the route says why
+        assert "final_logits_bias" in route.reason
+
+
+def test_encoder_decoder_route_refuses_a_decoder_only_layout_in_one_line():
+    model = _encoder_decoder("t5")
+    for packing, attention in ((True, None), (False, None), (None, "spans")):
+        with pytest.raises(OrpoError, match="encoder-decoder model") as err:
+            choose_route(model, packing, attention)
+        assert "\n" not in str(err.value)

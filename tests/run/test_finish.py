@@ -27,13 +27,17 @@ def config(tmp_path, **fields):
 @pytest.mark.parametrize("strategy", ["no", "steps"])
 def test_the_final_model_is_evaluated_once_before_the_runs_summary(tmp_path, strategy):
     extra = {"eval_strategy": strategy, "eval_steps": 1} if strategy == "steps" else {}
-    trainer = ORPOTrainer(model=save_tiny_chat_model(tmp_path / "m"), args=config(tmp_path, **extra),
+    trainer = ORPOTrainer(model=save_tiny_chat_model(tmp_path / "m"), args=config(tmp_path, logging_steps=5, **extra),
                           train_dataset=ROWS, eval_dataset=ROWS[:2])
     trainer.train()
     history = trainer.state.log_history
     evals = [record["step"] for record in history if "eval_loss" in record]
     assert evals == ([2] if strategy == "no" else [1, 2])
     assert "train_loss" in history[-1]  # TRL's tests read the summary as the last record
+    # and the final evaluation as the one before it (TRL's test_compute_metrics): the last step's training
+    # metrics, due at no logging step here, are logged at that step, before the evaluation
+    assert history[-2]["step"] == 2 and "eval_loss" in history[-2]
+    assert [record["step"] for record in history if "loss" in record] == [2]
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert sum("eval_loss" in line for line in lines) == len(evals)
 

@@ -68,3 +68,21 @@ def test_dropout_is_disabled_on_the_model_given(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "attention_dropout": 0.5}))
     setup = set_up(path, config(tmp_path), ROWS)
     assert all(layer.self_attn.attention_dropout == 0.0 for layer in setup.model.model.layers)
+
+
+def test_encoder_decoder_is_read_from_the_model_not_the_flag(tmp_path):
+    """A T5 directory loads as T5ForConditionalGeneration with the flag unset, and its tokenizer gets the
+    encoder-decoder template; the flag set True on a decoder-only model is one line, before the data."""
+    from transformers import T5ForConditionalGeneration
+
+    from orpo.data.render import ENCODER_DECODER_TEMPLATE
+    from tiny import save_tiny_t5
+
+    rows = [{"prompt": "the sky is", "chosen": "blue", "rejected": "red"}]
+    setup = set_up(save_tiny_t5(tmp_path / "t5"), config(tmp_path), rows)
+    assert type(setup.model) is T5ForConditionalGeneration
+    assert setup.processing_class.chat_template == ENCODER_DECODER_TEMPLATE
+    assert setup.train.pairs[0].prompt_ids == setup.processing_class("the sky is")["input_ids"]
+    with pytest.raises(OrpoError, match=r"^--is_encoder_decoder true: LlamaForCausalLM is a decoder-only model") as err:
+        set_up(tiny_llama(), config(tmp_path, is_encoder_decoder=True), ROWS, processing_class=chatml_tokenizer())
+    assert "\n" not in str(err.value)

@@ -692,3 +692,95 @@ def test_constructing_and_training_leaves_the_config_as_the_user_passed_it(tmp_p
     assert args.to_dict() == before
     assert (args.bf16, args.activation_checkpointing, args.keep_head_probs) == (None, None, None)
     assert trainer.args is not args and trainer.args.activation_checkpointing is True  # the plan's choice
+
+
+# ---- encoder-decoder models (T5, Flan-T5, BART) ----------------------------------------------------------
+
+def naive_encoder_decoder_loss(model, batch_pairs, beta):
+    """The paper's equations for an encoder-decoder model, per example, from the full logits of
+    model(input_ids=prompt, labels=completion); NLL over the chosen completions' tokens (the decoder does not
+    predict the prompt), float64 odds."""
+    nll_sum, nll_count, or_terms = 0.0, 0, []
+    for pair in batch_pairs:
+        ell = {}
+        for name, completion in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+            labels = torch.tensor([completion])
+            logits = model(input_ids=torch.tensor([pair.prompt_ids]), labels=labels).logits
+            logp = logits.float().log_softmax(-1)[0].gather(1, labels[0, :, None])[:, 0]
+            ell[name] = logp.double().mean()
+            if name == "chosen":
+                nll_sum, nll_count = nll_sum - logp.double().sum(), nll_count + len(logp)
+        odds = {k: torch.exp(v) / (1 - torch.exp(v)) for k, v in ell.items()}
+        or_terms.append(-torch.nn.functional.logsigmoid(torch.log(odds["chosen"]) - torch.log(odds["rejected"])))
+    return nll_sum / nll_count + beta * torch.stack(or_terms).mean()
+
+
+def _encoder_decoder(family):
+    from tiny import bart_tokenizer, t5_tokenizer, tiny_bart, tiny_t5
+
+    if family == "bart":
+        return tiny_bart(), bart_tokenizer()
+    return tiny_t5(flan=family == "flan-t5"), t5_tokenizer()
+
+
+@pytest.mark.parametrize("family", ["t5", "flan-t5", "bart"])
+@pytest.mark.parametrize("nll_scope", ["full", "completion"])
+def test_encoder_decoder_loss_and_gradients_match_naive_reference(tmp_path, family, nll_scope):
+    """One micro-batch of 8 pairs of unequal lengths: loss and every parameter's gradient equal the naive loss
+    from separate forwards (fp32); the plan says what the NLL covers."""
+    model, tok = _encoder_decoder(family)
+    data = pairs()
+    args = ORPOConfig(output_dir=str(tmp_path), report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
+                      dataloader_pin_memory=False, seed=0, bf16=False, beta=0.5, nll_scope=nll_scope)
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    assert trainer.plan.route.layout == "encoder-decoder"
+    assert trainer.plan.choice("NLL").value == "completion" and trainer.args.nll_scope == "completion"
+    assert args.nll_scope == nll_scope  # the user's config is not changed
+    model = trainer.model.train()
+    batch = trainer.data_collator(data)
+    totals = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=totals)
+    loss.backward()
+    fast_grads = grads(model)
+    model.zero_grad()
+    reference = naive_encoder_decoder_loss(model, data, 0.5)
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6, abs=1e-6)
+    torch.testing.assert_close(fast_grads, grads(model), atol=1e-5, rtol=1e-4)
+
+
+def test_encoder_decoder_runs_one_encoder_forward_per_micro_batch(tmp_path):
+    """The encoder sees each prompt once (B rows), the decoder chosen and rejected (2·B rows)."""
+    model, tok = _encoder_decoder("t5")
+    data = pairs(4)
+    trainer = ORPOTrainer(model=model, args=ORPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                                                       bf16=False), train_dataset=data, processing_class=tok)
+    rows = {}
+    hooks = [module.register_forward_hook(lambda m, a, out, name=name: rows.setdefault(name, []).append(
+        out[0].shape[0])) for name, module in (("encoder", model.encoder), ("decoder", model.decoder))]
+    trainer.compute_loss(model, trainer.data_collator(data))
+    for hook in hooks:
+        hook.remove()
+    assert rows == {"encoder": [4], "decoder": [8]}
+
+
+def test_trl_encoder_decoder_call_trains_t5(tmp_path):
+    """TRL's test_orpo_trainer for T5: the flag set on the config after construction, implicit-prompt string rows,
+    the model object and its tokenizer; train and eval run, the loss is logged and every nonzero parameter changed."""
+    from datasets import Dataset
+
+    model, tok = _encoder_decoder("t5")
+    rows = [{"chosen": "the sky is blue", "rejected": "the sky is green"},
+            {"chosen": "why ? yes good", "rejected": "why ? no bad"}] * 4
+    args = ORPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, learning_rate=0.9,
+                      eval_strategy="steps", eval_steps=2, beta=0.1, report_to="none", use_cpu=True)
+    args.is_encoder_decoder = True
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    trainer = ORPOTrainer(model=model, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows),
+                          eval_dataset=Dataset.from_list(rows[:2]))
+    trainer.train()
+    assert trainer.state.log_history[-1]["train_loss"] is not None
+    assert any("eval_loss" in entry for entry in trainer.state.log_history)
+    for name, p in model.named_parameters():
+        if before[name].sum() != 0:
+            assert not torch.equal(before[name], p), name

@@ -1,4 +1,5 @@
-"""callbacks.py: exact metric means (MetricTotals) and the non-finite guard, alone.
+"""callbacks.py: exact metric means (MetricTotals, and AddedMetrics of a subclass's own) and the non-finite guard,
+alone.
 
 MetricTotals worked by hand: two micro-batches, (nll_sum 6, 4 tokens, 2 pairs) and (nll_sum 3,
 2 tokens, 1 pair): nll = 9 / 6 = 1.5 (a token mean, not the mean of 1.5 and 1.5 by batch), or_loss
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from orpo.errors import OrpoError
-from orpo.train.callbacks import MetricTotals, NonFiniteGuard, RunLoss
+from orpo.train.callbacks import AddedMetrics, MetricTotals, NonFiniteGuard, RunLoss
 
 
 def _batch(nll_sum, nll_tokens, or_sum, correct, pairs, aux=0.0, router_tokens=0):
@@ -40,6 +41,21 @@ def test_metric_totals_are_exact_means_kept_on_the_values_device():
     totals.add(**_batch(6.0, 4, 1.2, 2, 2, aux=1.5, router_tokens=30))
     totals.add(**_batch(3.0, 2, 0.3, 0, 1, aux=2.0, router_tokens=10))
     assert totals.summary(lambda t: t)["aux_loss"] == pytest.approx(1.625)
+
+
+def test_added_metrics_are_total_over_count_of_every_micro_batch_and_rank():
+    """A subclass's metric (ORPOTrainer.add_metric): hinge sums 3.0 over 2 pairs and 0.5 over 1 pair give
+    3.5 / 3, not the mean of the batch means (1.5 and 0.5); a name counted 0 times is left out."""
+    added = AddedMetrics()
+    assert added.summary(lambda t: t) == {}
+    added.add("hinge", torch.tensor(3.0), 2)
+    added.add("hinge", torch.tensor(0.5), torch.tensor(1))
+    added.add("never", 0.0, 0)
+    assert added.totals["hinge"].dtype == torch.float64
+    assert added.summary(lambda t: t) == {"hinge": pytest.approx(3.5 / 3)}
+    assert added.summary(lambda t: 2 * t) == {"hinge": pytest.approx(3.5 / 3)}  # two identical ranks
+    added.reset()
+    assert added.summary(lambda t: t) == {}
 
 
 class _Trainer:

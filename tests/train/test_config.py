@@ -245,9 +245,10 @@ def test_bf16_on_a_machine_without_an_accelerator_trains_on_the_cpu(tmp_path):
     assert args.bf16 and args.use_cpu and args.device.type == "cpu"
 
 
-def test_is_encoder_decoder_true_is_an_error(tmp_path):
-    with pytest.raises(OrpoError, match="is_encoder_decoder"):
-        ORPOConfig(output_dir=str(tmp_path), is_encoder_decoder=True)
+def test_is_encoder_decoder_is_accepted_and_left_to_the_model(tmp_path):
+    """TRL's field: accepted either way and kept as given; the model's config decides (run/setup.py checks a True
+    against a decoder-only model)."""
+    assert ORPOConfig(output_dir=str(tmp_path), is_encoder_decoder=True).is_encoder_decoder is True
     assert ORPOConfig(output_dir=str(tmp_path), is_encoder_decoder=False).is_encoder_decoder is False
 
 
