@@ -11,7 +11,15 @@ TORCH ?= torch==2.13.0
 FLOOR_VENV ?= .venv-floor
 TRANSFORMERS_FLOOR := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 
-.PHONY: setup demo test test-floor clean
+# The recipes' tests (tests/test_recipes.py) run orpo as a user installs it: a plain install, no extras
+# ($(RECIPE_VENV)/plain), and for each set of extras a recipe's `# Launch:` line names (pip install 'orpo[...]'),
+# a venv layered on the plain one (its site-packages reads the plain one's through a .pth file), where pip adds
+# only what those extras bring. Reused across runs, as $(VENV) is; rebuilt when pyproject.toml changes.
+RECIPE_VENV ?= .venv-recipes
+RECIPE_EXTRAS := $(sort $(shell sed -n "s/^\# Launch: .*orpo\[\([a-z0-9_,-]*\)\].*/\1/p" recipes/*.yaml))
+PLAIN_PY := $(RECIPE_VENV)/plain/bin/python
+
+.PHONY: setup recipe-venvs demo test test-floor clean
 
 setup: $(VENV)/.installed
 
@@ -21,10 +29,28 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+recipe-venvs: $(RECIPE_VENV)/plain/.installed $(RECIPE_EXTRAS:%=$(RECIPE_VENV)/%/.installed)
+
+$(RECIPE_VENV)/plain/.installed: pyproject.toml
+	rm -rf $(RECIPE_VENV)
+	$(PYTHON) -m venv $(RECIPE_VENV)/plain
+	$(PLAIN_PY) -m pip install -q $(TORCH)
+	$(PLAIN_PY) -m pip install -q -e .
+	touch $@
+
+# $(TORCH) again: pip keeps the plain venv's torch (an extra's newest release might ask for another)
+$(RECIPE_VENV)/%/.installed: $(RECIPE_VENV)/plain/.installed
+	rm -rf $(RECIPE_VENV)/$*
+	$(PYTHON) -m venv $(RECIPE_VENV)/$*
+	$(PLAIN_PY) -c 'import site; print(site.getsitepackages()[0])' > \
+		$$($(RECIPE_VENV)/$*/bin/python -c 'import site; print(site.getsitepackages()[0])')/orpo-plain.pth
+	$(RECIPE_VENV)/$*/bin/python -m pip install -q -e '.[$*]' $(TORCH)
+	touch $@
+
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/orpo demo
 
-test: setup
+test: setup recipe-venvs
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-floor:
@@ -37,4 +63,4 @@ test-floor:
 		tests/run/test_trainer.py tests/run/test_plan.py tests/run/test_finish.py tests/train/test_checkpoints.py
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) $(RECIPE_VENV) build *.egg-info

@@ -204,6 +204,19 @@ def test_an_output_dir_with_files_is_refused_before_anything_loads(files, tmp_pa
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_report_to_backend_that_is_not_installed_is_one_line_before_anything_loads(files, tmp_path, capsys,
+                                                                                     monkeypatch):
+    from transformers import integrations
+
+    monkeypatch.setattr(integrations, "is_tensorboard_available", lambda: False)
+    line = refused(["train", *required("train", files, tmp_path), "--report_to", "tensorboard"], capsys)
+    assert line == "--report_to tensorboard: tensorboard is not installed; pip install 'orpo[tensorboard]' " \
+                   "(or --report_to none)"
+    assert refused(["train", *required("train", files, tmp_path), "--report_to", "wandb,x"], capsys) \
+        .startswith("--report_to wandb,x: not a backend transformers reports to; accepted: ")
+    assert not (tmp_path / "out").exists()
+
+
 # --- what only the model can say: right after it loads, before the data -------------------------------------------
 
 def test_init_kwargs_and_lora_targets_the_model_refuses_are_one_line_before_the_data(files, tmp_path, capsys):

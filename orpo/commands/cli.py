@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 import typing
 from pathlib import Path
@@ -54,17 +55,15 @@ def parse_train_args(argv: list[str]):
     """
     from orpo.train.config import DataArguments, ModelArguments, ORPOConfig
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, rest = pre.parse_known_args(argv)
+    config_file, rest = _config_file(argv)
     parser = _parser((ModelArguments, DataArguments, ORPOConfig), prog="orpo train")
     parser.set_defaults(output_dir="orpo-output")
-    if known.config:
-        values = _read_yaml_config(known.config)
+    if config_file:
+        values = _read_yaml_config(config_file)
         actions = {action.dest: action for action in parser._actions}
         unknown = sorted(set(values) - set(actions))
         if unknown:
-            raise OrpoError(f"{known.config}: unknown options {unknown}; see orpo train --help")
+            raise OrpoError(f"{config_file}: unknown options {unknown}; see orpo train --help")
         for key in values:
             actions[key].required = False  # given by the file
         parser.set_defaults(**values)
@@ -86,8 +85,12 @@ def cmd_train(argv: list[str]) -> int:
     prints the run's plan instead of training."""
     model_args, data_args, config = parse_train_args(argv)
     from orpo.run.launch import end_process
+    from orpo.run.plan import plan_run
+    from orpo.run.setup import set_up
     from orpo.run.trainer import ORPOTrainer
     from orpo.train.checkpoints import RunFinished, check_output_dir
+
+    planned = planned_processes(model_args, config, _config_file(argv)[0])
 
     peft_config = None
     if model_args.use_peft:
@@ -104,13 +107,19 @@ def cmd_train(argv: list[str]) -> int:
         # the command starts a fresh run unless told to resume: an output_dir with files is refused now
         check_output_dir(config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir,
                          config.previous_run, config.max_steps)
-        trainer = ORPOTrainer(model=model_args.model, args=config, train_dataset=data_args.dataset,
-                              eval_dataset=data_args.eval_dataset, peft_config=peft_config)
+        if planned:  # each process of a launched run, planned here: no Trainer (no engine without the launcher)
+            setup = set_up(model_args.model, config, data_args.dataset, data_args.eval_dataset,
+                           peft_config=peft_config, planned_processes=planned[0])
+            model, plan = setup.model, plan_run(config, setup, planned)
+        else:
+            trainer = ORPOTrainer(model=model_args.model, args=config, train_dataset=data_args.dataset,
+                                  eval_dataset=data_args.eval_dataset, peft_config=peft_config)
+            model, plan = trainer.model, trainer.plan
     except RunFinished as finished:  # a rerun of a finished run (a requeued job, say) trains nothing and succeeds
         logger.warning("%s", finished)
         return 0
     if model_args.dry_run:
-        print(dry_run_report(trainer, model_args, data_args, config))
+        print(dry_run_report(model, plan, model_args, config))
         if not output_existed and Path(config.output_dir).is_dir() and not any(Path(config.output_dir).iterdir()):
             Path(config.output_dir).rmdir()  # the Trainer makes output_dir; a dry run leaves nothing behind
         return 0
@@ -119,24 +128,67 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def dry_run_report(trainer, model_args, data_args, config) -> str:
+def _config_file(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The --config file of `orpo train`'s flags (None: none), and the other flags."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(argv)
+    return known.config, rest
+
+
+def launch_world_size(text: str) -> tuple[int, str] | None:
+    """(the processes, the launcher's flags) the `# Launch:` line of a config file's `text` starts: torchrun's
+    --nproc_per_node times its --nnodes (1 where absent); None without a line that names --nproc_per_node."""
+    line = next((line for line in text.splitlines() if line.startswith("# Launch:")), "")
+    per_node, nodes = (re.search(rf"--{flag}[ =](\d+)", line) for flag in ("nproc_per_node", "nnodes"))
+    if per_node is None:
+        return None
+    return int(per_node[1]) * (int(nodes[1]) if nodes else 1), " ".join(m[0] for m in (nodes, per_node) if m)
+
+
+def planned_processes(model_args, config, config_file: str | None) -> tuple[int, str] | None:
+    """(N, why) when this process is a dry run that plans each process of a run of N that a launcher would start
+    (`--dry_run` in a process no launcher started, with --world_size N, or a sharded config whose file's
+    `# Launch:` line starts N); None when this process is the run (or the whole of it)."""
+    from orpo.run.launch import is_launched
+
+    launched, world_size = is_launched(config), model_args.world_size
+    if world_size is not None and (launched or not model_args.dry_run):
+        raise OrpoError(f"--world_size {world_size}: sets the processes a dry run plans for in a process no launcher "
+                        "started (with --dry_run); a launched run's world size is its launcher's")
+    if not model_args.dry_run or launched:
+        return None
+    here = "planned in this process, which no launcher started"
+    if world_size is not None:
+        return world_size, f"--world_size {world_size}; {here}"
+    if not (config.fsdp or config.deepspeed):
+        return None
+    launch = launch_world_size(Path(config_file).read_text()) if config_file else None
+    if launch is None:
+        raise OrpoError(f"--dry_run of a sharded run ({'--fsdp' if config.fsdp else '--deepspeed'}) in a process no "
+                        "launcher started plans each of the run's processes: give their number with --world_size N "
+                        "(or launch the dry run as the run: torchrun --nproc_per_node N -m orpo train ... --dry_run)")
+    return launch[0], f"{launch[1]} in the `# Launch:` line of {config_file}; {here}"
+
+
+def dry_run_report(model, plan, model_args, config) -> str:
     """What `orpo train --dry_run` prints: the model, the settings that differ from the defaults
     (config.changed_settings), then the run's plan: every choice with its reason (run/plan.py)."""
     from orpo.ops.forward import causal_lm
     from orpo.train.config import changed_settings
 
-    params = list(trainer.model.parameters())
+    params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
     changed = {k: v for k, v in changed_settings(config).items() if k != "output_dir"}
     lines = [
         f"dry run of orpo train into {config.output_dir}: every input checked, nothing trained, nothing written "
         "to output_dir",
-        f"model: {model_args.model} ({type(causal_lm(trainer.model)).__name__}, "
+        f"model: {model_args.model} ({type(causal_lm(model)).__name__}, "
         f"{sum(p.numel() for p in params):,} parameters, {trainable:,} trainable"
         f"{', LoRA' if model_args.use_peft else ''})",
         "settings changed from the defaults: " + (", ".join(f"{k}={v}" for k, v in changed.items()) or "none"),
     ]
-    return "\n".join(lines + trainer.plan.lines())
+    return "\n".join(lines + plan.lines())
 
 
 def _load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):

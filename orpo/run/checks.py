@@ -5,7 +5,8 @@ Three moments, each before the next expensive step:
 1. the config's own fields (ranges, choices, conflicts): when it is constructed (`train/config.py`);
 2. `check_before_loading`: what the filesystem and the machine say, before any tokenizer, model or data is
    loaded: every path the run will write, the state of output_dir (a previous run, a checkpoint to resume
-   and whether the same settings and model made it), the eval data the strategy needs, one process per GPU;
+   and whether the same settings and model made it), the `report_to` backends installed, one process per GPU,
+   a launcher for a sharded run (unless a dry run plans it), the eval data the strategy needs;
 3. what only the loaded model can say (that `model_init_kwargs` apply to it, that the LoRA targets exist in
    it): `run/setup.py` turns the loaders' refusals into one line, right after the load, before the data.
 
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from orpo.errors import OrpoError
+from orpo.run.launch import is_launched
 from orpo.train.checkpoints import (check_output_dir, check_stamp, is_latest, latest_complete, run_stamp,
                                     stamp_settings)
 from orpo.train.config import ORPOConfig
@@ -54,11 +56,51 @@ def _check_nearest_dir(flag: str, path: str, directory: Path) -> None:
         raise OrpoError(f"--{flag} {path}: cannot write in {existing} ({err.strerror})") from None
 
 
-def check_before_loading(config: ORPOConfig, model_name: str | None, has_eval: bool, local_gpus: int) -> None:
+# report_to backend → (transformers' availability function for it, in transformers.integrations; what installs it).
+# tensorboard is orpo's extra; the others are their own packages. kubeflow is not here: transformers adds it by
+# itself inside a Kubeflow TrainJob (an environment variable), there is nothing to install.
+REPORT_BACKENDS = {
+    "tensorboard": ("is_tensorboard_available", "pip install 'orpo[tensorboard]'"),
+    "wandb": ("is_wandb_available", "pip install wandb"),
+    "trackio": ("is_trackio_available", "pip install trackio"),
+    "mlflow": ("is_mlflow_available", "pip install mlflow"),
+    "comet_ml": ("is_comet_available", "pip install comet_ml"),
+    "neptune": ("is_neptune_available", "pip install neptune"),
+    "clearml": ("is_clearml_available", "pip install clearml"),
+    "dagshub": ("is_dagshub_available", "pip install dagshub mlflow"),
+    "dvclive": ("is_dvclive_available", "pip install dvclive"),
+    "codecarbon": ("is_codecarbon_available", "pip install codecarbon"),
+    "swanlab": ("is_swanlab_available", "pip install swanlab"),
+    "azure_ml": ("is_azureml_available", "pip install azureml-core"),
+    "flyte": ("is_flyte_deck_standard_available", "pip install flytekitplugins-deck-standard"),
+}
+
+
+def check_report_to(report_to: list[str]) -> None:
+    """One line for the first `report_to` backend the Trainer could not set up: a name transformers has no
+    callback for, or a backend that is not installed (transformers would stop with a traceback when the Trainer
+    is built, after the model and data were loaded). `report_to` as TrainingArguments leaves it: a list of
+    names ("all" already turned into the installed backends, "none" into [])."""
+    from transformers import integrations
+
+    for backend in report_to:
+        if backend not in integrations.INTEGRATION_TO_CALLBACK:
+            raise OrpoError(f"--report_to {backend}: not a backend transformers reports to; accepted: "
+                            f"{', '.join(integrations.INTEGRATION_TO_CALLBACK)}, all, none")
+        if backend in REPORT_BACKENDS:
+            available, install = REPORT_BACKENDS[backend]
+            if not getattr(integrations, available)():
+                raise OrpoError(f"--report_to {backend}: {backend} is not installed; {install} (or --report_to none)")
+
+
+def check_before_loading(config: ORPOConfig, model_name: str | None, has_eval: bool, local_gpus: int,
+                         planned_processes: int | None = None) -> None:
     """Stage 2 (module docstring): one OrpoError line for the first problem, in the order a user would fix them.
 
     model_name:  the model as given (a hub id or path; None for a model object), for the checkpoint's stamp.
-    has_eval:    whether eval data was given. local_gpus: the GPUs this process sees (transformers' n_gpu)."""
+    has_eval:    whether eval data was given. local_gpus: the GPUs this process sees (transformers' n_gpu).
+    planned_processes: None for a run in this process; N for a dry run that plans each process of a run of N
+                 processes launched elsewhere (`orpo train --dry_run` without a launcher), which needs none."""
     resume = config.resume_from_checkpoint
     check_writable_dir("output_dir", config.output_dir)
     if resume or config.overwrite_output_dir:
@@ -67,11 +109,18 @@ def check_before_loading(config: ORPOConfig, model_name: str | None, has_eval: b
         check_output_dir(config.output_dir, resume, config.overwrite_output_dir, config.previous_run, config.max_steps)
     if config.export_gguf:
         check_writable_file("export_gguf", config.export_gguf)
+    check_report_to(config.report_to)
     if local_gpus > 1:
         raise OrpoError(f"this process sees {local_gpus} GPUs, and transformers would drive them all from it with "
                         "nn.DataParallel (slow, and not what orpo's step normalisation is built for): launch one "
                         f"process per GPU (torchrun --nproc_per_node {local_gpus} -m orpo train ...; "
                         "docs/distributed.md), or choose one GPU with CUDA_VISIBLE_DEVICES=0")
+    engine = "--fsdp" if config.fsdp else "--deepspeed" if config.deepspeed else None
+    if engine and planned_processes is None and not is_launched(config):
+        # (transformers: a ValueError when the Trainer is built; DeepSpeed: an MPI discovery that fails)
+        raise OrpoError(f"{engine} shards the model over several processes: launch with torchrun or accelerate "
+                        "(torchrun --nproc_per_node N -m orpo train ...; docs/distributed.md); --dry_run plans "
+                        "such a run without a launcher")
     if "trust_remote_code" in (config.model_init_kwargs or {}):
         raise OrpoError("--model_init_kwargs: trust_remote_code has its own flag (--trust_remote_code); give it there")
     if model_name is None and config.model_init_kwargs:

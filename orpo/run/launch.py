@@ -9,6 +9,18 @@ import sys
 from orpo.train.config import ORPOConfig
 
 
+def is_launched(config: ORPOConfig) -> bool:
+    """Whether a launcher (torchrun, accelerate, DeepSpeed's) started this process: it was given a local rank."""
+    return config.local_rank != -1 or os.environ.get("LOCAL_RANK", "-1") != "-1"
+
+
+def launched_processes(config: ORPOConfig) -> tuple[int, str]:
+    """(the processes of the run this process is part of, why): its launcher's world size, or this one alone."""
+    if is_launched(config):
+        return config.world_size, "as launched (the launcher's WORLD_SIZE)"
+    return 1, "this process alone: no launcher started it"
+
+
 def start_process(config: ORPOConfig) -> None:
     """Before the model loads. DeepSpeed on CPU ranks (gloo): accelerate starts DeepSpeed's communication only for
     accelerators; left unstarted, DeepSpeed counts a world of 1 process, and ZeRO-3's model init (transformers'

@@ -1,7 +1,8 @@
 """Decide once, then run: every choice orpo makes for a training run, made before training starts, each a value
 with its reason, in one frozen `Plan`.
 
-`plan_run(config, setup)` decides, from the user's config, the loaded model, the prepared data and the device:
+`plan_run(config, setup, processes)` decides, from the user's config, the loaded model, the prepared data, the
+run's processes and the device:
 
 | choice | decided from |
 | --- | --- |
@@ -15,6 +16,7 @@ with its reason, in one frozen `Plan`.
 | CPU memory allocator | --reuse_cpu_memory, the device and the C library (train/allocator.py) |
 | train data, eval data | how each set was prepared (processes, cache) and what was dropped |
 | output_dir | a new run, the previous run removed or moved aside, or the checkpoint resumed |
+| processes | the launcher's world size, or (a dry run without a launcher) the world size it plans for and why; the pairs of an optimizer step, and how the model is spread over the processes |
 | final evaluation, saved model, GGUF export | eval data; LoRA (merged into its base model); --export_gguf (checked now) |
 
 The Trainer runs `plan.training_args`: a copy of the user's config with the decided values written in; the
@@ -113,9 +115,11 @@ class Plan:
                           indent=1, default=str)
 
 
-def plan_run(config: ORPOConfig, setup: Setup) -> Plan:
-    """The Plan of a run of `config` on what `setup` loaded (module docstring). Raises OrpoError (one line) for a
-    choice that cannot be met: a forced route the model does not reproduce, an export the model cannot take."""
+def plan_run(config: ORPOConfig, setup: Setup, processes: tuple[int, str]) -> Plan:
+    """The Plan of each process of a run of `config` on what `setup` loaded (module docstring); `processes`: (the
+    run's processes, why: launch.launched_processes, or the world size a dry run plans for). Raises OrpoError (one
+    line) for a choice that cannot be met: a forced route the model does not reproduce, an export the model cannot
+    take."""
     model, train, device = setup.model, setup.train, config.device
     bf16, precision = choose_precision(config.bf16, config.fp16, device)
     images = image_probe_pairs(train.pairs) if isinstance(train, PreparedData) else []
@@ -132,6 +136,7 @@ def plan_run(config: ORPOConfig, setup: Setup) -> Plan:
     choices = [
         *_data_choices(setup),
         _output_dir_choice(config),
+        _processes_choice(config, *processes),
         Choice("route", route.layout + ("" if route.head == "chunked" else "+logits"), route.describe()),
         *([nll] if nll else []),
         Choice("precision", "bf16" if bf16 else "fp16" if config.fp16 else "fp32", precision),
@@ -244,6 +249,22 @@ def memory_estimate(inputs: tuple | str, recompute: Recompute, keep_head_probs: 
     if isinstance(inputs, str):
         return f"not estimated: {inputs}"
     return estimate_step(*inputs, recompute.every_n_layers, recompute.selective, keep_head_probs)[2]
+
+
+def _processes_choice(config: ORPOConfig, count: int, why: str) -> Choice:
+    """How many processes the run has and why, the pairs of its optimizer step, and how the model is spread."""
+    batch, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    reason = (f"{count} ({why}): {batch} pairs per micro-batch x {accumulation} micro-batches x {count} "
+              f"process{'es' if count > 1 else ''} = {batch * accumulation * count} pairs per optimizer step")
+    if config.fsdp:
+        version = (config.fsdp_config or {}).get("version", 1)
+        reason += f"; the model sharded over them by FSDP{'2' if int(version) == 2 else ''}"
+    elif config.deepspeed:
+        reason += f"; the model sharded over them by DeepSpeed ZeRO-" \
+                  f"{config.hf_deepspeed_config.get_value('zero_optimization.stage', 0)}"
+    elif count > 1:
+        reason += "; each a whole copy of the model (data parallel)"
+    return Choice("processes", count, reason)
 
 
 def _allocator_reason(config: ORPOConfig, device_type: str, reuse: bool) -> str:

@@ -3,7 +3,7 @@
 `set_up` is the start of every run, from Python (`ORPOTrainer(...)`) and from `orpo train` alike:
 
 1. every input that can be checked without loading anything (`checks.check_before_loading`);
-2. the process set up for its launcher (`launch.start_process`);
+2. the process set up for its launcher (`launch.start_process`; not in a dry run planning a launched run);
 3. the tokenizer (or a vision-language model's processor), then the model (a name is loaded with
    `model_init_kwargs`; what the loader refuses is one line), LoRA applied (a target the model lacks is one
    line), dropout disabled and a vision tower frozen as configured, the model tagged as TRL tags it
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ from orpo.run.checks import check_before_loading
 from orpo.run.launch import start_process
 from orpo.train.callbacks import disable_dropout
 from orpo.train.config import ORPOConfig, prepare_data, stream_data
-from orpo.train.models import load_model, load_tokenizer
+from orpo.train.models import load_model, load_tokenizer, unpartitioned_load
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +57,21 @@ class Setup:
 
 
 def set_up(model, args: ORPOConfig, train_dataset=None, eval_dataset=None, processing_class=None,
-           peft_config=None) -> Setup:
+           peft_config=None, planned_processes: int | None = None) -> Setup:
     """Steps 1-4 of the module docstring for ORPOTrainer's arguments (TRL's): `model` a name/path or a model,
     the datasets any source `prepare_data` reads (or data prepared already), `processing_class` None = the
-    model's own, `peft_config` a peft config or None."""
+    model's own, `peft_config` a peft config or None. `planned_processes`: None for a run in this process; N
+    for a dry run planning each process of a run of N launched elsewhere (the model is then loaded whole: there
+    are no ranks here for ZeRO-3 to partition it over)."""
     name = model if isinstance(model, str) else None
-    check_before_loading(args, name, eval_dataset is not None, args.n_gpu)
-    start_process(args)
+    check_before_loading(args, name, eval_dataset is not None, args.n_gpu, planned_processes)
+    if planned_processes is None:
+        start_process(args)
     if processing_class is None:
         processing_class = load_tokenizer(name or model.name_or_path, args.trust_remote_code)
     if name is not None:
-        model = _load(name, args)
+        with unpartitioned_load(args.hf_deepspeed_config) if planned_processes and args.deepspeed else nullcontext():
+            model = _load(name, args)
     encoder_decoder = is_encoder_decoder(model)  # the model's config, not the flag
     if args.is_encoder_decoder and not encoder_decoder:
         raise OrpoError(f"--is_encoder_decoder true: {name or type(model).__name__} is a decoder-only model (its "

@@ -34,6 +34,7 @@ from orpo.ops.moe import router_token_mask
 from orpo.ops.packing import nll_token_count
 from orpo.ops.scoring import record_tensor, records_from_tensor, summarize
 from orpo.run.finish import FinalEvaluation, finish_run
+from orpo.run.launch import launched_processes
 from orpo.run.plan import plan_run
 from orpo.run.setup import is_tokenized, prepare_source, set_up, trainer_data
 from orpo.train.allocator import keep_freed_memory
@@ -90,7 +91,7 @@ class ORPOTrainer(TrainerAdapter):
             raise OrpoError("ORPOTrainer takes no data_collator: it batches pairs in the layout of the model's route "
                             "(trainer.data_collator, orpo/ops/packing.py)")
         setup = set_up(model, args, train_dataset, eval_dataset, processing_class, peft_config)
-        self.plan = plan_run(args, setup)
+        self.plan = plan_run(args, setup, launched_processes(args))
         self.setup = setup
         super().__init__(
             model=setup.model,

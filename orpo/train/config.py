@@ -49,7 +49,15 @@ class ModelArguments:
                   "from the defaults, the data's rows and drops, every choice orpo made with its reason (route, "
                   "precision, recompute, head softmax, memory per device, what happens to output_dir, what is "
                   "saved and exported). The data is prepared (and cached) and the model loaded; nothing is "
-                  "trained and nothing is written to output_dir."},
+                  "trained and nothing is written to output_dir. A sharded run (--fsdp, --deepspeed) needs no "
+                  "launcher for it: one process plans each of the run's processes (--world_size)."},
+    )
+    world_size: int | None = field(
+        default=None,
+        metadata={"help": "With --dry_run in a process no launcher started: plan each process of a run of this many "
+                  "processes (all machines together). Default: what the --config file's `# Launch:` line starts "
+                  "(torchrun --nproc_per_node N, times --nnodes M); a sharded run (--fsdp, --deepspeed) needs one "
+                  "of the two. A launched run's world size is its launcher's."},
     )
 
     def __post_init__(self):
@@ -432,16 +440,13 @@ def _installed(module: str) -> bool:
 
 
 def _check_engine_configs(args) -> None:
-    """--deepspeed and --fsdp_config problems as one line (TrainingArguments raises them as tracebacks)."""
+    """--deepspeed and --fsdp_config problems as one line (TrainingArguments raises them as tracebacks). Whether a
+    launcher started the process is checked before loading (run/checks.py): a dry run may plan a launched run."""
     if args.deepspeed and not _installed("deepspeed"):
-        raise OrpoError("--deepspeed needs DeepSpeed, which is not installed: pip install deepspeed "
-                        "(or pip install -e '.[deepspeed]')")
+        raise OrpoError("--deepspeed needs DeepSpeed, which is not installed: pip install 'orpo[deepspeed]'")
     for flag, value in (("deepspeed", args.deepspeed), ("fsdp_config", args.fsdp_config)):
         if isinstance(value, str) and value.endswith(".json") and not os.path.isfile(value):
             raise OrpoError(f"--{flag} {value}: no such file")
-    if args.fsdp and args.local_rank == -1 and os.environ.get("LOCAL_RANK", "-1") == "-1":
-        raise OrpoError("--fsdp shards the model over several processes: launch with torchrun or accelerate "
-                        "(torchrun --nproc_per_node N -m orpo train ...; docs/distributed.md)")
 
 
 def prepare_data(args, source, tokenizer, split: str = "train", name: str | None = None,

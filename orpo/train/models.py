@@ -156,6 +156,21 @@ def load_model(name_or_path: str, dtype=DTYPES[0], trust_remote_code: bool = Fal
 
 
 @contextlib.contextmanager
+def unpartitioned_load(hf_deepspeed_config):
+    """Within: `from_pretrained` loads every weight whole, not partitioned by ZeRO-3 (transformers partitions at load
+    while the TrainingArguments that hold `hf_deepspeed_config`, their DeepSpeed config, are alive), for a process
+    with no ranks to partition over: a dry run that plans a launched run (`orpo train --dry_run`, no launcher)."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if hf_deepspeed_config is not None:
+            set_hf_deepspeed_config(hf_deepspeed_config)
+
+
+@contextlib.contextmanager
 def whole_weights_per_call(model):
     """Within: each module of `model` whose weights ZeRO-3 partitioned over the ranks has them gathered for its own
     call and partitioned again after it, as DeepSpeed's engine does in training (one module's weights whole at a

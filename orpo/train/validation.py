@@ -37,6 +37,7 @@ RANGES = {
     "lora_r": Range(int, 1),
     "lora_alpha": Range(int, 1),
     "lora_dropout": Range(float, 0, 1, high_open=True),
+    "world_size": Range(int, 1, optional=True),
     # EvalArguments (orpo eval), InspectArguments (orpo data inspect)
     "limit": Range(int, 1, optional=True),
     "batch_tokens": Range(int, 1),

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from orpo.commands.cli import main, parse_train_args
+from orpo.commands.cli import launch_world_size, main, parse_train_args, planned_processes
 from orpo.data.formats import ACCEPTED_SHAPES
 from orpo.data.prepare import prepare_dataset
 from orpo.errors import OrpoError
@@ -840,7 +840,7 @@ def test_dry_run_reports_config_data_route_precision_and_memory_and_writes_nothi
     assert lines[1].startswith(f"model: {model_dir} (LlamaForCausalLM, ") and lines[1].endswith(" trainable)")
     assert lines[2] == "settings changed from the defaults: max_steps=3, bf16=False, beta=0.2"  # in field order
     plan = dict(line.split(": ", 1) for line in lines[3:])  # the run's plan: every choice with its reason
-    assert list(plan) == ["train data", "output_dir", "route", "precision", "router load balancing",
+    assert list(plan) == ["train data", "output_dir", "processes", "route", "precision", "router load balancing",
                           "activation checkpointing", "output head softmax", "memory", "CPU memory allocator",
                           "final evaluation", "saved", "report", "export"]
     assert plan["train data"].startswith(f"{data_dir / 'one_bad.jsonl'}: kept 2 of 3 pairs; dropped 1: chosen == "
@@ -864,6 +864,46 @@ def test_dry_run_reports_config_data_route_precision_and_memory_and_writes_nothi
     assert plan["output_dir"] == (f"a new run in {out}; the previous run there (1 entries) is removed when training "
                                   "starts (--overwrite_output_dir)")
     assert (out / "metrics.jsonl").is_file()
+
+
+def test_launch_world_size_is_what_the_launch_lines_torchrun_flags_start():
+    assert launch_world_size("# a recipe\n# Launch: torchrun --nproc_per_node 8 -m orpo train\nmodel: m") == \
+        (8, "--nproc_per_node 8")
+    assert launch_world_size("# Launch: sbatch x.slurm    (each: torchrun --nnodes=2 --nproc_per_node=4 ...)") == \
+        (8, "--nnodes=2 --nproc_per_node=4")
+    assert launch_world_size("# Launch: orpo train --config x.yaml") is None
+    assert launch_world_size("model: m\n# torchrun --nproc_per_node 8") is None  # only the launch line counts
+
+
+def test_a_sharded_dry_run_without_a_launcher_plans_the_world_size_of_its_flag_or_launch_line(tmp_path, monkeypatch):
+    from orpo.run import launch
+
+    recipe = tmp_path / "sharded.yaml"
+    recipe.write_text("# Launch: torchrun --nproc_per_node 4 -m orpo train --config sharded.yaml\nfsdp: full_shard\n")
+
+    def planned(*flags, file=recipe):
+        model_args, _, config = parse_train_args(["--config", str(file), "--model", "m", "--dataset", "d",
+                                                  "--output_dir", str(tmp_path / "out"), *flags])
+        return planned_processes(model_args, config, str(file))
+
+    assert planned("--dry_run") == (4, f"--nproc_per_node 4 in the `# Launch:` line of {recipe}; planned in this "
+                                       "process, which no launcher started")
+    assert planned("--dry_run", "--world_size", "6") == (6, "--world_size 6; planned in this process, which no "
+                                                            "launcher started")
+    assert planned() is None  # training it here is refused before loading (run/checks.py)
+    with pytest.raises(OrpoError, match=r"^--world_size 6: sets the processes a dry run plans for in a process no "
+                                        r"launcher started \(with --dry_run\)"):
+        planned("--world_size", "6")
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("fsdp: full_shard\n")
+    with pytest.raises(OrpoError, match=r"^--dry_run of a sharded run \(--fsdp\) in a process no launcher started "
+                                        r"plans each of the run's processes: give their number with --world_size N"):
+        planned("--dry_run", file=bare)
+    assert planned("--dry_run", "--fsdp", "", file=bare) is None  # not sharded: the run is this process
+    monkeypatch.setattr(launch, "is_launched", lambda config: True)  # under torchrun: the launcher's world size
+    assert planned("--dry_run") is None
+    with pytest.raises(OrpoError, match=r"^--world_size 6: "):
+        planned("--dry_run", "--world_size", "6")
 
 
 def test_dry_run_of_a_config_file(model_dir, data_dir, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """checks.py: what can be checked before anything is loaded is checked then, one line each."""
 import os
+import re
 
 import pytest
 
@@ -10,7 +11,7 @@ from orpo.train.config import ORPOConfig
 
 
 def config(tmp_path, **fields):
-    return ORPOConfig(output_dir=str(tmp_path / "out"), report_to="none", **fields)
+    return ORPOConfig(output_dir=str(tmp_path / "out"), **{"report_to": "none", **fields})
 
 
 def test_a_directory_that_cannot_be_written_is_one_line(tmp_path):
@@ -79,3 +80,61 @@ def test_a_checkpoint_made_with_other_settings_or_another_model_is_refused_befor
     with pytest.raises(OrpoError, match=r"checkpoint-2 was made by another run \(the model tiny \(now other\)\)"):
         check_before_loading(config(tmp_path, resume_from_checkpoint=str(checkpoint)), "other", False, 0)
     check_before_loading(config(tmp_path, beta=0.5, force_resume=True, **latest), "tiny", False, 0)
+
+
+def test_a_report_to_backend_that_is_not_installed_is_one_line_naming_its_install(tmp_path, monkeypatch):
+    from transformers import integrations
+
+    from orpo.run.checks import REPORT_BACKENDS, check_report_to
+
+    for backend, (available, install) in REPORT_BACKENDS.items():  # transformers' function, as it names it
+        assert backend in integrations.INTEGRATION_TO_CALLBACK and callable(getattr(integrations, available)), backend
+        monkeypatch.setattr(integrations, available, lambda: False)
+        with pytest.raises(OrpoError, match=rf"^--report_to {backend}: {backend} is not installed; "
+                                            rf"{re.escape(install)} \(or --report_to none\)$"):
+            check_report_to([backend])
+    monkeypatch.setattr(integrations, "is_tensorboard_available", lambda: False)
+    with pytest.raises(OrpoError, match=r"^--report_to tensorboard: .*pip install 'orpo\[tensorboard\]'"):
+        check_before_loading(config(tmp_path, report_to=["tensorboard"]), "m", False, 0)  # before anything loads
+    monkeypatch.setattr(integrations, "is_tensorboard_available", lambda: True)
+    check_before_loading(config(tmp_path, report_to="tensorboard"), "m", False, 0)
+    with pytest.raises(OrpoError, match=r"^--report_to tensorbored: not a backend transformers reports to; accepted: "
+                                        r"azure_ml, .*tensorboard.*, all, none$"):
+        check_report_to(["tensorbored"])
+
+
+def test_report_to_all_and_none_are_what_transformers_makes_of_them(tmp_path, monkeypatch):
+    """"all": the backends installed (never a missing one), "none": none; both pass the check."""
+    from transformers import integrations
+    from transformers.integrations import integration_utils
+
+    from orpo.run.checks import check_report_to
+
+    for module in (integrations, integration_utils):  # "all" asks integration_utils, the check integrations
+        monkeypatch.setattr(module, "is_tensorboard_available", lambda: False)
+    everything, nothing = config(tmp_path, report_to="all").report_to, config(tmp_path, report_to="none").report_to
+    assert "tensorboard" not in everything and nothing == []
+    check_report_to(everything)
+    check_report_to(nothing)
+
+
+def test_a_sharded_run_without_a_launcher_is_one_line_unless_a_dry_run_plans_it(tmp_path, monkeypatch, request):
+    """--fsdp / --deepspeed in a process no launcher started (transformers: a ValueError when the Trainer is built;
+    DeepSpeed: an MPI discovery that fails); a dry run planning N processes launched elsewhere needs none."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from orpo.train import config as config_module
+
+    request.addfinalizer(unset_hf_deepspeed_config)  # later models must not load under ZeRO-3's init
+    monkeypatch.setattr(config_module, "_installed", lambda module: True)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for fields, flag in (({"fsdp": "full_shard"}, "--fsdp"), ({"deepspeed": {"zero_optimization": {"stage": 2}}},
+                                                              "--deepspeed")):
+        args = config(tmp_path, **fields)
+        with pytest.raises(OrpoError, match=rf"^{flag} shards the model over several processes: launch with torchrun "
+                                            r"or accelerate .*; --dry_run plans such a run without a launcher$"):
+            check_before_loading(args, "m", False, 0)
+        check_before_loading(args, "m", False, 0, planned_processes=8)
+        monkeypatch.setenv("LOCAL_RANK", "0")  # launched
+        check_before_loading(args, "m", False, 0)
+        monkeypatch.delenv("LOCAL_RANK")

@@ -258,14 +258,14 @@ def test_deepspeed_and_fsdp_config_problems_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(OrpoError, match=r"^--fsdp_config .*/fsdp\.json: no such file$"):
         ORPOConfig(output_dir=str(tmp_path), fsdp=True, fsdp_config=str(tmp_path / "fsdp.json"))
     monkeypatch.setattr(config, "_installed", lambda module: False)
-    with pytest.raises(OrpoError, match=r"^--deepspeed needs DeepSpeed, which is not installed: pip install deepspeed"):
+    with pytest.raises(OrpoError, match=r"^--deepspeed needs DeepSpeed, which is not installed: "
+                                        r"pip install 'orpo\[deepspeed\]'$"):
         ORPOConfig(output_dir=str(tmp_path), deepspeed=str(tmp_path / "ds.json"))
     monkeypatch.setattr(config, "_installed", lambda module: True)
     with pytest.raises(OrpoError, match=r"^--deepspeed .*/ds\.json: no such file$"):
         ORPOConfig(output_dir=str(tmp_path), deepspeed=str(tmp_path / "ds.json"))
-    # one process, not launched by torchrun/accelerate (transformers: a ValueError when the Trainer starts)
-    with pytest.raises(OrpoError, match=r"^--fsdp shards the model over several processes: launch with torchrun"):
-        ORPOConfig(output_dir=str(tmp_path), fsdp=True)
+    # one process, not launched by torchrun/accelerate: refused before loading (run/checks.py), a dry run plans it
+    assert ORPOConfig(output_dir=str(tmp_path), fsdp=True).fsdp
 
 
 def test_streaming_problems_are_one_line_and_it_shards_by_batches(tmp_path):
