@@ -14,10 +14,14 @@ TRANSFORMERS_FLOOR := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' py
 # The recipes' tests (tests/test_recipes.py) run orpo as a user installs it: a plain install, no extras
 # ($(RECIPE_VENV)/plain), and for each set of extras a recipe's `# Launch:` line names (pip install 'orpo[...]'),
 # a venv layered on the plain one (its site-packages reads the plain one's through a .pth file), where pip adds
-# only what those extras bring. Reused across runs, as $(VENV) is; rebuilt when pyproject.toml changes.
+# only what those extras bring. Reused across runs, as $(VENV) is; rebuilt when pyproject.toml changes. orpo itself
+# is installed as users get it, from a wheel (not editable: a module the wheel leaves out would fail there), built
+# again and reinstalled (without its dependencies) when a source file changes.
 RECIPE_VENV ?= .venv-recipes
 RECIPE_EXTRAS := $(sort $(shell sed -n "s/^\# Launch: .*orpo\[\([a-z0-9_,-]*\)\].*/\1/p" recipes/*.yaml))
 PLAIN_PY := $(RECIPE_VENV)/plain/bin/python
+RECIPE_VENVS := plain $(RECIPE_EXTRAS)
+ORPO_SOURCES := $(shell find orpo -name '*.py')
 
 .PHONY: setup recipe-venvs demo test test-floor clean
 
@@ -29,13 +33,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-recipe-venvs: $(RECIPE_VENV)/plain/.installed $(RECIPE_EXTRAS:%=$(RECIPE_VENV)/%/.installed)
+recipe-venvs: $(RECIPE_VENV)/.orpo-installed
+
+$(RECIPE_VENV)/.orpo-installed: $(ORPO_SOURCES) $(RECIPE_VENVS:%=$(RECIPE_VENV)/%/.installed)
+	rm -rf $(RECIPE_VENV)/wheel build  # build/: setuptools would pack stale modules left there
+	$(PLAIN_PY) -m pip wheel -q --no-deps . -w $(RECIPE_VENV)/wheel
+	for v in $(RECIPE_VENVS); do \
+		$(RECIPE_VENV)/$$v/bin/python -m pip install -q --no-deps --force-reinstall $(RECIPE_VENV)/wheel/*.whl || exit 1; \
+	done
+	touch $@
 
 $(RECIPE_VENV)/plain/.installed: pyproject.toml
 	rm -rf $(RECIPE_VENV)
 	$(PYTHON) -m venv $(RECIPE_VENV)/plain
 	$(PLAIN_PY) -m pip install -q $(TORCH)
-	$(PLAIN_PY) -m pip install -q -e .
+	$(PLAIN_PY) -m pip install -q .
 	touch $@
 
 # $(TORCH) again: pip keeps the plain venv's torch (an extra's newest release might ask for another)
@@ -44,7 +56,7 @@ $(RECIPE_VENV)/%/.installed: $(RECIPE_VENV)/plain/.installed
 	$(PYTHON) -m venv $(RECIPE_VENV)/$*
 	$(PLAIN_PY) -c 'import site; print(site.getsitepackages()[0])' > \
 		$$($(RECIPE_VENV)/$*/bin/python -c 'import site; print(site.getsitepackages()[0])')/orpo-plain.pth
-	$(RECIPE_VENV)/$*/bin/python -m pip install -q -e '.[$*]' $(TORCH)
+	$(RECIPE_VENV)/$*/bin/python -m pip install -q '.[$*]' $(TORCH)
 	touch $@
 
 demo: setup

@@ -166,8 +166,9 @@ def recipe_python(name: str) -> Path:
     return venv / "bin" / "python"
 
 
-def orpo_in_recipe_venv(name: str, flags: list[str], processes: int = 1, env: dict | None = None):
-    """`orpo train` in the recipe's venv (nothing of the test venv on its path), under torchrun with `processes`
+def orpo_in_recipe_venv(name: str, flags: list[str], workdir: Path, processes: int = 1, env: dict | None = None):
+    """`orpo train` in the recipe's venv (nothing of the test venv on its path; run from `workdir`, where
+    `recipes/` is the repository's, so the orpo imported is the venv's installed one, not the tree's), under torchrun with `processes`
     CPU ranks and FSDP set up as on a GPU (tests/cpu_fsdp.py) when more than 1; Qwen2-VL's with the tests' processor
     (tests/stand_in_processor.py)."""
     python = str(recipe_python(name))
@@ -176,7 +177,9 @@ def orpo_in_recipe_venv(name: str, flags: list[str], processes: int = 1, env: di
         python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
         str(REPO / "tests" / "cpu_fsdp.py"), "train", *flags]
     environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, cwd=REPO,
+    if not (workdir / "recipes").exists():
+        (workdir / "recipes").symlink_to(RECIPES)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, cwd=workdir,
                           env={**environment, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
@@ -184,10 +187,15 @@ def test_a_plain_install_has_no_extra_and_runs_orpo_train_help():
     """The plain venv has none of the extras' packages (nor the test extra's), and `orpo train --help` runs there:
     no test-only dependency is imported on its way (the dry runs below are the rest of the way)."""
     python = recipe_python("smollm2-135m-cpu.yaml")
-    probe = "import importlib.util as u; print([m for m in ('tensorboard', 'deepspeed', 'torchvision', 'trl', " \
-            "'pytest') if u.find_spec(m)])"
-    missing = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
-    assert missing.stdout.strip() == "[]", missing.stdout
+    probe = "import importlib.util as u, orpo; print([m for m in ('tensorboard', 'deepspeed', 'torchvision', 'trl', " \
+            "'pytest') if u.find_spec(m)]); print(orpo.__file__)"
+    missing = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60, check=True,
+                             cwd=python.parents[1])
+    found, orpo_file = missing.stdout.splitlines()
+    assert found == "[]", found
+    # what pip installs, a copy in the venv's site-packages, not the tree (an editable install would hide a module
+    # the wheel leaves out)
+    assert Path(orpo_file).is_relative_to(python.parents[1]) and "site-packages" in orpo_file, orpo_file
     result = subprocess.run([python.parent / "orpo", "train", "--help"], capture_output=True, text=True, timeout=120,
                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert result.returncode == 0 and "--world_size" in result.stdout and "--report_to" in result.stdout, result.stderr
@@ -210,7 +218,7 @@ def test_recipe_dry_runs_on_a_plain_install_without_a_launcher(name, tmp_path, s
     """A sharded recipe's plan is each process's of the world size its launch line starts, in a plain process."""
     recipe = read_recipe(name)
     result = orpo_in_recipe_venv(name, ["--config", f"recipes/{name}", *_stand_in(name, tmp_path, stand_in_data),
-                                        "--dry_run"])
+                                        "--dry_run"], tmp_path)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     plan = dict(line.split(": ", 1) for line in result.stdout.splitlines()[3:])
     if _sharded(name):
@@ -229,10 +237,10 @@ def test_recipe_trains_a_step_on_a_stand_in(name, tmp_path, stand_in_data):
     recipe = read_recipe(name)
     flags = ["--config", f"recipes/{name}", *_stand_in(name, tmp_path, stand_in_data)]
     if _sharded(name):
-        result = orpo_in_recipe_venv(name, flags, processes=2, env=deepspeed_environment(name))
+        result = orpo_in_recipe_venv(name, flags, tmp_path, processes=2, env=deepspeed_environment(name))
         assert "did not set up FSDP" not in result.stderr  # sharded, not DDP
     else:
-        result = orpo_in_recipe_venv(name, flags)
+        result = orpo_in_recipe_venv(name, flags, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
