@@ -356,16 +356,19 @@ def _show_prompt(tokenizer, pair, image_token_id: int | None) -> str:
 def cmd_inspect(argv: list[str]) -> int:
     from orpo.data.images import text_tokenizer
     from orpo.data.store import pair_lengths
+    from orpo.train.models import loads_as_seq2seq
 
     args = parse_subcommand_args("data inspect", argv)
     tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
     prepared = _prepare(args.dataset, args.dataset_split, tokenizer, args)
     words = text_tokenizer(tokenizer)
     mark = ("\033[1;32m", "\033[0m") if sys.stdout.isatty() else ("[[", "]]")
+    prompt_role = ("the encoder's input, never an NLL target" if loads_as_seq2seq(args.model, args.trust_remote_code)
+                   else "an NLL target only with nll_scope=full")
     for pair in prepared.pairs[: args.n]:
         print(f"=== row {pair.index}: prompt {len(pair.prompt_ids)} tokens, chosen {len(pair.chosen_ids)}, "
               f"rejected {len(pair.rejected_ids)}  (trained tokens in {mark[0]}{mark[1]})")
-        print("--- prompt (an NLL target only with nll_scope=full)")
+        print(f"--- prompt ({prompt_role})")
         print(_show_prompt(words, pair, getattr(tokenizer, "image_token_id", None)))
         for name, ids in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
             print(f"--- {name}")

@@ -995,6 +995,9 @@ def test_t5_trains_saves_and_evaluates_from_the_cli(data_dir, tmp_path, capsys):
     assert err[-1] == ("orpo: error: GGUF export does not apply to encoder-decoder models (t5): llama.cpp runs "
                        "decoder-only ones; the saved safetensors model is the result (transformers loads it)")
     assert not out.exists()
+    assert main(["data", "inspect", "--model", t5, "--dataset", prefs, "-n", "1"]) == 0
+    shown = capsys.readouterr().out  # the prompt is the encoder's input; each answer ends with T5's </s>, trained
+    assert "--- prompt (the encoder's input, never an NLL target)" in shown and "</s>]]" in shown
     assert main(["train", *common, "--eval_dataset", prefs]) == 0
     trained = AutoModelForSeq2SeqLM.from_pretrained(out)
     assert isinstance(trained, T5ForConditionalGeneration)
