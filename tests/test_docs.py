@@ -1,8 +1,9 @@
 """README.md and the pages of docs/: their examples run, what they show a command printing is what it prints, and
 their links lead somewhere.
 
-Every ```bash block runs, README first, then the pages in PAGES order, in one shell (on a tiny model instead of
-SmolLM2, with the real data files); the TRL migration diff runs with orpo after its one changed line; every `orpo`
+Every ```bash block runs, in PAGES order within two shells that run side by side (SHELLS: the README's quick start,
+whose runs/uf the export page uses, with the pages that take longest in one, the other pages in the other; each with
+its own datasets cache), on a tiny model instead of SmolLM2, with the real data files; the TRL migration diff runs with orpo after its one changed line; every `orpo`
 command appears in a block that runs (`orpo demo` is `make demo`); every relative link names a file that exists
 and, with a #fragment, a heading of that file; and the README stays a five-minute read.
 
@@ -164,19 +165,35 @@ def test_every_command_is_shown_in_a_block_that_runs():
     assert "orpo demo" in README.read_text() and "make demo" in README.read_text()
 
 
+# The pages each shell runs, README first: independent of each other's runs/ (only export.md reads the README's
+# runs/uf), about equally long, side by side on two cores (each command is mostly one core importing its libraries).
+SHELLS = [[README] + [REPO / "docs" / f"{name}.md" for name in ("quickstart", "data", "export")],
+          [REPO / "docs" / f"{name}.md" for name in PAGES if name not in ("quickstart", "data", "export")]]
+
+
 def test_bash_blocks_run(tmp_path):
     """The blocks as a reader runs them; only `M=` (the model) points at the tiny model, and the venv
     activation line is skipped (this Python's environment is already the one)."""
+    assert sorted(map(str, sum(SHELLS, []))) == sorted(map(str, DOCS))  # every page in one shell, once
     work, tiny = _workdir(tmp_path)
-    script = ["set -euo pipefail"]
-    for page, (line_number, code) in ((page, block) for page in DOCS for block in code_blocks(page.read_text(), "bash")):
-        script.append(f"echo '=== {page.relative_to(REPO)} line {line_number}' >&2")
-        for line in code.splitlines():
-            if line.strip() == ". .venv/bin/activate":
-                continue
-            script.append(f"M={tiny}" if line.startswith("M=") else line)
-    result = _run(["bash", "-c", "\n".join(script)], work, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+
+    def run(index: int, pages: list[Path]) -> subprocess.CompletedProcess:
+        script = ["set -euo pipefail"]
+        for page, (line_number, code) in ((page, block) for page in pages
+                                          for block in code_blocks(page.read_text(), "bash")):
+            script.append(f"echo '=== {page.relative_to(REPO)} line {line_number}' >&2")
+            for line in code.splitlines():
+                if line.strip() == ". .venv/bin/activate":
+                    continue
+                script.append(f"M={tiny}" if line.startswith("M=") else line)
+        return _run(["bash", "-c", "\n".join(script)], work, timeout=900,
+                    env={"HF_DATASETS_CACHE": str(tmp_path / f"datasets-{index}")})
+
+    with ThreadPoolExecutor(len(SHELLS)) as pool:
+        results = list(pool.map(run, range(len(SHELLS)), SHELLS))
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    stdout = "".join(result.stdout for result in results)
     runs = work / "runs"
     # quick start: trained model, report with plots, its comparison with the base, generations, a chat answer
     for name in ("model.safetensors", "report.html", "logps.png", "generations.html"):
@@ -185,7 +202,7 @@ def test_bash_blocks_run(tmp_path):
     assert comparison["pairs"] == 50 and comparison["a"]["pairs"] == 50 and "sign_test_p" in comparison
     generations = [json.loads(line) for line in (runs / "uf" / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == 5 and all(len(g["answers"]) == 2 for g in generations)
-    assert "you> Give me three tips for writing a good prompt." in result.stdout
+    assert "you> Give me three tips for writing a good prompt." in stdout
     # the other sections: YAML config, tensorboard, a resumed run, two launchers
     assert json.loads((runs / "uf-yaml" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
     assert list((runs / "tb" / "runs").glob("*/events.out.tfevents.*"))
