@@ -39,11 +39,14 @@ between two models whatever their tokenizers.
     from θ), fitted by maximum likelihood with the outcome as a soft label (a tie is half a win and half a loss, as
     AlpacaEval fits its soft preferences):
         minimise  Σ_ij [ softplus(z_ij) − o_ij · z_ij ] + ½ · λ · φ²,  z_ij = θ + φ · t_ij,
-    by Newton's method; then lc_win_rate = mean_ij σ(θ + φ · 0) = σ(θ). The ridge term (λ = 1e-2, the C = 100 that
-    AlpacaEval's code uses without cross-validation) keeps φ finite when length separates wins from losses; θ is not
-    penalised, so with no length signal (all Δ equal) the fit gives σ(θ) = win_rate exactly, and when A wins only
-    with its longer answers φ takes the wins and σ(θ) moves toward 1/2. All outcomes equal (all wins, all losses)
-    leave θ infinite: lc_win_rate = win_rate, φ = 0. Also reported: `length_coef` (φ, per unit of t);
+    by Newton's method; then lc_win_rate = mean_ij σ(θ + φ · 0) = σ(θ). The ridge term (λ = 1e-2: sklearn's
+    C = 100, AlpacaEval's value where it does not cross-validate) keeps φ finite when length separates wins from
+    losses; θ is not penalised, so with no length signal (all Δ equal) the fit gives σ(θ) = win_rate exactly, and
+    when A wins only with its longer answers φ takes the wins and σ(θ) moves toward 1/2. All outcomes equal (all
+    wins, all losses) leave θ infinite: lc_win_rate = win_rate, φ = 0. Also reported: `length_coef` (φ, per unit
+    of t). Left out besides γ_x, for want of the data: AlpacaEval penalises all its weights (L1, its strength
+    chosen by 5-fold cross-validation) and pulls them toward a fit on verbose and concise versions of its
+    baseline's answers;
   - mean_length_a, mean_length_b: the answers' mean lengths over all comparisons (characters).
 """
 from __future__ import annotations

@@ -136,9 +136,9 @@ def test_length_controlled_moves_toward_half_when_wins_come_with_longer_answers(
 
 
 def test_length_controlled_fit_recovers_the_generating_model():
-    """4000 comparisons drawn from the model itself, logit P(A wins) = θ + φ · tanh(Δ/sd(Δ)) with θ = 0.4, φ = 1.5 and
-    A's answers longer on average (Δ ~ N(150, 200²)): the raw win rate is biased up by length, the fit finds θ and
-    φ (standard errors ≈ 0.04 and 0.06) and lc_win_rate ≈ σ(0.4) = 0.599."""
+    """4000 comparisons drawn from the model itself, logit P(A wins) = θ + φ · tanh(Δ/sd(Δ)) with θ = 0.4,
+    φ = 1.5 and A's answers longer on average (Δ ~ N(150, 200²)): the raw win rate is biased up by length, the fit
+    finds θ and φ (standard errors 0.04 and 0.07) and lc_win_rate ≈ σ(0.4) = 0.599."""
     generator = torch.Generator().manual_seed(0)
     delta = 150 + 200 * torch.randn(4000, generator=generator, dtype=torch.float64)
     t = torch.tanh(delta / delta.std())
