@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = ("errors", "ranges", "data", "ops", "train", "export", "run", "commands")
+LAYERS = ("errors", "ranges", "stats", "data", "ops", "train", "export", "run", "commands")
 
 
 def layer_table() -> dict[str, tuple[str, set[str]]]:

@@ -6,45 +6,15 @@ than the rejected one). For models A (`--model`) and B (`--compare`), per pair:
 (ℓ: mean log-prob per completion token; the quantities of the paper's Fig. 3). The summary:
   - each model's accuracy and mean log_odds;
   - fixed = pairs B has wrong and A right, broken = the reverse;
-  - sign_test_p: exact two-sided binomial test of fixed vs broken (the pairs both get right or
+  - sign_test_p: exact two-sided binomial test (orpo/stats.py) of fixed vs broken (the pairs both get right or
     both wrong carry no information on which model is better), H0: a changed pair is as likely
     fixed as broken;
-  - mean Δlog_odds with a percentile bootstrap 95% CI over pairs (seeded, so reproducible);
+  - mean Δlog_odds with a percentile bootstrap 95% CI over pairs (orpo/stats.py; seeded, so reproducible);
   - mean Δlogp_chosen and Δlogp_rejected.
 """
 from __future__ import annotations
 
-import math
-
-import torch
-
-CONFIDENCE = 0.95
-RESAMPLES = 10_000
-
-
-def sign_test_p(fixed: int, broken: int) -> float:
-    """Exact two-sided sign test: P(a split at least as uneven as fixed:broken | p = 1/2).
-
-    p = min(1, 2 · Σ_{k ≤ min(fixed, broken)} C(n, k) / 2^n), n = fixed + broken; 1.0 when n = 0.
-    Example: 5 fixed, 0 broken → 2 · 1/32 = 0.0625.
-    """
-    n = fixed + broken
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(fixed, broken) + 1))
-    return min(1.0, 2 * tail / 2**n)
-
-
-def bootstrap_mean_ci(values: list[float], seed: int = 0, resamples: int = RESAMPLES,
-                      confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean: resample `values` with replacement `resamples` times
-    (a seeded generator) and take the (1 ∓ confidence)/2 quantiles of the resampled means."""
-    data = torch.tensor(values, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed)
-    means = data[torch.randint(len(values), (resamples, len(values)), generator=generator)].mean(dim=1)
-    q = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64)
-    low, high = torch.quantile(means, q).tolist()
-    return low, high
+from orpo.stats import bootstrap_mean_ci, sign_test_p
 
 
 def compare_records(records_a: list[dict], records_b: list[dict], seed: int = 0) -> tuple[list[dict], dict]:
@@ -66,7 +36,7 @@ def compare_records(records_a: list[dict], records_b: list[dict], seed: int = 0)
     fixed = sum(p["change"] == "fixed" for p in pairs)
     broken = sum(p["change"] == "broken" for p in pairs)
     deltas = [p["delta_log_odds"] for p in pairs]
-    low, high = bootstrap_mean_ci(deltas, seed)
+    low, high = bootstrap_mean_ci([[d] for d in deltas], seed)  # each pair its own group
     summary = {
         "pairs": n,
         "accuracy_a": sum(r["log_odds"] > 0 for r in records_a) / n,
