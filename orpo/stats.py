@@ -1,7 +1,7 @@
 """The statistics of comparing two models: a sign test, a bootstrap CI over groups, and the win rate of A against B.
 
 Pure functions of numbers and plain records: no models, no files. `orpo eval --compare` (commands/compare.py) uses the
-sign test and the bootstrap; `win_stats` is the summary of a head-to-head of two models' sampled answers (issue 37).
+sign test and the bootstrap; `win_stats` is the summary of a head-to-head of two models' sampled answers.
 
 Records (one per prompt, JSON-ready; the keys below are read, any others, e.g. the answers and the scores or
 verdicts, are kept by the caller and ignored here):
