@@ -79,11 +79,11 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
     words = text_tokenizer(tokenizer)
     answers = [None] * len(prompts)
     text_only = [i for i, p in enumerate(prompts) if not p.get("images")]
+    encoder_decoder = is_encoder_decoder(model)
+    side = "right" if encoder_decoder else "left"  # a decoder-only model continues the prompt's last token
     for start in range(0, len(text_only), batch_size):
         chunk = text_only[start : start + batch_size]
         batch = [{"input_ids": encode_prompt(tokenizer, prompts[i]["messages"])} for i in chunk]
-        encoder_decoder = is_encoder_decoder(model)
-        side = "right" if encoder_decoder else "left"  # a decoder-only model continues the prompt's last token
         inputs = words.pad(batch, padding_side=side, return_tensors="pt").to(model.device)  # own side untouched
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
         new = words.batch_decode(output if encoder_decoder else output[:, inputs["input_ids"].shape[1] :],

@@ -137,13 +137,13 @@ def load_model(name_or_path: str, dtype=DTYPES[0], trust_remote_code: bool = Fal
     vision = config is not None and is_vision_language(config)
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     loader = AutoModelForImageTextToText if vision else AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    what = "vision-language model" if vision else "sequence-to-sequence model" if seq2seq else "causal LM"
     try:
         model = loader.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **kwargs)
-    except (OSError, ValueError) as err:
-        what = "vision-language model" if vision else "sequence-to-sequence model" if seq2seq else "causal LM"
+    except ValueError as err:  # the caller words the others (run/setup.py: model_init_kwargs the model refuses)
         _refuse_untrusted_code(name_or_path, f"a {what}", err)
-        if isinstance(err, ValueError):
-            raise  # the caller words it (run/setup.py: model_init_kwargs the model refuses)
+        raise
+    except OSError as err:
         raise OrpoError(f"{name_or_path}: cannot load a {what}: {first_line(err)}") from None
     if "gguf_file" in extra:
         # The weights are dequantised: what is left of the GGUF quantizer would only make
