@@ -13,6 +13,7 @@ import html
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from orpo.data.formats import IMAGE_COLUMNS, IMAGE_PART, prompt_images
@@ -56,6 +57,21 @@ def read_prompts(path: str) -> list[dict]:
     if not prompts:
         raise OrpoError(f"{path}: no prompts")
     return prompts
+
+
+def sample_seed(seed: int, prompt_index: int, sample: int) -> int:
+    """The sampling seed of one answer: sample `sample` (0, 1, ...) of the prompt at `prompt_index` in its prompts
+    file, under the run's `seed`. It depends on nothing else (not the model, the batch or the other prompts), so two
+    models and two runs sample each (prompt, sample) from the same seed; mixed by numpy's SeedSequence, so nearby
+    triples give unrelated seeds. In [0, 2**63)."""
+    return int(np.random.SeedSequence([seed, prompt_index, sample]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def expand_samples(prompts: list[dict], samples: int, seed: int) -> list[dict]:
+    """Each prompt `samples` times, in order (prompt 0's samples first), each copy with its "sample" index and its
+    "seed" (`sample_seed` of its position in `prompts`)."""
+    return [{**prompt, "sample": s, "seed": sample_seed(seed, i, s)}
+            for i, prompt in enumerate(prompts) for s in range(samples)]
 
 
 def generate_kwargs(model, tokenizer, temperature: float) -> dict:

@@ -202,3 +202,21 @@ def test_an_encoder_decoder_model_reads_the_training_prompt_and_answers_with_its
     seen.clear()
     history = chat_loop(model, tok, ["why"], io.StringIO(), max_new_tokens=5)
     assert seen == trained[:1] and history[-1] == {"role": "assistant", "content": "the sky"}
+
+
+def test_sample_seed_depends_only_on_seed_prompt_and_sample():
+    from orpo.commands.generate import sample_seed
+
+    assert sample_seed(0, 3, 1) == sample_seed(0, 3, 1)
+    seeds = {sample_seed(s, i, k) for s in (0, 1) for i in range(50) for k in range(3)}
+    assert len(seeds) == 300  # no two triples share a seed
+    assert all(0 <= x < 2**63 for x in seeds)
+
+
+def test_expand_samples_keeps_order_and_gives_each_copy_its_seed():
+    from orpo.commands.generate import expand_samples, sample_seed
+
+    rows = expand_samples([{"id": "a"}, {"id": "b"}], 2, seed=7)
+    assert [(r["id"], r["sample"]) for r in rows] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert [r["seed"] for r in rows] == [sample_seed(7, 0, 0), sample_seed(7, 0, 1), sample_seed(7, 1, 0),
+                                         sample_seed(7, 1, 1)]
