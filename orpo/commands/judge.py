@@ -567,4 +567,7 @@ def run_judge(options: JudgeOptions, load_model, load_tokenizer) -> tuple[dict, 
         settings.update(judge_max_tokens=options.judge_max_tokens, judge_system=JUDGE_SYSTEM,
                         judge_prompt=JUDGE_PROMPT)
     summary = summarize(kind, records, settings, options.seed)
+    if summary["judge"].get("truncated"):
+        logger.warning("warning: %d conversations were longer than the reward model's context: their last tokens "
+                       "were scored (records.jsonl: truncated_a, truncated_b)", summary["judge"]["truncated"])
     return summary, write_outputs(options.output, kind, records, summary)

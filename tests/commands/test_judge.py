@@ -239,3 +239,9 @@ def test_a_model_side_and_a_file_side_from_the_same_seed_match(tmp_path):
 def test_judge_kind():
     assert judge_kind(JudgeOptions(judge_url="http://x")) == "pairwise"
     assert judge_kind(JudgeOptions(reference=True)) == "reference"
+
+
+def test_help_prints(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["judge", "--help"])
+    assert exit_info.value.code == 0 and "--reward_model" in capsys.readouterr().out

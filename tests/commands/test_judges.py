@@ -265,3 +265,12 @@ def test_judging_through_llama_cpp_server(llama_server, tmp_path, capsys):
     assert (summary["stats"], summary["judge"]) == recompute("pairwise", records, seed=0)
     assert summary["judge"]["judge_replies"] == 6
     assert "win rate of A" in capsys.readouterr().out
+
+
+def test_the_judging_page_shows_the_judging_prompt_as_it_is():
+    from pathlib import Path
+
+    from orpo.commands.judges import JUDGE_SYSTEM
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "judging.md").read_text()
+    assert f"```md\n{JUDGE_PROMPT}\n```" in page and f"```md\n{JUDGE_SYSTEM}\n```" in page
