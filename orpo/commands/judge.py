@@ -30,7 +30,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orpo.commands.generate import expand_samples, prompt_text, read_prompts
+from orpo.commands.generate import expand_samples, generate_answers, prompt_text, read_prompts
+from orpo.commands.judges import (API_KEY_VARIABLES, JUDGE_PROMPT, JUDGE_SYSTEM, ChatEndpoint, PairwiseJudge,
+                                  RewardJudge, check_reward_model, is_correct, load_reward_model, local_completion)
 from orpo.errors import OrpoError
 from orpo.stats import pairwise_outcome, reward_outcome, win_stats
 
@@ -249,7 +251,8 @@ def pair_items(side_a: Side, side_b: Side, answers_a: list[str], answers_b: list
 
 
 class Progress:
-    """"judged 12/40 pairs (3.1 pairs/s, ETA 9s)" on stderr (logging), at most every PROGRESS_EVERY s, and at the end."""
+    """"judged 12/40 pairs (3.1 pairs/s, ETA 9s)" on stderr (logging), at most every PROGRESS_EVERY s, and at the
+    end."""
 
     def __init__(self, total: int, clock=time.monotonic):
         self.total, self.done, self.clock = total, 0, clock
@@ -272,7 +275,6 @@ def judge_pairs(items: list[dict], kind: str, judge, chunk: int) -> list[dict]:
     """One comparison per item, in order: {"sample", "seed", "answer_a", "answer_b", "outcome", "length_a",
     "length_b", + the judge's evidence}. `judge`: a RewardJudge ("reward"), a PairwiseJudge ("pairwise") or None
     ("reference"); `chunk` pairs at a time, with progress."""
-    from orpo.commands.judges import is_correct
 
     progress = Progress(len(items))
     comparisons = []
@@ -342,7 +344,8 @@ def judge_counts(kind: str, records: list[dict]) -> dict:
 
 def summarize(kind: str, records: list[dict], settings: dict, seed: int) -> dict:
     """judge.json's content: settings, win_stats of the records (its bootstrap seeded with `seed`), judge_counts."""
-    return {"settings": settings, "stats": win_stats(records, seed=seed).as_dict(), "judge": judge_counts(kind, records)}
+    return {"settings": settings, "stats": win_stats(records, seed=seed).as_dict(),
+            "judge": judge_counts(kind, records)}
 
 
 def summary_table(summary: dict) -> str:
@@ -399,23 +402,40 @@ def judge_section(kind: str, records: list[dict], summary: dict) -> str:
             ("sign test p", f"{s['sign_test_p']:.3g}"),
             ("length-controlled win rate", f"{s['lc_win_rate']:.3f} (length coefficient {s['length_coef']:.3g})"),
             ("mean answer length (chars)", f"A {s['mean_length_a']:.0f}, B {s['mean_length_b']:.0f}")]
-    rows += [(key.replace("_", " "), json.dumps(value) if isinstance(value, dict) else f"{value:.4g}")
-             for key, value in judge.items()]
+    if kind == "reward":
+        rows += [("mean reward score", f"A {judge['mean_score_a']:.4g}, B {judge['mean_score_b']:.4g}"),
+                 ("conversations truncated", str(judge["truncated"]))]
+    elif kind == "reference":
+        rows += [("accuracy", f"A {judge['accuracy_a']:.3f}, B {judge['accuracy_b']:.3f}")]
+    else:
+        rows += [("unparseable replies (read as ties)", f"{judge['unparsed']} of {judge['judge_replies']}")]
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     picture = ""
     if kind == "reward":
         comparisons = [c for r in records for c in r["comparisons"]]
         png = score_histogram([c["score_a"] for c in comparisons], [c["score_b"] for c in comparisons])
         picture = f'<figure><img alt="reward scores of A and B" src="data:image/png;base64,{png}"></figure>'
-    per_prompt = "".join(
-        f"<tr><td>{html.escape(str(r['id']))}</td><td>{html.escape(r['prompt'])}</td>"
-        f"<td>{sum(c['outcome'] for c in r['comparisons']) / len(r['comparisons']):.2f}</td>"
-        f"<td>{html.escape(r['comparisons'][0]['answer_a'])}</td><td>{html.escape(r['comparisons'][0]['answer_b'])}</td>"
-        "</tr>" for r in records)
+    elif kind == "pairwise":
+        counts = "".join(
+            f"<tr><th>{label}</th>" + "".join(f"<td>{judge[key][v]}</td>" for v in ("first", "second", "tie")) + "</tr>"
+            for label, key in (("A's answer first", "verdicts_a_first"), ("B's answer first", "verdicts_b_first")))
+        picture = ("<h3>The judge's verdicts, by order</h3><table><tr><th></th><th>first is better</th>"
+                   f"<th>second is better</th><th>tie or unparseable</th></tr>{counts}</table>")
+    per_prompt = "".join(_prompt_row(r) for r in records)
     return (f"<section class=judge><h2>Judged: A against B</h2><table>{table}</table>{picture}"
-            "<h3>Per prompt (mean outcome for A over its samples; the first sample's answers)</h3>"
-            f"<table><tr><th>id</th><th>prompt</th><th>A's outcome</th><th>A (sample 0)</th><th>B (sample 0)</th></tr>"
+            "<h3>Per prompt (A's outcomes: their mean, then each sample's; the first sample's answers)</h3>"
+            f"<table><tr><th>id</th><th>prompt</th><th>A's outcomes</th><th>A (first sample)</th>"
+            "<th>B (first sample)</th></tr>"
             f"{per_prompt}</table></section>")
+
+
+def _prompt_row(record: dict) -> str:
+    outcomes = [c["outcome"] for c in record["comparisons"]]
+    first = record["comparisons"][0]
+    cells = [str(record["id"]), record["prompt"],
+             f"{sum(outcomes) / len(outcomes):.2f} ({', '.join(f'{o:g}' for o in outcomes)})",
+             first["answer_a"], first["answer_b"]]
+    return "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>"
 
 
 def judge_html(kind: str, records: list[dict], summary: dict) -> str:
@@ -469,7 +489,7 @@ def check_model_path(flag: str, name: str) -> None:
         raise OrpoError(f"{flag} {name}: no such model file or directory")
 
 
-def check_judge(options: JudgeOptions, kind: str):
+def check_judge(options: JudgeOptions):
     """The judge's inputs before any model loads: its model's path (a reward model's config: one output), the
     endpoint answering; returns the ChatEndpoint of --judge_url (else None)."""
     if options.judge_model_name != "default" and not options.judge_url:
@@ -477,21 +497,10 @@ def check_judge(options: JudgeOptions, kind: str):
                         "--judge_model is the judge")
     if options.reward_model:
         check_model_path("--reward_model", options.reward_model)
-        from transformers import AutoConfig
-
-        from orpo.commands.judges import check_reward_config
-        from orpo.errors import first_line
-
-        try:
-            config = AutoConfig.from_pretrained(options.reward_model)
-        except (OSError, ValueError) as err:
-            raise OrpoError(f"--reward_model {options.reward_model}: cannot read its config: {first_line(err)}") from None
-        check_reward_config(options.reward_model, config)
+        check_reward_model(options.reward_model)
     if options.judge_model:
         check_model_path("--judge_model", options.judge_model)
     if options.judge_url:
-        from orpo.commands.judges import API_KEY_VARIABLES, ChatEndpoint
-
         if not options.judge_url.startswith(("http://", "https://")):
             raise OrpoError(f"--judge_url {options.judge_url}: expected an http:// or https:// URL of an "
                             "OpenAI-compatible API, e.g. http://127.0.0.1:8080/v1")
@@ -516,8 +525,6 @@ def run_judge(options: JudgeOptions, load_model, load_tokenizer) -> tuple[dict, 
     """The whole command: checks (nothing loaded yet), answers (generated or read), judging, the three files.
     `load_model(name, dtype)`, `load_tokenizer(name)`: how the CLI loads a model onto its device. Returns
     (judge.json's content, the paths written)."""
-    from orpo.commands.generate import generate_answers
-    from orpo.commands.judges import PairwiseJudge, RewardJudge, load_reward_model, local_completion
 
     kind = judge_kind(options)
     side_a, side_b = plan_sides(options)
@@ -525,7 +532,7 @@ def run_judge(options: JudgeOptions, load_model, load_tokenizer) -> tuple[dict, 
     for flag, name in (("--model_a", options.model_a), ("--model_b", options.model_b)):
         if name:
             check_model_path(flag, name)
-    endpoint = check_judge(options, kind)
+    endpoint = check_judge(options)
 
     answers = []
     for side in (side_a, side_b):
@@ -562,7 +569,6 @@ def run_judge(options: JudgeOptions, load_model, load_tokenizer) -> tuple[dict, 
                 "temperature": options.temperature if generating else None, "seed": options.seed,
                 "max_new_tokens": options.max_new_tokens if generating else None}
     if kind == "pairwise":
-        from orpo.commands.judges import JUDGE_PROMPT, JUDGE_SYSTEM
 
         settings.update(judge_max_tokens=options.judge_max_tokens, judge_system=JUDGE_SYSTEM,
                         judge_prompt=JUDGE_PROMPT)

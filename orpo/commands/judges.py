@@ -275,16 +275,13 @@ def _context_length(model, tokenizer) -> int:
 def load_reward_model(name: str, dtype: str = "float32"):
     """(model, tokenizer) of a reward model: AutoModelForSequenceClassification and its tokenizer, on this
     machine's accelerator if it has one. One line when it is not a one-output classifier."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise OrpoError(f"--reward_model {name}: cannot load a model config: {first_line(err)}") from None
-    check_reward_config(name, config)
+    check_reward_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForSequenceClassification.from_pretrained(name, dtype=getattr(torch, dtype))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     except (OSError, ValueError) as err:
         raise OrpoError(f"--reward_model {name}: cannot load a sequence classifier: {first_line(err)}") from None
     if torch.accelerator.is_available():
@@ -292,8 +289,15 @@ def load_reward_model(name: str, dtype: str = "float32"):
     return model, tokenizer
 
 
-def check_reward_config(name: str, config) -> None:
-    """One line unless the config is a sequence classifier's with one output."""
+def check_reward_model(name: str) -> None:
+    """One line unless `name`'s config (read alone: cheap, before any model loads) is a sequence classifier's
+    with one output."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise OrpoError(f"--reward_model {name}: cannot read a model config: {first_line(err)}") from None
     architectures = getattr(config, "architectures", None) or []
     if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise OrpoError(f"--reward_model {name}: a {architectures[0]}; a reward model is a sequence classifier "

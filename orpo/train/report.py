@@ -176,8 +176,8 @@ def judge_sections(output_dir: str) -> str:
             stats, settings = summary["stats"], summary["settings"]
             low, high = stats["win_rate_ci"]
             rows = [("A", settings["a"]), ("B", settings["b"]), ("judge", settings["judge"]),
-                    ("win rate of A", f"{stats['win_rate']:.3f} ({stats['confidence']:.0%} CI {low:.3f} – {high:.3f}), "
-                     f"{stats['prompts']} prompts, {stats['comparisons']} comparisons"),
+                    ("win rate of A", f"{stats['win_rate']:.3f} ({stats['confidence']:.0%} CI {low:.3f} – "
+                     f"{high:.3f}), {stats['prompts']} prompts, {stats['comparisons']} comparisons"),
                     ("wins / ties / losses", f"{stats['wins']} / {stats['ties']} / {stats['losses']}"),
                     ("sign test p (prompts)", f"{stats['sign_test_p']:.3g}"),
                     ("length-controlled win rate", f"{stats['lc_win_rate']:.3f}")]

@@ -129,6 +129,9 @@ def test_answer_files_pairwise_local_judge_and_reference(tiny_models, tmp_path, 
     assert summary["judge"]["unparsed"] == 6  # a random tiny model writes no verdict: all ties, counted
     assert all(c["outcome"] == 0.5 for r in records for c in r["comparisons"])
     assert "[[1]]" in summary["settings"]["judge_prompt"]
+    page = (out / "judge.html").read_text()
+    assert "<tr><th>A's answer first</th><td>0</td><td>0</td><td>3</td></tr>" in page
+    assert "<td>0.50 (0.5)</td>" in page
 
 
 def test_outcomes_from_evidence_by_hand():
@@ -210,7 +213,8 @@ def test_answer_files_that_do_not_match_are_one_line(tmp_path):
     two = write_jsonl(tmp_path / "two.jsonl", [{**row, "answers": {"m": "x", "n": "y"}}])
     other = write_jsonl(tmp_path / "other.jsonl", [{**row, "prompt": "what is b"}])
     cases = [
-        (dict(answers_a=a, answers_b=b), r"side A has prompt '1' sample 0, which the other side \(.*b.jsonl\) does not"),
+        (dict(answers_a=a, answers_b=b),
+         r"side A has prompt '1' sample 0, which the other side \(.*b.jsonl\) does not"),
         (dict(answers_a=b, answers_b=two), r"two.jsonl, line 1: answers of 2 models \(m, n\); name one: "
                                            r"--answers_b .*two.jsonl:MODEL"),
         (dict(answers_a=b, answers_b=f"{two}:z"), r"two.jsonl, line 1: no answer of 'z'; it has m, n"),
@@ -232,7 +236,8 @@ def test_a_model_side_and_a_file_side_from_the_same_seed_match(tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", rows)
     side_a, side_b = plan_sides(JudgeOptions(model_a="m", answers_b=b, prompts=prompts, samples=2, seed=3,
                                              reward_model="rm"))
-    assert [(i["id"], i["sample"], i["seed"]) for i in side_a.items] == [(r["id"], r["sample"], r["seed"]) for r in rows]
+    assert [(i["id"], i["sample"], i["seed"]) for i in side_a.items] == [(r["id"], r["sample"], r["seed"])
+                                                                         for r in rows]
     assert side_b.items[1]["messages"] == [{"role": "user", "content": "why is the sky blue"}]
 
 
