@@ -107,12 +107,13 @@ def plan_sides(options: JudgeOptions) -> tuple[Side, Side]:
         raise OrpoError("orpo judge: --prompts FILE is needed"
                         + (" to sample answers from a model" if generating else " for --reference (its rows "
                            "carry the references)"))
-    prompts = read_prompts(options.prompts)[: options.limit] if options.prompts else None
-    if prompts is not None:
-        _check_unique_ids(options.prompts, prompts)
+    every_prompt = read_prompts(options.prompts) if options.prompts else None
+    if every_prompt is not None:
+        _check_unique_ids(options.prompts, every_prompt)
     if options.reference:
-        for prompt, reference in zip(prompts, read_references(options.prompts)):
+        for prompt, reference in zip(every_prompt, read_references(options.prompts)):
             prompt["reference"] = reference
+    prompts = every_prompt[: options.limit] if every_prompt is not None else None
     sides = []
     for side in ("a", "b"):
         model, answers = getattr(options, f"model_{side}"), getattr(options, f"answers_{side}")
@@ -121,7 +122,8 @@ def plan_sides(options: JudgeOptions) -> tuple[Side, Side]:
                      for p in expand_samples(prompts, options.samples, options.seed)]
             sides.append(Side(model, True, items))
         else:
-            sides.append(Side(answers, False, read_answers(answers, prompts, options.limit, f"--answers_{side}")))
+            prompts_file = None if prompts is None else (options.prompts, prompts, {str(p["id"]) for p in every_prompt})
+            sides.append(Side(answers, False, read_answers(answers, prompts_file, options.limit, f"--answers_{side}")))
     match_sides(*sides)
     return sides[0], sides[1]
 
@@ -158,18 +160,21 @@ def split_answers_spec(spec: str) -> tuple[str, str | None]:
     return path, model
 
 
-def read_answers(spec: str, prompts: list[dict] | None, limit: int | None, flag: str) -> list[dict]:
+def read_answers(spec: str, prompts_file: tuple[str, list[dict], set[str]] | None, limit: int | None,
+                 flag: str) -> list[dict]:
     """The items of an `orpo generate` file (`spec`: FILE or FILE:MODEL; the model may be left out when the file
-    holds one). With `prompts`, each line's id must be a prompt's and its "prompt" text that prompt's (its messages
-    are then the prompt's); without, the prompt is the line's text as one user message. `limit`: the first N
-    prompt ids of the file."""
+    holds one). `prompts_file`: (the --prompts path, its prompts after --limit, the ids of all its prompts), or
+    None. With it, each line's id must be one of the file's prompts and its "prompt" text that prompt's (its
+    messages are then the prompt's), and lines of prompts past --limit are left out; without, the prompt is the
+    line's text as one user message, and `limit` keeps the lines of the file's first N prompt ids."""
     path, model = split_answers_spec(spec)
+    prompts_path, prompts, known = prompts_file if prompts_file is not None else (None, None, None)
     by_id = {str(p["id"]): p for p in prompts} if prompts is not None else None
     try:
         f = open(path, encoding="utf-8")
     except OSError as err:
         raise OrpoError(f"{flag} {path}: cannot open ({err.strerror})") from None
-    items, ids = [], []
+    items, ids = [], set()
     with f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -190,16 +195,21 @@ def read_answers(spec: str, prompts: list[dict] | None, limit: int | None, flag:
                 model = next(iter(answers))
             if model not in answers:
                 raise OrpoError(f"{where}: no answer of {model!r}; it has {', '.join(answers)}")
+            sample = row.get("sample", 0)
+            if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
+                raise OrpoError(f"{where}: sample {sample!r}; expected a sample index, an integer >= 0")
             key = str(row["id"])
-            if key not in ids:
+            if by_id is None and key not in ids:
                 if limit is not None and len(ids) == limit:
                     continue
-                ids.append(key)
-            item = {"id": row["id"], "sample": row.get("sample", 0), "seed": row.get("seed"),
-                    "prompt": row["prompt"], "answer": answers[model]}
+                ids.add(key)
+            item = {"id": row["id"], "sample": sample, "seed": row.get("seed"), "prompt": row["prompt"],
+                    "answer": answers[model]}
             if by_id is not None:
+                if key not in known:
+                    raise OrpoError(f"{where}: prompt id {row['id']!r} is not in --prompts {prompts_path}")
                 if key not in by_id:
-                    raise OrpoError(f"{where}: prompt id {row['id']!r} is not in --prompts {_prompts_name(prompts)}")
+                    continue  # past --limit
                 expected = prompt_text(by_id[key]["messages"])
                 if expected != row["prompt"]:
                     raise OrpoError(f"{where}: prompt {row['id']!r} differs from --prompts' ({row['prompt'][:40]!r} "
@@ -212,10 +222,6 @@ def read_answers(spec: str, prompts: list[dict] | None, limit: int | None, flag:
     if not items:
         raise OrpoError(f"{flag} {path}: no answers")
     return items
-
-
-def _prompts_name(prompts: list[dict]) -> str:
-    return f"({len(prompts)} prompts)"
 
 
 def match_sides(side_a: Side, side_b: Side) -> None:

@@ -250,3 +250,20 @@ def test_help_prints(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["judge", "--help"])
     assert exit_info.value.code == 0 and "--reward_model" in capsys.readouterr().out
+
+
+def test_limit_keeps_the_first_prompts_of_answer_files(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    rows = [{"id": i, "prompt": p, "answers": {"m": "x"}} for i, p in (("c", "good or bad"), (1, "what is a"),
+                                                                       (0, "why is the sky blue"))]
+    a = write_jsonl(tmp_path / "a.jsonl", rows)
+    with_prompts = plan_sides(JudgeOptions(answers_a=a, answers_b=a, prompts=prompts, limit=2, reward_model="rm"))
+    assert [i["id"] for i in with_prompts[0].items] == [1, 0]  # the prompts file's first two
+    alone = plan_sides(JudgeOptions(answers_a=a, answers_b=a, limit=2, reward_model="rm"))
+    assert [i["id"] for i in alone[0].items] == ["c", 1]  # the answer file's first two
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**rows[0], "sample": "1"}])
+    with pytest.raises(OrpoError, match=r"bad.jsonl, line 1: sample '1'; expected a sample index, an integer >= 0"):
+        plan_sides(JudgeOptions(answers_a=bad, answers_b=bad, reward_model="rm"))
+    unknown = write_jsonl(tmp_path / "unknown.jsonl", [{**rows[0], "id": "zz"}])
+    with pytest.raises(OrpoError, match=r"unknown.jsonl, line 1: prompt id 'zz' is not in --prompts .*p.jsonl"):
+        plan_sides(JudgeOptions(answers_a=unknown, answers_b=a, prompts=prompts, reward_model="rm"))
