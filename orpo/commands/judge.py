@@ -557,11 +557,10 @@ def run_judge(options: JudgeOptions, load_model, load_tokenizer) -> tuple[dict, 
     if kind == "reward":
         judge = RewardJudge(*load_reward_model(options.reward_model, options.dtype), options.batch_size)
     elif kind == "pairwise" and endpoint is not None:
-        judge, chunk = PairwiseJudge(endpoint, judge_name(options, kind)), 1
+        judge, chunk = PairwiseJudge(endpoint), 1
     elif kind == "pairwise":
         tokenizer, model = load_tokenizer(options.judge_model), load_model(options.judge_model, options.dtype)
-        judge = PairwiseJudge(local_completion(model, tokenizer, options.judge_max_tokens, options.batch_size),
-                              judge_name(options, kind))
+        judge = PairwiseJudge(local_completion(model, tokenizer, options.judge_max_tokens, options.batch_size))
     else:
         judge = None
     logger.info("judging %d pairs with the %s", len(items), judge_name(options, kind))

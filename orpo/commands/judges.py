@@ -88,9 +88,8 @@ def parse_verdict(reply: str) -> tuple[str, bool]:
 class PairwiseJudge:
     """Asks an LLM (`complete`: a list of conversations → one reply each) about pairs in both orders."""
 
-    def __init__(self, complete, name: str):
+    def __init__(self, complete):
         self.complete = complete
-        self.name = name
 
     def judge(self, prompt_messages: list[list[dict]], answers_a: list[str], answers_b: list[str]) -> list[dict]:
         """Per pair i: {"verdict_a_first", "verdict_b_first", "judge_a_first", "judge_b_first" (the raw replies),
@@ -111,7 +110,8 @@ class PairwiseJudge:
 def local_completion(model, tokenizer, max_new_tokens: int, batch_size: int):
     """`complete` for a local causal LM: greedy replies through the one generator, in batches."""
     def complete(conversations: list[list[dict]]) -> list[str]:
-        prompts = [{"id": i, "messages": messages} for i, messages in enumerate(conversations)]
+        # greedy: the seed changes nothing, and is there for a generator that reads each prompt's own
+        prompts = [{"id": i, "messages": messages, "sample": 0, "seed": 0} for i, messages in enumerate(conversations)]
         return generate_answers(model, tokenizer, prompts, max_new_tokens, temperature=0.0, seed=0,
                                 batch_size=batch_size)
     return complete

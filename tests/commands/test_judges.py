@@ -85,7 +85,7 @@ def test_both_orders_and_a_position_biased_judge():
         return ["[[1]]" if "blue" in c[1]["content"].split("[Answer 1]")[1].split("[Answer 2]")[0] else "[[2]]"
                 for c in conversations]
 
-    judge = PairwiseJudge(prefers_the_answer_with_blue, "fake")
+    judge = PairwiseJudge(prefers_the_answer_with_blue)
     evidence = judge.judge(PROMPTS[:2], ["blue", "red"], ["red", "blue"])
     assert [(e["verdict_a_first"], e["verdict_b_first"]) for e in evidence] == [("first", "second"),
                                                                                ("second", "first")]
@@ -94,7 +94,7 @@ def test_both_orders_and_a_position_biased_judge():
     assert seen[0][1]["content"] == JUDGE_PROMPT.format(prompt="why is the sky blue", first="blue", second="red")
     assert "user: what" in seen[2][1]["content"] and "system: ok" in seen[2][1]["content"]
 
-    always_first = PairwiseJudge(lambda conversations: ["[[1]]"] * len(conversations), "biased")
+    always_first = PairwiseJudge(lambda conversations: ["[[1]]"] * len(conversations))
     evidence = always_first.judge(PROMPTS, ANSWERS, ANSWERS[::-1])
     assert [pairwise_outcome(e["verdict_a_first"], e["verdict_b_first"]) for e in evidence] == [0.5] * 3
     assert all(e["parsed_a_first"] and e["judge_b_first"] == "[[1]]" for e in evidence)
