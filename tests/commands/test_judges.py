@@ -274,3 +274,37 @@ def test_the_judging_page_shows_the_judging_prompt_as_it_is():
 
     page = (Path(__file__).resolve().parents[2] / "docs" / "judging.md").read_text()
     assert f"```md\n{JUDGE_PROMPT}\n```" in page and f"```md\n{JUDGE_SYSTEM}\n```" in page
+
+
+def test_judge_url_end_to_end_with_scripted_verdicts(fake_api, tmp_path, capsys, monkeypatch):
+    """orpo judge --judge_url against the fake server: the key from the environment, /models asked first, each pair
+    in both orders, verdicts that agree, disagree and fail to parse; judge.json recomputed from the records."""
+    from test_judge import recompute
+
+    monkeypatch.delenv("ORPO_JUDGE_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-fallback")
+    rows = [{"id": i, "prompt": f"q{i}", "answers": {"a": f"answer a{i}", "b": f"b{i}"}} for i in range(4)]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    replies = ["[[1]]", "[[2]]",  # A wins both orders
+               "[[2]]", "[[1]]",  # B wins both orders
+               "[[1]]", "[[1]]",  # the first shown, whichever it is: a tie
+               "I think [[2]]", "no verdict"]  # one order unparseable: a tie
+    FakeAPI.script = [(200, {"data": []})] + [(200, chat_reply(r)) for r in replies]
+    out = tmp_path / "out"
+    assert main(["judge", "--answers_a", f"{path}:a", "--answers_b", f"{path}:b", "--judge_url", fake_api,
+                 "--judge_model_name", "judge-7b", "--output", str(out)]) == 0
+    assert [r[0] for r in FakeAPI.requests] == ["/v1/models"] + ["/v1/chat/completions"] * 8
+    assert {r[1] for r in FakeAPI.requests} == {"Bearer sk-fallback"}
+    shown = [r[2]["messages"][1]["content"] for r in FakeAPI.requests[1:3]]
+    assert shown == [JUDGE_PROMPT.format(prompt="q0", first="answer a0", second="b0"),
+                     JUDGE_PROMPT.format(prompt="q0", first="b0", second="answer a0")]
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "judge.json").read_text())
+    assert [c["outcome"] for r in records for c in r["comparisons"]] == [1.0, 0.0, 0.5, 0.5]
+    assert summary["judge"] == {"verdicts_a_first": {"first": 2, "second": 2, "tie": 0},
+                                "verdicts_b_first": {"first": 2, "second": 1, "tie": 1},
+                                "unparsed": 1, "judge_replies": 8}
+    assert (summary["stats"], summary["judge"]) == recompute("pairwise", records, seed=0)
+    assert summary["stats"]["wins"] == 1 and summary["stats"]["ties"] == 2 and summary["stats"]["losses"] == 1
+    assert "unparseable verdicts   1 of 8 (read as ties)" in capsys.readouterr().out
