@@ -241,14 +241,13 @@ def llama_server(tmp_path_factory):
 
 @pytest.mark.real_model
 def test_judging_through_llama_cpp_server(llama_server, tmp_path, capsys):
-    """Three prompts judged in both orders by SmolLM2 behind llama.cpp's server through --judge_url: six requests,
+    """Two prompts judged in both orders by SmolLM2 behind llama.cpp's server through --judge_url: four requests,
     each reply recorded and read by the parser; judge.json recomputed from the records."""
     from test_judge import recompute
 
     rows = [{"id": i, "prompt": p, "answers": {"a": a, "b": b}} for i, (p, a, b) in enumerate([
         ("What is the capital of France?", "The capital of France is Paris.", "It is Berlin."),
-        ("What is 2 + 2?", "2 + 2 = 4.", "2 + 2 = 5."),
-        ("Name a colour of the sky.", "Blue.", "The sky is made of cheese.")])]
+        ("What is 2 + 2?", "2 + 2 = 4.", "2 + 2 = 5.")])]
     path = tmp_path / "answers.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
@@ -257,13 +256,13 @@ def test_judging_through_llama_cpp_server(llama_server, tmp_path, capsys):
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     summary = json.loads((out / "judge.json").read_text())
     comparisons = [c for r in records for c in r["comparisons"]]
-    assert len(comparisons) == 3 and all(isinstance(c["judge_a_first"], str) and c["judge_a_first"]
+    assert len(comparisons) == 2 and all(isinstance(c["judge_a_first"], str) and c["judge_a_first"]
                                          for c in comparisons)
     for c in comparisons:
         assert (c["verdict_a_first"], c["parsed_a_first"]) == parse_verdict(c["judge_a_first"])
         assert (c["verdict_b_first"], c["parsed_b_first"]) == parse_verdict(c["judge_b_first"])
     assert (summary["stats"], summary["judge"]) == recompute("pairwise", records, seed=0)
-    assert summary["judge"]["judge_replies"] == 6
+    assert summary["judge"]["judge_replies"] == 4
     assert "win rate of A" in capsys.readouterr().out
 
 
