@@ -52,6 +52,8 @@ def required(command: str, files: dict, tmp_path) -> list[str]:
         "data prepare": ["--model", files["model"], "--dataset", files["data"]],
         "generate": ["--model", files["model"], "--prompts", files["prompts"], "--output", str(tmp_path / "g.jsonl")],
         "chat": [files["model"]],
+        "judge": ["--model_a", files["model"], "--model_b", files["model"], "--prompts", files["prompts"],
+                  "--reward_model", files["model"], "--output", str(tmp_path / "judged")],
         "demo": ["--output_dir", str(tmp_path / "demo")],
     }[command]
 
@@ -89,7 +91,7 @@ def numeric_cases():
     for command in ("train", "eval", "data inspect", "data prepare"):
         for name in sorted(config_flag_fields(command) & set(RANGES)):
             cases += [(command, name, value) for value in RANGES[name].refused()]
-    for command in ("generate", "chat", "demo"):
+    for command in ("generate", "judge", "chat", "demo"):
         for name, accepted in sorted(argparse_ranges(command).items()):
             cases += [(command, name, value) for value in accepted.refused()]
     return cases
@@ -179,12 +181,15 @@ def path_cases(files, tmp_path):
         "generate --output under a file": (
             ["generate", "--model", files["model"], "--prompts", files["prompts"], "--output", f"{under_file}/g.jsonl"],
             "--output"),
+        "judge --output under a file": (["judge", *required("judge", files, tmp_path), "--output", under_file],
+                                        "--output"),
     }
 
 
 PATH_CASES = ["train --output_dir under a file", "train --output_dir a file", "train --export_gguf a directory",
               "train --export_gguf under a file", "eval --output a directory", "data prepare --output under a file",
-              "export --gguf a directory", "export --merged under a file", "generate --output under a file"]
+              "export --gguf a directory", "export --merged under a file", "generate --output under a file",
+              "judge --output under a file"]
 
 
 @pytest.mark.parametrize("case", PATH_CASES)

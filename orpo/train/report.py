@@ -6,6 +6,8 @@ Plots (x = optimizer step; eval records, when there are any, as a second series)
   log_odds.png  log_odds and accuracy (two axes)
   speed.png     tokens/s
 Training series of SMOOTH_FROM or more logs are drawn faintly with a trailing mean on top.
+A run judged with `orpo judge --output OUTPUT_DIR[/NAME]` (judge.json, judge.html there) gets a section per
+judgement: its win rate with CI, W/T/L, sign test, length-controlled win rate, and a link to its judge.html.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 from orpo.errors import OrpoError
 
 METRICS_FILE = "metrics.jsonl"
+JUDGE_FILE = "judge.json"  # `orpo judge --output` (commands/judge.py); judge.html beside it
 PLAN_FILE = "orpo_plan.json"  # what the run decided and why (orpo/run/plan.py), written when training starts
 SMOOTH_FROM = 20  # logged training points from which plots add a trailing mean
 REPORT_FILE = "report.html"
@@ -155,6 +158,38 @@ def _summary_rows(records: list[dict]) -> list[tuple[str, str, str]]:
     return [(k, f"{first[k]:.4g}", f"{last[k]:.4g}") for k in keys if k in first and k in last]
 
 
+def find_judgements(output_dir: str) -> list[str]:
+    """The judge.json files of `orpo judge` runs written into output_dir or one of its subdirectories, sorted."""
+    found = [os.path.join(output_dir, JUDGE_FILE)] + sorted(
+        os.path.join(output_dir, name, JUDGE_FILE) for name in os.listdir(output_dir)
+        if os.path.isdir(os.path.join(output_dir, name)))
+    return [path for path in found if os.path.isfile(path)]
+
+
+def judge_sections(output_dir: str) -> str:
+    """One HTML section per judgement of the run (find_judgements): its numbers and a link to its judge.html."""
+    sections = []
+    for path in find_judgements(output_dir):
+        try:
+            with open(path) as f:
+                summary = json.load(f)
+            stats, settings = summary["stats"], summary["settings"]
+            low, high = stats["win_rate_ci"]
+            rows = [("A", settings["a"]), ("B", settings["b"]), ("judge", settings["judge"]),
+                    ("win rate of A", f"{stats['win_rate']:.3f} ({stats['confidence']:.0%} CI {low:.3f} – "
+                     f"{high:.3f}), {stats['prompts']} prompts, {stats['comparisons']} comparisons"),
+                    ("wins / ties / losses", f"{stats['wins']} / {stats['ties']} / {stats['losses']}"),
+                    ("sign test p (prompts)", f"{stats['sign_test_p']:.3g}"),
+                    ("length-controlled win rate", f"{stats['lc_win_rate']:.3f}")]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise OrpoError(f"{path}: not a judge.json that orpo judge wrote") from None
+        page = os.path.relpath(os.path.join(os.path.dirname(path), "judge.html"), output_dir)
+        table = "".join(f"<tr><td class=reason>{html.escape(k)}</td><td class=reason>{html.escape(str(v))}</td></tr>"
+                        for k, v in rows)
+        sections.append(f'<h2>Judged: <a href="{html.escape(page)}">{html.escape(page)}</a></h2><table>{table}</table>')
+    return "".join(sections)
+
+
 def write_report(output_dir: str) -> str:
     """Write the PNGs and report.html into `output_dir` from its metrics.jsonl; return the HTML path."""
     train, evals = read_metrics(os.path.join(output_dir, METRICS_FILE))
@@ -179,6 +214,7 @@ figure{{display:inline-block;margin:8px}}</style>
 <table><tr><th>metric</th><th>first log</th><th>last log</th></tr>{rows}</table>
 {figures}
 {plan}
+{judge_sections(output_dir)}
 </body></html>
 """
     path = os.path.join(output_dir, REPORT_FILE)

@@ -85,3 +85,18 @@ def test_long_training_series_get_a_trailing_mean_eval_series_do_not():
     chosen = [r["logps/chosen"] for r in records]
     assert list(mean.get_ydata()) == pytest.approx(trailing_mean(chosen, 4))
     plt.close(fig)
+
+
+def test_a_judged_run_gets_a_judge_section_with_a_link(tmp_path):
+    _write(tmp_path)
+    (tmp_path / "judge").mkdir()
+    stats = {"win_rate": 0.625, "win_rate_ci": [0.4, 0.85], "confidence": 0.95, "prompts": 4, "comparisons": 12,
+             "wins": 6, "ties": 3, "losses": 3, "sign_test_p": 0.625, "lc_win_rate": 0.6}
+    settings = {"a": "runs/x", "b": "base", "judge": "reward model rm"}
+    (tmp_path / "judge" / "judge.json").write_text(json.dumps({"settings": settings, "stats": stats, "judge": {}}))
+    page = open(write_report(str(tmp_path))).read()
+    assert '<a href="judge/judge.html">judge/judge.html</a>' in page
+    assert "0.625 (95% CI 0.400 – 0.850), 4 prompts, 12 comparisons" in page and "6 / 3 / 3" in page
+    (tmp_path / "judge" / "judge.json").write_text("{}")
+    with pytest.raises(OrpoError, match=r"judge.json: not a judge.json that orpo judge wrote"):
+        write_report(str(tmp_path))
