@@ -90,14 +90,15 @@ def test_generation_feeds_the_model_the_training_prompt_ids(monkeypatch):
     trained = [pair.prompt_ids for pair in pairs]
     assert all(ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1 for ids in trained)
 
+    longest_first = trained[::-1]  # batches take prompts in order of length, longest first
     generate_answers(model, tok, [{"messages": p} for p in prompts], 2, 0.0, 0, batch_size=2)  # left-padded
-    assert seen == trained and tok.padding_side == "right"  # the tokenizer is left as it was
+    assert seen == longest_first and tok.padding_side == "right"  # the tokenizer is left as it was
     seen.clear()
     chat_loop(model, tok, ["what is the sky"], io.StringIO(), system="be good", max_new_tokens=2)
     assert seen == trained[1:]
     seen.clear()
     demo.measure(model, tok, pairs, [{"prompt": p} for p in prompts], beta=0.1)  # the demo's greedy answers
-    assert seen == trained
+    assert seen == longest_first
 
 
 def scripted(model, tok, words):
@@ -198,7 +199,7 @@ def test_an_encoder_decoder_model_reads_the_training_prompt_and_answers_with_its
     scripted(model, tok, ["the", "sky", "</s>"] * 2)  # one step of the script per decoder step, both rows
     seen = record_generate(model, monkeypatch)
     answers = generate_answers(model, tok, [{"messages": p} for p in prompts], 5, 0.0, 0, batch_size=2)
-    assert seen == trained and answers == ["the sky", "the sky"]
+    assert seen == trained[::-1] and answers == ["the sky", "the sky"]  # batched longest first
     seen.clear()
     history = chat_loop(model, tok, ["why"], io.StringIO(), max_new_tokens=5)
     assert seen == trained[:1] and history[-1] == {"role": "assistant", "content": "the sky"}
