@@ -16,6 +16,7 @@ are not applied), as in the ORPO paper's evaluation (T = 1.0).
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import logging
@@ -171,7 +172,7 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
     (`GenerationProgress`)."""
     model.eval()
     words = text_tokenizer(tokenizer)
-    seeds = [p.get("seed", sample_seed(seed, i, 0)) for i, p in enumerate(prompts)]
+    seeds = [p["seed"] if "seed" in p else sample_seed(seed, i, 0) for i, p in enumerate(prompts)]
     answers = [None] * len(prompts)
     encoder_decoder = is_encoder_decoder(model)
     side = "right" if encoder_decoder else "left"  # a decoder-only model continues the prompt's last token
@@ -183,7 +184,8 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
     # similar lengths share a batch (little padding); longest first, so a batch that does not fit memory fails early
     by_length = sorted(encoded, key=lambda i: -len(encoded[i]))
     tracker = GenerationProgress(progress, len(prompts))
-    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
+    # off: no context at all, so a caller's own autocast stays as it is
+    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for start in range(0, len(by_length), batch_size):
         chunk = by_length[start : start + batch_size]
         batch = [{"input_ids": encoded[i]} for i in chunk]
@@ -221,7 +223,10 @@ def prompt_text(messages: list[dict]) -> str:
 
 def write_side_by_side(records: list[dict], models: list[str], jsonl_path: str, html_path: str) -> None:
     """records: {"id", "sample", "seed", "prompt", "answers": {model: text}} → one JSON line each, and an HTML
-    table (a sample column where a prompt has more than one)."""
+    table (a sample column where a prompt has more than one). Missing directories are made (the command checked
+    that the nearest existing one takes files)."""
+    for path in (jsonl_path, html_path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(jsonl_path, "w") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

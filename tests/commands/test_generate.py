@@ -297,12 +297,12 @@ def test_generate_samples_writes_one_line_per_prompt_and_sample(tmp_path, capsys
     from orpo.commands.generate import sample_seed
 
     model = save_tiny_chat_model(tmp_path / "a", 0)
-    out = tmp_path / "gen.jsonl"
+    out = tmp_path / "new" / "gen.jsonl"  # its directory is made
     with caplog.at_level("INFO", logger="orpo"):
         assert main(["generate", "--model", model, "--prompts", MT_BENCH, "--limit", "2", "--samples", "2",
                      "--temperature", "1", "--seed", "5", "--max_new_tokens", "6", "--bf16", "false",
                      "--output", str(out)]) == 0
-    assert capsys.readouterr().out.split() == [str(out), str(tmp_path / "gen.html")]
+    assert capsys.readouterr().out.split() == [str(out), str(tmp_path / "new" / "gen.html")]
     assert f"generating 4 answers with {model}; fp32: --bf16 false" in caplog.text
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["id"], r["sample"], r["seed"]) for r in records] == [
@@ -311,7 +311,7 @@ def test_generate_samples_writes_one_line_per_prompt_and_sample(tmp_path, capsys
     assert all(set(r) == {"id", "sample", "seed", "prompt", "answers"} and set(r["answers"]) == {model}
                for r in records)
     assert records[0]["prompt"] == records[1]["prompt"] and records[0]["answers"] != records[1]["answers"]
-    page = (tmp_path / "gen.html").read_text()
+    page = (tmp_path / "new" / "gen.html").read_text()
     assert "<th>sample</th>" in page and page.count("<tr>") == 5
 
 
@@ -335,3 +335,16 @@ def test_an_encoder_decoder_model_samples_from_each_answers_seed_too():
                            for i, t in enumerate(["why", "what is the sky blue", "ok"])], 2, seed=1)
     alone = [generate_answers(model, tok, [row], 8, 1.0, 0, 1)[0] for row in rows]
     assert generate_answers(model, tok, rows, 8, 1.0, 0, batch_size=4) == alone and len(set(alone)) > 3
+
+
+def test_bf16_generates_under_autocast_and_leaves_the_weights_fp32():
+    tok = chatml_tokenizer()
+    model = tiny_chat_model(tok)
+    dtypes = []
+    model.lm_head.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    prompts = [{"messages": [{"role": "user", "content": "why"}]}]
+    generate_answers(model, tok, prompts, 2, 1.0, 0, 1, bf16=True)
+    assert set(dtypes) == {torch.bfloat16} and model.lm_head.weight.dtype == torch.float32
+    dtypes.clear()
+    generate_answers(model, tok, prompts, 2, 1.0, 0, 1)
+    assert set(dtypes) == {torch.float32}
