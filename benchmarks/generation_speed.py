@@ -10,7 +10,8 @@ prompts per `model.generate` call, batched by length), `single-fp32` (batch size
 autocast (`batched-bf16`, `single-bf16`). A warm-up call of one prompt in each precision comes first. Per mode: seconds, answers/s,
 answer tokens/s (the answers re-tokenized), and how many answers equal the first mode of the same precision
 (sampling is seeded per answer, so batching should change none in fp32: tokens differ only where batching's
-float noise flips a choice). Prints one JSON object (and writes it to --out) with the machine (benchmarks/machine.py).
+float noise flips a choice). Prints one JSON object (and writes it to --out) with the machine
+(benchmarks/machine.py).
 """
 from __future__ import annotations
 

@@ -522,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=TEMPERATURE, default=0.0,
                      help="0 = greedy; above, each answer is sampled from softmax(logits / T)")
     gen.add_argument("--seed", type=SEED, default=0,
-                     help="each answer's sampling seed comes from it, its prompt's place in the file and its sample number alone")
+                     help="each answer's sampling seed comes from it, its prompt's place in the file and its sample "
+                     "number alone")
     gen.add_argument("--batch_size", type=COUNT, default=4, help="prompts generated together (of similar lengths)")
     gen.add_argument("--samples", type=COUNT, default=1,
                      help="answers per prompt, each sampled from its own seed (one line each); needs --temperature > 0")

@@ -285,7 +285,8 @@ def test_progress_is_logged_under_a_label_or_passed_to_a_callable(caplog):
     model = tiny_chat_model(tok)
     prompts = [{"id": i, "messages": [{"role": "user", "content": t}]} for i, t in enumerate(["why", "ok", "red"])]
     calls = []
-    generate_answers(model, tok, prompts, 2, 1.0, 0, batch_size=2, progress=lambda done, total: calls.append((done, total)))
+    generate_answers(model, tok, prompts, 2, 1.0, 0, batch_size=2,
+                     progress=lambda done, total: calls.append((done, total)))
     assert calls == [(2, 3), (3, 3)]
     with caplog.at_level("INFO", logger="orpo"):
         generate_answers(model, tok, prompts, 2, 1.0, 0, batch_size=2, progress="model a")
