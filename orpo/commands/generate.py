@@ -178,7 +178,7 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
     side = "right" if encoder_decoder else "left"  # a decoder-only model continues the prompt's last token
     for i, prompt in enumerate(prompts):  # before the first batch: a whole run is not lost to the last prompt
         if prompt.get("images") and not is_processor(tokenizer):
-            raise OrpoError(f"prompt {prompt['id']} has images, and the model is text-only (its tokenizer has no "
+            raise OrpoError(f"prompt {prompt.get('id', i)} has images, and the model is text-only (its tokenizer has no "
                             "image processor)")
     encoded = {i: encode_prompt(tokenizer, p["messages"]) for i, p in enumerate(prompts) if not p.get("images")}
     # similar lengths share a batch (little padding); longest first, so a batch that does not fit memory fails early
