@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 
 import torch
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", default="generation_speed.json")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # each mode's progress and ETA on stderr
 
     model_dir = str(fetch_smollm2())
     tokenizer = load_tokenizer(model_dir)
