@@ -5,7 +5,9 @@ so the next turn sees the whole conversation. Commands: `/reset` forgets the his
 sets a system prompt (and resets), `/exit` or end of input stops. When the conversation no longer
 fits the model's context (`max_position_embeddings − max_new_tokens` prompt tokens), the oldest
 exchanges are dropped, with a notice. Prompts are encoded as in training and decoding is that of
-`orpo generate` (greedy unless `temperature > 0`, stopping at EOS or the end of turn).
+`orpo generate` (greedy unless `temperature > 0`, stopping at EOS or the end of turn): the same seeded sampler,
+answer n of the session (0, 1, ...) sampled from `sample_seed(seed, n, 0)`, so a session replayed with the same
+lines and seed answers the same.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Iterable, TextIO
 import torch
 from transformers import TextStreamer
 
-from orpo.commands.generate import generate_kwargs
+from orpo.commands.generate import generate_kwargs, sample_seed
 from orpo.data.render import TEMPLATE_ERRORS, encode_prompt, template_error_message
 from orpo.ops.forward import is_encoder_decoder
 
@@ -52,11 +54,10 @@ def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, system: str |
               max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0, echo: bool = False) -> list[dict]:
     """Answer each line of `lines` in turn (commands in the module docstring); returns the history.
     `echo` writes each line to `out` as `you> line` first (for piped input, which a terminal does not show)."""
-    torch.manual_seed(seed)
     model.eval()
     context = getattr(model.config, "max_position_embeddings", None)
     max_prompt_tokens = context - max_new_tokens if context else None
-    kwargs = generate_kwargs(model, tokenizer, temperature)
+    answered = 0
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     for line in lines:
@@ -94,10 +95,12 @@ def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, system: str |
         if dropped:
             out.write(f"(dropped the {dropped} oldest exchange{'s' * (dropped > 1)} to fit the context)\n")
         messages = fitted
+        kwargs = generate_kwargs(model, tokenizer, temperature, [sample_seed(seed, answered, 0)])
         output = model.generate(torch.tensor([ids], device=model.device),
                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
                                 max_new_tokens=max_new_tokens, streamer=_StreamTo(tokenizer, out), **kwargs)
         new = output[0] if is_encoder_decoder(model) else output[0, len(ids):]  # T5, BART: the decoder's tokens
         answer = tokenizer.decode(new, skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": answer})
+        answered += 1
     return messages

@@ -406,23 +406,29 @@ def cmd_report(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from orpo.commands.generate import generate_answers, prompt_text, read_prompts, write_side_by_side
+    from orpo.commands.generate import expand_samples, generate_answers, prompt_text, read_prompts, write_side_by_side
     from orpo.run.checks import check_writable_file
+    from orpo.train.precision import choose_precision
 
+    if args.samples > 1 and args.temperature == 0:
+        raise OrpoError(f"--samples {args.samples} with --temperature 0: greedy answers would be identical; "
+                        "sample with --temperature > 0 (the ORPO paper: 3 samples at 1.0) or take --samples 1")
     html_path = str(Path(args.output).with_suffix(".html"))
     for path in (args.output, html_path):  # written after every answer is generated: checked first
         check_writable_file("output", path)
-    prompts = read_prompts(args.prompts)[: args.limit]
+    prompts = expand_samples(read_prompts(args.prompts)[: args.limit], args.samples, args.seed)
     models = [args.model] + ([args.compare] if args.compare else [])
     answers = {}
     for name in models:
         tokenizer = _load_tokenizer(name)
         model = _load_model(name)
-        logger.info("generating %d answers with %s", len(prompts), name)
+        bf16, reason = choose_precision({"auto": None, "true": True, "false": False}[args.bf16], False, model.device)
+        logger.info("generating %d answers with %s; %s", len(prompts), name, reason)
         answers[name] = generate_answers(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
-                                         args.seed, args.batch_size)
+                                         args.seed, args.batch_size, bf16=bf16, progress=name)
     records = [
-        {"id": p["id"], "prompt": prompt_text(p["messages"]), "answers": {m: answers[m][i] for m in models}}
+        {"id": p["id"], "sample": p["sample"], "seed": p["seed"], "prompt": prompt_text(p["messages"]),
+         "answers": {m: answers[m][i] for m in models}}
         for i, p in enumerate(prompts)
     ]
     write_side_by_side(records, models, args.output, html_path)
@@ -524,9 +530,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", default="generations.jsonl", help="jsonl path; the HTML goes next to it")
     gen.add_argument("--limit", type=COUNT, default=None, help="only the first N prompts")
     gen.add_argument("--max_new_tokens", type=COUNT, default=256)
-    gen.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy")
-    gen.add_argument("--seed", type=SEED, default=0)
-    gen.add_argument("--batch_size", type=COUNT, default=4)
+    gen.add_argument("--temperature", type=TEMPERATURE, default=0.0,
+                     help="0 = greedy; above, each answer is sampled from softmax(logits / T)")
+    gen.add_argument("--seed", type=SEED, default=0,
+                     help="each answer's sampling seed comes from it, its prompt's place in the file and its sample "
+                     "number alone")
+    gen.add_argument("--batch_size", type=COUNT, default=4, help="prompts generated together (of similar lengths)")
+    gen.add_argument("--samples", type=COUNT, default=1,
+                     help="answers per prompt, each sampled from its own seed (one line each); needs --temperature > 0")
+    gen.add_argument("--bf16", default="auto", choices=("auto", "true", "false"),
+                     help="generate under bf16 autocast; auto: where the device computes bf16 natively (as training)")
 
     chat = sub.add_parser("chat", help="talk to a model through its chat template (/reset, /system TEXT, /exit)")
     chat.add_argument("model", help="hub id, local directory or .gguf file, e.g. the output_dir of orpo train")

@@ -6,15 +6,27 @@ have `images` (paths relative to the file, placed as in training data: formats.p
 encoded exactly as training encodes it (`render.encode_prompt`, with its images the processor's
 `render.encode_image_prompt`); an answer ends at EOS or the chat template's end of turn
 (`render.stop_token_ids`); decoding is greedy unless `temperature > 0`.
+
+Sampling is seeded per answer: each prompt dict's `"seed"` (default `sample_seed(seed, i, 0)` for the prompt at
+position i) alone decides its tokens, whatever prompts share its batch and wherever it sits in it. `model.generate`
+runs its greedy loop and `SeededGumbelSampler` turns it into sampling: argmax(logits / T + Gumbel noise) is a sample
+of softmax(logits / T) (the Gumbel-max trick), the noise of each row drawn from that row's own `torch.Generator`.
+Only the temperature shapes the distribution (no top-k / top-p, the model's generation_config sampling settings
+are not applied), as in the ORPO paper's evaluation (T = 1.0).
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import json
+import logging
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper
 
 from orpo.data.formats import IMAGE_COLUMNS, IMAGE_PART, prompt_images
 from orpo.data.images import is_processor, read_image_files, text_tokenizer
@@ -22,6 +34,9 @@ from orpo.data.render import encode_image_prompt, encode_prompt, stop_token_ids
 from orpo.errors import DroppedPair, OrpoError
 from orpo.ops.forward import is_encoder_decoder
 from orpo.ops.vision import reference_inputs
+from orpo.train.progress import format_duration
+
+logger = logging.getLogger("orpo")
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -74,50 +89,127 @@ def expand_samples(prompts: list[dict], samples: int, seed: int) -> list[dict]:
             for i, prompt in enumerate(prompts) for s in range(samples)]
 
 
-def generate_kwargs(model, tokenizer, temperature: float) -> dict:
-    """`model.generate` arguments shared by generate and chat: stop at EOS or the end of turn,
-    pad with the pad token, greedy at temperature 0 and sampling above."""
-    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+class SeededGumbelSampler(LogitsProcessor):
+    """A logits processor that makes `model.generate`'s greedy step (argmax) sample, row by row from its own seed.
+
+    scores [batch, vocab] → scores / T + G, G[b, v] = −log(−log U[b, v]), U uniform in (0, 1) drawn from row b's
+    `torch.Generator` (seeded with `seeds[b]`, on the scores' device, `vocab` numbers per step). argmax over v of
+    logits / T + G is distributed as softmax(logits / T) (Gumbel-max), so row b's sampled tokens depend on its seed,
+    its prompt and the model only: not on its batch-mates or its place in the batch. The temperature is
+    transformers' own `TemperatureLogitsWarper`; processors the model's generation_config adds (a repetition
+    penalty, ...) run before this one, as they run before the temperature when sampling."""
+
+    def __init__(self, seeds: list[int], temperature: float):
+        self.seeds = list(seeds)
+        self.temperature = TemperatureLogitsWarper(temperature)
+        self.generators: list[torch.Generator] | None = None  # made at the first step, on the scores' device
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if len(self.seeds) != scores.shape[0]:
+            raise ValueError(f"{len(self.seeds)} seeds for a batch of {scores.shape[0]} rows")
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        vocab = scores.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=g, device=scores.device, dtype=torch.float32)
+                               for g in self.generators])
+        tiny = torch.finfo(torch.float32).tiny  # rand can return 0: keep log(0) out
+        gumbel = -torch.log(-torch.log(uniform.clamp_(min=tiny)))
+        return self.temperature(input_ids, scores.float()) + gumbel
+
+
+def generate_kwargs(model, tokenizer, temperature: float, seeds: list[int] | None = None) -> dict:
+    """`model.generate` arguments shared by generate and chat: stop at EOS or the end of turn, pad with the pad
+    token, greedy at temperature 0; above it, row b sampled from `seeds[b]` (`SeededGumbelSampler`, in
+    generate's greedy loop: `do_sample=False` is the argmax over the sampler's scores)."""
     words = text_tokenizer(tokenizer)
-    return dict(eos_token_id=stop_token_ids(words, model.generation_config), pad_token_id=words.pad_token_id,
-                **sampling)
+    kwargs = dict(eos_token_id=stop_token_ids(words, model.generation_config), pad_token_id=words.pad_token_id,
+                  do_sample=False)
+    if temperature > 0:
+        if seeds is None:
+            raise ValueError("sampling (temperature > 0) needs one seed per row")
+        kwargs["logits_processor"] = LogitsProcessorList([SeededGumbelSampler(seeds, temperature)])
+    return kwargs
+
+
+class GenerationProgress:
+    """Answers done / total, answers/s and the ETA, logged on stderr (logger "orpo") at most every `every`
+    seconds and at the end, as "label: 32/200 answers  1.45 answers/s  eta 1m56s"; or, where `progress` is a
+    callable, `progress(done, total)` at each update (e.g. the judge's own line)."""
+
+    def __init__(self, progress: str | Callable[[int, int], None] | None, total: int, every: float = 5.0):
+        self.progress, self.total, self.every = progress, total, every
+        self.started = self.logged = time.perf_counter()
+        self.done = 0
+
+    def add(self, answers: int) -> None:
+        self.done += answers
+        if self.progress is None:
+            return
+        if callable(self.progress):
+            self.progress(self.done, self.total)
+            return
+        now = time.perf_counter()
+        if now - self.logged < self.every and self.done < self.total:
+            return
+        self.logged = now
+        rate = self.done / max(now - self.started, 1e-9)
+        eta = format_duration((self.total - self.done) / rate) if rate > 0 else "?"
+        logger.info("%s: %d/%d answers  %.2f answers/s  eta %s", self.progress, self.done, self.total, rate, eta)
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int, temperature: float,
-                     seed: int, batch_size: int) -> list[str]:
-    """One answer per prompt (left-padded batches; only the new tokens are decoded). A prompt with images
+                     seed: int, batch_size: int, bf16: bool = False,
+                     progress: str | Callable[[int, int], None] | None = None) -> list[str]:
+    """One answer per prompt dict, in order. Text prompts are batched `batch_size` at a time in order of their
+    encoded length, longest first (left-padded; only the new tokens are decoded). A prompt with images
     (`tokenizer`: the model's processor) is generated alone, with its images' inputs. An encoder-decoder model
-    (T5, BART) reads the prompt with its encoder (right-padded) and returns only its decoder's tokens."""
-    torch.manual_seed(seed)
+    (T5, BART) reads the prompt with its encoder (right-padded) and returns only its decoder's tokens.
+
+    At `temperature > 0` prompt i is sampled from its `"seed"` (default `sample_seed(seed, i, 0)`), the same
+    answer whatever the batch (see the module docstring). `bf16`: generate under bf16 autocast on the model's
+    device type (fp32 weights kept). `progress`: a label to log progress under, or a callable(done, total)
+    (`GenerationProgress`)."""
     model.eval()
-    kwargs = generate_kwargs(model, tokenizer, temperature)
     words = text_tokenizer(tokenizer)
+    seeds = [p["seed"] if "seed" in p else sample_seed(seed, i, 0) for i, p in enumerate(prompts)]
     answers = [None] * len(prompts)
-    text_only = [i for i, p in enumerate(prompts) if not p.get("images")]
     encoder_decoder = is_encoder_decoder(model)
     side = "right" if encoder_decoder else "left"  # a decoder-only model continues the prompt's last token
-    for start in range(0, len(text_only), batch_size):
-        chunk = text_only[start : start + batch_size]
-        batch = [{"input_ids": encode_prompt(tokenizer, prompts[i]["messages"])} for i in chunk]
+    for i, prompt in enumerate(prompts):  # before the first batch: a whole run is not lost to the last prompt
+        if prompt.get("images") and not is_processor(tokenizer):
+            raise OrpoError(f"prompt {prompt.get('id', i)} has images, and the model is text-only (its tokenizer has no "
+                            "image processor)")
+    encoded = {i: encode_prompt(tokenizer, p["messages"]) for i, p in enumerate(prompts) if not p.get("images")}
+    # similar lengths share a batch (little padding); longest first, so a batch that does not fit memory fails early
+    by_length = sorted(encoded, key=lambda i: -len(encoded[i]))
+    tracker = GenerationProgress(progress, len(prompts))
+    # off: no context at all, so a caller's own autocast stays as it is
+    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for start in range(0, len(by_length), batch_size):
+        chunk = by_length[start : start + batch_size]
+        batch = [{"input_ids": encoded[i]} for i in chunk]
         inputs = words.pad(batch, padding_side=side, return_tensors="pt").to(model.device)  # own side untouched
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
+        kwargs = generate_kwargs(model, tokenizer, temperature, [seeds[i] for i in chunk])
+        with autocast:
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
         new = words.batch_decode(output if encoder_decoder else output[:, inputs["input_ids"].shape[1] :],
                                  skip_special_tokens=True)
         for i, text in zip(chunk, new):
             answers[i] = text.strip()
+        tracker.add(len(chunk))
     for i, prompt in enumerate(prompts):
         if prompt.get("images"):
-            if not is_processor(tokenizer):
-                raise OrpoError(f"prompt {prompt['id']} has images, and the model is text-only (its tokenizer has no "
-                                "image processor)")
             ids, vision_inputs = encode_image_prompt(tokenizer, prompt["messages"], prompt["images"])
             input_ids = torch.tensor([ids])
             inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                       **reference_inputs(model, input_ids, vision_inputs)}  # as its processor would batch it
             inputs = {key: value.to(model.device) for key, value in inputs.items()}
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
+            with autocast:
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                        **generate_kwargs(model, tokenizer, temperature, [seeds[i]]))
             answers[i] = words.decode(output[0, len(ids):], skip_special_tokens=True).strip()
+            tracker.add(1)
     return answers
 
 
@@ -130,13 +222,19 @@ def prompt_text(messages: list[dict]) -> str:
 
 
 def write_side_by_side(records: list[dict], models: list[str], jsonl_path: str, html_path: str) -> None:
-    """records: {"id", "prompt", "answers": {model: text}} → one JSON line each, and an HTML table."""
+    """records: {"id", "sample", "seed", "prompt", "answers": {model: text}} → one JSON line each, and an HTML
+    table (a sample column where a prompt has more than one). Missing directories are made (the command checked
+    that the nearest existing one takes files)."""
+    for path in (jsonl_path, html_path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(jsonl_path, "w") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
+    samples = any(r.get("sample", 0) > 0 for r in records)
+    head = "<th>sample</th>" * samples + "".join(f"<th>{html.escape(m)}</th>" for m in models)
     rows = "".join(
         f"<tr><td>{html.escape(str(r['id']))}</td><td>{html.escape(r['prompt'])}</td>"
+        + f"<td>{r.get('sample', 0)}</td>" * samples
         + "".join(f"<td>{html.escape(r['answers'][m])}</td>" for m in models) + "</tr>"
         for r in records
     )

@@ -93,3 +93,19 @@ def test_cli_chat_reads_piped_stdin(tmp_path, monkeypatch, capsys):
     assert main(["chat", str(tmp_path), "--max_new_tokens", "4", "--system", "be good"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "you> the sky is" and lines[2:] == ["you> /exit"]  # one answer line between
+
+
+def test_sampled_answers_are_generate_answers_from_the_session_seeds():
+    """At T > 0 answer n of a session is sampled as generate samples a prompt whose seed is sample_seed(seed, n, 0)."""
+    from orpo.commands.generate import sample_seed
+
+    tok = chatml_tokenizer()
+    model = tiny_chat_model(tok)
+    history = chat_loop(model, tok, ["the sky is", "why"], io.StringIO(), max_new_tokens=8, temperature=1.0, seed=4)
+    for n in range(2):
+        prompt = {"messages": history[: 2 * n + 1], "seed": sample_seed(4, n, 0)}
+        assert history[2 * n + 1]["content"] == generate_answers(model, tok, [prompt], 8, 1.0, 0, 1)[0]
+    assert chat_loop(model, tok, ["the sky is", "why"], io.StringIO(), max_new_tokens=8, temperature=1.0,
+                     seed=4) == history  # replayed: the same answers
+    assert chat_loop(model, tok, ["the sky is"], io.StringIO(), max_new_tokens=8, temperature=1.0,
+                     seed=5)[1] != history[1]
