@@ -422,7 +422,7 @@ def cmd_generate(args) -> int:
     for name in models:
         tokenizer = _load_tokenizer(name)
         model = _load_model(name)
-        bf16, reason = choose_precision({"auto": None, "true": True, "false": False}[args.bf16], False, model.device)
+        bf16, reason = choose_precision(BF16_FLAG[args.bf16], False, model.device)
         logger.info("generating %d answers with %s; %s", len(prompts), name, reason)
         answers[name] = generate_answers(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
                                          args.seed, args.batch_size, bf16=bf16, progress=name)
@@ -447,7 +447,8 @@ def cmd_export(args) -> int:
 def cmd_judge(args) -> int:
     from orpo.commands.judge import JudgeOptions, run_judge, summary_table
 
-    options = JudgeOptions(**{k: v for k, v in vars(args).items() if k != "command"})
+    options = JudgeOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "bf16")},
+                           bf16=BF16_FLAG[args.bf16])
     summary, paths = run_judge(options, _load_model, _load_tokenizer)
     print(summary_table(summary))
     print("\n".join(paths))
@@ -494,6 +495,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 SEED = Range(int, 0, 2**32 - 1)
 COUNT = Range(int, 1)
 TEMPERATURE = Range(float, 0, note="0: greedy")
+BF16_FLAG = {"auto": None, "true": True, "false": False}  # --bf16 of generate and judge; auto: train/precision.py
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -538,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch_size", type=COUNT, default=4, help="prompts generated together (of similar lengths)")
     gen.add_argument("--samples", type=COUNT, default=1,
                      help="answers per prompt, each sampled from its own seed (one line each); needs --temperature > 0")
-    gen.add_argument("--bf16", default="auto", choices=("auto", "true", "false"),
+    gen.add_argument("--bf16", default="auto", choices=tuple(BF16_FLAG),
                      help="generate under bf16 autocast; auto: where the device computes bf16 natively (as training)")
 
     chat = sub.add_parser("chat", help="talk to a model through its chat template (/reset, /system TEXT, /exit)")
@@ -592,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--batch_size", type=COUNT, default=4)
     judge.add_argument("--limit", type=COUNT, default=None, help="only the first N prompts")
     judge.add_argument("--dtype", default="float32", choices=DTYPES)
+    judge.add_argument("--bf16", default="auto", choices=tuple(BF16_FLAG),
+                       help="generate under bf16 autocast; auto: where the device computes bf16 natively (as training)")
     judge.add_argument("--reward_model", help="judge: a reward model (a sequence classifier with one output)")
     judge.add_argument("--judge_model", help="judge: a local causal LM asked which answer is better, both orders")
     judge.add_argument("--judge_url", help="judge: an OpenAI-compatible API, e.g. http://127.0.0.1:8080/v1 (key "

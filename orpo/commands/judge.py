@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orpo.commands.generate import expand_samples, generate_answers, prompt_text, read_prompts
+from orpo.train.precision import choose_precision
 from orpo.commands.judges import (API_KEY_VARIABLES, JUDGE_PROMPT, JUDGE_SYSTEM, ChatEndpoint, PairwiseJudge,
                                   RewardJudge, check_reward_model, is_correct, load_reward_model, local_completion)
 from orpo.errors import OrpoError
@@ -61,6 +62,7 @@ class JudgeOptions:
     batch_size: int = 4
     limit: int | None = None
     dtype: str = "float32"
+    bf16: bool | None = None  # None: where the device computes bf16 natively (train/precision.py, as training)
     reward_model: str | None = None
     judge_model: str | None = None
     judge_url: str | None = None
@@ -544,10 +546,11 @@ def run_judge(options: JudgeOptions, load_model, load_tokenizer) -> tuple[dict, 
     for side in (side_a, side_b):
         if side.generate:
             tokenizer, model = load_tokenizer(side.name), load_model(side.name, options.dtype)
-            logger.info("sampling %d answers (%d prompts x %d) from %s", len(side.items),
-                        len(side.items) // options.samples, options.samples, side.name)
+            bf16, precision = choose_precision(options.bf16, False, model.device)
+            logger.info("sampling %d answers (%d prompts x %d) from %s; %s", len(side.items),
+                        len(side.items) // options.samples, options.samples, side.name, precision)
             answers.append(generate_answers(model, tokenizer, side.items, options.max_new_tokens, options.temperature,
-                                            options.seed, options.batch_size))
+                                            options.seed, options.batch_size, bf16=bf16, progress=side.name))
             del model
         else:
             answers.append([item["answer"] for item in side.items])
@@ -560,7 +563,8 @@ def run_judge(options: JudgeOptions, load_model, load_tokenizer) -> tuple[dict, 
         judge, chunk = PairwiseJudge(endpoint), 1
     elif kind == "pairwise":
         tokenizer, model = load_tokenizer(options.judge_model), load_model(options.judge_model, options.dtype)
-        judge = PairwiseJudge(local_completion(model, tokenizer, options.judge_max_tokens, options.batch_size))
+        bf16, _ = choose_precision(options.bf16, False, model.device)
+        judge = PairwiseJudge(local_completion(model, tokenizer, options.judge_max_tokens, options.batch_size, bf16))
     else:
         judge = None
     logger.info("judging %d pairs with the %s", len(items), judge_name(options, kind))

@@ -107,13 +107,14 @@ class PairwiseJudge:
         return evidence
 
 
-def local_completion(model, tokenizer, max_new_tokens: int, batch_size: int):
-    """`complete` for a local causal LM: greedy replies through the one generator, in batches."""
+def local_completion(model, tokenizer, max_new_tokens: int, batch_size: int, bf16: bool = False):
+    """`complete` for a local causal LM: greedy replies through the one generator, in batches (`bf16`: under bf16
+    autocast)."""
     def complete(conversations: list[list[dict]]) -> list[str]:
         # greedy: the seed changes nothing, and is there for a generator that reads each prompt's own
         prompts = [{"id": i, "messages": messages, "sample": 0, "seed": 0} for i, messages in enumerate(conversations)]
         return generate_answers(model, tokenizer, prompts, max_new_tokens, temperature=0.0, seed=0,
-                                batch_size=batch_size)
+                                batch_size=batch_size, bf16=bf16)
     return complete
 
 
