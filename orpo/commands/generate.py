@@ -34,7 +34,7 @@ from orpo.data.render import encode_image_prompt, encode_prompt, stop_token_ids
 from orpo.errors import DroppedPair, OrpoError
 from orpo.ops.forward import is_encoder_decoder
 from orpo.ops.vision import reference_inputs
-from orpo.train.progress import format_duration
+from orpo.train.progress import CountProgress
 
 logger = logging.getLogger("orpo")
 
@@ -131,32 +131,6 @@ def generate_kwargs(model, tokenizer, temperature: float, seeds: list[int] | Non
     return kwargs
 
 
-class GenerationProgress:
-    """Answers done / total, answers/s and the ETA, logged on stderr (logger "orpo") at most every `every`
-    seconds and at the end, as "label: 32/200 answers  1.45 answers/s  eta 1m56s"; or, where `progress` is a
-    callable, `progress(done, total)` at each update (e.g. the judge's own line)."""
-
-    def __init__(self, progress: str | Callable[[int, int], None] | None, total: int, every: float = 5.0):
-        self.progress, self.total, self.every = progress, total, every
-        self.started = self.logged = time.perf_counter()
-        self.done = 0
-
-    def add(self, answers: int) -> None:
-        self.done += answers
-        if self.progress is None:
-            return
-        if callable(self.progress):
-            self.progress(self.done, self.total)
-            return
-        now = time.perf_counter()
-        if now - self.logged < self.every and self.done < self.total:
-            return
-        self.logged = now
-        rate = self.done / max(now - self.started, 1e-9)
-        eta = format_duration((self.total - self.done) / rate) if rate > 0 else "?"
-        logger.info("%s: %d/%d answers  %.2f answers/s  eta %s", self.progress, self.done, self.total, rate, eta)
-
-
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int, temperature: float,
                      seed: int, batch_size: int, bf16: bool = False,
@@ -168,8 +142,8 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
 
     At `temperature > 0` prompt i is sampled from its `"seed"` (default `sample_seed(seed, i, 0)`), the same
     answer whatever the batch (see the module docstring). `bf16`: generate under bf16 autocast on the model's
-    device type (fp32 weights kept). `progress`: a label to log progress under, or a callable(done, total)
-    (`GenerationProgress`)."""
+    device type (fp32 weights kept). `progress`: a label to log progress under (`train/progress.CountProgress`), or a
+    callable(done, total) called after each batch."""
     model.eval()
     words = text_tokenizer(tokenizer)
     seeds = [p["seed"] if "seed" in p else sample_seed(seed, i, 0) for i, p in enumerate(prompts)]
@@ -183,7 +157,8 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
     encoded = {i: encode_prompt(tokenizer, p["messages"]) for i, p in enumerate(prompts) if not p.get("images")}
     # similar lengths share a batch (little padding); longest first, so a batch that does not fit memory fails early
     by_length = sorted(encoded, key=lambda i: -len(encoded[i]))
-    tracker = GenerationProgress(progress, len(prompts))
+    report = CountProgress(progress, "answers") if isinstance(progress, str) else progress
+    done = 0
     # off: no context at all, so a caller's own autocast stays as it is
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for start in range(0, len(by_length), batch_size):
@@ -197,7 +172,9 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
                                  skip_special_tokens=True)
         for i, text in zip(chunk, new):
             answers[i] = text.strip()
-        tracker.add(len(chunk))
+        done += len(chunk)
+        if report:
+            report(done, len(prompts))
     for i, prompt in enumerate(prompts):
         if prompt.get("images"):
             ids, vision_inputs = encode_image_prompt(tokenizer, prompt["messages"], prompt["images"])
@@ -209,7 +186,9 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens,
                                         **generate_kwargs(model, tokenizer, temperature, [seeds[i]]))
             answers[i] = words.decode(output[0, len(ids):], skip_special_tokens=True).strip()
-            tracker.add(1)
+            done += 1
+            if report:
+                report(done, len(prompts))
     return answers
 
 

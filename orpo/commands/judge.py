@@ -25,13 +25,13 @@ import io
 import json
 import logging
 import os
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from orpo.commands.generate import expand_samples, generate_answers, prompt_text, read_prompts
 from orpo.train.precision import choose_precision
+from orpo.train.progress import CountProgress
 from orpo.commands.judges import (API_KEY_VARIABLES, JUDGE_PROMPT, JUDGE_SYSTEM, ChatEndpoint, PairwiseJudge,
                                   RewardJudge, check_reward_model, is_correct, load_reward_model, local_completion)
 from orpo.errors import OrpoError
@@ -43,7 +43,6 @@ RECORDS_FILE = "records.jsonl"
 SUMMARY_FILE = "judge.json"
 HTML_FILE = "judge.html"
 REFERENCE_FIELDS = ("reference", "answer")
-PROGRESS_EVERY = 5.0  # seconds between progress lines
 
 
 @dataclass
@@ -258,33 +257,12 @@ def pair_items(side_a: Side, side_b: Side, answers_a: list[str], answers_b: list
             for item, answer in zip(side_a.items, answers_a)]
 
 
-class Progress:
-    """"judged 12/40 pairs (3.1 pairs/s, ETA 9s)" on stderr (logging), at most every PROGRESS_EVERY s, and at the
-    end."""
-
-    def __init__(self, total: int, clock=time.monotonic):
-        self.total, self.done, self.clock = total, 0, clock
-        self.start = self.last = clock()
-
-    def advance(self, n: int) -> None:
-        from orpo.train.progress import format_duration
-
-        self.done += n
-        now = self.clock()
-        if now - self.last < PROGRESS_EVERY and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        logger.info("judged %d/%d pairs (%.2f pairs/s, ETA %s)", self.done, self.total, rate, format_duration(eta))
-
-
 def judge_pairs(items: list[dict], kind: str, judge, chunk: int) -> list[dict]:
     """One comparison per item, in order: {"sample", "seed", "answer_a", "answer_b", "outcome", "length_a",
     "length_b", + the judge's evidence}. `judge`: a RewardJudge ("reward"), a PairwiseJudge ("pairwise") or None
     ("reference"); `chunk` pairs at a time, with progress."""
 
-    progress = Progress(len(items))
+    progress = CountProgress("judged", "pairs")
     comparisons = []
     for start in range(0, len(items), chunk):
         batch = items[start : start + chunk]
@@ -304,7 +282,7 @@ def judge_pairs(items: list[dict], kind: str, judge, chunk: int) -> list[dict]:
             comparisons.append({"sample": item["sample"], "seed": item.get("seed"), "answer_a": item["answer_a"],
                                 "answer_b": item["answer_b"], "outcome": outcome(kind, proof),
                                 "length_a": len(item["answer_a"]), "length_b": len(item["answer_b"]), **proof})
-        progress.advance(len(batch))
+        progress(start + len(batch), len(items))
     return comparisons
 
 

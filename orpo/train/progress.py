@@ -2,6 +2,7 @@
 line per log otherwise (CI, log files). Replaces the Trainer's own progress/printer callbacks."""
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
@@ -20,6 +21,26 @@ def format_duration(seconds: float) -> str:
     if hours:
         return f"{hours}h{minutes:02d}m{secs:02d}s"
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class CountProgress:
+    """Progress of counted work (answers generated, pairs judged): `progress(done, total)` after each batch logs
+    "label: 32/200 answers  1.45 answers/s  eta 1m56s" (logger "orpo", stderr under the CLI) at most every `every`
+    seconds, and always at the end."""
+
+    def __init__(self, label: str, unit: str, every: float = 5.0, clock=time.monotonic):
+        self.label, self.unit, self.every, self.clock = label, unit, every, clock
+        self.started = self.logged = clock()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        if now - self.logged < self.every and done < total:
+            return
+        self.logged = now
+        rate = done / max(now - self.started, 1e-9)
+        eta = format_duration((total - done) / rate) if rate > 0 else "?"
+        logging.getLogger("orpo").info("%s: %d/%d %s  %.2f %s/s  eta %s", self.label, done, total, self.unit, rate,
+                                       self.unit, eta)
 
 
 def format_line(step: int, max_steps: int, logs: dict, eta_seconds: float | None) -> str:

@@ -7,7 +7,7 @@ import transformers
 
 from orpo.commands.cli import main
 from orpo.commands.generate import sample_seed
-from orpo.commands.judge import JudgeOptions, Progress, build_records, judge_kind, outcome, plan_sides
+from orpo.commands.judge import JudgeOptions, build_records, judge_kind, outcome, plan_sides
 from orpo.errors import OrpoError
 from orpo.stats import pairwise_outcome, reward_outcome, win_stats
 from tiny import chatml_tokenizer, save_tiny_chat_model
@@ -144,20 +144,6 @@ def test_outcomes_from_evidence_by_hand():
     items = [{"id": 5, "prompt": "p"}, {"id": 6, "prompt": "q"}, {"id": 5, "prompt": "p"}]
     assert build_records(items, ["x", "y", "z"]) == [{"id": 5, "prompt": "p", "comparisons": ["x", "z"]},
                                                       {"id": 6, "prompt": "q", "comparisons": ["y"]}]
-
-
-def test_progress_lines_say_done_total_rate_and_eta(caplog):
-    now = [0.0]
-    progress = Progress(10, clock=lambda: now[0])
-    with caplog.at_level("INFO", logger="orpo"):
-        now[0] = 1.0
-        progress.advance(2)  # under 5 s since the start: quiet
-        now[0] = 6.0
-        progress.advance(2)
-        now[0] = 7.0
-        progress.advance(6)  # the end: always
-    assert [r.getMessage() for r in caplog.records] == ["judged 4/10 pairs (0.67 pairs/s, ETA 9s)",
-                                                        "judged 10/10 pairs (1.43 pairs/s, ETA 0s)"]
 
 
 @pytest.mark.parametrize("flags, message", [
