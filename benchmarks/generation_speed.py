@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,7 +27,7 @@ from machine import cpu_description
 from orpo.commands.generate import generate_answers, read_prompts
 from orpo.train.models import fetch_smollm2, load_model, load_tokenizer
 
-PROMPTS = "../shared/data/ultrafeedback_200_eval.jsonl"
+PROMPTS = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ultrafeedback_200_eval.jsonl")
 MODES = ("batched-fp32", "single-fp32", "batched-bf16", "single-bf16")
 
 

@@ -2,9 +2,11 @@
 
 Reward model (`RewardJudge`): a transformers AutoModelForSequenceClassification with ONE output (num_labels = 1).
 The score of an answer is that output for the conversation [prompt messages + {"role": "assistant", "content":
-answer}], rendered through the reward model's own chat template (`render_conversation`; a tokenizer without one
-gets the prompt's messages and the answer as plain text, joined by "\\n"). Conversations longer than the model's
-context keep their last tokens (the score is read at the last token) and are counted as truncated. Batches are
+answer}], encoded through the reward model's own chat template as training encodes a pair
+(`encode_conversation`: the prompt, then the answer up to its end-of-turn token; a tokenizer without a template
+gets the prompt's messages and the answer as plain text, joined by "\\n"), so a reward model that orpo trained
+scores what it was trained on. Conversations longer than the model's context keep their last tokens (the score is
+read at the last token) and are counted as truncated. Batches are
 right-padded: a causal reward model reads its output at the last non-pad token, and right padding leaves every
 real token's positions and attention as in the sequence alone, so a batched score equals the score alone.
 
@@ -32,6 +34,7 @@ import torch
 
 from orpo.commands.generate import generate_answers
 from orpo.data.images import text_tokenizer
+from orpo.data.render import TEMPLATE_ERRORS, encode_answer, template_error_message
 from orpo.errors import OrpoError, first_line
 
 logger = logging.getLogger(__name__)
@@ -205,14 +208,20 @@ def _error_detail(err: urllib.error.HTTPError) -> str:
     return first_line(body)[:160] if body.strip() else ""
 
 
-def render_conversation(tokenizer, prompt_messages: list[dict], answer: str) -> str:
-    """The text a reward model scores: [prompt + assistant answer] through the tokenizer's chat template, or,
-    without one, the messages' texts and the answer joined by "\\n"."""
+def encode_conversation(tokenizer, prompt_messages: list[dict], answer: str) -> list[int]:
+    """The ids a reward model scores for [prompt + assistant answer]. With a chat template: the prompt and the
+    answer encoded as training encodes a pair (`render.encode_answer`: the prompt with its generation prompt, the
+    answer up to its end-of-turn token, no template whitespace after it), so a reward model trained by orpo scores
+    what it was trained on. Without one: the messages' texts and the answer joined by "\n", with the tokenizer's
+    special tokens."""
     words = text_tokenizer(tokenizer)
     if getattr(words, "chat_template", None):
-        messages = [*prompt_messages, {"role": "assistant", "content": answer}]
-        return words.apply_chat_template(messages, tokenize=False)
-    return "\n".join([*(_text(m["content"]) for m in prompt_messages), answer])
+        try:
+            prompt_ids, completion_ids = encode_answer(tokenizer, prompt_messages, answer)
+        except TEMPLATE_ERRORS as err:
+            raise OrpoError(f"the reward model's chat template refuses a prompt: {template_error_message(err)}") from None
+        return prompt_ids + completion_ids
+    return words("\n".join([*(_text(m["content"]) for m in prompt_messages), answer]))["input_ids"]
 
 
 class RewardJudge:
@@ -234,11 +243,9 @@ class RewardJudge:
             model.config.pad_token_id = self.pad_id
 
     def encode(self, prompt_messages: list[dict], answer: str) -> tuple[list[int], bool]:
-        """(the conversation's token ids, whether they were truncated): its template already writes any BOS (no
-        special tokens added then); a conversation longer than max_length keeps its last max_length tokens."""
-        text = render_conversation(self.tokenizer, prompt_messages, answer)
-        templated = bool(getattr(self.tokenizer, "chat_template", None))
-        ids = self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        """(the conversation's token ids, `encode_conversation`; whether they were truncated): a conversation longer
+        than max_length keeps its last max_length tokens."""
+        ids = encode_conversation(self.tokenizer, prompt_messages, answer)
         return ids[-self.max_length :], len(ids) > self.max_length
 
     @torch.no_grad()

@@ -195,6 +195,17 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return _render_prompt(tokenizer, messages)[1]
 
 
+def encode_answer(tokenizer, messages: list[dict], answer: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one answer to `messages`, by the rules a training pair's are made (module
+    docstring): `encode_prompt`'s ids, then the assistant's turn up to and including its end-of-turn token (EOS
+    where the template writes none). What a reward model trained by orpo read in training, and so what it scores.
+    Untruncated; raises what the template raises (TEMPLATE_ERRORS)."""
+    prompt_text, prompt_ids, _ = _render_prompt(tokenizer, messages)
+    completion = _completion_text(messages, [{"role": "assistant", "content": answer}], prompt_text, tokenizer,
+                                  "an answer")
+    return prompt_ids, text_tokenizer(tokenizer)(completion, add_special_tokens=False)["input_ids"]
+
+
 def encode_image_prompt(processor, messages: list[dict], images: tuple[bytes, ...]) -> tuple[list[int], dict | None]:
     """(`encode_prompt`'s ids, the images' inputs for the model) of a prompt with image parts."""
     _, ids, vision_inputs = _render_prompt(processor, messages, images)
@@ -221,12 +232,12 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def _completion_text(pair: PreferencePair, answer: list, prompt_text: str, tokenizer) -> str:
-    full = tokenizer.apply_chat_template(pair.prompt + answer, tokenize=False)
+def _completion_text(prompt: list[dict], answer: list, prompt_text: str, tokenizer, where: str) -> str:
+    full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
     tokenizer = text_tokenizer(tokenizer)
     if not full.startswith(prompt_text):
         raise OrpoError(
-            f"row {pair.index}: the chat template renders the prompt differently with and without "
+            f"{where}: the chat template renders the prompt differently with and without "
             "the answer, so the completion cannot be separated from the prompt"
         )
     # Whitespace the template writes after the end-of-turn token is formatting, not the answer:
@@ -343,7 +354,8 @@ def render_pair(pair: PreferencePair, tokenizer, limits: LengthLimits, image_roo
     try:
         prompt_text, prompt_ids, vision_inputs = _render_prompt(tokenizer, pair.prompt, images)
         chosen_ids, rejected_ids = (
-            words(_completion_text(pair, answer, prompt_text, tokenizer), add_special_tokens=False)["input_ids"]
+            words(_completion_text(pair.prompt, answer, prompt_text, tokenizer, f"row {pair.index}"),
+                  add_special_tokens=False)["input_ids"]
             for answer in (pair.chosen, pair.rejected)
         )
     except TEMPLATE_ERRORS as err:  # one bad row must not abort the run

@@ -17,7 +17,7 @@ import transformers
 import llama_cpp.server  # noqa: F401  (the real-server test needs it: a missing install fails here, never skips)
 from orpo.commands.cli import main
 from orpo.commands.judges import (JUDGE_PROMPT, ChatEndpoint, PairwiseJudge, RewardJudge, is_correct, judge_messages,
-                                  last_number, parse_verdict, render_conversation)
+                                  last_number, parse_verdict, encode_conversation)
 from orpo.errors import OrpoError
 from orpo.stats import pairwise_outcome
 from tiny import chatml_tokenizer, word_level_tokenizer, WORDS
@@ -46,8 +46,12 @@ def test_reward_scores_are_the_models_own_call_batched_or_alone():
     alone = []
     for messages, answer in zip(PROMPTS, ANSWERS):
         text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
-        assert text == render_conversation(tokenizer, messages, answer)
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        # as training encodes a pair: the template's text without its whitespace after the closing <|im_end|>
+        assert text.endswith("<|im_end|>\n")
+        expected = tokenizer(text.rstrip(), add_special_tokens=False)["input_ids"]
+        assert expected[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+        assert encode_conversation(tokenizer, messages, answer) == expected
+        ids = torch.tensor([expected])
         with torch.no_grad():
             alone.append(model(input_ids=ids).logits[0, 0].item())
     torch.testing.assert_close(torch.tensor(scores), torch.tensor(alone), rtol=1e-5, atol=1e-6)
@@ -57,7 +61,7 @@ def test_reward_scores_are_the_models_own_call_batched_or_alone():
 
 def test_reward_model_without_a_template_and_truncation():
     tokenizer = word_level_tokenizer(WORDS, [], None, pad_token="<pad>")
-    assert render_conversation(tokenizer, PROMPTS[1], "no") == "ok\nwhat\nno"
+    assert encode_conversation(tokenizer, PROMPTS[1], "no") == tokenizer("ok\nwhat\nno")["input_ids"]
     model = tiny_reward_model(tokenizer, context=6)
     judge = RewardJudge(model, tokenizer, batch_size=2)
     scores, truncated = judge.score(PROMPTS, ANSWERS)

@@ -435,3 +435,16 @@ def test_encoder_decoder_truncation_keeps_the_prompts_end_and_never_empties_an_a
     with pytest.raises(DroppedPair) as drop:
         render_pair(pair, tok, LengthLimits(max_length=3, max_prompt_length=3, max_completion_length=None))
     assert drop.value.reason == TOO_LONG
+
+
+def test_encode_answer_is_a_training_pairs_prompt_and_completion():
+    """What a reward model trained here read in training (render_pair's prompt + chosen ids) is what the judge
+    scores for the same answer (render.encode_answer)."""
+    from tiny import chatml_tokenizer
+
+    tok = chatml_tokenizer()
+    prompt = [{"role": "system", "content": "ok"}, {"role": "user", "content": "why is the sky blue"}]
+    trained = render_pair(PreferencePair(prompt, [{"role": "assistant", "content": "the sky is blue"}],
+                                         [{"role": "assistant", "content": "no"}], 0), tok, NO_LIMITS)
+    assert render.encode_answer(tok, prompt, "the sky is blue") == (trained.prompt_ids, trained.chosen_ids)
+    assert trained.chosen_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")  # the template's "\n" after it: not read
