@@ -6,7 +6,7 @@ run's processes and the device:
 
 | choice | decided from |
 | --- | --- |
-| objective | --objective: ORPO, or a Bradley-Terry reward model (ops/reward.py) |
+| objective | --objective reward: a Bradley-Terry reward model (ops/reward.py); ORPO runs have no such choice |
 | route | the model's structure, then a probe against separate forwards (ops/route.py) |
 | NLL | an encoder-decoder model: the chosen completion whatever --nll_scope (its decoder does not predict the prompt) |
 | precision | --bf16 / --fp16 where set, else the device's native bf16 (train/precision.py) |
@@ -141,9 +141,8 @@ def plan_run(config: ORPOConfig, setup: Setup, processes: tuple[int, str]) -> Pl
         *_data_choices(setup),
         _output_dir_choice(config),
         _processes_choice(config, *processes),
-        Choice("objective", config.objective, "a Bradley-Terry reward model: −log σ(r_chosen − r_rejected), mean over "
-               "the step's pairs, the rewards read at each answer's last token (--objective reward)" if reward else
-               "ORPO: NLL of the chosen answer + beta · odds-ratio term (Hong, Lee & Thorne 2024)"),
+        *([Choice("objective", "reward", "a Bradley-Terry reward model: −log σ(r_chosen − r_rejected), mean over the "
+                  "step's pairs, the rewards read at each answer's last token (--objective reward)")] if reward else []),
         Choice("route", route.layout + ("" if route.head == "chunked" else f"+{route.head}"), route.describe()),
         *([nll] if nll else []),
         Choice("precision", "bf16" if bf16 else "fp16" if config.fp16 else "fp32", precision),
