@@ -867,3 +867,29 @@ def test_reward_objective_refuses_a_model_of_the_other_kind_in_one_line(tmp_path
         make_trainer(tmp_path, tiny_llama(), pairs(2), objective="reward")
     with pytest.raises(OrpoError, match="is a sequence-classification \\(reward\\) model: train it with objective"):
         make_trainer(tmp_path, tiny_reward_model(), pairs(2, high=20))
+
+
+def test_reward_training_with_lora_trains_the_score_head_whole_and_saves_the_merged_reward_model(tmp_path):
+    """LoRA (task SEQ_CLS): the adapters and the new score head train; the saved directory is the merged reward
+    model, which scores as the trained one does. A LoraConfig of another task is refused in one line (the new head
+    would stay random)."""
+    from peft import LoraConfig
+    from tiny import save_tiny_chat_model
+    from orpo.ops.reward import separate_rewards
+
+    path = save_tiny_chat_model(tmp_path / "base")
+    out = tmp_path / "out"
+    args = ORPOConfig(output_dir=str(out), objective="reward", report_to="none", save_strategy="no",
+                      disable_tqdm=True, use_cpu=True, seed=0, bf16=False, learning_rate=1e-2, max_steps=3,
+                      per_device_train_batch_size=4, report=False)
+    with pytest.raises(OrpoError, match="LoRA on a reward model must train its new score head in full"):
+        ORPOTrainer(model=path, args=args, train_dataset=REWARD_ROWS, peft_config=LoraConfig(task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"])
+    trainer = ORPOTrainer(model=path, args=args, train_dataset=REWARD_ROWS, peft_config=lora)
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("score" in name for name in trainable) and any("lora_A" in name for name in trainable)
+    trainer.train()
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    assert not (out / "adapter_config.json").exists()
+    some = [trainer.setup.train.pairs[i] for i in range(3)]
+    torch.testing.assert_close(separate_rewards(merged, some), separate_rewards(trainer.model.eval(), some))
