@@ -44,8 +44,8 @@ from tiny import byte_level_chatml_tokenizer, save_tiny_chat_model
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 # docs/ in the order their blocks run (after the README's quick start, whose runs/uf the export page uses)
-PAGES = ["quickstart", "data", "vision", "configuration", "migrating-from-trl", "evaluation", "precision-and-memory",
-         "distributed", "export", "models", "recipes", "benchmarks", "errors"]
+PAGES = ["quickstart", "data", "vision", "configuration", "migrating-from-trl", "evaluation", "reward-models",
+         "precision-and-memory", "distributed", "export", "models", "recipes", "benchmarks", "errors"]
 DOCS = [README] + [REPO / "docs" / f"{name}.md" for name in PAGES]
 README_MAX_LINES = 250
 SHARED = Path("/work/shared")  # ../shared of the repository on this machine and on CI
