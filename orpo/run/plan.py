@@ -213,6 +213,8 @@ def step_inputs(model, pairs, config: ORPOConfig, route: Route, bf16: bool) -> t
                else [tuple(lengths) for lengths in pair_lengths(pairs.pairs).tolist()])
     lm = causal_lm(model)
     shape = decoder_shape(lm, lm.config.get_text_config())
+    if config.objective == "reward":  # the score head: one output, no [tokens, vocabulary] logits
+        shape = dataclasses.replace(shape, vocab=1)
     on_device = next(lm.parameters()).device.type == config.device.type
     return (shape, lengths, config.per_device_train_batch_size, route.packing, route.attention,
             2 if bf16 or config.fp16 else shape.weight_bytes, config.logprob_chunk_size, on_device, config.device,

@@ -127,7 +127,9 @@ def load_model(name_or_path: str, dtype=DTYPES[0], trust_remote_code: bool = Fal
     T5 or BART: AutoModelForSeq2SeqLM) from a hub id, a local directory or a .gguf file, in `dtype` (a torch.dtype
     or a name of DTYPES). `reward`: the model as a reward model, AutoModelForSequenceClassification with one output
     (`num_labels=1`; a causal LM's checkpoint gets a new score head in place of its output head, a reward model's
-    keeps its own); decoder-only text models only (one line for the others, before the weights are loaded)."""
+    keeps its own); decoder-only text models only (one line for the others, before the weights are loaded). A reward
+    model's checkpoint (config architectures *ForSequenceClassification) without `reward` is one line: it has no
+    language-model head to generate or train with ORPO."""
     import torch
     from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM,
                               AutoModelForSequenceClassification)
@@ -141,6 +143,10 @@ def load_model(name_or_path: str, dtype=DTYPES[0], trust_remote_code: bool = Fal
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     loader = AutoModelForImageTextToText if vision else AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     what = "vision-language model" if vision else "sequence-to-sequence model" if seq2seq else "causal LM"
+    architectures = getattr(config, "architectures", None) or []
+    if not reward and any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise OrpoError(f"{name_or_path} is a reward model ({architectures[0]}): it scores answers and has no language "
+                        "model head to generate or train with ORPO; train it further with --objective reward")
     if reward:
         if vision or seq2seq:
             raise OrpoError(f"{name_or_path}: --objective reward trains a score head on a decoder-only text model, and "
