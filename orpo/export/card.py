@@ -243,9 +243,10 @@ def render_card(name: str, base_model: str, data: dict[str, tuple[object, Prepar
     base = f"[{base_model}](https://huggingface.co/{base_model})" if base_model in hub_ids else f"`{base_model}`"
     what = "a LoRA adapter for" if adapter else "a fine-tune of"
     if reward:
-        lines += [f"{'A LoRA adapter for a' if adapter else 'A'} Bradley-Terry reward model on {base}: a score head with "
-                  "one output, trained by `orpo` (`--objective reward`) on preference pairs with the loss "
-                  "−log σ(r_chosen − r_rejected) (InstructGPT, Ouyang et al. 2022, Eq. 1).", ""]
+        start = "A LoRA adapter for a" if adapter else "A"
+        lines += [f"{start} Bradley-Terry reward model on {base}: a score head with one output, trained by `orpo` "
+                  "(`--objective reward`) on preference pairs with the loss −log σ(r_chosen − r_rejected) (InstructGPT, "
+                  "Ouyang et al. 2022, Eq. 1).", ""]
     else:
         lines += [f"{what[0].upper()}{what[1:]} {base}, trained with {PAPER} by `orpo`: one stage, no reference "
                   "model; the loss is the NLL of the chosen answers plus beta times the odds-ratio term.", ""]

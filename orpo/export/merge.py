@@ -82,7 +82,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     dtype:     the dtype the base is loaded, merged and saved in (float32: the merged weights are exact).
     overwrite: write into an `output_dir` that already has files.
     A reward model's adapter (peft task_type SEQ_CLS: `orpo train --objective reward --use_peft`, its score head
-    saved whole beside the adapters) is merged into the base loaded as a reward model (AutoModelForSequenceClassification).
+    saved whole beside the adapters) is merged into the base loaded as a reward model
+    (AutoModelForSequenceClassification).
     The tokenizer is the adapter directory's when it has one (trainer.save_model saves it there), else the
     base's. Problems are one OrpoError line.
     """

@@ -6,8 +6,8 @@
 2. the process set up for its launcher (`launch.start_process`; not in a dry run planning a launched run);
 3. the tokenizer (or a vision-language model's processor), then the model (a name is loaded with
    `model_init_kwargs`; what the loader refuses is one line; `--objective reward`: as a reward model, its new score
-   head drawn from the run's seed and its pad token the tokenizer's where its config has none), LoRA applied (a target the model lacks is one
-   line), dropout disabled and a vision tower frozen as configured, the model tagged as TRL tags it
+   head drawn from the run's seed and its pad token the tokenizer's where its config has none; a model object of
+   the other kind is one line), LoRA applied (a target the model lacks is one line), dropout disabled and a vision tower frozen as configured, the model tagged as TRL tags it
    (`model.add_model_tags`: export.card.MODEL_TAGS, which the model card shows);
 4. the data, each source through the one data path (`config.prepare_data`, or `stream_data` for --streaming).
 
