@@ -61,7 +61,11 @@ if spec.get("lora"):
     from peft import LoraConfig
 
     peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
-trainer = ORPOTrainer(model=tiny_llama(tied=spec.get("tied", True)), args=args, train_dataset=pairs,
+model = tiny_llama(tied=spec.get("tied", True))
+if spec.get("reward"):  # --objective reward: the same decoder with a score head of one output
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**{**model.config.to_dict(), "num_labels": 1}))
+trainer = ORPOTrainer(model=model, args=args, train_dataset=pairs,
                       processing_class=chatml_tokenizer(), peft_config=peft_config)
 
 
@@ -80,7 +84,7 @@ class Probe(transformers.TrainerCallback):
 
         engine = trainer.model_wrapped  # DDP, the FSDP2 model itself, or DeepSpeed's engine
         model = trainer.accelerator.unwrap_model(engine)
-        head = model.get_output_embeddings()
+        head = model.get_output_embeddings() or model.score  # a reward model's score head
         # registered after the engines' own hooks, so they see the weight as the engine leaves it
         head.register_forward_pre_hook(lambda module, inputs: probe["in_head"].add(describe(module.weight)))
         model.register_forward_hook(lambda module, inputs, output: probe["after_forward"].add(describe(head.weight)))
@@ -123,7 +127,7 @@ class Run:
 
     @property
     def steps(self):
-        return [r for r in self.records if "nll" in r]
+        return [r for r in self.records if "margin" in r]
 
     @property
     def summary(self):
@@ -269,6 +273,27 @@ def test_two_ranks_equal_one_process_and_gradient_accumulation(tmp_path, one_pro
     assert reference.summary["train_loss"] == pytest.approx(sum(r["loss"] for r in steps) / len(steps), rel=1e-6)
     run = launch(tmp_path / "ddp-log2", {"args": {"logging_steps": 2}}, torchrun(2), 2, 1)
     assert run.summary["train_loss"] == pytest.approx(reference.summary["train_loss"], rel=1e-5)
+
+
+def test_a_reward_model_on_two_ranks_equals_one_process(tmp_path):
+    """--objective reward under torchrun with 2 CPU ranks x 2 pairs == 1 process x 4 pairs: the Bradley-Terry loss is
+    a mean over the step's pairs of all ranks (as ORPO's odds-ratio term), so the per-step losses and metrics, the
+    held-out evaluation (each pair once) and the final weights are the same."""
+    spec = {"reward": True, "args": {"objective": "reward"}}
+    reference = launch(tmp_path / "one", spec)
+    run = launch(tmp_path / "ddp", spec, torchrun(2), 2, 1)
+    assert run.probe()["engine"] == "DistributedDataParallel"
+    steps, expected = run.steps, reference.steps
+    assert [r["step"] for r in steps] == [r["step"] for r in expected] == [1, 2, 3]
+    for key in ("loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected", "tokens"):
+        assert [r[key] for r in steps] == pytest.approx([r[key] for r in expected], rel=1e-5, abs=1e-6), key
+    (evaluation, pairs), (expected_evaluation, expected_pairs) = run.evaluation, reference.evaluation
+    for key in ("eval_pairs", "eval_accuracy", "eval_margin", "eval_loss"):
+        assert evaluation[key] == pytest.approx(expected_evaluation[key], rel=1e-5, abs=1e-6), key
+    assert [p["index"] for p in pairs] == [0, 1, 2, 3, 4]
+    assert [p["reward_chosen"] for p in pairs] == pytest.approx([p["reward_chosen"] for p in expected_pairs], rel=1e-5)
+    assert "score.weight" in reference.weights
+    assert_same_weights(run.weights, reference.weights, "reward ddp")
 
 
 def test_two_nodes_equal_one_process(tmp_path, one_process):
