@@ -13,7 +13,8 @@ and peft see a normal call). During the call the score head's own call (`reward_
 2·B read positions only, never at every position, and keeps it; the head returns [rows, T, 1] scores that
 are those values at their positions and zeros elsewhere (no matmul), from which the model's own pooling (its last
 non-pad token of each packed row, meaningless here) picks values nobody reads: the model's output stays in the
-rewards' graph, which DDP reads to find the parameters a step used. A peft adapter or modules_to_save copy of the head is part of that call.
+rewards' graph, which DDP reads to find the parameters a step used. A peft adapter or modules_to_save copy of the
+head is part of that call.
 
 The definition the routes are held to (route.py's probe, the tests): `separate_rewards`, the model's own call on
 each [prompt | chosen] and [prompt | rejected] alone.
