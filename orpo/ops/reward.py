@@ -10,11 +10,11 @@ that of [prompt | rejected] at its own (which never sees the chosen answer): the
 
 The model is called through its top-level forward, as forward.pair_logps calls a causal LM (DDP, FSDP, DeepSpeed
 and peft see a normal call). During the call the score head's own call (`reward_head`) computes the score at the
-2·B read positions only, never at every position, and keeps it; the head returns [rows, T, 1] scores that
-are those values at their positions and zeros elsewhere (no matmul), from which the model's own pooling (its last
-non-pad token of each packed row, meaningless here) picks values nobody reads: the model's output stays in the
-rewards' graph, which DDP reads to find the parameters a step used. A peft adapter or modules_to_save copy of the
-head is part of that call.
+2·B read positions only, never at every position, and returns [rows, T, 1] scores that are those values at
+their positions and zeros elsewhere (no matmul); the rewards are read back from that output, so their gradient
+passes through the head's output, where FSDP2, ZeRO-3 and DDP hook it. The model's own pooling (its last non-pad
+token of each packed row, meaningless here) picks values nobody reads. A peft adapter or modules_to_save copy of
+the head is part of that call.
 
 The definition the routes are held to (route.py's probe, the tests): `separate_rewards`, the model's own call on
 each [prompt | chosen] and [prompt | rejected] alone.
@@ -62,27 +62,34 @@ def score_module(lm: torch.nn.Module) -> torch.nn.Module:
 @contextmanager
 def reward_head(lm: torch.nn.Module, reward_source: torch.Tensor):
     """While active, the score head of `lm` called with hidden states [rows, T, H] computes the scores at the flat
-    positions `reward_source` [K] (indices into rows·T) only, keeps them as `read.rewards` [K, 1] (the yielded
-    namespace), and returns [rows, T, 1] to the model's forward: those scores at their positions, zeros elsewhere
-    (module docstring)."""
+    positions `reward_source` [K] (indices into rows·T) only, each position once, and returns [rows, T, 1] to the
+    model's forward: those scores at their positions, zeros elsewhere; `read.rewards` [K, 1] (the yielded namespace)
+    are the scores read back from that output at `reward_source` (module docstring)."""
     head = score_module(lm)
     own_forward = head.forward  # the class's forward, bound: a peft wrapper's dispatch to its adapted copy included
     read = SimpleNamespace(rewards=None)
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
-        source = reward_source.to(flat.device)
-        read.rewards = own_forward(flat.index_select(0, source))
-        # The model's scores: the rewards at their positions, zeros elsewhere. What the model pools from them is
-        # never read, but its output stays in the rewards' graph: DDP (find_unused_parameters) finds the parameters
-        # a step uses from the output, and would otherwise mark them all unused, then ready a second time.
-        scores = read.rewards.new_zeros(flat.shape[0], read.rewards.shape[-1]).index_add(0, source, read.rewards)
+        # each position once (a pair whose answers are both read at its prompt's last token shares it)
+        positions = torch.unique(reward_source.to(flat.device))
+        picked = own_forward(flat.index_select(0, positions))
+        scores = picked.new_zeros(flat.shape[0], picked.shape[-1]).index_copy(0, positions, picked)
         return scores.view(*hidden.shape[:-1], -1)
 
+    def read_back(module, args, output: torch.Tensor) -> None:
+        # The rewards are read from the head's output as its call returns it, after the engines' hooks: so the loss's
+        # gradient flows through that output, where FSDP2 and ZeRO-3 gather the head's weight again for its backward
+        # and DDP finds the step's parameters. What the model pools from it is never read.
+        flat = output.reshape(-1, output.shape[-1])
+        read.rewards = flat.index_select(0, reward_source.to(flat.device))
+
     head.forward = forward  # an instance attribute: nn.Module.__call__ runs it between the engines' hooks
+    handle = head.register_forward_hook(read_back)  # registered last: runs after the engines' own
     try:
         yield read
     finally:
+        handle.remove()
         del head.forward
 
 

@@ -275,25 +275,50 @@ def test_two_ranks_equal_one_process_and_gradient_accumulation(tmp_path, one_pro
     assert run.summary["train_loss"] == pytest.approx(reference.summary["train_loss"], rel=1e-5)
 
 
-def test_a_reward_model_on_two_ranks_equals_one_process(tmp_path):
+def assert_same_reward_run(run: Run, reference: Run, name: str):
+    """assert_same_run for --objective reward: its step metrics, its evaluation and per-pair rewards, its weights."""
+    steps, expected = run.steps, reference.steps
+    assert [r["step"] for r in steps] == [r["step"] for r in expected] == [1, 2, 3], name
+    for key in ("loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected", "tokens"):
+        assert [r[key] for r in steps] == pytest.approx([r[key] for r in expected], rel=1e-5, abs=1e-6), (name, key)
+    (evaluation, pairs), (expected_evaluation, expected_pairs) = run.evaluation, reference.evaluation
+    for key in ("eval_pairs", "eval_accuracy", "eval_margin", "eval_loss"):
+        assert evaluation[key] == pytest.approx(expected_evaluation[key], rel=1e-5, abs=1e-6), (name, key)
+    assert [p["index"] for p in pairs] == [0, 1, 2, 3, 4], name
+    assert [p["reward_chosen"] for p in pairs] == pytest.approx([p["reward_chosen"] for p in expected_pairs], rel=1e-5)
+    assert "score.weight" in reference.weights
+    assert_same_weights(run.weights, reference.weights, name)
+
+
+REWARD = {"reward": True, "args": {"objective": "reward"}}
+
+
+@pytest.fixture(scope="module")
+def one_process_reward(tmp_path_factory):
+    """The one-process run of a reward model (--objective reward), 4 pairs per step."""
+    return launch(tmp_path_factory.mktemp("one_process_reward") / "run", REWARD)
+
+
+def test_a_reward_model_on_two_ranks_equals_one_process(tmp_path, one_process_reward):
     """--objective reward under torchrun with 2 CPU ranks x 2 pairs == 1 process x 4 pairs: the Bradley-Terry loss is
     a mean over the step's pairs of all ranks (as ORPO's odds-ratio term), so the per-step losses and metrics, the
     held-out evaluation (each pair once) and the final weights are the same."""
-    spec = {"reward": True, "args": {"objective": "reward"}}
-    reference = launch(tmp_path / "one", spec)
-    run = launch(tmp_path / "ddp", spec, torchrun(2), 2, 1)
+    run = launch(tmp_path / "ddp", REWARD, torchrun(2), 2, 1)
     assert run.probe()["engine"] == "DistributedDataParallel"
-    steps, expected = run.steps, reference.steps
-    assert [r["step"] for r in steps] == [r["step"] for r in expected] == [1, 2, 3]
-    for key in ("loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected", "tokens"):
-        assert [r[key] for r in steps] == pytest.approx([r[key] for r in expected], rel=1e-5, abs=1e-6), key
-    (evaluation, pairs), (expected_evaluation, expected_pairs) = run.evaluation, reference.evaluation
-    for key in ("eval_pairs", "eval_accuracy", "eval_margin", "eval_loss"):
-        assert evaluation[key] == pytest.approx(expected_evaluation[key], rel=1e-5, abs=1e-6), key
-    assert [p["index"] for p in pairs] == [0, 1, 2, 3, 4]
-    assert [p["reward_chosen"] for p in pairs] == pytest.approx([p["reward_chosen"] for p in expected_pairs], rel=1e-5)
-    assert "score.weight" in reference.weights
-    assert_same_weights(run.weights, reference.weights, "reward ddp")
+    assert_same_reward_run(run, one_process_reward, "reward ddp")
+
+
+@pytest.mark.slow
+def test_a_reward_model_under_fsdp2_with_its_score_head_a_unit_of_its_own(tmp_path, one_process_reward):
+    """FSDP2, every Linear a unit that reshards after forward: the score head's weight is a shard outside its call,
+    and the reward head runs as that call (it sees the whole weight); the run equals one process."""
+    spec = {"reward": True, "args": {"objective": "reward", **fsdp_args(
+        transformer_layer_cls_to_wrap=["LlamaDecoderLayer", "Linear"])}}
+    run = launch(tmp_path / "fsdp2", spec, torchrun(2), batch=2)
+    probe = run.probe()
+    assert probe["engine"].startswith("FSDP") and "score" in probe["fsdp_units"], probe
+    assert probe["in_head"] == ["Parameter[1, 32]"] and probe["after_forward"] == ["DTensor[1, 32]"], probe
+    assert_same_reward_run(run, one_process_reward, "reward fsdp2")
 
 
 def test_two_nodes_equal_one_process(tmp_path, one_process):
