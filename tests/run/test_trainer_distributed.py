@@ -63,8 +63,12 @@ if spec.get("lora"):
     peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
 model = tiny_llama(tied=spec.get("tied", True))
 if spec.get("reward"):  # --objective reward: the same decoder with a score head of one output
+    from orpo.train.models import unpartitioned_load
+
     torch.manual_seed(0)
-    model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**{**model.config.to_dict(), "num_labels": 1}))
+    config = transformers.LlamaConfig(**{**model.config.to_dict(), "num_labels": 1})
+    with unpartitioned_load(getattr(args, "hf_deepspeed_config", None)):  # built whole, as tiny_llama is (its decoder: from_config)
+        model = transformers.LlamaForSequenceClassification(config)
 trainer = ORPOTrainer(model=model, args=args, train_dataset=pairs,
                       processing_class=chatml_tokenizer(), peft_config=peft_config)
 
@@ -543,3 +547,15 @@ def test_two_ranks_prepare_the_data_once_and_stream_it_as_one_job(tmp_path):
     # rank 0 read what both ranks trained on, and the global batch after it (the loader's end-of-data check);
     # after step 2 that batch is pair 9 and, the file ended, the first 3 of the next pass
     assert [(r["stream_pairs_kept"], r["stream_pairs_dropped"]) for r in runs["streamed"][2]] == [(8, 2), (12, 4)]
+
+
+@pytest.mark.slow
+def test_a_reward_model_under_deepspeed_zero3(tmp_path, one_process_reward, deepspeed_environment):
+    """ZeRO-3: the score head's weight is an empty partition after the forward, gathered for its own call, where the
+    reward head runs; the run equals one process."""
+    spec = {"reward": True, "args": {"objective": "reward", "deepspeed": zero_config(3)}}
+    run = launch(tmp_path / "zero3", spec, torchrun(2), batch=2, env=deepspeed_environment)
+    probe = run.probe()
+    assert probe["engine"] == "DeepSpeedEngine" and probe["in_head"] == ["Parameter[1, 32]"], probe
+    assert probe["after_forward"] == ["Parameter[0]"], probe
+    assert_same_reward_run(run, one_process_reward, "reward zero-3")
