@@ -73,7 +73,10 @@ def reward_head(lm: torch.nn.Module, reward_source: torch.Tensor):
         flat = hidden.reshape(-1, hidden.shape[-1])
         # each position once (a pair whose answers are both read at its prompt's last token shares it)
         positions = torch.unique(reward_source.to(flat.device))
-        picked = own_forward(flat.index_select(0, positions))
+        selected = flat.index_select(0, positions)
+        # in the weights' dtype, not autocast's: fp32 rewards from fp32 weights under bf16 autocast (2·B rows: free)
+        with torch.autocast(flat.device.type, enabled=False):
+            picked = own_forward(selected.to(next(head.parameters()).dtype))
         scores = picked.new_zeros(flat.shape[0], picked.shape[-1]).index_copy(0, positions, picked)
         return scores.view(*hidden.shape[:-1], -1)
 

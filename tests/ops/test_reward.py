@@ -147,3 +147,19 @@ def test_records_and_their_summary():
                                      "rewards/rejected": 1.0,
                                      "loss": (torch.log1p(torch.tensor(torch.e ** -1)).item()
                                               + torch.log1p(torch.tensor(torch.e)).item()) / 2})
+
+
+def test_under_bf16_autocast_the_score_head_runs_in_the_weights_fp32():
+    """The decoder under bf16 autocast, the score head in fp32 (its weights'): the rewards equal the fp32 head applied
+    to the bf16-autocast hidden states, not a bf16 product."""
+    model = reward_model()
+    pairs = make_pairs()
+    batch = batch_collator(model, 0, "padded")(pairs)
+    hidden = {}
+    model.score.register_forward_pre_hook(lambda module, args: hidden.update(h=args[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rewards = pair_rewards(model, batch)
+    flat = hidden["h"].reshape(-1, 32).float()
+    expected = flat.index_select(0, batch["reward_source"].reshape(-1)) @ model.score.weight.T
+    torch.testing.assert_close(torch.stack([rewards.chosen, rewards.rejected], 1).detach(), expected.view(-1, 2),
+                               rtol=1e-6, atol=1e-6)
