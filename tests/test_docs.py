@@ -45,8 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 # docs/ in the order their blocks run (after the README's quick start, whose runs/uf the export page uses)
 PAGES = ["quickstart", "data", "vision", "configuration", "migrating-from-trl", "evaluation", "judging",
-         "precision-and-memory",
-         "distributed", "export", "models", "recipes", "benchmarks", "errors"]
+         "reward-models", "precision-and-memory", "distributed", "export", "models", "recipes", "benchmarks", "errors"]
 DOCS = [README] + [REPO / "docs" / f"{name}.md" for name in PAGES]
 README_MAX_LINES = 250
 SHARED = Path("/work/shared")  # ../shared of the repository on this machine and on CI

@@ -102,7 +102,8 @@ def cmd_train(argv: list[str]) -> int:
         seq2seq = loads_as_seq2seq(model_args.model, config.trust_remote_code)  # T5, BART
         peft_config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                                  lora_dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
-                                 task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
+                                 task_type="SEQ_CLS" if config.objective == "reward" else
+                                 "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")  # SEQ_CLS: the score head trains whole
     output_existed = Path(config.output_dir).exists()
     try:
         # the command starts a fresh run unless told to resume: an output_dir with files is refused now

@@ -31,17 +31,20 @@ CARD_FILE = "README.md"
 # says that TRL trained the model.
 MODEL_TAGS = ("orpo", "preference-optimization")
 # the metrics a card shows, in this order (metrics.jsonl keys; eval records without their eval_ prefix)
-CARD_METRICS = ("loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/rejected", "margin", "accuracy")
+CARD_METRICS = ("loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/rejected", "rewards/chosen",
+                "rewards/rejected", "margin", "accuracy")
 PAPER = "[ORPO](https://arxiv.org/abs/2403.07691) (Odds Ratio Preference Optimization, Hong, Lee & Thorne 2024)"
 
 
 def card_settings(args, steps: int, peft_config=None) -> dict[str, object]:
-    """The settings a card shows, by name, from `args` (an ORPOConfig): the ORPO fields, the optimizer
+    """The settings a card shows, by name, from `args` (an ORPOConfig): the ORPO fields (a reward model's run: the
+    objective), the optimizer
     steps trained (`steps`), the batch and the precision; with `peft_config` (a peft LoraConfig) the LoRA
     rank, alpha, dropout and modules."""
     precision = "fp16 autocast" if args.fp16 else "bf16 autocast" if args.bf16 else "fp32"
+    loss_fields = ("objective",) if args.objective == "reward" else ("beta", "nll_scope")  # a reward model: no beta
     settings = {name: getattr(args, name) for name in (
-        "beta", "nll_scope", "max_length", "max_prompt_length", "max_completion_length", "learning_rate")}
+        *loss_fields, "max_length", "max_prompt_length", "max_completion_length", "learning_rate")}
     settings.update({
         "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),  # an enum
         "steps": steps,
@@ -73,7 +76,8 @@ def _source_name(source) -> str:
 
 
 def _front_matter(base_model: str, hub_ids: set[str], sources: list[str], license: str | None, adapter: bool,
-                  lora: bool, vision: bool = False, encoder_decoder: bool = False, tags=MODEL_TAGS) -> str:
+                  lora: bool, vision: bool = False, encoder_decoder: bool = False, tags=MODEL_TAGS,
+                  reward: bool = False) -> str:
     meta = {}
     if base_model in hub_ids:
         meta["base_model"] = base_model
@@ -83,9 +87,9 @@ def _front_matter(base_model: str, hub_ids: set[str], sources: list[str], licens
     datasets = [s for s in dict.fromkeys(sources) if s in hub_ids]
     if datasets:
         meta["datasets"] = datasets
-    meta["tags"] = list(dict.fromkeys([*tags, *(["lora"] if lora else [])]))
-    meta["pipeline_tag"] = "image-text-to-text" if vision else "text2text-generation" if encoder_decoder \
-        else "text-generation"
+    meta["tags"] = list(dict.fromkeys([*tags, *(["reward-model"] if reward else []), *(["lora"] if lora else [])]))
+    meta["pipeline_tag"] = "text-classification" if reward else "image-text-to-text" if vision \
+        else "text2text-generation" if encoder_decoder else "text-generation"
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
@@ -111,7 +115,7 @@ def _data_section(data: dict[str, tuple[object, PreparedData]]) -> list[str]:
 
 
 def _metrics_section(train_records: list[dict], eval_records: list[dict], plots: list[str],
-                     report: str | None) -> list[str]:
+                     report: str | None, reward: bool = False) -> list[str]:
     if not train_records and not eval_records:
         return []
     lines = ["## Results", ""]
@@ -129,14 +133,40 @@ def _metrics_section(train_records: list[dict], eval_records: list[dict], plots:
     lines += ["| metric | " + " | ".join(header for header, _ in columns) + " |", "| --- |" + " --- |" * len(columns)]
     lines += [f"| {k} | " + " | ".join(_number(record[k]) if k in record else "" for _, record in columns) + " |"
               for k in keys]
-    lines += ["", "Training values are means over the steps since the previous log. ORPO works when the chosen "
-              "and rejected log-probs separate and log_odds rises; accuracy is the share of pairs whose chosen "
-              "answer has the higher log odds.", ""]
+    if reward:
+        lines += ["", "Training values are means over the steps since the previous log. loss is the Bradley-Terry "
+                  "loss −log σ(r_chosen − r_rejected); accuracy is the share of pairs whose chosen answer gets the "
+                  "higher reward (held-out: the pair accuracy on pairs the model did not train on); margin is "
+                  "r_chosen − r_rejected.", ""]
+    else:
+        lines += ["", "Training values are means over the steps since the previous log. ORPO works when the chosen "
+                  "and rejected log-probs separate and log_odds rises; accuracy is the share of pairs whose chosen "
+                  "answer has the higher log odds.", ""]
     if plots:
         lines += [f"![{PLOTS[name][0]}]({name})" for name in plots] + [""]
     if report:
         lines += [f"All plots and the metrics of the run: [{report}]({report}) and `{METRICS_FILE}`.", ""]
     return lines
+
+
+def _reward_usage_section(model_path: str, adapter: bool) -> list[str]:
+    """How to score an answer with the reward model: the chat template renders [prompt | answer], the model's own
+    call reads the score at its last non-pad token, as training did."""
+    if adapter:
+        load = ["from peft import AutoPeftModelForSequenceClassification", "from transformers import AutoTokenizer", "",
+                f'model = AutoPeftModelForSequenceClassification.from_pretrained("{model_path}", num_labels=1)']
+    else:
+        load = ["from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+                f'model = AutoModelForSequenceClassification.from_pretrained("{model_path}")']
+    return ["## Usage", "", "A reward model: one score per (prompt, answer), higher for the answer people prefer "
+            "(Bradley-Terry: P(a preferred to b) = σ(r_a − r_b)).", "", "```python", *load,
+            f'tokenizer = AutoTokenizer.from_pretrained("{model_path}")',
+            'messages = [{"role": "user", "content": "Give me three tips for writing a good prompt."},',
+            '            {"role": "assistant", "content": "Be specific, give context, show an example."}]',
+            'inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)',
+            "print(model(**inputs).logits[0, 0].item())",
+            "```", "", f"Or judge two models' answers with it: `orpo judge --reward_model {model_path} ...` "
+            "(docs/evaluation.md).", ""]
 
 
 def _usage_section(model_path: str, adapter: bool, vision: bool = False, encoder_decoder: bool = False) -> list[str]:
@@ -186,7 +216,7 @@ def render_card(name: str, base_model: str, data: dict[str, tuple[object, Prepar
                 train_records: list[dict], eval_records: list[dict], plots: list[str], report: str | None = None,
                 model_path: str = ".", hub_ids: set[str] = frozenset(), license: str | None = None,
                 adapter: bool = False, vision: bool = False, choices: list[str] = (),
-                encoder_decoder: bool = False, tags=MODEL_TAGS) -> str:
+                encoder_decoder: bool = False, tags=MODEL_TAGS, reward: bool = False) -> str:
     """The model card's text (README.md).
 
     name:          the card's title (e.g. the output directory's name).
@@ -205,13 +235,21 @@ def render_card(name: str, base_model: str, data: dict[str, tuple[object, Prepar
                    text2text-generation; the usage snippet decodes the whole output).
     choices:       what orpo chose for the run and why, one line each (the run's plan: `Plan.lines()`).
     tags:          the front matter's tags: the trained model's `model_tags` ("lora" added for a LoRA run).
+    reward:        a reward model (--objective reward: pipeline text-classification, tag reward-model; the usage
+                   snippet scores an answer).
     """
     sources = [s for s, _ in data.values() if isinstance(s, str)]
     lines = [f"# {name}", ""]
     base = f"[{base_model}](https://huggingface.co/{base_model})" if base_model in hub_ids else f"`{base_model}`"
     what = "a LoRA adapter for" if adapter else "a fine-tune of"
-    lines += [f"{what[0].upper()}{what[1:]} {base}, trained with {PAPER} by `orpo`: one stage, no reference "
-              "model; the loss is the NLL of the chosen answers plus beta times the odds-ratio term.", ""]
+    if reward:
+        start = "A LoRA adapter for a" if adapter else "A"
+        lines += [f"{start} Bradley-Terry reward model on {base}: a score head with one output, trained by `orpo` "
+                  "(`--objective reward`) on preference pairs with the loss −log σ(r_chosen − r_rejected) (InstructGPT, "
+                  "Ouyang et al. 2022, Eq. 1).", ""]
+    else:
+        lines += [f"{what[0].upper()}{what[1:]} {base}, trained with {PAPER} by `orpo`: one stage, no reference "
+                  "model; the loss is the NLL of the chosen answers plus beta times the odds-ratio term.", ""]
     lines += ["## Base model", "", base + ("" if base_model in hub_ids else " (a path on the machine that trained it)"), ""]
     lines += _data_section(data)
     lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
@@ -219,10 +257,11 @@ def render_card(name: str, base_model: str, data: dict[str, tuple[object, Prepar
     if choices:
         lines += ["## How orpo ran it", "", "Each choice orpo made for this run, and why (`orpo_plan.json`):", ""]
         lines += [f"- {choice}" for choice in choices] + [""]
-    lines += _metrics_section(train_records, eval_records, plots, report)
-    lines += _usage_section(model_path, adapter, vision, encoder_decoder)
+    lines += _metrics_section(train_records, eval_records, plots, report, reward)
+    lines += _reward_usage_section(model_path, adapter) if reward else \
+        _usage_section(model_path, adapter, vision, encoder_decoder)
     lines.insert(0, _front_matter(base_model, hub_ids, sources, license, adapter, "LoRA" in settings, vision,
-                                  encoder_decoder, tags))
+                                  encoder_decoder, tags, reward))
     return "\n".join(lines)
 
 
@@ -273,6 +312,20 @@ def _is_encoder_decoder_dir(output_dir: str) -> bool:
     return False
 
 
+def _is_reward_model_dir(output_dir: str) -> bool:
+    """Whether the directory holds a reward model (config.json's architectures: a *ForSequenceClassification) or an
+    adapter for one (adapter_config.json's task_type SEQ_CLS)."""
+    for name, key, matches in (("config.json", "architectures",
+                                lambda v: any(a.endswith("ForSequenceClassification") for a in v or [])),
+                               ("adapter_config.json", "task_type", lambda v: v == "SEQ_CLS")):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                if matches(json.load(f).get(key)):
+                    return True
+    return False
+
+
 def write_card(output_dir: str, base_model: str, settings: dict[str, object], train: tuple[object, PreparedData],
                eval: tuple[object, PreparedData] | None = None, license: str | None = None,
                choices: list[str] = (), tags=MODEL_TAGS) -> str:
@@ -291,7 +344,8 @@ def write_card(output_dir: str, base_model: str, settings: dict[str, object], tr
                        eval_records, plots, report, model_path=output_dir, hub_ids=hub_ids,
                        license=license or base_license(base_model), adapter=is_adapter_dir(output_dir),
                        vision=_is_vision_language_dir(output_dir), choices=choices,
-                       encoder_decoder=_is_encoder_decoder_dir(output_dir), tags=tags)
+                       encoder_decoder=_is_encoder_decoder_dir(output_dir), tags=tags,
+                       reward=_is_reward_model_dir(output_dir))
     path = os.path.join(output_dir, CARD_FILE)
     with open(path, "w") as f:
         f.write(text)

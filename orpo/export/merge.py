@@ -81,6 +81,9 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
                .gguf file (peft records the file's directory, which holds no model of its own).
     dtype:     the dtype the base is loaded, merged and saved in (float32: the merged weights are exact).
     overwrite: write into an `output_dir` that already has files.
+    A reward model's adapter (peft task_type SEQ_CLS: `orpo train --objective reward --use_peft`, its score head
+    saved whole beside the adapters) is merged into the base loaded as a reward model
+    (AutoModelForSequenceClassification).
     The tokenizer is the adapter directory's when it has one (trainer.save_model saves it there), else the
     base's. Problems are one OrpoError line.
     """
@@ -96,7 +99,9 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     from peft import PeftModel
 
     try:
-        model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+        # a reward model's adapter (task SEQ_CLS, orpo train --objective reward) goes on the base loaded as one
+        model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code,
+                           reward=config.get("task_type") == "SEQ_CLS")
     except OrpoError as err:
         raise OrpoError(f"{err} (the base model of {adapter_dir}; pass the base model explicitly if it moved)") from None
     has_tokenizer = os.path.isfile(os.path.join(adapter_dir, TOKENIZER_CONFIG))
@@ -110,6 +115,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         raise OrpoError(f"{adapter_dir}: the adapter changes {' and '.join(tied)}, and {base} ties lm_head to the "
                         "input embedding (one shared weight): merging it would change both")
     merged = peft_model.merge_and_unload()
+    if config.get("task_type") == "SEQ_CLS" and merged.config.pad_token_id is None:
+        merged.config.pad_token_id = tokenizer.pad_token_id  # where the reward is read, as training read it
     os.makedirs(output_dir, exist_ok=True)
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)

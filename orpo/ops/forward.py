@@ -22,7 +22,7 @@ from orpo.ops.head import chunked_head, unsupported_reason
 from orpo.ops.moe import (RouterBalancing, capture_router_logits, router_aux_loss, router_balancing,
                           router_logits_off, router_token_mask)
 from orpo.ops.packing import (CHOSEN, PROMPT, REJECTED, collate_encoder_decoder, collate_padded, collate_prefix_shared,
-                              segment_sums)
+                              last_token_index, segment_sums)
 from orpo.ops.vision import image_block_token, rope_index_of, vision_model_inputs
 
 
@@ -58,6 +58,12 @@ def is_encoder_decoder(model: torch.nn.Module) -> bool:
     return bool(getattr(causal_lm(model).config, "is_encoder_decoder", False))
 
 
+def is_reward_model(model: torch.nn.Module) -> bool:
+    """Whether `model` is a reward model: a transformers *ForSequenceClassification (a score head on a decoder, one
+    score per sequence, read at its last non-pad token), which orpo trains with --objective reward (ops/reward.py)."""
+    return type(causal_lm(model)).__name__.endswith("ForSequenceClassification")
+
+
 def decoder_start_token_id(lm: torch.nn.Module) -> int:
     """The id an encoder-decoder model's decoder input starts with (its config's, else its generation config's)."""
     start = getattr(lm.config, "decoder_start_token_id", None)
@@ -71,18 +77,21 @@ def decoder_start_token_id(lm: torch.nn.Module) -> int:
 
 def batch_collator(model: torch.nn.Module, pad_token_id: int, layout: str) -> Callable:
     """TokenizedPairs → one batch of `layout` ("spans", "mask", "padded" or "encoder-decoder"; packing.py), for
-    `model`."""
+    `model`; a reward model's batches also say where each sequence's reward is read (`reward_source`: its last
+    token that is not the model's pad token, as the model reads it)."""
     lm = causal_lm(model)
     if layout == "encoder-decoder":
         start = decoder_start_token_id(lm)
         return partial(collate_encoder_decoder, pad_token_id=pad_token_id, decoder_start_token_id=start)
     # vision-language models: M-RoPE positions, image tokens that attend both ways (vision.py)
-    images = dict(rope_index=rope_index_of(lm), image_token=image_block_token(lm))
+    options = dict(rope_index=rope_index_of(lm), image_token=image_block_token(lm))
+    if is_reward_model(lm):
+        options["last_token"] = partial(last_token_index, pad_token_id=lm.config.get_text_config().pad_token_id)
     if layout == "padded":
-        return partial(collate_padded, pad_token_id=pad_token_id, **images)
+        return partial(collate_padded, pad_token_id=pad_token_id, **options)
     # attention costs as much as the linear layers at a row width of about 3 × hidden size
     width = 3 * lm.config.get_text_config().hidden_size
-    return partial(collate_prefix_shared, pad_token_id=pad_token_id, attention=layout, attention_width=width, **images)
+    return partial(collate_prefix_shared, pad_token_id=pad_token_id, attention=layout, attention_width=width, **options)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:

@@ -1,4 +1,5 @@
-"""The ORPO objective: per-pair completion log-probs and NLL sums in, scalar loss and metrics out.
+"""The ORPO objective: per-pair completion log-probs and NLL sums in, scalar loss and metrics out; and the
+Bradley-Terry loss of a reward model (`bradley_terry_loss`), normalised over the step the same way.
 
 Hong, Lee & Thorne 2024 (arXiv 2403.07691), Section 3:
 
@@ -73,3 +74,18 @@ def orpo_loss(
     or_loss = -F.logsigmoid(log_odds)
     loss = nll_sum.float() / nll_tokens_in_step + beta * or_loss.sum() / pairs_in_step
     return loss, or_loss, log_odds
+
+
+def bradley_terry_loss(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, pairs_in_step: torch.Tensor | float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A reward model's loss contribution of one micro-batch (Bradley-Terry; InstructGPT, Ouyang et al. 2022, Eq. 1):
+
+        L = mean over the optimizer step's pairs of −log σ(r_chosen − r_rejected)
+
+    rewards_chosen, rewards_rejected: [pairs] the model's scalar rewards of each pair's two answers (any dtype;
+    computed in fp32, with logsigmoid, which neither overflows nor underflows at any margin).
+    pairs_in_step: the pairs of the whole optimizer step (all micro-batches and ranks), as for the OR term.
+    Returns (loss scalar, bt_loss [pairs] = −log σ(margin), margin [pairs] = r_chosen − r_rejected)."""
+    margin = rewards_chosen.float() - rewards_rejected.float()
+    bt_loss = -F.logsigmoid(margin)
+    return bt_loss.sum() / pairs_in_step, bt_loss, margin

@@ -32,10 +32,17 @@ positions of each sequence, which the model call takes as its position ids. With
 whose image tokens attend to all tokens of their image both ways, Gemma 3: vision.image_block_token)
 the padded layout passes `token_type_ids` for the model to build that attention itself, and the mask
 layout adds it to its mask; span attention has no such blocks and refuses those pairs.
+
+A reward model (ops/reward.py) reads one hidden state per sequence instead of targets: given `last_token` (the
+index a sequence's score is read at, `last_token_index`: transformers' sequence-classification rule), the
+padded and prefix-shared layouts add `reward_source` [B, 2], the flat index (row·T + position) of that token of
+[prompt | chosen] and of [prompt | rejected] for each pair.
 """
 from __future__ import annotations
 
 import torch
+
+from collections.abc import Callable
 
 from orpo.data.render import TokenizedPair
 from orpo.errors import OrpoError
@@ -46,8 +53,21 @@ KINDS = 3
 PACKED_ATTENTION = ("spans", "mask")  # how the prefix-shared layout's attention is computed
 
 
+def last_token_index(ids: list[int], pad_token_id: int | None) -> int:
+    """The index of the token whose hidden state a transformers *ForSequenceClassification scores for the sequence
+    `ids` alone: the rightmost token that is not `pad_token_id` (0 if every token is; the last token where the
+    model has no pad id). So with pad = EOS, an answer ending in EOS is scored at the token before it, as the
+    model itself scores it."""
+    if pad_token_id is None:
+        return len(ids) - 1
+    return next((t for t in range(len(ids) - 1, -1, -1) if ids[t] != pad_token_id), 0)
+
+
+LastToken = Callable[[list[int]], int]  # a sequence's ids → the index its reward is read at (last_token_index)
+
+
 def collate_padded(pairs: list[TokenizedPair], pad_token_id: int, rope_index: RopeIndex | None = None,
-                   image_token: int | None = None) -> dict[str, torch.Tensor]:
+                   image_token: int | None = None, last_token: LastToken | None = None) -> dict[str, torch.Tensor]:
     """Build a padded batch.
 
     Returns a dict of tensors:
@@ -58,6 +78,7 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int, rope_index: Ro
       with images: their inputs (vision.concat_vision_inputs, each prompt's twice: chosen row, rejected
       row) and, with `rope_index`, rope_position_ids [3, 2·B, T] (padding at 0); with `image_token`,
       token_type_ids [2·B, T] (1 = that token)
+      with `last_token`: reward_source [B, 2] (module docstring)
     """
     sequences, ids, source, pair_of, kind_of = [], [], [], [], []
     width = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
@@ -92,6 +113,9 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int, rope_index: Ro
         batch["rope_position_ids"] = rope
     if image_token is not None:
         batch["token_type_ids"] = (input_ids == image_token).long()
+    if last_token is not None:  # row 2i holds [prompt | chosen], row 2i + 1 [prompt | rejected], from position 0
+        batch["reward_source"] = torch.tensor([row * width + last_token(seq) for row, seq in enumerate(sequences)],
+                                              dtype=torch.long).view(-1, 2)
     return batch
 
 
@@ -192,7 +216,7 @@ def choose_rows(lengths: list[int], attention_width: int) -> list[list[int]]:
 
 def collate_prefix_shared(
     pairs: list[TokenizedPair], pad_token_id: int, attention: str = "spans", attention_width: int = 2048,
-    rope_index: RopeIndex | None = None, image_token: int | None = None,
+    rope_index: RopeIndex | None = None, image_token: int | None = None, last_token: LastToken | None = None,
 ) -> dict[str, torch.Tensor]:
     """Build a prefix-shared batch (layout in the module docstring).
 
@@ -201,7 +225,7 @@ def collate_prefix_shared(
     `choose_rows`, attention_mask a dense bool [rows, 1, T, T] for any mask-honouring attention.
     Returns the keys of `collate_padded` (image inputs once per pair, in row order), plus pair_spans
     [B, 5] int64: row, offset and the prompt, chosen and rejected lengths of each pair, pairs of a row
-    in offset order.
+    in offset order; with `last_token`, reward_source [B, 2] (module docstring).
     """
     if attention not in PACKED_ATTENTION:
         raise ValueError(f"attention must be one of {PACKED_ATTENTION}, got {attention!r}")
@@ -215,6 +239,7 @@ def collate_prefix_shared(
     owner = torch.full((len(rows), width), -1, dtype=torch.long)
     branch = torch.zeros((len(rows), width), dtype=torch.long)
     ids, source, pair_of, kind_of, spans = [], [], [], [], []
+    reward_source = [[0, 0] for _ in pairs]
     for r, row in enumerate(rows):
         offset = 0
         for i in row:
@@ -240,6 +265,11 @@ def collate_prefix_shared(
             )
             kind_of += [PROMPT] * (p - 1) + [CHOSEN] * c + [REJECTED] * r_len
             pair_of += [i] * (n - 1)
+            if last_token is not None:
+                # [prompt | chosen] is contiguous; [prompt | rejected] skips the chosen answer's c positions
+                t_chosen = last_token(pair.prompt_ids + pair.chosen_ids)
+                t_rejected = last_token(pair.prompt_ids + pair.rejected_ids)
+                reward_source[i] = [base + t_chosen, base + t_rejected + (c if t_rejected >= p else 0)]
             offset += n
     batch = {
         "input_ids": input_ids,
@@ -253,6 +283,8 @@ def collate_prefix_shared(
     }
     if rope is not None:
         batch["rope_position_ids"] = rope
+    if last_token is not None:
+        batch["reward_source"] = torch.tensor(reward_source, dtype=torch.long).view(-1, 2)
     blocks = image_blocks(input_ids, image_token) if image_token is not None else None
     if attention == "mask":
         batch["attention_mask"] = prefix_shared_mask(owner, branch, blocks)

@@ -10,12 +10,14 @@ A route is a batch layout (packing.py) and an output head (forward.py), for one 
                       chosen and rejected as two decoder rows reading their pair's encoder states
     head    "chunked" the chunked head at target positions only (logprobs.py), no [T, vocab] logits
             "logits"  the model's own logits, gathered at the targets (exact for any head, more memory)
+            "score"   a reward model's score head at each sequence's last token only (reward.py)
 
 `choose_route` decides from the model's structure where it can be read, then confirms the choice
 at start: the probe scores a few pairs on the route and compares their per-pair mean log-probs with
 separate, unpadded forwards of [prompt + chosen] and [prompt + rejected] (the definition of the
-ORPO quantities; an encoder-decoder model's: `model(input_ids=prompt, labels=completion)`). A route that
-disagrees is not used: the next one is probed and the log says why.
+ORPO quantities; an encoder-decoder model's: `model(input_ids=prompt, labels=completion)`); a reward model's
+route is probed the same way with its rewards (reward.separate_rewards: the model's own call on each sequence).
+A route that disagrees is not used: the next one is probed and the log says why.
 
 Why structure first: prefix sharing lays chosen and rejected out in one row, so a layer whose state
 runs along the sequence (Mamba/SSM, linear attention such as gated DeltaNet, short causal
@@ -35,11 +37,13 @@ from orpo.data.render import TokenizedPair
 from orpo.errors import OrpoError
 from orpo.ops.attention import ATTENTION, sliding_window, use_span_attention
 from orpo.ops.forward import (batch_collator, batch_to, causal_lm, chunked_head_reason, input_device,
-                              is_encoder_decoder, pair_logps)
+                              is_encoder_decoder, is_reward_model, pair_logps)
+from orpo.ops.reward import pair_rewards, separate_rewards
 from orpo.ops.vision import reference_inputs
 
 LAYOUTS = ("spans", "mask", "padded", "encoder-decoder")
 HEADS = ("chunked", "logits")
+REWARD_HEAD = "score"  # a reward model's head: its score at each sequence's last token (reward.py)
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,8 @@ class Route:
     def describe(self) -> str:
         name = {"spans": "prefix-shared spans", "mask": "prefix-shared mask", "padded": "padded",
                 "encoder-decoder": "encoder-decoder"}[self.layout]
-        head = "" if self.head == "chunked" else ", the model's own logits"
+        head = {"chunked": "", "logits": ", the model's own logits",
+                "score": ", the score head at each answer's last token"}[self.head]
         return f"{name}{head}: {self.reason}" if self.reason else f"{name}{head}"
 
 
@@ -134,6 +139,8 @@ def candidate_routes(lm: torch.nn.Module, packing: bool | None, attention: str |
         layouts.append(("padded", "no prefix-shared layout reproduced the model's separate forwards"))
     elif packing is True and attention is None and not stateful:
         layouts = [(layout, "--packing true") for layout, _ in layouts]
+    if is_reward_model(lm):
+        return [Route(layout, REWARD_HEAD, reason) for layout, reason in layouts]
     head_problem = chunked_head_reason(lm)  # None: the chunked head reproduces the model's logits
     heads = HEADS if head_problem is None else ("logits",)
     extra = "" if head_problem is None else f"; the model's own logits: {head_problem}"
@@ -221,6 +228,22 @@ def route_logp_means(model: torch.nn.Module, pairs: list[TokenizedPair], route: 
     return torch.stack([logps.logps_chosen, logps.logps_rejected], dim=1).float().cpu()
 
 
+def reference_values(model: torch.nn.Module, pairs: list[TokenizedPair]) -> torch.Tensor:
+    """[pairs, 2] what a route must reproduce: the mean log-probs of each pair's answers (`separate_logp_means`), a
+    reward model's rewards (`reward.separate_rewards`)."""
+    return separate_rewards(model, pairs) if is_reward_model(model) else separate_logp_means(model, pairs)
+
+
+@torch.no_grad()
+def route_values(model: torch.nn.Module, pairs: list[TokenizedPair], route: Route) -> torch.Tensor:
+    """[pairs, 2] the same quantities as `reference_values`, computed on `route` (one call)."""
+    if not is_reward_model(model):
+        return route_logp_means(model, pairs, route)
+    batch = batch_collator(model, 0, route.layout)(pairs)
+    rewards = pair_rewards(model, batch_to(batch, input_device(model)))
+    return torch.stack([rewards.chosen, rewards.rejected], dim=1).float().cpu()
+
+
 def probe_tolerance(dtype: torch.dtype) -> float:
     """Largest |Δ mean log-prob| per token, relative to max(1, |mean log-prob|), that counts as the
     same result for a model in `dtype`. Exact routes differ from separate forwards by kernel and
@@ -231,10 +254,10 @@ def probe_tolerance(dtype: torch.dtype) -> float:
 
 
 def probe_route(model: torch.nn.Module, route: Route, pairs: list[TokenizedPair], expected: torch.Tensor) -> str | None:
-    """None if `route` reproduces `expected` (separate_logp_means of `pairs`) within the tolerance of
+    """None if `route` reproduces `expected` (reference_values of `pairs`) within the tolerance of
     the model's dtype; else why not, in a few words."""
     try:
-        got = route_logp_means(model, pairs, route)
+        got = route_values(model, pairs, route)
     except OrpoError as err:
         return str(err)
     except Exception as err:  # a model that rejects a 4D mask, the spans or position ids
@@ -242,10 +265,11 @@ def probe_route(model: torch.nn.Module, route: Route, pairs: list[TokenizedPair]
     lm = causal_lm(model)
     tolerance = probe_tolerance(lm.dtype)
     if not torch.isfinite(got).all():
-        return f"non-finite log-probs {got.tolist()}"
+        return f"non-finite values {got.tolist()}"
     error = ((got - expected).abs() / expected.abs().clamp(min=1.0)).max().item()
     if error > tolerance:
-        return f"per-pair mean log-probs differ from separate forwards by {error:.1e} (tolerance {tolerance:.0e})"
+        what = "rewards" if is_reward_model(model) else "mean log-probs"
+        return f"per-pair {what} differ from separate forwards by {error:.1e} (tolerance {tolerance:.0e})"
     return None
 
 
@@ -264,7 +288,7 @@ def choose_route(model: torch.nn.Module, packing: bool | None = None, attention:
     model.eval()
     failures = []
     try:
-        expected = separate_logp_means(model, pairs)
+        expected = reference_values(model, pairs)
         for route in candidates:
             if route.layout == "spans":
                 use_span_attention(lm)

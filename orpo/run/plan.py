@@ -6,10 +6,11 @@ run's processes and the device:
 
 | choice | decided from |
 | --- | --- |
+| objective | --objective reward: a Bradley-Terry reward model (ops/reward.py); ORPO runs have no such choice |
 | route | the model's structure, then a probe against separate forwards (ops/route.py) |
 | NLL | an encoder-decoder model: the chosen completion whatever --nll_scope (its decoder does not predict the prompt) |
 | precision | --bf16 / --fp16 where set, else the device's native bf16 (train/precision.py) |
-| router load balancing | a MoE model loaded with output_router_logits (ops/moe.py) |
+| router load balancing | a MoE model loaded with output_router_logits (ops/moe.py); none for a reward model |
 | activation checkpointing | --activation_checkpointing / --selective_checkpointing where set, else the largest micro-batch's memory against the budget (train/memory.py) |
 | output head softmax | --keep_head_probs where set, else the same estimate |
 | memory | the step's estimate with the choices above, per device |
@@ -125,10 +126,13 @@ def plan_run(config: ORPOConfig, setup: Setup, processes: tuple[int, str]) -> Pl
     images = image_probe_pairs(train.pairs) if isinstance(train, PreparedData) else []
     with whole_weights_per_call(model):  # ZeRO-3 partitioned them at load; the probe runs before the engine
         route = choose_route(model, config.packing, config.packed_attention, images)
-    balancing = router_balancing(causal_lm(model))
+    reward = config.objective == "reward"
+    balancing = None if reward else router_balancing(causal_lm(model))
     memory_inputs = step_inputs(model, train, config, route, bf16)
     recompute = plan_recompute(config, memory_inputs)
-    keep_head_probs, head_reason = plan_head(config, recompute, memory_inputs)
+    keep_head_probs, head_reason = (False, "none kept: a reward model's score head runs at each answer's last token, "
+                                    "with no softmax over a vocabulary") if reward else \
+        plan_head(config, recompute, memory_inputs)
     estimate = memory_estimate(memory_inputs, recompute, keep_head_probs)
     reuse = config.reuse_cpu_memory and device.type == "cpu" and has_glibc_malloc()
     finish = plan_finish(config, setup)
@@ -137,12 +141,15 @@ def plan_run(config: ORPOConfig, setup: Setup, processes: tuple[int, str]) -> Pl
         *_data_choices(setup),
         _output_dir_choice(config),
         _processes_choice(config, *processes),
-        Choice("route", route.layout + ("" if route.head == "chunked" else "+logits"), route.describe()),
+        *([Choice("objective", "reward", "a Bradley-Terry reward model: −log σ(r_chosen − r_rejected), mean over the "
+                  "step's pairs, the rewards read at each answer's last token (--objective reward)")] if reward else []),
+        Choice("route", route.layout + ("" if route.head == "chunked" else f"+{route.head}"), route.describe()),
         *([nll] if nll else []),
         Choice("precision", "bf16" if bf16 else "fp16" if config.fp16 else "fp32", precision),
         Choice("router load balancing", balancing.coef if balancing else None,
                f"loss + {balancing.coef:g} · aux_loss ({balancing.num_experts} experts, top-{balancing.top_k}; each "
-               "token once)" if balancing else "off: not a mixture-of-experts model loaded with output_router_logits"),
+               "token once)" if balancing else "off: a reward model's loss is the Bradley-Terry loss alone" if reward
+               else "off: not a mixture-of-experts model loaded with output_router_logits"),
         Choice("activation checkpointing", recompute.every_n_layers, recompute.reason),
         Choice("output head softmax", keep_head_probs, head_reason),
         Choice("memory", estimate, estimate),
@@ -206,6 +213,8 @@ def step_inputs(model, pairs, config: ORPOConfig, route: Route, bf16: bool) -> t
                else [tuple(lengths) for lengths in pair_lengths(pairs.pairs).tolist()])
     lm = causal_lm(model)
     shape = decoder_shape(lm, lm.config.get_text_config())
+    if config.objective == "reward":  # the score head: one output, no [tokens, vocabulary] logits
+        shape = dataclasses.replace(shape, vocab=1)
     on_device = next(lm.parameters()).device.type == config.device.type
     return (shape, lengths, config.per_device_train_batch_size, route.packing, route.attention,
             2 if bf16 or config.fp16 else shape.weight_bytes, config.logprob_chunk_size, on_device, config.device,

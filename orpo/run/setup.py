@@ -5,8 +5,9 @@
 1. every input that can be checked without loading anything (`checks.check_before_loading`);
 2. the process set up for its launcher (`launch.start_process`; not in a dry run planning a launched run);
 3. the tokenizer (or a vision-language model's processor), then the model (a name is loaded with
-   `model_init_kwargs`; what the loader refuses is one line), LoRA applied (a target the model lacks is one
-   line), dropout disabled and a vision tower frozen as configured, the model tagged as TRL tags it
+   `model_init_kwargs`; what the loader refuses is one line; `--objective reward`: as a reward model, its new score
+   head drawn from the run's seed and its pad token the tokenizer's where its config has none; a model object of
+   the other kind is one line), LoRA applied (a target the model lacks is one line), dropout disabled and a vision tower frozen as configured, the model tagged as TRL tags it
    (`model.add_model_tags`: export.card.MODEL_TAGS, which the model card shows);
 4. the data, each source through the one data path (`config.prepare_data`, or `stream_data` for --streaming).
 
@@ -22,12 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
+from orpo.data.images import text_tokenizer
 from orpo.data.prepare import PreparedData
 from orpo.data.render import TokenizedPair, ensure_chat_template
 from orpo.data.stream import PairStream
 from orpo.errors import OrpoError, first_line
 from orpo.export.card import MODEL_TAGS
-from orpo.ops.forward import causal_lm, is_encoder_decoder
+from orpo.ops.forward import causal_lm, is_encoder_decoder, is_reward_model
 from orpo.ops.vision import vision_tower
 from orpo.run.checks import check_before_loading
 from orpo.run.launch import start_process
@@ -78,6 +80,9 @@ def set_up(model, args: ORPOConfig, train_dataset=None, eval_dataset=None, proce
                         "config's is_encoder_decoder is false); leave the flag unset, orpo reads it from the model")
     for warning in ensure_chat_template(processing_class, encoder_decoder):
         logger.warning("warning: %s", warning)
+    _check_objective(model, args.objective, name)
+    if args.objective == "reward":
+        _set_reward_pad_token(model, processing_class)
     if hasattr(model, "add_model_tags"):  # before LoRA: a peft model reads and writes its base model's tags
         model.add_model_tags(list(MODEL_TAGS))
     if peft_config is not None:
@@ -97,8 +102,13 @@ def _load(name: str, args: ORPOConfig) -> torch.nn.Module:
     CPU (the Trainer places it); keyword arguments the model refuses are one line."""
     kwargs = dict(args.model_init_kwargs or {})
     dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", "float32"))
+    reward = args.objective == "reward"
     try:
-        return load_model(name, dtype=dtype, trust_remote_code=args.trust_remote_code, **kwargs)
+        # a reward model's new score head is drawn from the run's seed (fork_rng: the process's stream is untouched)
+        with torch.random.fork_rng(devices=[]) if reward else nullcontext():
+            if reward:
+                torch.manual_seed(args.seed)
+            return load_model(name, dtype=dtype, trust_remote_code=args.trust_remote_code, reward=reward, **kwargs)
     except OrpoError:
         raise  # already one line (custom code without trust_remote_code among them)
     except (TypeError, ValueError, RuntimeError, AttributeError) as err:
@@ -108,11 +118,42 @@ def _load(name: str, args: ORPOConfig) -> torch.nn.Module:
                         f"them ({first_line(err)})") from None
 
 
+def _check_objective(model, objective: str, name: str | None) -> None:
+    """A model object of the other kind than --objective trains, as one line (a name is loaded as the right kind)."""
+    reward = is_reward_model(model)
+    if reward == (objective == "reward"):
+        return
+    what = name or type(causal_lm(model)).__name__
+    if objective == "reward":
+        raise OrpoError(f"objective 'reward' trains a reward model, and {what} is not one (a *ForSequenceClassification): "
+                        "pass the model's name, or AutoModelForSequenceClassification.from_pretrained(NAME, "
+                        "num_labels=1)")
+    raise OrpoError(f"{what} is a sequence-classification (reward) model: train it with objective 'reward' "
+                    "(--objective reward)")
+
+
+def _set_reward_pad_token(model, processing_class) -> None:
+    """A reward model reads each sequence's score at its last token that is not its config's pad token; where the
+    config has none, the tokenizer's is written there (transformers' model refuses batches without one), so the
+    saved model scores padded batches as training read them."""
+    config = causal_lm(model).config
+    if config.get_text_config().pad_token_id is None:
+        pad = text_tokenizer(processing_class).pad_token_id
+        config.pad_token_id = pad
+        if config.get_text_config() is not config:
+            config.get_text_config().pad_token_id = pad
+
+
 def _with_lora(model, peft_config):
     """`model` with peft's adapters; a target module the model does not have, or LoRA on a head tied to the input
     embedding (merging it would change the embedding too), is one line."""
     from peft import get_peft_model
 
+    task_type = getattr(peft_config, "task_type", None)
+    if is_reward_model(model) and getattr(task_type, "value", task_type) != "SEQ_CLS" \
+            and "score" not in (getattr(peft_config, "modules_to_save", None) or []):
+        raise OrpoError("LoRA on a reward model must train its new score head in full: give the LoraConfig "
+                        "task_type='SEQ_CLS' (peft then trains `score` whole beside the adapters)")
     targets = peft_config.target_modules or []
     targets = [targets] if isinstance(targets, str) else list(targets)
     if "lm_head" in targets and model.config.get_text_config().tie_word_embeddings:

@@ -5,7 +5,8 @@ planned (run/plan.py: every choice made once, with its reason), trained here, an
 the final evaluation, the saved model, its card, the export). This class is the Trainer adapter in the
 middle: checkpoints, resume, schedulers, `report_to`, DeepSpeed and FSDP come from the Trainer; what it adds
 is the batch layout of the plan's route (packing.py), one model call per micro-batch (forward.py), the loss
-(loss.py) and exact metrics. It never changes the config it was given: the Trainer runs the plan's copy
+(loss.py; a reward model's rewards and Bradley-Terry loss with --objective reward: ops/reward.py) and exact
+metrics. It never changes the config it was given: the Trainer runs the plan's copy
 (`self.args`), with orpo's decisions written in. A subclass changes the loss in `batch_loss` and logs its own
 values with `add_metric` (docs/migrating-from-trl.md: what replaces each member of TRL's trainer).
 
@@ -29,9 +30,10 @@ from orpo.data.store import pair_lengths
 from orpo.data.stream import PairStream
 from orpo.errors import OrpoError
 from orpo.ops.forward import PairLogps, batch_collator, pair_logps
-from orpo.ops.loss import orpo_loss
+from orpo.ops.loss import bradley_terry_loss, orpo_loss
 from orpo.ops.moe import router_token_mask
 from orpo.ops.packing import nll_token_count
+from orpo.ops.reward import pair_rewards, reward_record_tensor, reward_records, summarize_rewards
 from orpo.ops.scoring import record_tensor, records_from_tensor, summarize
 from orpo.run.finish import FinalEvaluation, finish_run
 from orpo.run.launch import launched_processes
@@ -39,7 +41,7 @@ from orpo.run.plan import plan_run
 from orpo.run.setup import is_tokenized, prepare_source, set_up, trainer_data
 from orpo.train.allocator import keep_freed_memory
 from orpo.train.callbacks import (AddedMetrics, MetricsJsonlCallback, MetricTotals, NonFiniteGuard, ReportCallback,
-                                  RunLoss, SelectiveCheckpointing)
+                                  RewardTotals, RunLoss, SelectiveCheckpointing)
 from orpo.train.checkpoints import (check_stamp, completed_step, mark_complete, read_counters, resolve_resume,
                                     save_config_as_json)
 from orpo.train.config import ORPOConfig
@@ -119,7 +121,9 @@ class ORPOTrainer(TrainerAdapter):
         self.add_callback(SelectiveCheckpointing())
         if self.plan.finish.final_eval:
             self.add_callback(FinalEvaluation())
-        self._train_totals = MetricTotals()  # since the last training log; evaluations never touch them
+        self._reward = self.args.objective == "reward"  # a Bradley-Terry reward model (ops/reward.py)
+        # since the last training log; evaluations never touch them
+        self._train_totals = RewardTotals() if self._reward else MetricTotals()
         self._eval_prefix: str | None = None  # metric_key_prefix of the evaluation under way
         self._eval_records: list[dict] = []  # per-pair records of that evaluation, all ranks
         self._added_metrics = {"train": AddedMetrics(), "eval": AddedMetrics()}  # add_metric's, since the last log
@@ -205,6 +209,8 @@ class ORPOTrainer(TrainerAdapter):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             self._step_rows += inputs["pair_index"].tolist()
+        if self._reward:
+            return self._reward_loss(model, inputs, return_outputs, num_items_in_batch)
         logps = pair_logps(model, inputs, self.args.logprob_chunk_size, head=self.plan.route.head,
                            keep_probs=self.plan.keep_head_probs)
         batch_nll_tokens = nll_token_count(inputs["target_kind"], self.args.nll_scope)
@@ -228,6 +234,25 @@ class ORPOTrainer(TrainerAdapter):
         if num_items_in_batch is not None and self.accelerator.num_processes > 1:
             # DDP averages gradients over ranks; the loss is already normalised by global totals
             loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def _reward_loss(self, model, inputs, return_outputs: bool, num_items_in_batch):
+        """compute_loss of a reward model (--objective reward): the Bradley-Terry loss of the batch's rewards (one
+        model call, ops/reward.py), normalised by the step's pairs (`step_totals`; in evaluation the batch's);
+        outputs {"rewards": [pairs, 2]} (chosen, rejected)."""
+        rewards = pair_rewards(model, inputs)
+        pairs = inputs["num_pairs"] if num_items_in_batch is None else num_items_in_batch[1]
+        loss, _, margin = bradley_terry_loss(rewards.chosen, rewards.rejected, pairs)
+        outputs = {"rewards": torch.stack([rewards.chosen, rewards.rejected], dim=1)} if return_outputs else None
+        with torch.no_grad():
+            if not model.training:
+                rows = self.accelerator.gather_for_metrics(reward_record_tensor(rewards, inputs))
+                self._eval_records += reward_records(rows)
+                return (loss, outputs) if return_outputs else loss
+            self.run_loss.add(loss)
+            self._train_totals.add_batch(rewards, margin, inputs["num_pairs"], inputs["num_tokens"])
+        if num_items_in_batch is not None and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages over ranks; the loss has global totals
         return (loss, outputs) if return_outputs else loss
 
     def batch_loss(self, model, inputs: dict, logps: PairLogps, step: StepTotals
@@ -266,7 +291,7 @@ class ORPOTrainer(TrainerAdapter):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """(loss, predictions, labels) of one eval batch, as the Trainer's evaluation loop gathers them for
         `compute_metrics` (an EvalPrediction): predictions [pairs, 2] the mean completion log-probs (chosen,
-        rejected) of each pair, labels [pairs] 0, the column of the preferred completion (so `argmax ==
+        rejected) of each pair (a reward model: their rewards), labels [pairs] 0, the column of the preferred completion (so `argmax ==
         label` is the pair's accuracy). Nothing but the loss when `prediction_loss_only` (Trainer.evaluate's
         choice where no compute_metrics is given)."""
         inputs = self.inputs_to_device(inputs)
@@ -274,14 +299,16 @@ class ORPOTrainer(TrainerAdapter):
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         if prediction_loss_only:
             return loss.detach(), None, None
-        logps = outputs["logps"]
-        return loss.detach(), logps, torch.zeros(len(logps), dtype=torch.long, device=logps.device)
+        scores = outputs["rewards"] if self._reward else outputs["logps"]
+        return loss.detach(), scores, torch.zeros(len(scores), dtype=torch.long, device=scores.device)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """Trainer.evaluate on the training path without gradients. Metrics (`{prefix}_accuracy`,
         `_log_odds`, `_logps/chosen`, ...; `{prefix}_loss` exact: nll + beta · or_loss over all pairs) come
         from per-pair records (ops/scoring.py), each pair once across ranks; `save_eval_pairs` writes the
-        records to OUTPUT_DIR/{prefix}_pairs.jsonl. `eval_dataset` may be any source the constructor takes."""
+        records to OUTPUT_DIR/{prefix}_pairs.jsonl. `eval_dataset` may be any source the constructor takes. A reward
+        model's (--objective reward, ops/reward.py): `{prefix}_accuracy` (the held-out pair accuracy: share of pairs
+        with r_chosen > r_rejected), `_margin`, `_rewards/chosen`, `_rewards/rejected`, `_loss` (Bradley-Terry)."""
         named = isinstance(eval_dataset, str) and isinstance(self.eval_dataset, dict) and eval_dataset in self.eval_dataset
         if eval_dataset is not None and not named and not is_tokenized(eval_dataset):
             eval_dataset = trainer_data(prepare_source(eval_dataset, self.processing_class, self.args, metric_key_prefix))
@@ -348,7 +375,7 @@ class ORPOTrainer(TrainerAdapter):
         records, prefix = self._eval_records, self._eval_prefix
         if not records:
             return
-        summary = summarize(records, self.args.beta)
+        summary = summarize_rewards(records) if self._reward else summarize(records, self.args.beta)
         logs.update({f"{prefix}_{key}": value for key, value in summary.items()})
         added = self._added_metrics["eval"].summary(lambda t: self._sum(t).cpu())
         logs.update(_without_clash({f"{prefix}_{key}": value for key, value in added.items()}, logs, "evaluation"))

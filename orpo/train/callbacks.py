@@ -82,6 +82,35 @@ class MetricTotals:
         }
 
 
+class RewardTotals(MetricTotals):
+    """MetricTotals of a reward model's training (--objective reward): its accuracy, margin and mean rewards (ops/reward.summarize_rewards' names), exact means since the last log."""
+
+    KEYS = ("margin_sum", "chosen_sum", "rejected_sum", "correct", "pairs", "tokens")
+
+    def add_batch(self, rewards, margin: torch.Tensor, num_pairs: torch.Tensor,
+                  num_tokens: torch.Tensor) -> None:
+        """One training micro-batch: its PairRewards (ops/reward.py), per-pair margins, pair and token counts (the
+        loss is the Trainer's own `loss`)."""
+        self.add(margin_sum=margin.sum(), chosen_sum=rewards.chosen.sum(),
+                 rejected_sum=rewards.rejected.sum(), correct=(margin > 0).sum(), pairs=num_pairs, tokens=num_tokens)
+
+    def summary(self, reduce) -> dict[str, float]:
+        if self.totals is None:
+            return {}
+        t = dict(zip(self.KEYS, reduce(self.totals).tolist()))
+        if t["pairs"] == 0:
+            return {}
+        elapsed = max(time.perf_counter() - self.since, 1e-9)
+        return {
+            "accuracy": t["correct"] / t["pairs"],
+            "margin": t["margin_sum"] / t["pairs"],
+            "rewards/chosen": t["chosen_sum"] / t["pairs"],
+            "rewards/rejected": t["rejected_sum"] / t["pairs"],
+            "tokens": t["tokens"],
+            "tokens_per_second": t["tokens"] / elapsed,
+        }
+
+
 class AddedMetrics:
     """The metrics a subclass of ORPOTrainer adds (`ORPOTrainer.add_metric`): name → [total, count], summed over
     the micro-batches since the last log, on the device of the values added; logged as total / count."""

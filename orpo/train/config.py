@@ -115,6 +115,7 @@ class PrepareArguments:
 
 
 ON_NONFINITE = ("skip", "stop")
+OBJECTIVES = ("orpo", "reward")
 NLL_SCOPES = ("full", "completion")
 PREVIOUS_RUN = ("remove", "move")
 
@@ -172,6 +173,14 @@ class ORPOConfig(TrainingArguments):
                   "faster bf16 steps on SmolLM2, the same numbers; freed memory stays with the process until it exits."},
     )
 
+    objective: str = field(
+        default="orpo",
+        metadata={"help": "What the run trains: 'orpo' = the model itself with ORPO; 'reward' = a Bradley-Terry "
+                  "reward model (a score head with one output on the model, AutoModelForSequenceClassification) on "
+                  "the same pairs, loss −log σ(r_chosen − r_rejected), its held-out pair accuracy reported as "
+                  "eval_accuracy (docs/reward-models.md). Every other flag means what it means for ORPO.",
+                  "choices": list(OBJECTIVES)},
+    )
     beta: float = field(
         default=0.1,
         metadata={"help": "λ, the weight of the odds-ratio loss (paper: λ; official code: alpha; TRL: beta). 0.1 is TRL's "

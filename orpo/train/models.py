@@ -122,12 +122,17 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")  # the weights dtypes a mode
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # the storage of a GGUF file's matrices (orpo/export/gguf.py)
 
 
-def load_model(name_or_path: str, dtype=DTYPES[0], trust_remote_code: bool = False, **kwargs):
+def load_model(name_or_path: str, dtype=DTYPES[0], trust_remote_code: bool = False, reward: bool = False, **kwargs):
     """AutoModelForCausalLM (a vision-language model: AutoModelForImageTextToText; an encoder-decoder model such as
     T5 or BART: AutoModelForSeq2SeqLM) from a hub id, a local directory or a .gguf file, in `dtype` (a torch.dtype
-    or a name of DTYPES)."""
+    or a name of DTYPES). `reward`: the model as a reward model, AutoModelForSequenceClassification with one output
+    (`num_labels=1`; a causal LM's checkpoint gets a new score head in place of its output head, a reward model's
+    keeps its own); decoder-only text models only (one line for the others, before the weights are loaded). A reward
+    model's checkpoint (config architectures *ForSequenceClassification) without `reward` is one line: it has no
+    language-model head to generate or train with ORPO."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
+    from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM,
+                              AutoModelForSequenceClassification)
 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
@@ -138,6 +143,16 @@ def load_model(name_or_path: str, dtype=DTYPES[0], trust_remote_code: bool = Fal
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     loader = AutoModelForImageTextToText if vision else AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     what = "vision-language model" if vision else "sequence-to-sequence model" if seq2seq else "causal LM"
+    architectures = getattr(config, "architectures", None) or []
+    if not reward and any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise OrpoError(f"{name_or_path} is a reward model ({architectures[0]}): it scores answers and has no language "
+                        "model head to generate or train with ORPO; train it further with --objective reward")
+    if reward:
+        if vision or seq2seq:
+            raise OrpoError(f"{name_or_path}: --objective reward trains a score head on a decoder-only text model, and "
+                            f"this is a {what}")
+        loader, what = AutoModelForSequenceClassification, "reward model (sequence classification, one output)"
+        kwargs = {**kwargs, "num_labels": 1}
     try:
         model = loader.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **kwargs)
     except ValueError as err:  # the caller words the others (run/setup.py: model_init_kwargs the model refuses)

@@ -3,7 +3,8 @@
 Plots (x = optimizer step; eval records, when there are any, as a second series):
   loss.png      loss, nll and or_loss
   logps.png     mean log-prob per completion token of chosen and rejected: ORPO's picture, do they separate?
-  log_odds.png  log_odds and accuracy (two axes)
+  log_odds.png  log_odds and accuracy (two axes; a reward model's: its accuracy)
+  rewards.png   a reward model's (--objective reward) mean rewards of chosen and rejected
   speed.png     tokens/s
 Training series of SMOOTH_FROM or more logs are drawn faintly with a trailing mean on top.
 A run judged with `orpo judge --output OUTPUT_DIR[/NAME]` (judge.json, judge.html there) gets a section per
@@ -29,6 +30,8 @@ PLOTS = {
                   [("logps/chosen", "chosen"), ("logps/rejected", "rejected")], "mean log p", []),
     "log_odds.png": ("Log odds ratio and accuracy", [("log_odds", "log_odds")], "log odds",
                      [("accuracy", "accuracy")]),
+    "rewards.png": ("Rewards (a reward model)", [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")],
+                    "mean reward", []),
     "speed.png": ("Throughput", [("tokens_per_second", "tokens/s")], "tokens per second", []),
 }
 
@@ -57,7 +60,7 @@ def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
     for record in read_metric_lines(path)[0]:
         if any(key.startswith("eval_") for key in record):
             evals.append({k.removeprefix("eval_"): v for k, v in record.items()})
-        elif "nll" in record:
+        elif "margin" in record:  # a training step's record (ORPO's, or a reward model's)
             train.append(record)
     return train, evals
 
@@ -153,7 +156,8 @@ def plot(records: list[dict], evals: list[dict], name: str, path: str) -> bool:
 
 
 def _summary_rows(records: list[dict]) -> list[tuple[str, str, str]]:
-    keys = ("loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/rejected", "accuracy", "tokens_per_second")
+    keys = ("loss", "nll", "or_loss", "log_odds", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected",
+            "accuracy", "tokens_per_second")
     first, last = records[0], records[-1]
     return [(k, f"{first[k]:.4g}", f"{last[k]:.4g}") for k in keys if k in first and k in last]
 

@@ -131,6 +131,17 @@ CONFLICTS = (
     Conflict({"export_outtype": "q8_0", "export_gguf": None},
              lambda c: _changed(c, "export_outtype") and not c.export_gguf,
              "--export_outtype applies to --export_gguf, which is not set"),
+    Conflict({"objective": "reward", "beta": 0.5},
+             lambda c: c.objective == "reward" and _changed(c, "beta"),
+             "--beta weighs ORPO's odds-ratio term, and --objective reward trains with the Bradley-Terry loss alone; "
+             "leave --beta unset"),
+    Conflict({"objective": "reward", "nll_scope": "completion"},
+             lambda c: c.objective == "reward" and _changed(c, "nll_scope"),
+             "--nll_scope chooses ORPO's NLL tokens, and --objective reward has no NLL term; leave --nll_scope unset"),
+    Conflict({"objective": "reward", "export_gguf": "model.gguf"},
+             lambda c: c.objective == "reward" and bool(c.export_gguf),
+             "--export_gguf writes a language model for llama.cpp, and --objective reward trains a reward model (a "
+             "score head, no output over the vocabulary); leave --export_gguf unset"),
     Conflict({"fsdp": "full_shard", "deepspeed": "ds.json"}, lambda c: bool(c.fsdp) and bool(c.deepspeed),
              "--fsdp and --deepspeed are two ways of sharding the model: choose one"),
     # ModelArguments (orpo train)

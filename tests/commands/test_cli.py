@@ -1037,3 +1037,26 @@ def test_t5_with_lora_from_the_cli_saves_the_merged_model(tmp_path):
     assert merged.keys() == base.keys()
     moved = {name for name in base if not torch.equal(base[name], merged[name])}
     assert moved and all(name.endswith((".q.weight", ".v.weight")) for name in moved)
+
+
+def test_train_objective_reward_trains_and_saves_a_reward_model(model_dir, data_dir, tmp_path, capsys):
+    """`orpo train --objective reward` on the tiny Llama (pad = EOS = <|im_end|>: each answer's reward read at the
+    token before its EOS, as the saved model reads it): the plan says so, the final evaluation logs the held-out
+    pair accuracy, and the output directory loads as AutoModelForSequenceClassification with one output."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "rm"
+    assert main(["train", "--model", str(model_dir), "--dataset", str(data_dir / "prefs.jsonl"), "--eval_dataset",
+                 str(data_dir / "prefs.jsonl"), "--objective", "reward", "--output_dir", str(out), "--max_steps", "2",
+                 "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no",
+                 "--disable_tqdm", "true", "--report", "false", "--learning_rate", "1e-3",
+                 "--dataset_cache_dir", str(tmp_path / "cache")]) == 0
+    printed = capsys.readouterr().out
+    assert "eval step 2  loss " in printed and "  acc " in printed.split("eval step 2")[1]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = next(r for r in reversed(records) if "eval_accuracy" in r)
+    assert final["eval_pairs"] == 8 and {"eval_margin", "eval_rewards/chosen", "eval_rewards/rejected"} <= set(final)
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == AutoTokenizer.from_pretrained(out).pad_token_id
+    choices = {c["name"]: c["value"] for c in json.loads((out / "orpo_plan.json").read_text())["choices"]}
+    assert choices["objective"] == "reward" and choices["route"] == "spans+score"

@@ -168,3 +168,30 @@ def test_a_vision_language_runs_card_names_its_pipeline_and_its_usage_snippet_ru
     snippet = snippet.replace("max_new_tokens=256", "max_new_tokens=4")
     exec(snippet.replace('"picture.jpg"', repr(str(tmp_path / "picture.jpg"))), {})
     assert capsys.readouterr().out.strip()
+
+
+def test_a_reward_models_card_names_its_pipeline_settings_and_metrics_and_its_usage_snippet_scores(tmp_path, capsys):
+    """A directory holding a *ForSequenceClassification (orpo train --objective reward): pipeline text-classification,
+    the reward-model tag, the objective in place of beta and nll_scope, the rewards in the results, and a usage
+    snippet that scores an answer (it runs)."""
+    import transformers
+
+    out = tmp_path / "rm"
+    base = save_tiny_chat_model(tmp_path / "base")
+    transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(out)
+    chatml_tokenizer().save_pretrained(out)
+    (out / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "loss": 0.7, "accuracy": 0.5, "margin": 0.1, "rewards/chosen": 0.2,
+                    "rewards/rejected": 0.1}) + "\n"
+        + json.dumps({"step": 1, "eval_loss": 0.6, "eval_accuracy": 0.75, "eval_pairs": 4, "eval_margin": 0.3}) + "\n")
+    settings = card_settings(ORPOConfig(output_dir="unused", objective="reward"), steps=1)
+    assert "beta" not in settings and "nll_scope" not in settings and settings["objective"] == "reward"
+    prepared = prepare_dataset(ROWS[:3], chatml_tokenizer())
+    text = Path(write_card(str(out), "org/base", settings, train=("prefs.jsonl", prepared))).read_text()
+    meta = ModelCard(text).data.to_dict()
+    assert meta["pipeline_tag"] == "text-classification" and "reward-model" in meta["tags"]
+    assert "Bradley-Terry reward model on [org/base]" in text and "odds-ratio" not in text
+    assert "| rewards/chosen | 0.2 |" in text and "| accuracy | 0.5 | 0.75 |" in text
+    (snippet,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    exec(snippet, {})
+    float(capsys.readouterr().out.strip())

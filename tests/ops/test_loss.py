@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orpo.ops.loss import MAX_LOGP, log1mexp, log_odds_ratio, orpo_loss
+from orpo.ops.loss import MAX_LOGP, bradley_terry_loss, log1mexp, log_odds_ratio, orpo_loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,3 +263,42 @@ def test_or_loss_is_minus_logsigmoid_of_log_odds():
     lw, ll, nll = (t.float() for t in _random_inputs(9, 31))
     _, or_loss, log_odds = orpo_loss(lw, ll, nll, 0.1, 1, 9)
     torch.testing.assert_close(or_loss, -F.logsigmoid(log_odds), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# bradley_terry_loss: a reward model's loss
+# ---------------------------------------------------------------------------------------------
+def test_bradley_terry_loss_hand_worked_value_and_gradient():
+    """r_c = 1, r_r = 0: margin 1, −log σ(1) = log(1 + e^−1) ≈ 0.313262; d/dr_c = −(1 − σ(1)) = −σ(−1) ≈
+    −0.268941, d/dr_r = +0.268941. A second pair, r_c = r_r = 2: log 2, gradients ∓0.5. Over 2 pairs of the step
+    the loss is their mean and each gradient halves."""
+    chosen = torch.tensor([1.0, 2.0], requires_grad=True)
+    rejected = torch.tensor([0.0, 2.0], requires_grad=True)
+    loss, bt_loss, margin = bradley_terry_loss(chosen, rejected, 2)
+    assert bt_loss.tolist() == pytest.approx([math.log1p(math.exp(-1)), math.log(2)], abs=1e-7)
+    assert margin.tolist() == [1.0, 0.0]
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-1)) + math.log(2)) / 2, abs=1e-7)
+    loss.backward()
+    s = 1 / (1 + math.e)  # σ(−1)
+    assert chosen.grad.tolist() == pytest.approx([-s / 2, -0.25], abs=1e-7)
+    assert rejected.grad.tolist() == pytest.approx([s / 2, 0.25], abs=1e-7)
+
+
+def test_bradley_terry_loss_is_fp32_and_finite_at_extreme_margins():
+    chosen = torch.tensor([100.0, -100.0], dtype=torch.bfloat16, requires_grad=True)
+    rejected = torch.tensor([-100.0, 100.0], dtype=torch.bfloat16, requires_grad=True)
+    loss, bt_loss, _ = bradley_terry_loss(chosen, rejected, 2)
+    assert bt_loss.dtype == torch.float32
+    assert bt_loss.tolist() == pytest.approx([0.0, 200.0], abs=1e-6)  # −log σ(−200) = 200 (softplus)
+    loss.backward()
+    assert torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()
+
+
+def test_bradley_terry_loss_summed_over_micro_batches_is_the_step_mean():
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    whole = bradley_terry_loss(chosen, rejected, 6)[0]
+    split = sum(bradley_terry_loss(chosen[i:i + 2], rejected[i:i + 2], 6)[0] for i in (0, 2, 4))
+    assert split.item() == pytest.approx(whole.item(), rel=1e-6)
+    naive = torch.log1p(torch.exp(-(chosen.double() - rejected.double()))).mean()
+    assert whole.item() == pytest.approx(naive.item(), rel=1e-6)

@@ -267,3 +267,52 @@ def test_encoder_decoder_decoder_inputs_are_the_models_own_shift_of_the_labels(f
     own = model.prepare_decoder_input_ids_from_labels(labels=labels)
     real = batch["decoder_attention_mask"].bool()
     assert torch.equal(batch["decoder_input_ids"][real], own[real])
+
+
+# ---------------------------------------------------------------------------------------------
+# a reward model's read positions (reward_source)
+# ---------------------------------------------------------------------------------------------
+from functools import partial  # noqa: E402
+
+from orpo.ops.packing import last_token_index  # noqa: E402
+
+
+def test_last_token_index_is_the_rightmost_non_pad_token_as_transformers_reads_it():
+    assert last_token_index([1, 5, 6, 2], pad_token_id=0) == 3
+    assert last_token_index([1, 5, 2, 2], pad_token_id=2) == 1  # pad = EOS: the token before the trailing EOS
+    assert last_token_index([1, 2, 5], pad_token_id=2) == 2  # a pad id inside is not the end
+    assert last_token_index([2, 2], pad_token_id=2) == 0  # every token a pad: argmax of zeros
+    assert last_token_index([1, 5, 0], pad_token_id=None) == 2  # no pad id: the last token
+
+
+def test_reward_source_of_the_padded_layout():
+    """Rows (T = 7, module docstring): pair 0 chosen ends at row 0 t = 6 → 6, rejected at row 1 t = 5 → 12; pair 1
+    chosen at row 2 t = 2 → 16, rejected at row 3 t = 6 → 27. With pad = 2 (the answers' EOS) each is read one
+    token earlier; pair 1's chosen [4] has no 2, so it stays at 16."""
+    last = partial(last_token_index, pad_token_id=0)
+    assert collate_padded(PAIRS, pad_token_id=0, last_token=last)["reward_source"].tolist() == [[6, 12], [16, 27]]
+    eos = partial(last_token_index, pad_token_id=2)
+    assert collate_padded(PAIRS, pad_token_id=0, last_token=eos)["reward_source"].tolist() == [[5, 11], [16, 26]]
+    assert "reward_source" not in collate_padded(PAIRS, pad_token_id=0)
+
+
+def test_reward_source_of_the_prefix_shared_layout():
+    """Spans, one row: pair 0 at 0..8 = [1 5 6 7 | 8 9 2 | 10 2], pair 1 at 9..16 = [1 3 | 4 | 11 12 13 14 2]. Chosen
+    ends: 6 and 9 + 2 = 11; rejected ends: 8 and 16. With pad = 2: 5, 11 (no 2 in [1 3 4]), 7, 15. A rejected answer
+    of pads only is read at the last prompt token, before the chosen answer (position 3 of pair 0)."""
+    last = partial(last_token_index, pad_token_id=0)
+    spans = collate_prefix_shared(PAIRS, pad_token_id=0, attention="spans", last_token=last)
+    assert spans["reward_source"].tolist() == [[6, 8], [11, 16]]
+    eos = partial(last_token_index, pad_token_id=2)
+    assert collate_prefix_shared(PAIRS, pad_token_id=0, last_token=eos)["reward_source"].tolist() == [[5, 7], [11, 15]]
+    only_pads = [TokenizedPair([1, 5, 6, 7], [8, 9, 2], [2], index=0)]
+    assert collate_prefix_shared(only_pads, pad_token_id=0, last_token=eos)["reward_source"].tolist() == [[5, 3]]
+
+
+def test_reward_source_of_the_mask_layout_follows_each_pair_to_its_row():
+    """A row per pair (attention_width 1), longest first: pair 0 (9 tokens) in row 0, pair 1 (8 tokens) in row 1 of
+    width 9. Pair 1's chosen ends at 9 + 2 = 11, its rejected at 9 + 7 = 16."""
+    last = partial(last_token_index, pad_token_id=0)
+    batch = collate_prefix_shared(PAIRS, pad_token_id=0, attention="mask", attention_width=1, last_token=last)
+    assert batch["input_ids"].shape == (2, 9)
+    assert batch["reward_source"].tolist() == [[6, 8], [11, 16]]

@@ -784,3 +784,112 @@ def test_trl_encoder_decoder_call_trains_t5(tmp_path):
     for name, p in model.named_parameters():
         if before[name].sum() != 0:
             assert not torch.equal(before[name], p), name
+
+
+# ---------------------------------------------------------------------------------------------
+# --objective reward: a Bradley-Terry reward model through the same run
+# ---------------------------------------------------------------------------------------------
+REWARD_ROWS = [{"prompt": p, "chosen": c, "rejected": r}
+               for p in ("the sky is", "what is the sky", "why is the sky blue", "a b c", "ok what", "system why",
+                         "user what is", "the red sky")
+               for c, r in (("yes good", "no bad"), ("good", "bad"))]
+
+
+def tiny_reward_model(seed=0):
+    from tiny import tiny_chat_model
+
+    torch.manual_seed(seed)
+    config = tiny_chat_model(chatml_tokenizer()).config
+    config.num_labels = 1
+    return transformers.AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reward_compute_loss_and_gradients_match_separate_forwards_however_the_step_is_split(tmp_path, layout):
+    """The step's loss is the mean over its pairs of −log σ(r_c − r_r), each reward the model's own call on
+    [prompt | answer] alone; two micro-batches of 2 pairs give the loss and gradients of one of 4."""
+    data = [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, p.index) for p in pairs(4, high=20)]
+    trainer = make_trainer(tmp_path, tiny_reward_model(), data, objective="reward", **LAYOUTS[layout])
+    model = trainer.model.train()
+    separate = torch.stack([torch.stack([model(input_ids=torch.tensor([p.prompt_ids + answer])).logits[0, 0]
+                                         for answer in (p.chosen_ids, p.rejected_ids)]) for p in data])
+    naive = torch.nn.functional.softplus(separate[:, 1] - separate[:, 0]).mean()
+    naive.backward()
+    expected = grads(model)
+    model.zero_grad()
+    batches = [trainer.data_collator(data[:2]), trainer.data_collator(data[2:])]
+    totals = trainer._get_num_items_in_batch(batches, torch.device("cpu"))
+    total = 0.0
+    for batch in batches:
+        loss = trainer.compute_loss(model, batch, num_items_in_batch=totals)
+        loss.backward()
+        total += loss.item()
+    assert total == pytest.approx(naive.item(), rel=1e-5)
+    torch.testing.assert_close(grads(model), expected, rtol=1e-4, atol=1e-7)
+    logged = trainer._train_metrics({})
+    assert set(logged) == {"accuracy", "margin", "rewards/chosen", "rewards/rejected", "tokens", "tokens_per_second"}
+    assert logged["margin"] == pytest.approx((separate[:, 0] - separate[:, 1]).mean().item(), rel=1e-5)
+
+
+def test_reward_training_learns_a_toy_preference_and_saves_a_model_that_scores_the_same(tmp_path):
+    """From a causal LM's directory (`model` a path: loaded as a reward model, new score head): 20 steps on a
+    trivially learnable set (chosen "good" / "yes good", rejected "bad" / "no bad") lower the held-out Bradley-Terry
+    loss, end at held-out accuracy 1 and save a directory that AutoModelForSequenceClassification loads, with the
+    trained model's rewards and the tokenizer's pad id."""
+    from tiny import save_tiny_chat_model
+    from orpo.ops.reward import separate_rewards
+
+    path = save_tiny_chat_model(tmp_path / "base")
+    out = tmp_path / "out"
+    args = ORPOConfig(output_dir=str(out), objective="reward", report_to="none", save_strategy="no",
+                      disable_tqdm=True, use_cpu=True, seed=0, bf16=False, learning_rate=3e-3, max_steps=20,
+                      per_device_train_batch_size=4, logging_steps=10, report=False, overwrite_output_dir=True)
+    trainer = ORPOTrainer(model=path, args=args, train_dataset=REWARD_ROWS[:12], eval_dataset=REWARD_ROWS[12:])
+    assert trainer.plan.choice("objective").value == "reward"
+    assert trainer.plan.route.head == "score"
+    before = trainer.evaluate()
+    trainer.train()
+    final = trainer.state.log_history[-2]  # the final evaluation, before the run's summary
+    assert final["eval_accuracy"] == 1.0 and final["eval_pairs"] == 4
+    assert final["eval_loss"] < before["eval_loss"] / 2
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    assert type(saved).__name__ == "LlamaForSequenceClassification" and saved.config.num_labels == 1
+    assert saved.config.pad_token_id == chatml_tokenizer().pad_token_id
+    pairs_ = trainer.setup.eval.pairs
+    held_out = [pairs_[i] for i in range(len(pairs_))]
+    torch.testing.assert_close(separate_rewards(saved, held_out), separate_rewards(trainer.model.eval(), held_out))
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card
+
+
+def test_reward_objective_refuses_a_model_of_the_other_kind_in_one_line(tmp_path):
+    with pytest.raises(OrpoError, match="objective 'reward' trains a reward model, and LlamaForCausalLM is not one"):
+        make_trainer(tmp_path, tiny_llama(), pairs(2), objective="reward")
+    with pytest.raises(OrpoError, match="is a sequence-classification \\(reward\\) model: train it with objective"):
+        make_trainer(tmp_path, tiny_reward_model(), pairs(2, high=20))
+
+
+def test_reward_training_with_lora_trains_the_score_head_whole_and_saves_the_merged_reward_model(tmp_path):
+    """LoRA (task SEQ_CLS): the adapters and the new score head train; the saved directory is the merged reward
+    model, which scores as the trained one does. A LoraConfig of another task is refused in one line (the new head
+    would stay random)."""
+    from peft import LoraConfig
+    from tiny import save_tiny_chat_model
+    from orpo.ops.reward import separate_rewards
+
+    path = save_tiny_chat_model(tmp_path / "base")
+    out = tmp_path / "out"
+    args = ORPOConfig(output_dir=str(out), objective="reward", report_to="none", save_strategy="no",
+                      disable_tqdm=True, use_cpu=True, seed=0, bf16=False, learning_rate=1e-2, max_steps=3,
+                      per_device_train_batch_size=4, report=False)
+    with pytest.raises(OrpoError, match="LoRA on a reward model must train its new score head in full"):
+        ORPOTrainer(model=path, args=args, train_dataset=REWARD_ROWS, peft_config=LoraConfig(task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"])
+    trainer = ORPOTrainer(model=path, args=args, train_dataset=REWARD_ROWS, peft_config=lora)
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("score" in name for name in trainable) and any("lora_A" in name for name in trainable)
+    trainer.train()
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    assert not (out / "adapter_config.json").exists()
+    some = [trainer.setup.train.pairs[i] for i in range(3)]
+    torch.testing.assert_close(separate_rewards(merged, some), separate_rewards(trainer.model.eval(), some))

@@ -61,7 +61,15 @@ if spec.get("lora"):
     from peft import LoraConfig
 
     peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
-trainer = ORPOTrainer(model=tiny_llama(tied=spec.get("tied", True)), args=args, train_dataset=pairs,
+model = tiny_llama(tied=spec.get("tied", True))
+if spec.get("reward"):  # --objective reward: the same decoder with a score head of one output
+    from orpo.train.models import unpartitioned_load
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**model.config.to_dict(), "num_labels": 1})
+    with unpartitioned_load(getattr(args, "hf_deepspeed_config", None)):  # built whole, as tiny_llama is (its decoder: from_config)
+        model = transformers.LlamaForSequenceClassification(config)
+trainer = ORPOTrainer(model=model, args=args, train_dataset=pairs,
                       processing_class=chatml_tokenizer(), peft_config=peft_config)
 
 
@@ -80,7 +88,7 @@ class Probe(transformers.TrainerCallback):
 
         engine = trainer.model_wrapped  # DDP, the FSDP2 model itself, or DeepSpeed's engine
         model = trainer.accelerator.unwrap_model(engine)
-        head = model.get_output_embeddings()
+        head = model.get_output_embeddings() or model.score  # a reward model's score head
         # registered after the engines' own hooks, so they see the weight as the engine leaves it
         head.register_forward_pre_hook(lambda module, inputs: probe["in_head"].add(describe(module.weight)))
         model.register_forward_hook(lambda module, inputs, output: probe["after_forward"].add(describe(head.weight)))
@@ -123,7 +131,7 @@ class Run:
 
     @property
     def steps(self):
-        return [r for r in self.records if "nll" in r]
+        return [r for r in self.records if "margin" in r]
 
     @property
     def summary(self):
@@ -269,6 +277,52 @@ def test_two_ranks_equal_one_process_and_gradient_accumulation(tmp_path, one_pro
     assert reference.summary["train_loss"] == pytest.approx(sum(r["loss"] for r in steps) / len(steps), rel=1e-6)
     run = launch(tmp_path / "ddp-log2", {"args": {"logging_steps": 2}}, torchrun(2), 2, 1)
     assert run.summary["train_loss"] == pytest.approx(reference.summary["train_loss"], rel=1e-5)
+
+
+def assert_same_reward_run(run: Run, reference: Run, name: str):
+    """assert_same_run for --objective reward: its step metrics, its evaluation and per-pair rewards, its weights."""
+    steps, expected = run.steps, reference.steps
+    assert [r["step"] for r in steps] == [r["step"] for r in expected] == [1, 2, 3], name
+    for key in ("loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected", "tokens"):
+        assert [r[key] for r in steps] == pytest.approx([r[key] for r in expected], rel=1e-5, abs=1e-6), (name, key)
+    (evaluation, pairs), (expected_evaluation, expected_pairs) = run.evaluation, reference.evaluation
+    for key in ("eval_pairs", "eval_accuracy", "eval_margin", "eval_loss"):
+        assert evaluation[key] == pytest.approx(expected_evaluation[key], rel=1e-5, abs=1e-6), (name, key)
+    assert [p["index"] for p in pairs] == [0, 1, 2, 3, 4], name
+    assert [p["reward_chosen"] for p in pairs] == pytest.approx([p["reward_chosen"] for p in expected_pairs], rel=1e-5)
+    assert "score.weight" in reference.weights
+    assert_same_weights(run.weights, reference.weights, name)
+
+
+REWARD = {"reward": True, "args": {"objective": "reward"}}
+
+
+@pytest.fixture(scope="module")
+def one_process_reward(tmp_path_factory):
+    """The one-process run of a reward model (--objective reward), 4 pairs per step."""
+    return launch(tmp_path_factory.mktemp("one_process_reward") / "run", REWARD)
+
+
+def test_a_reward_model_on_two_ranks_equals_one_process(tmp_path, one_process_reward):
+    """--objective reward under torchrun with 2 CPU ranks x 2 pairs == 1 process x 4 pairs: the Bradley-Terry loss is
+    a mean over the step's pairs of all ranks (as ORPO's odds-ratio term), so the per-step losses and metrics, the
+    held-out evaluation (each pair once) and the final weights are the same."""
+    run = launch(tmp_path / "ddp", REWARD, torchrun(2), 2, 1)
+    assert run.probe()["engine"] == "DistributedDataParallel"
+    assert_same_reward_run(run, one_process_reward, "reward ddp")
+
+
+@pytest.mark.slow
+def test_a_reward_model_under_fsdp2_with_its_score_head_a_unit_of_its_own(tmp_path, one_process_reward):
+    """FSDP2, every Linear a unit that reshards after forward: the score head's weight is a shard outside its call,
+    and the reward head runs as that call (it sees the whole weight); the run equals one process."""
+    spec = {"reward": True, "args": {"objective": "reward", **fsdp_args(
+        transformer_layer_cls_to_wrap=["LlamaDecoderLayer", "Linear"])}}
+    run = launch(tmp_path / "fsdp2", spec, torchrun(2), batch=2)
+    probe = run.probe()
+    assert probe["engine"].startswith("FSDP") and "score" in probe["fsdp_units"], probe
+    assert probe["in_head"] == ["Parameter[1, 32]"] and probe["after_forward"] == ["DTensor[1, 32]"], probe
+    assert_same_reward_run(run, one_process_reward, "reward fsdp2")
 
 
 def test_two_nodes_equal_one_process(tmp_path, one_process):
@@ -493,3 +547,15 @@ def test_two_ranks_prepare_the_data_once_and_stream_it_as_one_job(tmp_path):
     # rank 0 read what both ranks trained on, and the global batch after it (the loader's end-of-data check);
     # after step 2 that batch is pair 9 and, the file ended, the first 3 of the next pass
     assert [(r["stream_pairs_kept"], r["stream_pairs_dropped"]) for r in runs["streamed"][2]] == [(8, 2), (12, 4)]
+
+
+@pytest.mark.slow
+def test_a_reward_model_under_deepspeed_zero3(tmp_path, one_process_reward, deepspeed_environment):
+    """ZeRO-3: the score head's weight is an empty partition after the forward, gathered for its own call, where the
+    reward head runs; the run equals one process."""
+    spec = {"reward": True, "args": {"objective": "reward", "deepspeed": zero_config(3)}}
+    run = launch(tmp_path / "zero3", spec, torchrun(2), batch=2, env=deepspeed_environment)
+    probe = run.probe()
+    assert probe["engine"] == "DeepSpeedEngine" and probe["in_head"] == ["Parameter[1, 32]"], probe
+    assert probe["after_forward"] == ["Parameter[0]"], probe
+    assert_same_reward_run(run, one_process_reward, "reward zero-3")

@@ -209,3 +209,22 @@ def test_orpo_train_writes_a_model_transformers_generates_with(smollm2, tmp_path
                                            return_tensors="pt", return_dict=True)
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 5 or tokenizer.eos_token_id in generated[0]
+
+
+def test_load_model_as_a_reward_model_and_a_reward_model_only_as_one(tmp_path):
+    """reward=True: a causal LM's directory loads as AutoModelForSequenceClassification with one output (its lm_head
+    dropped, a new score head); the saved reward model then loads only as a reward model (one line otherwise), and
+    an encoder-decoder model not at all (one line, before its weights are read)."""
+    from tiny import save_tiny_chat_model, save_tiny_t5
+
+    base = save_tiny_chat_model(tmp_path / "base")
+    model = load_model(base, reward=True)
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1
+    model.save_pretrained(tmp_path / "rm")
+    again = load_model(str(tmp_path / "rm"), reward=True)
+    assert torch.equal(again.score.weight, model.score.weight)
+    with pytest.raises(OrpoError, match="is a reward model \\(LlamaForSequenceClassification\\): it scores answers"):
+        load_model(str(tmp_path / "rm"))
+    with pytest.raises(OrpoError, match="--objective reward trains a score head on a decoder-only text model, and "
+                                        "this is a sequence-to-sequence model"):
+        load_model(save_tiny_t5(tmp_path / "t5"), reward=True)

@@ -38,10 +38,26 @@ def test_write_report_writes_every_plot_and_links_them(tmp_path):
     assert path == str(tmp_path / "report.html")
     page = (tmp_path / "report.html").read_text()
     for name in PLOTS:
+        if name == "rewards.png":  # a reward model's (test below)
+            assert not (tmp_path / name).exists()
+            continue
         assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE, name
         assert f'<img src="{name}"' in page
     assert "10 logged training steps (last: step 10),\n1 evaluations" in page
     assert "<tr><td>log_odds</td><td>-0.8</td><td>1</td></tr>" in page  # first and last log
+
+
+def test_a_reward_models_run_is_plotted_with_its_rewards(tmp_path):
+    """--objective reward logs loss, accuracy, margin and rewards/* (no nll): its steps are training records, drawn
+    in loss.png, log_odds.png (its accuracy) and rewards.png; logps.png has nothing to draw."""
+    records = [{"step": s, "loss": 0.7 - s / 20, "accuracy": s / 10, "margin": s / 10, "rewards/chosen": s / 20,
+                "rewards/rejected": -s / 20, "tokens": 100.0, "tokens_per_second": 50.0} for s in range(1, 6)]
+    records += [{"step": 5, "eval_loss": 0.5, "eval_accuracy": 0.75, "eval_margin": 0.4}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_report(str(tmp_path))
+    drawn = {name for name in PLOTS if (tmp_path / name).exists()}
+    assert drawn == {"loss.png", "log_odds.png", "rewards.png", "speed.png"}
+    assert "<tr><td>rewards/chosen</td><td>0.05</td><td>0.25</td></tr>" in (tmp_path / "report.html").read_text()
 
 
 def test_errors_are_one_line(tmp_path, capsys):
