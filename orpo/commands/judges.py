@@ -281,17 +281,14 @@ def _context_length(model, tokenizer) -> int:
 
 
 def load_reward_model(name: str, dtype: str = "float32"):
-    """(model, tokenizer) of a reward model: AutoModelForSequenceClassification and its tokenizer, on this
-    machine's accelerator if it has one. One line when it is not a one-output classifier."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """(model, tokenizer) of a reward model, loaded as training loads one (`train/models.load_model(reward=True)`:
+    AutoModelForSequenceClassification, one output), on this machine's accelerator if it has one. One line when it
+    is not a one-output classifier."""
+    from orpo.train.models import load_model, load_tokenizer
 
     check_reward_model(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
-    except (OSError, ValueError) as err:
-        raise OrpoError(f"--reward_model {name}: cannot load a sequence classifier: {first_line(err)}") from None
+    tokenizer = load_tokenizer(name)
+    model = load_model(name, dtype=dtype, reward=True)
     if torch.accelerator.is_available():
         model.to(torch.accelerator.current_accelerator())
     return model, tokenizer
