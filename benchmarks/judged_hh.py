@@ -118,7 +118,8 @@ def train(model_dir: str, tokenizer, pairs, held_out, args, out: Path, beta: flo
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    metrics = trainer.evaluate() if reward else {}
+    # the run's final evaluation (run/finish.py) of the reward model on the held-out pairs
+    metrics = next((r for r in reversed(trainer.state.log_history) if "eval_accuracy" in r), {}) if reward else {}
     return trainer.model, seconds, metrics
 
 
@@ -187,7 +188,7 @@ def main() -> None:
     judge = RewardJudge(reward_model, tokenizer, batch_size=16)
 
     sampled = expand_samples(read_prompts(str(data / "prompts.jsonl")), args.samples, args.seed)
-    methods = [("SFT", 0.0)] + [(f"ORPO λ={b:g}", float(b)) for b in args.betas.split(",")]
+    methods = [("SFT", 0.0)] + [(f"ORPO λ={float(b):g}", float(b)) for b in args.betas.split(",")]
     answers, scores, eval_records = {}, {}, {}
     for name, beta in [("base", None)] + methods:
         if beta is None:
