@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orpo.commands.generate import expand_samples, generate_answers, prompt_text, read_prompts
-from orpo.train.precision import choose_precision
-from orpo.train.progress import CountProgress
 from orpo.commands.judges import (API_KEY_VARIABLES, JUDGE_PROMPT, JUDGE_SYSTEM, ChatEndpoint, PairwiseJudge,
                                   RewardJudge, check_reward_model, is_correct, load_reward_model, local_completion)
 from orpo.errors import OrpoError
 from orpo.stats import pairwise_outcome, reward_outcome, win_stats
+from orpo.train.precision import choose_precision
+from orpo.train.progress import CountProgress
 
 logger = logging.getLogger("orpo")
 
