@@ -60,13 +60,18 @@ class MetricTotals:
                  router_tokens=tokens if tokens is not None else 0)
 
     def summary(self, reduce) -> dict[str, float]:
-        """Means of the totals after `reduce` (e.g. a sum over ranks); {} if nothing was added."""
+        """Means of the totals after `reduce` (e.g. a sum over ranks), with the tokens and tokens/s since the last
+        reset; {} if nothing was added."""
         if self.totals is None:
             return {}
         t = dict(zip(self.KEYS, reduce(self.totals).tolist()))
         if t["pairs"] == 0:
             return {}
         elapsed = max(time.perf_counter() - self.since, 1e-9)
+        return {**self.means(t), "tokens": t["tokens"], "tokens_per_second": t["tokens"] / elapsed}
+
+    def means(self, t: dict[str, float]) -> dict[str, float]:
+        """The logged means of the reduced totals `t` (KEYS → value)."""
         return {
             "nll": t["nll_sum"] / max(t["nll_tokens"], 1),
             "or_loss": t["or_sum"] / t["pairs"],
@@ -75,15 +80,14 @@ class MetricTotals:
             "logps/rejected": t["logps_rejected_sum"] / t["pairs"],
             "accuracy": t["correct"] / t["pairs"],
             "margin": (t["logps_chosen_sum"] - t["logps_rejected_sum"]) / t["pairs"],
-            "tokens": t["tokens"],
-            "tokens_per_second": t["tokens"] / elapsed,
             # MoE load balancing (moe.py): token-weighted mean over the micro-batches, unscaled by its coef
             **({"aux_loss": t["router_aux_sum"] / t["router_tokens"]} if t["router_tokens"] else {}),
         }
 
 
 class RewardTotals(MetricTotals):
-    """MetricTotals of a reward model's training (--objective reward): its accuracy, margin and mean rewards (ops/reward.summarize_rewards' names), exact means since the last log."""
+    """MetricTotals of a reward model's training (--objective reward): its accuracy, margin and mean rewards
+    (ops/reward.summarize_rewards' names), exact means since the last log."""
 
     KEYS = ("margin_sum", "chosen_sum", "rejected_sum", "correct", "pairs", "tokens")
 
@@ -94,20 +98,12 @@ class RewardTotals(MetricTotals):
         self.add(margin_sum=margin.sum(), chosen_sum=rewards.chosen.sum(),
                  rejected_sum=rewards.rejected.sum(), correct=(margin > 0).sum(), pairs=num_pairs, tokens=num_tokens)
 
-    def summary(self, reduce) -> dict[str, float]:
-        if self.totals is None:
-            return {}
-        t = dict(zip(self.KEYS, reduce(self.totals).tolist()))
-        if t["pairs"] == 0:
-            return {}
-        elapsed = max(time.perf_counter() - self.since, 1e-9)
+    def means(self, t: dict[str, float]) -> dict[str, float]:
         return {
             "accuracy": t["correct"] / t["pairs"],
             "margin": t["margin_sum"] / t["pairs"],
             "rewards/chosen": t["chosen_sum"] / t["pairs"],
             "rewards/rejected": t["rejected_sum"] / t["pairs"],
-            "tokens": t["tokens"],
-            "tokens_per_second": t["tokens"] / elapsed,
         }
 
 
