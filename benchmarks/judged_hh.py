@@ -125,6 +125,7 @@ def train(model_dir: str, tokenizer, pairs, held_out, args, out: Path, beta: flo
 
 def answer_lines(prompts: list[dict], answers: list[str], name: str) -> list[dict]:
     return [{"id": p["id"], "sample": p["sample"], "seed": p["seed"], "prompt": prompt_text(p["messages"]),
+             "messages": p["messages"],
              "answers": {name: text}} for p, text in zip(prompts, answers)]
 
 

@@ -429,6 +429,7 @@ def cmd_generate(args) -> int:
                                          args.seed, args.batch_size, bf16=bf16, progress=name)
     records = [
         {"id": p["id"], "sample": p["sample"], "seed": p["seed"], "prompt": prompt_text(p["messages"]),
+         "messages": p["messages"],
          "answers": {m: answers[m][i] for m in models}}
         for i, p in enumerate(prompts)
     ]

@@ -201,7 +201,8 @@ def prompt_text(messages: list[dict]) -> str:
 
 
 def write_side_by_side(records: list[dict], models: list[str], jsonl_path: str, html_path: str) -> None:
-    """records: {"id", "sample", "seed", "prompt", "answers": {model: text}} → one JSON line each, and an HTML
+    """records: {"id", "sample", "seed", "prompt" (the last message's text), "messages" (the whole prompt), "answers":
+    {model: text}} → one JSON line each, and an HTML
     table (a sample column where a prompt has more than one). Missing directories are made (the command checked
     that the nearest existing one takes files)."""
     for path in (jsonl_path, html_path):

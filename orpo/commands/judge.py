@@ -3,7 +3,8 @@
 Answers come from models (generated here through the one generator, `generate.generate_answers`: each prompt
 `samples` times, each (prompt, sample) from its own seed `generate.sample_seed(seed, prompt index, sample)`, so A,
 B and reruns sample each answer from the same seed) or from files of `orpo generate` (one line per (prompt,
-sample): {"id", "sample", "seed", "prompt", "answers": {model: text}}; a file without "sample" holds sample 0).
+sample): {"id", "sample", "seed", "prompt", "messages", "answers": {model: text}}; a file without "sample" holds
+sample 0, one without "messages" a prompt of one user message, its "prompt" text).
 The two sides are matched on (id, sample); one judge (commands/judges.py) gives each pair an outcome for A (1 win,
 0.5 tie, 0 loss) through `stats.reward_outcome` / `stats.pairwise_outcome` / the reference rule, and
 `stats.win_stats` turns the per-prompt records into the reported numbers.
@@ -167,7 +168,8 @@ def read_answers(spec: str, prompts_file: tuple[str, list[dict], set[str]] | Non
     holds one). `prompts_file`: (the --prompts path, its prompts after --limit, the ids of all its prompts), or
     None. With it, each line's id must be one of the file's prompts and its "prompt" text that prompt's (its
     messages are then the prompt's), and lines of prompts past --limit are left out; without, the prompt is the
-    line's text as one user message, and `limit` keeps the lines of the file's first N prompt ids."""
+    line's "messages" (a file of an older orpo generate has none: its "prompt" text as one user message), and
+    `limit` keeps the lines of the file's first N prompt ids."""
     path, model = split_answers_spec(spec)
     prompts_path, prompts, known = prompts_file if prompts_file is not None else (None, None, None)
     by_id = {str(p["id"]): p for p in prompts} if prompts is not None else None
@@ -217,6 +219,12 @@ def read_answers(spec: str, prompts_file: tuple[str, list[dict], set[str]] | Non
                                     f"against {expected[:40]!r}): answers to other prompts")
                 item["messages"] = by_id[key]["messages"]
                 item.update({k: by_id[key][k] for k in ("reference",) if k in by_id[key]})
+            elif "messages" in row:  # the whole prompt, as the model was asked it (several turns, a system message)
+                messages = row["messages"]
+                if not (isinstance(messages, list) and messages
+                        and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+                    raise OrpoError(f"{where}: \"messages\" is not a list of {{\"role\", \"content\"}} messages")
+                item["messages"] = messages
             else:
                 item["messages"] = [{"role": "user", "content": row["prompt"]}]
             items.append(item)

@@ -309,7 +309,7 @@ def test_generate_samples_writes_one_line_per_prompt_and_sample(tmp_path, capsys
     assert [(r["id"], r["sample"], r["seed"]) for r in records] == [
         (81, 0, sample_seed(5, 0, 0)), (81, 1, sample_seed(5, 0, 1)), (82, 0, sample_seed(5, 1, 0)),
         (82, 1, sample_seed(5, 1, 1))]
-    assert all(set(r) == {"id", "sample", "seed", "prompt", "answers"} and set(r["answers"]) == {model}
+    assert all(set(r) == {"id", "sample", "seed", "prompt", "messages", "answers"} and set(r["answers"]) == {model}
                for r in records)
     assert records[0]["prompt"] == records[1]["prompt"] and records[0]["answers"] != records[1]["answers"]
     page = (tmp_path / "new" / "gen.html").read_text()

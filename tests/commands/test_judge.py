@@ -253,3 +253,21 @@ def test_limit_keeps_the_first_prompts_of_answer_files(tmp_path):
     unknown = write_jsonl(tmp_path / "unknown.jsonl", [{**rows[0], "id": "zz"}])
     with pytest.raises(OrpoError, match=r"unknown.jsonl, line 1: prompt id 'zz' is not in --prompts .*p.jsonl"):
         plan_sides(JudgeOptions(answers_a=unknown, answers_b=a, prompts=prompts, reward_model="rm"))
+
+
+def test_an_answers_file_gives_the_judge_the_whole_prompt_it_was_generated_from(tmp_path):
+    """orpo generate writes each prompt's messages; without --prompts the judge sees them (a multi-turn prompt, a
+    system message), not only the last message's text. A line without them (an older file) is one user message."""
+    from orpo.commands.judge import read_answers
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "why is the sky blue"}]
+    path = tmp_path / "gen.jsonl"
+    path.write_text(json.dumps({"id": 3, "sample": 0, "seed": 1, "prompt": "why is the sky blue",
+                                "messages": messages, "answers": {"m": "air"}}) + "\n"
+                    + json.dumps({"id": 4, "prompt": "old line", "answers": {"m": "ok"}}) + "\n")
+    items = read_answers(str(path), None, None, "--answers_a")
+    assert [item["messages"] for item in items] == [messages, [{"role": "user", "content": "old line"}]]
+    path.write_text(json.dumps({"id": 3, "prompt": "x", "messages": "x", "answers": {"m": "air"}}) + "\n")
+    with pytest.raises(OrpoError, match=r'line 1: "messages" is not a list of \{"role", "content"\} messages'):
+        read_answers(str(path), None, None, "--answers_a")
