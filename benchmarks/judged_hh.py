@@ -144,16 +144,18 @@ def comparison(prompts: list[dict], answers: dict, scores: dict, a: str, b: str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=300, help="held-out prompts")
-    parser.add_argument("--rm_pairs", type=int, default=800, help="reward-model training pairs")
+    parser.add_argument("--rm_pairs", type=int, default=1200,
+                        help="reward-model training pairs (640 at 2e-5, one epoch, gave a held-out accuracy of 0.53; "
+                        "at 5e-5, two epochs, 0.60, memorising them)")
     parser.add_argument("--policy_pairs", type=int, default=640, help="policy training pairs")
     parser.add_argument("--betas", default="0.1,1.0", help="ORPO's λ values (SFT, beta 0, is always trained)")
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
     parser.add_argument("--learning_rate", type=float, default=5e-5)
-    parser.add_argument("--rm_learning_rate", type=float, default=2e-5)
+    parser.add_argument("--rm_learning_rate", type=float, default=5e-5)
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--generation_batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/judged_hh")
