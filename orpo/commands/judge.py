@@ -34,7 +34,7 @@ from orpo.commands.generate import expand_samples, generate_answers, prompt_text
 from orpo.commands.judges import (API_KEY_VARIABLES, JUDGE_PROMPT, JUDGE_SYSTEM, ChatEndpoint, PairwiseJudge,
                                   RewardJudge, check_reward_model, is_correct, load_reward_model, local_completion)
 from orpo.errors import OrpoError
-from orpo.stats import pairwise_outcome, reward_outcome, win_stats
+from orpo.stats import comparison_record, pairwise_outcome, reward_outcome, win_stats
 from orpo.train.precision import choose_precision
 from orpo.train.progress import CountProgress
 
@@ -233,13 +233,18 @@ def read_answers(spec: str, prompts_file: tuple[str, list[dict], set[str]] | Non
     return items
 
 
+def answer_key(item: dict) -> tuple[str, int]:
+    """What matches an answer of A with one of B: (its prompt's id as text, its sample index)."""
+    return str(item["id"]), int(item["sample"])
+
+
 def match_sides(side_a: Side, side_b: Side) -> None:
     """One line unless both sides hold the same (id, sample) keys, each once, for the same prompts."""
     keyed = []
     for label, side in (("A", side_a), ("B", side_b)):
         keys = {}
         for item in side.items:
-            key = (str(item["id"]), int(item["sample"]))
+            key = answer_key(item)
             if key in keys:
                 raise OrpoError(f"side {label} ({side.name}): prompt {item['id']!r} sample {item['sample']} appears "
                                 "twice")
@@ -260,8 +265,8 @@ def match_sides(side_a: Side, side_b: Side) -> None:
 
 def pair_items(side_a: Side, side_b: Side, answers_a: list[str], answers_b: list[str]) -> list[dict]:
     """A's items in order, each with "answer_a" and "answer_b" (B's answer to the same (id, sample))."""
-    b_by_key = {(str(item["id"]), int(item["sample"])): answer for item, answer in zip(side_b.items, answers_b)}
-    return [{**item, "answer_a": answer, "answer_b": b_by_key[(str(item["id"]), int(item["sample"]))]}
+    b_by_key = {answer_key(item): answer for item, answer in zip(side_b.items, answers_b)}
+    return [{**item, "answer_a": answer, "answer_b": b_by_key[answer_key(item)]}
             for item, answer in zip(side_a.items, answers_a)]
 
 
@@ -287,9 +292,8 @@ def judge_pairs(items: list[dict], kind: str, judge, chunk: int) -> list[dict]:
             evidence = [{"correct_a": is_correct(item["answer_a"], item["reference"]),
                          "correct_b": is_correct(item["answer_b"], item["reference"])} for item in batch]
         for item, proof in zip(batch, evidence):
-            comparisons.append({"sample": item["sample"], "seed": item.get("seed"), "answer_a": item["answer_a"],
-                                "answer_b": item["answer_b"], "outcome": outcome(kind, proof),
-                                "length_a": len(item["answer_a"]), "length_b": len(item["answer_b"]), **proof})
+            comparisons.append({"sample": item["sample"], "seed": item.get("seed"),
+                                **comparison_record(outcome(kind, proof), item["answer_a"], item["answer_b"]), **proof})
         progress(start + len(batch), len(items))
     return comparisons
 
