@@ -42,6 +42,7 @@ import torch
 from machine import cpu_description
 from orpo.commands.compare import compare_records
 from orpo.commands.evaluate import evaluate_model
+from orpo.commands.judge import build_records
 from orpo.commands.generate import expand_samples, generate_answers, prompt_text, read_prompts
 from orpo.commands.judges import RewardJudge
 from orpo.data.formats import rows_to_pairs
@@ -112,7 +113,9 @@ def train(model_dir: str, tokenizer, pairs, held_out, args, out: Path, beta: flo
         seed=args.seed, disable_tqdm=True, report=False, eval_strategy="no",
         **({"objective": "reward"} if reward else {"beta": beta}),
     )
-    model = load_model(model_dir, reward=True) if reward else load_model(model_dir)
+    # a reward model by name: the trainer loads it and draws its new score head from the run's seed (run/setup.py);
+    # loaded here, the head would come from whatever the global generator's state is (a different judge each run)
+    model = model_dir if reward else load_model(model_dir)
     trainer = ORPOTrainer(model=model, args=config, train_dataset=pairs, eval_dataset=held_out if reward else None,
                           processing_class=tokenizer)
     start = time.perf_counter()
@@ -131,13 +134,10 @@ def answer_lines(prompts: list[dict], answers: list[str], name: str) -> list[dic
 
 def comparison(prompts: list[dict], answers: dict, scores: dict, a: str, b: str, seed: int) -> tuple[list, dict]:
     """(per-prompt records as `orpo judge` writes them, win_stats as a dict) of model a against model b."""
-    records: dict = {}
-    for i, p in enumerate(prompts):
-        entry = comparison_record(reward_outcome(scores[a][i], scores[b][i]), answers[a][i], answers[b][i])
-        entry.update(sample=p["sample"], seed=p["seed"], score_a=scores[a][i], score_b=scores[b][i])
-        records.setdefault(p["id"], {"id": p["id"], "prompt": prompt_text(p["messages"]), "comparisons": []})
-        records[p["id"]]["comparisons"].append(entry)
-    records = list(records.values())
+    comparisons = [{"sample": p["sample"], "seed": p["seed"],
+                    **comparison_record(reward_outcome(scores[a][i], scores[b][i]), answers[a][i], answers[b][i]),
+                    "score_a": scores[a][i], "score_b": scores[b][i]} for i, p in enumerate(prompts)]
+    records = build_records([{**p, "prompt": prompt_text(p["messages"])} for p in prompts], comparisons)
     return records, win_stats(records, seed=seed).as_dict()
 
 
