@@ -44,7 +44,7 @@ from orpo.commands.compare import compare_records
 from orpo.commands.evaluate import evaluate_model
 from orpo.commands.judge import build_records
 from orpo.commands.generate import expand_samples, generate_answers, prompt_text, read_prompts
-from orpo.commands.judges import RewardJudge
+from orpo.commands.judges import RewardJudge, load_reward_model
 from orpo.data.formats import rows_to_pairs
 from orpo.run.trainer import ORPOTrainer
 from orpo.stats import comparison_record, reward_outcome, win_stats
@@ -104,7 +104,8 @@ def write_lines(path: Path, rows: list[dict]) -> None:
 
 def train(model_dir: str, tokenizer, pairs, held_out, args, out: Path, beta: float | None):
     """One epoch over `pairs` from the base: a policy at `beta`, or the reward model (beta None). Returns the
-    trained model, the run's seconds and the final held-out metrics (the reward model's: its pair accuracy)."""
+    trained model as saved in `out` and loaded again, the run's seconds and the final held-out metrics (the reward
+    model's: its pair accuracy)."""
     reward = beta is None
     config = ORPOConfig(
         output_dir=str(out), overwrite_output_dir=True, learning_rate=args.rm_learning_rate if reward else
@@ -123,7 +124,10 @@ def train(model_dir: str, tokenizer, pairs, held_out, args, out: Path, beta: flo
     seconds = time.perf_counter() - start
     # the run's final evaluation (run/finish.py) of the reward model on the held-out pairs
     metrics = next((r for r in reversed(trainer.state.log_history) if "eval_accuracy" in r), {}) if reward else {}
-    return trainer.model, seconds, metrics
+    # loaded again from what the run saved, as `orpo generate / eval / judge` load it: the trainer's own model keeps
+    # accelerate's mixed-precision wrapper on its forward, so it would score in bf16 (the base, loaded, in fp32)
+    del trainer
+    return (load_reward_model(str(out))[0] if reward else load_model(str(out))), seconds, metrics
 
 
 def answer_lines(prompts: list[dict], answers: list[str], name: str) -> list[dict]:

@@ -206,6 +206,18 @@ def _load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fal
     return model
 
 
+def _keep_freed_cpu_memory() -> None:
+    """For generate and judge, whose models run on the CPU where the machine has no accelerator (`_load_model`):
+    keep freed memory in the process as training does (train/allocator.py); scoring 128 answers with a
+    SmolLM2-135M reward model in batches of similar length took 43 s with it, 57 s without (2-core AMD EPYC)."""
+    import torch
+
+    from orpo.train.allocator import keep_freed_memory
+
+    if not torch.accelerator.is_available():
+        keep_freed_memory()
+
+
 def _load_tokenizer(name: str, trust_remote_code: bool = False):
     from orpo.data.render import ensure_chat_template
     from orpo.train.models import load_tokenizer, loads_as_seq2seq
@@ -419,6 +431,7 @@ def cmd_generate(args) -> int:
         check_writable_file("output", path)
     prompts = expand_samples(read_prompts(args.prompts)[: args.limit], args.samples, args.seed)
     models = [args.model] + ([args.compare] if args.compare else [])
+    _keep_freed_cpu_memory()
     answers = {}
     for name in models:
         tokenizer = _load_tokenizer(name)
@@ -451,6 +464,7 @@ def cmd_judge(args) -> int:
 
     options = JudgeOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "bf16")},
                            bf16=BF16_FLAG[args.bf16])
+    _keep_freed_cpu_memory()
     summary, paths = run_judge(options, _load_model, _load_tokenizer)
     print(summary_table(summary))
     print("\n".join(paths))

@@ -250,11 +250,15 @@ class RewardJudge:
 
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]]) -> list[float]:
-        """One score per token sequence: the model's output, right-padded batches of `batch_size`."""
-        scores = []
+        """One score per token sequence, in their order: the model's output, right-padded batches of `batch_size`
+        sequences of similar length (longest first, so that a batch too big for memory fails at once), which pads
+        far less than batches in the given order where lengths vary (HH-RLHF conversations: 80 to 516 tokens)."""
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        scores = [0.0] * len(sequences)
         device = self.model.device
-        for start in range(0, len(sequences), self.batch_size):
-            batch = sequences[start : start + self.batch_size]
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            batch = [sequences[i] for i in rows]
             width = max(len(ids) for ids in batch)
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -262,7 +266,8 @@ class RewardJudge:
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 mask[row, : len(ids)] = 1
             logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-            scores += logits[:, 0].float().tolist()
+            for i, score in zip(rows, logits[:, 0].float().tolist()):
+                scores[i] = score
         return scores
 
     def score(self, prompt_messages: list[list[dict]], answers: list[str]) -> tuple[list[float], list[bool]]:

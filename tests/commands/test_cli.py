@@ -1060,3 +1060,24 @@ def test_train_objective_reward_trains_and_saves_a_reward_model(model_dir, data_
     assert model.config.num_labels == 1 and model.config.pad_token_id == AutoTokenizer.from_pretrained(out).pad_token_id
     choices = {c["name"]: c["value"] for c in json.loads((out / "orpo_plan.json").read_text())["choices"]}
     assert choices["objective"] == "reward" and choices["route"] == "spans+score"
+
+
+def test_generate_and_judge_keep_freed_cpu_memory_without_an_accelerator(model_dir, tmp_path, monkeypatch):
+    """Sampling and scoring on the CPU reuse freed memory as training does (train/allocator.py); with an accelerator
+    the models run there and the process's malloc is left alone."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr("orpo.train.allocator.keep_freed_memory", lambda: calls.append("kept") or True)
+    prompts = str(write_jsonl(tmp_path / "p.jsonl", [{"id": 0, "prompt": "what is 2 + 2?", "reference": 4}]))
+    answers = str(write_jsonl(tmp_path / "a.jsonl", [{"id": 0, "prompt": "what is 2 + 2?", "answers": {"m": "4"}}]))
+    judge = ["judge", "--answers_a", answers, "--answers_b", answers, "--prompts", prompts, "--reference"]
+    generate = ["generate", "--model", str(model_dir), "--prompts", prompts, "--max_new_tokens", "2", "--samples", "1"]
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert main(judge + ["--output", str(tmp_path / "j1")]) == 0
+    assert main(generate + ["--output", str(tmp_path / "g1.jsonl")]) == 0
+    assert calls == ["kept", "kept"]
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cpu"))
+    assert main(judge + ["--output", str(tmp_path / "j2")]) == 0
+    assert calls == ["kept", "kept"]

@@ -59,6 +59,21 @@ def test_reward_scores_are_the_models_own_call_batched_or_alone():
     assert len(set(scores)) == 3
 
 
+def test_reward_batches_group_similar_lengths_and_scores_keep_the_input_order():
+    tokenizer = chatml_tokenizer()
+    model = tiny_reward_model(tokenizer)
+    sequences = [[5] * 2, [6] * 9, [7] * 3, [8] * 8]
+    widths = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    scores = RewardJudge(model, tokenizer, batch_size=2).score_ids(sequences)
+    assert widths == [(2, 9), (2, 3)]  # lengths 9 and 8 together, then 3 and 2: 2 pad tokens, not 12
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in sequences]
+    assert scores == pytest.approx(alone, abs=1e-5)
+    assert len(set(scores)) == 4
+
+
 def test_reward_model_without_a_template_and_truncation():
     tokenizer = word_level_tokenizer(WORDS, [], None, pad_token="<pad>")
     assert encode_conversation(tokenizer, PROMPTS[1], "no") == tokenizer("ok\nwhat\nno")["input_ids"]
