@@ -236,6 +236,7 @@ class RewardJudge:
         self.tokenizer = text_tokenizer(tokenizer)
         self.batch_size = batch_size
         self.max_length = max_length or _context_length(model, self.tokenizer)
+        self.scored: dict[tuple[int, ...], float] = {}  # each distinct conversation's score, computed once
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -250,15 +251,16 @@ class RewardJudge:
 
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]]) -> list[float]:
-        """One score per token sequence, in their order: the model's output, right-padded batches of `batch_size`
-        sequences of similar length (longest first, so that a batch too big for memory fails at once), which pads
-        far less than batches in the given order where lengths vary (HH-RLHF conversations: 80 to 516 tokens)."""
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-        scores = [0.0] * len(sequences)
+        """One score per token sequence, in their order: the model's output for each distinct sequence not scored
+        before, in right-padded batches of `batch_size` sequences of similar length (longest first, so that a batch
+        too big for memory fails at once), which pads far less than batches in the given order where lengths vary."""
+        # a conversation seen before (this call or an earlier one) keeps its score: the same answer from two models
+        # is a tie, not a difference of a batch's rounding (1e-6 in fp32, more in bf16)
+        new = list(dict.fromkeys(key for key in map(tuple, sequences) if key not in self.scored))
+        order = sorted(new, key=lambda key: -len(key))
         device = self.model.device
         for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            batch = [sequences[i] for i in rows]
+            batch = order[start : start + self.batch_size]
             width = max(len(ids) for ids in batch)
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -266,9 +268,8 @@ class RewardJudge:
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 mask[row, : len(ids)] = 1
             logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-            for i, score in zip(rows, logits[:, 0].float().tolist()):
-                scores[i] = score
-        return scores
+            self.scored.update(zip(batch, logits[:, 0].float().tolist()))
+        return [self.scored[tuple(ids)] for ids in sequences]
 
     def score(self, prompt_messages: list[list[dict]], answers: list[str]) -> tuple[list[float], list[bool]]:
         """(a score per (prompt, answer), whether each conversation was truncated)."""

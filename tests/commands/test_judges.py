@@ -74,6 +74,21 @@ def test_reward_batches_group_similar_lengths_and_scores_keep_the_input_order():
     assert len(set(scores)) == 4
 
 
+def test_reward_judge_scores_each_distinct_conversation_once():
+    """The same answer to the same prompt, from two models or two calls, gets the same score: a tie, whatever the
+    batches around it (their padding moves an fp32 score by ~1e-6)."""
+    tokenizer = chatml_tokenizer()
+    model = tiny_reward_model(tokenizer)
+    calls = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    judge = RewardJudge(model, tokenizer, batch_size=2)
+    first = judge.score_ids([[5, 6, 7], [5] * 9, [5, 6, 7]])
+    assert calls == [2] and first[0] == first[2]  # [5]*9 and [5, 6, 7]: one batch
+    second = judge.score_ids([[5, 6, 7], [8, 9]])
+    assert calls == [2, 1] and second[0] == first[0]  # only [8, 9] is new
+
+
 def test_reward_model_without_a_template_and_truncation():
     tokenizer = word_level_tokenizer(WORDS, [], None, pad_token="<pad>")
     assert encode_conversation(tokenizer, PROMPTS[1], "no") == tokenizer("ok\nwhat\nno")["input_ids"]
