@@ -256,7 +256,8 @@ class RewardJudge:
         too big for memory fails at once), which pads far less than batches in the given order where lengths vary."""
         # a conversation seen before (this call or an earlier one) keeps its score: the same answer from two models
         # is a tie, not a difference of a batch's rounding (1e-6 in fp32, more in bf16)
-        new = list(dict.fromkeys(key for key in map(tuple, sequences) if key not in self.scored))
+        keys = [tuple(ids) for ids in sequences]
+        new = list(dict.fromkeys(key for key in keys if key not in self.scored))
         order = sorted(new, key=lambda key: -len(key))
         device = self.model.device
         for start in range(0, len(order), self.batch_size):
@@ -269,7 +270,7 @@ class RewardJudge:
                 mask[row, : len(ids)] = 1
             logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
             self.scored.update(zip(batch, logits[:, 0].float().tolist()))
-        return [self.scored[tuple(ids)] for ids in sequences]
+        return [self.scored[key] for key in keys]
 
     def score(self, prompt_messages: list[list[dict]], answers: list[str]) -> tuple[list[float], list[bool]]:
         """(a score per (prompt, answer), whether each conversation was truncated)."""
