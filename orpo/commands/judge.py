@@ -548,7 +548,10 @@ def run_judge(options: JudgeOptions, load_model, load_tokenizer) -> tuple[dict, 
 
     chunk = options.batch_size
     if kind == "reward":
-        judge = RewardJudge(*load_reward_model(options.reward_model, options.dtype), options.batch_size)
+        model, tokenizer = load_reward_model(options.reward_model, options.dtype)
+        bf16, precision = choose_precision(options.bf16, False, model.device)
+        logger.info("the reward model scores under %s", precision)
+        judge = RewardJudge(model, tokenizer, options.batch_size, bf16=bf16)
     elif kind == "pairwise" and endpoint is not None:
         judge, chunk = PairwiseJudge(endpoint), 1
     elif kind == "pairwise":

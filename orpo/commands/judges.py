@@ -22,6 +22,8 @@ LAST number in the answer equals it (`last_number`: "-1,234.50" reads 1234.5 neg
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import math
@@ -225,9 +227,10 @@ def encode_conversation(tokenizer, prompt_messages: list[dict], answer: str) -> 
 
 
 class RewardJudge:
-    """Scores conversations with a one-output sequence classifier, in batches, without gradients."""
+    """Scores conversations with a one-output sequence classifier, in batches, without gradients; `bf16`: under bf16
+    autocast on the model's device (fp32 weights kept), as training computes where the device has bf16."""
 
-    def __init__(self, model, tokenizer, batch_size: int, max_length: int | None = None):
+    def __init__(self, model, tokenizer, batch_size: int, max_length: int | None = None, bf16: bool = False):
         labels = getattr(model.config, "num_labels", None)
         if labels != 1:
             raise OrpoError(f"--reward_model {model.config.name_or_path}: {labels} outputs (num_labels); a reward "
@@ -235,6 +238,7 @@ class RewardJudge:
         self.model = model.eval()
         self.tokenizer = text_tokenizer(tokenizer)
         self.batch_size = batch_size
+        self.bf16 = bf16
         self.max_length = max_length or _context_length(model, self.tokenizer)
         self.scored: dict[tuple[int, ...], float] = {}  # each distinct conversation's score, computed once
         self.pad_id = self.tokenizer.pad_token_id
@@ -260,6 +264,8 @@ class RewardJudge:
         new = list(dict.fromkeys(key for key in keys if key not in self.scored))
         order = sorted(new, key=lambda key: -len(key))
         device = self.model.device
+        # off: no context at all, so a caller's own autocast stays as it is (as generate_answers)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             width = max(len(ids) for ids in batch)
@@ -268,7 +274,8 @@ class RewardJudge:
             for row, ids in enumerate(batch):
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 mask[row, : len(ids)] = 1
-            logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            with autocast:
+                logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
             self.scored.update(zip(batch, logits[:, 0].float().tolist()))
         return [self.scored[key] for key in keys]
 

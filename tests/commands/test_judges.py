@@ -89,6 +89,22 @@ def test_reward_judge_scores_each_distinct_conversation_once():
     assert calls == [2, 1] and second[0] == first[0]  # only [8, 9] is new
 
 
+def test_reward_judge_in_bf16_scores_under_autocast_and_off_leaves_the_callers_own():
+    """bf16: each forward under bf16 autocast on the model's device (the weights stay fp32), scores near fp32's;
+    off: no autocast of its own, so a caller's context stands."""
+    tokenizer = chatml_tokenizer()
+    model = tiny_reward_model(tokenizer)
+    seen = []
+    model.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    fp32 = RewardJudge(model, tokenizer, batch_size=3).score(PROMPTS, ANSWERS)[0]
+    bf16 = RewardJudge(model, tokenizer, batch_size=3, bf16=True).score(PROMPTS, ANSWERS)[0]
+    assert seen == [False, True] and next(model.parameters()).dtype == torch.float32
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, abs=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert RewardJudge(model, tokenizer, batch_size=3).score(PROMPTS, ANSWERS)[0] == bf16
+    assert seen == [False, True, True]
+
+
 def test_reward_model_without_a_template_and_truncation():
     tokenizer = word_level_tokenizer(WORDS, [], None, pad_token="<pad>")
     assert encode_conversation(tokenizer, PROMPTS[1], "no") == tokenizer("ok\nwhat\nno")["input_ids"]
