@@ -23,7 +23,6 @@ LAST number in the answer equals it (`last_number`: "-1,234.50" reads 1234.5 neg
 from __future__ import annotations
 
 import contextlib
-
 import json
 import logging
 import math
