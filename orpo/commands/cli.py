@@ -611,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--limit", type=COUNT, default=None, help="only the first N prompts")
     judge.add_argument("--dtype", default="float32", choices=DTYPES)
     judge.add_argument("--bf16", default="auto", choices=tuple(BF16_FLAG),
-                       help="generate under bf16 autocast; auto: where the device computes bf16 natively (as training)")
+                       help="generate, and score with a local judge, under bf16 autocast; auto: where the device "
+                       "computes bf16 natively (as training)")
     judge.add_argument("--reward_model", help="judge: a reward model (a sequence classifier with one output)")
     judge.add_argument("--judge_model", help="judge: a local causal LM asked which answer is better, both orders")
     judge.add_argument("--judge_url", help="judge: an OpenAI-compatible API, e.g. http://127.0.0.1:8080/v1 (key "
