@@ -16,7 +16,6 @@ are not applied), as in the ORPO paper's evaluation (T = 1.0).
 """
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import logging
@@ -34,6 +33,7 @@ from orpo.data.render import encode_image_prompt, encode_prompt, stop_token_ids
 from orpo.errors import DroppedPair, OrpoError
 from orpo.ops.forward import is_encoder_decoder
 from orpo.ops.vision import reference_inputs
+from orpo.train.precision import bf16_autocast
 from orpo.train.progress import CountProgress
 
 logger = logging.getLogger("orpo")
@@ -159,8 +159,7 @@ def generate_answers(model, tokenizer, prompts: list[dict], max_new_tokens: int,
     by_length = sorted(encoded, key=lambda i: -len(encoded[i]))
     report = CountProgress(progress, "answers") if isinstance(progress, str) else progress
     done = 0
-    # off: no context at all, so a caller's own autocast stays as it is
-    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = bf16_autocast(model.device, bf16)
     for start in range(0, len(by_length), batch_size):
         chunk = by_length[start : start + batch_size]
         batch = [{"input_ids": encoded[i]} for i in chunk]

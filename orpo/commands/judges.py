@@ -22,7 +22,6 @@ LAST number in the answer equals it (`last_number`: "-1,234.50" reads 1234.5 neg
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ from orpo.commands.generate import generate_answers
 from orpo.data.images import text_tokenizer
 from orpo.data.render import TEMPLATE_ERRORS, encode_answer, template_error_message
 from orpo.errors import OrpoError, first_line
+from orpo.train.precision import bf16_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -263,8 +263,7 @@ class RewardJudge:
         new = list(dict.fromkeys(key for key in keys if key not in self.scored))
         order = sorted(new, key=lambda key: -len(key))
         device = self.model.device
-        # off: no context at all, so a caller's own autocast stays as it is (as generate_answers)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        autocast = bf16_autocast(device, self.bf16)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             width = max(len(ids) for ids in batch)

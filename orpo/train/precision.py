@@ -14,6 +14,8 @@ Autocast keeps the weights fp32; the log-softmax, the odds ratio and the loss ar
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -55,3 +57,9 @@ def choose_precision(bf16: bool | None, fp16: bool, device: torch.device) -> tup
         return bf16, f"{'bf16 autocast' if bf16 else 'fp32'}: --bf16 {str(bf16).lower()}"
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     return choose_bf16(device.type, cuda_bf16, cpu_flags() if device.type == "cpu" else set())
+
+
+def bf16_autocast(device: torch.device, bf16: bool):
+    """The context a forward on `device` runs in: bf16 autocast (fp32 weights kept) when `bf16`, else none at all,
+    so that a caller's own autocast stays as it is (`torch.autocast(enabled=False)` would turn it off)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from orpo.train.config import ORPOConfig
-from orpo.train.precision import choose_bf16, choose_precision, cpu_flags
+from orpo.train.precision import bf16_autocast, choose_bf16, choose_precision, cpu_flags
 
 
 @pytest.mark.parametrize("device, cuda_bf16, flags, expected", [
@@ -40,3 +40,15 @@ def test_unset_is_this_machines_choice_and_set_is_as_given(tmp_path):
     assert choose_precision(True, False, cpu) == (True, "bf16 autocast: --bf16 true")
     assert choose_precision(None, True, cpu) == (False, "fp16 autocast (fp32 weights): --fp16 true")
     assert ORPOConfig(output_dir=str(tmp_path)).bf16 is None  # never decided in the config
+
+
+def test_bf16_autocast_on_is_bf16_and_off_leaves_the_callers_own():
+    cpu = torch.device("cpu")
+    with bf16_autocast(cpu, True):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with bf16_autocast(cpu, False):
+        assert not torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16), bf16_autocast(cpu, False):
+        assert torch.is_autocast_enabled("cpu")  # off adds no context: the caller's autocast stands
